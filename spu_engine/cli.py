@@ -1,0 +1,202 @@
+"""``spu``: the headless command line (train, engine, policy, runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .data import DataError
+from .model import ModelLoadError
+from .policy import Policy, PolicyError, json_schema, load_policy
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")
+policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their JSON schema.")
+app.add_typer(policy_app, name="policy")
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+USER_ERRORS = (PolicyError, ModelLoadError, DataError, ValueError, FileNotFoundError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def default_run_dir(model: str, task: str) -> Path:
+    short = Path(model.rstrip("/")).name.replace("/", "-") or "model"
+    if short == "model":
+        short = Path(model.rstrip("/")).parent.name or short
+    return Path("runs") / f"{short}-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_config(**options):
+    from .engine import EngineConfig
+
+    try:
+        return EngineConfig(**{k: v for k, v in options.items() if v is not None})
+    except Exception as exc:  # pydantic ValidationError -> one line per field
+        errors = getattr(exc, "errors", None)
+        if errors:
+            fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})" for e in errors()))
+        raise
+
+
+def read_policy(path: Optional[Path]) -> Policy:
+    if path is None:
+        return Policy()
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        fail(str(exc))
+        raise  # unreachable
+
+
+class ProgressSink:
+    """Rich progress bar fed by engine events (called from the training thread)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TimeRemainingColumn(),
+            console=out,
+        )
+        self.task = self.progress.add_task("train", total=total, loss="-", speed="-")
+
+    def __call__(self, _line: bytes, ev: dict) -> None:
+        kind = ev["type"]
+        if kind == "step":
+            self.progress.update(self.task, completed=ev["step"], loss=f"{ev['loss']:.4f}", speed=f"{ev['samples_per_s']:.1f}")
+        elif kind == "eval":
+            metrics = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k not in ("type", "t", "step") and isinstance(v, float))
+            self.progress.console.print(f"[cyan]eval[/] step {ev['step']}: {metrics}")
+        elif kind == "policy":
+            self.progress.console.print(f"[magenta]policy[/] step {ev['step']} ({ev['source']}): trainable {ev['trainable']:,}")
+        elif kind in ("error", "log") and (kind == "error" or ev.get("level") != "info"):
+            self.progress.console.print(f"[red]{kind}[/] {ev.get('message')}", highlight=False)
+        elif kind == "state":
+            if ev["state"] == "training":
+                self.progress.start()
+                self.progress.console.print(ev.get("message", ""))
+            elif ev["state"] in ("finished", "stopped", "error"):
+                self.progress.stop()
+                self.progress.console.print(f"[bold]{ev['state']}[/] {ev.get('message', '')}")
+        elif kind == "checkpoint":
+            self.progress.console.print(f"checkpoint: {ev['path']}")
+
+
+@app.command()
+def train(
+    model: str = typer.Option("minilm", help="hub id, local HF folder, or 'minilm' (the offline package)"),
+    data: str = typer.Option("glue/sst2", help="hub dataset or local file / folder with train and dev files"),
+    policy: Optional[Path] = typer.Option(None, help="policy YAML (its timeline is replayed at its steps)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
+    run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
+    resume: Optional[Path] = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
+    task: str = typer.Option("classification", help="classification"),
+    batch_size: Optional[int] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    checkpoint_every: Optional[int] = typer.Option(None),
+    max_eval_samples: Optional[int] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
+) -> None:
+    """Train in the foreground with a progress bar; writes a run folder and serves its socket."""
+    from .server import RunInUseError, serve
+
+    if resume is not None:
+        run_dir = resume
+        cfg_path = resume / "config.json"
+        if not cfg_path.exists():
+            fail(f"{resume} is not a run folder (no config.json)")
+        config = build_config(**json.loads(cfg_path.read_text()))
+        if steps is not None:
+            config = config.model_copy(update={"steps": steps})
+        pol = read_policy(resume / "policy.yaml")
+    else:
+        config = build_config(
+            model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
+            eval_every=eval_every, checkpoint_every=checkpoint_every, max_eval_samples=max_eval_samples,
+            text_column=text_column, label_column=label_column, seed=seed, device=device,
+        )
+        pol = read_policy(policy)
+        run_dir = run_dir or default_run_dir(config.model, config.task)
+    sink = ProgressSink(config.steps)
+    out.print(f"run folder: {run_dir}")
+    try:
+        code = serve(config, pol, Path(run_dir), resume=resume is not None, sinks=[sink])
+    except RunInUseError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    raise typer.Exit(code)
+
+
+@app.command(hidden=True)
+def engine(
+    run_dir: Path = typer.Option(..., help="run folder holding config.json and policy.yaml"),
+    resume: bool = typer.Option(False, help="resume from the newest complete checkpoint"),
+) -> None:
+    """Run the engine process for a prepared run folder (started by spu-tui)."""
+    from .server import RunInUseError, serve
+
+    try:
+        config = build_config(**json.loads((run_dir / "config.json").read_text()))
+    except FileNotFoundError:
+        fail(f"{run_dir} has no config.json")
+    pol = read_policy(run_dir / "policy.yaml")
+    try:
+        code = serve(config, pol, run_dir, resume=resume)
+    except RunInUseError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@policy_app.command("validate")
+def policy_validate(
+    file: Path,
+    model: Optional[str] = typer.Option(None, help="also check every pattern and block index against this model"),
+) -> None:
+    """Check a policy file; with --model, check its selectors against the model's parameters."""
+    pol = read_policy(file)
+    if model:
+        from .model import check_policy_against_model, find_units, load_model
+
+        try:
+            m = load_model(model)
+            check_policy_against_model(pol, m, find_units(m))
+        except (PolicyError, ModelLoadError) as exc:
+            fail(str(exc))
+    out.print(f"[green]ok[/] {file}: {len(pol.freeze)} freeze rules, {len(pol.timeline)} timeline entries")
+
+
+@policy_app.command("schema")
+def policy_schema() -> None:
+    """Print the policy's JSON Schema (point your editor's YAML support at it)."""
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+def main() -> None:  # pragma: no cover - entry point for python -m
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

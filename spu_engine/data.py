@@ -1,0 +1,174 @@
+"""Raw data sources and the batch stream.
+
+A data source is a hub dataset name (``glue/sst2``, ``squad``, ``wikitext/wikitext-2-raw-v1``)
+or a local file or folder (csv, tsv, json, jsonl, parquet, txt/raw).  A folder holds one file
+per split: ``train.*`` and ``dev.*`` / ``validation.*`` / ``valid.*`` / ``test.*``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRAIN_NAMES = ("train",)
+EVAL_NAMES = ("dev", "validation", "valid", "val", "test")
+SUFFIXES = (".tsv", ".csv", ".json", ".jsonl", ".parquet", ".txt", ".raw")
+
+
+class DataError(ValueError):
+    """A user error in the data: the message names the file, the column and what exists."""
+
+
+def is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
+
+
+def split_files(source: str) -> dict[str, Path]:
+    """Map 'train' / 'eval' to local files of a folder (or a single file used for both)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {source!r} does not exist")
+    if path.is_file():
+        return {"train": path, "eval": path}
+    found: dict[str, Path] = {}
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    for split, names in (("train", TRAIN_NAMES), ("eval", EVAL_NAMES)):
+        for name in names:
+            for f in files:
+                stem = f.name.lower()
+                if f.suffix.lower() in SUFFIXES and (stem.startswith(name + ".") or stem.startswith(name + "-") or f".{name}." in stem):
+                    found.setdefault(split, f)
+    if "train" not in found and "eval" in found:
+        found["train"] = found["eval"]
+    if "train" not in found:
+        listing = ", ".join(f.name for f in files) or "nothing"
+        raise DataError(f"data folder {source!r} has no train file (looked for train.tsv/csv/json/jsonl/parquet; found {listing})")
+    found.setdefault("eval", found["train"])
+    return found
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a csv / tsv / json / jsonl / parquet file as dicts."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".csv"):
+            with path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+                return list(reader)
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                return data["data"]
+            if isinstance(data, list):
+                return data
+            raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def load_hub_splits(name: str) -> dict[str, list[dict[str, Any]]]:
+    """Load a hub dataset ('glue/sst2' means load_dataset('glue', 'sst2'))."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise DataError(f"hub data needs the 'datasets' package: {exc}") from None
+    parts = name.split("/")
+    args = (parts[0], parts[1]) if len(parts) == 2 and parts[0] in {"glue", "super_glue", "wikitext"} else (name,)
+    try:
+        ds = datasets.load_dataset(*args)
+    except Exception as exc:  # noqa: BLE001 - network, missing dataset, ... -> one clear message
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot load hub dataset {name!r}: {text}. Offline? pass a local folder with train/dev files (e.g. --data ../shared/data/sst2)"
+        ) from None
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split, names in (("train", ("train",)), ("eval", ("validation", "valid", "dev", "test"))):
+        for n in names:
+            if n in ds:
+                out[split] = ds[n].to_list()
+                break
+    if "train" not in out:
+        raise DataError(f"hub dataset {name!r} has no train split (splits: {', '.join(ds.keys())})")
+    out.setdefault("eval", out["train"])
+    return out
+
+
+def require_columns(rows: list[dict[str, Any]], wanted: dict[str, str], source: str) -> None:
+    """Raise a DataError naming the option, the missing column and the columns that exist."""
+    existing = list(rows[0].keys()) if rows else []
+    for option, column in wanted.items():
+        if column not in existing:
+            raise DataError(
+                f"{source}: no column {column!r} (set by {option}); columns are: {', '.join(existing) or 'none (empty file)'}"
+            )
+
+
+def pick_column(rows: list[dict[str, Any]], candidates: tuple[str, ...]) -> str | None:
+    existing = rows[0].keys() if rows else ()
+    return next((c for c in candidates if c in existing), None)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def pad_collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack features, padding every list-valued field to the longest in the batch."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if isinstance(values[0], list):
+            width = max(len(v) for v in values)
+            fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
+            batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+        else:
+            batch[key] = torch.tensor(values)
+    return batch
+
+
+@dataclass
+class BatchStream:
+    """Seeded, resumable stream of training examples: a new permutation each epoch."""
+
+    size: int
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if self.position >= self.size:
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation()
+            k = min(n - len(out), self.size - self.position)
+            out.extend(self._order[self.position : self.position + k])
+            self.position += k
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation()

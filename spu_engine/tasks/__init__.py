@@ -1,0 +1,25 @@
+"""Tasks: what a batch is, how a per-sample loss is computed, how a model is evaluated.
+
+Each task is one module behind the small :class:`Task` interface, registered in ``TASKS``.
+The engine only ever calls ``per_sample_loss`` (so selective backprop works for every
+task), ``collate`` and ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from .base import Task, TaskOptions
+from .classification import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {
+    ClassificationTask.name: ClassificationTask,
+}
+
+
+def get_task(name: str) -> type[Task]:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}") from None
+
+
+__all__ = ["TASKS", "Task", "TaskOptions", "get_task"]

@@ -1,0 +1,51 @@
+"""The task interface shared by classification, extractive QA and causal LM."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data import pad_collate
+
+
+@dataclass
+class TaskOptions:
+    max_length: int = 128
+    text_column: str | None = None
+    label_column: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+class Task(ABC):
+    """Tokenized train / eval features plus the loss and metrics of one kind of task."""
+
+    name: ClassVar[str]
+    model_kind: ClassVar[str]
+    metric: ClassVar[str]  # the headline eval metric shown in the console
+    num_labels: int = 2
+
+    def __init__(self, train: list[dict[str, Any]], eval: list[dict[str, Any]], pad_id: int) -> None:
+        self.train = train
+        self.eval = eval
+        self.pad_id = pad_id
+
+    @classmethod
+    @abstractmethod
+    def build(cls, source: str, tokenizer, options: TaskOptions) -> "Task":
+        """Read and tokenize ``source`` (hub name or local path)."""
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_collate(features, self.pad_id)
+
+    @abstractmethod
+    def per_sample_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss of each sample in the batch, shape [B]."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+        """Metrics over an iterable of eval batches (already on the model's device)."""

