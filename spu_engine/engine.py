@@ -236,7 +236,10 @@ class Engine:
             {
                 "name": u.name,
                 "numel": u.numel,
-                "params": [{"name": n, "numel": self.params[n].numel(), "shape": list(self.params[n].shape)} for n in u.params],
+                "params": [
+                    {"name": n, "numel": self.params[n].numel(), "shape": list(self.params[n].shape), "trainable": self.params[n].requires_grad}
+                    for n in u.params
+                ],
             }
             for u in self.units
         ]
@@ -302,6 +305,7 @@ class Engine:
             policy=self.current.model_dump(mode="json", exclude_none=True),
             trainable=self.trainable_count(),
             trainable_by_unit=self._trainable_by_unit(),
+            frozen_tensors=[n for n, p in self.params.items() if not p.requires_grad],
         )
 
     def _trainable_by_unit(self) -> dict[str, float]:
