@@ -505,7 +505,7 @@ class Engine:
                 p = self.params[n]
                 if p.grad is not None:
                     total += float(p.grad.float().pow(2).sum())
-                    snapshot[n] = p.detach().clone()
+                snapshot[n] = p.detach().clone()  # every tensor: the update ratio measures real weight change
             grad_sq[u.name] = total
         return {"grad_sq": grad_sq, "snapshot": snapshot}
 

@@ -394,13 +394,16 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
     early = open(events_path, "ab", buffering=0)
     loading = event("hello", run=run_dir.name, run_dir=str(run_dir), pid=os.getpid(), state="loading", step=0, config=config.model_dump())
     engine_box: dict[str, Any] = {}
+    early_commands: list[Any] = []  # commands sent while the model loads run at the first boundary
+    handover = threading.Lock()
 
     def on_command(cmd, cid):
-        engine = engine_box.get("engine")
-        if engine is None:
-            server.send_to(cid, event("error", message="engine is still loading; try again in a moment"))
-        else:
-            engine.submit(cmd)
+        with handover:
+            engine = engine_box.get("engine")
+            if engine is None:
+                early_commands.append(cmd)
+            else:
+                engine.submit(cmd)
 
     server = EngineServer(run_dir / SOCKET_NAME, on_command, lambda: engine_box["engine"].hello() if "engine" in engine_box else loading).start()
 
@@ -427,7 +430,10 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         server.close()
         lock.release()
         return 2
-    engine_box["engine"] = engine
+    with handover:
+        for cmd in early_commands:
+            engine.submit(cmd)
+        engine_box["engine"] = engine
     install_sigterm(engine)
     try:
         engine.run()

@@ -1,0 +1,101 @@
+"""Policy: YAML round trip, change algebra, and errors that name the key and value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spu_engine.policy import Change, FreezeRule, Policy, PolicyError, json_schema, load_policy, policy_from_yaml
+
+FULL = """
+spu_policy: 1
+freeze:
+  - {match: "*", trainable: false}
+  - {layers: "4-5", trainable: true}
+  - {units: head, trainable: true}
+  - {match: "*.bias", trainable: true}
+selective_backprop: {mode: percentile, keep: 0.25}
+weight_update_skipping: {enabled: true, patience: 3}
+pruning:
+  method: magnitude
+  scope: per_layer
+  targets: ["*.attention.*.weight"]
+  schedule: {kind: cubic, start_step: 10, end_step: 100, every: 5, final_sparsity: 0.8}
+peft: {method: lora, r: 4}
+timeline:
+  - {step: 30, freeze: [{layers: [3], trainable: true}]}
+  - {step: 10, set: {selective_backprop: {keep: 0.5}}}
+"""
+
+
+def test_yaml_round_trip_is_equal(tmp_path):
+    p = policy_from_yaml(FULL)
+    path = tmp_path / "p.yaml"
+    p.save(path)
+    again = load_policy(path)
+    assert again == p
+    assert load_policy(path).to_yaml() == again.to_yaml()
+    assert p.freeze[1].layers == [4, 5]
+    assert [e.step for e in p.timeline] == [10, 30]  # sorted by step
+
+
+def test_change_appends_freeze_rules_and_merges_sections():
+    p = policy_from_yaml(FULL)
+    q = p.apply(Change(freeze=[FreezeRule(layers=[0], trainable=False)], set={"selective_backprop": {"keep": 0.75}}))
+    assert q.freeze[-1].layers == [0] and len(q.freeze) == len(p.freeze) + 1
+    assert q.selective_backprop.keep == 0.75 and q.selective_backprop.mode == "percentile"  # merged, not replaced
+    assert p.selective_backprop.keep == 0.25  # original untouched
+
+
+def test_at_step_replays_timeline():
+    p = policy_from_yaml(FULL)
+    assert p.at_step(9).selective_backprop.keep == 0.25
+    assert p.at_step(10).selective_backprop.keep == 0.5
+    assert len(p.at_step(30).freeze) == len(p.freeze) + 1
+
+
+def test_change_with_bad_section_value_is_refused():
+    p = Policy()
+    with pytest.raises(PolicyError, match=r"selective_backprop.keep: Input should be greater than 0 \(got -1\)"):
+        p.apply(Change(set={"selective_backprop": {"keep": -1}}))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("freeze: [\n", r"malformed YAML at line 2, column 1"),
+        ("freez: []\n", r"freez: unknown key"),
+        ("selective_backprop: {mode: percentile, kep: 0.5}\n", r"selective_backprop.kep: unknown key"),
+        ("selective_backprop: {keep: high}\n", r"selective_backprop.keep: Input should be a valid number.*got 'high'"),
+        ("freeze: [{layers: [1], trainable: maybe}]\n", r"freeze\[0\].trainable: Input should be a valid boolean.*'maybe'"),
+        ("freeze: [{trainable: false}]\n", r"freeze\[0\]: a freeze rule needs at least one of 'match', 'layers', 'units'"),
+        ("freeze: [{layers: '5-2', trainable: false}]\n", r"range '5-2' is empty"),
+        ("pruning: {schedule: {final_sparsity: 1.0}}\n", r"pruning.schedule.final_sparsity: Input should be less than 1"),
+        ("pruning: {schedule: {start_step: 50, end_step: 10}}\n", r"end_step \(10\) must be >= start_step \(50\)"),
+        ("timeline: [{step: 3, set: {frezze: []}}]\n", r"timeline\[0\].set: unknown section 'frezze'"),
+        ("- just a list\n", r"a policy must be a mapping of sections, got list"),
+        ("spu_policy: 2\n", r"spu_policy: Input should be 1"),
+    ],
+)
+def test_bad_input_names_key_and_value(text, message):
+    with pytest.raises(PolicyError, match=message):
+        policy_from_yaml(text, source="p.yaml")
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PolicyError, match="no such policy file"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+def test_json_schema_describes_sections():
+    schema = json_schema()
+    json.dumps(schema)
+    assert set(schema["properties"]) >= {"freeze", "selective_backprop", "pruning", "peft", "timeline"}
+
+
+def test_saved_yaml_lists_only_choices(tmp_path):
+    p = Policy(freeze=[FreezeRule(units=["embeddings"], trainable=False)])
+    text = p.to_yaml()
+    assert "selective_backprop" not in text and "embeddings" in text
+    assert policy_from_yaml(text) == p
