@@ -52,3 +52,9 @@ def test_batch_stream_resumes_exactly():
     b.load_state_dict(a.state_dict())
     assert a.take(25) == b.take(25)
     assert sorted(first + BatchStream(10, seed=3).take(10)[7:]) == list(range(10))
+
+
+def test_unreachable_hub_dataset_says_what_to_pass(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'glue/sst2'.*pass a local folder with train/dev files"):
+        ClassificationTask.build("glue/sst2", None, TaskOptions())

@@ -70,3 +70,8 @@ def test_nonexistent_model_path(tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="has no config.json"):
         load_model(str(tmp_path))
+
+
+def test_unreachable_hub_model_is_one_clear_error():
+    with pytest.raises(ModelLoadError, match=r"cannot load a classification model from 'distilbert-base-uncased'"):
+        load_model("distilbert-base-uncased")
