@@ -45,7 +45,7 @@ def build_config(**options):
     except Exception as exc:  # pydantic ValidationError -> one line per field
         errors = getattr(exc, "errors", None)
         if errors:
-            fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']} (got {e.get('input')!r})" for e in errors()))
+            fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})" for e in errors()))
         raise
 
 
@@ -106,7 +106,7 @@ def train(
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
     resume: Optional[Path] = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
-    task: str = typer.Option("classification", help="classification"),
+    task: str = typer.Option("auto", help="classification | qa | lm; auto: inferred from --data (and --model)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
@@ -115,26 +115,34 @@ def train(
     max_eval_samples: Optional[int] = typer.Option(None),
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
+    doc_stride: Optional[int] = typer.Option(None, help="qa: tokens shared by consecutive windows of a long context (default: a third of --max-length)"),
+    eval_split: Optional[float] = typer.Option(None, help="qa / lm: fraction of a single-file source held out for eval (default 0: eval on the training file)"),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
 ) -> None:
-    """Train in the foreground with a progress bar; writes a run folder and serves its socket."""
-    from .server import RunInUseError, serve
+    """Train in the foreground with a progress bar; writes a run folder and serves its socket.
+
+    Ctrl-C or SIGTERM: checkpoint, then stop (a second Ctrl-C stops at once).
+    --resume RUN continues from its newest complete checkpoint; --steps,
+    --batch-size, --eval-every, --checkpoint-every and --device given with it
+    override the run's config.json.
+    """
+    from .server import RunFolderError, serve
 
     if resume is not None:
         run_dir = resume
         cfg_path = resume / "config.json"
         if not cfg_path.exists():
             fail(f"{resume} is not a run folder (no config.json)")
-        config = build_config(**json.loads(cfg_path.read_text()))
-        if steps is not None:
-            config = config.model_copy(update={"steps": steps})
+        overrides = dict(steps=steps, batch_size=batch_size, eval_every=eval_every, checkpoint_every=checkpoint_every, device=device)
+        config = build_config(**{**json.loads(cfg_path.read_text()), **{k: v for k, v in overrides.items() if v is not None}})
         pol = read_policy(resume / "policy.yaml")
     else:
         config = build_config(
             model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
             eval_every=eval_every, checkpoint_every=checkpoint_every, max_eval_samples=max_eval_samples,
             text_column=text_column, label_column=label_column, seed=seed, device=device,
+            doc_stride=doc_stride, eval_split=eval_split,
         )
         pol = read_policy(policy)
         run_dir = run_dir or default_run_dir(config.model, config.task)
@@ -142,7 +150,7 @@ def train(
     out.print(f"run folder: {run_dir}")
     try:
         code = serve(config, pol, Path(run_dir), resume=resume is not None, sinks=[sink])
-    except RunInUseError as exc:
+    except RunFolderError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)
@@ -155,7 +163,7 @@ def engine(
     resume: bool = typer.Option(False, help="resume from the newest complete checkpoint"),
 ) -> None:
     """Run the engine process for a prepared run folder (started by spu-tui)."""
-    from .server import RunInUseError, serve
+    from .server import RunFolderError, serve
 
     try:
         config = build_config(**json.loads((run_dir / "config.json").read_text()))
@@ -164,9 +172,45 @@ def engine(
     pol = read_policy(run_dir / "policy.yaml")
     try:
         code = serve(config, pol, run_dir, resume=resume)
-    except RunInUseError as exc:
+    except RunFolderError as exc:
         fail(str(exc))
     raise typer.Exit(code)
+
+
+RUN_STATE_STYLE = {"live": "bold green", "finished": "blue", "stopped": "yellow", "error": "red", "crashed": "bold red"}
+
+
+@app.command()
+def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, or one run folder")) -> None:
+    """List runs: state (live, finished, stopped, error, crashed), step, last loss and eval metric."""
+    from rich.table import Table
+
+    from .runs import list_runs
+
+    if not root.is_dir():
+        fail(f"{root}: no such folder (runs are written under ./runs by default)")
+    found = list_runs(root)
+    if not found:
+        out.print(f"no runs under {root}")
+        return
+    table = Table(title=f"runs under {root}", title_justify="left")
+    for column in ("run", "state", "step", "loss", "eval", "last event"):
+        table.add_column(column, justify="right" if column in ("step", "loss") else "left")
+    for info in found:
+        state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
+        metric = f"{info.metric} {info.metric_value:.4f} @{info.eval_step}" if info.metric_value is not None else "-"
+        table.add_row(
+            info.name,
+            f"[{RUN_STATE_STYLE[info.state]}]{state}[/]",
+            f"{info.step}/{info.total_steps or '?'}",
+            f"{info.loss:.4f}" if info.loss is not None else "-",
+            metric,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified)),
+        )
+    out.print(table)
+    resumable = [i for i in found if i.state in ("crashed", "stopped")]
+    if resumable:
+        out.print(f"continue a crashed or stopped run from its newest checkpoint: spu train --resume {resumable[0].path}", highlight=False)
 
 
 @policy_app.command("validate")

@@ -10,19 +10,19 @@ timeline with its step, which makes the run replayable from its policy file.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import queue
 import random
-import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import checkpoint as ckpt
 from .methods import METHODS
@@ -43,6 +43,7 @@ from .protocol import (
 )
 from .tasks import Task, TaskOptions, get_task
 
+MAX_NONFINITE_SKIPS = 10  # "skip" turns into "stop" after this many non-finite batches in a row
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
 
 
@@ -53,7 +54,7 @@ class EngineConfig(BaseModel):
 
     model: str = "minilm"
     data: str = "glue/sst2"
-    task: str = "classification"
+    task: str = Field("auto", validate_default=True, description="classification | qa | lm; auto: inferred from the data and model")
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
@@ -70,10 +71,23 @@ class EngineConfig(BaseModel):
     max_eval_samples: int | None = None
     text_column: str | None = None
     label_column: str | None = None
+    doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="qa / lm: fraction of a single-file source held out for eval")
     seed: int = 0
     device: str = "auto"
     precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
     threads: int | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _resolve_task(cls, task: str, info: ValidationInfo) -> str:
+        """'auto' becomes the task the data (and model) imply, so config.json records the real one."""
+        if task == "auto":
+            from .tasks import infer_task
+
+            return infer_task(info.data.get("data", "glue/sst2"), info.data.get("model"))
+        get_task(task)
+        return task
 
     def warmup_steps(self) -> int:
         return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
@@ -106,6 +120,10 @@ class Engine:
         self.samples_seen = 0
         self._stop_requested = False
         self._paused = False
+        self._stop_signal: str | None = None  # set by a signal handler; acted on at the next boundary
+        self.stop_reason: str | None = None  # why the run stopped, when it was not a plain stop command
+        self.fault_stop = False  # the run stopped because of a fault (non-finite loss): exit code 1
+        self._nonfinite_streak = 0
         self._events_file = None
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +150,8 @@ class Engine:
                     label_column=config.label_column,
                     max_train_samples=config.max_train_samples,
                     max_eval_samples=config.max_eval_samples,
+                    doc_stride=config.doc_stride,
+                    eval_split=config.eval_split,
                 ),
             )
         self.task = task
@@ -361,7 +381,7 @@ class Engine:
             elif isinstance(cmd, CheckpointCmd):
                 message = str(self.save_checkpoint())
             elif isinstance(cmd, EvaluateCmd):
-                self.evaluate()
+                self.survive_oom(self.evaluate, "evaluation")
             elif isinstance(cmd, ExportCmd):
                 path = Path(cmd.path).expanduser()
                 self.replayable_policy().save(path)
@@ -386,12 +406,22 @@ class Engine:
                 self.emit("error", step=self.step, message=f"timeline entry at step {entry.step}: {exc}")
         for cmd in self._drain(block=False):
             self._handle(cmd)
+        self._stop_if_signalled()
         while self._paused and not self._stop_requested:
             for cmd in self._drain(block=True):
                 self._handle(cmd)
+            self._stop_if_signalled()
 
-    def request_stop(self) -> None:
-        self.submit(StopCmd(cmd="stop", checkpoint=True))
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Safe in a signal handler (sets one attribute, takes no lock): checkpoint and stop at the next boundary."""
+        self._stop_signal = reason
+
+    def _stop_if_signalled(self) -> None:
+        if self._stop_signal and not self._stop_requested:
+            self.stop_reason = f"{self._stop_signal}: stopped at step {self.step} after a checkpoint"
+            self.log(f"{self._stop_signal}: writing a checkpoint, then stopping", "warning")
+            self._stop_requested = True
+            self.save_checkpoint()
 
     # ------------------------------------------------------------------ training
 
@@ -404,8 +434,11 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def next_batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
-        idx = self.stream.take(n or self.config.batch_size)
-        return self._to_device(self.task.collate([self.task.train[i] for i in idx]))
+        return self.batch_of(self.stream.take(n or self.config.batch_size))
+
+    def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """These training examples, collated (padded to their longest) and on the device."""
+        return self._to_device(self.task.collate([self.task.train[i] for i in indices]))
 
     def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
@@ -446,15 +479,22 @@ class Engine:
             return self._nonfinite(loss_value, t0)
         trainable = [p for p in self.model.parameters() if p.grad is not None]
         stats_due = (step + 1) % self.config.stats_every == 0
-        if self.scaler:
+        if self.scaler and trainable:
             self.scaler.unscale_(self.optimizer)
+        grad_norm = None
         if self.config.grad_clip > 0 and trainable:
-            torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+        elif trainable and not self.scaler:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
+        # a finite loss can still give an inf/nan gradient; never step on one (GradScaler handles its own)
+        if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
+            return self._nonfinite(loss_value, t0)
+        self._nonfinite_streak = 0
         before = self._pre_stats() if stats_due else None
-        if self.scaler:
+        if trainable and self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif trainable:  # with no gradient at all (selective backprop kept no sample) no parameter moves
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -480,20 +520,67 @@ class Engine:
             self._emit_unit_stats(before)
         return fields
 
+    @torch.no_grad()
     def _nonfinite(self, loss_value: float, t0: float) -> dict[str, Any]:
-        bad = sorted(
-            {self.units.unit_of[n] for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()}
-        )
+        """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""
+        bad_grads = sorted({self.units.unit_of[n] for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()})
+        bad_weights = sorted({self.units.unit_of[n] for n, p in self.params.items() if not torch.isfinite(p).all()})
         self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_streak += 1
         action = self.current.faults.on_nonfinite
-        message = f"non-finite loss ({loss_value}) at step {self.step}; units with non-finite gradients: {', '.join(bad) or 'none'}; action: {action}"
-        self.emit("error", step=self.step, message=message, kind="nonfinite", units=bad)
+        what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient (loss {loss_value:.4g})"
+        message = f"non-finite {what} in the batch of step {self.step + 1}; non-finite gradients in: {', '.join(bad_grads) or 'no unit'}"
+        if bad_weights:
+            message += f"; non-finite weights in: {', '.join(bad_weights)}"
+        if action == "skip" and self._nonfinite_streak >= MAX_NONFINITE_SKIPS:
+            action = "stop"
+            message += f"; {self._nonfinite_streak} batches in a row, so skipping does not help"
+        message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
+        self.emit("error", step=self.step, message=message, kind="nonfinite", loss=str(loss_value), units=bad_grads, weights=bad_weights, action=action)
         if action == "pause":
             self._paused = True
             self.set_state("paused", message)
         elif action == "stop":
             self._stop_requested = True
+            self.fault_stop = True
+            self.stop_reason = message
+            if bad_weights:
+                self.log("not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning")
+            else:
+                self.save_checkpoint()
         return {"step": self.step, "loss": loss_value, "skipped": True}
+
+    def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
+        try:
+            return fn()
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; other backends say "out of memory"
+            if not (isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)):
+                raise
+            detail = str(exc).strip().split("\n")[0][:300]
+        # outside the except block: the traceback and the tensors its frames held are gone
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        run = self.run_dir or "RUN"
+        if what == "evaluation":
+            option, size = "eval_batch_size", max(1, self.config.eval_batch_size // 2)
+            how = f"set eval_batch_size to {size} in {run}/config.json, then: spu train --resume {run}"
+        else:
+            option, size = "batch_size", max(1, self.config.batch_size // 2)
+            how = f"spu train --resume {run} --batch-size {size}"
+        message = (
+            f"out of memory during {what} at step {self.step} ({option} {getattr(self.config, option)}): {detail}. "
+            f"Freed gradients and cached memory and paused: resume to retry, or stop (a checkpoint is written) "
+            f"and continue with a smaller batch: {how}"
+        )
+        self.emit("error", step=self.step, message=message, kind="oom", suggested={option: size})
+        if not self._paused:
+            self._paused = True
+            self.set_state("paused", message)
+        return None
 
     @torch.no_grad()
     def _pre_stats(self) -> dict[str, Any]:
@@ -518,7 +605,10 @@ class Engine:
             upd, wsq, zeros, trainable_n = 0.0, 0.0, 0, 0
             for n in u.params:
                 p = self.params[n]
-                z = int((p == 0).sum())
+                seen = p
+                for m in self.methods:  # the weights the forward pass uses (pruning masks hide latent values)
+                    seen = m.effective(n, seen)
+                z = int((seen == 0).sum())
                 zeros += z
                 tensors[n] = {"trainable": p.requires_grad, "sparsity": round(z / p.numel(), 5)}
                 if p.requires_grad:
@@ -543,11 +633,18 @@ class Engine:
 
         def batches():
             for i in range(0, len(feats), bs):
+                if self._stop_signal:  # SIGTERM: the checkpoint must not wait for a long evaluation
+                    raise _EvaluationInterrupted
                 yield self._to_device(self.task.collate(feats[i : i + bs]))
 
-        with self._autocast():
-            metrics = self.task.evaluate(self.model, batches())
-        self.model.train(was_training)
+        try:
+            with self._autocast():
+                metrics = self.task.evaluate(self.model, batches())
+        except _EvaluationInterrupted:
+            self.log(f"{self._stop_signal}: evaluation at step {self.step} abandoned", "warning")
+            return {}
+        finally:
+            self.model.train(was_training)
         for m in self.methods:
             m.on_eval(self.step, metrics)
         self.emit("eval", step=self.step, **metrics)
@@ -565,29 +662,52 @@ class Engine:
             "samples_seen": self.samples_seen,
             "config": self.config.model_dump(),
             "methods": {type(m).__name__: m.state_dict() for m in self.methods},
-            "rng": {"torch": torch.get_rng_state().tolist()},
+            "rng": {
+                "torch": torch.get_rng_state().tolist(),
+                "python": random.getstate(),
+                "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            },
+            "scaler": self.scaler.state_dict() if self.scaler else None,
         }
-        path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints)
+        tensors = {f"{type(m).__name__}/{k}": v for m in self.methods for k, v in m.tensor_state().items()}
+        path = ckpt.save_checkpoint(
+            self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints, method_tensors=tensors
+        )
         self.emit("checkpoint", step=self.step, path=str(path))
         return path
 
     def resume_from(self, path: Path) -> None:
-        """Load weights, optimizer, policy (with timeline) and data position from a checkpoint."""
-        state = ckpt.load_checkpoint(path, self.model, None)
+        """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint."""
+        state = ckpt.read_state(path)
         policy = Policy.model_validate(state["policy"])
         self.initial_policy = policy.state()
         self.recorded = list(policy.timeline)
         self.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
         self.step = state["step"]
         self.current = policy.at_step(self.step)
-        self._configure_methods(self.current)
+        self._configure_methods(self.current)  # before the weights: a method may add tensors (adapters, LoRA)
         for m in self.methods:
             m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
         self._apply_trainable()
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        ckpt.load_weights(path, self.model)
+        ckpt.load_optimizer(path, self.optimizer)
+        tensors = ckpt.load_method_tensors(path)
+        for m in self.methods:
+            prefix = f"{type(m).__name__}/"
+            m.load_tensor_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["stream"])
         self.samples_seen = state.get("samples_seen", 0)
-        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        rng = state["rng"]
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "python" in rng:
+            version, internal, gauss = rng["python"]
+            random.setstate((version, tuple(internal), gauss))
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+        # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
+        self.emit("resumed", step=self.step, checkpoint=str(path), message=f"resumed from {path.name} at step {self.step}")
         self.log(f"resumed from {path.name} at step {self.step}")
 
     # ------------------------------------------------------------------ run
@@ -603,16 +723,19 @@ class Engine:
                 self._boundary()
                 if self._stop_requested:
                     break
-                self.train_step()
+                taken = self.step
+                self.survive_oom(self.train_step, "training step")
+                if self.step == taken:
+                    continue  # batch skipped (non-finite) or out of memory: nothing new to evaluate or save
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
-                    self.evaluate()
+                    self.survive_oom(self.evaluate, "evaluation")
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
             if self._stop_requested:
-                self.set_state("stopped", f"stopped at step {self.step}")
+                self.set_state("stopped", self.stop_reason or f"stopped at step {self.step}")
                 return "stopped"
             if not self.config.eval_every or self.step % self.config.eval_every:
-                self.evaluate()
+                self.survive_oom(self.evaluate, "evaluation")
             self.save_checkpoint()
             self._save_policy()
             self.set_state("finished", f"finished {self.step} steps")
@@ -627,6 +750,5 @@ class Engine:
             self._events_file = None
 
 
-def install_sigterm(engine: Engine) -> None:
-    """SIGTERM: stop at the next boundary after a checkpoint (never mid-step)."""
-    signal.signal(signal.SIGTERM, lambda *_: engine.request_stop())
+class _EvaluationInterrupted(Exception):
+    """A stop signal arrived during evaluation."""

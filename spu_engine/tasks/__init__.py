@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from .base import Task, TaskOptions
 from .classification import ClassificationTask
+from .infer import infer_task
+from .lm import LMTask
+from .qa import QATask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
+    QATask.name: QATask,
+    LMTask.name: LMTask,
 }
 
 
@@ -22,4 +27,4 @@ def get_task(name: str) -> type[Task]:
         raise ValueError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}") from None
 
 
-__all__ = ["TASKS", "Task", "TaskOptions", "get_task"]
+__all__ = ["TASKS", "Task", "TaskOptions", "get_task", "infer_task"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +20,8 @@ class TaskOptions:
     label_column: str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    doc_stride: int | None = None  # qa: tokens shared by consecutive windows of a long context (None: max_length // 3)
+    eval_split: float = 0.0  # qa / lm: fraction of a single-file source held out for eval (0: eval on the train file)
 
 
 class Task(ABC):
@@ -49,3 +52,21 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """Metrics over an iterable of eval batches (already on the model's device)."""
+
+
+TARGET_KEYS = ("labels", "start_positions", "end_positions", "feature_index")
+
+
+def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch fields ``model.forward`` takes, targets left out.
+
+    A tokenizer may emit ``token_type_ids`` that the model has no embedding for
+    (a BERT tokenizer with DistilBERT or GPT-2): they are dropped rather than
+    passed on, where they would fail or silently index the word embeddings.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepted = inspect.signature(base.forward).parameters
+    inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS and k in accepted}
+    if "token_type_ids" in inputs and getattr(getattr(base, "config", None), "type_vocab_size", 0) < 2:
+        del inputs["token_type_ids"]
+    return inputs

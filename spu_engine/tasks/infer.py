@@ -1,0 +1,77 @@
+"""Which task a data source (and model) means when ``--task`` is not given.
+
+SQuAD-shaped data is ``qa``; plain text (``.raw`` / ``.txt``, or a table with a
+text column but no label column) is ``lm``; a table with a label column is
+``classification``.  A hub name is judged by its name (``squad*`` -> qa,
+``wikitext*`` -> lm, anything else classification, as before).  A text-only
+table is ``lm`` only for a decoder-only model; for an encoder the data is
+ambiguous and the message asks for ``--task``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data import DataError, is_local, read_rows, split_files
+
+QA_KEYS = {"question", "context", "answers"}
+LABEL_KEYS = ("label", "labels", "target", "class")
+QA_HUB = ("squad", "rajpurkar/squad", "adversarial_qa", "mrqa")
+LM_HUB = ("wikitext", "salesforce/wikitext", "ptb_text_only", "openwebtext", "tiny_shakespeare", "roneneldan/tinystories")
+
+
+def infer_task(data: str, model: str | None = None) -> str:
+    """'classification', 'qa' or 'lm' for ``data``; raises DataError when it cannot tell."""
+    if not is_local(data):
+        name = data.lower()
+        if name.startswith(QA_HUB):
+            return "qa"
+        if name.startswith(LM_HUB):
+            return "lm"
+        return "classification"
+    path = split_files(data)["train"]
+    suffix = path.suffix.lower()
+    if suffix in (".raw", ".txt"):
+        return "lm"
+    if suffix == ".json" and _is_nested_squad(path):
+        return "qa"
+    rows = read_rows(path)
+    keys = set(rows[0]) if rows else set()
+    if QA_KEYS <= keys:
+        return "qa"
+    if keys & set(LABEL_KEYS):
+        return "classification"
+    if model is not None and is_decoder_only(model):
+        return "lm"
+    raise DataError(
+        f"cannot tell the task of {path}: it has no label column ({', '.join(LABEL_KEYS)}) and no SQuAD fields "
+        f"(columns: {', '.join(sorted(keys)) or 'none'}); pass --task classification, qa or lm"
+    )
+
+
+def _is_nested_squad(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    articles = data.get("data") if isinstance(data, dict) else None
+    return isinstance(articles, list) and bool(articles) and isinstance(articles[0], dict) and "paragraphs" in articles[0]
+
+
+def is_decoder_only(model: str) -> bool:
+    """True when the model's config describes a causal LM without an encoder (GPT-2, Llama, ...)."""
+    from ..model import resolve_model_name
+
+    name = resolve_model_name(model)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - an unloadable model is reported when the engine loads it
+        return False
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

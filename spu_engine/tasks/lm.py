@@ -1,0 +1,109 @@
+"""Causal language modelling (WikiText-2 raw and any plain text), scored by perplexity.
+
+The text is tokenized line by line without special tokens, concatenated, and cut
+into blocks of ``max_length`` tokens (the remainder is dropped, as in Hugging
+Face's run_clm); each block is its own label sequence.  Perplexity is
+``exp`` of the mean next-token loss over every predicted token of the eval text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DataError, is_local, load_hub_splits, pick_column, read_rows, require_columns, split_files
+from .base import Task, TaskOptions, model_inputs
+
+TEXT_SUFFIXES = (".raw", ".txt")
+TEXT_CANDIDATES = ("text", "content", "sentence", "document")
+
+
+class LMTask(Task):
+    name = "lm"
+    model_kind = "lm"
+    metric = "perplexity"
+
+    @classmethod
+    def build(cls, source: str, tokenizer, options: TaskOptions) -> "LMTask":
+        train_text, eval_text, same = load_text(source, options.text_column)
+        block = options.max_length
+        train_ids = token_ids(train_text, tokenizer)
+        if same and options.eval_split > 0:
+            cut = int(len(train_ids) * (1 - options.eval_split))
+            train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
+        else:
+            eval_ids = train_ids if same else token_ids(eval_text, tokenizer)
+        train = blocks(train_ids, block, "train", source)[: options.max_train_samples or None]
+        evals = blocks(eval_ids, block, "eval", source)[: options.max_eval_samples or None]
+        return cls(train, evals, tokenizer.pad_token_id)
+
+    def per_sample_loss(self, model, batch):
+        token_loss, mask = self._token_loss(model, batch)
+        return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def _token_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token loss [B, T-1] and the mask of positions that have a label."""
+        logits = model(**model_inputs(model, batch)).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return loss, (labels != -100).to(loss.dtype)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches) -> dict[str, float]:
+        total, tokens = 0.0, 0
+        for batch in batches:
+            loss, mask = self._token_loss(model, batch)
+            total += float((loss * mask).sum())
+            tokens += int(mask.sum())
+        mean = total / max(tokens, 1)
+        return {"eval_loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": tokens}
+
+
+def load_text(source: str, text_column: str | None = None) -> tuple[str, str, bool]:
+    """Train text, eval text, and whether both come from the same single source."""
+    if not is_local(source):
+        hub = load_hub_splits(source)
+        return _join(hub["train"], text_column, f"{source} (train)"), _join(hub["eval"], text_column, f"{source} (eval)"), False
+    files = split_files(source)
+    texts = {}
+    for split, path in files.items():
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            try:
+                texts[split] = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"{path}: cannot read ({exc})") from None
+        else:
+            texts[split] = _join(read_rows(path), text_column, str(path))
+    return texts["train"], texts["eval"], files["train"] == files["eval"]
+
+
+def _join(rows: list[dict[str, Any]], text_column: str | None, source: str) -> str:
+    """One text from a table: rows that keep their newline (hub WikiText) are joined as they are."""
+    column = text_column or pick_column(rows, TEXT_CANDIDATES) or "text"
+    require_columns(rows, {"--text-column": column}, source)
+    lines = [str(r[column] or "") for r in rows]
+    return "".join(lines) if all(not line or line.endswith("\n") for line in lines) else "\n".join(lines)
+
+
+def token_ids(text: str, tokenizer) -> list[int]:
+    """Token ids of the whole text, tokenized a line at a time (no special tokens, no length warnings)."""
+    from transformers.utils import logging as hf_logging
+
+    lines = text.splitlines(keepends=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a long line exceeds model_max_length; blocks are cut below
+    try:
+        encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return [i for ids in encoded for i in ids]
+
+
+def blocks(ids: list[int], size: int, split: str, source: str) -> list[dict[str, list[int]]]:
+    n = len(ids) // size
+    if n == 0:
+        raise DataError(f"{source}: the {split} text has {len(ids)} tokens, fewer than one block of --max-length {size}")
+    return [{"input_ids": ids[i * size : (i + 1) * size], "labels": ids[i * size : (i + 1) * size]} for i in range(n)]
