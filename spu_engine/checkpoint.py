@@ -4,7 +4,8 @@ Layout: ``checkpoints/step-0000200/`` with ``model.safetensors``, ``optimizer.pt
 (loaded with ``weights_only=True``), ``state.json`` and ``manifest.json``
 (sha256 of every file).  A checkpoint is written to a hidden temporary folder,
 every file fsynced, then renamed into place; a folder whose manifest does not
-verify is skipped with a message.
+verify is skipped with a message, so a crash or a full disk mid-write costs at
+most that one checkpoint.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+METHOD_TENSORS = "methods.safetensors"
+REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
+PREFIX = "step-"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used; the text says which and why."""
 
 
 def _sha256(path: Path) -> str:
@@ -35,7 +39,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -57,41 +61,65 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 3
+    folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 3,
+    method_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Write ``step-NNNNNNN`` atomically and keep the newest ``keep`` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=folder))
+    final = folder / f"{PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder))
     try:
         save_file(model_tensors(model), str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if method_tensors:  # masks, scores, references of methods that keep tensors outside the model
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()}, str(tmp / METHOD_TENSORS))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         files = {}
         for f in sorted(tmp.iterdir()):
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+            _fsync(f)
             files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
-        with manifest.open("rb") as fh:
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(folder)
+        _fsync(manifest)
+        _fsync(tmp)
+        if final.exists():  # same step again (a stop right after a periodic checkpoint): swap, never delete first
+            old = final.with_name(f".old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def _step_of(path: Path) -> int | None:
+    digits = path.name[len(PREFIX) :]
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (by step number, not by name)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    found = [p for p in folder.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
+
+
+def remove_partial(folder: Path, log: Callable[[str], None] = print) -> None:
+    """Delete what a killed writer left behind (hidden temporary folders); only the engine holding the run lock calls this."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True)
+            log(f"removed half-written checkpoint {p.name}")
 
 
 def verify(path: Path) -> str | None:
@@ -101,20 +129,24 @@ def verify(path: Path) -> str | None:
         return "no manifest (incomplete write)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable manifest ({exc})"
-    for name, meta in files.items():
+        expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"unreadable manifest ({type(exc).__name__}: {exc})"
+    missing = [name for name in REQUIRED if name not in expected]
+    if missing:
+        return f"manifest does not list {', '.join(missing)}"
+    for name, (size, digest) in expected.items():
         f = path / name
-        if not f.exists():
+        if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != meta["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, manifest says {meta['bytes']} (truncated)"
-        if _sha256(f) != meta["sha256"]:
-            return f"{name} checksum mismatch"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {size} (truncated)"
+        if _sha256(f) != digest:
+            return f"{name} checksum mismatch (corrupted)"
     return None
 
 
-def latest_checkpoint(folder: Path, log=print) -> Path | None:
+def latest_checkpoint(folder: Path, log: Callable[[str], None] = print) -> Path | None:
     """Newest checkpoint that verifies; broken ones are reported through ``log`` and skipped."""
     for path in reversed(list_checkpoints(folder)):
         problem = verify(path)
@@ -124,19 +156,47 @@ def latest_checkpoint(folder: Path, log=print) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def read_state(path: Path) -> dict[str, Any]:
+    """Verify the checkpoint and return its ``state.json`` (step, policy, data position, RNG ...)."""
     problem = verify(path)
     if problem:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: state.json is not JSON ({exc})") from None
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Model tensors from safetensors (never pickle); every tensor must fit, tied ones excepted."""
     tensors = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {n for n in missing if _is_tied(model, n, tensors)}
-    missing = [n for n in missing if n not in tied]
+    missing = [n for n in missing if not _is_tied(model, n, tensors)]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_method_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors methods saved with the checkpoint (``method_tensors``); empty if there are none."""
+    f = path / METHOD_TENSORS
+    return load_file(str(f)) if f.exists() else {}
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    try:
+        optimizer.load_state_dict(state)
+    except ValueError as exc:  # different parameter groups: another policy or model
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Verify, then load weights (and optimizer state); returns ``state.json``."""
+    state = read_state(path)
+    load_weights(path, model)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    return json.loads((path / "state.json").read_text())
+        load_optimizer(path, optimizer)
+    return state
 
 
 def _is_tied(model: torch.nn.Module, name: str, saved: dict[str, torch.Tensor]) -> bool:

@@ -6,6 +6,10 @@ slow client falls behind, its oldest lines are dropped (it can rebuild history
 from ``events.jsonl``) so the engine never waits for anyone.  Incoming lines
 are size-capped and validated; a bad one gets an ``error`` event and nothing
 else happens.
+
+Security: the run folder is 0700 and every file the engine writes is private
+(umask 077); the socket is 0600 and a peer of another user is refused by its
+kernel-reported credentials (SO_PEERCRED), whatever the file modes say.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import json
 import os
 import queue
 import selectors
+import signal
 import socket
 import struct
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +37,14 @@ from .protocol import MAX_LINE_BYTES, ProtocolError, encode, event, parse_comman
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "engine.lock"
 CLIENT_BUFFER_BYTES = 4 << 20
+MAX_SOCKET_PATH = 100  # AF_UNIX addresses hold 107 bytes on Linux
 
 
-class RunInUseError(RuntimeError):
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used; the text says why and what to do."""
+
+
+class RunInUseError(RunFolderError):
     """The run folder belongs to a live engine."""
 
 
@@ -68,8 +79,23 @@ class RunLock:
 
 
 def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder (0700) and make what is already in it private."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    owner = run_dir.stat().st_uid
+    if owner != os.getuid():
+        raise RunFolderError(f"run folder {run_dir} belongs to another user (uid {owner}); choose another --run-dir")
     os.chmod(run_dir, 0o700)
+    for name in ("events.jsonl", "engine.log", "config.json", "policy.yaml"):
+        if (run_dir / name).is_file():
+            os.chmod(run_dir / name, 0o600)
+
+
+def _address(path: Path) -> tuple[str, int | None]:
+    """An AF_UNIX address for ``path``; a path too long for one is reached through its folder's fd (Linux)."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return str(path), None
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
 class _Client:
@@ -79,6 +105,7 @@ class _Client:
         self.rbuf = bytearray()
         self.wbuf: deque[bytes] = deque()
         self.wbytes = 0
+        self.partial = False  # wbuf[0] is the rest of a line already half sent: it must go out whole
         self.dropped = 0
         self.discarding = False  # inside an over-long line: skip to its newline
 
@@ -109,11 +136,14 @@ class EngineServer:
         if path.exists() or path.is_symlink():
             path.unlink()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address, dir_fd = _address(path)
         old = os.umask(0o177)
         try:
-            self._listener.bind(str(path))
+            self._listener.bind(address)
         finally:
             os.umask(old)
+            if dir_fd is not None:
+                os.close(dir_fd)
         os.chmod(path, 0o600)
         self._listener.listen(16)
         self._listener.setblocking(False)
@@ -152,8 +182,10 @@ class EngineServer:
     def _queue(self, c: _Client, line: bytes) -> None:
         c.wbuf.append(line)
         c.wbytes += len(line)
-        while c.wbytes > self.buffer_bytes and len(c.wbuf) > 1:
-            c.wbytes -= len(c.wbuf.popleft())
+        keep = 1 if c.partial else 0  # never drop a line that is half on the wire: the stream would break
+        while c.wbytes > self.buffer_bytes and len(c.wbuf) > keep + 1:
+            c.wbytes -= len(c.wbuf[keep])
+            del c.wbuf[keep]
             c.dropped += 1
 
     def _wake(self) -> None:
@@ -167,22 +199,33 @@ class EngineServer:
     def _serve(self) -> None:
         while not self._stopping:
             for key, mask in self._sel.select(timeout=1.0):
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "wake":
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                else:
-                    c: _Client = key.data
-                    if mask & selectors.EVENT_READ:
-                        self._read(c)
+                try:
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    elif mask & selectors.EVENT_READ:
+                        self._read(key.data)
+                except Exception as exc:  # one misbehaving client must never take the server down
+                    self._complain(f"dropped a client after {type(exc).__name__}: {exc}")
+                    if isinstance(key.data, _Client):
+                        self._drop(key.data)
             self._flush_all()
         for c in list(self._clients.values()):
             self._drop(c)
         self._listener.close()
+
+    @staticmethod
+    def _complain(message: str) -> None:
+        """Server-thread trouble goes to stderr (engine.log): events.jsonl belongs to the training thread."""
+        print(f"spu-server: {message}", file=sys.stderr, flush=True)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _accept(self) -> None:
         try:
@@ -190,16 +233,20 @@ class EngineServer:
         except (BlockingIOError, OSError):
             return
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
+        pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid() and uid != 0:
+            self._complain(f"refused a connection from uid {uid} (pid {pid}): only uid {os.getuid()} may steer this run")
             sock.close()
             return
         sock.setblocking(False)
         c = _Client(sock, next(self._ids))
+        try:
+            hello = dict(self.hello())
+        except Exception as exc:  # the snapshot races the training thread; a client can ask again
+            hello = event("error", message=f"no snapshot this time ({type(exc).__name__}); send {{\"cmd\": \"hello\"}}")
+        hello["client"] = c.id
         with self._lock:
             self._clients[c.id] = c
-            hello = dict(self.hello())
-            hello["client"] = c.id
             self._queue(c, encode(hello))
         self._sel.register(sock, selectors.EVENT_READ, c)
 
@@ -236,6 +283,9 @@ class EngineServer:
             except ProtocolError as exc:
                 self.send_to(c.id, event("error", message=f"bad command: {exc}"))
                 continue
+            except Exception as exc:  # e.g. RecursionError on absurdly nested JSON
+                self.send_to(c.id, event("error", message=f"bad command: cannot be read ({type(exc).__name__})"))
+                continue
             self.on_command(cmd, c.id)
 
     def _flush_all(self) -> None:
@@ -265,10 +315,12 @@ class EngineServer:
                         c.wbuf.popleft()
                         c.wbytes -= len(head)
                         remaining -= len(head)
+                        c.partial = False
                     else:
                         c.wbuf[0] = head[remaining:]
                         c.wbytes -= remaining
                         remaining = 0
+                        c.partial = True
             if sent < len(chunk):
                 return
 
@@ -302,7 +354,12 @@ class EngineClient:
         while time.monotonic() < deadline:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.connect(str(self.path))
+                address, dir_fd = _address(self.path)
+                try:
+                    s.connect(address)
+                finally:
+                    if dir_fd is not None:
+                        os.close(dir_fd)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 last = exc
                 s.close()
@@ -326,8 +383,13 @@ class EngineClient:
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    if line:
-                        self._deliver(json.loads(line))
+                    if not line:
+                        continue
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue  # never lose the connection over one unreadable line
+                    self._deliver(ev)
         except OSError:
             pass
         finally:
@@ -379,19 +441,99 @@ class EngineClient:
             self._sock = None
 
 
+class StoppedWhileLoading(BaseException):
+    """A stop signal arrived before the engine existed: nothing was trained, nothing to save."""
+
+
+class StopSignals:
+    """SIGTERM and Ctrl-C stop the run after a checkpoint at the next step boundary, never mid-step.
+
+    A second Ctrl-C stops at once.  SIGHUP is ignored, so closing the terminal
+    or losing the SSH session of a foreground ``spu train`` does not stop it.
+    Before the engine exists a signal ends loading at once.  The handler only
+    sets a flag on the engine: it may run while the training thread holds any lock.
+    """
+
+    def __init__(self) -> None:
+        self.engine = None
+        self.interrupts = 0
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.engine is None:
+            raise StoppedWhileLoading(name)
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+        self.engine.request_stop(name)
+
+
+def _guarded(sink: Callable[[bytes, dict], None]) -> Callable[[bytes, dict], None]:
+    """A display that fails (its terminal went away) is switched off; training never stops for one."""
+    alive = True
+
+    def call(line: bytes, ev: dict) -> None:
+        nonlocal alive
+        if alive:
+            try:
+                sink(line, ev)
+            except Exception:
+                alive = False
+
+    return call
+
+
+def _open_events(path: Path):
+    """Append handle on events.jsonl; a line cut short by a crash is ended first so the next event is readable."""
+    f = open(path, "ab+", buffering=0)
+    if f.seek(0, os.SEEK_END) > 0:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+    return f
+
+
+def _resume(engine, run_dir: Path) -> None:
+    from .checkpoint import latest_checkpoint, remove_partial
+
+    folder = run_dir / "checkpoints"
+
+    def warn(message: str) -> None:
+        engine.log(message, "warning")
+
+    remove_partial(folder, warn)
+    path = latest_checkpoint(folder, warn)
+    if path is None:
+        warn("no usable checkpoint; starting from step 0")
+        return
+    engine.resume_from(path)
+    if engine.step >= engine.config.steps:
+        warn(f"the run already reached its {engine.config.steps} steps; pass --steps to train further")
+
+
 def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None) -> int:
-    """Run an engine process: lock the run folder, serve the socket, train.  Returns an exit code."""
-    from .checkpoint import latest_checkpoint
+    """Run an engine process: lock the run folder, serve the socket, train.
+
+    Returns the exit code: 0 finished or stopped (SIGTERM included), 1 failed
+    or stopped by a fault (non-finite loss), 2 could not start, 130 a second Ctrl-C.
+    """
+    from .checkpoint import CheckpointError
     from .data import DataError
-    from .engine import Engine, install_sigterm
+    from .engine import Engine
     from .model import ModelLoadError
     from .policy import PolicyError
 
+    os.umask(0o077)  # every file and folder this process creates is its owner's alone
     prepare_run_dir(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
-    events_path = run_dir / "events.jsonl"
-    early = open(events_path, "ab", buffering=0)
+    signals = StopSignals()
+    early = _open_events(run_dir / "events.jsonl")
     loading = event("hello", run=run_dir.name, run_dir=str(run_dir), pid=os.getpid(), state="loading", step=0, config=config.model_dump())
     engine_box: dict[str, Any] = {}
     early_commands: list[Any] = []  # commands sent while the model loads run at the first boundary
@@ -412,37 +554,52 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         early.write(line)
         server.broadcast(line)
 
-    early_emit("state", state="loading", step=0, message=f"loading {config.model}")
+    def give_up(code: int, message: str) -> int:
+        early_emit("error", step=0, message=message)
+        early_emit("state", state="error", step=0, message=message)
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
     try:
-        engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *(sinks or [])])
-        early.close()
-        if resume:
-            path = latest_checkpoint(run_dir / "checkpoints", log=lambda m: engine.log(m, "warning"))
-            if path is not None:
-                engine.resume_from(path)
-            else:
-                engine.log("no usable checkpoint; starting from step 0", "warning")
-    except (PolicyError, ModelLoadError, DataError, ValueError) as exc:
-        early_emit("error", step=0, message=str(exc))
-        early_emit("state", state="error", step=0, message=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        time.sleep(0.3)
-        server.close()
-        lock.release()
-        return 2
-    with handover:
-        for cmd in early_commands:
-            engine.submit(cmd)
-        engine_box["engine"] = engine
-    install_sigterm(engine)
-    try:
-        engine.run()
+        early_emit("state", state="loading", step=0, message=f"loading {config.model}")
+        try:
+            engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])])
+            if resume:
+                _resume(engine, run_dir)
+            signals.engine = engine
+        except StoppedWhileLoading as stop:
+            early_emit("state", state="stopped", step=0, message=f"{stop}: stopped while loading; nothing was trained")
+            return 0
+        except (PolicyError, ModelLoadError, DataError, CheckpointError, ValueError) as exc:
+            return give_up(2, str(exc))
+        except Exception as exc:
+            traceback.print_exc()
+            return give_up(1, f"engine failed while loading: {type(exc).__name__}: {exc}")
+        finally:
+            early.close()
+        with handover:
+            for cmd in early_commands:
+                engine.submit(cmd)
+            engine_box["engine"] = engine
+        try:
+            engine.run()
+            code = 1 if engine.fault_stop else 0
+        except KeyboardInterrupt:
+            engine.set_state("stopped", f"interrupted at step {engine.step}; no checkpoint written")
+            code = 130
+        except Exception as exc:
+            traceback.print_exc()
+            message = f"engine failed at step {engine.step}: {type(exc).__name__}: {exc}"
+            engine.emit("error", step=engine.step, message=message)
+            engine.set_state("error", message)
+            code = 1
+        finally:
+            engine.close()
+        return code
     finally:
         time.sleep(0.2)  # let the last events reach clients
         server.close()
-        engine.close()
         lock.release()
-    return 0
 
 
 def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
@@ -450,14 +607,20 @@ def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
     import subprocess
 
     from .policy import atomic_write_text
+    from .runs import is_live
 
+    if is_live(run_dir):
+        raise RunInUseError(f"run folder {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
     prepare_run_dir(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(config.model_dump(), indent=1))
     policy.save(run_dir / "policy.yaml")
-    log = open(run_dir / "engine.log", "ab")
+    log_fd = os.open(run_dir / "engine.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     cmd = [sys.executable, "-m", "spu_engine.cli", "engine", "--run-dir", str(run_dir)]
     if resume:
         cmd.append("--resume")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-    log.close()
-    return proc
+    try:
+        return subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, umask=0o077
+        )
+    finally:
+        os.close(log_fd)

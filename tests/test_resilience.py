@@ -1,0 +1,231 @@
+"""Faults inside one engine: non-finite loss or gradient, out-of-memory, exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from spu_engine.checkpoint import latest_checkpoint, read_state
+from spu_engine.policy import Change, FreezeRule, Policy, TimelineEntry
+from spu_engine.protocol import ResumeCmd
+
+
+def _recorder(engine) -> list[dict]:
+    events: list[dict] = []
+    engine.sinks.append(lambda _line, ev: events.append(ev))
+    return events
+
+
+def _poison_loss(engine, calls: set[int]):
+    """Make the forward pass of the given call numbers (1-based) return NaN."""
+    original = engine.per_sample_loss
+    count = {"n": 0}
+
+    def per_sample_loss(batch):
+        count["n"] += 1
+        loss = original(batch)
+        return loss * float("nan") if count["n"] in calls else loss
+
+    engine.per_sample_loss = per_sample_loss
+
+
+def _all_finite(engine) -> bool:
+    return all(torch.isfinite(p).all() for p in engine.model.parameters())
+
+
+def _start(engine) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(state=engine.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _wait(events: list[dict], predicate, timeout: float = 30.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in list(events):
+            if predicate(ev):
+                return ev
+        time.sleep(0.02)
+    raise TimeoutError("no such event")
+
+
+def test_nan_loss_skip_drops_only_that_batch(make_engine):
+    engine = make_engine(steps=6, policy=Policy(faults={"on_nonfinite": "skip"}))
+    events = _recorder(engine)
+    _poison_loss(engine, {3})
+    assert engine.run() == "finished"
+    errors = [e for e in events if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["kind"] == "nonfinite" and errors[0]["action"] == "skip"
+    assert errors[0]["step"] == 2 and "batch of step 3" in errors[0]["message"] and "batch skipped" in errors[0]["message"]
+    assert errors[0]["loss"] == "nan" and errors[0]["weights"] == []
+    # NaN loss: the gradients of every unit that took part are NaN, and none of them reached the weights
+    assert set(errors[0]["units"]) == {u.name for u in engine.units}
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert _all_finite(engine)
+
+
+def test_finite_loss_with_inf_gradient_names_the_unit(make_engine):
+    engine = make_engine(steps=3, grad_clip=0.0)
+    events = _recorder(engine)
+    target = dict(engine.model.named_parameters())[engine.units.units[2].params[0]]
+    hook = target.register_hook(lambda g: g * float("inf"))
+    engine.train_step()
+    hook.remove()
+    error = next(e for e in events if e["type"] == "error")
+    assert error["units"] == [engine.units.units[2].name]
+    assert "non-finite gradient (loss" in error["message"] and engine.step == 0
+    assert all(p.grad is None for p in engine.model.parameters()) and _all_finite(engine)
+    engine.train_step()
+    assert engine.step == 1
+
+
+def test_nan_loss_pause_waits_for_resume(make_engine):
+    engine = make_engine(steps=4, policy=Policy(faults={"on_nonfinite": "pause"}))
+    events = _recorder(engine)
+    _poison_loss(engine, {2})
+    thread, result = _start(engine)
+    paused = _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+    assert paused["step"] == 1 and "non-finite loss" in paused["message"]
+    assert engine.step == 1 and thread.is_alive()
+    engine.submit(ResumeCmd(cmd="resume"))
+    thread.join(30)
+    assert result["state"] == "finished" and engine.step == 4 and _all_finite(engine)
+
+
+def test_nan_loss_stop_checkpoints_the_last_good_state(make_engine, tmp_path):
+    engine = make_engine(steps=10, run_dir=tmp_path / "run", policy=Policy(faults={"on_nonfinite": "stop"}))
+    events = _recorder(engine)
+    _poison_loss(engine, {4})
+    assert engine.run() == "stopped" and engine.fault_stop
+    assert engine.step == 3
+    final = [e for e in events if e["type"] == "state"][-1]
+    assert final["state"] == "stopped" and "non-finite loss" in final["message"]
+    assert read_state(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 3
+
+
+def test_skip_turns_into_stop_when_every_batch_is_nonfinite(make_engine):
+    from spu_engine.engine import MAX_NONFINITE_SKIPS
+
+    engine = make_engine(steps=50)
+    events = _recorder(engine)
+    _poison_loss(engine, set(range(3, 1000)))
+    assert engine.run() == "stopped" and engine.fault_stop
+    errors = [e for e in events if e["type"] == "error"]
+    assert len(errors) == MAX_NONFINITE_SKIPS and errors[-1]["action"] == "stop"
+    assert "in a row" in errors[-1]["message"] and engine.step == 2
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("MPS backend out of memory")])
+def test_out_of_memory_frees_pauses_and_suggests_a_smaller_batch(make_engine, error):
+    engine = make_engine(steps=5, batch_size=8)
+    events = _recorder(engine)
+    original = engine.per_sample_loss
+    calls = {"n": 0}
+
+    def per_sample_loss(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            loss = original(batch).mean()
+            loss.backward()  # leave gradients behind, as a backward that ran out of memory half-way does
+            raise error
+        return original(batch)
+
+    engine.per_sample_loss = per_sample_loss
+    thread, result = _start(engine)
+    paused = _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+    oom = next(e for e in events if e["type"] == "error")
+    assert oom["kind"] == "oom" and oom["suggested"] == {"batch_size": 4} and oom["step"] == 2
+    assert "out of memory during training step at step 2 (batch_size 8)" in oom["message"]
+    assert "--batch-size 4" in oom["message"] and paused["message"] == oom["message"]
+    assert engine.step == 2 and all(p.grad is None for p in engine.model.parameters())
+    engine.submit(ResumeCmd(cmd="resume"))
+    thread.join(30)
+    assert result["state"] == "finished" and engine.step == 5
+
+
+def test_out_of_memory_in_evaluation_suggests_a_smaller_eval_batch(make_engine):
+    engine = make_engine(steps=2, eval_every=1, eval_batch_size=64)
+    events = _recorder(engine)
+
+    def evaluate(model, batches):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    engine.task.evaluate = evaluate
+    try:
+        thread, result = _start(engine)
+        _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+        oom = next(e for e in events if e["type"] == "error")
+        assert oom["suggested"] == {"eval_batch_size": 32} and engine.model.training
+        engine.submit(ResumeCmd(cmd="resume"))
+        _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused" and e["step"] == 2)
+        engine.submit(ResumeCmd(cmd="resume"))
+        thread.join(30)
+        assert result["state"] == "finished"
+    finally:
+        del engine.task.evaluate  # the task object is shared by the fixture
+
+
+def test_resume_restores_policy_timeline_optimizer_and_continues_identically(make_engine, tmp_path):
+    policy = Policy(
+        faults={"on_nonfinite": "pause"},
+        timeline=[
+            TimelineEntry(step=2, freeze=[FreezeRule(layers=[0], trainable=False)]),
+            TimelineEntry(step=8, freeze=[FreezeRule(layers=[0], trainable=True)]),
+        ],
+    )
+    straight = make_engine(steps=10, run_dir=tmp_path / "a", policy=policy, checkpoint_every=5)
+    for _ in range(3):
+        straight._boundary()
+        straight.train_step()
+    straight.apply_change(Change(freeze=[FreezeRule(match="*.bias", trainable=False)]), source="client")
+    straight.run()  # steps 4..10 with a checkpoint at 5
+    ckpt5 = tmp_path / "a" / "checkpoints" / "step-0000005"
+    state = read_state(ckpt5)
+
+    resumed = make_engine(steps=10, run_dir=tmp_path / "b", policy=policy)
+    events = _recorder(resumed)
+    resumed.resume_from(ckpt5)
+    assert resumed.step == 5 and resumed.samples_seen == 40
+    assert [(e.step, e.freeze[0].trainable) for e in resumed.recorded] == [(2, False), (3, False)]
+    assert [e.step for e in resumed.pending] == [8]
+    assert resumed.current.freeze == [FreezeRule(layers=[0], trainable=False), FreezeRule(match="*.bias", trainable=False)]
+    assert state["step"] == 5
+    saved = torch.load(ckpt5 / "optimizer.pt", weights_only=True)
+    live = resumed.optimizer.state_dict()
+    assert saved["state"].keys() == live["state"].keys() and saved["state"]
+    for key, tensors in saved["state"].items():
+        for name, value in tensors.items():
+            assert torch.equal(value, live["state"][key][name]), (key, name)
+    assert any(e["type"] == "resumed" and e["step"] == 5 for e in events)
+    resumed.run()
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert resumed.replayable_policy().timeline == straight.replayable_policy().timeline
+
+
+def test_sigterm_flag_interrupts_evaluation_and_stops_after_a_checkpoint(make_engine, tmp_path):
+    engine = make_engine(steps=100, run_dir=tmp_path / "run", eval_every=3, eval_batch_size=4)
+    events = _recorder(engine)
+    original = engine.task.collate
+
+    def collate(features):
+        if not engine.model.training:  # the signal lands in the middle of an evaluation
+            engine.request_stop("SIGTERM")
+        return original(features)
+
+    engine.task.collate = collate
+    try:
+        assert engine.run() == "stopped"
+    finally:
+        del engine.task.collate
+    assert engine.step == 3 and not any(e["type"] == "eval" for e in events)
+    assert any(e["type"] == "log" and "evaluation at step 3 abandoned" in e["message"] for e in events)
+    assert read_state(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 3
+    final = events[-1]
+    assert final["type"] == "state" and final["state"] == "stopped" and final["message"].startswith("SIGTERM: stopped at step 3")
+    assert _all_finite(engine)
