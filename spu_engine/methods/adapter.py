@@ -1,0 +1,131 @@
+"""Houlsby bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP").
+
+In every block, after the attention output and after the feed-forward output
+(after the projection back to the hidden size and its dropout, before the
+residual add and layer norm), insert ``h + up(act(down(h)))`` with a bottleneck
+of ``peft.size`` = m.  Each adapter has 2md + d + m parameters and starts near
+the identity (weights ~ truncated N(0, 1e-2), biases 0).  The adapters, the
+layer norms and the task head train; everything else is frozen, as in the paper.
+
+An adapter is a child module of the sublayer it follows (``attn_adapter`` /
+``ffn_adapter``), so its parameters carry the block's name prefix and land in
+that block's unit, and no existing parameter is renamed; a forward hook on the
+sublayer's output module applies it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..model import find_block_list
+from ..policy import Peft, PolicyError
+from .peft_base import AddedTensorsMethod
+from .targets import NameSets, norm_names, task_head_names
+
+INIT_STD = 1e-2
+SLOTS = ("attn_adapter", "ffn_adapter")
+
+# model_type -> (attention output, feed-forward output): the module inside a block the adapter follows
+SITES = {
+    "bert": ("attention.output.dropout", "output.dropout"),
+    "roberta": ("attention.output.dropout", "output.dropout"),
+    "xlm-roberta": ("attention.output.dropout", "output.dropout"),
+    "electra": ("attention.output.dropout", "output.dropout"),
+    "distilbert": ("attention.out_lin", "ffn.dropout"),
+    "gpt2": ("attn.resid_dropout", "mlp.dropout"),
+}
+
+
+class BottleneckAdapter(nn.Module):
+    def __init__(self, d: int, m: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.act = nn.GELU()
+        self.up = nn.Linear(m, d)
+        for layer in (self.down, self.up):
+            nn.init.trunc_normal_(layer.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h):
+        return h + self.up(self.act(self.down(h)))
+
+    def after(self, module, args, output):
+        """Forward hook: the sublayer output passes through the adapter."""
+        if isinstance(output, tuple):
+            return (self(output[0]), *output[1:])
+        return self(output)
+
+
+class Adapter(AddedTensorsMethod):
+    name = "adapter"
+    fixed = ("size",)
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.trainable = NameSets(engine, norm_names, task_head_names)
+        self.hooks: list = []
+        self.slots: list[tuple[nn.Module, str]] = []
+
+    def gate(self, name: str) -> bool:
+        return any(f".{slot}." in name for slot in SLOTS) or name in self.trainable
+
+    def install(self, settings: Peft) -> list[nn.Parameter]:
+        model = self.engine.model
+        d = model.config.hidden_size
+        _, blocks = find_block_list(model)
+        sites = [adapter_sites(model, block, d) for block in blocks]  # all found before anything changes
+        params: list[nn.Parameter] = []
+        for block, block_sites in zip(blocks, sites):
+            ref = next(block.parameters())
+            for slot, (output_module, parent) in zip(SLOTS, block_sites):
+                adapter = BottleneckAdapter(d, settings.size).to(device=ref.device, dtype=ref.dtype)
+                parent.add_module(slot, adapter)
+                self.slots.append((parent, slot))
+                self.hooks.append(output_module.register_forward_hook(adapter.after))
+                params.extend(adapter.parameters())
+        return params
+
+    def uninstall(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        for parent, slot in self.slots:
+            delattr(parent, slot)
+        self.hooks, self.slots = [], []
+
+
+def adapter_sites(model: nn.Module, block: nn.Module, d: int) -> list[tuple[nn.Module, nn.Module]]:
+    """(output module, parent to hold the adapter) for the attention and the feed-forward sublayer of a block."""
+    paths = SITES.get(getattr(model.config, "model_type", ""))
+    if paths is None or not all(_has(block, p) for p in paths):
+        paths = _projection_paths(block, d)
+    return [(block.get_submodule(p), block.get_submodule(p.rpartition(".")[0])) for p in paths]
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _projection_paths(block: nn.Module, d: int) -> tuple[str, str]:
+    """Any architecture: the last projection back to width d inside the attention child, and the last one after it."""
+    projections = [n for n, m in block.named_modules() if _out_features(m) == d]
+    attention = next((n for n, _ in block.named_children() if "attn" in n.lower() or "attention" in n.lower()), None)
+    in_attention = [n for n in projections if attention and n.startswith(attention + ".")]
+    feed_forward = [n for n in projections if attention and not n.startswith(attention + ".")]
+    if not in_attention or not feed_forward:
+        raise PolicyError(
+            f"peft.method: adapter: cannot find the attention and feed-forward outputs of a {type(block).__name__} block "
+            f"(known architectures: {', '.join(SITES)}, and blocks with an attention child and projections back to width {d})"
+        )
+    return in_attention[-1], feed_forward[-1]
+
+
+def _out_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style projection, weight [in, out]
+        return module.weight.shape[1]
+    return None

@@ -1,0 +1,17 @@
+"""BitFit (Ben Zaken et al. 2022): only the bias terms and the task head train."""
+
+from __future__ import annotations
+
+from .peft_base import PeftMethod
+from .targets import NameSets, is_bias, task_head_names
+
+
+class BitFit(PeftMethod):
+    name = "bitfit"
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.head = NameSets(engine, task_head_names)
+
+    def gate(self, name: str) -> bool:
+        return is_bias(name) or name in self.head

@@ -1,0 +1,120 @@
+"""What the ``peft`` methods share.
+
+One ``peft.method`` is in force at a time.  BitFit only gates existing tensors,
+so it can be switched on and off at any boundary.  Adapters, LoRA and IA3 add
+tensors: adding them to a running model is well defined (each starts as the
+identity, so the model computes what it did), and the new tensors join the
+optimizer in a group of their own.  Removing them, or changing their shape,
+once they have trained would silently change what the model computes, so that
+is refused; at the boundary where they were added (nothing trained yet) it is
+an undo.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..model import check_policy_against_model
+from ..policy import Peft, Policy, PolicyError
+from .base import Method
+
+
+class PeftMethod(Method):
+    section = "peft"
+    name: ClassVar[str]  # the value of peft.method that selects this method
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.selected = False
+
+    @property
+    def active(self) -> bool:
+        return self.selected
+
+    def configure(self, policy: Policy, step: int) -> None:
+        self.selected = policy.peft.method == self.name
+
+
+class AddedTensorsMethod(PeftMethod):
+    """A method that adds tensors to the model: adapters, LoRA, IA3."""
+
+    fixed: ClassVar[tuple[str, ...]]  # peft settings that shape the added tensors
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.installed: Peft | None = None  # the settings the current tensors were built with
+        self.trained = False  # has an optimizer step run since they were added?
+
+    @property
+    def group(self) -> str:
+        return f"peft:{self.name}"
+
+    def install(self, settings: Peft) -> list[torch.nn.Parameter]:
+        """Add the tensors to ``engine.model`` and return them."""
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        """Take the tensors out of ``engine.model`` again."""
+        raise NotImplementedError
+
+    def configure(self, policy: Policy, step: int) -> None:
+        settings = policy.peft
+        wanted = settings.method == self.name
+        if self.installed is not None:
+            changed = [k for k in self.fixed if getattr(settings, k) != getattr(self.installed, k)]
+            if wanted and not changed:
+                self._set_lr(settings)
+                self.selected = True
+                return
+            if self.trained:
+                if not wanted:
+                    raise PolicyError(
+                        f"peft.method: cannot change {self.name!r} to {settings.method!r} in a running model: the {self.name} "
+                        "tensors have trained, and removing them would change what the model computes; start a new run for that"
+                    )
+                key = changed[0]
+                raise PolicyError(
+                    f"peft.{key}: cannot change {getattr(self.installed, key)!r} to {getattr(settings, key)!r} in a running model: "
+                    f"the {self.name} tensors have trained with it; start a new run for that"
+                )
+            self._remove()
+        if wanted:
+            self._add(policy)
+        self.selected = wanted
+
+    def _add(self, policy: Policy) -> None:
+        params = self.install(policy.peft)
+        self.engine.add_parameters(params, lr=policy.peft.lr, weight_decay=0.0, name=self.group)
+        self.installed, self.trained = policy.peft, False
+        try:  # freeze rules and pending timeline entries must still select parameters by their (new) names
+            check_policy_against_model(policy.model_copy(update={"timeline": list(self.engine.pending)}), self.engine.model, self.engine.units)
+        except PolicyError as exc:
+            self._remove()
+            raise PolicyError(f"peft.method: with {self.name}, some parameter names change: {exc}") from None
+
+    def _remove(self) -> None:
+        self.uninstall()
+        opt = self.engine.optimizer
+        for g in [g for g in opt.param_groups if g.get("name") == self.group]:
+            for p in g["params"]:
+                opt.state.pop(p, None)
+            opt.param_groups.remove(g)
+        self.engine.refresh_parameters()
+        self.installed = None
+
+    def _set_lr(self, settings: Peft) -> None:
+        for g in self.engine.optimizer.param_groups:
+            if g.get("name") == self.group:
+                g["base_lr"] = settings.lr or self.engine.config.lr
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.installed is not None:
+            self.trained = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trained": self.trained}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trained = bool(state.get("trained", self.trained))

@@ -1,0 +1,120 @@
+"""Selective Backprop (Jiang et al. 2019, "Accelerating Deep Learning by Focusing on the Biggest Losers").
+
+A no-grad forward scores every drawn sample; the backward pass then runs on the
+selected samples only, re-collated on their own (so padding shrinks to their
+longest) with a second, grad-enabled forward.  There is never a masked
+full-batch backward: the saving is real compute.
+
+* ``threshold``: of each drawn batch keep the samples with loss >= threshold.
+  A batch with none kept has no backward; its step still counts (the data was
+  consumed and the learning-rate schedule moves on) but the optimizer has no
+  gradient to apply, so every parameter stays as it was.
+* ``percentile``: keep a sample with probability max(floor, CDF(loss)^beta),
+  beta = 1/keep - 1, the CDF taken over the last ``history`` losses (as in the
+  paper's reference code: E[U^beta] = keep for a uniform U).  Selected samples
+  pool up; a step draws batches until the pool holds a full backward batch
+  (``batch_size``) and carries the rest over to the next step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..policy import Policy
+from ..policy import SelectiveBackprop as Settings
+from .base import Method
+
+
+class SelectiveBackprop(Method):
+    section = "selective_backprop"
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.settings = Settings()
+        self.history = torch.empty(0)  # recent per-sample losses on the CPU, newest last
+        self.pool: list[int] = []  # percentile mode: selected train indices awaiting their backward batch
+        self.skipped = 0  # samples drawn but never backpropagated, since the start of the run
+        self.last_backward: list[int] = []  # train indices of the latest backward batch
+        self.generator = torch.Generator().manual_seed(engine.config.seed + 1)
+
+    @property
+    def active(self) -> bool:
+        return self.settings.mode != "off"
+
+    def configure(self, policy: Policy, step: int) -> None:
+        new = policy.selective_backprop
+        if new.mode != "percentile" and self.pool:
+            self.skipped += len(self.pool)  # selected, but the mode that would have trained them is gone
+            self.pool = []
+        self.history = self.history[-new.history :]
+        self.settings = new
+
+    # ------------------------------------------------------------------ the step
+
+    def forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """Mean loss over every drawn sample, samples drawn, and the step's selection statistics."""
+        bs = self.engine.config.batch_size
+        losses: list[torch.Tensor] = []
+        selected = 0
+        while True:
+            indices, loss = self._score(bs)
+            if not torch.isfinite(loss).all():  # the engine reports the non-finite mean and steps on nothing
+                losses.append(loss)
+                self.skipped += len(indices)
+                backward = []
+                break
+            keep = self._select(loss)
+            chosen = [i for i, k in zip(indices, keep.tolist()) if k]
+            losses.append(loss)
+            selected += len(chosen)
+            self.skipped += len(indices) - len(chosen)
+            if self.settings.mode == "threshold":
+                backward, self.pool = chosen, []
+                break
+            self.pool.extend(chosen)
+            if len(self.pool) >= bs:
+                backward, self.pool = self.pool[:bs], self.pool[bs:]
+                break
+        if backward:
+            batch = self.engine.batch_of(backward)
+            self.engine.backward(self.engine.per_sample_loss(batch).mean())
+        self.last_backward = backward
+        drawn = torch.cat(losses)
+        extra = {"sb_kept_fraction": round(selected / len(drawn), 4), "sb_backward": len(backward), "sb_skipped": self.skipped}
+        return drawn.mean(), len(drawn), extra
+
+    @torch.no_grad()
+    def _score(self, n: int) -> tuple[list[int], torch.Tensor]:
+        """Draw ``n`` samples and compute their losses without building a graph."""
+        indices = self.engine.stream.take(n)
+        loss = self.engine.per_sample_loss(self.engine.batch_of(indices))
+        return indices, loss.detach().float().cpu()
+
+    def _select(self, loss: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if s.mode == "threshold":
+            return loss >= s.threshold
+        self.history = torch.cat([self.history, loss])[-s.history :]
+        cdf = (self.history[None, :] <= loss[:, None]).float().mean(1)
+        p = cdf.pow(1.0 / s.keep - 1.0).clamp(min=s.floor)
+        return torch.rand(len(loss), generator=self.generator) < p
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history.tolist(),
+            "pool": list(self.pool),
+            "skipped": self.skipped,
+            "generator": self.generator.get_state().tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.history = torch.tensor(state["history"], dtype=torch.float32)
+        self.pool = list(state["pool"])
+        self.skipped = int(state["skipped"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

@@ -1,0 +1,46 @@
+"""Parameter classes several methods gate on: biases, normalisation layers, the task head."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")
+
+
+def task_head_names(model: nn.Module) -> set[str]:
+    """Parameters outside ``model.base_model``: the newly initialised task head (classifier, score, qa_outputs).
+
+    A tied LM head shares its tensor with the embeddings and so is not a head parameter.
+    """
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return set()
+    inside = {id(p) for p in base.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) not in inside}
+
+
+def norm_names(model: nn.Module) -> set[str]:
+    """Parameters of LayerNorm / RMSNorm modules (any class whose name says Norm)."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower():
+            out.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False))
+    return out
+
+
+class NameSets:
+    """Name sets of a model, recomputed only when the engine's parameter list changes."""
+
+    def __init__(self, engine, *functions) -> None:
+        self.engine = engine
+        self.functions = functions
+        self._key: int | None = None
+        self._names: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        if self._key != id(self.engine.param_names):
+            self._names = set().union(*(f(self.engine.model) for f in self.functions))
+            self._key = id(self.engine.param_names)
+        return name in self._names
