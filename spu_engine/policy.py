@@ -105,6 +105,9 @@ class WeightUpdateSkipping(_Section):
     patience: int = Field(2, ge=1, description="evals without improvement before switching phase")
     last_k_blocks: int | None = Field(None, ge=1, description="bias-only phase trains biases of the last k blocks only")
     start_phase: Literal["full", "bias_only"] = "bias_only"
+    phase: Literal["full", "bias_only"] | None = Field(
+        None, description="the phase in force; every switch sets it and is recorded in the timeline (unset: start_phase)"
+    )
 
 
 class PruningSchedule(_Section):
@@ -153,6 +156,7 @@ class Peft(_Section):
     alpha: float = Field(16.0, gt=0.0, description="LoRA alpha")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(None, description="LoRA / IA3 target module names (default: attention projections)")
+    lr: float | None = Field(None, gt=0.0, description="learning rate of the tensors a method adds (adapters, LoRA, IA3); default: the run's lr")
 
 
 class Faults(_Section):

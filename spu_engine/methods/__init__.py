@@ -7,8 +7,21 @@ with a clear message rather than silently ignored.
 
 from __future__ import annotations
 
+from .adapter import Adapter
 from .base import Method
+from .bitfit import BitFit
+from .ia3 import IA3
+from .lora import LoRA
+from .selective_backprop import SelectiveBackprop
+from .weight_update_skipping import WeightUpdateSkipping
 
-METHODS: list[type[Method]] = []
+METHODS: list[type[Method]] = [
+    BitFit,
+    Adapter,
+    IA3,
+    LoRA,
+    SelectiveBackprop,
+    WeightUpdateSkipping,
+]
 
 __all__ = ["METHODS", "Method"]
