@@ -127,7 +127,9 @@ def event(type_: str, **fields: Any) -> dict[str, Any]:
 EVENT_FIELDS = {
     "hello": "run, pid, config, units, policy, state, step, total_steps, metric, task",
     "state": "state (loading|training|paused|stopped|finished|error), step, message",
-    "step": "step, loss, lr, samples_per_s, step_time, trainable, samples, kept (selective backprop)",
+    "step": "step, loss, lr, samples_per_s, step_time, trainable, samples; selective backprop: sb_kept_fraction "
+    "(selected / drawn this step), sb_backward (samples in this step's backward), sb_skipped (drawn and never "
+    "backpropagated, cumulative); weight-update skipping: wus_phase (full | bias_only)",
     "units": "step, units {name: {trainable, grad_norm, update_ratio, sparsity}}, tensors {name: {trainable, sparsity}}",
     "eval": "step, eval_loss and the task's metrics",
     "policy": "step, source, change, policy (current sections), trainable, trainable_by_unit",
