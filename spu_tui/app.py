@@ -1,0 +1,345 @@
+"""The console: one screen of views over a ``RunState``, steering an engine process.
+
+Data flows one way: engine events -> ``RunState.apply`` -> the views that the
+event touched (plots at most ~4 Hz).  User actions flow the other way: widgets
+post messages up, the app turns them into protocol commands, and the affected
+rows stay *pending* until the engine's ack arrives at a step boundary.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, Horizontal, Vertical
+from textual.message import Message
+
+from .link import EngineLink, EventsArrived
+from .run_state import LogLine, RunState
+from .screens.export import ExportScreen
+from .screens.help import HelpScreen
+from .screens.quit import QuitScreen
+from .widgets.chart import BarSpec, Chart, LineSpec, Series
+from .widgets.controls import ControlsPanel, TITLES
+from .widgets.event_log import EventLog
+from .widgets.key_bar import KeyBar
+from .widgets.learning_view import LearningView
+from .widgets.panel_bar import PanelBar
+from .widgets.run_header import RunHeader
+from .widgets.unit_tree import Row, UnitTree
+
+PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log")]
+GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log"]  # placement in the large-terminal grid (see app.tcss)
+WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
+PLOT_INTERVAL = 0.25  # seconds: plots redraw at most ~4 Hz
+LOSS_LEGEND = "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
+LOSS_LEGEND_SHORT = "[gray]loss[/] [cyan]smooth[/] [yellow]eval[/] [green]{metric:.3}→[/] [magenta]│chg[/]"
+STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
+
+
+@dataclass
+class Pending:
+    """A command on its way: what it will change, and when it was sent."""
+
+    cmd: str
+    sent: float
+    rows: list[Row] = field(default_factory=list)
+    section: str | None = None
+
+
+class ConnectFailed(Message):
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
+class SpuApp(App):
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute, so subclasses elsewhere find it
+    TITLE = "SPU"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("p", "pause_resume", "pause/resume"),
+        Binding("e", "export", "export"),
+        Binding("s", "checkpoint", "checkpoint"),
+        Binding("r", "evaluate", "evaluate"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit_dialog", "quit"),
+        Binding("escape", "focus_tree", "tree", show=False),
+        *[Binding(str(i + 1), f"show_panel('{pid}')", title, show=False) for i, (pid, title) in enumerate(PANELS)],
+    ]
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        history: list[dict[str, Any]] | None = None,
+        engine: subprocess.Popen | None = None,
+        connect: bool = True,
+    ) -> None:
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.engine = engine
+        self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
+        self.history = history or []
+        self.history_t = max((ev.get("t", 0.0) for ev in self.history), default=0.0)
+        self.link = EngineLink(self, self.run_dir) if connect else None
+        self.pending: dict[str, Pending] = {}
+        self.roundtrips: list[tuple[float, float]] = []  # (key -> redraw, engine ack -> redraw) seconds
+        self.active_panel = "loss"
+        self._plots_dirty = True
+        self._exit_on: str | None = None
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        with Horizontal(id="main"):
+            tree = UnitTree(id="tree")
+            tree.border_title = "units"
+            yield tree
+            with Vertical(id="right"):
+                yield PanelBar(PANELS, id="panel-bar")
+                with Container(id="panels"):
+                    for pid in GRID_ORDER:
+                        title = dict(PANELS)[pid]
+                        widget = {
+                            "loss": lambda: Chart(id="loss"),
+                            "sparsity": lambda: Chart(id="sparsity"),
+                            "learning": lambda: LearningView(id="learning"),
+                            "controls": lambda: ControlsPanel(id="controls"),
+                            "log": lambda: EventLog(id="log"),
+                        }[pid]()
+                        widget.border_title = title
+                        widget.add_class("panel")
+                        yield widget
+        yield KeyBar(id="keys")
+
+    def on_mount(self) -> None:
+        self._layout_for(self.size.width, self.size.height)
+        for ev in self.history:
+            self.state.apply(ev)
+        self._show({"header", "tree", "log", "controls", "plots"})
+        self.query_one(UnitTree).focus()
+        self.set_interval(PLOT_INTERVAL, self._redraw_plots)
+        if self.link is not None:
+            self._connect()
+        elif self.history:
+            self.state.log.append(LogLine(self.state.step, "ui", "engine not running: showing the run's history"))
+            self._show({"log"})
+
+    def on_resize(self, event) -> None:
+        self._layout_for(event.size.width, event.size.height)
+
+    def _layout_for(self, width: int, height: int) -> None:
+        wide = width >= WIDE_AT[0] and height >= WIDE_AT[1]
+        self.screen.set_class(wide, "-wide")
+        self.screen.set_class(not wide, "-narrow")
+        self._show_panel_bar()
+        self._plots_dirty = True
+
+    def _show_panel_bar(self) -> None:
+        self.query_one(PanelBar).active = self.active_panel
+        for pid, _ in PANELS:
+            self.query_one(f"#{pid}").set_class(pid == self.active_panel, "-active")
+
+    def action_show_panel(self, pid: str) -> None:
+        self.active_panel = pid
+        self._show_panel_bar()
+        self._plots_dirty = True
+        self._redraw_plots()
+
+    def action_focus_tree(self) -> None:
+        self.query_one(UnitTree).focus()
+
+    # ------------------------------------------------------------------ engine events
+
+    @work(thread=True, exclusive=True, group="connect")
+    def _connect(self) -> None:
+        assert self.link is not None
+        try:
+            self.link.connect()
+        except ConnectionError as exc:
+            self.post_message(ConnectFailed(str(exc)))
+
+    def on_connect_failed(self, message: ConnectFailed) -> None:
+        self.state.state = "detached"
+        hint = ""
+        log = self.run_dir / "engine.log"
+        if log.exists():
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            hint = " | engine.log: " + " / ".join(tail)
+        self.state.log.append(LogLine(self.state.step, "error", f"cannot reach the engine: {message.reason}{hint}", True))
+        self._show({"header", "log"})
+
+    def on_events_arrived(self, _: EventsArrived) -> None:
+        assert self.link is not None
+        changed: set[str] = set()
+        acks = []
+        for ev in self.link.drain():
+            if ev.get("type") != "hello" and ev.get("t", 0.0) <= self.history_t:
+                continue  # already drawn from events.jsonl
+            changed |= self.state.apply(ev)
+            if ev.get("type") == "ack":
+                acks.append(ev)
+        self._show(changed)
+        for ack in acks:
+            self._acknowledged(ack)
+
+    def _acknowledged(self, ack: dict[str, Any]) -> None:
+        pending = self.pending.pop(str(ack.get("id")), None)
+        if pending is None:
+            return
+        ok = bool(ack.get("ok"))
+        if pending.rows:
+            self.query_one(UnitTree).set_pending(pending.rows, False)
+            if ok:
+                self.call_after_refresh(self._record_roundtrip, pending.sent, ack.get("t", time.time()))
+        if pending.section:
+            controls = self.query_one(ControlsPanel)
+            if ok:
+                controls.set_status(pending.section, f"applied at step {ack.get('step')}", "ok")
+            else:
+                controls.set_status(pending.section, f"refused: {ack.get('message', '')}", "error")
+                controls.load(self.state.policy)
+        if not ok and pending.rows:
+            self._notify_log(f"{pending.cmd} refused: {ack.get('message', '')}", error=True, logged=True)
+        if self._exit_on == str(ack.get("id")):
+            self.exit()
+
+    def _record_roundtrip(self, sent: float, ack_t: float) -> None:
+        self.roundtrips.append((time.perf_counter() - sent, time.time() - ack_t))
+
+    def _show(self, changed: set[str]) -> None:
+        """Push the state into the views an event touched (plots wait for the 4 Hz tick)."""
+        s = self.state
+        if "header" in changed:
+            header = self.query_one(RunHeader)
+            header.run_name, header.model, header.state = s.run, s.model, s.state
+            header.step, header.total, header.samples_per_s, header.eta_s = s.step, s.total_steps, s.samples_per_s, s.eta_s
+        if "tree" in changed:
+            self.query_one(UnitTree).show(s)
+        if "log" in changed:
+            self.query_one(EventLog).show_new(s.log)
+        if "controls" in changed and s.policy:
+            self.query_one(ControlsPanel).load(s.policy)
+        if changed & {"plots", "tree"}:
+            self._plots_dirty = True
+
+    def _redraw_plots(self) -> None:
+        if not self._plots_dirty:
+            return
+        self._plots_dirty = False
+        s = self.state
+        wide = self.screen.has_class("-wide")
+        if wide or self.active_panel == "loss":
+            loss = self.query_one("#loss", Chart)
+            legend = LOSS_LEGEND if loss.size.width >= 80 else LOSS_LEGEND_SHORT
+            loss.border_subtitle = legend.format(metric=s.metric)
+            loss.redraw(
+                LineSpec(
+                    series=[
+                        Series(s.loss_steps, s.loss, color="gray"),
+                        Series(s.loss_steps, s.loss_smooth, color="cyan"),
+                        Series(s.eval_steps, s.eval_loss, color="yellow", marker="hd"),
+                        Series(s.eval_steps, s.eval_metric, color="green", right_axis=True, marker="hd"),
+                    ],
+                    marks=s.change_steps,
+                )
+            )
+        if wide or self.active_panel == "sparsity":
+            names = [u["name"] for u in s.units] if s.unit_stats else []
+            self.query_one("#sparsity", Chart).redraw(
+                BarSpec(
+                    labels=[_short_unit(n) for n in names],
+                    values=[s.unit_stats.get(n, {}).get("sparsity", 0.0) for n in names],
+                    ylim=(0.0, 1.0),
+                )
+            )
+        if wide or self.active_panel == "learning":
+            self.query_one(LearningView).show(s)
+
+    # ------------------------------------------------------------------ user actions
+
+    def _send(self, cmd: str, **fields: Any) -> str | None:
+        if self.link is None or not self.link.connected:
+            self._notify_log(f"{cmd}: no engine connected", error=True)
+            return None
+        cid = self.link.send(cmd, **fields)
+        if cid is None:
+            self._notify_log(f"{cmd}: the engine socket is closed", error=True)
+        return cid
+
+    def _notify_log(self, text: str, error: bool = False, logged: bool = False) -> None:
+        if not logged:
+            self.state.log.append(LogLine(self.state.step, "ui", text, error))
+            self._show({"log"})
+        if error:
+            self.notify(text, severity="error", timeout=6)
+
+    def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
+        sent = time.perf_counter()
+        cid = self._send("change", change={"freeze": message.rules})
+        if cid is not None:
+            self.pending[cid] = Pending("change", sent, rows=message.rows)
+            self.query_one(UnitTree).set_pending(message.rows, True)
+
+    def on_controls_panel_apply_requested(self, message: ControlsPanel.ApplyRequested) -> None:
+        cid = self._send("change", change={"set": {message.section: message.values}})
+        if cid is not None:
+            self.pending[cid] = Pending("change", time.perf_counter(), section=message.section)
+            self.query_one(ControlsPanel).set_status(message.section, f"pending: {TITLES[message.section]} at the next step", "pending")
+
+    def action_pause_resume(self) -> None:
+        self._send("resume" if self.state.state == "paused" else "pause")
+
+    def action_checkpoint(self) -> None:
+        if self._send("checkpoint"):
+            self._notify_log("checkpoint requested (written at the next step boundary)")
+
+    def action_evaluate(self) -> None:
+        if self._send("evaluate"):
+            self._notify_log("evaluation requested (runs at the next step boundary)")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_export(self) -> None:
+        default = Path(self.state.run_dir or self.run_dir) / "policy-export.yaml"
+
+        def chosen(path: Path | None) -> None:
+            if path is not None and self._send("export", path=str(path.resolve())):
+                self._notify_log(f"exporting the policy to {path}")
+
+        self.push_screen(ExportScreen(default), chosen)
+
+    def action_quit_dialog(self) -> None:
+        alive = self.link is not None and self.link.connected and self.state.state not in ("finished", "stopped", "error")
+        self.push_screen(QuitScreen(engine_alive=alive), self._quit_chosen)
+
+    def _quit_chosen(self, choice: str | None) -> None:
+        if choice == "detach":
+            self.exit()
+        elif choice in ("stop_checkpoint", "stop_now"):
+            cid = self._send("stop", checkpoint=choice == "stop_checkpoint")
+            if cid is None:
+                self.exit()
+                return
+            self._exit_on = cid
+            self._notify_log("stopping: waiting for the engine to finish the current step" + (" and write a checkpoint" if choice == "stop_checkpoint" else ""))
+            self.set_timer(STOP_TIMEOUT, self.exit)
+
+    def on_unmount(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+
+def _short_unit(name: str) -> str:
+    if name.startswith("block"):
+        return "b" + name[5:]
+    return {"embeddings": "emb"}.get(name, name)

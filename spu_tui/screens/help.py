@@ -1,0 +1,50 @@
+"""Every key binding, in one place."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+BINDINGS_HELP = [
+    ("Unit tree", [
+        ("↑ ↓", "move the cursor"),
+        ("→ / enter", "expand a unit to its tensors (again: collapse)"),
+        ("←", "collapse / go to the unit"),
+        ("space", "toggle the unit or tensor under the cursor: trainable ↔ frozen"),
+        ("f", "freeze the cursor's unit and every unit above it on screen (embeddings … cursor: the layers below it in the network)"),
+        ("u", "unfreeze every unit below the cursor on screen (after the cursor … head: the layers above it in the network)"),
+    ]),
+    ("Run", [
+        ("p", "pause / resume training"),
+        ("e", "export the replayable policy YAML (asks for a path)"),
+        ("s", "save a checkpoint now"),
+        ("r", "evaluate now"),
+        ("q", "quit: detach (training goes on), stop after a checkpoint, or stop now"),
+    ]),
+    ("Panels", [
+        ("1 … 5", "small terminals: show loss, sparsity, learning, controls, log"),
+        ("tab / shift+tab", "move between the tree and the controls"),
+        ("enter (in a field)", "apply that section; it shows pending until the engine's ack"),
+        ("?", "this help; esc or ? closes it"),
+    ]),
+]
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "close")]
+
+    def compose(self) -> ComposeResult:
+        table = Table(box=None, expand=True, show_header=False, padding=(0, 1))
+        table.add_column("key", style="bold cyan", no_wrap=True)
+        table.add_column("does")
+        for title, rows in BINDINGS_HELP:
+            table.add_row(f"[bold underline]{title}[/]", "")
+            for key, text in rows:
+                table.add_row(key, text)
+        with VerticalScroll(id="help-box") as box:
+            box.border_title = "keys  (esc closes)"
+            yield Static(table)

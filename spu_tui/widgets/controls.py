@@ -1,0 +1,224 @@
+"""Method controls: selective backprop, weight-update skipping, pruning, PEFT.
+
+Inputs validate as you type against the policy's own pydantic models, so the
+message names the field and its allowed range exactly as the engine would.
+``enter`` in a field (or changing a choice) asks for the section to be applied;
+the section shows *pending* until the engine's ack arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ValidationError
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.validation import ValidationResult, Validator
+from textual.widgets import Input, Label, Select, Static
+
+from spu_engine.policy import Peft, Pruning, PruningSchedule, SelectiveBackprop, WeightUpdateSkipping
+
+
+def allowed_range(model: type[BaseModel], field: str) -> str:
+    """'0 < keep <= 1' from the field's constraints."""
+    low = high = ""
+    for c in model.model_fields[field].metadata:
+        if isinstance(c, Ge):
+            low = f"{c.ge} <= "
+        elif isinstance(c, Gt):
+            low = f"{c.gt} < "
+        elif isinstance(c, Le):
+            high = f" <= {c.le}"
+        elif isinstance(c, Lt):
+            high = f" < {c.lt}"
+    return f"{low}{field}{high}" if low or high else field
+
+
+class FieldValidator(Validator):
+    """Check one numeric field with the pydantic model that the engine uses."""
+
+    def __init__(self, model: type[BaseModel], field: str, cast: Callable[[str], Any]) -> None:
+        super().__init__()
+        self.model, self.field, self.cast = model, field, cast
+
+    def validate(self, value: str) -> ValidationResult:
+        kind = "a whole number" if self.cast is int else "a number"
+        try:
+            number = self.cast(value.strip())
+        except ValueError:
+            return self.failure(f"{self.field}: {value!r} is not {kind}; allowed {allowed_range(self.model, self.field)}")
+        try:
+            self.model.model_validate({self.field: number})
+        except ValidationError:
+            return self.failure(f"{self.field}: {number} is out of range; allowed {allowed_range(self.model, self.field)}")
+        return self.success()
+
+
+# (section, field id, label, model, pydantic field, cast) for every numeric input
+NUMBERS = [
+    ("selective_backprop", "sb-threshold", "threshold", SelectiveBackprop, "threshold", float),
+    ("selective_backprop", "sb-keep", "keep", SelectiveBackprop, "keep", float),
+    ("weight_update_skipping", "wus-patience", "patience", WeightUpdateSkipping, "patience", int),
+    ("pruning", "pr-target", "target", PruningSchedule, "final_sparsity", float),
+    ("pruning", "pr-start", "start step", PruningSchedule, "start_step", int),
+    ("pruning", "pr-end", "end step", PruningSchedule, "end_step", int),
+]
+CHOICES = [
+    ("selective_backprop", "sb-mode", "mode", ["off", "threshold", "percentile"]),
+    ("weight_update_skipping", "wus-enabled", "enabled", ["off", "on"]),
+    ("pruning", "pr-method", "method", ["none", "magnitude", "imp", "movement", "soft_movement"]),
+    ("pruning", "pr-scope", "scope", ["global", "per_layer"]),
+    ("peft", "peft-method", "method", ["none", "bitfit", "adapter", "ia3", "lora"]),
+]
+TITLES = {
+    "selective_backprop": "Selective backprop",
+    "weight_update_skipping": "Weight-update skipping",
+    "pruning": "Pruning",
+    "peft": "PEFT",
+}
+
+
+class ControlsPanel(VerticalScroll):
+    class ApplyRequested(Message):
+        """Merge ``values`` into policy section ``section`` at the next step boundary."""
+
+        def __init__(self, section: str, values: dict[str, Any]) -> None:
+            super().__init__()
+            self.section = section
+            self.values = values
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.engine_values: dict[str, str] = {}  # widget id -> the value the engine has
+
+    def compose(self) -> ComposeResult:
+        for section, title in TITLES.items():
+            with Vertical(classes="section", id=f"sec-{section}"):
+                yield Static(title, classes="section-title")
+                for sec, wid, label, options in CHOICES:
+                    if sec == section:
+                        with Horizontal(classes="field"):
+                            yield Label(label)
+                            yield Select([(o, o) for o in options], value=options[0], allow_blank=False, compact=True, id=wid)
+                for sec, wid, label, model, field, cast in NUMBERS:
+                    if sec == section:
+                        with Horizontal(classes="field"):
+                            yield Label(label)
+                            yield Input(
+                                str(model.model_fields[field].default),
+                                validators=[FieldValidator(model, field, cast)],
+                                validate_on=["changed", "submitted"],
+                                compact=True,
+                                id=wid,
+                            )
+                yield Static("", classes="status", id=f"status-{section}")
+
+    # -- down: the app tells us what the engine says --------------------------
+
+    def load(self, policy: dict[str, Any]) -> None:
+        """Show the engine's current values (fields being edited are left alone)."""
+        sb = policy.get("selective_backprop", {})
+        wus = policy.get("weight_update_skipping", {})
+        pr = policy.get("pruning", {})
+        sched = pr.get("schedule", {})
+        values = {
+            "sb-mode": sb.get("mode", "off"),
+            "sb-threshold": sb.get("threshold", 0.0),
+            "sb-keep": sb.get("keep", 0.5),
+            "wus-enabled": "on" if wus.get("enabled") else "off",
+            "wus-patience": wus.get("patience", 2),
+            "pr-method": pr.get("method", "none"),
+            "pr-scope": pr.get("scope", "global"),
+            "pr-target": sched.get("final_sparsity", 0.5),
+            "pr-start": sched.get("start_step", 0),
+            "pr-end": sched.get("end_step", 1000),
+            "peft-method": policy.get("peft", {}).get("method", "none"),
+        }
+        self.engine_values = {wid: str(value) for wid, value in values.items()}
+        for wid, value in self.engine_values.items():
+            widget = self.query_one(f"#{wid}")
+            if widget.has_focus or getattr(widget, "expanded", False):
+                continue
+            if isinstance(widget, (Select, Input)) and str(widget.value) != value:
+                widget.value = value
+
+    def set_status(self, section: str, text: str, kind: str) -> None:
+        """kind: pending | ok | error."""
+        status = self.query_one(f"#status-{section}", Static)
+        status.update(text)
+        status.set_classes(f"status -{kind}")
+
+    # -- up: the user asks for a change ----------------------------------------
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        engine_value = self.engine_values.get(event.select.id or "")
+        if engine_value is not None and str(event.value) != engine_value:
+            self._request(self._section_of(event.select.id))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        if event.input.id:
+            self._request(self._section_of(event.input.id))
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id is None:
+            return
+        section = self._section_of(event.input.id)
+        if event.validation_result and not event.validation_result.is_valid:
+            self.set_status(section, event.validation_result.failure_descriptions[0], "error")
+        elif event.value.strip() != self.engine_values.get(event.input.id, event.value.strip()):
+            self.set_status(section, "edited: enter applies", "hint")
+
+    @staticmethod
+    def _section_of(widget_id: str) -> str:
+        for sec, wid, *_ in [*NUMBERS, *CHOICES]:
+            if wid == widget_id:
+                return sec
+        raise KeyError(widget_id)
+
+    def _request(self, section: str) -> None:
+        for sec, wid, *_ in NUMBERS:
+            if sec == section:
+                result = self.query_one(f"#{wid}", Input).validate(self.query_one(f"#{wid}", Input).value)
+                if result is not None and not result.is_valid:
+                    self.set_status(section, result.failure_descriptions[0], "error")
+                    return
+        values = self.section_values(section)
+        error = _check_section(section, values)
+        if error:
+            self.set_status(section, error, "error")
+            return
+        self.post_message(self.ApplyRequested(section, values))
+
+    def section_values(self, section: str) -> dict[str, Any]:
+        def num(wid: str, cast):
+            return cast(self.query_one(f"#{wid}", Input).value.strip())
+
+        def choice(wid: str) -> str:
+            return str(self.query_one(f"#{wid}", Select).value)
+
+        if section == "selective_backprop":
+            return {"mode": choice("sb-mode"), "threshold": num("sb-threshold", float), "keep": num("sb-keep", float)}
+        if section == "weight_update_skipping":
+            return {"enabled": choice("wus-enabled") == "on", "patience": num("wus-patience", int)}
+        if section == "pruning":
+            return {
+                "method": choice("pr-method"),
+                "scope": choice("pr-scope"),
+                "schedule": {"final_sparsity": num("pr-target", float), "start_step": num("pr-start", int), "end_step": num("pr-end", int)},
+            }
+        return {"method": choice("peft-method")}
+
+
+def _check_section(section: str, values: dict[str, Any]) -> str | None:
+    """Cross-field checks (e.g. end_step >= start_step) with the engine's models."""
+    model = {"selective_backprop": SelectiveBackprop, "weight_update_skipping": WeightUpdateSkipping, "pruning": Pruning, "peft": Peft}[section]
+    try:
+        model.model_validate(values)
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or section
+        return f"{where}: {e['msg'].removeprefix('Value error, ')}"
+    return None

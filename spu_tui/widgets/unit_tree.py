@@ -1,0 +1,188 @@
+"""The unit tree: embeddings, every block, head, each expandable to its tensors.
+
+Rows show trainable / frozen, parameter count and sparsity as the engine last
+reported them.  Keys here only *ask* for a change (a message up to the app);
+the row turns back from *pending* when the engine acknowledges it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import Tree
+from textual.widgets.tree import TreeNode
+
+from ..run_state import RunState
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str  # "unit" or "tensor"
+    name: str
+
+
+class UnitTree(Tree[Row]):
+    BINDINGS = [
+        Binding("space", "toggle_trainable", "toggle"),
+        Binding("f", "freeze_to_here", "freeze ≤ here"),
+        Binding("u", "unfreeze_after_here", "unfreeze > here"),
+        Binding("enter,right", "expand_row", "expand", show=False),
+        Binding("left", "collapse_row", "collapse", show=False),
+    ]
+
+    class ChangeRequested(Message):
+        """The user asked to append freeze rules; ``rows`` go pending until the engine answers."""
+
+        def __init__(self, rules: list[dict], rows: list[Row]) -> None:
+            super().__init__()
+            self.rules = rules
+            self.rows = rows
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("model", **kwargs)
+        self.show_root = False
+        self.guide_depth = 2
+        self.pending: set[Row] = set()
+        self._state: RunState | None = None
+        self._row_nodes: dict[Row, TreeNode[Row]] = {}
+
+    # -- drawing (called by the app) -------------------------------------
+
+    def show(self, state: RunState) -> None:
+        self._state = state
+        if not self._row_nodes and state.units:
+            for u in state.units:
+                node = self.root.add(Text(u["name"]), data=Row("unit", u["name"]))
+                self._row_nodes[node.data] = node
+                for p in u["params"]:
+                    leaf = node.add_leaf(Text(p["name"]), data=Row("tensor", p["name"]))
+                    self._row_nodes[leaf.data] = leaf
+            self.root.expand()
+            self.move_cursor_to_line(0)
+        self.relabel()
+
+    def relabel(self) -> None:
+        if self._state is None:
+            return
+        width = max(24, self.size.width - 2 if self.size.width else 34)
+        for u in self._state.units:
+            node = self._row_nodes[Row("unit", u["name"])]
+            node.set_label(self._label(Row("unit", u["name"]), u["name"], u["numel"], width - 4))
+            prefix = _common_prefix([p["name"] for p in u["params"]])
+            for p in u["params"]:
+                row = Row("tensor", p["name"])
+                self._row_nodes[row].set_label(self._label(row, p["name"][len(prefix):] or p["name"], p["numel"], width - 8))
+
+    def set_pending(self, rows: list[Row], pending: bool) -> None:
+        (self.pending.update if pending else self.pending.difference_update)(rows)
+        self.relabel()
+
+    def _label(self, row: Row, shown: str, numel: int, width: int) -> Text:
+        state = self._state
+        assert state is not None
+        if row.kind == "unit":
+            frac = state.unit_trainable.get(row.name, 1.0)
+            sparsity = state.unit_stats.get(row.name, {}).get("sparsity", 0.0)
+        else:
+            frac = 1.0 if state.tensor_trainable.get(row.name, True) else 0.0
+            sparsity = state.tensor_sparsity.get(row.name, 0.0)
+        if frac >= 0.9999:
+            mark, style = "train ", "green"
+        elif frac <= 0.0001:
+            mark, style = "frozen", "bright_black"
+        else:
+            mark, style = f"{frac:>5.0%} ", "yellow"
+        tail = f" {mark} {_count(numel):>6} {sparsity:>4.0%}"
+        pending = "…" if row in self.pending else " "
+        room = max(6, width - len(tail) - 1)
+        name = shown if len(shown) <= room else "…" + shown[-(room - 1):]
+        text = Text(f"{name:<{room}}", style="bold" if row.kind == "unit" else "")
+        text.append(pending, style="bold yellow")
+        text.append(tail, style=style)
+        return text
+
+    # -- keys ---------------------------------------------------------------
+
+    def _cursor_row(self) -> Row | None:
+        node = self.cursor_node
+        return node.data if node is not None else None
+
+    def _unit_names(self) -> list[str]:
+        return [u["name"] for u in self._state.units] if self._state else []
+
+    def action_toggle_trainable(self) -> None:
+        row = self._cursor_row()
+        if row is None or self._state is None:
+            return
+        if row.kind == "unit":
+            trainable = self._state.unit_trainable.get(row.name, 1.0) < 0.9999
+            rule = {"units": [row.name], "trainable": trainable}
+        else:
+            trainable = not self._state.tensor_trainable.get(row.name, True)
+            rule = {"match": row.name, "trainable": trainable}
+        self.post_message(self.ChangeRequested([rule], [row]))
+
+    def action_freeze_to_here(self) -> None:
+        """Freeze the cursor's unit and every unit before it (embeddings … cursor)."""
+        names = self._unit_names()
+        unit = self._cursor_unit()
+        if unit is None:
+            return
+        chosen = names[: names.index(unit) + 1]
+        self.post_message(self.ChangeRequested([{"units": chosen, "trainable": False}], [Row("unit", n) for n in chosen]))
+
+    def action_unfreeze_after_here(self) -> None:
+        """Unfreeze every unit after the cursor's unit (cursor+1 … head)."""
+        names = self._unit_names()
+        unit = self._cursor_unit()
+        if unit is None or names.index(unit) == len(names) - 1:
+            return
+        chosen = names[names.index(unit) + 1 :]
+        self.post_message(self.ChangeRequested([{"units": chosen, "trainable": True}], [Row("unit", n) for n in chosen]))
+
+    def _cursor_unit(self) -> str | None:
+        row = self._cursor_row()
+        if row is None or self._state is None:
+            return None
+        return row.name if row.kind == "unit" else self._state.unit_of(row.name)
+
+    def action_expand_row(self) -> None:
+        node = self.cursor_node
+        if node is not None and node.allow_expand:
+            node.toggle()
+
+    def action_collapse_row(self) -> None:
+        node = self.cursor_node
+        if node is None:
+            return
+        if node.is_expanded and node.allow_expand:
+            node.collapse()
+        elif node.parent is not None and not node.parent.is_root:
+            self.move_cursor(node.parent)
+            node.parent.collapse()
+
+    def on_resize(self) -> None:
+        self.relabel()
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted prefix shared by a unit's tensors (shown once, on the unit row)."""
+    if len(names) < 2:
+        return names[0].rsplit(".", 1)[0] + "." if names and "." in names[0] else ""
+    parts = [n.split(".") for n in names]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common) + "." if common else ""

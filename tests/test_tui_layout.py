@@ -1,0 +1,190 @@
+"""Console layout and input handling, fed with events recorded from a real (in-process) engine run.
+
+No engine process here: the app replays a run's history, as ``spu-tui attach``
+does for a finished run, so these tests are fast and deterministic.
+"""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from spu_engine.policy import Change, FreezeRule, TimelineEntry
+from spu_tui.app import PANELS, SpuApp
+from spu_tui.run_state import read_history
+from spu_tui.screens.help import HelpScreen
+from spu_tui.widgets.controls import ControlsPanel
+from spu_tui.widgets.unit_tree import UnitTree
+
+from conftest import SST2
+
+
+def small_sst2(folder):
+    """The first rows of the real SST-2 files: enough to train a tiny model for a few steps."""
+    for name, rows in (("train.tsv", 300), ("dev.tsv", 40)):
+        lines = (SST2 / name).read_text(encoding="utf-8").splitlines(keepends=True)[: rows + 1]
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory, tokenizer):
+    """A 30-step tiny-BERT run that freezes embeddings + block0 at step 10, and its hello snapshot."""
+    from spu_engine.engine import Engine, EngineConfig
+    from spu_engine.tasks import TaskOptions
+    from spu_engine.tasks.classification import ClassificationTask
+
+    from conftest import build_tiny
+
+    run_dir = tmp_path_factory.mktemp("recorded")
+    data = small_sst2(tmp_path_factory.mktemp("sst2"))
+    task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=256, max_eval_samples=32))
+    config = EngineConfig(model="tiny", data=str(data), steps=30, batch_size=8, eval_every=10, stats_every=5, lr=1e-3, warmup=0)
+    engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
+    engine.pending = [TimelineEntry(step=10, **Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)]).model_dump())]
+    engine.run()
+    hello = engine.hello()
+    engine.close()
+    return run_dir, [hello, *read_history(run_dir)]
+
+
+def screen_lines(app) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    width, height = app.size
+    console = Console(width=width, height=height, file=io.StringIO(), record=True, force_terminal=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
+    return console.export_text().splitlines()
+
+
+def assert_inside(app, *selectors: str) -> None:
+    screen = app.screen.region
+    for selector in selectors:
+        widget = app.screen.query_one(selector)
+        region = widget.region
+        assert region.area > 0, f"{selector} is not visible"
+        assert screen.contains_region(region), f"{selector} at {region} leaves the {screen.size} screen"
+
+
+@pytest.mark.parametrize("size", [(80, 24), (200, 50)])
+async def test_layout_fits_and_shows_the_run(recorded_run, size):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause(0.5)
+        assert_inside(app, "#header", "#tree", "#keys", "#loss")
+        lines = screen_lines(app)
+        text = "\n".join(lines)
+        assert "step 30/30" in text and "finished" in text
+        assert "block0" in text and "head" in text
+        assert lines[-1].rstrip().endswith("quit"), f"key bar cut off: {lines[-1]!r}"
+        assert "frozen" in text  # embeddings and block0 were frozen at step 10
+        if size[0] >= 200:
+            assert_inside(app, "#sparsity", "#learning", "#controls", "#log")
+        else:
+            for i, (pid, _) in enumerate(PANELS):
+                await pilot.press(str(i + 1))
+                await pilot.pause(0.2)
+                assert_inside(app, f"#{pid}")
+                assert all(not app.query_one(f"#{other}").display for other, _ in PANELS if other != pid)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, HelpScreen)
+        assert_inside(app, "#help-box")
+        help_text = "\n".join(screen_lines(app))
+        assert "freeze the cursor's unit" in help_text
+        await pilot.press("escape")
+
+
+async def test_policy_change_mark_and_log(recorded_run):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.3)
+        assert app.state.change_steps == [10]
+        assert app.state.unit_trainable["block0"] == 0.0 and app.state.unit_trainable["block1"] == 1.0
+        log = "\n".join(screen_lines(app))
+        assert "freeze embeddings, block0 (timeline)" in log
+
+
+async def type_into(pilot, app, widget_id: str, text: str) -> None:
+    """Focus a field (which selects its text, as for a user tabbing in) and type over it."""
+    app.query_one(UnitTree).focus()
+    app.query_one(f"#{widget_id}").focus()
+    await pilot.pause(0.05)
+    await pilot.press(*text)
+    await pilot.pause(0.1)
+
+
+async def test_inputs_validate_as_you_type_with_the_policy_ranges(recorded_run):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.3)
+        status = app.query_one("#status-selective_backprop")
+        await type_into(pilot, app, "sb-keep", "1.5")
+        assert "keep: 1.5 is out of range; allowed 0.0 < keep <= 1.0" in str(status.render())
+        assert status.has_class("-error")
+        await pilot.press("enter")  # refused here: nothing is sent
+        assert not app.pending
+        await type_into(pilot, app, "sb-keep", "x")
+        assert "keep: 'x' is not a number" in str(status.render())
+        await type_into(pilot, app, "wus-patience", "1.5")
+        assert "patience: '1.5' is not a whole number; allowed 1 <= patience" in str(app.query_one("#status-weight_update_skipping").render())
+        await type_into(pilot, app, "pr-start", "50")
+        await type_into(pilot, app, "pr-end", "5")
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert "end_step (5) must be >= start_step (50)" in str(app.query_one("#status-pruning").render())
+        assert app.query_one(ControlsPanel).engine_values["sb-keep"] == "0.5"
+
+
+async def test_tree_keys_ask_for_the_right_rules(recorded_run):
+    run_dir, history = recorded_run
+    asked: list[list[dict]] = []
+
+    class Recording(SpuApp):
+        def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
+            asked.append(message.rules)
+
+    app = Recording(run_dir, history=history, connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.3)
+        await pilot.press("down", "down", "space")  # block1: trainable -> freeze
+        await pilot.press("f")  # freeze embeddings .. block1
+        await pilot.press("u")  # unfreeze block2 .. head
+        await pilot.press("up", "space")  # block0 is frozen -> unfreeze
+        await pilot.press("down", "right", "down", "space")  # first tensor of block1
+    assert asked[0] == [{"units": ["block1"], "trainable": False}]
+    assert asked[1] == [{"units": ["embeddings", "block0", "block1"], "trainable": False}]
+    assert asked[2] == [{"units": ["block2", "block3", "head"], "trainable": True}]
+    assert asked[3] == [{"units": ["block0"], "trainable": True}]
+    assert asked[4][0]["match"].startswith("bert.encoder.layer.1.") and asked[4][0]["trainable"] is False
+
+
+def test_no_data_reachable_says_what_to_pass(monkeypatch):
+    from spu_tui.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SPU_DATA", raising=False)
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2
+    assert "--data" in result.output and "SPU_DATA" in result.output and "train.tsv" in result.output
+
+
+def test_bad_data_path_is_named_before_the_ui(monkeypatch, tmp_path):
+    from spu_tui.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(app, ["--data", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "--data" in result.output and "does not exist" in result.output
+
+
+def test_attach_without_live_run_says_so(monkeypatch, tmp_path):
+    from spu_tui.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["attach"])
+    assert result.exit_code == 2 and "no live run" in result.output
