@@ -718,6 +718,8 @@ class Engine:
         if self.run_dir:
             atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.model_dump(), indent=1))
         self.set_state("training", f"trainable {self.trainable_count():,} of {sum(p.numel() for p in self.model.parameters()):,}")
+        # the full snapshot for clients that connected while loading, and for events.jsonl (history of a dead run)
+        self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
         try:
             while self.step < self.config.steps:
                 self._boundary()
