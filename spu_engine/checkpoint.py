@@ -122,6 +122,15 @@ def remove_partial(folder: Path, log: Callable[[str], None] = print) -> None:
             log(f"removed half-written checkpoint {p.name}")
 
 
+def discard_newer(folder: Path, step: int, log: Callable[[str], None] = print) -> None:
+    """Remove checkpoints past ``step``, the one a run resumes from: they failed verification (or the resume
+    would have used them) and would otherwise outlive good ones when old checkpoints are pruned."""
+    for path in list_checkpoints(folder):
+        if _step_of(path) > step:
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed unusable checkpoint {path.name}")
+
+
 def verify(path: Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not."""
     manifest = path / MANIFEST

@@ -240,15 +240,20 @@ class EngineServer:
             return
         sock.setblocking(False)
         c = _Client(sock, next(self._ids))
+        with self._lock:
+            self._clients[c.id] = c
+        self._send_hello(c)
+        self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _send_hello(self, c: _Client) -> None:
+        """The snapshot a client draws from: on connect, and again on ``{"cmd": "hello"}``."""
         try:
             hello = dict(self.hello())
         except Exception as exc:  # the snapshot races the training thread; a client can ask again
             hello = event("error", message=f"no snapshot this time ({type(exc).__name__}); send {{\"cmd\": \"hello\"}}")
         hello["client"] = c.id
         with self._lock:
-            self._clients[c.id] = c
             self._queue(c, encode(hello))
-        self._sel.register(sock, selectors.EVENT_READ, c)
 
     def _read(self, c: _Client) -> None:
         try:
@@ -286,6 +291,8 @@ class EngineServer:
             except Exception as exc:  # e.g. RecursionError on absurdly nested JSON
                 self.send_to(c.id, event("error", message=f"bad command: cannot be read ({type(exc).__name__})"))
                 continue
+            if cmd.cmd == "hello":
+                self._send_hello(c)
             self.on_command(cmd, c.id)
 
     def _flush_all(self) -> None:
@@ -499,7 +506,7 @@ def _open_events(path: Path):
 
 
 def _resume(engine, run_dir: Path) -> None:
-    from .checkpoint import latest_checkpoint, remove_partial
+    from .checkpoint import discard_newer, latest_checkpoint, remove_partial
 
     folder = run_dir / "checkpoints"
 
@@ -509,9 +516,11 @@ def _resume(engine, run_dir: Path) -> None:
     remove_partial(folder, warn)
     path = latest_checkpoint(folder, warn)
     if path is None:
+        discard_newer(folder, -1, warn)
         warn("no usable checkpoint; starting from step 0")
         return
     engine.resume_from(path)
+    discard_newer(folder, engine.step, warn)
     if engine.step >= engine.config.steps:
         warn(f"the run already reached its {engine.config.steps} steps; pass --steps to train further")
 
