@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -192,7 +193,11 @@ def load_method_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    """Optimizer state through ``torch.load(weights_only=True)``: tensors and plain containers, never arbitrary objects."""
+    try:
+        state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt holds more than tensors; refused ({_first_line(exc)})") from None
     try:
         optimizer.load_state_dict(state)
     except ValueError as exc:  # different parameter groups: another policy or model
@@ -206,6 +211,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         load_optimizer(path, optimizer)
     return state
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().split("\n")[0][:200]
 
 
 def _is_tied(model: torch.nn.Module, name: str, saved: dict[str, torch.Tensor]) -> bool:
