@@ -246,6 +246,14 @@ class Policy(_Section):
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_yaml())
 
+    # -- outside the engine ----------------------------------------------------
+
+    def attach(self, model, optimizer=None, **kwargs: Any):
+        """Apply this policy in your own loop: returns a controller; call ``ctl.step(step)`` at each step's start."""
+        from .integrations import PolicyController
+
+        return PolicyController(model, self, optimizer, **kwargs)
+
 
 def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)

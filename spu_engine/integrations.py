@@ -1,0 +1,267 @@
+"""Run an exported policy in your own training script: a plain PyTorch loop or a Hugging Face Trainer.
+
+    ctl = policy.attach(model, optimizer)          # plain PyTorch
+    for step, batch in enumerate(loader):
+        ctl.step(step)                             # timeline entries due at `step`, before the forward
+        loss = ctl.backward(batch, loss_fn)        # selective backprop if the policy asks for it
+        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+    trainer = Trainer(..., callbacks=[SPUCallback(policy)])   # Hugging Face
+
+The controller applies the policy exactly as the engine does: freeze rules through
+the same unit resolution (a frozen tensor gets ``requires_grad=False`` and no
+``.grad``), a timeline entry with step ``s`` in force for the optimizer step that
+takes the count from ``s`` to ``s + 1``, and the engine's own method objects
+(pruning schedules, BitFit, adapters, LoRA / IA3, weight-update skipping, the
+selective-backprop rule) hosted on this small engine-shaped object.  Their
+``after_backward`` / ``after_optimizer_step`` hooks run from optimizer hooks,
+so the loop needs no other call than ``ctl.step``.
+
+What a foreign loop cannot give: the engine draws extra batches to fill a
+backward batch in selective backprop's percentile mode; here each batch keeps
+its own selected samples.  Hugging Face's Trainer computes one mean loss inside
+``training_step``, so SPUCallback cannot skip samples; selective backprop there
+needs ``ctl.backward`` in an overridden ``training_step`` (see examples/).
+Tensors a method adds (LoRA, adapters, movement scores) join the optimizer as
+their own parameter group, outside an LR scheduler built before them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .methods import METHODS
+from .model import Units, check_policy_against_model, find_units, freeze_mask
+from .policy import Change, Policy, PolicyError, TimelineEntry
+
+log = logging.getLogger("spu_engine.integrations")
+
+LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class LoopConfig:
+    """The few run settings the methods read from the engine's config."""
+
+    steps: int = 1_000_000  # total optimizer steps, when known (pruning warns if it cannot finish)
+    lr: float = 5e-5
+    seed: int = 0
+    batch_size: int = 32
+    stats_every: int = 10
+
+
+class PolicyController:
+    """An exported policy applied to a model and optimizer you drive yourself."""
+
+    def __init__(self, model: nn.Module, policy: Policy, optimizer: torch.optim.Optimizer | None = None, *, steps: int | None = None, seed: int = 0) -> None:
+        self.model = model
+        self.optimizer = _unwrap(optimizer)
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else LoopConfig.lr
+        self.config = LoopConfig(steps=steps or LoopConfig.steps, lr=lr, seed=seed)
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []  # one entry per applied change: step, source, trainable count
+        self.events: list[dict[str, Any]] = []  # what the methods report (prune rounds, phase switches)
+        self.refresh_parameters()
+        self._check_optimizer()
+        check_policy_against_model(policy, model, self.units)
+        self.current = policy.state()
+        self.pending: list[TimelineEntry] = list(policy.timeline)
+        self.methods = [m(self) for m in METHODS]
+        self._configure_methods(self.current)
+        self._apply_trainable()
+        self._hooks = []
+        if self.optimizer is not None:
+            self._hooks = [
+                self.optimizer.register_step_pre_hook(lambda *_: self._each("after_backward", self.step_count)),
+                self.optimizer.register_step_post_hook(lambda *_: self._after_optimizer_step()),
+            ]
+
+    # ------------------------------------------------------------------ the per-step call
+
+    def step(self, step: int | None = None) -> None:
+        """Start optimizer step ``step`` (default: one after the last): apply the timeline entries due, then the methods' step hooks."""
+        if step is not None:
+            self.step_count = step
+        for entry in [e for e in self.pending if e.step <= self.step_count]:
+            self.pending.remove(entry)
+            self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
+        self._each("before_step", self.step_count)
+
+    def backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+        """Backward on the samples the policy keeps; returns the mean loss of the whole batch (detached).
+
+        ``loss_fn(batch)`` gives per-sample losses [B] (``per_sample_loss`` below does it for
+        classification, QA and LM batches).  With selective backprop on, the batch is scored
+        without a graph and only the kept samples get a second, grad-enabled forward.
+        """
+        sb = self.method("selective_backprop")
+        if sb is None or not sb.active:
+            loss = loss_fn(batch)
+            loss.mean().backward()
+            return loss.detach().mean()
+        with torch.no_grad():
+            scores = loss_fn(batch).detach().float().cpu()
+        keep = sb._select(scores).nonzero().flatten().tolist()
+        sb.skipped += len(scores) - len(keep)
+        if keep:
+            rows = torch.tensor(keep)
+            loss_fn({k: v[rows.to(v.device)] for k, v in batch.items()}).mean().backward()
+        return scores.mean()
+
+    def on_eval(self, metrics: dict[str, float]) -> None:
+        """Report an evaluation (weight-update skipping switches phase on eval loss)."""
+        self._each("on_eval", self.step_count, metrics)
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (the model keeps its current trainable state)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ the engine surface the methods use
+
+    def method(self, section: str):
+        return next((m for m in self.methods if m.section == section), None)
+
+    def apply_change(self, change: Change, source: str) -> None:
+        new = self.current.apply(change)
+        check_policy_against_model(new, self.model, self.units)
+        old = self.current
+        try:
+            self._configure_methods(new)
+        except Exception:
+            self._configure_methods(old)
+            raise
+        self.current = new
+        self._apply_trainable()
+        self.history.append({"step": self.step_count, "source": source, "trainable": self.trainable_count()})
+
+    def add_parameters(self, params: list[nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
+        if self.optimizer is None:
+            raise PolicyError(f"{name}: this policy adds trainable tensors; pass your optimizer to attach(model, optimizer)")
+        lr = lr or self.config.lr
+        self.optimizer.add_param_group({"params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": name})
+        self.refresh_parameters()
+
+    def refresh_parameters(self) -> None:
+        self.units: Units = find_units(self.model)
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.params = dict(self.model.named_parameters())
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def trainable_mask(self) -> dict[str, bool]:
+        mask = freeze_mask(self.current.freeze, self.param_names, self.units)
+        for m in self.methods:
+            if m.active:
+                for n in self.param_names:
+                    mask[n] = mask[n] and m.gate(n)
+        return mask
+
+    def log(self, message: str, level: str = "info") -> None:
+        log.log(getattr(logging, level.upper(), logging.INFO), message)
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        ev = {"type": type_, **fields}
+        self.events.append(ev)
+        return ev
+
+    # ------------------------------------------------------------------ internals
+
+    def _configure_methods(self, policy: Policy) -> None:
+        for m in self.methods:
+            m.configure(policy, self.step_count)
+
+    def _apply_trainable(self) -> None:
+        for n, trainable in self.trainable_mask().items():
+            p = self.params[n]
+            p.requires_grad_(trainable)
+            if not trainable:
+                p.grad = None
+
+    def _each(self, hook: str, *args: Any) -> None:
+        for m in self.methods:
+            getattr(m, hook)(*args)
+
+    def _after_optimizer_step(self) -> None:
+        self._each("after_optimizer_step", self.step_count)
+        self.step_count += 1
+
+    def _check_optimizer(self) -> None:
+        """A tensor the timeline unfreezes later must already be in the optimizer, or it would never learn."""
+        if self.optimizer is None:
+            return
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in self.params.items() if id(p) not in held]
+        if missing:
+            raise PolicyError(
+                f"the optimizer does not hold {len(missing)} parameters of the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                "build it over all parameters (the policy decides which of them train) before attach()"
+            )
+
+
+def attach(model: nn.Module, policy: Policy, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> PolicyController:
+    return PolicyController(model, policy, optimizer, **kwargs)
+
+
+def _unwrap(optimizer):
+    """The torch optimizer inside a wrapper (accelerate's AcceleratedOptimizer)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample loss [B] of a classification, QA (start/end positions) or causal-LM (token labels) batch."""
+    from .tasks import ClassificationTask, LMTask, QATask
+
+    if "start_positions" in batch:
+        kind = QATask
+    elif "labels" in batch and batch["labels"].dim() == 2:
+        kind = LMTask
+    elif "labels" in batch:
+        kind = ClassificationTask
+    else:
+        raise ValueError(f"cannot tell the task of a batch with keys {', '.join(batch)}: need labels or start_positions/end_positions")
+    return kind.per_sample_loss(kind.__new__(kind), model, batch)
+
+
+# --------------------------------------------------------------------------- Hugging Face Trainer
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - transformers is a dependency
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+
+class SPUCallback(TrainerCallback):
+    """Apply an exported SPU policy inside ``transformers.Trainer`` (freeze timeline, methods, pruning)."""
+
+    def __init__(self, policy: Policy | str, *, seed: int = 0) -> None:
+        from .policy import load_policy
+
+        self.policy = load_policy(policy) if isinstance(policy, str) else policy
+        self.seed = seed
+        self.controller: PolicyController | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.controller = PolicyController(model, self.policy, optimizer, steps=state.max_steps or None, seed=self.seed)
+        if self.policy.selective_backprop.mode != "off" or any("selective_backprop" in e.set for e in self.policy.timeline):
+            log.warning("SPUCallback: Trainer backpropagates its mean loss; selective backprop needs ctl.backward in your training_step (see examples/)")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.controller.step(state.global_step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.controller is not None and metrics:
+            self.controller.on_eval(metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.detach()
