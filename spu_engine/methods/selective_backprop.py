@@ -93,13 +93,16 @@ class SelectiveBackprop(Method):
         return indices, loss.detach().float().cpu()
 
     def _select(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.settings.mode == "threshold":
+            return loss >= self.settings.threshold
+        return torch.rand(len(loss), generator=self.generator) < self.keep_probability(loss)
+
+    def keep_probability(self, loss: torch.Tensor) -> torch.Tensor:
+        """max(floor, CDF(loss)^beta) over the loss history, which first takes these losses in."""
         s = self.settings
-        if s.mode == "threshold":
-            return loss >= s.threshold
         self.history = torch.cat([self.history, loss])[-s.history :]
         cdf = (self.history[None, :] <= loss[:, None]).float().mean(1)
-        p = cdf.pow(1.0 / s.keep - 1.0).clamp(min=s.floor)
-        return torch.rand(len(loss), generator=self.generator) < p
+        return cdf.pow(1.0 / s.keep - 1.0).clamp(min=s.floor)
 
     # ------------------------------------------------------------------ state
 
