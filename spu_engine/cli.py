@@ -96,6 +96,9 @@ class ProgressSink:
                 self.progress.console.print(f"[bold]{ev['state']}[/] {ev.get('message', '')}")
         elif kind == "checkpoint":
             self.progress.console.print(f"checkpoint: {ev['path']}")
+        elif kind == "resumed":
+            self.progress.update(self.task, completed=ev["step"])
+            self.progress.console.print(f"[green]resumed[/] {ev['message']}")
 
 
 @app.command()
