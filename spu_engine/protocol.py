@@ -134,7 +134,9 @@ EVENT_FIELDS = {
     "eval": "step, eval_loss and the task's metrics",
     "policy": "step, source, change, policy (current sections), trainable, trainable_by_unit",
     "ack": "id, cmd, step, ok, message",
-    "error": "message, step, id",
+    "error": "message, step, id; faults add kind: nonfinite (loss, units and weights: non-finite unit names, "
+    "action: skip|pause|stop) or oom (suggested {batch_size | eval_batch_size: smaller size})",
     "checkpoint": "step, path",
+    "resumed": "step, checkpoint, message: events with a larger step logged before this one are superseded",
     "log": "level, message, step",
 }
