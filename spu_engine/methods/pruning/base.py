@@ -1,0 +1,160 @@
+"""The small interface every pruning method implements, and the shared top-k selection.
+
+A pruner says *which* weights matter (``scores``: higher keeps) and *when*
+masks change (``before_step``).  Selection is shared: keep the highest scores,
+over all targets at once (``global`` scope) or tensor by tensor
+(``per_layer``), pruning exactly ``round(sparsity * n)`` weights like
+``torch.nn.utils.prune``'s L1Unstructured does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .masks import MaskedWeights
+from .schedule import Ramp
+
+if TYPE_CHECKING:
+    from ...engine import Engine
+    from ...policy import Pruning
+
+
+def lowest(flat: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Bool keep-mask of a 1-D tensor with its ``n_prune`` smallest entries removed."""
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if n_prune <= 0:
+        return keep
+    if n_prune >= flat.numel():
+        return torch.zeros_like(keep)
+    # kthvalue is ~8x faster than topk on millions of scores; ties at the threshold go in index order
+    threshold = flat.kthvalue(n_prune).values
+    below = flat < threshold
+    keep[below] = False
+    missing = n_prune - int(below.sum())
+    if missing > 0:
+        keep[(flat == threshold).nonzero().flatten()[:missing]] = False
+    return keep
+
+
+def select(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
+    """Keep-masks that remove ``sparsity`` of the weights with the lowest scores."""
+    if scope == "per_layer":
+        return {n: lowest(s.flatten(), round(sparsity * s.numel())).view_as(s) for n, s in scores.items()}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = lowest(flat, round(sparsity * flat.numel()))
+    out, offset = {}, 0
+    for n, s in scores.items():
+        out[n] = keep[offset : offset + s.numel()].view_as(s)
+        offset += s.numel()
+    return out
+
+
+class Pruner:
+    """One pruning method: its scores and its clock.  The engine-facing Method owns the masks."""
+
+    name: ClassVar[str]
+
+    def __init__(self, engine: "Engine", masks: MaskedWeights, targets: list[str], settings: "Pruning", step: int) -> None:
+        self.engine = engine
+        self.masks = masks
+        self.targets = targets
+        self.settings = settings
+
+    def reconfigure(self, settings: "Pruning", step: int) -> None:
+        """New settings for the same method and targets (validated already)."""
+        self.settings = settings
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Importance of every target weight (float, higher keeps)."""
+        raise NotImplementedError
+
+    def target(self, step: int) -> float | None:
+        """The sparsity this method aims at now, for the console; None before it starts."""
+        return None
+
+    def before_step(self, step: int) -> None:
+        """Update masks if the method's clock says so."""
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def detach(self) -> None:
+        """This method is being replaced or switched off: remove what it added."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # -- shared helpers --------------------------------------------------------
+
+    def sparsity(self) -> float:
+        total = sum(self.masks.param(n).numel() for n in self.targets)
+        return sum(self.masks.pruned(n) for n in self.targets) / total
+
+    def apply(self, sparsity: float) -> None:
+        """Recompute every target's mask from this method's scores."""
+        for name, keep in select(self.scores(), sparsity, self.settings.scope).items():
+            self.masks.set(name, keep)
+
+    def kept_first(self, magnitude: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scores where weights still kept outrank every pruned one.
+
+        Raising sparsity then prunes only among kept weights (pruned ones stay
+        pruned, as with ``torch.nn.utils.prune``'s iterative pruning); lowering it
+        regrows the pruned weights with the largest scores.
+        """
+        top = max(float(s.max()) for s in magnitude.values()) + 1.0
+        out = {}
+        for n, s in magnitude.items():
+            if n in self.masks.masks:
+                s = s + self.masks.keep(n).to(s.dtype) * top
+            out[n] = s
+        return out
+
+
+class ScheduledPruner(Pruner):
+    """A pruner whose sparsity follows the policy's ramp (magnitude, movement, soft movement)."""
+
+    rerank: ClassVar[bool] = False  # re-rank at every due step even when the target is unchanged (scores move)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ramp: Ramp | None = None  # set by the engine-facing Method
+        self.applied: float | None = None  # sparsity of the last mask update; None forces the next one
+
+    def follow(self, ramp: Ramp, anchored: bool) -> None:
+        """Take a new ramp; an anchored one (a live change) starts from the current masks."""
+        self.ramp = ramp
+        if anchored:
+            self.applied = None
+
+    def target(self, step: int) -> float | None:
+        return self.ramp.sparsity(step) if self.ramp else None
+
+    def before_step(self, step: int) -> None:
+        target = self.target(step)
+        if target is None or not self.ramp.due(step):
+            return
+        if target == self.applied and not self.rerank:
+            return
+        self.apply(target)
+        self.applied = target
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"applied": self.applied}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.applied = state.get("applied")

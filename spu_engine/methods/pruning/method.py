@@ -1,0 +1,209 @@
+"""Pruning as an engine method: the ``pruning`` policy section, steerable live.
+
+This class owns the masks and the ramp; the pruner of the chosen method
+(magnitude, imp, movement, soft_movement) supplies the scores and decides when
+masks change.  A live change keeps the masks: a new target, end step, scope
+or method starts a new ramp at the current step from the current sparsity,
+so the curve continues without a jump, and a lower target regrows weights by
+the new method's own scores.  ``method: none`` removes the masks (the latent
+weights come back).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...policy import PolicyError, Pruning
+from ..base import Method
+from .base import Pruner, ScheduledPruner
+from .imp import IMPPruner
+from .layout import sublayer
+from .magnitude import MagnitudePruner
+from .masks import MaskedWeights
+from .movement import MovementPruner
+from .schedule import Ramp
+from .soft_movement import SoftMovementPruner
+
+if TYPE_CHECKING:
+    from ...policy import Policy
+
+PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (MagnitudePruner, IMPPruner, MovementPruner, SoftMovementPruner)}
+
+
+class PruningMethod(Method):
+    section = "pruning"
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.settings = Pruning()
+        self.masks = MaskedWeights(engine.model)
+        self.pruner: Pruner | None = None
+        self.targets: list[str] = []
+        self._counts: tuple[int, dict[str, int]] | None = None  # (masks version, pruned per tensor)
+
+    @property
+    def active(self) -> bool:
+        return self.pruner is not None
+
+    # -- policy ----------------------------------------------------------------
+
+    def configure(self, policy: "Policy", step: int) -> None:
+        new = policy.pruning
+        if new == self.settings:
+            return
+        if new.method == "none":
+            self._switch_off()
+            self.settings = new
+            return
+        targets = self.resolve_targets(new)
+        if new.method == "imp":
+            ref = self.pruner.reference_step if isinstance(self.pruner, IMPPruner) else None
+            IMPPruner.validate(new, step, ref)
+        old, self.settings = self.settings, new
+        same_pruner = self.pruner is not None and old.method == new.method and targets == self.targets
+        if same_pruner:
+            self.pruner.reconfigure(new, step)
+        else:
+            if self.pruner is not None:
+                self.pruner.detach()
+            for name in set(self.masks.masks) - set(targets):
+                self.masks.drop(name)
+            self.targets = targets
+            self._counts = None
+            self.pruner = PRUNERS[new.method](self.engine, self.masks, targets, new, step)
+        if isinstance(self.pruner, ScheduledPruner) and (not same_pruner or self._schedule_changed(old, new)):
+            anchored = step > new.schedule.start_step
+            self.pruner.follow(self._ramp(new, step, anchored), anchored)
+        end = new.schedule.end_step if new.method != "imp" else self.pruner.next_round + (new.imp.rounds - 1) * new.imp.round_steps
+        if end > self.engine.config.steps:
+            self.engine.log(f"pruning ends at step {end}, after the run's last step ({self.engine.config.steps}): the final sparsity will not be reached", "warning")
+
+    @staticmethod
+    def _schedule_changed(old: Pruning, new: Pruning) -> bool:
+        return (old.schedule, old.scope) != (new.schedule, new.scope)
+
+    def _ramp(self, settings: Pruning, step: int, anchored: bool) -> Ramp:
+        s = settings.schedule
+        if anchored:  # continue from the masks we have, reach the (new) target at the (new) end step
+            return Ramp(step, max(s.end_step, step), self.sparsity(), s.final_sparsity, s.every, s.kind)
+        return Ramp(s.start_step, s.end_step, s.initial_sparsity, s.final_sparsity, s.every, s.kind)
+
+    def resolve_targets(self, settings: Pruning) -> list[str]:
+        """Weight matrices selected by ``targets`` and not by ``exclude``; PolicyError if none."""
+        params = self.engine.params
+        chosen = [
+            n
+            for n in self.engine.param_names
+            if any(fnmatch.fnmatchcase(n, t) for t in settings.targets) and not any(fnmatch.fnmatchcase(n, e) for e in settings.exclude)
+        ]
+        if not chosen:
+            raise PolicyError(
+                f"pruning.targets: {settings.targets} minus pruning.exclude {settings.exclude} leaves no parameter of this model to prune"
+            )
+        matrices = [n for n in chosen if params[n].dim() >= 2]
+        if not matrices:
+            raise PolicyError(
+                f"pruning.targets: the selected parameters ({', '.join(chosen[:3])}{', ...' if len(chosen) > 3 else ''}) are all "
+                "1-D (biases, norms); pruning removes entries of weight matrices, e.g. targets: ['*.weight']"
+            )
+        return matrices
+
+    def _switch_off(self) -> None:
+        if self.pruner is None:
+            return
+        self.pruner.detach()
+        self.pruner = None
+        self.masks.clear()
+        self.targets = []
+        self._counts = None
+        self.engine.log("pruning switched off: masks removed, the weights under them are back")
+
+    # -- training hooks ---------------------------------------------------------
+
+    def before_step(self, step: int) -> None:
+        if self.pruner is not None:
+            self.pruner.before_step(step)
+
+    def after_backward(self, step: int) -> None:
+        if self.pruner is not None:
+            self.pruner.after_backward(step)
+
+    # -- what the console sees ---------------------------------------------------
+
+    def effective(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        return self.masks.effective(name) if name in self.masks.masks else param
+
+    def pruned_counts(self) -> dict[str, int]:
+        if self._counts is None or self._counts[0] != self.masks.version:
+            self._counts = (self.masks.version, {n: self.masks.pruned(n) for n in self.targets})
+        return self._counts[1]
+
+    def sparsity(self) -> float:
+        """Fraction of the target weights that are pruned now."""
+        if not self.targets:
+            return 0.0
+        counts = self.pruned_counts()
+        return sum(counts.values()) / sum(self.engine.params[n].numel() for n in self.targets)
+
+    def layout(self) -> dict[str, dict[str, float]]:
+        """Per unit, the pruned fraction of each sublayer (q, k, v, o, ffn_in, ffn_out, other)."""
+        acc: dict[str, dict[str, list[int]]] = {}
+        for n, pruned in self.pruned_counts().items():
+            unit = self.engine.units.unit_of.get(n, "other")
+            cell = acc.setdefault(unit, {}).setdefault(sublayer(n), [0, 0])
+            cell[0] += pruned
+            cell[1] += self.engine.params[n].numel()
+        return {u: {k: round(p / t, 5) for k, (p, t) in kinds.items()} for u, kinds in acc.items()}
+
+    def stats(self) -> dict[str, Any]:
+        if self.pruner is None:
+            return {}
+        target = self.pruner.target(self.engine.step)
+        info: dict[str, Any] = {
+            "method": self.pruner.name,
+            "sparsity": round(self.sparsity(), 5),
+            "target": None if target is None else round(target, 5),
+            **self.pruner.stats(),
+        }
+        if self.engine.step % self.engine.config.stats_every == 0:
+            info["layout"] = self.layout()
+        return {"pruning": info}
+
+    # -- checkpoints -------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.pruner is None:
+            return {}
+        ramp = getattr(self.pruner, "ramp", None)
+        return {"method": self.pruner.name, "ramp": ramp.state_dict() if ramp else None, "pruner": self.pruner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.pruner is None or state.get("method") != self.pruner.name:
+            return
+        if state.get("ramp") and isinstance(self.pruner, ScheduledPruner):
+            self.pruner.ramp = Ramp(**state["ramp"])
+        self.pruner.load_state_dict(state.get("pruner", {}))
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """Masks, the latent weights under them (for regrowth) and the pruner's own tensors."""
+        out: dict[str, torch.Tensor] = {}
+        for n in self.masks.masks:
+            out[f"mask.{n}"] = self.masks.keep(n).cpu()
+            out[f"latent.{n}"] = self.masks.param(n).detach().cpu()
+        if self.pruner is not None:
+            out.update(self.pruner.tensor_state())
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "mask" and name in self.targets:
+                self.masks.set(name, t)
+            elif kind == "latent" and name in self.targets:
+                self.masks.param(name).copy_(t)
+        if self.pruner is not None:
+            self.pruner.load_tensor_state(tensors)

@@ -1,0 +1,77 @@
+"""Soft movement pruning (Sanh, Wolf & Rush 2020): a score threshold instead of a fixed top-k.
+
+Weights are kept while ``sigmoid(S) > tau``; an L1 penalty ``l1 * mean(sigmoid(S))``
+pushes every score down, so only weights whose movement earns it keep a high
+score, and each layer ends up with the sparsity its weights justify.  The
+threshold follows the cubic schedule from ``movement.threshold`` (or the
+lowest score, if that is higher) to the threshold that removes ``final_sparsity`` of the weights (over all targets, or
+per tensor with ``per_layer`` scope), so the run lands on the target at ``end_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import select
+from .movement import MovementPruner
+from .schedule import Ramp
+
+
+class SoftMovementPruner(MovementPruner):
+    name = "soft_movement"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tau_start: float | None = None  # where the threshold ramp starts; set by its first update
+        self.tau: float | None = None  # the threshold in force (mean over tensors for per_layer scope)
+
+    def follow(self, ramp: Ramp, anchored: bool) -> None:
+        super().follow(ramp, anchored)
+        self.tau_start = self.tau if anchored else None
+
+    @torch.no_grad()
+    def apply(self, sparsity: float) -> None:
+        step, ramp = self.engine.step, self.ramp
+        if step >= ramp.end or ramp.kind == "constant":
+            super().apply(ramp.final)  # land exactly on the target
+            self.tau = None
+            return
+        probs = {n: torch.sigmoid(s) for n, s in self.scores().items()}
+        if self.tau_start is None:  # a threshold below every score would waste the first part of the ramp
+            self.tau_start = max(self.settings.movement.threshold, min(float(p.min()) for p in probs.values()))
+        final_keep = select(probs, ramp.final, self.settings.scope)
+        # the final threshold: the smallest probability the target keeps
+        finals = {n: float(p[final_keep[n]].min()) if final_keep[n].any() else 1.0 for n, p in probs.items()}
+        if self.settings.scope == "global":
+            lowest_kept = min(finals.values())
+            finals = dict.fromkeys(finals, lowest_kept)
+        remaining = (1.0 - (step - ramp.start) / (ramp.end - ramp.start)) ** 3
+        taus = {n: f + (self.tau_start - f) * remaining for n, f in finals.items()}
+        for n, p in probs.items():
+            self.masks.set(n, p > taus[n])
+        self.tau = sum(taus.values()) / len(taus)
+
+    def after_backward(self, step: int) -> None:
+        """The L1 penalty l1 * mean(sigmoid(S)), added straight to the score gradients."""
+        l1 = self.settings.movement.l1
+        if not l1:
+            return
+        total = sum(s.numel() for s in self.score_params.values())
+        with torch.no_grad():
+            for s in self.score_params.values():
+                sig = torch.sigmoid(s)
+                penalty = sig * (1 - sig) * (l1 / total)
+                s.grad = penalty if s.grad is None else s.grad.add_(penalty)
+
+    def stats(self) -> dict[str, Any]:
+        return {"pruning_threshold": round(self.tau, 6)} if self.tau is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tau_start": self.tau_start, "tau": self.tau}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.tau_start = state.get("tau_start", self.tau_start)
+        self.tau = state.get("tau")
