@@ -12,6 +12,7 @@ from .base import Method
 from .bitfit import BitFit
 from .ia3 import IA3
 from .lora import LoRA
+from .pruning import PruningMethod
 from .selective_backprop import SelectiveBackprop
 from .weight_update_skipping import WeightUpdateSkipping
 
@@ -22,6 +23,7 @@ METHODS: list[type[Method]] = [
     LoRA,
     SelectiveBackprop,
     WeightUpdateSkipping,
+    PruningMethod,
 ]
 
 __all__ = ["METHODS", "Method"]

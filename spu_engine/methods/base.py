@@ -59,3 +59,10 @@ class Method:
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint with the model (masks, scores)."""
         return {}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors from ``tensor_state`` back from a checkpoint (after the model's weights are loaded)."""
+
+    def effective(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The values the forward pass uses for parameter ``name`` (a pruning mask may hide some); for statistics."""
+        return param
