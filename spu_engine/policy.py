@@ -135,8 +135,10 @@ class IMPSettings(_Section):
 
 class MovementSettings(_Section):
     score_lr: float = Field(1e-2, gt=0.0)
-    l1: float = Field(0.0, ge=0.0, description="soft movement: L1 penalty on scores")
-    threshold: float = Field(0.0, description="soft movement: initial score threshold (schedule moves it)")
+    l1: float = Field(0.0, ge=0.0, description="soft movement: weight of the penalty l1 * mean(sigmoid(score))")
+    threshold: float = Field(
+        0.0, ge=0.0, lt=1.0, description="soft movement: starting threshold on sigmoid(score), in [0, 1); the schedule moves it to the target's"
+    )
 
 
 class Pruning(_Section):
