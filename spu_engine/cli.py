@@ -216,6 +216,39 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
         out.print(f"continue a crashed or stopped run from its newest checkpoint: spu train --resume {resumable[0].path}", highlight=False)
 
 
+@app.command("export")
+def export_model(
+    run: Path = typer.Option(..., "--run", help="run folder (config.json and checkpoints/)"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write: a Hugging Face model folder"),
+    compact: bool = typer.Option(False, help="also remove the FFN neurons pruning killed (smaller, faster)"),
+    force: bool = typer.Option(False, help="write into a non-empty --out folder"),
+) -> None:
+    """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
+    from .checkpoint import CheckpointError
+    from .export import ExportError, export_run
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        fail(f"--out {out_dir} exists and is not empty; choose another folder or pass --force")
+    try:
+        report = export_run(run, out_dir, compact=compact)
+    except (ExportError, CheckpointError, ModelLoadError, OSError) as exc:
+        fail(str(exc))
+    for note in report.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(f"exported {report.checkpoint.name} of {run} to {report.out_dir}", highlight=False)
+    out.print(f"masked tensors: {report.masked_tensors}, zeros among them: {report.sparsity:.1%}")
+    if report.ffn_width is None:
+        out.print(f"parameters: {report.params:,}")
+        return
+    old, new = report.ffn_width
+    out.print(f"FFN width: {old} -> {new} (every block)")
+    out.print(f"parameters: dense {report.dense_params:,} -> compact {report.params:,} ({report.params / report.dense_params:.1%})")
+    out.print(
+        f"CPU forward, batch 8 x 128 tokens: dense {report.dense_seconds * 1e3:.1f} ms -> compact {report.compact_seconds * 1e3:.1f} ms "
+        f"(x{report.dense_seconds / report.compact_seconds:.2f}); max |difference| of outputs {report.max_abs_diff:.2e}"
+    )
+
+
 @policy_app.command("validate")
 def policy_validate(
     file: Path,

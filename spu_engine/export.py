@@ -1,0 +1,233 @@
+"""Export a run's model as a standard Hugging Face folder, pruning masks folded in.
+
+``export_run`` takes the newest complete checkpoint of a run folder, loads it
+into the run's architecture, multiplies every pruned weight by its mask and
+writes ``config.json``, ``model.safetensors`` and the tokenizer with
+``save_pretrained``, so ``AutoModel*.from_pretrained(folder)`` loads it.
+
+``compact=True`` also removes FFN neurons that pruning killed (the neuron's
+output column is all zero, or its input row is all zero with a zero bias), so
+the saved model is physically smaller and faster.  Every block keeps the same
+width (the widest block's live neurons; narrower blocks keep a few dead,
+all-zero neurons) because the stock configs have one ``intermediate_size``:
+that is what keeps the folder loadable by ``from_pretrained`` without custom
+code.  Attention heads are not removed: transformers 5 dropped
+``prune_heads``, and BERT-family configs derive the head size from
+``hidden_size / num_attention_heads``, so fewer heads cannot be written as a
+stock config; a fully pruned head stays in place as zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .checkpoint import latest_checkpoint, load_method_tensors
+from .methods.pruning.layout import sublayer
+from .model import find_block_list, load_model, load_tokenizer
+
+MASK_PREFIX = "PruningMethod/mask."
+FFN_WIDTH_KEYS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff", "ffn_hidden_size")
+
+
+class ExportError(ValueError):
+    """The run cannot be exported; the message says why and what to do."""
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    checkpoint: Path
+    params: int
+    masked_tensors: int
+    sparsity: float  # zeros among the masked tensors
+    ffn_width: tuple[int, int] | None = None  # (before, after) with --compact
+    dense_params: int = 0
+    dense_seconds: float | None = None  # CPU forward time on a probe batch, dense vs compact
+    compact_seconds: float | None = None
+    max_abs_diff: float | None = None  # compact vs dense outputs on the probe batch
+    notes: list[str] = field(default_factory=list)
+
+
+def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportReport:
+    from .engine import EngineConfig
+    from .tasks import get_task
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise ExportError(f"{run_dir} is not a run folder (no config.json)")
+    config = EngineConfig(**json.loads(cfg_path.read_text()))
+    notes: list[str] = []
+    path = latest_checkpoint(run_dir / "checkpoints", log=notes.append)
+    if path is None:
+        raise ExportError(f"{run_dir}/checkpoints has no complete checkpoint; save one (key 'c' in the console, or `checkpoint` command) and retry")
+    tensors = load_file(str(path / "model.safetensors"))
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in load_method_tensors(path).items() if k.startswith(MASK_PREFIX)}
+    model = _load_into(config.model, get_task(config.task).model_kind, tensors)
+    masked, zeros = fold_masks(model, masks)
+    report = ExportReport(out_dir, path, count_params(model), len(masks), zeros / masked if masked else 0.0, notes=notes)
+    report.dense_params = report.params
+    if compact:
+        dense = copy.deepcopy(model)
+        report.ffn_width = compact_ffn(model)
+        batch = probe_batch(model.config)
+        report.dense_seconds, report.compact_seconds = time_forward(dense, batch), time_forward(model, batch)
+        with torch.no_grad():
+            report.max_abs_diff = float((dense(**batch)[0] - model(**batch)[0]).abs().max())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    report.params = count_params(model)
+    try:
+        load_tokenizer(config.model).save_pretrained(out_dir)
+    except Exception as exc:  # noqa: BLE001 - the weights are exported; say what is missing
+        notes.append(f"tokenizer not copied ({exc}); copy it from {config.model}")
+    return report
+
+
+def _load_into(name: str, kind: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The run's architecture with the checkpoint's weights (num_labels read off the checkpoint's head)."""
+    model = load_model(name, kind)
+    own = model.state_dict()
+    mismatched = [n for n, t in tensors.items() if n in own and own[n].shape != t.shape]
+    if mismatched and kind == "classification":
+        model = load_model(name, kind, num_labels=tensors[mismatched[0]].shape[0])
+        own = model.state_dict()
+        mismatched = [n for n, t in tensors.items() if n in own and own[n].shape != t.shape]
+    unexpected = [n for n in tensors if n not in own]
+    if mismatched or unexpected:
+        raise ExportError(
+            f"the checkpoint does not fit {name}: "
+            + (f"tensors of another shape {mismatched[:3]} " if mismatched else "")
+            + (f"tensors the model lacks {unexpected[:3]} (adapters / LoRA are not folded by export)" if unexpected else "")
+        )
+    model.load_state_dict(tensors, strict=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def fold_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Multiply each masked weight by its mask; returns (masked entries, zeros among them)."""
+    params = dict(model.named_parameters())
+    total = zeros = 0
+    for name, keep in masks.items():
+        if name not in params:
+            raise ExportError(f"mask for {name!r}, which this model does not have")
+        p = params[name]
+        p.mul_(keep.to(p.device, p.dtype))
+        total += p.numel()
+        zeros += int((p == 0).sum())
+    return total, zeros
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- compact
+
+
+def _ffn_modules(block: nn.Module) -> tuple[list[nn.Module], nn.Module, list[tuple[nn.Module, str, nn.Module]]] | None:
+    """The FFN input modules, the output module, and (parent, attribute, module) for each, in one block."""
+    ins, out, places = [], None, []
+    for name, module in block.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        kind = sublayer(f".{name}.weight") if name else "other"
+        if kind in ("ffn_in", "ffn_out"):
+            parent_name, _, attr = name.rpartition(".")
+            places.append((block.get_submodule(parent_name) if parent_name else block, attr, module))
+            if kind == "ffn_in":
+                ins.append(module)
+            else:
+                out = module
+    return (ins, out, places) if ins and out is not None else None
+
+
+def _neuron_rows(module: nn.Module, side: str) -> torch.Tensor:
+    """The weight with one row per FFN neuron: output side of an input module, input side of the output module."""
+    w = module.weight
+    if isinstance(module, Conv1D):  # weight is [in, out]
+        return w.t() if side == "out" else w
+    return w if side == "out" else w.t()
+
+
+def _dead_neurons(ins: list[nn.Module], out: nn.Module) -> torch.Tensor:
+    """Neurons that contribute nothing: zero output column, or a zero input row with zero bias (act(0) = 0)."""
+    dead = (_neuron_rows(out, "in") == 0).all(dim=1)
+    for m in ins:
+        silent = (_neuron_rows(m, "out") == 0).all(dim=1)
+        if m.bias is not None:
+            silent &= m.bias == 0
+        dead |= silent
+    return dead
+
+
+def _slice(module: nn.Module, index: torch.Tensor, side: str) -> nn.Module:
+    """A copy of ``module`` keeping only neurons ``index`` on its ``side`` ('out' or 'in')."""
+    w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if isinstance(module, Conv1D):
+        w = w[:, index] if side == "out" else w[index, :]
+        new = Conv1D(w.shape[1], w.shape[0])
+    else:
+        w = w[index, :] if side == "out" else w[:, index]
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    new = new.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b[index] if side == "out" else b)
+    return new
+
+
+@torch.no_grad()
+def compact_ffn(model: nn.Module) -> tuple[int, int]:
+    """Remove dead FFN neurons, keeping one width for all blocks; returns (old width, new width)."""
+    _, blocks = find_block_list(model)
+    found = [_ffn_modules(b) for b in blocks]
+    if any(f is None for f in found):
+        raise ExportError(f"--compact: cannot find the FFN input/output layers of {type(model).__name__}'s blocks")
+    dead = [_dead_neurons(ins, out) for ins, out, _ in found]
+    old = dead[0].numel()
+    width = max(1, max(int((~d).sum()) for d in dead))
+    for (ins, out, places), d in zip(found, dead):
+        order = torch.argsort(d.to(torch.int8), stable=True)  # live neurons first, then dead ones as padding
+        index = order[:width].sort().values
+        for parent, attr, module in places:
+            setattr(parent, attr, _slice(module, index, "in" if module is out else "out"))
+    key = next((k for k in FFN_WIDTH_KEYS if getattr(model.config, k, None) == old), None)
+    if key is None and getattr(model.config, "n_inner", "absent") is None:  # GPT-2: None means 4 * n_embd
+        key = "n_inner"
+    if key is None:
+        raise ExportError(f"--compact: no FFN width ({', '.join(FFN_WIDTH_KEYS)}) equal to {old} in {type(model.config).__name__}")
+    setattr(model.config, key, width)
+    return old, width
+
+
+def probe_batch(config, batch_size: int = 8, length: int = 128) -> dict[str, torch.Tensor]:
+    """Random token ids: enough to time a forward pass and compare two models' outputs."""
+    length = min(length, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or length)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5) -> float:
+    """Median seconds of one forward pass on ``batch`` (after a warm-up pass)."""
+    model.eval()
+    model(**batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
