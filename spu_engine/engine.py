@@ -124,6 +124,7 @@ class Engine:
         self.stop_reason: str | None = None  # why the run stopped, when it was not a plain stop command
         self.fault_stop = False  # the run stopped because of a fault (non-finite loss): exit code 1
         self._nonfinite_streak = 0
+        self._saved_step: int | None = None  # step of the last checkpoint written by this process
         self._events_file = None
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -375,9 +376,9 @@ class Engine:
                     self._paused = False
                     self.set_state("training")
             elif isinstance(cmd, StopCmd):
-                self._stop_requested = True
                 if cmd.checkpoint:
-                    self.save_checkpoint()
+                    self.save_checkpoint()  # a failed checkpoint (disk full) acks an error and does not stop
+                self._stop_requested = True
             elif isinstance(cmd, CheckpointCmd):
                 message = str(self.save_checkpoint())
             elif isinstance(cmd, EvaluateCmd):
@@ -550,6 +551,19 @@ class Engine:
                 self.save_checkpoint()
         return {"step": self.step, "loss": loss_value, "skipped": True}
 
+    def save_or_pause(self) -> None:
+        """A checkpoint that cannot be written (disk full) pauses the run instead of ending it; resume retries."""
+        while not self._stop_requested:
+            try:
+                self.save_checkpoint()
+                return
+            except OSError as exc:
+                message = f"checkpoint at step {self.step} failed: {exc}; paused: free space, then resume to retry"
+            self.emit("error", step=self.step, message=message, kind="checkpoint")
+            self._paused = True
+            self.set_state("paused", message)
+            self._boundary()  # until resume (retry) or stop
+
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
         """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
         try:
@@ -673,6 +687,7 @@ class Engine:
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints, method_tensors=tensors
         )
+        self._saved_step = self.step
         self.emit("checkpoint", step=self.step, path=str(path))
         return path
 
@@ -732,13 +747,15 @@ class Engine:
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
                     self.survive_oom(self.evaluate, "evaluation")
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-                    self.save_checkpoint()
+                    self.save_or_pause()
             if self._stop_requested:
                 self.set_state("stopped", self.stop_reason or f"stopped at step {self.step}")
                 return "stopped"
             if not self.config.eval_every or self.step % self.config.eval_every:
                 self.survive_oom(self.evaluate, "evaluation")
-            self.save_checkpoint()
+                self._saved_step = None  # evaluation hooks may have changed method state
+            if self._saved_step != self.step:
+                self.save_or_pause()
             self._save_policy()
             self.set_state("finished", f"finished {self.step} steps")
             return "finished"

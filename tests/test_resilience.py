@@ -229,3 +229,29 @@ def test_sigterm_flag_interrupts_evaluation_and_stops_after_a_checkpoint(make_en
     final = events[-1]
     assert final["type"] == "state" and final["state"] == "stopped" and final["message"].startswith("SIGTERM: stopped at step 3")
     assert _all_finite(engine)
+
+
+def test_a_checkpoint_that_cannot_be_written_pauses_and_is_retried(make_engine, tmp_path, monkeypatch):
+    import errno
+
+    from spu_engine import checkpoint as ckpt
+
+    engine = make_engine(steps=4, run_dir=tmp_path / "run", checkpoint_every=2, eval_every=4)
+    events = _recorder(engine)
+    real, calls = ckpt.save_checkpoint, {"n": 0}
+
+    def disk_full_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full_once)
+    thread, result = _start(engine)
+    paused = _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+    assert paused["step"] == 2 and "checkpoint at step 2 failed" in paused["message"] and "No space left on device" in paused["message"]
+    assert thread.is_alive() and engine.step == 2
+    engine.submit(ResumeCmd(cmd="resume"))
+    thread.join(30)
+    assert result["state"] == "finished"
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4]  # the last step is written once
