@@ -19,6 +19,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
 from textual.message import Message
+from textual.screen import Screen
 
 from .link import EngineLink, EventsArrived
 from .run_state import LogLine, RunState
@@ -94,30 +95,47 @@ class SpuApp(App):
         self.active_panel = "loss"
         self._plots_dirty = True
         self._exit_on: str | None = None
+        self.header = RunHeader(id="header")
+        self.unit_tree = UnitTree(id="tree")
+        self.panel_bar = PanelBar(PANELS, id="panel-bar")
+        self.loss_chart = Chart(id="loss")
+        self.sparsity_chart = Chart(id="sparsity")
+        self.learning = LearningView(id="learning")
+        self.controls = ControlsPanel(id="controls")
+        self.log_view = EventLog(id="log")
+        self.panels = {
+            "loss": self.loss_chart,
+            "sparsity": self.sparsity_chart,
+            "learning": self.learning,
+            "controls": self.controls,
+            "log": self.log_view,
+        }
 
     # ------------------------------------------------------------------ layout
 
+    @property
+    def main(self) -> Screen:
+        """The run screen, also while a dialog is on top of it."""
+        return self.screen_stack[0]
+
+    @property
+    def views_alive(self) -> bool:
+        """False once the app shuts down: engine events may still arrive, with no views to draw on."""
+        return bool(self.screen_stack) and self.header.is_attached
+
     def compose(self) -> ComposeResult:
-        yield RunHeader(id="header")
+        yield self.header
         with Horizontal(id="main"):
-            tree = UnitTree(id="tree")
-            tree.border_title = "units"
-            yield tree
+            self.unit_tree.border_title = "units"
+            yield self.unit_tree
             with Vertical(id="right"):
-                yield PanelBar(PANELS, id="panel-bar")
+                yield self.panel_bar
                 with Container(id="panels"):
                     for pid in GRID_ORDER:
-                        title = dict(PANELS)[pid]
-                        widget = {
-                            "loss": lambda: Chart(id="loss"),
-                            "sparsity": lambda: Chart(id="sparsity"),
-                            "learning": lambda: LearningView(id="learning"),
-                            "controls": lambda: ControlsPanel(id="controls"),
-                            "log": lambda: EventLog(id="log"),
-                        }[pid]()
-                        widget.border_title = title
-                        widget.add_class("panel")
-                        yield widget
+                        panel = self.panels[pid]
+                        panel.border_title = dict(PANELS)[pid]
+                        panel.add_class("panel")
+                        yield panel
         yield KeyBar(id="keys")
 
     def on_mount(self) -> None:
@@ -125,7 +143,7 @@ class SpuApp(App):
         for ev in self.history:
             self.state.apply(ev)
         self._show({"header", "tree", "log", "controls", "plots"})
-        self.query_one(UnitTree).focus()
+        self.unit_tree.focus()
         self.set_interval(PLOT_INTERVAL, self._redraw_plots)
         if self.link is not None:
             self._connect()
@@ -138,24 +156,26 @@ class SpuApp(App):
 
     def _layout_for(self, width: int, height: int) -> None:
         wide = width >= WIDE_AT[0] and height >= WIDE_AT[1]
-        self.screen.set_class(wide, "-wide")
-        self.screen.set_class(not wide, "-narrow")
+        self.main.set_class(wide, "-wide")
+        self.main.set_class(not wide, "-narrow")
         self._show_panel_bar()
         self._plots_dirty = True
 
     def _show_panel_bar(self) -> None:
-        self.query_one(PanelBar).active = self.active_panel
+        self.panel_bar.active = self.active_panel
         for pid, _ in PANELS:
-            self.query_one(f"#{pid}").set_class(pid == self.active_panel, "-active")
+            self.panels[pid].set_class(pid == self.active_panel, "-active")
 
     def action_show_panel(self, pid: str) -> None:
         self.active_panel = pid
         self._show_panel_bar()
         self._plots_dirty = True
         self._redraw_plots()
+        if pid == "log":
+            self.call_after_refresh(self.log_view.rewrap)
 
     def action_focus_tree(self) -> None:
-        self.query_one(UnitTree).focus()
+        self.unit_tree.focus()
 
     # ------------------------------------------------------------------ engine events
 
@@ -168,6 +188,8 @@ class SpuApp(App):
             self.post_message(ConnectFailed(str(exc)))
 
     def on_connect_failed(self, message: ConnectFailed) -> None:
+        if not self.views_alive:
+            return
         self.state.state = "detached"
         hint = ""
         log = self.run_dir / "engine.log"
@@ -187,9 +209,10 @@ class SpuApp(App):
             changed |= self.state.apply(ev)
             if ev.get("type") == "ack":
                 acks.append(ev)
-        self._show(changed)
-        for ack in acks:
-            self._acknowledged(ack)
+        if self.views_alive:
+            self._show(changed)
+            for ack in acks:
+                self._acknowledged(ack)
 
     def _acknowledged(self, ack: dict[str, Any]) -> None:
         pending = self.pending.pop(str(ack.get("id")), None)
@@ -197,11 +220,11 @@ class SpuApp(App):
             return
         ok = bool(ack.get("ok"))
         if pending.rows:
-            self.query_one(UnitTree).set_pending(pending.rows, False)
+            self.unit_tree.set_pending(pending.rows, False)
             if ok:
                 self.call_after_refresh(self._record_roundtrip, pending.sent, ack.get("t", time.time()))
         if pending.section:
-            controls = self.query_one(ControlsPanel)
+            controls = self.controls
             if ok:
                 controls.set_status(pending.section, f"applied at step {ack.get('step')}", "ok")
             else:
@@ -219,26 +242,26 @@ class SpuApp(App):
         """Push the state into the views an event touched (plots wait for the 4 Hz tick)."""
         s = self.state
         if "header" in changed:
-            header = self.query_one(RunHeader)
+            header = self.header
             header.run_name, header.model, header.state = s.run, s.model, s.state
             header.step, header.total, header.samples_per_s, header.eta_s = s.step, s.total_steps, s.samples_per_s, s.eta_s
         if "tree" in changed:
-            self.query_one(UnitTree).show(s)
+            self.unit_tree.show(s)
         if "log" in changed:
-            self.query_one(EventLog).show_new(s.log)
+            self.log_view.show_new(s.log)
         if "controls" in changed and s.policy:
-            self.query_one(ControlsPanel).load(s.policy)
+            self.controls.load(s.policy)
         if changed & {"plots", "tree"}:
             self._plots_dirty = True
 
     def _redraw_plots(self) -> None:
-        if not self._plots_dirty:
+        if not self._plots_dirty or not self.views_alive:
             return
         self._plots_dirty = False
         s = self.state
-        wide = self.screen.has_class("-wide")
+        wide = self.main.has_class("-wide")
         if wide or self.active_panel == "loss":
-            loss = self.query_one("#loss", Chart)
+            loss = self.loss_chart
             legend = LOSS_LEGEND if loss.size.width >= 80 else LOSS_LEGEND_SHORT
             loss.border_subtitle = legend.format(metric=s.metric)
             loss.redraw(
@@ -254,7 +277,7 @@ class SpuApp(App):
             )
         if wide or self.active_panel == "sparsity":
             names = [u["name"] for u in s.units] if s.unit_stats else []
-            self.query_one("#sparsity", Chart).redraw(
+            self.sparsity_chart.redraw(
                 BarSpec(
                     labels=[_short_unit(n) for n in names],
                     values=[s.unit_stats.get(n, {}).get("sparsity", 0.0) for n in names],
@@ -262,7 +285,7 @@ class SpuApp(App):
                 )
             )
         if wide or self.active_panel == "learning":
-            self.query_one(LearningView).show(s)
+            self.learning.show(s)
 
     # ------------------------------------------------------------------ user actions
 
@@ -287,13 +310,13 @@ class SpuApp(App):
         cid = self._send("change", change={"freeze": message.rules})
         if cid is not None:
             self.pending[cid] = Pending("change", sent, rows=message.rows)
-            self.query_one(UnitTree).set_pending(message.rows, True)
+            self.unit_tree.set_pending(message.rows, True)
 
     def on_controls_panel_apply_requested(self, message: ControlsPanel.ApplyRequested) -> None:
         cid = self._send("change", change={"set": {message.section: message.values}})
         if cid is not None:
             self.pending[cid] = Pending("change", time.perf_counter(), section=message.section)
-            self.query_one(ControlsPanel).set_status(message.section, f"pending: {TITLES[message.section]} at the next step", "pending")
+            self.controls.set_status(message.section, f"pending: {TITLES[message.section]} at the next step", "pending")
 
     def action_pause_resume(self) -> None:
         self._send("resume" if self.state.state == "paused" else "pause")
@@ -313,8 +336,8 @@ class SpuApp(App):
         default = Path(self.state.run_dir or self.run_dir) / "policy-export.yaml"
 
         def chosen(path: Path | None) -> None:
-            if path is not None and self._send("export", path=str(path.resolve())):
-                self._notify_log(f"exporting the policy to {path}")
+            if path is not None:
+                self._send("export", path=str(path.resolve()))
 
         self.push_screen(ExportScreen(default), chosen)
 

@@ -29,7 +29,7 @@ def small_sst2(folder):
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory, tokenizer):
-    """A 30-step tiny-BERT run that freezes embeddings + block0 at step 10, and its hello snapshot."""
+    """A 16-step tiny-BERT run that freezes embeddings + block0 at step 8, and its hello snapshot."""
     from spu_engine.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
@@ -39,9 +39,9 @@ def recorded_run(tmp_path_factory, tokenizer):
     run_dir = tmp_path_factory.mktemp("recorded")
     data = small_sst2(tmp_path_factory.mktemp("sst2"))
     task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=256, max_eval_samples=32))
-    config = EngineConfig(model="tiny", data=str(data), steps=30, batch_size=8, eval_every=10, stats_every=5, lr=1e-3, warmup=0)
+    config = EngineConfig(model="tiny", data=str(data), steps=16, batch_size=8, eval_every=8, stats_every=4, lr=1e-3, warmup=0)
     engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
-    engine.pending = [TimelineEntry(step=10, **Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)]).model_dump())]
+    engine.pending = [TimelineEntry(step=8, **Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)]).model_dump())]
     engine.run()
     hello = engine.hello()
     engine.close()
@@ -77,10 +77,10 @@ async def test_layout_fits_and_shows_the_run(recorded_run, size):
         assert_inside(app, "#header", "#tree", "#keys", "#loss")
         lines = screen_lines(app)
         text = "\n".join(lines)
-        assert "step 30/30" in text and "finished" in text
+        assert "step 16/16" in text and "finished" in text
         assert "block0" in text and "head" in text
         assert lines[-1].rstrip().endswith("quit"), f"key bar cut off: {lines[-1]!r}"
-        assert "frozen" in text  # embeddings and block0 were frozen at step 10
+        assert "frozen" in text  # embeddings and block0 were frozen at step 8
         if size[0] >= 200:
             assert_inside(app, "#sparsity", "#learning", "#controls", "#log")
         else:
@@ -103,7 +103,7 @@ async def test_policy_change_mark_and_log(recorded_run):
     app = SpuApp(run_dir, history=history, connect=False)
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.3)
-        assert app.state.change_steps == [10]
+        assert app.state.change_steps == [8]
         assert app.state.unit_trainable["block0"] == 0.0 and app.state.unit_trainable["block1"] == 1.0
         log = "\n".join(screen_lines(app))
         assert "freeze embeddings, block0 (timeline)" in log
@@ -162,6 +162,68 @@ async def test_tree_keys_ask_for_the_right_rules(recorded_run):
     assert asked[2] == [{"units": ["block2", "block3", "head"], "trainable": True}]
     assert asked[3] == [{"units": ["block0"], "trainable": True}]
     assert asked[4][0]["match"].startswith("bert.encoder.layer.1.") and asked[4][0]["trainable"] is False
+
+
+class ScriptedLink:
+    """Stands in for the engine socket: records commands, delivers events the test writes."""
+
+    connected = True
+
+    def __init__(self, app: SpuApp) -> None:
+        self.app = app
+        self.sent: list[tuple[str, dict]] = []
+        self.inbox: list[dict] = []
+
+    def send(self, cmd: str, **fields) -> str:
+        self.sent.append((cmd, fields))
+        return f"c{len(self.sent)}"
+
+    def deliver(self, *events: dict) -> None:
+        from spu_tui.link import EventsArrived
+
+        self.inbox.extend(events)
+        self.app.post_message(EventsArrived())
+
+    def drain(self) -> list[dict]:
+        out, self.inbox = self.inbox, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recorded_run):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        link = app.link = ScriptedLink(app)
+        await pilot.pause(0.2)
+        await pilot.press("down", "down", "space")  # block1
+        assert link.sent[-1] == ("change", {"change": {"freeze": [{"units": ["block1"], "trainable": False}]}})
+        assert "…" in str(app.unit_tree.get_node_at_line(2).label), "the row shows pending"
+        t = max(e.get("t", 0) for e in history) + 1
+        link.deliver({"type": "ack", "t": t, "id": "c1", "cmd": "change", "step": 17, "ok": True, "message": ""})
+        await pilot.pause(0.2)
+        assert "…" not in str(app.unit_tree.get_node_at_line(2).label) and not app.pending
+
+        app.controls.query_one("#pr-method").value = "magnitude"
+        await pilot.pause(0.2)
+        cmd, fields = link.sent[-1]
+        assert cmd == "change" and fields["change"]["set"]["pruning"]["method"] == "magnitude"
+        assert "pending" in str(app.query_one("#status-pruning").render())
+        refusal = "pruning: not implemented in this version of SPU; leave this section at its defaults"
+        link.deliver(
+            {"type": "ack", "t": t + 1, "id": "c2", "cmd": "change", "step": 17, "ok": False, "message": refusal},
+            {"type": "error", "t": t + 2, "id": "c2", "step": 17, "message": refusal},
+        )
+        await pilot.pause(0.3)
+        status = app.query_one("#status-pruning")
+        assert str(status.render()) == f"refused: {refusal}" and status.has_class("-error")
+        assert str(app.query_one("#pr-method").value) == "none", "the field shows the engine's value again"
+        assert app.state.log[-1].error and app.state.log[-1].text == refusal
+        assert not app.pending
+        await pilot.press("down", "space")  # the console keeps working after a refusal
+        assert link.sent[-1][1]["change"]["freeze"] == [{"units": ["block2"], "trainable": False}]
 
 
 def test_no_data_reachable_says_what_to_pass(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -36,11 +37,11 @@ class QuitScreen(ModalScreen[str]):
             if self.engine_alive:
                 yield Static("The engine runs in its own process. What should it do?")
                 for choice, key, label in CHOICES:
-                    yield Button(f"[{key}] {label}", id=choice, compact=True, variant="primary" if choice == "detach" else "default")
+                    yield Button(Text(f"{key:>3}  {label}"), id=choice, compact=True, variant="primary" if choice == "detach" else "default")
             else:
                 yield Static("The engine is not running.")
-                yield Button("[d] Quit", id="detach", compact=True, variant="primary")
-                yield Button("[esc] Cancel", id="cancel", compact=True)
+                yield Button(Text("  d  Quit"), id="detach", compact=True, variant="primary")
+                yield Button(Text("esc  Cancel"), id="cancel", compact=True)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id or "cancel")

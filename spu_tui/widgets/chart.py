@@ -44,18 +44,22 @@ class BarSpec:
 class Chart(Widget):
     DEFAULT_CSS = "Chart { height: 1fr; } Chart > PlotextPlot { height: 1fr; }"
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.plot = PlotextPlot()
+
     def compose(self) -> ComposeResult:
-        yield PlotextPlot()
+        yield self.plot
 
     def redraw(self, spec: LineSpec | BarSpec) -> None:
-        plt = self.query_one(PlotextPlot).plt
+        plt = self.plot.plt
         plt.clear_data()
         plt.clear_figure()
         if isinstance(spec, LineSpec):
             self._lines(plt, spec)
         else:
             self._bars(plt, spec)
-        self.query_one(PlotextPlot).refresh()
+        self.plot.refresh()
 
     @staticmethod
     def _lines(plt, spec: LineSpec) -> None:

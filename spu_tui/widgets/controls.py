@@ -80,7 +80,9 @@ TITLES = {
 }
 
 
-class ControlsPanel(VerticalScroll):
+class ControlsPanel(VerticalScroll, can_focus=False):
+    """The fields are focus stops; the panel itself is not (tab goes tree -> first field)."""
+
     class ApplyRequested(Message):
         """Merge ``values`` into policy section ``section`` at the next step boundary."""
 

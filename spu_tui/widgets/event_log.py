@@ -1,4 +1,8 @@
-"""Timeline and log: every change with its step; engine errors in red."""
+"""Timeline and log: every change with its step; engine errors in red.
+
+Lines are wrapped to the panel's width; after a resize the whole history is
+re-wrapped (the run state keeps it), so nothing is cut off at any size.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,39 @@ from textual.widgets import RichLog
 from ..run_state import LogLine
 
 KIND_STYLE = {"policy": "magenta", "eval": "cyan", "state": "blue", "checkpoint": "green", "export": "green", "log": "white", "ui": "yellow"}
+MAX_LINES = 2000
 
 
 class EventLog(RichLog):
     def __init__(self, **kwargs) -> None:
-        super().__init__(wrap=True, markup=False, highlight=False, max_lines=2000, **kwargs)
+        super().__init__(wrap=True, markup=False, highlight=False, min_width=20, max_lines=MAX_LINES, **kwargs)
+        self.lines_source: list[LogLine] = []
         self.shown = 0
+        self._width = 0
 
     def show_new(self, lines: list[LogLine]) -> None:
-        """Write the lines not written yet (the run state keeps the whole history)."""
+        """Write the lines not written yet (a hidden log catches up when shown: it has no width to wrap to)."""
+        self.lines_source = lines
+        if not self.display or not self.scrollable_content_region.width:
+            return
         for line in lines[self.shown :]:
-            self.add(line)
+            self.write(_format(line))
         self.shown = len(lines)
 
-    def add(self, line: LogLine) -> None:
-        text = Text(f"{line.step:>6} ", style="dim")
-        text.append(f"{line.kind:<10} ", style="bold red" if line.error else KIND_STYLE.get(line.kind, "white"))
-        text.append(line.text, style="red" if line.error else "")
-        self.write(text)
+    def on_resize(self) -> None:
+        self.rewrap()
+
+    def rewrap(self) -> None:
+        width = self.scrollable_content_region.width
+        if width and width != self._width:
+            self._width = width
+            self.clear()
+            self.shown = max(0, len(self.lines_source) - MAX_LINES)
+        self.show_new(self.lines_source)
+
+
+def _format(line: LogLine) -> Text:
+    text = Text(f"{line.step:>6} ", style="dim")
+    text.append(f"{line.kind:<10} ", style="bold red" if line.error else KIND_STYLE.get(line.kind, "white"))
+    text.append(line.text, style="red" if line.error else "")
+    return text
