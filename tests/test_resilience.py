@@ -12,6 +12,15 @@ from spu_engine.policy import Change, FreezeRule, Policy, TimelineEntry
 from spu_engine.protocol import ResumeCmd
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread is many times faster than an oversubscribed two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _recorder(engine) -> list[dict]:
     events: list[dict] = []
     engine.sinks.append(lambda _line, ev: events.append(ev))
