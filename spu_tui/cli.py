@@ -19,7 +19,7 @@ from spu_engine.cli import build_config, default_run_dir, fail, read_policy
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model import resolve_model_name
 
-from .runs import is_live, newest_live_run, run_folders
+from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
 
 app = typer.Typer(add_completion=False, help="SPU console: steer which parameters learn while a model trains.")
 
@@ -129,7 +129,6 @@ def attach(run: Optional[Path] = typer.Argument(None, help="run folder [default:
     from spu_engine.server import spawn_engine
 
     from .app import SpuApp
-    from .run_state import read_history
 
     if run is None:
         run = newest_live_run(RUNS)
@@ -144,8 +143,8 @@ def attach(run: Optional[Path] = typer.Argument(None, help="run folder [default:
     engine = None
     live = is_live(run)
     if not live:
-        last_state = next((ev["state"] for ev in reversed(history) if ev.get("type") == "state"), None)
-        if last_state not in ("finished", "stopped") and (run / "checkpoints").is_dir():
+        info = run_info(run)
+        if info is not None and info.state == "crashed" and (run / "checkpoints").is_dir():
             config = build_config(**json.loads((run / "config.json").read_text()))
             engine = spawn_engine(config, read_policy(run / "policy.yaml"), run, resume=True)
             live = True

@@ -7,7 +7,6 @@ console attached from the start would show.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,18 +193,3 @@ def describe_change(change: dict[str, Any]) -> str:
 def _short_model(model: str) -> str:
     path = Path(model.rstrip("/"))
     return path.parent.name if path.name == "model" and path.parent.name else path.name or model
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """Every event of a run folder's ``events.jsonl`` (a torn last line is skipped)."""
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return []
-    events = []
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                events.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-    return events

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from spu_engine.policy import Change, FreezeRule, TimelineEntry
 from spu_tui.app import PANELS, SpuApp
-from spu_tui.run_state import read_history
+from spu_engine.runs import read_history
 from spu_tui.screens.help import HelpScreen
 from spu_tui.widgets.controls import ControlsPanel
 from spu_tui.widgets.unit_tree import UnitTree
@@ -29,7 +29,7 @@ def small_sst2(folder):
 
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory, tokenizer):
-    """A 16-step tiny-BERT run that freezes embeddings + block0 at step 8, and its hello snapshot."""
+    """A finished 16-step tiny-BERT run that froze embeddings + block0 at step 8: its events.jsonl, as attach reads it."""
     from spu_engine.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
@@ -43,9 +43,8 @@ def recorded_run(tmp_path_factory, tokenizer):
     engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
     engine.pending = [TimelineEntry(step=8, **Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)]).model_dump())]
     engine.run()
-    hello = engine.hello()
     engine.close()
-    return run_dir, [hello, *read_history(run_dir)]
+    return run_dir, read_history(run_dir)
 
 
 def screen_lines(app) -> list[str]:

@@ -20,7 +20,7 @@ from spu_engine.policy import Policy, load_policy
 from spu_engine.runs import is_live
 from spu_engine.server import spawn_engine
 from spu_tui.app import SpuApp
-from spu_tui.run_state import read_history
+from spu_engine.runs import read_history
 from spu_tui.screens.export import ExportScreen
 from spu_tui.screens.quit import QuitScreen
 
