@@ -517,6 +517,7 @@ def _resume(engine, run_dir: Path) -> None:
     path = latest_checkpoint(folder, warn)
     if path is None:
         discard_newer(folder, -1, warn)
+        engine.emit("resumed", step=0, checkpoint=None, message="no usable checkpoint; starting again from step 0")
         warn("no usable checkpoint; starting from step 0")
         return
     engine.resume_from(path)
