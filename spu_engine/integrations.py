@@ -1,6 +1,6 @@
 """Run an exported policy in your own training script: a plain PyTorch loop or a Hugging Face Trainer.
 
-    ctl = policy.attach(model, optimizer)          # plain PyTorch
+    ctl = policy.attach(model, optimizer, scheduler=scheduler)   # plain PyTorch
     for step, batch in enumerate(loader):
         ctl.step(step)                             # timeline entries due at `step`, before the forward
         loss = ctl.backward(batch, loss_fn)        # selective backprop if the policy asks for it
@@ -23,7 +23,8 @@ its own selected samples.  Hugging Face's Trainer computes one mean loss inside
 ``training_step``, so SPUCallback cannot skip samples; selective backprop there
 needs ``ctl.backward`` in an overridden ``training_step`` (see examples/).
 Tensors a method adds (LoRA, adapters, movement scores) join the optimizer as
-their own parameter group, outside an LR scheduler built before them.
+their own parameter group; pass the LR scheduler to ``attach`` (SPUCallback
+takes the Trainer's) so those groups follow its schedule, as in the engine.
 """
 
 from __future__ import annotations
@@ -58,10 +59,22 @@ class LoopConfig:
 class PolicyController:
     """An exported policy applied to a model and optimizer you drive yourself."""
 
-    def __init__(self, model: nn.Module, policy: Policy, optimizer: torch.optim.Optimizer | None = None, *, steps: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: Policy,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        *,
+        steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
         self.model = model
         self.optimizer = _unwrap(optimizer)
-        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else LoopConfig.lr
+        self.scheduler = _unwrap(scheduler, torch.optim.lr_scheduler.LRScheduler, "scheduler")
+        self._group_lambdas = {id(g): f for g, f in zip(self.optimizer.param_groups, getattr(self.scheduler, "lr_lambdas", []))} if self.scheduler else {}
+        first = self.optimizer.param_groups[0] if self.optimizer is not None else {}
+        lr = first.get("initial_lr", first.get("lr", LoopConfig.lr))  # a scheduler keeps the unscaled lr in initial_lr
         self.config = LoopConfig(steps=steps or LoopConfig.steps, lr=lr, seed=seed)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []  # one entry per applied change: step, source, trainable count
@@ -93,25 +106,31 @@ class PolicyController:
         self._each("before_step", self.step_count)
 
     def backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
-        """Backward on the samples the policy keeps; returns the mean loss of the whole batch (detached).
+        """Backward on the samples the policy keeps; returns the mean loss of the whole batch (detached)."""
+        loss, batch_mean = self._selected_loss(batch, loss_fn)
+        loss.backward()
+        return batch_mean
 
-        ``loss_fn(batch)`` gives per-sample losses [B] (``per_sample_loss`` below does it for
-        classification, QA and LM batches).  With selective backprop on, the batch is scored
-        without a graph and only the kept samples get a second, grad-enabled forward.
-        """
+    def selective_loss(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+        """The loss to backpropagate: the mean over the samples the policy keeps (for a Trainer's compute_loss)."""
+        return self._selected_loss(batch, loss_fn)[0]
+
+    def _selected_loss(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss_fn(batch)`` gives per-sample losses [B] (``per_sample_loss`` below does it for classification,
+        QA and LM batches).  With selective backprop on, the batch is scored without a graph and only the
+        kept samples get a second, grad-enabled forward; with none kept the loss is a graph-less zero."""
         sb = self.method("selective_backprop")
         if sb is None or not sb.active:
             loss = loss_fn(batch)
-            loss.mean().backward()
-            return loss.detach().mean()
+            return loss.mean(), loss.detach().mean()
         with torch.no_grad():
-            scores = loss_fn(batch).detach().float().cpu()
-        keep = sb._select(scores).nonzero().flatten().tolist()
+            scores = loss_fn(batch).detach().float()
+        keep = sb._select(scores.cpu()).nonzero().flatten().tolist()  # the engine's selection rule and its random stream
         sb.skipped += len(scores) - len(keep)
-        if keep:
-            rows = torch.tensor(keep)
-            loss_fn({k: v[rows.to(v.device)] for k, v in batch.items()}).mean().backward()
-        return scores.mean()
+        if not keep:
+            return torch.zeros((), device=scores.device, requires_grad=True), scores.mean()
+        rows = torch.tensor(keep)
+        return loss_fn({k: v[rows.to(v.device)] for k, v in batch.items()}).mean(), scores.mean()
 
     def on_eval(self, metrics: dict[str, float]) -> None:
         """Report an evaluation (weight-update skipping switches phase on eval loss)."""
@@ -177,6 +196,25 @@ class PolicyController:
     def _configure_methods(self, policy: Policy) -> None:
         for m in self.methods:
             m.configure(policy, self.step_count)
+        self._sync_scheduler()
+
+    def _sync_scheduler(self) -> None:
+        """Parameter groups a method added or removed join or leave the LR schedule (as in the engine, where
+        every group follows the same warmup/decay factor): a new group takes the first group's factor."""
+        s = self.scheduler
+        if s is None:
+            return
+        groups = self.optimizer.param_groups
+        factor = s.get_last_lr()[0] / s.base_lrs[0] if s.base_lrs[0] else 1.0
+        for g in groups:
+            if "initial_lr" not in g:
+                g["initial_lr"] = g["lr"]
+                g["lr"] = g["initial_lr"] * factor
+        s.base_lrs = [g["initial_lr"] for g in groups]
+        s._last_lr = [g["lr"] for g in groups]
+        if hasattr(s, "lr_lambdas"):
+            first = s.lr_lambdas[0]
+            s.lr_lambdas = [self._group_lambdas.setdefault(id(g), first) for g in groups]
 
     def _apply_trainable(self) -> None:
         for n, trainable in self.trainable_mask().items():
@@ -190,6 +228,13 @@ class PolicyController:
             getattr(m, hook)(*args)
 
     def _after_optimizer_step(self) -> None:
+        """Method hooks, and cleared grads for optimizer tensors outside the model (movement scores), which a
+        loop's ``model.zero_grad()`` (Trainer's) never reaches and which would otherwise accumulate."""
+        in_model = {id(p) for p in self.params.values()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in in_model:
+                    p.grad = None
         self._each("after_optimizer_step", self.step_count)
         self.step_count += 1
 
@@ -206,15 +251,11 @@ class PolicyController:
             )
 
 
-def attach(model: nn.Module, policy: Policy, optimizer: torch.optim.Optimizer | None = None, **kwargs: Any) -> PolicyController:
-    return PolicyController(model, policy, optimizer, **kwargs)
-
-
-def _unwrap(optimizer):
-    """The torch optimizer inside a wrapper (accelerate's AcceleratedOptimizer)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
+def _unwrap(obj, kind=torch.optim.Optimizer, attribute: str = "optimizer"):
+    """The torch optimizer (or LR scheduler) inside accelerate's AcceleratedOptimizer (AcceleratedScheduler)."""
+    while isinstance(getattr(obj, attribute, None), kind):
+        obj = getattr(obj, attribute)
+    return obj
 
 
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -251,9 +292,11 @@ class SPUCallback(TrainerCallback):
         self.controller: PolicyController | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.controller = PolicyController(model, self.policy, optimizer, steps=state.max_steps or None, seed=self.seed)
+        scheduler = kwargs.get("lr_scheduler")
+        self.controller = PolicyController(model, self.policy, optimizer, scheduler, steps=state.max_steps or None, seed=self.seed)
         if self.policy.selective_backprop.mode != "off" or any("selective_backprop" in e.set for e in self.policy.timeline):
-            log.warning("SPUCallback: Trainer backpropagates its mean loss; selective backprop needs ctl.backward in your training_step (see examples/)")
+            log.warning("SPUCallback: Trainer backpropagates its own mean loss; for selective backprop return "
+                        "callback.controller.selective_loss(...) from compute_loss (see examples/hf_trainer.py)")
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.step(state.global_step)

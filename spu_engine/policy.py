@@ -251,7 +251,10 @@ class Policy(_Section):
     # -- outside the engine ----------------------------------------------------
 
     def attach(self, model, optimizer=None, **kwargs: Any):
-        """Apply this policy in your own loop: returns a controller; call ``ctl.step(step)`` at each step's start."""
+        """Apply this policy in your own loop (see spu_engine.integrations): call ``ctl.step(step)`` at each step's start.
+
+        Keyword arguments: ``scheduler`` (your LR scheduler), ``steps`` (the run's length), ``seed``.
+        """
         from .integrations import PolicyController
 
         return PolicyController(model, self, optimizer, **kwargs)

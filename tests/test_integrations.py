@@ -56,7 +56,7 @@ class StreamSampler(Sampler):
         return len(self.order)
 
 
-def _run_engine(task, arch, config):
+def _run_engine(task, arch, config, policy=POLICY):
     model = build_tiny(arch, task.tokenizer, config.task, **NO_DROPOUT[arch])
     changes, trainable = [], []
 
@@ -66,12 +66,12 @@ def _run_engine(task, arch, config):
         elif ev["type"] == "step":
             trainable.append(ev["trainable"])
 
-    engine = Engine(config, parse_policy(POLICY), model=model, tokenizer=task.tokenizer, task=task, sinks=[sink])
+    engine = Engine(config, parse_policy(policy), model=model, tokenizer=task.tokenizer, task=task, sinks=[sink])
     assert engine.run() == "finished"
-    return engine.model, changes, trainable
+    return engine.model, changes, trainable, engine
 
 
-def _run_trainer(task, arch, config, tmp_path):
+def _run_trainer(task, arch, config, tmp_path, policy=POLICY):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model = build_tiny(arch, task.tokenizer, config.task, **NO_DROPOUT[arch])
@@ -85,22 +85,28 @@ def _run_trainer(task, arch, config, tmp_path):
         def _get_train_sampler(self, train_dataset=None):
             return StreamSampler(len(task.train), config.seed, STEPS * BATCH)
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if parse_policy(policy).selective_backprop.mode == "off":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return callback.controller.selective_loss(inputs, lambda b: per_sample_loss(model, b))  # the recipe of examples/
+
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"), max_steps=STEPS, per_device_train_batch_size=BATCH, max_grad_norm=config.grad_clip,
         report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True, remove_unused_columns=False,
         disable_tqdm=True, seed=config.seed,
     )
-    callback = SPUCallback(parse_policy(POLICY), seed=config.seed)
+    callback = SPUCallback(parse_policy(policy), seed=config.seed)
     trainer = EngineOrderTrainer(model=model, args=args, train_dataset=task.train, data_collator=task.collate,
                                  optimizers=_optimizer(model, config), callbacks=[callback, Recorder()])
     trainer.train()
-    return model, [(h["step"], h["trainable"]) for h in callback.controller.history], trainable
+    return model, [(h["step"], h["trainable"]) for h in callback.controller.history], trainable, callback.controller
 
 
-def _run_plain_loop(task, arch, config):
+def _run_plain_loop(task, arch, config, policy=POLICY):
     model = build_tiny(arch, task.tokenizer, config.task, **NO_DROPOUT[arch])
     opt, schedule = _optimizer(model, config)
-    ctl = parse_policy(POLICY).attach(model, opt)
+    torch.manual_seed(config.seed)  # the engine seeds before methods initialise tensors (LoRA)
+    ctl = parse_policy(policy).attach(model, opt, scheduler=schedule)
     stream, trainable = BatchStream(len(task.train), seed=config.seed), []
     for step in range(STEPS):
         ctl.step(step)
@@ -111,7 +117,7 @@ def _run_plain_loop(task, arch, config):
         schedule.step()
         opt.zero_grad(set_to_none=True)
         trainable.append(ctl.trainable_count())
-    return model, [(h["step"], h["trainable"]) for h in ctl.history], trainable
+    return model, [(h["step"], h["trainable"]) for h in ctl.history], trainable, ctl
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +136,13 @@ def tasks(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine_runs(tasks):
-    runs: dict[str, tuple] = {}
+    runs: dict[tuple, tuple] = {}
 
-    def get(name: str, arch: str):
-        if name not in runs:
-            runs[name] = _run_engine(tasks[name], arch, _config(name))
-        return runs[name]
+    def get(name: str, arch: str, policy=POLICY):
+        key = (name, arch, id(policy))
+        if key not in runs:
+            runs[key] = _run_engine(tasks[name], arch, _config(name), policy)
+        return runs[key]
 
     return get
 
@@ -144,11 +151,11 @@ def engine_runs(tasks):
 @pytest.mark.parametrize("name,arch", [("lm", "gpt2"), ("qa", "bert")])
 def test_same_policy_same_run_in_engine_trainer_and_plain_loop(tasks, engine_runs, name, arch, loop, tmp_path):
     task, config = tasks[name], _config(name)
-    engine_model, engine_changes, engine_trainable = engine_runs(name, arch)
+    engine_model, engine_changes, engine_trainable, _ = engine_runs(name, arch)
     if loop == "trainer":
-        model, changes, trainable = _run_trainer(task, arch, config, tmp_path)
+        model, changes, trainable, _ = _run_trainer(task, arch, config, tmp_path)
     else:
-        model, changes, trainable = _run_plain_loop(task, arch, config)
+        model, changes, trainable, _ = _run_plain_loop(task, arch, config)
     assert engine_changes == changes and [s for s, _ in changes] == [3]
     assert trainable == engine_trainable and trainable[2] < trainable[3]  # block0 learns from step 3 on
     initial = build_tiny(arch, task.tokenizer, config.task, **NO_DROPOUT[arch]).state_dict()
@@ -160,6 +167,31 @@ def test_same_policy_same_run_in_engine_trainer_and_plain_loop(tasks, engine_run
             assert torch.equal(value, initial[key]), f"{key} is frozen for the whole run"
     moved_block0 = [k for k in initial if (".h.0." in k or ".layer.0." in k) and not torch.equal(initial[k], model.state_dict()[k])]
     assert moved_block0
+
+
+METHODS_POLICY = {
+    "freeze": [{"units": ["embeddings"], "trainable": False}],
+    "selective_backprop": {"mode": "threshold", "threshold": 3.44},  # about half of a fresh QA head's losses
+    "pruning": {"method": "movement", "targets": ["*.intermediate.dense.weight"],
+                "schedule": {"start_step": 1, "end_step": 5, "every": 1, "final_sparsity": 0.5}},
+    "timeline": [{"step": 3, "set": {"selective_backprop": {"threshold": 3.3}}}],
+}
+
+
+@pytest.mark.parametrize("loop", ["trainer", "plain"])
+def test_selective_backprop_and_movement_pruning_run_the_same_outside_the_engine(tasks, engine_runs, loop, tmp_path):
+    task, config = tasks["qa"], _config("qa")
+    engine_model, _, _, engine = engine_runs("qa", "bert", METHODS_POLICY)
+    run = _run_trainer(task, "bert", config, tmp_path, METHODS_POLICY) if loop == "trainer" else _run_plain_loop(task, "bert", config, METHODS_POLICY)
+    model, controller = run[0], run[3]
+    assert 0 < controller.method("selective_backprop").skipped == engine.methods[[m.section for m in engine.methods].index("selective_backprop")].skipped
+    ours, theirs = (next(m for m in host.methods if m.section == "pruning") for host in (controller, engine))
+    assert ours.sparsity() == pytest.approx(0.5, abs=0.01) and ours.targets == theirs.targets  # the schedule's 50 % at step 5
+    assert all(torch.equal(ours.masks.keep(n), theirs.masks.keep(n)) for n in ours.targets)
+    initial = build_tiny("bert", task.tokenizer, "qa", **NO_DROPOUT["bert"]).state_dict()
+    for key, value in engine_model.state_dict().items():
+        assert torch.allclose(value, model.state_dict()[key], atol=1e-6), key
+    assert not torch.equal(initial["qa_outputs.weight"], model.state_dict()["qa_outputs.weight"])
 
 
 def test_attach_freezes_without_grads_and_refuses_a_partial_optimizer(tokenizer):
