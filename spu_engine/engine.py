@@ -16,6 +16,7 @@ import math
 import os
 import queue
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -125,6 +126,7 @@ class Engine:
         self.fault_stop = False  # the run stopped because of a fault (non-finite loss): exit code 1
         self._nonfinite_streak = 0
         self._saved_step: int | None = None  # step of the last checkpoint written by this process
+        self._events_failing = False
         self._events_file = None
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,13 @@ class Engine:
         ev = event(type_, **fields)
         line = encode(ev)
         if self._events_file is not None:
-            self._events_file.write(line)
+            try:
+                self._events_file.write(line)
+                self._events_failing = False
+            except OSError as exc:  # disk full: keep training and serving clients; say so once per outage
+                if not self._events_failing:
+                    print(f"spu-engine: cannot write events.jsonl ({exc}); events reach live clients only", file=sys.stderr, flush=True)
+                self._events_failing = True
         for sink in self.sinks:
             sink(line, ev)
         return ev

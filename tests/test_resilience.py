@@ -264,3 +264,21 @@ def test_a_checkpoint_that_cannot_be_written_pauses_and_is_retried(make_engine, 
     thread.join(30)
     assert result["state"] == "finished"
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4]  # the last step is written once
+
+
+def test_a_full_disk_for_events_does_not_stop_training(make_engine, tmp_path, capsys):
+    import errno
+
+    engine = make_engine(steps=3, run_dir=tmp_path / "run")
+    events = _recorder(engine)
+
+    class FullDisk:
+        def write(self, _line):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    engine._events_file = FullDisk()
+    engine.train_step()
+    engine.train_step()
+    assert engine.step == 2 and [e["step"] for e in events if e["type"] == "step"] == [1, 2]
+    assert capsys.readouterr().err.count("cannot write events.jsonl ([Errno 28] No space left on device)") == 1
+    engine._events_file = None
