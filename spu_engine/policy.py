@@ -142,10 +142,17 @@ class MovementSettings(_Section):
 
 
 class Pruning(_Section):
-    method: Literal["none", "magnitude", "imp", "movement", "soft_movement"] = "none"
-    scope: Literal["global", "per_layer"] = "global"
-    targets: list[str] = Field(default_factory=lambda: ["*.weight"], description="globs over parameter names")
-    exclude: list[str] = Field(default_factory=lambda: ["*embeddings*", "*LayerNorm*", "*layer_norm*", "*ln_*", "*norm*"])
+    method: Literal["none", "magnitude", "imp", "movement", "soft_movement"] = Field(
+        "none", description="none removes all masks; a change mid-run keeps the masks and continues from the current sparsity"
+    )
+    scope: Literal["global", "per_layer"] = Field(
+        "global", description="global: one ranking over all targets; per_layer: every target tensor loses the same fraction"
+    )
+    targets: list[str] = Field(default_factory=lambda: ["*.weight"], description="globs over parameter names; only weight matrices are pruned")
+    exclude: list[str] = Field(
+        default_factory=lambda: ["*embeddings*", "*LayerNorm*", "*layer_norm*", "*ln_*", "*norm*", "*.wte.*", "*.wpe.*", "*embed_tokens*"],
+        description="globs removed from targets (embeddings and norms by default)",
+    )
     schedule: PruningSchedule = Field(default_factory=PruningSchedule)
     imp: IMPSettings = Field(default_factory=IMPSettings)
     movement: MovementSettings = Field(default_factory=MovementSettings)

@@ -129,7 +129,10 @@ EVENT_FIELDS = {
     "state": "state (loading|training|paused|stopped|finished|error), step, message",
     "step": "step, loss, lr, samples_per_s, step_time, trainable, samples; selective backprop: sb_kept_fraction "
     "(selected / drawn this step), sb_backward (samples in this step's backward), sb_skipped (drawn and never "
-    "backpropagated, cumulative); weight-update skipping: wus_phase (full | bias_only)",
+    "backpropagated, cumulative); weight-update skipping: wus_phase (full | bias_only); pruning: pruning {method, "
+    "sparsity (of the targets), target (scheduled now), pruning_round (imp), pruning_threshold (soft movement), "
+    "layout {unit: {q|k|v|qkv|o|ffn_in|ffn_out|other: pruned fraction}} on stats steps}",
+    "prune": "step, method, round, rounds, sparsity, reset: one IMP round (prune, then reset survivors)",
     "units": "step, units {name: {trainable, grad_norm, update_ratio, sparsity}}, tensors {name: {trainable, sparsity}}",
     "eval": "step, eval_loss and the task's metrics",
     "policy": "step, source, change, policy (current sections), trainable, trainable_by_unit",
