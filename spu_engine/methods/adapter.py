@@ -71,7 +71,9 @@ class Adapter(AddedTensorsMethod):
 
     def install(self, settings: Peft) -> list[nn.Parameter]:
         model = self.engine.model
-        d = model.config.hidden_size
+        d = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not d:
+            raise PolicyError(f"peft.method: adapter: {type(model).__name__} has no config.hidden_size to size the adapters by")
         _, blocks = find_block_list(model)
         sites = [adapter_sites(model, block, d) for block in blocks]  # all found before anything changes
         params: list[nn.Parameter] = []

@@ -60,18 +60,16 @@ class SelectiveBackprop(Method):
         selected = 0
         while True:
             indices, loss = self._score(bs)
+            losses.append(loss)
             if not torch.isfinite(loss).all():  # the engine reports the non-finite mean and steps on nothing
-                losses.append(loss)
                 self.skipped += len(indices)
                 backward = []
                 break
-            keep = self._select(loss)
-            chosen = [i for i, k in zip(indices, keep.tolist()) if k]
-            losses.append(loss)
+            chosen = [i for i, k in zip(indices, self._select(loss).tolist()) if k]
             selected += len(chosen)
             self.skipped += len(indices) - len(chosen)
             if self.settings.mode == "threshold":
-                backward, self.pool = chosen, []
+                backward = chosen
                 break
             self.pool.extend(chosen)
             if len(self.pool) >= bs:
