@@ -464,10 +464,16 @@ class StopSignals:
     def __init__(self) -> None:
         self.engine = None
         self.interrupts = 0
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for signum, handler in ((signal.SIGTERM, self._on_signal), (signal.SIGINT, self._on_signal), (signal.SIGHUP, signal.SIG_IGN)):
+                self._previous[signum] = signal.signal(signum, handler)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -571,8 +577,9 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         return code
 
     try:
-        early_emit("state", state="loading", step=0, message=f"loading {config.model}")
         try:
+            signals.install()
+            early_emit("state", state="loading", step=0, message=f"loading {config.model}")
             engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])])
             if resume:
                 _resume(engine, run_dir)
@@ -607,6 +614,7 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
             engine.close()
         return code
     finally:
+        signals.restore()
         time.sleep(0.2)  # let the last events reach clients
         server.close()
         lock.release()
