@@ -586,6 +586,8 @@ class Engine:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
         run = self.run_dir or "RUN"
         if what == "evaluation":
             option, size = "eval_batch_size", max(1, self.config.eval_batch_size // 2)
