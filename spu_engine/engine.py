@@ -485,7 +485,7 @@ class Engine:
             m.after_backward(step)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
-            return self._nonfinite(loss_value, t0)
+            return self._nonfinite(loss_value)
         trainable = [p for p in self.model.parameters() if p.grad is not None]
         stats_due = (step + 1) % self.config.stats_every == 0
         if self.scaler and trainable:
@@ -497,7 +497,7 @@ class Engine:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
         # a finite loss can still give an inf/nan gradient; never step on one (GradScaler handles its own)
         if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
-            return self._nonfinite(loss_value, t0)
+            return self._nonfinite(loss_value)
         self._nonfinite_streak = 0
         before = self._pre_stats() if stats_due else None
         if trainable and self.scaler:
@@ -530,10 +530,11 @@ class Engine:
         return fields
 
     @torch.no_grad()
-    def _nonfinite(self, loss_value: float, t0: float) -> dict[str, Any]:
+    def _nonfinite(self, loss_value: float) -> dict[str, Any]:
         """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""
-        bad_grads = sorted({self.units.unit_of[n] for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()})
-        bad_weights = sorted({self.units.unit_of[n] for n, p in self.params.items() if not torch.isfinite(p).all()})
+        unit_of = self.units.unit_of
+        bad_grads = sorted({unit_of.get(n, n) for n, p in self.params.items() if p.grad is not None and not torch.isfinite(p.grad).all()})
+        bad_weights = sorted({unit_of.get(n, n) for n, p in self.params.items() if not torch.isfinite(p).all()})
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite_streak += 1
         action = self.current.faults.on_nonfinite
