@@ -85,7 +85,7 @@ class SpuApp(App):
     ) -> None:
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.engine = engine
+        self.engine = engine  # the process we started, if any (attach leaves it None)
         self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
         self.history = history or []
         self.history_t = max((ev.get("t", 0.0) for ev in self.history), default=0.0)
@@ -192,6 +192,8 @@ class SpuApp(App):
             return
         self.state.state = "detached"
         hint = ""
+        if self.engine is not None and self.engine.poll() is not None:
+            hint += f" | the engine exited with code {self.engine.returncode}"
         log = self.run_dir / "engine.log"
         if log.exists():
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -224,12 +226,11 @@ class SpuApp(App):
             if ok:
                 self.call_after_refresh(self._record_roundtrip, pending.sent, ack.get("t", time.time()))
         if pending.section:
-            controls = self.controls
             if ok:
-                controls.set_status(pending.section, f"applied at step {ack.get('step')}", "ok")
+                self.controls.set_status(pending.section, f"applied at step {ack.get('step')}", "ok")
             else:
-                controls.set_status(pending.section, f"refused: {ack.get('message', '')}", "error")
-                controls.load(self.state.policy)
+                self.controls.set_status(pending.section, f"refused: {ack.get('message', '')}", "error")
+                self.controls.load(self.state.policy)
         if not ok and pending.rows:
             self._notify_log(f"{pending.cmd} refused: {ack.get('message', '')}", error=True, logged=True)
         if self._exit_on == str(ack.get("id")):

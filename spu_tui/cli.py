@@ -7,6 +7,7 @@ one clear line in the shell rather than a screen to escape from.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
 
 
+@functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
     if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return False

@@ -249,3 +249,25 @@ def test_attach_without_live_run_says_so(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["attach"])
     assert result.exit_code == 2 and "no live run" in result.output
+
+
+def test_engine_events_coalesce_into_one_wake_up(tmp_path):
+    """The reader thread posts one message for a burst of events; the UI drains them all at once."""
+    from spu_tui.link import EngineLink, EventsArrived
+
+    class Target:
+        def __init__(self) -> None:
+            self.posted: list = []
+
+        def post_message(self, message) -> bool:
+            self.posted.append(message)
+            return True
+
+    target = Target()
+    link = EngineLink(target, tmp_path)
+    for step in range(500):
+        link._on_event({"type": "step", "step": step})
+    assert len(target.posted) == 1 and isinstance(target.posted[0], EventsArrived)
+    assert [e["step"] for e in link.drain()] == list(range(500))
+    link._on_event({"type": "step", "step": 500})
+    assert len(target.posted) == 2, "after a drain the next event wakes the UI again"

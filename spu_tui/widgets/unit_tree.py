@@ -76,6 +76,13 @@ class UnitTree(Tree[Row]):
                 row = Row("tensor", p["name"])
                 self._row_nodes[row].set_label(self._label(row, p["name"][len(prefix):] or p["name"], p["numel"], width - 8))
 
+    def move_to(self, row: Row) -> None:
+        """Put the cursor on ``row``, expanding its unit if it is a tensor."""
+        node = self._row_nodes[row]
+        if node.parent is not None and not node.parent.is_root:
+            node.parent.expand()
+        self.call_after_refresh(self.move_cursor, node)
+
     def set_pending(self, rows: list[Row], pending: bool) -> None:
         (self.pending.update if pending else self.pending.difference_update)(rows)
         self.relabel()

@@ -1,0 +1,100 @@
+"""Write SVG screenshots of the real console during a real run: ``python -m spu_tui.screenshots``.
+
+Starts an engine process (MiniLM on SST-2 by default), attaches the app
+headless, lets it train until an evaluation has happened, freezes the lower
+layers from the tree (so the plots show a policy-change mark), and saves
+the main screen at 200x50 and 80x24 plus the help, controls and quit screens.
+The engine is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import typer
+
+from spu_engine.engine import EngineConfig
+from spu_engine.policy import Policy
+from spu_engine.server import spawn_engine
+
+from .app import SpuApp
+from .screens.help import HelpScreen
+from .screens.quit import QuitScreen
+
+
+async def _wait(pilot, predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the run did not get there in time; give --timeout more seconds")
+        await pilot.pause(0.2)
+
+
+async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -> list[Path]:
+    app = SpuApp(run_dir, engine=proc)
+    shots: list[Path] = []
+
+    def save(name: str) -> None:
+        app.save_screenshot(filename=f"{name}.svg", path=str(out))
+        shots.append(out / f"{name}.svg")
+
+    async with app.run_test(size=(200, 50)) as pilot:
+        await _wait(pilot, lambda: app.state.units and app.state.step >= freeze_at, timeout)
+        await pilot.press("down", "down", "f")  # freeze embeddings, block0, block1
+        await _wait(pilot, lambda: not app.pending, timeout)
+        await _wait(pilot, lambda: len(app.state.eval_steps) >= 2 and app.state.unit_stats, timeout)
+        await pilot.pause(0.6)  # one plot tick
+        save("console-200x50")
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.6)
+        save("console-80x24")
+        await pilot.press("4")
+        await pilot.pause(0.4)
+        save("controls-80x24")
+        await pilot.press("1", "question_mark")
+        await _wait(pilot, lambda: isinstance(app.screen, HelpScreen), 10)
+        await pilot.pause(0.3)
+        save("help-80x24")
+        await pilot.press("escape", "q")
+        await _wait(pilot, lambda: isinstance(app.screen, QuitScreen), 10)
+        await pilot.pause(0.3)
+        save("quit-80x24")
+        await pilot.press("n")  # stop now
+        await _wait(pilot, lambda: not app.is_running, 60)
+    return shots
+
+
+def main(
+    model: str = typer.Option("minilm"),
+    data: str = typer.Option(str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2")),
+    out: Path = typer.Option(Path("screenshots")),
+    run_dir: Path = typer.Option(Path("runs") / "screenshots"),
+    steps: int = typer.Option(400),
+    batch_size: int = typer.Option(16),
+    max_length: int = typer.Option(48),
+    eval_every: int = typer.Option(10),
+    freeze_at: int = typer.Option(8, help="step after which the lower layers are frozen from the tree"),
+    timeout: float = typer.Option(600.0),
+) -> None:
+    """Screenshots of the console steering a real run."""
+    if (run_dir / "events.jsonl").exists():
+        raise typer.BadParameter(f"{run_dir} already holds a run; remove it or pass --run-dir", param_hint="--run-dir")
+    config = EngineConfig(
+        model=model, data=data, steps=steps, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
+        stats_every=2, max_train_samples=4000, max_eval_samples=200,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    proc = spawn_engine(config, Policy(), run_dir)
+    try:
+        for path in asyncio.run(take(run_dir, proc, out, freeze_at, timeout)):
+            typer.echo(path)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    typer.run(main)
