@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny
+from conftest import DATA, build_tiny
 from spu_engine.data import BatchStream
+from spu_engine.engine import Engine, EngineConfig
 from spu_engine.methods.selective_backprop import SelectiveBackprop
 from spu_engine.policy import Change, parse_policy
+from spu_engine.tasks import TaskOptions
+from spu_engine.tasks.lm import LMTask
 
 BS = 8
 
@@ -147,3 +150,16 @@ def test_other_architectures(make_engine, arch):
     engine = make_engine(arch, sb_policy(mode="percentile", keep=0.5), batch_size=BS)
     fields = engine.train_step()
     assert fields["sb_backward"] == BS and fields["samples"] >= BS
+
+
+def test_causal_lm_batches(tokenizer):
+    """Per-token losses reduced per sample: selection and backward work on LM blocks too."""
+    wiki = DATA / "wikitext2" / "wiki.valid.raw"
+    task = LMTask.build(str(wiki), tokenizer, TaskOptions(max_length=16, max_train_samples=64, max_eval_samples=4))
+    config = EngineConfig(model="tiny", data=str(wiki), task="lm", steps=5, batch_size=4, max_length=16, eval_every=0, warmup=0)
+    policy = sb_policy(mode="percentile", keep=0.5)
+    engine = Engine(config, policy, None, model=build_tiny("gpt2", tokenizer, "lm"), tokenizer=tokenizer, task=task)
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    fields = engine.train_step()
+    assert fields["sb_backward"] == 4 and fields["samples"] >= 4
+    assert any(not torch.equal(p, before[n]) for n, p in engine.model.named_parameters())
