@@ -197,7 +197,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
         out.print(f"no runs under {root}")
         return
     table = Table(title=f"runs under {root}", title_justify="left")
-    for column in ("run", "state", "step", "loss", "eval", "last event"):
+    for column in ("run", "state", "step", "loss", "eval", "last event", "note"):
         table.add_column(column, justify="right" if column in ("step", "loss") else "left")
     for info in found:
         state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
@@ -209,6 +209,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
             f"{info.loss:.4f}" if info.loss is not None else "-",
             metric,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified)),
+            info.message if info.state in ("stopped", "error") else "",
         )
     out.print(table)
     resumable = [i for i in found if i.state in ("crashed", "stopped")]
