@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SST2, build_tiny
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
-from conftest import SST2, build_tiny
 from spu_engine.cli import app
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.export import _ffn_modules, _neuron_rows, compact_ffn, count_params, export_run, probe_batch
@@ -86,7 +86,7 @@ def test_export_dense_folds_masks_and_loads(pruned_run, tmp_path):
 
 
 def test_export_compact_matches_masked_model_with_fewer_parameters(pruned_run, tmp_path):
-    run_dir, pm, engine, batch, logits = pruned_run
+    run_dir, _, _, batch, logits = pruned_run
     report = export_run(run_dir, tmp_path / "compact", compact=True)
     assert report.ffn_width == (64, 64 - 10)  # the widest block keeps 54 live neurons
     assert report.params < report.dense_params and report.max_abs_diff < 1e-5

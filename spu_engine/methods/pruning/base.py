@@ -56,13 +56,13 @@ class Pruner:
 
     name: ClassVar[str]
 
-    def __init__(self, engine: "Engine", masks: MaskedWeights, targets: list[str], settings: "Pruning", step: int) -> None:
+    def __init__(self, engine: Engine, masks: MaskedWeights, targets: list[str], settings: Pruning, step: int) -> None:
         self.engine = engine
         self.masks = masks
         self.targets = targets
         self.settings = settings
 
-    def reconfigure(self, settings: "Pruning", step: int) -> None:
+    def reconfigure(self, settings: Pruning, step: int) -> None:
         """New settings for the same method and targets (validated already)."""
         self.settings = settings
 

@@ -50,7 +50,7 @@ class PruningMethod(Method):
 
     # -- policy ----------------------------------------------------------------
 
-    def configure(self, policy: "Policy", step: int) -> None:
+    def configure(self, policy: Policy, step: int) -> None:
         new = policy.pruning
         if new == self.settings:
             return
@@ -77,7 +77,10 @@ class PruningMethod(Method):
         if isinstance(self.pruner, ScheduledPruner) and (not same_pruner or self._schedule_changed(old, new)):
             anchored = step > new.schedule.start_step
             self.pruner.follow(self._ramp(new, step, anchored), anchored)
-        end = new.schedule.end_step if new.method != "imp" else self.pruner.next_round + (new.imp.rounds - 1) * new.imp.round_steps
+        if isinstance(self.pruner, IMPPruner):
+            end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done - 1) * new.imp.round_steps
+        else:
+            end = new.schedule.end_step
         if end > self.engine.config.steps:
             self.engine.log(f"pruning ends at step {end}, after the run's last step ({self.engine.config.steps}): the final sparsity will not be reached", "warning")
 
