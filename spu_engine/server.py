@@ -585,7 +585,8 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
                 _resume(engine, run_dir)
             signals.engine = engine
         except StoppedWhileLoading as stop:
-            early_emit("state", state="stopped", step=0, message=f"{stop}: stopped while loading; nothing was trained")
+            since = " since the newest checkpoint" if resume else ""
+            early_emit("state", state="stopped", step=0, message=f"{stop}: stopped while loading; nothing was trained{since}")
             return 0
         except (PolicyError, ModelLoadError, DataError, CheckpointError, ValueError) as exc:
             return give_up(2, str(exc))
