@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import SST2
+
 from spu_engine.checkpoint import list_checkpoints, read_state, verify
 from spu_engine.engine import EngineConfig
 from spu_engine.policy import FreezeRule, Policy, TimelineEntry

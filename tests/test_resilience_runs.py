@@ -30,10 +30,10 @@ def _trained(n, start=1, loss=1.0):
 
 def test_state_comes_from_the_lock_then_the_last_state_event(tmp_path):
     started = [("state", {"state": "loading", "step": 0}), ("state", {"state": "training", "step": 0})]
-    finished = _run(tmp_path, "finished", [*started, *_trained(100), ("eval", {"step": 100, "eval_loss": 0.4, "accuracy": 0.8125}), ("state", {"state": "finished", "step": 100})], age=50)
-    stopped = _run(tmp_path, "stopped", [*started, *_trained(7), ("state", {"state": "stopped", "step": 7, "message": "SIGTERM: stopped at step 7"})], age=40)
-    crashed = _run(tmp_path, "crashed", [*started, *_trained(12)], age=30)
-    failed = _run(tmp_path, "failed", [("state", {"state": "loading", "step": 0}), ("state", {"state": "error", "step": 0, "message": "no such model"})], age=20)
+    _run(tmp_path, "finished", [*started, *_trained(100), ("eval", {"step": 100, "eval_loss": 0.4, "accuracy": 0.8125}), ("state", {"state": "finished", "step": 100})], age=50)
+    _run(tmp_path, "stopped", [*started, *_trained(7), ("state", {"state": "stopped", "step": 7, "message": "SIGTERM: stopped at step 7"})], age=40)
+    _run(tmp_path, "crashed", [*started, *_trained(12)], age=30)
+    _run(tmp_path, "failed", [("state", {"state": "loading", "step": 0}), ("state", {"state": "error", "step": 0, "message": "no such model"})], age=20)
     live = _run(tmp_path, "live", [*started, *_trained(3)], age=10)
     lock = RunLock(live)
     lock.acquire()

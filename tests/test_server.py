@@ -67,7 +67,7 @@ def test_each_bad_line_gets_one_error_and_the_server_keeps_serving(server):
 
 
 def test_hello_command_sends_a_fresh_snapshot(server):
-    srv, received = server
+    srv, _ = server
     client = EngineClient(srv.path).connect(5)
     first = client.wait_for(lambda e: e["type"] == "hello", 5)
     client.send("hello")
