@@ -226,11 +226,7 @@ class SpuApp(App):
             if ok:
                 self.call_after_refresh(self._record_roundtrip, pending.sent, ack.get("t", time.time()))
         if pending.section:
-            if ok:
-                self.controls.set_status(pending.section, f"applied at step {ack.get('step')}", "ok")
-            else:
-                self.controls.set_status(pending.section, f"refused: {ack.get('message', '')}", "error")
-                self.controls.load(self.state.policy)
+            self.controls.acknowledged(pending.section, ok, ack.get("step", self.state.step), ack.get("message", ""), self.state.policy)
         if not ok and pending.rows:
             self._notify_log(f"{pending.cmd} refused: {ack.get('message', '')}", error=True, logged=True)
         if self._exit_on == str(ack.get("id")):
@@ -337,8 +333,8 @@ class SpuApp(App):
         default = Path(self.state.run_dir or self.run_dir) / "policy-export.yaml"
 
         def chosen(path: Path | None) -> None:
-            if path is not None:
-                self._send("export", path=str(path.resolve()))
+            if path is not None and self._send("export", path=str(path.resolve())):
+                self.notify(f"exporting to {path} at the next step boundary", timeout=4)
 
         self.push_screen(ExportScreen(default), chosen)
 

@@ -155,5 +155,7 @@ def attach(run: Optional[Path] = typer.Argument(None, help="run folder [default:
 
 
 def _say_where(run_dir: Path) -> None:
-    state = "still training" if is_live(run_dir) else "not running"
-    typer.echo(f"run folder: {run_dir} (engine {state}); reattach with: spu-tui attach {run_dir}")
+    if is_live(run_dir):
+        typer.echo(f"run folder: {run_dir} (engine still training); reattach with: spu-tui attach {run_dir}")
+    else:
+        typer.echo(f"run folder: {run_dir} (engine not running); see its history with: spu-tui attach {run_dir}")

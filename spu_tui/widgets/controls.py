@@ -180,19 +180,36 @@ class ControlsPanel(VerticalScroll, can_focus=False):
                 return sec
         raise KeyError(widget_id)
 
-    def _request(self, section: str) -> None:
+    def _field_problem(self, section: str) -> str | None:
+        """The first invalid numeric field of ``section``, as the validator words it."""
         for sec, wid, *_ in NUMBERS:
             if sec == section:
-                result = self.query_one(f"#{wid}", Input).validate(self.query_one(f"#{wid}", Input).value)
+                field = self.query_one(f"#{wid}", Input)
+                result = field.validate(field.value)
                 if result is not None and not result.is_valid:
-                    self.set_status(section, result.failure_descriptions[0], "error")
-                    return
-        values = self.section_values(section)
-        error = _check_section(section, values)
-        if error:
-            self.set_status(section, error, "error")
+                    return result.failure_descriptions[0]
+        return None
+
+    def _request(self, section: str) -> None:
+        problem = self._field_problem(section)
+        if problem is None:
+            problem = _check_section(section, self.section_values(section))
+        if problem:
+            self.set_status(section, problem, "error")
             return
-        self.post_message(self.ApplyRequested(section, values))
+        self.post_message(self.ApplyRequested(section, self.section_values(section)))
+
+    def acknowledged(self, section: str, ok: bool, step: int, message: str, policy: dict[str, Any]) -> None:
+        """The engine answered a change of ``section``; a field still being edited keeps its own message."""
+        self.load(policy)
+        if not ok:
+            self.set_status(section, f"refused: {message}", "error")
+            return
+        problem = self._field_problem(section)
+        if problem:
+            self.set_status(section, f"applied at step {step}; {problem}", "error")
+        else:
+            self.set_status(section, f"applied at step {step}", "ok")
 
     def section_values(self, section: str) -> dict[str, Any]:
         def num(wid: str, cast):
