@@ -160,6 +160,7 @@ class Engine:
         self.task = task
         if model is None:
             model = load_model(config.model, task_cls.model_kind, num_labels=task.num_labels, tokenizer=tokenizer)
+        task.check_fits(model)
         self.model = model.to(self.device)
         self.model.train()
         self.units: Units = find_units(self.model)

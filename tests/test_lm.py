@@ -95,3 +95,9 @@ def test_lm_trains_with_frozen_prefix(tokenizer, arch):
     last = engine.evaluate()
     assert last["perplexity"] == pytest.approx(math.exp(last["eval_loss"]))
     assert last["eval_loss"] < first["eval_loss"]
+
+
+def test_blocks_longer_than_the_model_positions_are_refused_before_training(tokenizer):
+    config = EngineConfig(model="tiny", data=str(WIKI), steps=1, max_length=256, max_train_samples=4, max_eval_samples=2)
+    with pytest.raises(DataError, match="sequences of 256 tokens do not fit this model's 128 positions; use --max-length 128 or less"):
+        Engine(config, model=build_tiny("gpt2", tokenizer, "lm"), tokenizer=tokenizer)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..data import pad_collate
+from ..data import DataError, pad_collate
 
 
 @dataclass
@@ -52,6 +52,14 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """Metrics over an iterable of eval batches (already on the model's device)."""
+
+    def check_fits(self, model: nn.Module) -> None:
+        """A sequence longer than the model's position table fails deep inside its forward: say so before training."""
+        config = getattr(model, "config", None)
+        limit = next((getattr(config, k) for k in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, k, None), int)), None)
+        longest = max((len(f["input_ids"]) for f in (*self.train, *self.eval)), default=0)
+        if limit is not None and longest > limit:
+            raise DataError(f"--max-length: sequences of {longest} tokens do not fit this model's {limit} positions; use --max-length {limit} or less")
 
 
 TARGET_KEYS = ("labels", "start_positions", "end_positions", "feature_index")
