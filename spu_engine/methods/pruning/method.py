@@ -59,6 +59,8 @@ class PruningMethod(Method):
             self.settings = new
             return
         targets = self.resolve_targets(new)
+        if not self.masks.masks and self.masks.model is not self.engine.model:  # a method (PEFT) wrapped the model
+            self.masks = MaskedWeights(self.engine.model)
         if new.method == "imp":
             ref = self.pruner.reference_step if isinstance(self.pruner, IMPPruner) else None
             IMPPruner.validate(new, step, ref)
