@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from conftest import build_tiny
 from safetensors.torch import load_file
 from torch.nn.utils import prune
 
 from spu_engine.methods.pruning import PruningMethod
 from spu_engine.methods.pruning.layout import sublayer
+from spu_engine.methods.pruning.masks import MaskedWeights
 from spu_engine.policy import Change, PolicyError, parse_policy
 
 TARGETS = ["*.attention.*.weight", "*.intermediate.dense.weight", "*.output.dense.weight"]
@@ -333,3 +335,25 @@ def test_checkpoint_holds_masked_weights_and_resume_restores_masks(make_engine, 
     assert rm.pruner.ramp == pm.pruner.ramp
     run_steps(resumed, 3)
     assert rm.sparsity() == pytest.approx(0.7, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "distilbert"])
+def test_mask_hooks_work_across_architectures(tokenizer, arch):
+    task = "lm" if arch in ("gpt2", "llama") else "classification"
+    model = build_tiny(arch, tokenizer, task).eval()
+    reference = copy.deepcopy(model)
+    masks = MaskedWeights(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()):
+            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                keep = torch.rand(p.shape, generator=g) > 0.5
+                masks.set(name, keep)
+                reference.get_parameter(name).mul_(keep)
+    ids = torch.randint(0, 1000, (2, 12), generator=g)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids)[0], reference(input_ids=ids)[0], atol=1e-6)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    masks.clear()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids)[0], reference(input_ids=ids)[0], atol=1e-6)
