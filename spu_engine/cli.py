@@ -150,7 +150,8 @@ def train(
         pol = read_policy(policy)
         run_dir = run_dir or default_run_dir(config.model, config.task)
     sink = ProgressSink(config.steps)
-    out.print(f"run folder: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+        out.print(f"run folder: {run_dir}")
     try:
         code = serve(config, pol, Path(run_dir), resume=resume is not None, sinks=[sink])
     except RunFolderError as exc:

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import checkpoint as ckpt
+from .distributed import Distributed
 from .methods import METHODS
 from .model import Units, check_policy_against_model, find_units, freeze_mask, load_model, load_tokenizer, resolve_model_name
 from .policy import Change, Policy, PolicyError, TimelineEntry, atomic_write_text
@@ -111,8 +112,10 @@ class Engine:
         tokenizer=None,
         task: Task | None = None,
         sinks: list[Callable[[bytes, dict], None]] | None = None,
+        dist: Distributed | None = None,
     ) -> None:
         self.config = config
+        self.dist = dist  # set for multi-process runs: rank 0 decides, every rank applies
         self.run_dir = Path(run_dir) if run_dir else None
         self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
         self.inbox: queue.Queue = queue.Queue()
@@ -136,7 +139,10 @@ class Engine:
             torch.set_num_threads(config.threads)
         random.seed(config.seed)
         torch.manual_seed(config.seed)
-        self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dist is not None:
+            self.device = dist.device
+        else:
+            self.device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp_dtype = self._amp_dtype()
 
         task_cls = get_task(config.task)
@@ -365,6 +371,14 @@ class Engine:
             pass
         return cmds
 
+    def _take_commands(self, block: bool) -> list[Any]:
+        """This boundary's commands: rank 0's inbox, broadcast so every rank applies the same ones."""
+        if self.dist is None:
+            return self._drain(block)
+        cmds, signal_name = self.dist.broadcast((self._drain(block) if self.dist.is_main else [], self._stop_signal))
+        self._stop_signal = self._stop_signal or signal_name
+        return cmds
+
     def _handle(self, cmd: Any) -> None:
         ok, message = True, ""
         name = getattr(cmd, "cmd", "?")
@@ -394,7 +408,8 @@ class Engine:
                 self.survive_oom(self.evaluate, "evaluation")
             elif isinstance(cmd, ExportCmd):
                 path = Path(cmd.path).expanduser()
-                self.replayable_policy().save(path)
+                if self.dist is None or self.dist.is_main:
+                    self.replayable_policy().save(path)
                 message = str(path)
             elif isinstance(cmd, HelloCmd):
                 pass
@@ -414,11 +429,11 @@ class Engine:
                 self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
             except PolicyError as exc:
                 self.emit("error", step=self.step, message=f"timeline entry at step {entry.step}: {exc}")
-        for cmd in self._drain(block=False):
+        for cmd in self._take_commands(block=False):
             self._handle(cmd)
         self._stop_if_signalled()
         while self._paused and not self._stop_requested:
-            for cmd in self._drain(block=True):
+            for cmd in self._take_commands(block=True):
                 self._handle(cmd)
             self._stop_if_signalled()
 
@@ -444,7 +459,11 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def next_batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
-        return self.batch_of(self.stream.take(n or self.config.batch_size))
+        """``n`` examples per rank: ranks draw the same global batch and each takes its share."""
+        n = n or self.config.batch_size
+        if self.dist is None:
+            return self.batch_of(self.stream.take(n))
+        return self.batch_of(self.dist.shard(self.stream.take(n * self.dist.world_size)))
 
     def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """These training examples, collated (padded to their longest) and on the device."""
@@ -484,6 +503,9 @@ class Engine:
         loss, n_samples, extra = self._forward_backward()
         for m in self.methods:
             m.after_backward(step)
+        if self.dist is not None:
+            loss = self.dist.average_gradients([p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad], loss)
+            n_samples *= self.dist.world_size
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             return self._nonfinite(loss_value)
@@ -518,7 +540,7 @@ class Engine:
             loss=round(loss_value, 6),
             lr=self.optimizer.param_groups[0]["lr"],
             step_time=round(dt, 5),
-            samples_per_s=round(self.config.batch_size / self._step_time_ema, 2),
+            samples_per_s=round(self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2),
             samples=self.samples_seen,
             trainable=self.trainable_count(),
             **extra,

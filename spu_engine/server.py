@@ -532,6 +532,28 @@ def _resume(engine, run_dir: Path) -> None:
         warn(f"the run already reached its {engine.config.steps} steps; pass --steps to train further")
 
 
+def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
+    """A rank other than 0: no socket, no run-folder writes; commands arrive from rank 0 at each boundary."""
+    from .checkpoint import list_checkpoints
+    from .engine import Engine
+
+    signals = StopSignals()
+    signals.install()
+    engine = Engine(config, policy, None, dist=dist)
+    step = dist.broadcast(None)
+    if step is not None:
+        path = next(p for p in list_checkpoints(run_dir / "checkpoints") if p.name == f"step-{step:07d}")
+        engine.resume_from(path)
+    signals.engine = engine
+    try:
+        engine.run()
+        return 1 if engine.fault_stop else 0
+    finally:
+        signals.restore()
+        engine.close()
+        dist.close()
+
+
 def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None) -> int:
     """Run an engine process: lock the run folder, serve the socket, train.
 
@@ -540,10 +562,14 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
     """
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import Distributed
     from .engine import Engine
     from .model import ModelLoadError
     from .policy import PolicyError
 
+    dist = Distributed.from_env()
+    if dist is not None and not dist.is_main:
+        return _serve_worker(config, policy, run_dir, resume, dist)
     os.umask(0o077)  # every file and folder this process creates is its owner's alone
     prepare_run_dir(run_dir)
     lock = RunLock(run_dir)
@@ -580,9 +606,11 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         try:
             signals.install()
             early_emit("state", state="loading", step=0, message=f"loading {config.model}")
-            engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])])
+            engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])], dist=dist)
             if resume:
                 _resume(engine, run_dir)
+            if dist is not None:  # workers resume from the checkpoint rank 0 chose
+                dist.broadcast(engine.step if resume and engine.step > 0 else None)
             signals.engine = engine
         except StoppedWhileLoading as stop:
             since = " since the newest checkpoint" if resume else ""
@@ -613,6 +641,8 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
             code = 1
         finally:
             engine.close()
+            if dist is not None:
+                dist.close()
         return code
     finally:
         signals.restore()
