@@ -33,6 +33,8 @@ class SelectiveBackpropTrainer(Trainer):
         self.spu = spu
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not model.training:  # evaluation: the model's own loss and outputs
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return self.spu.controller.selective_loss(inputs, lambda batch: per_sample_loss(model, batch))
 
 

@@ -86,7 +86,7 @@ def _run_trainer(task, arch, config, tmp_path, policy=POLICY):
             return StreamSampler(len(task.train), config.seed, STEPS * BATCH)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if parse_policy(policy).selective_backprop.mode == "off":
+            if parse_policy(policy).selective_backprop.mode == "off" or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return callback.controller.selective_loss(inputs, lambda b: per_sample_loss(model, b))  # the recipe of examples/
 
