@@ -27,7 +27,7 @@ from .screens.export import ExportScreen
 from .screens.help import HelpScreen
 from .screens.quit import QuitScreen
 from .widgets.chart import BarSpec, Chart, LineSpec, Series
-from .widgets.controls import ControlsPanel, TITLES
+from .widgets.controls import TITLES, ControlsPanel
 from .widgets.event_log import EventLog
 from .widgets.key_bar import KeyBar
 from .widgets.learning_view import LearningView

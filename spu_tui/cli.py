@@ -19,7 +19,6 @@ import typer
 from spu_engine.cli import build_config, default_run_dir, fail, read_policy
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model import resolve_model_name
-
 from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
 
 app = typer.Typer(add_completion=False, help="SPU console: steer which parameters learn while a model trains.")

@@ -17,7 +17,7 @@ SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
 @dataclass
 class LogLine:
     step: int
-    kind: str  # policy | eval | state | checkpoint | error | log | ack
+    kind: str  # policy | eval | state | checkpoint | export | error | log | ui
     text: str
     error: bool = False
 

@@ -7,16 +7,15 @@ does for a finished run, so these tests are fast and deterministic.
 from __future__ import annotations
 
 import pytest
+from conftest import SST2
 from typer.testing import CliRunner
 
 from spu_engine.policy import Change, FreezeRule, TimelineEntry
-from spu_tui.app import PANELS, SpuApp
 from spu_engine.runs import read_history
+from spu_tui.app import PANELS, SpuApp
 from spu_tui.screens.help import HelpScreen
 from spu_tui.widgets.controls import ControlsPanel
 from spu_tui.widgets.unit_tree import UnitTree
-
-from conftest import SST2
 
 
 def small_sst2(folder):
@@ -30,11 +29,11 @@ def small_sst2(folder):
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory, tokenizer):
     """A finished 16-step tiny-BERT run that froze embeddings + block0 at step 8: its events.jsonl, as attach reads it."""
+    from conftest import build_tiny
+
     from spu_engine.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
-
-    from conftest import build_tiny
 
     run_dir = tmp_path_factory.mktemp("recorded")
     data = small_sst2(tmp_path_factory.mktemp("sst2"))

@@ -13,18 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SST2
 
 from spu_engine.engine import EngineConfig
 from spu_engine.methods import METHODS
 from spu_engine.policy import Policy, load_policy
-from spu_engine.runs import is_live
+from spu_engine.runs import is_live, read_history
 from spu_engine.server import spawn_engine
 from spu_tui.app import SpuApp
-from spu_engine.runs import read_history
 from spu_tui.screens.export import ExportScreen
 from spu_tui.screens.quit import QuitScreen
-
-from conftest import SST2
 
 TRAIN_ARGS = {"batch_size": 8, "max_length": 32, "eval_every": 0, "stats_every": 2, "lr": 1e-3, "warmup": 0, "max_eval_samples": 16, "threads": 1}
 

@@ -18,7 +18,7 @@ from textual.message import Message
 from textual.validation import ValidationResult, Validator
 from textual.widgets import Input, Label, Select, Static
 
-from spu_engine.policy import Peft, Pruning, PruningSchedule, SelectiveBackprop, WeightUpdateSkipping
+from spu_engine.policy import SECTIONS, Peft, Policy, Pruning, PruningSchedule, SelectiveBackprop, WeightUpdateSkipping
 
 
 def allowed_range(model: type[BaseModel], field: str) -> str:
@@ -121,22 +121,20 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     def load(self, policy: dict[str, Any]) -> None:
         """Show the engine's current values (fields being edited are left alone)."""
-        sb = policy.get("selective_backprop", {})
-        wus = policy.get("weight_update_skipping", {})
-        pr = policy.get("pruning", {})
-        sched = pr.get("schedule", {})
+        pol = Policy.model_validate({k: v for k, v in policy.items() if k in SECTIONS})
+        sb, wus, pr = pol.selective_backprop, pol.weight_update_skipping, pol.pruning
         values = {
-            "sb-mode": sb.get("mode", "off"),
-            "sb-threshold": sb.get("threshold", 0.0),
-            "sb-keep": sb.get("keep", 0.5),
-            "wus-enabled": "on" if wus.get("enabled") else "off",
-            "wus-patience": wus.get("patience", 2),
-            "pr-method": pr.get("method", "none"),
-            "pr-scope": pr.get("scope", "global"),
-            "pr-target": sched.get("final_sparsity", 0.5),
-            "pr-start": sched.get("start_step", 0),
-            "pr-end": sched.get("end_step", 1000),
-            "peft-method": policy.get("peft", {}).get("method", "none"),
+            "sb-mode": sb.mode,
+            "sb-threshold": sb.threshold,
+            "sb-keep": sb.keep,
+            "wus-enabled": "on" if wus.enabled else "off",
+            "wus-patience": wus.patience,
+            "pr-method": pr.method,
+            "pr-scope": pr.scope,
+            "pr-target": pr.schedule.final_sparsity,
+            "pr-start": pr.schedule.start_step,
+            "pr-end": pr.schedule.end_step,
+            "peft-method": pol.peft.method,
         }
         self.engine_values = {wid: str(value) for wid, value in values.items()}
         for wid, value in self.engine_values.items():
