@@ -6,7 +6,6 @@ its process, a replay by ``spu train`` -- never only on what the UI shows.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -87,6 +86,7 @@ async def test_toggling_block0_freezes_it_in_the_engine_and_the_export_replays(e
         await pilot.press("enter")  # the default path
         exported = run_dir / "policy-export.yaml"
         await wait_for(pilot, exported.exists, "the exported policy")
+    proc.kill()  # frees the CPU for the replay below
 
     change = events_of(run_dir, "policy")[-1]
     assert change["source"] == "client" and change["change"]["freeze"] == [{"units": ["block0"], "trainable": False}]
@@ -106,7 +106,7 @@ async def test_toggling_block0_freezes_it_in_the_engine_and_the_export_replays(e
     assert freeze_timeline(replay_dir) == freeze_timeline(run_dir) == [(change_step, [{"units": ["block0"], "trainable": False}])]
 
 
-async def test_threshold_edit_reaches_the_engine_and_q_detach_leaves_it_running(engine_run):
+async def test_threshold_edit_reaches_the_engine_q_detach_keeps_it_training_and_attach_rebuilds_history(engine_run):
     proc, run_dir = engine_run
     app = SpuApp(run_dir, engine=proc)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -142,4 +142,13 @@ async def test_threshold_edit_reaches_the_engine_and_q_detach_leaves_it_running(
     time.sleep(2.0)
     assert proc.poll() is None and is_live(run_dir), "detach must leave the engine running"
     assert len(events_of(run_dir, "step")) > steps_at_exit, "the engine keeps training without a client"
-    assert json.loads((run_dir / "config.json").read_text())["steps"] == 100_000
+
+    # attach again (what `spu-tui attach` does): the history is rebuilt from events.jsonl, then goes on live
+    history = read_history(run_dir)
+    again = SpuApp(run_dir, history=history)
+    async with again.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: again.state.step > history[-1].get("step", 0), "live steps after the history")
+        assert again.state.change_steps[0] == change["step"], "the policy change made before detaching is on the plot"
+        assert again.state.loss_steps[: len(history)] == sorted(set(again.state.loss_steps[: len(history)]))
+        assert again.state.loss_steps[0] == 1, "the loss curve starts at the first step"
+        assert again.state.policy["selective_backprop"]["threshold"] == 0.3
