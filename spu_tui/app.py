@@ -20,6 +20,7 @@ from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
+from textual.timer import Timer
 
 from .link import EngineLink, EventsArrived
 from .run_state import LogLine, RunState
@@ -94,7 +95,8 @@ class SpuApp(App):
         self.roundtrips: list[tuple[float, float]] = []  # (key -> redraw, engine ack -> redraw) seconds
         self.active_panel = "loss"
         self._plots_dirty = True
-        self._exit_on: str | None = None
+        self._exit_on: str | None = None  # id of the stop command whose ack ends the app
+        self._exit_timer: Timer | None = None
         self.header = RunHeader(id="header")
         self.unit_tree = UnitTree(id="tree")
         self.panel_bar = PanelBar(PANELS, id="panel-bar")
@@ -217,6 +219,15 @@ class SpuApp(App):
                 self._acknowledged(ack)
 
     def _acknowledged(self, ack: dict[str, Any]) -> None:
+        if self._exit_on is not None and self._exit_on == str(ack.get("id")):
+            if ack.get("ok"):
+                self.exit()  # the engine took the stop (after its checkpoint, if asked for)
+                return
+            self._exit_on = None  # e.g. the checkpoint could not be written: the run goes on, and so do we
+            if self._exit_timer is not None:
+                self._exit_timer.stop()
+            self._notify_log(f"stop refused: {ack.get('message', '')}", error=True)
+            return
         pending = self.pending.pop(str(ack.get("id")), None)
         if pending is None:
             return
@@ -229,8 +240,6 @@ class SpuApp(App):
             self.controls.acknowledged(pending.section, ok, ack.get("step", self.state.step), ack.get("message", ""), self.state.policy)
         if not ok and pending.rows:
             self._notify_log(f"{pending.cmd} refused: {ack.get('message', '')}", error=True, logged=True)
-        if self._exit_on == str(ack.get("id")):
-            self.exit()
 
     def _record_roundtrip(self, sent: float, ack_t: float) -> None:
         self.roundtrips.append((time.perf_counter() - sent, time.time() - ack_t))
@@ -352,7 +361,7 @@ class SpuApp(App):
                 return
             self._exit_on = cid
             self._notify_log("stopping: waiting for the engine to finish the current step" + (" and write a checkpoint" if choice == "stop_checkpoint" else ""))
-            self.set_timer(STOP_TIMEOUT, self.exit)
+            self._exit_timer = self.set_timer(STOP_TIMEOUT, self.exit)
 
     def on_unmount(self) -> None:
         if self.link is not None:

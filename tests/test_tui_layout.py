@@ -270,3 +270,37 @@ def test_engine_events_coalesce_into_one_wake_up(tmp_path):
     assert [e["step"] for e in link.drain()] == list(range(500))
     link._on_event({"type": "step", "step": 500})
     assert len(target.posted) == 2, "after a drain the next event wakes the UI again"
+
+
+@pytest.mark.parametrize("key, checkpoint", [("n", False), ("c", True)])
+async def test_quit_dialog_stops_the_engine_and_leaves_on_its_ack(recorded_run, key, checkpoint):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        link = app.link = ScriptedLink(app)
+        app.state.state = "training"
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert_inside(app, "#quit-box")
+        await pilot.press(key)
+        await pilot.pause(0.2)
+        assert link.sent[-1] == ("stop", {"checkpoint": checkpoint})
+        assert app.is_running, "the console waits for the engine's answer"
+        link.deliver({"type": "ack", "t": 2e9, "id": f"c{len(link.sent)}", "cmd": "stop", "step": 17, "ok": True, "message": ""})
+        await pilot.pause(0.3)
+        assert not app.is_running
+
+
+async def test_a_refused_stop_keeps_the_console_open(recorded_run):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        link = app.link = ScriptedLink(app)
+        app.state.state = "training"
+        await pilot.press("q", "c")
+        await pilot.pause(0.2)
+        message = "checkpoint could not be written: disk full; training goes on"
+        link.deliver({"type": "ack", "t": 2e9, "id": "c1", "cmd": "stop", "step": 17, "ok": False, "message": message})
+        await pilot.pause(0.3)
+        assert app.is_running
+        assert app.state.log[-1].error and message in app.state.log[-1].text
