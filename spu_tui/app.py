@@ -207,16 +207,22 @@ class SpuApp(App):
         assert self.link is not None
         changed: set[str] = set()
         acks = []
+        failed = None
         for ev in self.link.drain():
             if ev.get("type") != "hello" and ev.get("t", 0.0) <= self.history_t:
                 continue  # already drawn from events.jsonl
             changed |= self.state.apply(ev)
             if ev.get("type") == "ack":
                 acks.append(ev)
+            elif ev.get("type") == "state" and ev.get("state") == "error":
+                failed = ev.get("message") or "the engine failed"
         if self.views_alive:
             self._show(changed)
             for ack in acks:
                 self._acknowledged(ack)
+            if failed:  # the run cannot go on: show why, whichever panel was up
+                self.action_show_panel("log")
+                self.notify(failed, title="engine error", severity="error", timeout=10)
 
     def _acknowledged(self, ack: dict[str, Any]) -> None:
         if self._exit_on is not None and self._exit_on == str(ack.get("id")):
