@@ -136,7 +136,8 @@ EVENT_FIELDS = {
     "units": "step, units {name: {trainable, grad_norm, update_ratio, sparsity}}, tensors {name: {trainable, sparsity}}",
     "eval": "step, eval_loss and the task's metrics",
     "policy": "step, source, change, policy (current sections), trainable, trainable_by_unit",
-    "ack": "id, cmd, step, ok, message",
+    "received": "id, cmd: sent by the socket thread as soon as a valid command arrives (applied later, at a boundary)",
+    "ack": "id, cmd, step, ok, message: the command was applied (or refused) at this step boundary",
     "error": "message, step, id; faults add kind: nonfinite (loss, units and weights: non-finite unit names, "
     "action: skip|pause|stop) or oom (suggested {batch_size | eval_batch_size: smaller size})",
     "checkpoint": "step, path",

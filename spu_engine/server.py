@@ -291,6 +291,8 @@ class EngineServer:
             except Exception as exc:  # e.g. RecursionError on absurdly nested JSON
                 self.send_to(c.id, event("error", message=f"bad command: cannot be read ({type(exc).__name__})"))
                 continue
+            # answered at once: the client knows the engine has it, though it applies at the next boundary
+            self.send_to(c.id, event("received", id=cmd.id, cmd=cmd.cmd))
             if cmd.cmd == "hello":
                 self._send_hello(c)
             self.on_command(cmd, c.id)

@@ -53,6 +53,7 @@ class Pending:
     sent: float
     rows: list[Row] = field(default_factory=list)
     section: str | None = None
+    received: bool = False  # the engine has it and applies it at its next step boundary
 
 
 class ConnectFailed(Message):
@@ -93,6 +94,7 @@ class SpuApp(App):
         self.link = EngineLink(self, self.run_dir) if connect else None
         self.pending: dict[str, Pending] = {}
         self.roundtrips: list[tuple[float, float]] = []  # (key -> redraw, engine ack -> redraw) seconds
+        self.received_roundtrips: list[float] = []  # key -> engine received -> redraw, seconds
         self.active_panel = "loss"
         self._plots_dirty = True
         self._exit_on: str | None = None  # id of the stop command whose ack ends the app
@@ -206,7 +208,7 @@ class SpuApp(App):
     def on_events_arrived(self, _: EventsArrived) -> None:
         assert self.link is not None
         changed: set[str] = set()
-        acks = []
+        acks, received = [], []
         failed = None
         for ev in self.link.drain():
             if ev.get("type") != "hello" and ev.get("t", 0.0) <= self.history_t:
@@ -214,10 +216,14 @@ class SpuApp(App):
             changed |= self.state.apply(ev)
             if ev.get("type") == "ack":
                 acks.append(ev)
+            elif ev.get("type") == "received":
+                received.append(ev)
             elif ev.get("type") == "state" and ev.get("state") == "error":
                 failed = ev.get("message") or "the engine failed"
         if self.views_alive:
             self._show(changed)
+            for ev in received:
+                self._received(ev)
             for ack in acks:
                 self._acknowledged(ack)
             if failed:  # the run cannot go on: show why, whichever panel was up
@@ -246,6 +252,21 @@ class SpuApp(App):
             self.controls.acknowledged(pending.section, ok, ack.get("step", self.state.step), ack.get("message", ""), self.state.policy)
         if not ok and pending.rows:
             self._notify_log(f"{pending.cmd} refused: {ack.get('message', '')}", error=True, logged=True)
+
+    def _received(self, ev: dict[str, Any]) -> None:
+        """The engine has the command: rows and sections show it is queued for the next boundary."""
+        pending = self.pending.get(str(ev.get("id")))
+        if pending is None or pending.received:
+            return
+        pending.received = True
+        if pending.rows:
+            self.unit_tree.set_queued(pending.rows)
+            self.call_after_refresh(self._record_received, pending.sent)
+        if pending.section:
+            self.controls.set_status(pending.section, f"queued: {TITLES[pending.section]} applies at the next step boundary", "pending")
+
+    def _record_received(self, sent: float) -> None:
+        self.received_roundtrips.append(time.perf_counter() - sent)
 
     def _record_roundtrip(self, sent: float, ack_t: float) -> None:
         self.roundtrips.append((time.perf_counter() - sent, time.time() - ack_t))
@@ -328,7 +349,7 @@ class SpuApp(App):
         cid = self._send("change", change={"set": {message.section: message.values}})
         if cid is not None:
             self.pending[cid] = Pending("change", time.perf_counter(), section=message.section)
-            self.controls.set_status(message.section, f"pending: {TITLES[message.section]} at the next step", "pending")
+            self.controls.set_status(message.section, f"sent: {TITLES[message.section]}", "pending")
 
     def action_pause_resume(self) -> None:
         self._send("resume" if self.state.state == "paused" else "pause")

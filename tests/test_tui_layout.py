@@ -198,17 +198,27 @@ async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recor
         await pilot.pause(0.2)
         await pilot.press("down", "down", "space")  # block1
         assert link.sent[-1] == ("change", {"change": {"freeze": [{"units": ["block1"], "trainable": False}]}})
-        assert "…" in str(app.unit_tree.get_node_at_line(2).label), "the row shows pending"
+        label = str(app.unit_tree.get_node_at_line(2).label)
+        assert "·" in label and "…" not in label, "the row shows the change is on its way"
         t = max(e.get("t", 0) for e in history) + 1
+        link.deliver({"type": "received", "t": t, "id": "c1", "cmd": "change"})
+        await pilot.pause(0.2)
+        label = str(app.unit_tree.get_node_at_line(2).label)
+        assert "…" in label and "·" not in label, "the engine has it: queued for the next boundary"
+        assert len(app.received_roundtrips) == 1 and app.pending
         link.deliver({"type": "ack", "t": t, "id": "c1", "cmd": "change", "step": 17, "ok": True, "message": ""})
         await pilot.pause(0.2)
-        assert "…" not in str(app.unit_tree.get_node_at_line(2).label) and not app.pending
+        label = str(app.unit_tree.get_node_at_line(2).label)
+        assert "…" not in label and "·" not in label and not app.pending
 
         app.controls.query_one("#pr-method").value = "magnitude"
         await pilot.pause(0.2)
         cmd, fields = link.sent[-1]
         assert cmd == "change" and fields["change"]["set"]["pruning"]["method"] == "magnitude"
-        assert "pending" in str(app.query_one("#status-pruning").render())
+        assert str(app.query_one("#status-pruning").render()) == "sent: Pruning"
+        link.deliver({"type": "received", "t": t + 0.5, "id": "c2", "cmd": "change"})
+        await pilot.pause(0.2)
+        assert str(app.query_one("#status-pruning").render()) == "queued: Pruning applies at the next step boundary"
         refusal = "pruning: not implemented in this version of SPU; leave this section at its defaults"
         link.deliver(
             {"type": "ack", "t": t + 1, "id": "c2", "cmd": "change", "step": 17, "ok": False, "message": refusal},

@@ -17,6 +17,7 @@ BINDINGS_HELP = [
         ("space", "toggle the unit or tensor under the cursor: trainable ↔ frozen"),
         ("f", "freeze the cursor's unit and every unit above it on screen (embeddings … cursor: the layers below it in the network)"),
         ("u", "unfreeze every unit below the cursor on screen (after the cursor … head: the layers above it in the network)"),
+        ("· then …", "a row's change is sent, then queued in the engine; the mark goes when it applies at the next step"),
     ]),
     ("Run", [
         ("p", "pause / resume training"),
@@ -28,7 +29,7 @@ BINDINGS_HELP = [
     ("Panels", [
         ("1 … 5", "small terminals: show loss, sparsity, learning, controls, log"),
         ("tab / shift+tab", "move between the tree and the controls"),
-        ("enter (in a field)", "apply that section; it shows pending until the engine's ack"),
+        ("enter (in a field)", "apply that section: 'sent', then 'queued' once the engine has it, until it applies at the next step"),
         ("?", "this help; esc or ? closes it"),
     ]),
 ]

@@ -45,7 +45,8 @@ class UnitTree(Tree[Row]):
         super().__init__("model", **kwargs)
         self.show_root = False
         self.guide_depth = 2
-        self.pending: set[Row] = set()
+        self.pending: set[Row] = set()  # shown as "·" once sent ...
+        self.queued: set[Row] = set()  # ... and "…" once the engine has it, until it applies it
         self._state: RunState | None = None
         self._row_nodes: dict[Row, TreeNode[Row]] = {}
 
@@ -84,7 +85,15 @@ class UnitTree(Tree[Row]):
         self.call_after_refresh(self.move_cursor, node)
 
     def set_pending(self, rows: list[Row], pending: bool) -> None:
+        """Rows with a change on its way (sent, not yet applied by the engine)."""
         (self.pending.update if pending else self.pending.difference_update)(rows)
+        if not pending:
+            self.queued.difference_update(rows)
+        self.relabel()
+
+    def set_queued(self, rows: list[Row]) -> None:
+        """The engine received the change for ``rows``; it applies at its next step boundary."""
+        self.queued.update(r for r in rows if r in self.pending)
         self.relabel()
 
     def _label(self, row: Row, shown: str, numel: int, width: int) -> Text:
@@ -103,7 +112,7 @@ class UnitTree(Tree[Row]):
         else:
             mark, style = f"{frac:>5.0%} ", "yellow"
         tail = f" {mark} {_count(numel):>6} {sparsity:>4.0%}"
-        pending = "…" if row in self.pending else " "
+        pending = ("…" if row in self.queued else "·") if row in self.pending else " "
         room = max(6, width - len(tail) - 1)
         name = shown if len(shown) <= room else "…" + shown[-(room - 1):]
         text = Text(f"{name:<{room}}", style="bold" if row.kind == "unit" else "")
