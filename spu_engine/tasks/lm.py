@@ -45,10 +45,13 @@ class LMTask(Task):
         return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def _token_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token loss [B, T-1] and the mask of positions that have a label."""
-        logits = model(**model_inputs(model, batch)).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        """Next-token loss [B, T] and the mask of positions that have a label (never the last one).
+
+        The labels move left instead of the logits, so the [B, T, vocab] logits are never copied.
+        """
+        logits = model(**model_inputs(model, batch)).logits
+        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none").view(labels.shape)
         return loss, (labels != -100).to(loss.dtype)
 
     @torch.no_grad()
