@@ -12,6 +12,7 @@ from spu_engine.data import DataError
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.policy import parse_policy
 from spu_engine.tasks import TaskOptions
+from spu_engine.tasks import lm
 from spu_engine.tasks.lm import LMTask, token_ids
 
 WIKI = DATA / "wikitext2" / "wiki.valid.raw"
@@ -39,7 +40,7 @@ def test_eval_split_holds_out_the_tail(tokenizer, wiki_ids):
     assert 64 * len(task.train) <= cut
 
 
-def test_perplexity_is_exp_of_the_mean_token_loss(tokenizer):
+def test_perplexity_is_exp_of_the_mean_token_loss(tokenizer, monkeypatch):
     task = LMTask.build(str(WIKI), tokenizer, TaskOptions(max_length=32, max_eval_samples=6))
     model = build_tiny("gpt2", tokenizer, "lm").eval()
     ids = torch.tensor([f["input_ids"] for f in task.eval])
@@ -54,6 +55,9 @@ def test_perplexity_is_exp_of_the_mean_token_loss(tokenizer):
     assert metrics["perplexity"] == pytest.approx(math.exp(token_nll.mean().item()), rel=1e-5)
     assert torch.allclose(per_sample, token_nll.mean(1), rtol=1e-5)
     assert per_sample[0].item() == pytest.approx(hf_loss.item(), rel=1e-5)
+    monkeypatch.setattr(lm, "LOGITS_BUDGET", 1)  # a big eval batch is cut into single rows: same figures
+    with torch.no_grad():
+        assert task.evaluate(model, [task.collate(task.eval)]) == pytest.approx(metrics, rel=1e-6)
 
 
 def test_padded_labels_are_ignored(tokenizer):

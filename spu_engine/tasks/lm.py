@@ -19,6 +19,7 @@ from .base import Task, TaskOptions, model_inputs
 
 TEXT_SUFFIXES = (".raw", ".txt")
 TEXT_CANDIDATES = ("text", "content", "sentence", "document")
+LOGITS_BUDGET = 2**26  # logits per eval forward (256 MB in fp32): a big eval batch of long blocks is cut into rows
 
 
 class LMTask(Task):
@@ -57,10 +58,13 @@ class LMTask(Task):
     @torch.no_grad()
     def evaluate(self, model, batches) -> dict[str, float]:
         total, tokens = 0.0, 0
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50_000
         for batch in batches:
-            loss, mask = self._token_loss(model, batch)
-            total += float((loss * mask).sum())
-            tokens += int(mask.sum())
+            rows = max(1, LOGITS_BUDGET // (batch["input_ids"].shape[1] * vocab))
+            for i in range(0, batch["input_ids"].shape[0], rows):
+                loss, mask = self._token_loss(model, {k: v[i : i + rows] for k, v in batch.items()})
+                total += float((loss * mask).sum())
+                tokens += int(mask.sum())
         mean = total / max(tokens, 1)
         return {"eval_loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": tokens}
 
