@@ -4,7 +4,7 @@
     for step, batch in enumerate(loader):
         ctl.step(step)                             # timeline entries due at `step`, before the forward
         loss = ctl.backward(batch, loss_fn)        # selective backprop if the policy asks for it
-        optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
 
     trainer = Trainer(..., callbacks=[SPUCallback(policy)])   # Hugging Face
 
@@ -21,7 +21,8 @@ What a foreign loop cannot give: the engine draws extra batches to fill a
 backward batch in selective backprop's percentile mode; here each batch keeps
 its own selected samples.  Hugging Face's Trainer computes one mean loss inside
 ``training_step``, so SPUCallback cannot skip samples; selective backprop there
-needs ``ctl.backward`` in an overridden ``training_step`` (see examples/).
+needs ``controller.selective_loss`` returned from an overridden ``compute_loss``
+(examples/hf_trainer.py).
 Tensors a method adds (LoRA, adapters, movement scores) join the optimizer as
 their own parameter group; pass the LR scheduler to ``attach`` (SPUCallback
 takes the Trainer's) so those groups follow its schedule, as in the engine.
@@ -30,6 +31,7 @@ takes the Trainer's) so those groups follow its schedule, as in the engine.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -270,7 +272,7 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
         kind = ClassificationTask
     else:
         raise ValueError(f"cannot tell the task of a batch with keys {', '.join(batch)}: need labels or start_positions/end_positions")
-    return kind.per_sample_loss(kind.__new__(kind), model, batch)
+    return kind.per_sample_loss(kind.__new__(kind), model, batch)  # these losses read nothing from the task's data
 
 
 # --------------------------------------------------------------------------- Hugging Face Trainer
@@ -284,10 +286,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 class SPUCallback(TrainerCallback):
     """Apply an exported SPU policy inside ``transformers.Trainer`` (freeze timeline, methods, pruning)."""
 
-    def __init__(self, policy: Policy | str, *, seed: int = 0) -> None:
+    def __init__(self, policy: Policy | str | os.PathLike, *, seed: int = 0) -> None:
         from .policy import load_policy
 
-        self.policy = load_policy(policy) if isinstance(policy, str) else policy
+        self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.seed = seed
         self.controller: PolicyController | None = None
 

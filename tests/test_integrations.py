@@ -208,3 +208,5 @@ def test_attach_freezes_without_grads_and_refuses_a_partial_optimizer(tokenizer)
         policy.attach(build_tiny("bert", tokenizer), torch.optim.AdamW(build_tiny("bert", tokenizer).parameters()))
     with pytest.raises(PolicyError, match="pattern 'encoder.nope.\\*' matches no parameter"):
         parse_policy({"freeze": [{"match": "encoder.nope.*", "trainable": False}]}).attach(model)
+    with pytest.raises(PolicyError, match="no-such-policy.yaml: no such policy file"):
+        SPUCallback("no-such-policy.yaml")
