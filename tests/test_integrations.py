@@ -19,8 +19,8 @@ POLICY = {
     "timeline": [{"step": 3, "freeze": [{"layers": [0], "trainable": True}]}],
 }
 NO_DROPOUT = {
-    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
 }
 SOURCES = {"lm": DATA / "wikitext2" / "wiki.valid.raw", "qa": DATA / "squad"}
 

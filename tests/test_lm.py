@@ -11,8 +11,7 @@ from conftest import DATA, build_tiny
 from spu_engine.data import DataError
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.policy import parse_policy
-from spu_engine.tasks import TaskOptions
-from spu_engine.tasks import lm
+from spu_engine.tasks import TaskOptions, lm
 from spu_engine.tasks.lm import LMTask, token_ids
 
 WIKI = DATA / "wikitext2" / "wiki.valid.raw"

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import DataError, is_local, load_hub_splits, pick_column, read_rows, require_columns, split_files
+from ..data import (
+    DataError,
+    is_local,
+    load_hub_splits,
+    pick_column,
+    read_rows,
+    require_columns,
+    split_files,
+)
 from .base import Task, TaskOptions, model_inputs
 
 TEXT_SUFFIXES = (".raw", ".txt")
@@ -28,7 +36,7 @@ class LMTask(Task):
     metric = "perplexity"
 
     @classmethod
-    def build(cls, source: str, tokenizer, options: TaskOptions) -> "LMTask":
+    def build(cls, source: str, tokenizer, options: TaskOptions) -> LMTask:
         train_text, eval_text, same = load_text(source, options.text_column)
         block = options.max_length
         train_ids = token_ids(train_text, tokenizer)

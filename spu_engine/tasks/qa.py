@@ -50,7 +50,7 @@ class QATask(Task):
         self.out_of_window: dict[str, list[str]] = {"train": [], "eval": []}
 
     @classmethod
-    def build(cls, source: str, tokenizer, options: TaskOptions) -> "QATask":
+    def build(cls, source: str, tokenizer, options: TaskOptions) -> QATask:
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("the qa task needs a fast tokenizer (for offset mappings); this model ships only a slow one")
         stride = options.doc_stride or options.max_length // 3
