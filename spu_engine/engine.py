@@ -791,7 +791,7 @@ class Engine:
             if self._saved_step != self.step:
                 self.save_or_pause()
             self._save_policy()
-            self.set_state("finished", f"finished {self.step} steps")
+            self.set_state("finished", f"{self.step} steps")
             return "finished"
         finally:
             if self._events_file is not None:

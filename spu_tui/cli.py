@@ -79,7 +79,7 @@ def main(
     data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: glue/sst2 when online, else $SPU_DATA]"),
     policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
-    task: str = typer.Option("classification", help="classification"),
+    task: str = typer.Option("auto", help="classification, qa or lm; auto infers it from the data and the model"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
