@@ -97,6 +97,7 @@ class SpuApp(App):
         self.received_roundtrips: list[float] = []  # key -> engine received -> redraw, seconds
         self.active_panel = "loss"
         self._plots_dirty = True
+        self._loss_dirty = False
         self._exit_on: str | None = None  # id of the stop command whose ack ends the app
         self._exit_timer: Timer | None = None
         self.header = RunHeader(id="header")
@@ -284,13 +285,17 @@ class SpuApp(App):
             self.log_view.show_new(s.log)
         if "controls" in changed and s.policy:
             self.controls.load(s.policy)
-        if changed & {"plots", "tree"}:
-            self._plots_dirty = True
+        if "tree" in changed:
+            self._plots_dirty = True  # units, policy: bars and learning view too
+        elif "plots" in changed:
+            self._loss_dirty = True  # a step or an eval moves the loss plot only
 
     def _redraw_plots(self) -> None:
-        if not self._plots_dirty or not self.views_alive:
+        """At most every PLOT_INTERVAL: redraw the plots whose data changed (each costs a full plotext canvas)."""
+        if not (self._plots_dirty or self._loss_dirty) or not self.views_alive:
             return
-        self._plots_dirty = False
+        bars = self._plots_dirty
+        self._plots_dirty = self._loss_dirty = False
         s = self.state
         wide = self.main.has_class("-wide")
         if wide or self.active_panel == "loss":
@@ -308,6 +313,8 @@ class SpuApp(App):
                     marks=s.change_steps,
                 )
             )
+        if not bars:
+            return
         if wide or self.active_panel == "sparsity":
             names = [u["name"] for u in s.units] if s.unit_stats else []
             self.sparsity_chart.redraw(
