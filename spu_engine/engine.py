@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from . import checkpoint as ckpt
 from .distributed import Distributed
 from .methods import METHODS
-from .model import Units, check_policy_against_model, find_units, freeze_mask, load_model, load_tokenizer, resolve_model_name
+from .model import Units, check_policy_against_model, find_units, load_model, load_tokenizer, resolve_model_name
 from .policy import Change, Policy, PolicyError, TimelineEntry, atomic_write_text
 from .protocol import (
     ChangeCmd,
@@ -44,6 +44,7 @@ from .protocol import (
     event,
 )
 from .tasks import Task, TaskOptions, get_task
+from .trainable import PolicyHost
 
 MAX_NONFINITE_SKIPS = 10  # "skip" turns into "stop" after this many non-finite batches in a row
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
@@ -99,7 +100,7 @@ class EngineStopped(Exception):
     pass
 
 
-class Engine:
+class Engine(PolicyHost):
     """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""
 
     def __init__(
@@ -219,12 +220,6 @@ class Engine:
         self.optimizer.add_param_group(group)
         self.refresh_parameters()
 
-    def refresh_parameters(self) -> None:
-        """Re-read the model's parameters and units after a method changed the module tree."""
-        self.units = find_units(self.model)
-        self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.params = dict(self.model.named_parameters())
-
     # ------------------------------------------------------------------ events
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
@@ -290,48 +285,14 @@ class Engine:
         """State at step 0 + every change applied so far + changes still scheduled."""
         return self.initial_policy.model_copy(update={"timeline": [*self.recorded, *self.pending]})
 
-    def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def trainable_mask(self, policy: Policy | None = None) -> dict[str, bool]:
-        policy = policy or self.current
-        mask = freeze_mask(policy.freeze, self.param_names, self.units)
-        for m in self.methods:
-            if m.active:
-                for n in self.param_names:
-                    if mask[n] and not m.gate(n):
-                        mask[n] = False
-        return mask
-
-    def _apply_trainable(self) -> None:
-        for n, trainable in self.trainable_mask().items():
-            p = self.params[n]
-            p.requires_grad_(trainable)
-            if not trainable:
-                p.grad = None
-
     def _configure_methods(self, policy: Policy) -> None:
-        handled = {m.section for m in self.methods}
-        defaults = Policy()
-        for section in ("selective_backprop", "weight_update_skipping", "pruning", "peft"):
-            if section not in handled and getattr(policy, section) != getattr(defaults, section):
-                raise PolicyError(f"{section}: not implemented in this version of SPU; leave this section at its defaults")
         for m in self.methods:
             m.configure(policy, self.step)
 
     def apply_change(self, change: Change, source: str) -> None:
         """Apply a change at the current boundary; raises PolicyError and leaves everything as it was."""
-        new = self.current.apply(change)
-        check_policy_against_model(new, self.model, self.units)
-        old = self.current
-        try:
-            self._configure_methods(new)
-        except Exception:
-            self._configure_methods(old)
-            raise
-        self.current = new
+        self._take_change(change)
         self.recorded.append(TimelineEntry(step=self.step, **change.model_dump()))
-        self._apply_trainable()
         self._save_policy()
         self.emit(
             "policy",

@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from .methods import METHODS
-from .model import Units, check_policy_against_model, find_units, freeze_mask
+from .model import check_policy_against_model
 from .policy import Change, Policy, PolicyError, TimelineEntry
+from .trainable import PolicyHost
 
 log = logging.getLogger("spu_engine.integrations")
 
@@ -59,7 +60,7 @@ class LoopConfig:
     stats_every: int = 10
 
 
-class PolicyController:
+class PolicyController(PolicyHost):
     """An exported policy applied to a model and optimizer you drive yourself."""
 
     def __init__(
@@ -151,16 +152,7 @@ class PolicyController:
         return next((m for m in self.methods if m.section == section), None)
 
     def apply_change(self, change: Change, source: str) -> None:
-        new = self.current.apply(change)
-        check_policy_against_model(new, self.model, self.units)
-        old = self.current
-        try:
-            self._configure_methods(new)
-        except Exception:
-            self._configure_methods(old)
-            raise
-        self.current = new
-        self._apply_trainable()
+        self._take_change(change)
         self.history.append({"step": self.step_count, "source": source, "trainable": self.trainable_count()})
 
     def add_parameters(self, params: list[nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
@@ -169,22 +161,6 @@ class PolicyController:
         lr = lr or self.config.lr
         self.optimizer.add_param_group({"params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": name})
         self.refresh_parameters()
-
-    def refresh_parameters(self) -> None:
-        self.units: Units = find_units(self.model)
-        self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.params = dict(self.model.named_parameters())
-
-    def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def trainable_mask(self) -> dict[str, bool]:
-        mask = freeze_mask(self.current.freeze, self.param_names, self.units)
-        for m in self.methods:
-            if m.active:
-                for n in self.param_names:
-                    mask[n] = mask[n] and m.gate(n)
-        return mask
 
     def log(self, message: str, level: str = "info") -> None:
         log.log(getattr(logging, level.upper(), logging.INFO), message)
@@ -218,13 +194,6 @@ class PolicyController:
         if hasattr(s, "lr_lambdas"):
             first = s.lr_lambdas[0]
             s.lr_lambdas = [self._group_lambdas.setdefault(id(g), first) for g in groups]
-
-    def _apply_trainable(self) -> None:
-        for n, trainable in self.trainable_mask().items():
-            p = self.params[n]
-            p.requires_grad_(trainable)
-            if not trainable:
-                p.grad = None
 
     def _each(self, hook: str, *args: Any) -> None:
         for m in self.methods:

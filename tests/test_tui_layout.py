@@ -219,7 +219,7 @@ async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recor
         link.deliver({"type": "received", "t": t + 0.5, "id": "c2", "cmd": "change"})
         await pilot.pause(0.2)
         assert str(app.query_one("#status-pruning").render()) == "queued: Pruning applies at the next step boundary"
-        refusal = "pruning: not implemented in this version of SPU; leave this section at its defaults"
+        refusal = "pruning.targets[0]: pattern '*.qkv.weight' matches no parameter of this model"
         link.deliver(
             {"type": "ack", "t": t + 1, "id": "c2", "cmd": "change", "step": 17, "ok": False, "message": refusal},
             {"type": "error", "t": t + 2, "id": "c2", "step": 17, "message": refusal},
