@@ -614,10 +614,7 @@ class Engine(PolicyHost):
             upd, wsq, zeros, trainable_n = 0.0, 0.0, 0, 0
             for n in u.params:
                 p = self.params[n]
-                seen = p
-                for m in self.methods:  # the weights the forward pass uses (pruning masks hide latent values)
-                    seen = m.effective(n, seen)
-                z = int((seen == 0).sum())
+                z = int((p == 0).sum())
                 zeros += z
                 tensors[n] = {"trainable": p.requires_grad, "sparsity": round(z / p.numel(), 5)}
                 if p.requires_grad:

@@ -5,16 +5,19 @@ into the run's architecture, multiplies every pruned weight by its mask and
 writes ``config.json``, ``model.safetensors`` and the tokenizer with
 ``save_pretrained``, so ``AutoModel*.from_pretrained(folder)`` loads it.
 
-``compact=True`` also removes FFN neurons that pruning killed (the neuron's
-output column is all zero, or its input row is all zero with a zero bias), so
-the saved model is physically smaller and faster.  Every block keeps the same
-width (the widest block's live neurons; narrower blocks keep a few dead,
-all-zero neurons) because the stock configs have one ``intermediate_size``:
-that is what keeps the folder loadable by ``from_pretrained`` without custom
-code.  Attention heads are not removed: transformers 5 dropped
-``prune_heads``, and BERT-family configs derive the head size from
-``hidden_size / num_attention_heads``, so fewer heads cannot be written as a
-stock config; a fully pruned head stays in place as zeros.
+``compact=True`` also removes what pruning killed, so the saved model is
+physically smaller and faster:
+
+- FFN neurons (output column all zero, or input row all zero with a zero
+  bias).  Every block keeps the same width (the widest block's live neurons;
+  narrower blocks keep a few all-zero neurons) because the stock configs have
+  one ``intermediate_size``; the folder stays loadable without custom code.
+- Attention heads (output-projection columns all zero, or value weights and
+  bias all zero), per block; one head stays where all died.  Stock configs
+  cannot say "a different number of heads per layer", so when any head goes
+  the folder also gets ``spu_compact.py`` (``compact_heads.py`` plus a
+  subclass of the model's class) named in ``auto_map``:
+  ``from_pretrained(folder, trust_remote_code=True)`` loads it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import compact_heads
 from .checkpoint import latest_checkpoint, load_method_tensors
+from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
 from .methods.pruning.layout import sublayer
 from .model import find_block_list, load_model, load_tokenizer
 
@@ -50,6 +55,7 @@ class ExportReport:
     masked_tensors: int
     sparsity: float  # zeros among the masked tensors
     ffn_width: tuple[int, int] | None = None  # (before, after) with --compact
+    heads: tuple[int, int] | None = None  # attention heads over all blocks (before, after) with --compact
     dense_params: int = 0
     dense_seconds: float | None = None  # CPU forward time on a probe batch, dense vs compact
     compact_seconds: float | None = None
@@ -79,12 +85,14 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
     if compact:
         dense = copy.deepcopy(model)
         report.ffn_width = compact_ffn(model)
+        report.heads = compact_attention(model)
         batch = probe_batch(model.config)
         report.dense_seconds, report.compact_seconds = time_forward(dense, batch), time_forward(model, batch)
         with torch.no_grad():
             report.max_abs_diff = float((dense(**batch)[0] - model(**batch)[0]).abs().max())
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    if save_model(model, out_dir, get_task(config.task).model_kind):
+        notes.append("attention heads were removed: load with from_pretrained(folder, trust_remote_code=True) (the code is spu_compact.py in the folder)")
     report.params = count_params(model)
     try:
         load_tokenizer(config.model).save_pretrained(out_dir)
@@ -171,23 +179,6 @@ def _dead_neurons(ins: list[nn.Module], out: nn.Module) -> torch.Tensor:
     return dead
 
 
-def _slice(module: nn.Module, index: torch.Tensor, side: str) -> nn.Module:
-    """A copy of ``module`` keeping only neurons ``index`` on its ``side`` ('out' or 'in')."""
-    w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
-    if isinstance(module, Conv1D):
-        w = w[:, index] if side == "out" else w[index, :]
-        new = Conv1D(w.shape[1], w.shape[0])
-    else:
-        w = w[index, :] if side == "out" else w[:, index]
-        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-    new = new.to(device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b[index] if side == "out" else b)
-    return new
-
-
 @torch.no_grad()
 def compact_ffn(model: nn.Module) -> tuple[int, int]:
     """Remove dead FFN neurons, keeping one width for all blocks; returns (old width, new width)."""
@@ -202,7 +193,7 @@ def compact_ffn(model: nn.Module) -> tuple[int, int]:
         order = torch.argsort(d.to(torch.int8), stable=True)  # live neurons first, then dead ones as padding
         index = order[:width].sort().values
         for parent, attr, module in places:
-            setattr(parent, attr, _slice(module, index, "in" if module is out else "out"))
+            setattr(parent, attr, slice_layer(module, index, "in" if module is out else "out"))
     key = next((k for k in FFN_WIDTH_KEYS if getattr(model.config, k, None) == old), None)
     if key is None and getattr(model.config, "n_inner", "absent") is None:  # GPT-2: None means 4 * n_embd
         key = "n_inner"
@@ -210,6 +201,60 @@ def compact_ffn(model: nn.Module) -> tuple[int, int]:
         raise ExportError(f"--compact: no FFN width ({', '.join(FFN_WIDTH_KEYS)}) equal to {old} in {type(model.config).__name__}")
     setattr(model.config, key, width)
     return old, width
+
+
+@torch.no_grad()
+def compact_attention(model: nn.Module) -> tuple[int, int] | None:
+    """Remove dead attention heads block by block; returns (heads before, heads after), None for an unknown layout."""
+    path, blocks = find_block_list(model)
+    if any(compact_heads.attention_layout(b) is None for b in blocks):
+        return None
+    before = after = 0
+    kept_per_block: dict[str, list[int]] = {}
+    for i, block in enumerate(blocks):
+        dead = dead_heads(block)
+        kept = [h for h in range(head_count(block)) if not dead[h]] or [0]  # a block needs one head to reshape
+        before, after = before + dead.numel(), after + len(kept)
+        if len(kept) < dead.numel():
+            keep_heads(block, kept)
+            kept_per_block[str(i)] = kept
+    if kept_per_block:
+        model.config.spu_compact = {"blocks": path, "heads": kept_per_block}
+    return before, after
+
+
+AUTO_CLASS = {"classification": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering", "lm": "AutoModelForCausalLM"}
+
+
+def _remote_class(model: nn.Module) -> str:
+    return f"SpuCompact{type(model).__name__}"
+
+
+def save_model(model: nn.Module, out_dir: Path, kind: str) -> bool:
+    """``save_pretrained``, plus the loading code when heads were removed; True if it was needed."""
+    needs_code = bool(getattr(model.config, "spu_compact", None))
+    if needs_code:
+        model.config.auto_map = {AUTO_CLASS[kind]: f"spu_compact.{_remote_class(model)}"}
+    model.save_pretrained(out_dir)
+    if needs_code:
+        (Path(out_dir) / "spu_compact.py").write_text(_remote_code(model))
+        config_path = Path(out_dir) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = [_remote_class(model)]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return needs_code
+
+
+def _remote_code(model: nn.Module) -> str:
+    stock = type(model).__name__
+    return Path(compact_heads.__file__).read_text() + (
+        f"\n\nfrom transformers import {stock} as _Stock  # noqa: E402\n\n\n"
+        f"class {_remote_class(model)}(_Stock):\n"
+        f'    """{stock} with the attention heads listed in ``config.spu_compact`` removed."""\n\n'
+        "    def __init__(self, config, *args, **kwargs):\n"
+        "        super().__init__(config, *args, **kwargs)\n"
+        "        remove_heads(self, config.spu_compact)\n"
+    )
 
 
 def probe_batch(config, batch_size: int = 8, length: int = 128) -> dict[str, torch.Tensor]:

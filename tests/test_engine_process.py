@@ -40,11 +40,12 @@ def test_freeze_and_unfreeze_block0_live(live_engine):
     cid = client.send("change", change={"freeze": [{"layers": [0], "trainable": False}]})
     ack = client.wait_for(lambda e: e["type"] == "ack" and e["id"] == cid, 30)
     assert ack["ok"], ack
-    frozen_at = ack["step"]
-    for _ in range(3):  # from the very next optimizer step on, block 0's weights do not move
-        ev = _units_after(client, frozen_at if _ == 0 else ev["step"])
-        if _ == 0:
-            assert ev["step"] == frozen_at + 1
+    frozen_at = after = ack["step"]
+    for i in range(3):  # from the very next optimizer step on, block 0's weights do not move
+        ev = _units_after(client, after)
+        if i == 0:
+            assert ev["step"] == after + 1
+        after = ev["step"]
         assert ev["units"]["block0"]["update_ratio"] == 0.0
         assert ev["units"]["block0"]["trainable"] == 0.0
         for unit in ("block1", "block2", "block3", "head"):

@@ -1,4 +1,4 @@
-"""spu export: a Hugging Face folder with masks folded in; --compact removes dead FFN neurons."""
+"""spu export: a Hugging Face folder with masks folded in; --compact removes dead FFN neurons and attention heads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from spu_engine.cli import app
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.export import _ffn_modules, _neuron_rows, compact_ffn, count_params, export_run, probe_batch
+from spu_engine.compact_heads import attention_layout, head_count
+from spu_engine.export import _ffn_modules, _neuron_rows, compact_attention, compact_ffn, count_params, export_run, probe_batch, save_model
 from spu_engine.methods.pruning import PruningMethod
 from spu_engine.model import find_block_list
 from spu_engine.policy import parse_policy
@@ -46,6 +47,57 @@ def test_compact_ffn_is_exact_smaller_and_loadable(arch, tokenizer, tmp_path):
         assert torch.allclose(loaded(**batch)[0], want, atol=1e-5)
 
 
+def kill_heads(model, per_block: dict[int, list[int]], via: str = "output") -> None:
+    """Zero whole heads: their output-projection columns, or their value weights and bias."""
+    _, blocks = find_block_list(model)
+    with torch.no_grad():
+        for i, heads in per_block.items():
+            attn_path, qkv, out_path, size_attr, _ = attention_layout(blocks[i])
+            attn = blocks[i].get_submodule(attn_path)
+            size, n = getattr(attn, size_attr), head_count(blocks[i])
+            for h in heads:
+                cols = slice(h * size, (h + 1) * size)
+                if via == "output":
+                    _neuron_rows(blocks[i].get_submodule(out_path), "in")[cols] = 0
+                else:
+                    value = getattr(attn, qkv[-1])
+                    offset = 2 * n * size if len(qkv) == 1 else 0  # the value third of a fused q|k|v
+                    vcols = slice(offset + h * size, offset + (h + 1) * size)
+                    _neuron_rows(value, "out")[vcols] = 0
+                    value.bias[vcols] = 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2"])
+@pytest.mark.parametrize("via", ["output", "value"])
+def test_compact_attention_removes_dead_heads_exactly_and_loads(arch, via, tokenizer, tmp_path):
+    task = "lm" if arch == "gpt2" else "classification"
+    model = build_tiny(arch, tokenizer, task).eval()
+    kill_heads(model, {0: [1], 1: [0, 2], 3: [0, 1, 2, 3]}, via)
+    batch = probe_batch(model.config, batch_size=2, length=16)
+    with torch.no_grad():
+        want = model(**batch)[0]
+    before = count_params(model)
+    assert compact_attention(model) == (16, 16 - 1 - 2 - 3)  # block 3 keeps one (all-zero) head to stay well-formed
+    assert [head_count(b) for b in find_block_list(model)[1]] == [3, 2, 4, 1]
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], want, atol=1e-5)
+    assert count_params(model) < before
+    assert save_model(model, tmp_path, task)
+    auto = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+    loaded = auto.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert count_params(loaded) == count_params(model)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch)[0], want, atol=1e-5)
+
+
+def test_compact_without_dead_heads_writes_a_stock_folder(tokenizer, tmp_path):
+    model = build_tiny("bert", tokenizer).eval()
+    assert compact_attention(model) == (16, 16)
+    assert not save_model(model, tmp_path, "classification")
+    assert not (tmp_path / "spu_compact.py").exists()
+    AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
 @pytest.fixture
 def pruned_run(tiny_model_dir, tmp_path):
     """A finished 2-step run with magnitude masks, plus dead FFN neurons made by hand, checkpointed."""
@@ -63,6 +115,12 @@ def pruned_run(tiny_model_dir, tmp_path):
         keep = pm.masks.keep(name).clone()
         keep[:, :n] = False
         pm.masks.set(name, keep)
+    for i, heads in {0: [1], 2: [0, 3]}.items():  # attention heads fully pruned (output columns, head size 8)
+        name = f"bert.encoder.layer.{i}.attention.output.dense.weight"
+        keep = pm.masks.keep(name).clone()
+        for h in heads:
+            keep[:, h * 8 : (h + 1) * 8] = False
+        pm.masks.set(name, keep)
     engine.save_checkpoint()
     engine.model.eval()
     batch = probe_batch(engine.model.config, batch_size=4, length=24)
@@ -79,7 +137,7 @@ def test_export_dense_folds_masks_and_loads(pruned_run, tmp_path):
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
     params = dict(loaded.named_parameters())
     for n in pm.targets:
-        assert torch.equal(params[n], pm.effective(n, engine.params[n]))
+        assert torch.equal(params[n], engine.params[n].detach())
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)
     assert (tmp_path / "dense" / "tokenizer.json").exists() or (tmp_path / "dense" / "vocab.txt").exists()
@@ -89,8 +147,10 @@ def test_export_compact_matches_masked_model_with_fewer_parameters(pruned_run, t
     run_dir, _, _, batch, logits = pruned_run
     report = export_run(run_dir, tmp_path / "compact", compact=True)
     assert report.ffn_width == (64, 64 - 10)  # the widest block keeps 54 live neurons
+    assert report.heads == (16, 13)
     assert report.params < report.dense_params and report.max_abs_diff < 1e-5
-    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compact").eval()
+    assert any("trust_remote_code=True" in n for n in report.notes)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compact", trust_remote_code=True).eval()
     assert loaded.config.intermediate_size == 54 and count_params(loaded) == report.params
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)
@@ -102,6 +162,7 @@ def test_export_cli_reports_and_refuses_bad_input(pruned_run, tmp_path):
     result = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(tmp_path / "out"), "--compact"])
     assert result.exit_code == 0, result.output
     assert "parameters: dense" in result.output and "FFN width: 64 -> 54" in result.output
+    assert "attention heads: 16 -> 13" in result.output and "trust_remote_code=True" in result.output
     again = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(tmp_path / "out")])
     assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
     missing = runner.invoke(app, ["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])

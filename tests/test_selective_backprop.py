@@ -57,7 +57,7 @@ def test_gradient_equals_the_gradient_of_the_kept_subset_alone(make_engine, toke
 
     loss, drawn, extra = sb_of(engine).forward_backward()
 
-    kept = [i for i, l in zip(first, losses.tolist()) if l >= threshold]
+    kept = [i for i, loss_i in zip(first, losses.tolist()) if loss_i >= threshold]
     assert 0 < len(kept) < BS
     assert sb_of(engine).last_backward == kept
     assert drawn == BS and extra["sb_backward"] == len(kept) and extra["sb_skipped"] == BS - len(kept)

@@ -62,7 +62,3 @@ class Method:
 
     def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors from ``tensor_state`` back from a checkpoint (after the model's weights are loaded)."""
-
-    def effective(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        """The values the forward pass uses for parameter ``name`` (a pruning mask may hide some); for statistics."""
-        return param

@@ -62,7 +62,10 @@ class IMPPruner(Pruner):
 
     @torch.no_grad()
     def _snapshot(self, step: int) -> None:
-        self.reference = {n: p.detach().to("cpu", copy=True) for n, p in self.engine.model.named_parameters()}
+        self.reference = {
+            n: (self.masks.dense(n) if n in self.masks.masks else p.detach()).to("cpu", copy=True)
+            for n, p in self.engine.model.named_parameters()
+        }
         self.reference_step = step
 
     def final_sparsity(self) -> float:
@@ -74,7 +77,7 @@ class IMPPruner(Pruner):
 
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
-        return self.kept_first({n: self.masks.param(n).detach().abs().float() for n in self.targets})
+        return self.kept_first({n: self.masks.dense(n).abs().float() for n in self.targets})
 
     def before_step(self, step: int) -> None:
         imp = self.settings.imp
@@ -102,6 +105,8 @@ class IMPPruner(Pruner):
             if n in self.reference:
                 p.copy_(self.reference[n].to(p.device))
                 opt.state.pop(p, None)
+                if n in self.masks.masks:
+                    self.masks.rebase(n)
 
     def stats(self) -> dict[str, Any]:
         return {"pruning_round": self.rounds_done}

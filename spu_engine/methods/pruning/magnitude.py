@@ -13,4 +13,4 @@ class MagnitudePruner(ScheduledPruner):
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
         # the latent |w| of pruned weights ranks them for regrowth when the target is lowered
-        return self.kept_first({n: self.masks.param(n).detach().abs().float() for n in self.targets})
+        return self.kept_first({n: self.masks.dense(n).abs().float() for n in self.targets})

@@ -136,10 +136,11 @@ class PruningMethod(Method):
         if self.pruner is not None:
             self.pruner.after_backward(step)
 
-    # -- what the console sees ---------------------------------------------------
+    def after_optimizer_step(self, step: int) -> None:
+        if self.pruner is not None:
+            self.masks.reapply()
 
-    def effective(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        return self.masks.effective(name) if name in self.masks.masks else param
+    # -- what the console sees ---------------------------------------------------
 
     def pruned_counts(self) -> dict[str, int]:
         if self._counts is None or self._counts[0] != self.masks.version:
@@ -193,22 +194,20 @@ class PruningMethod(Method):
         self.pruner.load_state_dict(state.get("pruner", {}))
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
-        """Masks, the latent weights under them (for regrowth) and the pruner's own tensors."""
+        """Masks, the dense weights under them (for regrowth) and the pruner's own tensors."""
         out: dict[str, torch.Tensor] = {}
         for n in self.masks.masks:
             out[f"mask.{n}"] = self.masks.keep(n).cpu()
-            out[f"latent.{n}"] = self.masks.param(n).detach().cpu()
+            out[f"latent.{n}"] = self.masks.dense(n).cpu()
         if self.pruner is not None:
             out.update(self.pruner.tensor_state())
         return {k: v.contiguous() for k, v in out.items()}
 
     @torch.no_grad()
     def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        for key, t in tensors.items():
-            kind, _, name = key.partition(".")
-            if kind == "mask" and name in self.targets:
-                self.masks.set(name, t)
-            elif kind == "latent" and name in self.targets:
-                self.masks.param(name).copy_(t)
+        for name in self.targets:
+            if f"mask.{name}" in tensors:
+                dense = tensors.get(f"latent.{name}", self.masks.param(name).detach())
+                self.masks.load(name, dense, tensors[f"mask.{name}"])
         if self.pruner is not None:
             self.pruner.load_tensor_state(tensors)

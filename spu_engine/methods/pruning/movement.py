@@ -1,9 +1,14 @@
 """Movement pruning (Sanh, Wolf & Rush 2020): keep the weights that move away from zero.
 
 Every target weight gets a learned score S.  The forward pass uses
-``W * TopK(S)``; the straight-through estimator passes ``dL/dW' * W`` to the
-scores, so a weight whose updates push it toward zero (``dL/dW * W > 0``)
-loses score and is pruned, whatever its size.  The scores have their own
+``W' = W * TopK(S)``; the straight-through estimator passes ``dL/dW' * W`` to
+the scores, so a weight whose updates push it toward zero (``dL/dW * W > 0``)
+loses score and is pruned, whatever its size.  The masks live in the weights
+(``masks.py``), so the backward pass already yields ``dL/dW'`` for every
+entry; the score gradient is that times the dense weight, computed after
+backward rather than through autograd (no extra work in the forward pass).
+The scores are trained only where the weight is: a frozen weight does not
+move, so its score does not either.  The scores have their own
 learning rate (``movement.score_lr``) and live outside the model, so they
 are not parameters of any unit.  Masks follow the scores every
 ``schedule.every`` steps (a global ranking of millions of scores costs about a
@@ -34,7 +39,6 @@ class MovementPruner(ScheduledPruner):
             # scores start at 0; weights pruned before this method took over start one step of score behind
             init = (self.masks.keep(n).float() - 1.0) * self.settings.movement.score_lr
             self.score_params[n] = nn.Parameter(init)
-            self.masks.scores[n] = self.score_params[n]
         self.engine.add_parameters(list(self.score_params.values()), lr=self.settings.movement.score_lr, name="scores")
         self._group = self.engine.optimizer.param_groups[-1]
 
@@ -45,13 +49,19 @@ class MovementPruner(ScheduledPruner):
     def scores(self) -> dict[str, torch.Tensor]:
         return {n: s.detach() for n, s in self.score_params.items()}
 
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        """Straight-through: dL/dS = dL/dW' * W, for kept and pruned weights alike."""
+        for n, s in self.score_params.items():
+            grad = self.masks.param(n).grad
+            if grad is not None:
+                s.grad = grad * self.masks.dense(n)
+
     def detach(self) -> None:
         opt = self.engine.optimizer
         for p in self._group["params"]:
             opt.state.pop(p, None)
         opt.param_groups = [g for g in opt.param_groups if g is not self._group]
-        for n in self.score_params:
-            self.masks.scores.pop(n, None)
         self.score_params.clear()
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
