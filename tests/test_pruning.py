@@ -235,6 +235,20 @@ def test_movement_scores_fall_for_weights_moving_toward_zero(make_engine):
     assert all(not any(s is p for p in engine.model.parameters()) for s in scores.values())
 
 
+def test_movement_before_scores_move_prunes_by_magnitude(make_engine):
+    """At step 0 every score is equal; ranking those in index order would cut whole leading tensors."""
+    engine = make_engine(policy=pruning_policy("movement", schedule={"kind": "constant", "final_sparsity": 0.5}))
+    pm = method_of(engine)
+    assert pm.sparsity() == 0.0 and all((pm.pruner.score_params[n] == 0).all() for n in pm.targets)
+    reference = copy.deepcopy(engine.model)
+    pm.before_step(0)
+    modules = [(reference.get_submodule(n.rpartition(".")[0]), "weight") for n in pm.targets]
+    prune.global_unstructured(modules, pruning_method=prune.L1Unstructured, amount=0.5)
+    for (module, _), n in zip(modules, pm.targets):
+        assert torch.equal(pm.masks.keep(n), module.weight_mask.bool()), n
+        assert 0.2 < pm.masks.pruned(n) / module.weight.numel() < 0.8, n
+
+
 def test_movement_masks_follow_scores_and_lower_target_regrows_by_score(make_engine):
     engine = make_engine(policy=pruning_policy("movement", schedule={"kind": "constant", "final_sparsity": 0.6}))
     run_steps(engine, 3)

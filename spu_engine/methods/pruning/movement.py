@@ -24,6 +24,8 @@ from torch import nn
 
 from .base import ScheduledPruner
 
+TIE_BREAK = 1e-6  # far below one step of score (score_lr), far above float32 resolution of early scores
+
 
 class MovementPruner(ScheduledPruner):
     name = "movement"
@@ -46,8 +48,12 @@ class MovementPruner(ScheduledPruner):
         super().reconfigure(settings, step)
         self._group["base_lr"] = settings.movement.score_lr
 
+    @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
-        return {n: s.detach() for n, s in self.score_params.items()}
+        """The learned scores; ties (scores that have not moved yet, as at the start) go to the larger weight."""
+        magnitude = {n: self.masks.dense(n).abs() for n in self.score_params}
+        scale = TIE_BREAK / max(float(m.max()) for m in magnitude.values())
+        return {n: s.detach() + magnitude[n] * scale for n, s in self.score_params.items()}
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
