@@ -375,3 +375,20 @@ def test_masks_work_across_architectures(tokenizer, arch):
     masks.clear()
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids)[0], reference(input_ids=ids)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_masks_hold_when_lora_wraps_a_pruned_layer(make_engine, method):
+    engine = make_engine(policy=pruning_policy(method, schedule={"kind": "constant", "final_sparsity": 0.5}))
+    run_steps(engine, 1)
+    pm = method_of(engine)
+    name = next(n for n in pm.targets if n.endswith("query.weight"))
+    weight = pm.masks.param(name)
+    engine.apply_change(Change(set={"peft": {"method": "lora", "target_modules": ["query", "value"]}}), "test")
+    assert not any(n == name for n, _ in engine.model.named_parameters())  # peft renamed it (...base_layer.weight)
+    run_steps(engine, 2)  # the base weight is frozen under LoRA; the masks still hold and every step runs
+    keep = pm.masks.keep(pm.targets[pm.targets.index(name.replace("query.weight", "query.base_layer.weight"))])
+    assert (weight[~keep] == 0).all() and (weight[keep] != 0).all()
+    engine.apply_change(Change(set={"pruning": {"schedule": {"final_sparsity": 0.6}}}), "test")
+    run_steps(engine, 1)
+    assert pm.sparsity() == pytest.approx(0.6, abs=1e-3)

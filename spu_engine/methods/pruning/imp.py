@@ -108,6 +108,9 @@ class IMPPruner(Pruner):
                 if n in self.masks.masks:
                     self.masks.rebase(n)
 
+    def rename(self, renamed: dict[str, str]) -> None:
+        self.reference = {renamed.get(n, n): t for n, t in self.reference.items()}
+
     def stats(self) -> dict[str, Any]:
         return {"pruning_round": self.rounds_done}
 

@@ -35,10 +35,13 @@ class MaskedWeights:
         self.model = model
         self.masks: dict[str, torch.Tensor] = {}  # name -> 0/1 tensor in the weight's dtype
         self.latent: dict[str, torch.Tensor] = {}  # name -> the values pruned away (0 where kept)
+        self._params: dict[str, nn.Parameter] = {}  # held, not looked up: a PEFT wrapper may rename the module later
         self.version = 0  # bumped on every mask change, so counts can be cached
 
     def param(self, name: str) -> nn.Parameter:
-        return self.model.get_parameter(name)
+        if name not in self._params:
+            self._params[name] = self.model.get_parameter(name)
+        return self._params[name]
 
     def keep(self, name: str) -> torch.Tensor:
         return self.masks[name] > 0
@@ -85,8 +88,13 @@ class MaskedWeights:
         """Remove a mask: the latent values come back."""
         if name in self.masks:
             self.param(name).add_(self.latent.pop(name))
-            del self.masks[name]
+            del self.masks[name], self._params[name]
             self.version += 1
+
+    def rename(self, renamed: dict[str, str]) -> None:
+        for table in (self.masks, self.latent, self._params):
+            for old in [n for n in table if n in renamed]:
+                table[renamed[old]] = table.pop(old)
 
     def clear(self) -> None:
         for name in list(self.masks):

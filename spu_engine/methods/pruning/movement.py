@@ -63,6 +63,9 @@ class MovementPruner(ScheduledPruner):
             if grad is not None:
                 s.grad = grad * self.masks.dense(n)
 
+    def rename(self, renamed: dict[str, str]) -> None:
+        self.score_params = {renamed.get(n, n): s for n, s in self.score_params.items()}
+
     def detach(self) -> None:
         opt = self.engine.optimizer
         for p in self._group["params"]:
