@@ -15,8 +15,10 @@ pruning, runs interleaved step by step so outside load hits all alike.
 Budget: masking <= 5 %.  The periodic re-ranking (every ``every`` steps) is
 timed on its own.
 
-Compact export: the 90 % magnitude run is checkpointed and exported with
-``--compact``; parameters and CPU forward time, dense vs compact.
+Rows ``magnitude-heads`` prune whole attention heads and FFN neurons
+(``structure: heads_neurons``, ``scope: per_layer``).  Compact export: every
+magnitude run is checkpointed and exported with ``--compact``; parameters and
+CPU forward time, dense vs compact.
 
     python bench/pruning.py [--warm-steps 150] [--steps 150] [--batch-size 16] [--max-length 64] [--cost-steps 10]
 """
@@ -50,8 +52,11 @@ FROZEN_EMBEDDINGS = [{"units": ["embeddings"], "trainable": False}]
 
 
 def policy_for(method: str, sparsity: float, steps: int):
+    """``method`` is a pruning method, or one with ``-heads`` for whole heads and FFN neurons, block by block."""
+    method, _, structured = method.partition("-")
     pruning = {
         "method": method,
+        **({"structure": "heads_neurons", "scope": "per_layer"} if structured else {}),
         "targets": TARGETS,
         "schedule": {"start_step": 0, "end_step": steps * 2 // 3, "every": 5, "final_sparsity": sparsity},
         "movement": {"score_lr": 1e-2},
@@ -117,7 +122,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "movement"])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "movement", "magnitude-heads"])
     parser.add_argument("--cost-steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pruning.md")
     args = parser.parse_args()
@@ -147,24 +152,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in args.sparsities:
             for method in args.methods:
-                keep_run = Path(tmp) / "run" if (method, sparsity) == ("magnitude", max(args.sparsities)) else None
+                keep_run = Path(tmp) / f"{method}-{sparsity}" if method.startswith("magnitude") else None
                 r = accuracy_run(args, task, tokenizer, method, sparsity, args.steps, weights, keep_run)
                 lines.append(f"| {method} | {sparsity:.0%} | {r['sparsity']:.1%} | {r['accuracy']:.4f} | {r['seconds']:.0f} s |")
                 print(lines[-1], flush=True)
-        export_lines = []
-        if (Path(tmp) / "run").exists():
-            report = export_run(Path(tmp) / "run", Path(tmp) / "compact", compact=True)
-            old, new = report.ffn_width
-            export_lines = [
-                "",
-                (
-                    f"Compact export of the {max(args.sparsities):.0%} magnitude run (unstructured masks): FFN width {old} -> {new}, "
-                    f"attention heads {report.heads[0]} -> {report.heads[1]}; "
-                    f"parameters dense {report.dense_params:,} -> compact {report.params:,}; CPU forward (batch 8 x 128): "
-                    f"dense {report.dense_seconds * 1e3:.0f} ms, compact {report.compact_seconds * 1e3:.0f} ms; max |diff| {report.max_abs_diff:.1e}"
-                ),
-            ]
-            print("\n".join(export_lines), flush=True)
+        export_lines = ["", "Compact export (`spu export --compact`), CPU forward of batch 8 x 128 tokens:", "",
+                        "| run | FFN width | attention heads | parameters | forward ms | max abs diff |", "|---|---|---|---|---|---|"]
+        for run in sorted(Path(tmp).iterdir()):
+            if not run.name.startswith("magnitude") or run.name.endswith("compact"):
+                continue
+            report = export_run(run, Path(tmp) / f"{run.name}-compact", compact=True)
+            (old, new), (h0, h1) = report.ffn_width, report.heads
+            export_lines.append(
+                f"| {run.name.replace('-', ' ')} | {old} -> {new} | {h0} -> {h1} | {report.dense_params:,} -> {report.params:,} "
+                f"| {report.dense_seconds * 1e3:.0f} -> {report.compact_seconds * 1e3:.0f} | {report.max_abs_diff:.1e} |"
+            )
+            print(export_lines[-1], flush=True)
     costs = step_costs(args, task, tokenizer)
     base = costs["none"]
     cost_lines = ["", f"Per-step cost (median of {args.cost_steps} interleaved steps each):", "", "| pruning | s/step | vs none |", "|---|---|---|"]

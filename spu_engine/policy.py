@@ -153,9 +153,19 @@ class Pruning(_Section):
         default_factory=lambda: ["*embeddings*", "*LayerNorm*", "*layer_norm*", "*ln_*", "*norm*", "*.wte.*", "*.wpe.*", "*embed_tokens*"],
         description="globs removed from targets (embeddings and norms by default)",
     )
+    structure: Literal["weights", "heads_neurons"] = Field(
+        "weights",
+        description="weights: single entries; heads_neurons: whole attention heads and FFN neurons (what `spu export --compact` removes)",
+    )
     schedule: PruningSchedule = Field(default_factory=PruningSchedule)
     imp: IMPSettings = Field(default_factory=IMPSettings)
     movement: MovementSettings = Field(default_factory=MovementSettings)
+
+    @model_validator(mode="after")
+    def _structure_fits_method(self) -> "Pruning":
+        if self.structure == "heads_neurons" and self.method == "soft_movement":
+            raise ValueError("structure: heads_neurons works with magnitude, imp and movement; soft_movement thresholds single weights")
+        return self
 
 
 class Peft(_Section):

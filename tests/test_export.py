@@ -172,3 +172,30 @@ def test_export_cli_reports_and_refuses_bad_input(pruned_run, tmp_path):
     (empty / "config.json").write_text((run_dir / "config.json").read_text())
     none = runner.invoke(app, ["export", "--run", str(empty), "--out", str(tmp_path / "o3")])
     assert none.exit_code == 2 and "no complete checkpoint" in none.output
+
+
+def test_structured_pruning_exports_a_smaller_faster_model(tiny_model_dir, tmp_path):
+    """heads_neurons pruning, then --compact: whole heads and neurons go, outputs stay those of the masked model."""
+    policy = parse_policy({"pruning": {"method": "magnitude", "structure": "heads_neurons", "scope": "per_layer",
+                                       "schedule": {"kind": "constant", "final_sparsity": 0.5}}})
+    config = EngineConfig(
+        model=str(tiny_model_dir), data=str(SST2), task="classification", steps=3, batch_size=4, max_length=32,
+        max_train_samples=64, max_eval_samples=16, eval_every=0, warmup=0, lr=1e-3,
+    )
+    engine = Engine(config, policy, tmp_path / "run")
+    engine.run()
+    engine.save_checkpoint()
+    engine.model.eval()
+    batch = probe_batch(engine.model.config, batch_size=4, length=24)
+    with torch.no_grad():
+        logits = engine.model(**batch).logits
+    pm = next(m for m in engine.methods if isinstance(m, PruningMethod))
+    grouped = sum(engine.params[n].numel() for n in pm.targets)  # the blocks' attention and FFN weights, half of them pruned
+    engine.close()
+    report = export_run(tmp_path / "run", tmp_path / "compact", compact=True)
+    assert report.heads[1] < report.heads[0] and report.ffn_width[1] < report.ffn_width[0]
+    assert report.dense_params - report.params > 0.3 * grouped and report.max_abs_diff < 1e-5
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compact", trust_remote_code=True).eval()
+    assert count_params(loaded) == report.params
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)

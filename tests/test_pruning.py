@@ -392,3 +392,41 @@ def test_masks_hold_when_lora_wraps_a_pruned_layer(make_engine, method):
     engine.apply_change(Change(set={"pruning": {"schedule": {"final_sparsity": 0.6}}}), "test")
     run_steps(engine, 1)
     assert pm.sparsity() == pytest.approx(0.6, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- structured
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_heads_neurons_structure_prunes_whole_groups(make_engine, arch, method):
+    from spu_engine.methods.pruning.structure import families
+
+    engine = make_engine(
+        arch,
+        policy=parse_policy({"pruning": {"method": method, "structure": "heads_neurons", "scope": "per_layer",
+                                         "schedule": {"start_step": 0, "end_step": 4, "every": 2, "final_sparsity": 0.5}}}),
+    )
+    run_steps(engine, 5)
+    pm = method_of(engine)
+    fams = families(engine.model, pm.targets)
+    assert {f.kind for f in fams} == {"head", "neuron"} and len(fams) == 8
+    assert {s.name for f in fams for s in f.slabs} == set(pm.targets)  # classifier / pooler are not targets here
+    shapes = {n: engine.params[n].shape for n in pm.targets}
+    pruned_by_block: dict[int, list[int]] = {}
+    for f in fams:
+        per = f.weights_per_group(shapes)
+        cell = pruned_by_block.setdefault(f.block, [0, 0, 0])  # pruned, total, largest group
+        for g in range(f.count):
+            parts = [pm.masks.keep(s.name).narrow(s.axis, s.offset + g * s.size, s.size) for s in f.slabs]
+            assert all(p.all() for p in parts) or not any(p.any() for p in parts), (f.kind, f.block, g)  # all or nothing
+            cell[0] += 0 if parts[0].all() else per
+        cell[1] += per * f.count
+        cell[2] = max(cell[2], per)
+    for block, (pruned, total, largest) in pruned_by_block.items():
+        assert abs(pruned - 0.5 * total) <= largest, block  # per_layer: every block at the target, within one group
+
+
+def test_soft_movement_cannot_be_structured():
+    with pytest.raises(PolicyError, match="structure: heads_neurons works with magnitude, imp and movement"):
+        parse_policy({"pruning": {"method": "soft_movement", "structure": "heads_neurons"}})

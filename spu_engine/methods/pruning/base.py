@@ -15,6 +15,7 @@ import torch
 
 from .masks import MaskedWeights
 from .schedule import Ramp
+from .structure import Family, families, select_groups
 
 if TYPE_CHECKING:
     from ...engine import Engine
@@ -61,6 +62,7 @@ class Pruner:
         self.masks = masks
         self.targets = targets
         self.settings = settings
+        self._families: list[Family] | None = None  # heads and neurons over the targets, for structure: heads_neurons
 
     def reconfigure(self, settings: Pruning, step: int) -> None:
         """New settings for the same method and targets (validated already)."""
@@ -85,6 +87,7 @@ class Pruner:
 
     def rename(self, renamed: dict[str, str]) -> None:
         """Parameters were renamed (old -> new name) by a wrapper; re-key what this pruner holds by name."""
+        self._families = None
 
     def stats(self) -> dict[str, Any]:
         return {}
@@ -109,7 +112,13 @@ class Pruner:
 
     def apply(self, sparsity: float) -> None:
         """Recompute every target's mask from this method's scores."""
-        for name, keep in select(self.scores(), sparsity, self.settings.scope).items():
+        if self.settings.structure == "heads_neurons":
+            if self._families is None:
+                self._families = families(self.engine.model, self.targets)
+            chosen = select_groups(self._families, self.scores(), sparsity, self.settings.scope)
+        else:
+            chosen = select(self.scores(), sparsity, self.settings.scope)
+        for name, keep in chosen.items():
             self.masks.set(name, keep)
 
     def kept_first(self, magnitude: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -109,6 +109,7 @@ class IMPPruner(Pruner):
                     self.masks.rebase(n)
 
     def rename(self, renamed: dict[str, str]) -> None:
+        super().rename(renamed)
         self.reference = {renamed.get(n, n): t for n, t in self.reference.items()}
 
     def stats(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .masks import MaskedWeights
 from .movement import MovementPruner
 from .schedule import Ramp
 from .soft_movement import SoftMovementPruner
+from .structure import families
 
 if TYPE_CHECKING:
     from ...policy import Policy
@@ -90,7 +91,7 @@ class PruningMethod(Method):
 
     @staticmethod
     def _schedule_changed(old: Pruning, new: Pruning) -> bool:
-        return (old.schedule, old.scope) != (new.schedule, new.scope)
+        return (old.schedule, old.scope, old.structure) != (new.schedule, new.scope, new.structure)
 
     def _ramp(self, settings: Pruning, step: int, anchored: bool) -> Ramp:
         s = settings.schedule
@@ -116,6 +117,14 @@ class PruningMethod(Method):
                 f"pruning.targets: the selected parameters ({', '.join(chosen[:3])}{', ...' if len(chosen) > 3 else ''}) are all "
                 "1-D (biases, norms); pruning removes entries of weight matrices, e.g. targets: ['*.weight']"
             )
+        if settings.structure == "heads_neurons":  # only weights that belong to a whole head or neuron
+            grouped = {s.name for f in families(self.engine.model, matrices) for s in f.slabs}
+            if not grouped:
+                raise PolicyError(
+                    f"pruning.structure: heads_neurons needs targets that cover whole heads (q, k, v and output projection) "
+                    f"or FFN pairs (input and output layers) of {type(self.engine.model).__name__}; {settings.targets} cover none"
+                )
+            matrices = [n for n in matrices if n in grouped]
         return matrices
 
     def _switch_off(self) -> None:

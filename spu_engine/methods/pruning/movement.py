@@ -64,6 +64,7 @@ class MovementPruner(ScheduledPruner):
                 s.grad = grad * self.masks.dense(n)
 
     def rename(self, renamed: dict[str, str]) -> None:
+        super().rename(renamed)
         self.score_params = {renamed.get(n, n): s for n, s in self.score_params.items()}
 
     def detach(self) -> None:
