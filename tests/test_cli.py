@@ -62,3 +62,13 @@ def test_policy_validate_and_schema(tmp_path):
     assert r.returncode == 2 and "freeze[0].trainable: Input should be a valid boolean" in r.stderr
     schema = json.loads(spu("policy", "schema").stdout)
     assert schema["title"] == "SPU policy" and "freeze" in schema["properties"]
+
+
+def test_every_example_policy_validates_against_a_bert_model(tiny_model_dir):
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples" / "policies").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        r = spu("policy", "validate", path, "--model", tiny_model_dir)
+        assert r.returncode == 0 and "ok" in r.stdout, (path.name, r.stderr)
