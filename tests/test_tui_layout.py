@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from spu_engine.policy import Change, FreezeRule, TimelineEntry
 from spu_engine.runs import read_history
 from spu_tui.app import PANELS, SpuApp
+from spu_tui.frames import FASTEST, RECENT, SLOWEST, FrameBudget
 from spu_tui.screens.help import HelpScreen
+from spu_tui.widgets.chart import CellPlot
 from spu_tui.widgets.controls import ControlsPanel
 from spu_tui.widgets.unit_tree import UnitTree
 
@@ -215,6 +217,7 @@ async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recor
         await pilot.pause(0.2)
         cmd, fields = link.sent[-1]
         assert cmd == "change" and fields["change"]["set"]["pruning"]["method"] == "magnitude"
+        assert fields["change"]["set"]["pruning"]["structure"] == "weights"  # every pruning control goes with the change
         assert str(app.query_one("#status-pruning").render()) == "sent: Pruning"
         link.deliver({"type": "received", "t": t + 0.5, "id": "c2", "cmd": "change"})
         await pilot.pause(0.2)
@@ -232,6 +235,46 @@ async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recor
         assert not app.pending
         await pilot.press("down", "space")  # the console keeps working after a refusal
         assert link.sent[-1][1]["change"]["freeze"] == [{"units": ["block2"], "trainable": False}]
+
+
+def test_frames_are_spaced_by_what_they_cost():
+    budget = FrameBudget(share=0.02)
+    assert budget.interval == FASTEST, "nothing measured yet: the fastest rate"
+    for _ in range(3):
+        budget.spent(0.01)
+    assert budget.interval == pytest.approx(0.5), "10 ms of CPU per frame at 2 % of a core: two frames a second"
+    budget.spent(1.0)
+    assert budget.interval == pytest.approx(0.5), "one costly frame does not slow the screen"
+    for _ in range(RECENT):
+        budget.spent(1.0)
+    assert budget.interval == SLOWEST
+
+
+async def test_training_progress_waits_for_the_next_frame_and_answers_do_not(recorded_run, monkeypatch):
+    run_dir, history = recorded_run
+    paints = []
+    monkeypatch.setattr(CellPlot, "_paint", lambda self, paint=CellPlot._paint: paints.append(self) or paint(self))
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        link = app.link = ScriptedLink(app)
+        app.frames.costs.extend([1.0] * RECENT)  # costly frames: the next one waits SLOWEST seconds
+        await pilot.pause(0.2)
+        t = max(e.get("t", 0) for e in history) + 1
+        step = {"type": "step", "loss": 0.5, "step_time": 0.5, "samples_per_s": 64.0}
+        link.deliver({**step, "t": t, "step": 17})
+        await pilot.pause(0.3)
+        assert app.header.step == 17, "the first frame of progress is due at once"
+        link.deliver({**step, "t": t + 1, "step": 18})
+        await pilot.pause(0.3)
+        assert app.header.step == 17 and "header" in app._dirty, "the next one waits for the budget"
+        await pilot.press("down", "down", "space")
+        link.deliver({"type": "ack", "t": t + 2, "id": "c1", "cmd": "change", "step": 18, "ok": True, "message": ""})
+        await pilot.pause(0.2)
+        assert app.header.step == 18 and not app._dirty, "the engine's answer is drawn at once, with all that waited"
+        painted = len(paints)
+        app._draw({"loss", "bars"}, now=True)
+        await pilot.pause(0.2)
+        assert len(paints) == painted, "the same data again costs no repaint"
 
 
 def test_no_data_reachable_says_what_to_pass(monkeypatch):

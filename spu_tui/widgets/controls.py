@@ -70,6 +70,7 @@ CHOICES = [
     ("weight_update_skipping", "wus-enabled", "enabled", ["off", "on"]),
     ("pruning", "pr-method", "method", ["none", "magnitude", "imp", "movement", "soft_movement"]),
     ("pruning", "pr-scope", "scope", ["global", "per_layer"]),
+    ("pruning", "pr-structure", "structure", ["weights", "heads_neurons"]),
     ("peft", "peft-method", "method", ["none", "bitfit", "adapter", "ia3", "lora"]),
 ]
 TITLES = {
@@ -131,6 +132,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             "wus-patience": wus.patience,
             "pr-method": pr.method,
             "pr-scope": pr.scope,
+            "pr-structure": pr.structure,
             "pr-target": pr.schedule.final_sparsity,
             "pr-start": pr.schedule.start_step,
             "pr-end": pr.schedule.end_step,
@@ -224,6 +226,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             return {
                 "method": choice("pr-method"),
                 "scope": choice("pr-scope"),
+                "structure": choice("pr-structure"),
                 "schedule": {"final_sparsity": num("pr-target", float), "start_step": num("pr-start", int), "end_step": num("pr-end", int)},
             }
         return {"method": choice("peft-method")}
