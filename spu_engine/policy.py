@@ -145,8 +145,9 @@ class Pruning(_Section):
     method: Literal["none", "magnitude", "imp", "movement", "soft_movement"] = Field(
         "none", description="none removes all masks; a change mid-run keeps the masks and continues from the current sparsity"
     )
-    scope: Literal["global", "per_layer"] = Field(
-        "global", description="global: one ranking over all targets; per_layer: every target tensor loses the same fraction"
+    scope: Literal["global", "per_unit", "per_layer"] = Field(
+        "global",
+        description="global: one ranking over all targets; per_unit: every unit (block) loses the same fraction; per_layer: every target tensor does",
     )
     targets: list[str] = Field(default_factory=lambda: ["*.weight"], description="globs over parameter names; only weight matrices are pruned")
     exclude: list[str] = Field(

@@ -51,7 +51,7 @@ def pruned_counts(engine):
 # --------------------------------------------------------------------------- masks
 
 
-@pytest.mark.parametrize("scope", ["global", "per_layer"])
+@pytest.mark.parametrize("scope", ["global", "per_unit", "per_layer"])
 def test_magnitude_masks_equal_torch_prune(make_engine, scope):
     engine = make_engine(policy=pruning_policy(scope=scope, schedule={"kind": "constant", "final_sparsity": 0.6}))
     pm = method_of(engine)
@@ -60,6 +60,11 @@ def test_magnitude_masks_equal_torch_prune(make_engine, scope):
     modules = [(reference.get_submodule(n.rsplit(".", 1)[0]), "weight") for n in pm.targets]
     if scope == "global":
         prune.global_unstructured(modules, pruning_method=prune.L1Unstructured, amount=0.6)
+    elif scope == "per_unit":  # one global ranking inside each unit (block)
+        for unit in {engine.units.unit_of[n] for n in pm.targets}:
+            prune.global_unstructured(
+                [m for m, n in zip(modules, pm.targets) if engine.units.unit_of[n] == unit], pruning_method=prune.L1Unstructured, amount=0.6
+            )
     else:
         for module, attr in modules:
             prune.l1_unstructured(module, attr, amount=0.6)
@@ -84,7 +89,8 @@ def test_parameter_names_units_and_state_dict_stay_plain(make_engine):
 
 @pytest.mark.parametrize(
     "method, scope",
-    [("magnitude", "global"), ("magnitude", "per_layer"), ("movement", "global"), ("soft_movement", "per_layer"), ("imp", "global")],
+    [("magnitude", "global"), ("magnitude", "per_layer"), ("magnitude", "per_unit"), ("movement", "global"), ("soft_movement", "per_layer"),
+     ("soft_movement", "per_unit"), ("imp", "global")],
 )
 def test_sparsity_at_end_of_schedule_equals_target(make_engine, method, scope):
     engine = make_engine(policy=pruning_policy(method, scope=scope), steps=5, batch_size=4)
@@ -96,6 +102,10 @@ def test_sparsity_at_end_of_schedule_equals_target(make_engine, method, scope):
     if scope == "per_layer":
         for n in pm.targets:
             assert abs(counts[n] - target * sizes[n]) <= 1, n
+    elif scope == "per_unit":
+        for unit in {engine.units.unit_of[n] for n in pm.targets}:
+            names = [n for n in pm.targets if engine.units.unit_of[n] == unit]
+            assert abs(sum(counts[n] for n in names) - target * sum(sizes[n] for n in names)) <= 1, unit
     else:
         assert abs(sum(counts.values()) - target * sum(sizes.values())) <= len(sizes)
     ev = pm.stats()["pruning"]

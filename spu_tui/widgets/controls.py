@@ -69,7 +69,7 @@ CHOICES = [
     ("selective_backprop", "sb-mode", "mode", ["off", "threshold", "percentile"]),
     ("weight_update_skipping", "wus-enabled", "enabled", ["off", "on"]),
     ("pruning", "pr-method", "method", ["none", "magnitude", "imp", "movement", "soft_movement"]),
-    ("pruning", "pr-scope", "scope", ["global", "per_layer"]),
+    ("pruning", "pr-scope", "scope", ["global", "per_unit", "per_layer"]),
     ("pruning", "pr-structure", "structure", ["weights", "heads_neurons"]),
     ("peft", "peft-method", "method", ["none", "bitfit", "adapter", "ia3", "lora"]),
 ]

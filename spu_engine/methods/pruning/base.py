@@ -2,8 +2,8 @@
 
 A pruner says *which* weights matter (``scores``: higher keeps) and *when*
 masks change (``before_step``).  Selection is shared: keep the highest scores,
-over all targets at once (``global`` scope) or tensor by tensor
-(``per_layer``), pruning exactly ``round(sparsity * n)`` weights like
+over all targets at once (``global`` scope), unit by unit (``per_unit``) or
+tensor by tensor (``per_layer``), pruning exactly ``round(sparsity * n)`` weights like
 ``torch.nn.utils.prune``'s L1Unstructured does.
 """
 
@@ -39,16 +39,16 @@ def lowest(flat: torch.Tensor, n_prune: int) -> torch.Tensor:
     return keep
 
 
-def select(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    """Keep-masks that remove ``sparsity`` of the weights with the lowest scores."""
-    if scope == "per_layer":
-        return {n: lowest(s.flatten(), round(sparsity * s.numel())).view_as(s) for n, s in scores.items()}
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = lowest(flat, round(sparsity * flat.numel()))
-    out, offset = {}, 0
-    for n, s in scores.items():
-        out[n] = keep[offset : offset + s.numel()].view_as(s)
-        offset += s.numel()
+def select(scores: dict[str, torch.Tensor], sparsity: float, parts: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Keep-masks that remove ``sparsity`` of the weights with the lowest scores within each part (a list of names)."""
+    out = {}
+    for names in parts:
+        flat = torch.cat([scores[n].flatten() for n in names])
+        keep = lowest(flat, round(sparsity * flat.numel()))
+        offset = 0
+        for n in names:
+            out[n] = keep[offset : offset + scores[n].numel()].view_as(scores[n])
+            offset += scores[n].numel()
     return out
 
 
@@ -117,9 +117,22 @@ class Pruner:
                 self._families = families(self.engine.model, self.targets)
             chosen = select_groups(self._families, self.scores(), sparsity, self.settings.scope)
         else:
-            chosen = select(self.scores(), sparsity, self.settings.scope)
+            scores = self.scores()
+            chosen = select(scores, sparsity, self.partitions(list(scores)))
         for name, keep in chosen.items():
             self.masks.set(name, keep)
+
+    def partitions(self, names: list[str]) -> list[list[str]]:
+        """The groups ranked separately: all names (global), each unit's (per_unit), or each tensor (per_layer)."""
+        scope = self.settings.scope
+        if scope == "global":
+            return [names]
+        if scope == "per_layer":
+            return [[n] for n in names]
+        by_unit: dict[str, list[str]] = {}
+        for n in names:
+            by_unit.setdefault(self.engine.units.unit_of.get(n, "other"), []).append(n)
+        return list(by_unit.values())
 
     def kept_first(self, magnitude: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Scores where weights still kept outrank every pruned one.

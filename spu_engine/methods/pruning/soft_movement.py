@@ -4,8 +4,8 @@ Weights are kept while ``sigmoid(S) > tau``; an L1 penalty ``l1 * mean(sigmoid(S
 pushes every score down, so only weights whose movement earns it keep a high
 score, and each layer ends up with the sparsity its weights justify.  The
 threshold follows the cubic schedule from ``movement.threshold`` (or the
-lowest score, if that is higher) to the threshold that removes ``final_sparsity`` of the weights (over all targets, or
-per tensor with ``per_layer`` scope), so the run lands on the target at ``end_step``.
+lowest score, if that is higher) to the threshold that removes ``final_sparsity`` of the weights (over all targets,
+per unit with ``per_unit`` scope, or per tensor with ``per_layer``), so the run lands on the target at ``end_step``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class SoftMovementPruner(MovementPruner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tau_start: float | None = None  # where the threshold ramp starts; set by its first update
-        self.tau: float | None = None  # the threshold in force (mean over tensors for per_layer scope)
+        self.tau: float | None = None  # the threshold in force (mean over tensors when scoped)
 
     def follow(self, ramp: Ramp, anchored: bool) -> None:
         super().follow(ramp, anchored)
@@ -41,12 +41,12 @@ class SoftMovementPruner(MovementPruner):
         probs = {n: torch.sigmoid(s) for n, s in self.scores().items()}
         if self.tau_start is None:  # a threshold below every score would waste the first part of the ramp
             self.tau_start = max(self.settings.movement.threshold, min(float(p.min()) for p in probs.values()))
-        final_keep = select(probs, ramp.final, self.settings.scope)
-        # the final threshold: the smallest probability the target keeps
-        finals = {n: float(p[final_keep[n]].min()) if final_keep[n].any() else 1.0 for n, p in probs.items()}
-        if self.settings.scope == "global":
-            lowest_kept = min(finals.values())
-            finals = dict.fromkeys(finals, lowest_kept)
+        parts = self.partitions(list(probs))
+        final_keep = select(probs, ramp.final, parts)
+        finals = {}  # the final threshold of each part: the smallest probability the target keeps there
+        for names in parts:
+            lowest_kept = min(float(probs[n][final_keep[n]].min()) if final_keep[n].any() else 1.0 for n in names)
+            finals.update(dict.fromkeys(names, lowest_kept))
         remaining = (1.0 - (step - ramp.start) / (ramp.end - ramp.start)) ** 3
         taus = {n: f + (self.tau_start - f) * remaining for n, f in finals.items()}
         for n, p in probs.items():
