@@ -1,9 +1,12 @@
 """The console: one screen of views over a ``RunState``, steering an engine process.
 
-Data flows one way: engine events -> ``RunState.apply`` -> the views that the
-event touched (plots at most ~4 Hz).  User actions flow the other way: widgets
-post messages up, the app turns them into protocol commands, and the affected
-rows stay *pending* until the engine's ack arrives at a step boundary.
+Data flows one way: engine events -> ``RunState.apply`` -> dirty marks on the
+views they touched -> one frame that draws them all, spaced by ``FrameBudget``
+(at most ~4 Hz, and slower when frames are costly, so that watching a run takes
+little CPU from it).  User actions flow the other way: widgets post messages
+up, the app turns them into protocol commands, and the affected rows stay
+*pending* until the engine's ack arrives at a step boundary; the engine's
+answers are drawn at once, without waiting for the next frame.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 
+from .frames import DEFAULT_SHARE, FrameBudget
 from .link import EngineLink, EventsArrived
 from .run_state import LogLine, RunState
 from .screens.export import ExportScreen
@@ -39,9 +43,9 @@ from .widgets.unit_tree import Row, UnitTree
 PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log")]
 GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log"]  # placement in the large-terminal grid (see app.tcss)
 WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
-PLOT_INTERVAL = 0.25  # seconds: plots redraw at most ~4 Hz
 LOSS_LEGEND = "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
 LOSS_LEGEND_SHORT = "[gray]loss[/] [cyan]smooth[/] [yellow]eval[/] [green]{metric:.3}→[/] [magenta]│chg[/]"
+COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
 
 
@@ -84,6 +88,7 @@ class SpuApp(App):
         history: list[dict[str, Any]] | None = None,
         engine: subprocess.Popen | None = None,
         connect: bool = True,
+        cpu_share: float = DEFAULT_SHARE,
     ) -> None:
         super().__init__()
         self.run_dir = Path(run_dir)
@@ -96,8 +101,12 @@ class SpuApp(App):
         self.roundtrips: list[tuple[float, float]] = []  # (key -> redraw, engine ack -> redraw) seconds
         self.received_roundtrips: list[float] = []  # key -> engine received -> redraw, seconds
         self.active_panel = "loss"
-        self._plots_dirty = True
-        self._loss_dirty = False
+        self.frames = FrameBudget(cpu_share)
+        self._dirty: set[str] = set()  # views to draw at the next frame: header tree log controls loss bars
+        self._next_frame = 0.0  # monotonic time before which no frame of training progress starts
+        self._frame_cpu: float | None = None  # process CPU when the last such frame began (None: start a new count)
+        self._frame_timer: Timer | None = None
+        self._loss_legend: str | None = None
         self._exit_on: str | None = None  # id of the stop command whose ack ends the app
         self._exit_timer: Timer | None = None
         self.header = RunHeader(id="header")
@@ -147,14 +156,13 @@ class SpuApp(App):
         self._layout_for(self.size.width, self.size.height)
         for ev in self.history:
             self.state.apply(ev)
-        self._show({"header", "tree", "log", "controls", "plots"})
+        self._draw({"header", "tree", "log", "controls", "plots"}, now=True)
         self.unit_tree.focus()
-        self.set_interval(PLOT_INTERVAL, self._redraw_plots)
         if self.link is not None:
             self._connect()
         elif self.history:
             self.state.log.append(LogLine(self.state.step, "ui", "engine not running: showing the run's history"))
-            self._show({"log"})
+            self._draw({"log"}, now=True)
 
     def on_resize(self, event) -> None:
         self._layout_for(event.size.width, event.size.height)
@@ -164,7 +172,7 @@ class SpuApp(App):
         self.main.set_class(wide, "-wide")
         self.main.set_class(not wide, "-narrow")
         self._show_panel_bar()
-        self._plots_dirty = True
+        self.call_after_refresh(self._draw, {"loss", "bars"}, now=True)  # at the new sizes; panels hidden until now are stale
 
     def _show_panel_bar(self) -> None:
         self.panel_bar.active = self.active_panel
@@ -174,8 +182,7 @@ class SpuApp(App):
     def action_show_panel(self, pid: str) -> None:
         self.active_panel = pid
         self._show_panel_bar()
-        self._plots_dirty = True
-        self._redraw_plots()
+        self._draw({"loss", "bars"}, now=True)
         if pid == "log":
             self.call_after_refresh(self.log_view.rewrap)
 
@@ -204,13 +211,14 @@ class SpuApp(App):
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             hint = " | engine.log: " + " / ".join(tail)
         self.state.log.append(LogLine(self.state.step, "error", f"cannot reach the engine: {message.reason}{hint}", True))
-        self._show({"header", "log"})
+        self._draw({"header", "log"}, now=True)
 
     def on_events_arrived(self, _: EventsArrived) -> None:
         assert self.link is not None
         changed: set[str] = set()
         acks, received = [], []
         failed = None
+        hello = False
         for ev in self.link.drain():
             if ev.get("type") != "hello" and ev.get("t", 0.0) <= self.history_t:
                 continue  # already drawn from events.jsonl
@@ -219,10 +227,13 @@ class SpuApp(App):
                 acks.append(ev)
             elif ev.get("type") == "received":
                 received.append(ev)
+            elif ev.get("type") == "hello":
+                hello = True
             elif ev.get("type") == "state" and ev.get("state") == "error":
                 failed = ev.get("message") or "the engine failed"
         if self.views_alive:
-            self._show(changed)
+            # answers to the user (and the first snapshot) are drawn now; training progress waits for the next frame
+            self._draw(changed, now=bool(acks or received or hello or failed))
             for ev in received:
                 self._received(ev)
             for ack in acks:
@@ -272,50 +283,49 @@ class SpuApp(App):
     def _record_roundtrip(self, sent: float, ack_t: float) -> None:
         self.roundtrips.append((time.perf_counter() - sent, time.time() - ack_t))
 
-    def _show(self, changed: set[str]) -> None:
-        """Push the state into the views an event touched (plots wait for the 4 Hz tick)."""
+    def _draw(self, changed: set[str], now: bool = False) -> None:
+        """Mark the views an event touched; draw them now, or at the next frame the budget allows."""
+        if "tree" in changed:
+            changed = changed | {"loss", "bars"}  # units, policy: every plot (bars, learning view, change marks)
+        if "plots" in changed:
+            changed = (changed - {"plots"}) | {"loss"}  # a step or an eval moves the loss plot only
+        self._dirty |= changed
+        if now:
+            self._frame(measured=False)
+        elif self._dirty and self._frame_timer is None and self.views_alive:
+            self._frame_timer = self.set_timer(max(COALESCE, self._next_frame - time.monotonic()), self._frame)
+
+    def _frame(self, measured: bool = True) -> None:
+        """Draw every dirty view; a frame of training progress (``measured``) spaces the next by the CPU used since the last."""
+        if self._frame_timer is not None:
+            self._frame_timer.stop()
+            self._frame_timer = None
+        if not measured:
+            self._frame_cpu = None  # the user's own actions are not budgeted: this cycle does not count
+        if not self._dirty or not self.views_alive:
+            return
+        dirty, self._dirty = self._dirty, set()
+        if measured:
+            cpu = time.process_time()
+            if self._frame_cpu is not None:  # since the last frame began: its drawing, Textual's compositing, events
+                self.frames.spent(cpu - self._frame_cpu)
+            self._frame_cpu = cpu
+            self._next_frame = time.monotonic() + self.frames.interval
         s = self.state
-        if "header" in changed:
+        if "header" in dirty:
             header = self.header
             header.run_name, header.model, header.state = s.run, s.model, s.state
             header.step, header.total, header.samples_per_s, header.eta_s = s.step, s.total_steps, s.samples_per_s, s.eta_s
-        if "tree" in changed:
+        if "tree" in dirty:
             self.unit_tree.show(s)
-        if "log" in changed:
+        if "log" in dirty:
             self.log_view.show_new(s.log)
-        if "controls" in changed and s.policy:
+        if "controls" in dirty and s.policy:
             self.controls.load(s.policy)
-        if "tree" in changed:
-            self._plots_dirty = True  # units, policy: bars and learning view too
-        elif "plots" in changed:
-            self._loss_dirty = True  # a step or an eval moves the loss plot only
-
-    def _redraw_plots(self) -> None:
-        """At most every PLOT_INTERVAL: redraw the plots whose data changed (each costs a full plotext canvas)."""
-        if not (self._plots_dirty or self._loss_dirty) or not self.views_alive:
-            return
-        bars = self._plots_dirty
-        self._plots_dirty = self._loss_dirty = False
-        s = self.state
         wide = self.main.has_class("-wide")
-        if wide or self.active_panel == "loss":
-            loss = self.loss_chart
-            legend = LOSS_LEGEND if loss.size.width >= 80 else LOSS_LEGEND_SHORT
-            loss.border_subtitle = legend.format(metric=s.metric)
-            loss.redraw(
-                LineSpec(
-                    series=[
-                        Series(s.loss_steps, s.loss, color="gray"),
-                        Series(s.loss_steps, s.loss_smooth, color="cyan"),
-                        Series(s.eval_steps, s.eval_loss, color="yellow", marker="hd"),
-                        Series(s.eval_steps, s.eval_metric, color="green", right_axis=True, marker="hd"),
-                    ],
-                    marks=s.change_steps,
-                )
-            )
-        if not bars:
-            return
-        if wide or self.active_panel == "sparsity":
+        if "loss" in dirty and (wide or self.active_panel == "loss"):
+            self._draw_loss()
+        if "bars" in dirty and (wide or self.active_panel == "sparsity"):
             names = [u["name"] for u in s.units] if s.unit_stats else []
             self.sparsity_chart.redraw(
                 BarSpec(
@@ -324,8 +334,27 @@ class SpuApp(App):
                     ylim=(0.0, 1.0),
                 )
             )
-        if wide or self.active_panel == "learning":
+        if "bars" in dirty and (wide or self.active_panel == "learning"):
             self.learning.show(s)
+
+    def _draw_loss(self) -> None:
+        s = self.state
+        loss = self.loss_chart
+        legend = LOSS_LEGEND if loss.size.width >= 80 else LOSS_LEGEND_SHORT
+        subtitle = legend.format(metric=s.metric)
+        if subtitle != self._loss_legend:
+            self._loss_legend = loss.border_subtitle = subtitle
+        loss.redraw(
+            LineSpec(
+                series=[
+                    Series(s.loss_steps, s.loss, color="gray"),
+                    Series(s.loss_steps, s.loss_smooth, color="cyan"),
+                    Series(s.eval_steps, s.eval_loss, color="yellow", marker="hd"),
+                    Series(s.eval_steps, s.eval_metric, color="green", right_axis=True, marker="hd"),
+                ],
+                marks=s.change_steps,
+            )
+        )
 
     # ------------------------------------------------------------------ user actions
 
@@ -341,7 +370,7 @@ class SpuApp(App):
     def _notify_log(self, text: str, error: bool = False, logged: bool = False) -> None:
         if not logged:
             self.state.log.append(LogLine(self.state.step, "ui", text, error))
-            self._show({"log"})
+            self._draw({"log"}, now=True)
         if error:
             self.notify(text, severity="error", timeout=6)
 

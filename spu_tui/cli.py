@@ -21,10 +21,13 @@ from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model import resolve_model_name
 from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
 
+from .frames import DEFAULT_SHARE
+
 app = typer.Typer(add_completion=False, help="SPU console: steer which parameters learn while a model trains.")
 
 HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
+UI_CPU_HELP = "the console's CPU while you watch, in percent of one core: plots redraw less often to stay under it (keys never wait)"
 
 
 @functools.cache
@@ -94,6 +97,7 @@ def main(
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
+    ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
 ) -> None:
     """Start an engine process for a new run and open the console on it."""
     if ctx.invoked_subcommand is not None:
@@ -116,12 +120,15 @@ def main(
     if (run_dir / "events.jsonl").exists():
         fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
     engine = spawn_engine(config, pol, run_dir)
-    SpuApp(run_dir, engine=engine).run()
+    SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100).run()
     _say_where(run_dir)
 
 
 @app.command()
-def attach(run: Optional[Path] = typer.Argument(None, help="run folder [default: the newest live run under ./runs]")) -> None:
+def attach(
+    run: Optional[Path] = typer.Argument(None, help="run folder [default: the newest live run under ./runs]"),
+    ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
+) -> None:
     """Reattach to a run: redraw its history from events.jsonl and steer it again.
 
     A run whose engine died (SIGKILL, lost machine) resumes from its newest
@@ -149,7 +156,7 @@ def attach(run: Optional[Path] = typer.Argument(None, help="run folder [default:
             config = build_config(**json.loads((run / "config.json").read_text()))
             engine = spawn_engine(config, read_policy(run / "policy.yaml"), run, resume=True)
             live = True
-    SpuApp(run, history=history, engine=engine, connect=live).run()
+    SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100).run()
     _say_where(run)
 
 

@@ -33,7 +33,7 @@ async def _wait(pilot, predicate, timeout: float) -> None:
 
 
 async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -> list[Path]:
-    app = SpuApp(run_dir, engine=proc)
+    app = SpuApp(run_dir, engine=proc, cpu_share=1.0)  # no CPU budget: every frame at the fastest rate, so a pause shows the latest step
     shots: list[Path] = []
 
     def save(name: str) -> None:
@@ -45,7 +45,7 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
         await pilot.press("down", "down", "f")  # freeze embeddings, block0, block1
         await _wait(pilot, lambda: not app.pending, timeout)
         await _wait(pilot, lambda: len(app.state.eval_steps) >= 2 and app.state.unit_stats, timeout)
-        await pilot.pause(0.6)  # one plot tick
+        await pilot.pause(0.6)  # one frame
         save("console-200x50")
         await pilot.resize_terminal(80, 24)
         await pilot.pause(0.6)

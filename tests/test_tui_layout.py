@@ -277,6 +277,19 @@ async def test_training_progress_waits_for_the_next_frame_and_answers_do_not(rec
         assert len(paints) == painted, "the same data again costs no repaint"
 
 
+def test_ui_cpu_budget_from_the_flag_or_the_environment(recorded_run, monkeypatch):
+    from spu_tui.cli import app
+
+    run_dir, _ = recorded_run
+    shares = []
+    monkeypatch.setattr(SpuApp, "run", lambda self: shares.append(self.frames.share))
+    assert CliRunner().invoke(app, ["attach", str(run_dir), "--ui-cpu", "4"]).exit_code == 0
+    assert CliRunner().invoke(app, ["attach", str(run_dir)], env={"SPU_TUI_CPU": "0.5"}).exit_code == 0
+    assert shares == [pytest.approx(0.04), pytest.approx(0.005)]
+    result = CliRunner().invoke(app, ["attach", str(run_dir), "--ui-cpu", "0"])
+    assert result.exit_code == 2 and "--ui-cpu" in result.output
+
+
 def test_no_data_reachable_says_what_to_pass(monkeypatch):
     from spu_tui.cli import app
 

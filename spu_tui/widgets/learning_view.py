@@ -11,31 +11,42 @@ import math
 
 from rich.table import Table
 from rich.text import Text
-from textual.widgets import Static
+from textual.reactive import reactive
+from textual.widget import Widget
 
 from ..run_state import RunState
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
 
+Rows = tuple[tuple[str, float | None, float | None], ...]  # unit, grad norm, update ratio (None: no statistics yet)
 
-class LearningView(Static):
+
+class LearningView(Widget):
+    """A plain widget with a reactive row tuple: new statistics repaint it, equal ones cost nothing, and never a layout."""
+
+    rows: reactive[Rows | None] = reactive(None)
+
     def show(self, state: RunState) -> None:
+        self.rows = tuple(
+            (u["name"], s.get("grad_norm", 0.0), s.get("update_ratio", 0.0)) if (s := state.unit_stats.get(u["name"])) else (u["name"], None, None)
+            for u in state.units
+        )
+
+    def render(self) -> Table:
         table = Table(box=None, expand=True, padding=(0, 1), header_style="bold")
         table.add_column("unit", no_wrap=True)
         table.add_column("‖grad‖", justify="right", no_wrap=True)
         table.add_column("upd/w", justify="right", no_wrap=True)
         table.add_column("", ratio=1, no_wrap=True)
         bar_width = max(4, self.size.width - 34)
-        for u in state.units:
-            s = state.unit_stats.get(u["name"])
-            if s is None:
-                table.add_row(u["name"], "-", "-", "")
-                continue
-            ratio = s.get("update_ratio", 0.0)
-            table.add_row(u["name"], f"{s.get('grad_norm', 0.0):.2e}", f"{ratio:.1e}", _bar(ratio, bar_width))
-        if not state.units:
+        for name, grad_norm, ratio in self.rows or ():
+            if grad_norm is None or ratio is None:
+                table.add_row(name, "-", "-", "")
+            else:
+                table.add_row(name, f"{grad_norm:.2e}", f"{ratio:.1e}", _bar(ratio, bar_width))
+        if not self.rows:
             table.add_row("waiting for the engine", "", "", "")
-        self.update(table)
+        return table
 
 
 def _bar(ratio: float, width: int) -> Text:

@@ -66,16 +66,22 @@ class UnitTree(Tree[Row]):
         self.relabel()
 
     def relabel(self) -> None:
+        """Relabel the rows whose text changed (each new label costs the tree a repaint of its line)."""
         if self._state is None:
             return
         width = max(24, self.size.width - 2 if self.size.width else 34)
         for u in self._state.units:
-            node = self._row_nodes[Row("unit", u["name"])]
-            node.set_label(self._label(Row("unit", u["name"]), u["name"], u["numel"], width - 4))
+            unit = Row("unit", u["name"])
+            self._set_label(unit, self._label(unit, u["name"], u["numel"], width - 4))
             prefix = _common_prefix([p["name"] for p in u["params"]])
             for p in u["params"]:
                 row = Row("tensor", p["name"])
-                self._row_nodes[row].set_label(self._label(row, p["name"][len(prefix):] or p["name"], p["numel"], width - 8))
+                self._set_label(row, self._label(row, p["name"][len(prefix):] or p["name"], p["numel"], width - 8))
+
+    def _set_label(self, row: Row, label: Text) -> None:
+        node = self._row_nodes[row]
+        if node.label != label:
+            node.set_label(label)
 
     def move_to(self, row: Row) -> None:
         """Put the cursor on ``row``, expanding its unit if it is a tensor."""

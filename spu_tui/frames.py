@@ -1,0 +1,44 @@
+"""How often the console may redraw while the user only watches.
+
+Engine events only mark views dirty; a frame draws them.  On a machine whose
+cores are all training, every millisecond the console spends is taken from a
+step (with two threads, a preempted one stalls the other at the next sync), so
+frames of training progress are spaced by what the console really spends: if
+it used ``c`` seconds of CPU from one such frame to the next (drawing, Textual's
+compositing, reading events), the next frame starts ``c / share`` seconds after
+the last, which holds the console near ``share`` of one core while the user
+watches.  Key presses and the engine's answers to them are drawn at once and
+are not budgeted.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+DEFAULT_SHARE = 0.015  # of one core: 1.5 %
+FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
+SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
+RECENT = 5  # frames whose median cost counts (one costly frame does not slow the screen)
+
+
+class FrameBudget:
+    """The spacing of frames that keeps the console at ``share`` of one core."""
+
+    def __init__(self, share: float = DEFAULT_SHARE, fastest: float = FASTEST, slowest: float = SLOWEST) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"share {share}: a fraction of one core in (0, 1]")
+        self.share = share
+        self.fastest = fastest
+        self.slowest = slowest
+        self.costs: deque[float] = deque(maxlen=RECENT)  # CPU seconds between the latest frames
+
+    def spent(self, cpu_seconds: float) -> None:
+        """Record the CPU used from one frame's start to the next one's."""
+        self.costs.append(cpu_seconds)
+
+    @property
+    def interval(self) -> float:
+        """Seconds from one frame's start to the next one's."""
+        cost = statistics.median(self.costs) if self.costs else 0.0
+        return min(self.slowest, max(self.fastest, cost / self.share))
