@@ -11,6 +11,7 @@ answers are drawn at once, without waiting for the next frame.
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -158,6 +159,9 @@ class SpuApp(App):
             self.state.apply(ev)
         self._draw({"header", "tree", "log", "controls", "plots"}, now=True)
         self.unit_tree.focus()
+        # what exists now (the imported engine modules: torch alone is ~200k objects) lives as long as the console:
+        # a full cyclic-GC pass over it costs 0.1-0.3 s of CPU, over 10 s of the watching budget, so leave it out of them
+        gc.freeze()
         if self.link is not None:
             self._connect()
         elif self.history:
