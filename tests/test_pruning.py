@@ -440,3 +440,18 @@ def test_heads_neurons_structure_prunes_whole_groups(make_engine, arch, method):
 def test_soft_movement_cannot_be_structured():
     with pytest.raises(PolicyError, match="structure: heads_neurons works with magnitude, imp and movement"):
         parse_policy({"pruning": {"method": "soft_movement", "structure": "heads_neurons"}})
+
+
+def test_movement_scores_learn_only_while_their_weight_trains(make_engine):
+    policy = pruning_policy("movement", schedule={"start_step": 50, "end_step": 60})
+    policy.freeze = parse_policy({"freeze": [{"layers": [0], "trainable": False}]}).freeze
+    engine = make_engine(policy=policy)
+    pm = method_of(engine)
+    block0 = [n for n in pm.targets if ".layer.0." in n]
+    before = {n: pm.pruner.score_params[n].detach().clone() for n in pm.targets}
+    run_steps(engine, 2)
+    assert all(torch.equal(pm.pruner.score_params[n], before[n]) for n in block0)  # a frozen weight does not move
+    assert all(not torch.equal(pm.pruner.score_params[n], before[n]) for n in pm.targets if n not in block0)
+    engine.apply_change(Change(freeze=[{"layers": [0], "trainable": True}]), "test")
+    run_steps(engine, 2)
+    assert all(not torch.equal(pm.pruner.score_params[n], before[n]) for n in block0)  # unfrozen: its scores learn again

@@ -5,8 +5,10 @@ Every target weight gets a learned score S.  The forward pass uses
 the scores, so a weight whose updates push it toward zero (``dL/dW * W > 0``)
 loses score and is pruned, whatever its size.  The masks live in the weights
 (``masks.py``), so the backward pass already yields ``dL/dW'`` for every
-entry; the score gradient is that times the dense weight, computed after
-backward rather than through autograd (no extra work in the forward pass).
+entry; the score gradient is that times the dense weight, set by a hook as
+soon as backward has accumulated the weight's gradient (so before any
+gradient clipping, in the engine and in a user's own loop alike), with no
+extra work in the forward pass.
 The scores are trained only where the weight is: a frozen weight does not
 move, so its score does not either.  The scores have their own
 learning rate (``movement.score_lr``) and live outside the model, so they
@@ -43,6 +45,34 @@ class MovementPruner(ScheduledPruner):
             self.score_params[n] = nn.Parameter(init)
         self.engine.add_parameters(list(self.score_params.values()), lr=self.settings.movement.score_lr, name="scores")
         self._group = self.engine.optimizer.param_groups[-1]
+        self._hooks: dict[str, Any] = {}  # target -> its gradient hook, once the weight trains
+        self._hook_scores()
+
+    def _hook_scores(self) -> None:
+        """Hook every target that trains now (a frozen weight takes no hook; it may be unfrozen later)."""
+        for n in self.score_params:
+            p = self.masks.param(n)
+            if n not in self._hooks and p.requires_grad:
+                self._hooks[n] = p.register_post_accumulate_grad_hook(self._score_grad(n))
+
+    def _unhook_scores(self) -> None:
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks = {}
+
+    def before_step(self, step: int) -> None:
+        self._hook_scores()
+        super().before_step(step)
+
+    def _score_grad(self, name: str):
+        score = self.score_params[name]
+
+        @torch.no_grad()
+        def straight_through(weight: nn.Parameter) -> None:
+            """dL/dS = dL/dW' * W for kept and pruned weights alike (set, not added: accumulated micro-batches are summed in W's grad)."""
+            score.grad = weight.grad * self.masks.dense(name)
+
+        return straight_through
 
     def reconfigure(self, settings, step: int) -> None:
         super().reconfigure(settings, step)
@@ -55,23 +85,18 @@ class MovementPruner(ScheduledPruner):
         scale = TIE_BREAK / max(float(m.max()) for m in magnitude.values())
         return {n: s.detach() + magnitude[n] * scale for n, s in self.score_params.items()}
 
-    @torch.no_grad()
-    def after_backward(self, step: int) -> None:
-        """Straight-through: dL/dS = dL/dW' * W, for kept and pruned weights alike."""
-        for n, s in self.score_params.items():
-            grad = self.masks.param(n).grad
-            if grad is not None:
-                s.grad = grad * self.masks.dense(n)
-
     def rename(self, renamed: dict[str, str]) -> None:
         super().rename(renamed)
         self.score_params = {renamed.get(n, n): s for n, s in self.score_params.items()}
+        self._unhook_scores()
+        self._hook_scores()
 
     def detach(self) -> None:
         opt = self.engine.optimizer
         for p in self._group["params"]:
             opt.state.pop(p, None)
         opt.param_groups = [g for g in opt.param_groups if g is not self._group]
+        self._unhook_scores()
         self.score_params.clear()
 
     def tensor_state(self) -> dict[str, torch.Tensor]:

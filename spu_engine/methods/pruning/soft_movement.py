@@ -55,7 +55,6 @@ class SoftMovementPruner(MovementPruner):
 
     def after_backward(self, step: int) -> None:
         """The L1 penalty l1 * mean(sigmoid(S)), added straight to the score gradients."""
-        super().after_backward(step)
         l1 = self.settings.movement.l1
         if not l1:
             return
