@@ -291,7 +291,10 @@ class Engine(PolicyHost):
 
     def apply_change(self, change: Change, source: str) -> None:
         """Apply a change at the current boundary; raises PolicyError and leaves everything as it was."""
+        before = self.current
         self._take_change(change)
+        if self.current == before:  # e.g. a field set back to the value in force: nothing to record or replay
+            return
         self.recorded.append(TimelineEntry(step=self.step, **change.model_dump()))
         self._save_policy()
         self.emit(

@@ -105,3 +105,13 @@ def test_checkpoint_round_trip(make_engine, tmp_path):
     other.train_step()
     for (n, p), (_, q) in zip(engine.model.named_parameters(), other.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), (n, (p - q).abs().max().item())
+
+
+def test_a_change_that_changes_nothing_is_not_recorded(make_engine):
+    from spu_engine.policy import Change
+
+    engine = make_engine()
+    engine.train_step()
+    engine.apply_change(Change(set={"selective_backprop": {"keep": 0.4}}), "test")
+    engine.apply_change(Change(set={"selective_backprop": {"keep": 0.4}}), "test")  # the value already in force
+    assert [e.set for e in engine.replayable_policy().timeline] == [{"selective_backprop": {"keep": 0.4}}]
