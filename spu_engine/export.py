@@ -36,8 +36,8 @@ from transformers.pytorch_utils import Conv1D
 from . import compact_heads
 from .checkpoint import latest_checkpoint, load_method_tensors
 from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
-from .methods.pruning.layout import sublayer
-from .model import find_block_list, load_model, load_tokenizer
+from .methods.pruning.layout import ffn_layers
+from .model import AUTO_CLASSES, find_block_list, load_model, load_tokenizer
 
 MASK_PREFIX = "PruningMethod/mask."
 FFN_WIDTH_KEYS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff", "ffn_hidden_size")
@@ -145,19 +145,15 @@ def count_params(model: nn.Module) -> int:
 
 def _ffn_modules(block: nn.Module) -> tuple[list[nn.Module], nn.Module, list[tuple[nn.Module, str, nn.Module]]] | None:
     """The FFN input modules, the output module, and (parent, attribute, module) for each, in one block."""
-    ins, out, places = [], None, []
-    for name, module in block.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        kind = sublayer(f".{name}.weight") if name else "other"
-        if kind in ("ffn_in", "ffn_out"):
-            parent_name, _, attr = name.rpartition(".")
-            places.append((block.get_submodule(parent_name) if parent_name else block, attr, module))
-            if kind == "ffn_in":
-                ins.append(module)
-            else:
-                out = module
-    return (ins, out, places) if ins and out is not None else None
+    found = ffn_layers(block)
+    if found is None:
+        return None
+    ins, out = found
+    places = []
+    for path in [*ins, out]:
+        parent, _, attr = path.rpartition(".")
+        places.append((block.get_submodule(parent), attr, block.get_submodule(path)))
+    return [block.get_submodule(p) for p in ins], block.get_submodule(out), places
 
 
 def _neuron_rows(module: nn.Module, side: str) -> torch.Tensor:
@@ -223,9 +219,6 @@ def compact_attention(model: nn.Module) -> tuple[int, int] | None:
     return before, after
 
 
-AUTO_CLASS = {"classification": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering", "lm": "AutoModelForCausalLM"}
-
-
 def _remote_class(model: nn.Module) -> str:
     return f"SpuCompact{type(model).__name__}"
 
@@ -234,7 +227,7 @@ def save_model(model: nn.Module, out_dir: Path, kind: str) -> bool:
     """``save_pretrained``, plus the loading code when heads were removed; True if it was needed."""
     needs_code = bool(getattr(model.config, "spu_compact", None))
     if needs_code:
-        model.config.auto_map = {AUTO_CLASS[kind]: f"spu_compact.{_remote_class(model)}"}
+        model.config.auto_map = {AUTO_CLASSES[kind]: f"spu_compact.{_remote_class(model)}"}
     model.save_pretrained(out_dir)
     if needs_code:
         (Path(out_dir) / "spu_compact.py").write_text(_remote_code(model))

@@ -60,22 +60,18 @@ def load_tokenizer(name: str):
     return tok
 
 
+# the transformers Auto class that loads a model with each task's head (also named in exported folders' auto_map)
+AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering", "lm": "AutoModelForCausalLM"}
+
+
 def load_model(name: str, task: str = "classification", num_labels: int = 2, tokenizer=None) -> nn.Module:
     """Load pretrained weights with the head ``task`` needs (classification, qa, lm)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForQuestionAnswering,
-        AutoModelForSequenceClassification,
-    )
+    import transformers
+    from transformers import AutoConfig
 
     name = resolve_model_name(name)
     _check_source(name)
-    auto = {
-        "classification": AutoModelForSequenceClassification,
-        "qa": AutoModelForQuestionAnswering,
-        "lm": AutoModelForCausalLM,
-    }[task]
+    auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs = {"num_labels": num_labels} if task == "classification" else {}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)

@@ -1,8 +1,8 @@
 """Where a weight sits inside a transformer block: attention q/k/v/o or FFN in/out.
 
-The console shows, for every block, how much of each sublayer was pruned; the
-compact export uses the same names to find the FFN pairs whose neurons it can
-remove.  Names differ per architecture (BERT ``attention.self.query``,
+The console shows, for every block, how much of each sublayer was pruned;
+structured pruning and the compact export use the same names to find the FFN
+layers whose neurons they remove.  Names differ per architecture (BERT ``attention.self.query``,
 DistilBERT ``attention.q_lin``, GPT-2 ``attn.c_attn`` (fused q/k/v), Llama
 ``self_attn.q_proj``), so each sublayer is a small regex.
 """
@@ -10,6 +10,9 @@ DistilBERT ``attention.q_lin``, GPT-2 ``attn.c_attn`` (fused q/k/v), Llama
 from __future__ import annotations
 
 import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 SUBLAYERS: list[tuple[str, re.Pattern[str]]] = [
     ("qkv", re.compile(r"\.(c_attn|qkv|qkv_proj|query_key_value|Wqkv)\.weight$")),
@@ -28,3 +31,16 @@ def sublayer(name: str) -> str:
         if pattern.search(name):
             return kind
     return "other"
+
+
+def ffn_layers(block: nn.Module) -> tuple[list[str], str] | None:
+    """Paths (inside ``block``) of its FFN input layers and of its one FFN output layer; None if it has no such pair."""
+    ins, outs = [], []
+    for name, module in block.named_modules():
+        if name and isinstance(module, (nn.Linear, Conv1D)):
+            kind = sublayer(f".{name}.weight")
+            if kind == "ffn_in":
+                ins.append(name)
+            elif kind == "ffn_out":
+                outs.append(name)
+    return (ins, outs[0]) if ins and len(outs) == 1 else None

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...compact_heads import attention_layout, head_count
 from ...model import find_block_list
-from .layout import sublayer
+from .layout import ffn_layers
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,14 @@ def families(model: nn.Module, targets: list[str]) -> list[Family]:
             slabs.append(Slab(f"{base}{out_path}.weight", _axis(block.get_submodule(out_path), "in"), 0, size))
             if all(s.name in chosen for s in slabs):
                 out.append(Family(i, "head", heads, tuple(slabs)))
-        ins, outs = [], []
-        for name, module in block.named_modules():
-            if isinstance(module, (nn.Linear, Conv1D)):
-                kind = sublayer(f"{base}{name}.weight")
-                if kind == "ffn_in":
-                    ins.append(Slab(f"{base}{name}.weight", _axis(module, "out"), 0, 1))
-                elif kind == "ffn_out":
-                    outs.append(Slab(f"{base}{name}.weight", _axis(module, "in"), 0, 1))
-        if ins and len(outs) == 1 and all(s.name in chosen for s in ins + outs):
-            width = model.get_parameter(outs[0].name).shape[outs[0].axis]
-            out.append(Family(i, "neuron", width, tuple(ins + outs)))
+        ffn = ffn_layers(block)
+        if ffn is not None:
+            ins, out_path = ffn
+            slabs = [Slab(f"{base}{p}.weight", _axis(block.get_submodule(p), "out"), 0, 1) for p in ins]
+            out_layer = block.get_submodule(out_path)
+            slabs.append(Slab(f"{base}{out_path}.weight", _axis(out_layer, "in"), 0, 1))
+            if all(s.name in chosen for s in slabs):
+                out.append(Family(i, "neuron", out_layer.weight.shape[slabs[-1].axis], tuple(slabs)))
     return out
 
 
