@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .model import stable_name
+
 MANIFEST = "manifest.json"
 METHOD_TENSORS = "methods.safetensors"
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
@@ -49,10 +51,11 @@ def _fsync(path: Path) -> None:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared (tied) storages written once, contiguous, on CPU."""
+    """State dict by stable names (as loaded, before any PEFT wrapping), shared (tied) storages written once, contiguous, on CPU."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, t in model.state_dict().items():
+    for live, t in model.state_dict().items():
+        name = stable_name(live)
         key = t.untyped_storage().data_ptr() if t.numel() else id(t)
         if key in seen and t.numel():
             continue
@@ -179,7 +182,8 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
     """Model tensors from safetensors (never pickle); every tensor must fit, tied ones excepted."""
-    tensors = load_file(str(path / "model.safetensors"))
+    live = {stable_name(n): n for n in model.state_dict()}
+    tensors = {live.get(stable_name(n), n): t for n, t in load_file(str(path / "model.safetensors")).items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [n for n in missing if not _is_tied(model, n, tensors)]
     if missing or unexpected:

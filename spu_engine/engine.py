@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from . import checkpoint as ckpt
 from .distributed import Distributed
 from .methods import METHODS
-from .model import Units, check_policy_against_model, find_units, load_model, load_tokenizer, resolve_model_name
+from .model import check_policy_against_model, load_model, load_tokenizer, resolve_model_name
 from .policy import Change, Policy, PolicyError, TimelineEntry, atomic_write_text
 from .protocol import (
     ChangeCmd,
@@ -170,9 +170,8 @@ class Engine(PolicyHost):
         task.check_fits(model)
         self.model = model.to(self.device)
         self.model.train()
-        self.units: Units = find_units(self.model)
-        self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.params = dict(self.model.named_parameters())
+        self.refresh_parameters()
+        self.loaded_names = list(self.param_names)
 
         from .data import BatchStream
 
@@ -182,7 +181,7 @@ class Engine(PolicyHost):
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         policy = policy or Policy()
-        check_policy_against_model(policy, self.model, self.units)
+        check_policy_against_model(policy, self.model, self.units, self.names_under)
         self.initial_policy = policy.state()
         self.current = policy.state()
         self.recorded: list[TimelineEntry] = []

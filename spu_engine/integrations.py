@@ -84,11 +84,12 @@ class PolicyController(PolicyHost):
         self.history: list[dict[str, Any]] = []  # one entry per applied change: step, source, trainable count
         self.events: list[dict[str, Any]] = []  # what the methods report (prune rounds, phase switches)
         self.refresh_parameters()
+        self.loaded_names = list(self.param_names)
         self._check_optimizer()
-        check_policy_against_model(policy, model, self.units)
+        self.methods = [m(self) for m in METHODS]
+        check_policy_against_model(policy, model, self.units, self.names_under)
         self.current = policy.state()
         self.pending: list[TimelineEntry] = list(policy.timeline)
-        self.methods = [m(self) for m in METHODS]
         self._configure_methods(self.current)
         self._apply_trainable()
         self._hooks = []

@@ -13,6 +13,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -106,6 +107,29 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+# --------------------------------------------------------------------------- stable names
+
+# segments peft inserts when it wraps a module: ``query.weight`` -> ``query.base_layer.weight``, and the adapter name of
+# the tensors it adds: ``query.lora_A.default.weight``
+_WRAPPER_SEGMENTS = ("base_layer", "default")
+
+
+def stable_name(name: str) -> str:
+    """A parameter's name in the model as loaded, whatever PEFT wrapped since (``query.base_layer.weight`` -> ``query.weight``).
+
+    Rules, masks, events, checkpoints and the console all speak these names, so a rule written before a PEFT switch
+    means the same tensor after it.  Tensors PEFT adds keep their own stable names (``query.lora_A.weight``).
+    """
+    if "base_layer" not in name and "default" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def stable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's parameters by stable name, in model order."""
+    return {stable_name(n): p for n, p in model.named_parameters()}
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -143,6 +167,17 @@ class Units:
     def names(self) -> list[str]:
         return [u.name for u in self.units]
 
+    def unit_for(self, name: str) -> str:
+        """The unit of ``name``, also for a tensor a method has not added yet (inside a block: that block)."""
+        unit = self.unit_of.get(name)
+        if unit is not None:
+            return unit
+        head, _, rest = name.partition(self.block_prefix + ".")
+        index = rest.split(".", 1)[0]
+        if not head and index.isdigit():
+            return f"block{index}"
+        return "head"
+
     def describe(self) -> list[dict]:
         return [{"name": u.name, "params": u.params, "numel": u.numel} for u in self.units]
 
@@ -165,8 +200,8 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def find_units(model: nn.Module) -> Units:
     prefix, blocks = find_block_list(model)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = dict(model.named_parameters())
+    shapes = stable_parameters(model)
+    names = list(shapes)
     block_units = [Unit(f"block{i}") for i in range(len(blocks))]
     emb, head = Unit("embeddings"), Unit("head")
     seen_block = False
@@ -192,7 +227,7 @@ def find_units(model: nn.Module) -> Units:
 
 
 def rule_selects(rule: FreezeRule, name: str, units: Units) -> bool:
-    unit = units.unit_of[name]
+    unit = units.unit_for(name)
     if rule.match is not None and not fnmatch.fnmatchcase(name, rule.match):
         return False
     if rule.units is not None and unit not in rule.units:
@@ -260,17 +295,28 @@ def check_patterns(patterns: list[str], names: list[str], where: str) -> None:
             )
 
 
-def check_policy_against_model(policy: Policy, model: nn.Module, units: Units) -> None:
-    """Every selector in the policy (state and timeline) must select something in this model."""
-    names = [n for n, _ in model.named_parameters()]
-    check_rules(policy.freeze, names, units)
+def check_policy_against_model(
+    policy: Policy, model: nn.Module, units: Units, names_under: Callable[[Policy], list[str]] | None = None
+) -> None:
+    """Every selector in the policy must select something: the state's, and each timeline entry's in the policy in force then.
+
+    ``names_under(policy)`` gives the parameter names a policy's methods would leave in the model (PEFT adds tensors);
+    without it, the model's names as they are now.
+    """
+    now = list(stable_parameters(model))
+    names_of = names_under or (lambda _policy: now)
+    in_force = policy.state()
+    names = names_of(in_force)
+    check_rules(in_force.freeze, names, units)
+    if in_force.pruning.method != "none":
+        check_patterns(in_force.pruning.targets, names, "pruning.targets")
     for t, entry in enumerate(policy.timeline):
+        in_force = in_force.apply(entry)
+        names = names_of(in_force)
         check_rules(entry.freeze, names, units, where=f"timeline[{t}].freeze")
         if "freeze" in entry.set:
             rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
             check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
-    if policy.pruning.method != "none":
-        check_patterns(policy.pruning.targets, names, "pruning.targets")
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

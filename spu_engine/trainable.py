@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .model import Units, check_policy_against_model, find_units, freeze_mask
+from .model import Units, check_policy_against_model, find_units, freeze_mask, stable_parameters
+from .methods.peft_base import AddedTensorsMethod
 from .policy import Change, Policy
 
 
@@ -18,17 +19,26 @@ class PolicyHost:
     methods: list
     current: Policy
     units: Units
-    param_names: list[str]
+    param_names: list[str]  # stable names (model.stable_name): as loaded, whatever PEFT wrapped since
     params: dict[str, torch.nn.Parameter]
+    loaded_names: list[str]  # the names before any method added tensors
 
     def _configure_methods(self, policy: Policy) -> None:
         raise NotImplementedError
 
+    def names_under(self, policy: Policy) -> list[str]:
+        """Parameter names (stable) the model has under ``policy``: as loaded, plus what its PEFT method adds."""
+        added: dict[str, int] = {}
+        for m in self.methods:
+            if isinstance(m, AddedTensorsMethod) and m.name == policy.peft.method:
+                added = m.planned(policy.peft)
+        return [*self.loaded_names, *added]
+
     def refresh_parameters(self) -> None:
         """Re-read the model's parameters and units after a method changed the module tree."""
         self.units = find_units(self.model)
-        self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.params = dict(self.model.named_parameters())
+        self.params = stable_parameters(self.model)
+        self.param_names = list(self.params)
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -54,10 +64,10 @@ class PolicyHost:
     def _take_change(self, change: Change) -> None:
         """Put ``change`` in force; on PolicyError (or any refusal) everything stays as it was."""
         new = self.current.apply(change)
-        check_policy_against_model(new, self.model, self.units)
         old = self.current
         try:
             self._configure_methods(new)
+            check_policy_against_model(new, self.model, self.units)  # against the names the methods left (PEFT adds some)
         except Exception:
             self._configure_methods(old)
             raise

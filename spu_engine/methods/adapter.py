@@ -70,22 +70,11 @@ class Adapter(AddedTensorsMethod):
         return any(f".{slot}." in name for slot in SLOTS) or name in self.trainable
 
     def install(self, settings: Peft) -> list[nn.Parameter]:
-        model = self.engine.model
-        d = getattr(getattr(model, "config", None), "hidden_size", None)
-        if not d:
-            raise PolicyError(f"peft.method: adapter: {type(model).__name__} has no config.hidden_size to size the adapters by")
-        _, blocks = find_block_list(model)
-        sites = [adapter_sites(model, block, d) for block in blocks]  # all found before anything changes
-        params: list[nn.Parameter] = []
-        for block, block_sites in zip(blocks, sites):
-            ref = next(block.parameters())
-            for slot, (output_module, parent) in zip(SLOTS, block_sites):
-                adapter = BottleneckAdapter(d, settings.size).to(device=ref.device, dtype=ref.dtype)
-                parent.add_module(slot, adapter)
-                self.slots.append((parent, slot))
-                self.hooks.append(output_module.register_forward_hook(adapter.after))
-                params.extend(adapter.parameters())
+        params, self.hooks, self.slots = insert_adapters(self.engine.model, settings.size)
         return params
+
+    def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
+        return insert_adapters(model, settings.size)[0]
 
     def uninstall(self) -> None:
         for handle in self.hooks:
@@ -93,6 +82,27 @@ class Adapter(AddedTensorsMethod):
         for parent, slot in self.slots:
             delattr(parent, slot)
         self.hooks, self.slots = [], []
+
+
+def insert_adapters(model: nn.Module, size: int) -> tuple[list[nn.Parameter], list, list[tuple[nn.Module, str]]]:
+    """Two adapters per block; returns their parameters, the forward hooks that apply them and where they are held."""
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not d:
+        raise PolicyError(f"peft.method: adapter: {type(model).__name__} has no config.hidden_size to size the adapters by")
+    _, blocks = find_block_list(model)
+    sites = [adapter_sites(model, block, d) for block in blocks]  # all found before anything changes
+    params: list[nn.Parameter] = []
+    hooks: list = []
+    slots: list[tuple[nn.Module, str]] = []
+    for block, block_sites in zip(blocks, sites):
+        ref = next(block.parameters())
+        for slot, (output_module, parent) in zip(SLOTS, block_sites):
+            adapter = BottleneckAdapter(d, size).to(device=ref.device, dtype=ref.dtype)
+            parent.add_module(slot, adapter)
+            slots.append((parent, slot))
+            hooks.append(output_module.register_forward_hook(adapter.after))
+            params.extend(adapter.parameters())
+    return params, hooks, slots
 
 
 def adapter_sites(model: nn.Module, block: nn.Module, d: int) -> list[tuple[nn.Module, nn.Module]]:

@@ -41,10 +41,9 @@ class IA3(AddedTensorsMethod):
         self.head = NameSets(engine, task_head_names)
 
     def gate(self, name: str) -> bool:
-        return ".ia3_l." in name or name in self.head
+        return name.endswith(".ia3_l") or name in self.head  # the stable name of peft's ia3_l.default
 
-    def install(self, settings: Peft) -> list[nn.Parameter]:
-        model = self.engine.model
+    def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
         if settings.target_modules:
             targets, feedforward = list(settings.target_modules), [t for t in settings.target_modules if t in FEEDFORWARD_NAMES]
         elif model_type(model) in DEFAULTS:

@@ -29,8 +29,7 @@ class LoRA(AddedTensorsMethod):
     def gate(self, name: str) -> bool:
         return ".lora_" in name or name in self.head
 
-    def install(self, settings: Peft) -> list[nn.Parameter]:
-        model = self.engine.model
+    def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
         targets = settings.target_modules or DEFAULT_TARGETS.get(model_type(model))
         if not targets:
             raise PolicyError(f"peft.target_modules: no default LoRA targets for model type {model_type(model)!r}; name the projections to adapt, e.g. [q_proj, v_proj]")

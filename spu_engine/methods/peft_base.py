@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from ..model import check_policy_against_model
+from ..model import stable_parameters
 from ..policy import Peft, Policy, PolicyError
 from .base import Method
 
@@ -46,6 +47,7 @@ class AddedTensorsMethod(PeftMethod):
         super().__init__(engine)
         self.installed: Peft | None = None  # the settings the current tensors were built with
         self.trained = False  # has an optimizer step run since they were added?
+        self._planned: dict[str, dict[str, int]] = {}  # settings (JSON) -> what planned() found
 
     @property
     def group(self) -> str:
@@ -53,11 +55,27 @@ class AddedTensorsMethod(PeftMethod):
 
     def install(self, settings: Peft) -> list[torch.nn.Parameter]:
         """Add the tensors to ``engine.model`` and return them."""
+        return self.add_to(self.engine.model, settings)
+
+    def add_to(self, model: nn.Module, settings: Peft) -> list[torch.nn.Parameter]:
+        """Add the tensors to ``model`` (the engine's, or a shape-only copy for planning) and return them."""
         raise NotImplementedError
 
     def uninstall(self) -> None:
         """Take the tensors out of ``engine.model`` again."""
         raise NotImplementedError
+
+    def planned(self, settings: Peft) -> dict[str, int]:
+        """Stable name -> size of every tensor this method would add, found by adding them to a shape-only copy."""
+        key = settings.model_dump_json()
+        if key not in self._planned:
+            copy = shape_only_copy(self.engine.model)
+            if copy is None:
+                return {}
+            before = set(stable_parameters(copy))
+            self.add_to(copy, settings)
+            self._planned[key] = {n: p.numel() for n, p in stable_parameters(copy).items() if n not in before}
+        return self._planned[key]
 
     def configure(self, policy: Policy, step: int) -> None:
         settings = policy.peft
@@ -88,11 +106,6 @@ class AddedTensorsMethod(PeftMethod):
         params = self.install(policy.peft)
         self.engine.add_parameters(params, lr=policy.peft.lr, weight_decay=0.0, name=self.group)
         self.installed, self.trained = policy.peft, False
-        try:  # freeze rules and pending timeline entries must still select parameters by their (new) names
-            check_policy_against_model(policy.model_copy(update={"timeline": list(self.engine.pending)}), self.engine.model, self.engine.units)
-        except PolicyError as exc:
-            self._remove()
-            raise PolicyError(f"peft.method: with {self.name}, some parameter names change: {exc}") from None
 
     def _remove(self) -> None:
         self.uninstall()
@@ -118,3 +131,16 @@ class AddedTensorsMethod(PeftMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trained = bool(state.get("trained", self.trained))
+
+
+def shape_only_copy(model: nn.Module) -> nn.Module | None:
+    """A fresh copy of ``model``'s architecture on the meta device (no memory, no weights); None if it cannot be built."""
+    config = getattr(model, "config", None)
+    from_config = getattr(type(model), "_from_config", None)
+    if config is None or from_config is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return from_config(config)
+    except Exception:  # noqa: BLE001 - a model class that cannot be rebuilt from its config: nothing is planned
+        return None

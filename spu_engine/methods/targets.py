@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..model import stable_name, stable_parameters
+
 
 def is_bias(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")
@@ -18,7 +20,7 @@ def task_head_names(model: nn.Module) -> set[str]:
     if base is model:
         return set()
     inside = {id(p) for p in base.parameters()}
-    return {n for n, p in model.named_parameters() if id(p) not in inside}
+    return {n for n, p in stable_parameters(model).items() if id(p) not in inside}
 
 
 def norm_names(model: nn.Module) -> set[str]:
@@ -26,7 +28,7 @@ def norm_names(model: nn.Module) -> set[str]:
     out: set[str] = set()
     for prefix, module in model.named_modules():
         if isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower():
-            out.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False))
+            out.update(stable_name(f"{prefix}.{n}" if prefix else n) for n, _ in module.named_parameters(recurse=False))
     return out
 
 

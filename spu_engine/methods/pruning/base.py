@@ -85,10 +85,6 @@ class Pruner:
     def detach(self) -> None:
         """This method is being replaced or switched off: remove what it added."""
 
-    def rename(self, renamed: dict[str, str]) -> None:
-        """Parameters were renamed (old -> new name) by a wrapper; re-key what this pruner holds by name."""
-        self._families = None
-
     def stats(self) -> dict[str, Any]:
         return {}
 

@@ -64,7 +64,7 @@ class IMPPruner(Pruner):
     def _snapshot(self, step: int) -> None:
         self.reference = {
             n: (self.masks.dense(n) if n in self.masks.masks else p.detach()).to("cpu", copy=True)
-            for n, p in self.engine.model.named_parameters()
+            for n, p in self.engine.params.items()
         }
         self.reference_step = step
 
@@ -101,16 +101,12 @@ class IMPPruner(Pruner):
     def _reset(self) -> None:
         """Survivors (and all other parameters) back to the reference; optimizer state starts afresh."""
         opt = self.engine.optimizer
-        for n, p in self.engine.model.named_parameters():
+        for n, p in self.engine.params.items():
             if n in self.reference:
                 p.copy_(self.reference[n].to(p.device))
                 opt.state.pop(p, None)
                 if n in self.masks.masks:
                     self.masks.rebase(n)
-
-    def rename(self, renamed: dict[str, str]) -> None:
-        super().rename(renamed)
-        self.reference = {renamed.get(n, n): t for n, t in self.reference.items()}
 
     def stats(self) -> dict[str, Any]:
         return {"pruning_round": self.rounds_done}

@@ -15,7 +15,8 @@ pruned entry keeps tracking its gradient, so a regrown weight starts with
 warm statistics; gradient-norm clipping sees those gradients too.
 
 The parameter keeps its name (no ``weight_orig``), so freeze rules, units and
-checkpoints see the usual names.  The values under a mask are kept aside
+checkpoints see the usual names; masks are keyed by the stable name
+(``model.stable_name``), so a PEFT wrapper added later changes nothing here.  The values under a mask are kept aside
 (``latent``, zero where the mask keeps): a lower target regrows weights with
 their own values, magnitude ranks pruned weights for regrowth, movement
 scores get ``grad * weight`` for pruned weights too, and switching pruning
@@ -27,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...model import stable_parameters
+
 
 class MaskedWeights:
     """Masks, and the latent values under them, for named weights of one model."""
@@ -35,12 +38,12 @@ class MaskedWeights:
         self.model = model
         self.masks: dict[str, torch.Tensor] = {}  # name -> 0/1 tensor in the weight's dtype
         self.latent: dict[str, torch.Tensor] = {}  # name -> the values pruned away (0 where kept)
-        self._params: dict[str, nn.Parameter] = {}  # held, not looked up: a PEFT wrapper may rename the module later
+        self._params: dict[str, nn.Parameter] = {}  # held once found: the tensor stays the same under any wrapper
         self.version = 0  # bumped on every mask change, so counts can be cached
 
     def param(self, name: str) -> nn.Parameter:
         if name not in self._params:
-            self._params[name] = self.model.get_parameter(name)
+            self._params[name] = stable_parameters(self.model)[name]
         return self._params[name]
 
     def keep(self, name: str) -> torch.Tensor:
@@ -90,11 +93,6 @@ class MaskedWeights:
             self.param(name).add_(self.latent.pop(name))
             del self.masks[name], self._params[name]
             self.version += 1
-
-    def rename(self, renamed: dict[str, str]) -> None:
-        for table in (self.masks, self.latent, self._params):
-            for old in [n for n in table if n in renamed]:
-                table[renamed[old]] = table.pop(old)
 
     def clear(self) -> None:
         for name in list(self.masks):

@@ -43,7 +43,6 @@ class PruningMethod(Method):
         self.masks = MaskedWeights(engine.model)
         self.pruner: Pruner | None = None
         self.targets: list[str] = []
-        self._known: dict[str, torch.nn.Parameter] = {}  # the model's parameters by name when the targets were resolved
         self._counts: tuple[int, dict[str, int]] | None = None  # (masks version, pruned per tensor)
 
     @property
@@ -76,7 +75,6 @@ class PruningMethod(Method):
             for name in set(self.masks.masks) - set(targets):
                 self.masks.drop(name)
             self.targets = targets
-            self._known = dict(self.engine.params)
             self._counts = None
             self.pruner = PRUNERS[new.method](self.engine, self.masks, targets, new, step)
         if isinstance(self.pruner, ScheduledPruner) and (not same_pruner or self._schedule_changed(old, new)):
@@ -141,20 +139,7 @@ class PruningMethod(Method):
 
     def before_step(self, step: int) -> None:
         if self.pruner is not None:
-            self._follow_renames()
             self.pruner.before_step(step)
-
-    def _follow_renames(self) -> None:
-        """A PEFT wrapper renamed pruned weights (``query.weight`` -> ``query.base_layer.weight``): follow the tensors."""
-        if all(n in self.engine.params for n in self.targets):
-            return
-        by_id = {id(p): n for n, p in self.engine.params.items()}
-        renamed = {old: by_id[id(p)] for old, p in self._known.items() if id(p) in by_id and by_id[id(p)] != old}
-        self.targets[:] = [renamed.get(n, n) for n in self.targets]  # the pruner holds the same list
-        self.masks.rename(renamed)
-        self.pruner.rename(renamed)
-        self._known = dict(self.engine.params)
-        self._counts = None
 
     def after_backward(self, step: int) -> None:
         if self.pruner is not None:

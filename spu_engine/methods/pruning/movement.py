@@ -85,12 +85,6 @@ class MovementPruner(ScheduledPruner):
         scale = TIE_BREAK / max(float(m.max()) for m in magnitude.values())
         return {n: s.detach() + magnitude[n] * scale for n, s in self.score_params.items()}
 
-    def rename(self, renamed: dict[str, str]) -> None:
-        super().rename(renamed)
-        self.score_params = {renamed.get(n, n): s for n, s in self.score_params.items()}
-        self._unhook_scores()
-        self._hook_scores()
-
     def detach(self) -> None:
         opt = self.engine.optimizer
         for p in self._group["params"]:
