@@ -117,7 +117,7 @@ async def attached(log: StepLog, run_dir: Path, window: int, toggles: int, share
             await asyncio.sleep(0.1)
         if toggles:
             unit = app.state.units[-2]  # the last block
-            tensor = unit["params"][-1]["name"]  # a LayerNorm bias: toggling it does not change the step's cost
+            tensor = unit.params[-1].name  # a LayerNorm bias: toggling it does not change the step's cost
             app.unit_tree.move_to(Row("tensor", tensor))
         await log.steps(0, skip=SETTLE)
         cpu, wall = time.process_time(), time.monotonic()

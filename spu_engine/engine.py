@@ -290,7 +290,7 @@ class Engine(PolicyHost):
 
     def apply_change(self, change: Change, source: str) -> None:
         """Apply a change at the current boundary; raises PolicyError and leaves everything as it was."""
-        before = self.current
+        before, names = self.current, self.param_names
         self._take_change(change)
         if self.current == before:  # e.g. a field set back to the value in force: nothing to record or replay
             return
@@ -305,6 +305,7 @@ class Engine(PolicyHost):
             trainable=self.trainable_count(),
             trainable_by_unit=self._trainable_by_unit(),
             frozen_tensors=[n for n, p in self.params.items() if not p.requires_grad],
+            units=self.describe_units() if self.param_names != names else None,  # a method added or removed tensors
         )
 
     def _trainable_by_unit(self) -> dict[str, float]:

@@ -2,8 +2,11 @@
 
 Every message is one JSON object on one line.  Commands are validated here;
 an invalid one becomes an ``error`` event for the client that sent it, never
-an exception in the engine.  Events are plain dicts with ``type``, ``t``
-(unix time) and usually ``step``; their fields are listed in EVENT_FIELDS.
+an exception in the engine.  Events are typed models too (``EVENTS``): the
+engine builds every event through them, so a wrong shape fails where it is
+made, and a console reads them back with ``read_event``, which takes what it
+knows from an event of any engine version (extra fields are kept, missing ones
+get defaults) and answers None for one it cannot read, rather than raising.
 """
 
 from __future__ import annotations
@@ -120,27 +123,200 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def event(type_: str, **fields: Any) -> dict[str, Any]:
-    return {"type": type_, "t": round(time.time(), 4), **fields}
+# --------------------------------------------------------------------------- events
 
 
-EVENT_FIELDS = {
-    "hello": "run, pid, config, units, policy, state, step, total_steps, metric, task",
-    "state": "state (loading|training|paused|stopped|finished|error), step, message",
-    "step": "step, loss, lr, samples_per_s, step_time, trainable, samples; selective backprop: sb_kept_fraction "
-    "(selected / drawn this step), sb_backward (samples in this step's backward), sb_skipped (drawn and never "
-    "backpropagated, cumulative); weight-update skipping: wus_phase (full | bias_only); pruning: pruning {method, "
-    "sparsity (of the targets), target (scheduled now), pruning_round (imp), pruning_threshold (soft movement), "
-    "layout {unit: {q|k|v|qkv|o|ffn_in|ffn_out|other: pruned fraction}} on stats steps}",
-    "prune": "step, method, round, rounds, sparsity, reset: one IMP round (prune, then reset survivors)",
-    "units": "step, units {name: {trainable, grad_norm, update_ratio, sparsity}}, tensors {name: {trainable, sparsity}}",
-    "eval": "step, eval_loss and the task's metrics",
-    "policy": "step, source, change, policy (current sections), trainable, trainable_by_unit",
-    "received": "id, cmd: sent by the socket thread as soon as a valid command arrives (applied later, at a boundary)",
-    "ack": "id, cmd, step, ok, message: the command was applied (or refused) at this step boundary",
-    "error": "message, step, id; faults add kind: nonfinite (loss, units and weights: non-finite unit names, "
-    "action: skip|pause|stop) or oom (suggested {batch_size | eval_batch_size: smaller size})",
-    "checkpoint": "step, path",
-    "resumed": "step, checkpoint, message: events with a larger step logged before this one are superseded",
-    "log": "level, message, step",
+class Event(BaseModel):
+    """Fields every event has; an event may carry more than its model names (a newer engine's), and keeps them."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    t: float = 0.0
+    step: int = 0
+
+
+class TensorInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    numel: int = 0
+    shape: list[int] = Field(default_factory=list)
+    trainable: bool = True
+
+
+class UnitInfo(BaseModel):
+    """A unit (embeddings, blockN, head) and its tensors, by stable name."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    numel: int = 0
+    params: list[TensorInfo] = Field(default_factory=list)
+
+
+class HelloEvent(Event):
+    """A snapshot to draw everything from scratch (a loading engine sends fewer fields)."""
+
+    run: str | None = None
+    run_dir: str | None = None
+    pid: int | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    model_path: str | None = None
+    task: str | None = None
+    metric: str | None = None
+    units: list[UnitInfo] = Field(default_factory=list)
+    policy: dict[str, Any] | None = None  # replayable: state at step 0 and timeline
+    current: dict[str, Any] | None = None  # the sections in force now
+    state: str = "loading"
+    total_steps: int | None = None
+    trainable: int | None = None
+    total_params: int | None = None
+    device: str | None = None
+
+
+class StateEvent(Event):
+    """state: loading | training | paused | stopped | finished | error."""
+
+    state: str
+    message: str = ""
+
+
+class StepEvent(Event):
+    """One optimizer step.  Methods add their fields: sb_kept_fraction, sb_backward, sb_skipped (selective backprop),
+    wus_phase (weight-update skipping), pruning {method, sparsity, target, layout on stats steps, ...}."""
+
+    loss: float | None = None
+    lr: float | None = None
+    step_time: float | None = None
+    samples_per_s: float | None = None
+    samples: int | None = None
+    trainable: int | None = None
+
+
+class PruneEvent(Event):
+    """One IMP round: prune, then reset the survivors."""
+
+    method: str = ""
+    round: int = 0
+    rounds: int = 0
+    sparsity: float = 0.0
+    reset: str = ""
+
+
+class UnitStats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    trainable: float = 1.0
+    grad_norm: float = 0.0
+    update_ratio: float = 0.0
+    sparsity: float = 0.0
+
+
+class TensorStats(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    trainable: bool = True
+    sparsity: float = 0.0
+
+
+class UnitsEvent(Event):
+    units: dict[str, UnitStats] = Field(default_factory=dict)
+    tensors: dict[str, TensorStats] = Field(default_factory=dict)
+
+
+class EvalEvent(Event):
+    """eval_loss and the task's metrics (more float fields)."""
+
+    eval_loss: float | None = None
+
+
+class PolicyEvent(Event):
+    """A change was applied.  ``units`` is set when the model's tensors changed (a PEFT method added or removed some)."""
+
+    source: str = "?"
+    change: dict[str, Any] = Field(default_factory=dict)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    trainable: int = 0
+    trainable_by_unit: dict[str, float] = Field(default_factory=dict)
+    frozen_tensors: list[str] | None = None
+    units: list[UnitInfo] | None = None
+
+
+class ReceivedEvent(Event):
+    """Sent by the socket thread as soon as a valid command arrives (it applies later, at a step boundary)."""
+
+    id: str | int | None = None
+    cmd: str = "?"
+
+
+class AckEvent(Event):
+    """The command was applied (or refused, ``ok`` false) at this step boundary."""
+
+    id: str | int | None = None
+    cmd: str = "?"
+    ok: bool = True
+    message: str = ""
+
+
+class ErrorEvent(Event):
+    """Faults add ``kind``: nonfinite (loss, units, weights, action), oom (suggested), checkpoint."""
+
+    message: str = "?"
+    id: str | int | None = None
+    kind: str | None = None
+
+
+class CheckpointEvent(Event):
+    path: str = ""
+
+
+class ResumedEvent(Event):
+    """Events with a larger step logged before this one are superseded."""
+
+    checkpoint: str | None = None
+    message: str = ""
+
+
+class LogEvent(Event):
+    level: str = "info"
+    message: str = ""
+
+
+class DisconnectedEvent(Event):
+    """Made by the client when the socket closes."""
+
+    message: str = ""
+
+
+EVENTS: dict[str, type[Event]] = {
+    "hello": HelloEvent,
+    "state": StateEvent,
+    "step": StepEvent,
+    "prune": PruneEvent,
+    "units": UnitsEvent,
+    "eval": EvalEvent,
+    "policy": PolicyEvent,
+    "received": ReceivedEvent,
+    "ack": AckEvent,
+    "error": ErrorEvent,
+    "checkpoint": CheckpointEvent,
+    "resumed": ResumedEvent,
+    "log": LogEvent,
+    "disconnected": DisconnectedEvent,
 }
+
+
+def event(type_: str, **fields: Any) -> dict[str, Any]:
+    """An event as a plain dict, checked against its model (a wrong shape raises here, where it is made)."""
+    ev = {"type": type_, "t": round(time.time(), 4), **fields}
+    EVENTS[type_].model_validate(ev)
+    return ev
+
+
+def read_event(data: Any) -> Event | None:
+    """The typed event in ``data``, or None when it is not one this console can read (unknown type, wrong shape)."""
+    if not isinstance(data, dict):
+        return None
+    model = EVENTS.get(data.get("type"))  # type: ignore[arg-type]
+    if model is None:
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None

@@ -95,8 +95,8 @@ class SpuApp(App):
         self.run_dir = Path(run_dir)
         self.engine = engine  # the process we started, if any (attach leaves it None)
         self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
-        self.history = history or []
-        self.history_t = max((ev.get("t", 0.0) for ev in self.history), default=0.0)
+        self.history = [ev for ev in history or [] if isinstance(ev, dict)]
+        self.history_t = max((t for ev in self.history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
         self.link = EngineLink(self, self.run_dir) if connect else None
         self.pending: dict[str, Pending] = {}
         self.roundtrips: list[tuple[float, float]] = []  # (key -> redraw, engine ack -> redraw) seconds
@@ -224,7 +224,9 @@ class SpuApp(App):
         failed = None
         hello = False
         for ev in self.link.drain():
-            if ev.get("type") != "hello" and ev.get("t", 0.0) <= self.history_t:
+            if not isinstance(ev, dict):
+                continue
+            if ev.get("type") != "hello" and isinstance(ev.get("t"), (int, float)) and ev["t"] <= self.history_t:
                 continue  # already drawn from events.jsonl
             changed |= self.state.apply(ev)
             if ev.get("type") == "ack":
@@ -330,11 +332,11 @@ class SpuApp(App):
         if "loss" in dirty and (wide or self.active_panel == "loss"):
             self._draw_loss()
         if "bars" in dirty and (wide or self.active_panel == "sparsity"):
-            names = [u["name"] for u in s.units] if s.unit_stats else []
+            names = [u.name for u in s.units] if s.unit_stats else []
             self.sparsity_chart.redraw(
                 BarSpec(
                     labels=[_short_unit(n) for n in names],
-                    values=[s.unit_stats.get(n, {}).get("sparsity", 0.0) for n in names],
+                    values=[stats.sparsity if (stats := s.unit_stats.get(n)) else 0.0 for n in names],
                     ylim=(0.0, 1.0),
                 )
             )

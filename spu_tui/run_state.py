@@ -7,11 +7,35 @@ console attached from the start would show.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spu_engine.protocol import (
+    EVENTS,
+    AckEvent,
+    CheckpointEvent,
+    DisconnectedEvent,
+    ErrorEvent,
+    EvalEvent,
+    HelloEvent,
+    LogEvent,
+    PolicyEvent,
+    PruneEvent,
+    ReceivedEvent,
+    ResumedEvent,
+    StateEvent,
+    StepEvent,
+    UnitInfo,
+    UnitsEvent,
+    UnitStats,
+    read_event,
+)
+
 SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
+RATE_WINDOW = 20  # steps over which samples/s and the ETA are measured: recent speed, not the average since start
 
 
 @dataclass
@@ -31,12 +55,12 @@ class RunState:
     step: int = 0
     total_steps: int = 0
     samples_per_s: float = 0.0
-    step_time: float | None = None
+    seconds_per_step: float | None = None  # over the recent window of steps (evaluations included)
     metric: str = "accuracy"
-    units: list[dict[str, Any]] = field(default_factory=list)
+    units: list[UnitInfo] = field(default_factory=list)
     unit_trainable: dict[str, float] = field(default_factory=dict)
     tensor_trainable: dict[str, bool] = field(default_factory=dict)
-    unit_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    unit_stats: dict[str, UnitStats] = field(default_factory=dict)
     tensor_sparsity: dict[str, float] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
     loss_steps: list[int] = field(default_factory=list)
@@ -48,61 +72,72 @@ class RunState:
     change_steps: list[int] = field(default_factory=list)
     log: list[LogLine] = field(default_factory=list)
     last_t: float = 0.0
+    unreadable: int = 0  # events skipped because this console cannot read their shape
+    _recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (t, step, samples)
 
     @property
     def eta_s(self) -> float | None:
-        if self.step_time is None or self.state != "training":
+        if self.seconds_per_step is None or self.state != "training":
             return None
-        return max(0, self.total_steps - self.step) * self.step_time
+        return max(0, self.total_steps - self.step) * self.seconds_per_step
 
-    def apply(self, ev: dict[str, Any]) -> set[str]:
-        """Take one event into account; returns the views it touched (header, tree, plots, log, controls)."""
-        kind = ev.get("type")
-        handler = getattr(self, f"_on_{kind}", None)
-        self.last_t = max(self.last_t, ev.get("t", 0.0))
-        return handler(ev) if handler else set()
+    def apply(self, data: dict[str, Any]) -> set[str]:
+        """Take one event (as read from the socket or events.jsonl) into account; returns the views it touched."""
+        ev = read_event(data)
+        if ev is None:
+            if isinstance(data, dict) and data.get("type") in EVENTS:
+                self.unreadable += 1
+                self._say(self.step, "ui", f"skipped a {data['type']} event this console cannot read", error=True)
+                return {"log"}
+            return set()
+        self.last_t = max(self.last_t, ev.t)
+        return getattr(self, f"_on_{ev.type}")(ev)
 
     def _say(self, step: int, kind: str, text: str, error: bool = False) -> None:
         self.log.append(LogLine(step, kind, text, error))
 
-    def _on_hello(self, ev: dict[str, Any]) -> set[str]:
-        self.run = ev.get("run") or self.run
-        self.run_dir = ev.get("run_dir") or self.run_dir
-        config = ev.get("config") or {}
-        self.model = _short_model(config.get("model", self.model))
-        self.state = ev.get("state", self.state)
-        self.step = ev.get("step", self.step)
-        self.total_steps = ev.get("total_steps") or config.get("steps", self.total_steps)
-        self.metric = ev.get("metric") or self.metric
-        if ev.get("units"):
-            self.units = ev["units"]
-            for u in self.units:
-                for p in u["params"]:
-                    if "trainable" in p:
-                        self.tensor_trainable[p["name"]] = p["trainable"]
-                self.unit_trainable.setdefault(u["name"], 1.0)
-            self._unit_fractions_from_tensors()
-        if ev.get("current") is not None:
-            self.policy = ev["current"]
+    def _on_hello(self, ev: HelloEvent) -> set[str]:
+        self.run = ev.run or self.run
+        self.run_dir = ev.run_dir or self.run_dir
+        self.model = _short_model(str(ev.config.get("model", self.model)))
+        self.state = ev.state
+        self.step = ev.step
+        self.total_steps = ev.total_steps or int(ev.config.get("steps", self.total_steps) or 0)
+        self.metric = ev.metric or self.metric
+        if ev.units:
+            self._take_units(ev.units)
+        if ev.current is not None:
+            self.policy = ev.current
         return {"header", "tree", "controls", "plots"}
 
-    def _on_state(self, ev: dict[str, Any]) -> set[str]:
-        self.state = ev["state"]
-        self.step = ev.get("step", self.step)
-        message = ev.get("message") or ""
-        self._say(self.step, "state", f"{self.state}{': ' + message if message else ''}", error=self.state == "error")
+    def _take_units(self, units: list[UnitInfo]) -> None:
+        """The model's units and tensors (new ones appear, removed ones go), with their trainable flags."""
+        self.units = units
+        for u in units:
+            for p in u.params:
+                self.tensor_trainable[p.name] = p.trainable
+        self._unit_fractions_from_tensors()
+
+    def _on_state(self, ev: StateEvent) -> set[str]:
+        self.state = ev.state
+        self.step = ev.step or self.step
+        self._say(self.step, "state", f"{self.state}{': ' + ev.message if ev.message else ''}", error=self.state == "error")
         return {"header", "log"}
 
-    def _on_step(self, ev: dict[str, Any]) -> set[str]:
-        if self.loss_steps and ev["step"] <= self.loss_steps[-1]:
+    def _on_step(self, ev: StepEvent) -> set[str]:
+        if self.loss_steps and ev.step <= self.loss_steps[-1]:
             return set()
-        self.step = ev["step"]
-        self.samples_per_s = ev.get("samples_per_s", self.samples_per_s)
-        dt = ev.get("step_time")
-        if dt is not None:
-            self.step_time = dt if self.step_time is None else SMOOTHING * self.step_time + (1 - SMOOTHING) * dt
-        loss = ev.get("loss")
-        if isinstance(loss, (int, float)) and loss == loss and abs(loss) != float("inf"):
+        self.step = ev.step
+        self._recent.append((ev.t, ev.step, ev.samples or 0))
+        first_t, first_step, first_samples = self._recent[0]
+        if ev.t > first_t and ev.step > first_step:
+            self.seconds_per_step = (ev.t - first_t) / (ev.step - first_step)
+            if ev.samples is not None and ev.samples > first_samples:
+                self.samples_per_s = (ev.samples - first_samples) / (ev.t - first_t)
+        elif ev.samples_per_s is not None:
+            self.samples_per_s = ev.samples_per_s
+        loss = ev.loss
+        if loss is not None and math.isfinite(loss):
             self.loss_steps.append(self.step)
             self.loss.append(loss)
             prev = self.loss_smooth[-1] if self.loss_smooth else loss
@@ -111,71 +146,83 @@ class RunState:
             self.state = "training"
         return {"header", "plots"}
 
-    def _on_units(self, ev: dict[str, Any]) -> set[str]:
-        self.unit_stats = ev.get("units", {})
-        for name, s in self.unit_stats.items():
-            self.unit_trainable[name] = s.get("trainable", self.unit_trainable.get(name, 1.0))
-        for name, s in (ev.get("tensors") or {}).items():
-            self.tensor_trainable[name] = s.get("trainable", True)
-            self.tensor_sparsity[name] = s.get("sparsity", 0.0)
+    def _on_units(self, ev: UnitsEvent) -> set[str]:
+        self.unit_stats = ev.units
+        for name, stats in ev.units.items():
+            self.unit_trainable[name] = stats.trainable
+        for name, tensor in ev.tensors.items():
+            self.tensor_trainable[name] = tensor.trainable
+            self.tensor_sparsity[name] = tensor.sparsity
         return {"tree", "plots"}
 
-    def _on_eval(self, ev: dict[str, Any]) -> set[str]:
-        self.eval_steps.append(ev["step"])
-        self.eval_loss.append(ev.get("eval_loss", float("nan")))
-        self.eval_metric.append(ev.get(self.metric, float("nan")))
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k not in ("type", "t", "step") and isinstance(v, float))
-        self._say(ev["step"], "eval", metrics)
+    def _on_eval(self, ev: EvalEvent) -> set[str]:
+        metrics = {k: v for k, v in (ev.model_extra or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.eval_steps.append(ev.step)
+        self.eval_loss.append(ev.eval_loss if ev.eval_loss is not None else math.nan)
+        self.eval_metric.append(float(metrics.get(self.metric, math.nan)))
+        shown = {"eval_loss": ev.eval_loss, **metrics} if ev.eval_loss is not None else metrics
+        self._say(ev.step, "eval", ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         return {"plots", "log"}
 
-    def _on_policy(self, ev: dict[str, Any]) -> set[str]:
-        self.policy = ev.get("policy", self.policy)
-        self.unit_trainable.update(ev.get("trainable_by_unit") or {})
-        frozen = ev.get("frozen_tensors")
-        if frozen is not None:
-            frozen_set = set(frozen)
+    def _on_prune(self, ev: PruneEvent) -> set[str]:
+        self._say(ev.step, "policy", f"{ev.method} round {ev.round}/{ev.rounds}: sparsity {ev.sparsity:.1%}, survivors reset ({ev.reset})")
+        return {"log"}
+
+    def _on_policy(self, ev: PolicyEvent) -> set[str]:
+        self.policy = ev.policy or self.policy
+        if ev.units is not None:
+            self._take_units(ev.units)
+        self.unit_trainable.update(ev.trainable_by_unit)
+        if ev.frozen_tensors is not None:
+            frozen = set(ev.frozen_tensors)
             for u in self.units:
-                for p in u["params"]:
-                    self.tensor_trainable[p["name"]] = p["name"] not in frozen_set
-        self.change_steps.append(ev["step"])
-        self._say(ev["step"], "policy", f"{describe_change(ev.get('change') or {})} ({ev.get('source', '?')}); trainable {ev.get('trainable', 0):,}")
+                for p in u.params:
+                    self.tensor_trainable[p.name] = p.name not in frozen
+        self.change_steps.append(ev.step)
+        self._say(ev.step, "policy", f"{describe_change(ev.change)} ({ev.source}); trainable {ev.trainable:,}")
         return {"tree", "plots", "log", "controls"}
 
-    def _on_ack(self, ev: dict[str, Any]) -> set[str]:
-        if ev.get("ok") and ev.get("cmd") in ("export", "checkpoint") and ev.get("message"):
-            self._say(ev.get("step", self.step), ev["cmd"], ev["message"])
+    def _on_received(self, ev: ReceivedEvent) -> set[str]:
+        return set()
+
+    def _on_ack(self, ev: AckEvent) -> set[str]:
+        if ev.ok and ev.cmd in ("export", "checkpoint") and ev.message:
+            self._say(ev.step or self.step, ev.cmd, ev.message)
             return {"log"}
         return set()
 
-    def _on_error(self, ev: dict[str, Any]) -> set[str]:
-        self._say(ev.get("step", self.step), "error", ev.get("message", "?"), error=True)
+    def _on_error(self, ev: ErrorEvent) -> set[str]:
+        self._say(ev.step or self.step, "error", ev.message, error=True)
         return {"log"}
 
-    def _on_checkpoint(self, ev: dict[str, Any]) -> set[str]:
-        self._say(ev["step"], "checkpoint", ev.get("path", ""))
+    def _on_checkpoint(self, ev: CheckpointEvent) -> set[str]:
+        self._say(ev.step, "checkpoint", ev.path)
         return {"log"}
 
-    def _on_log(self, ev: dict[str, Any]) -> set[str]:
-        level = ev.get("level", "info")
-        self._say(ev.get("step", self.step), "log", ev.get("message", ""), error=level in ("error", "warning"))
+    def _on_resumed(self, ev: ResumedEvent) -> set[str]:
+        self._recent.clear()  # the time spent dead is no measure of speed
+        return set()
+
+    def _on_log(self, ev: LogEvent) -> set[str]:
+        self._say(ev.step or self.step, "log", ev.message, error=ev.level in ("error", "warning"))
         return {"log"}
 
-    def _on_disconnected(self, ev: dict[str, Any]) -> set[str]:
+    def _on_disconnected(self, ev: DisconnectedEvent) -> set[str]:
         if self.state not in ("finished", "stopped", "error"):
             self.state = "detached"
-            self._say(self.step, "state", "engine connection lost: " + ev.get("message", ""), error=True)
+            self._say(self.step, "state", "engine connection lost: " + ev.message, error=True)
         return {"header", "log"}
 
     def _unit_fractions_from_tensors(self) -> None:
         for u in self.units:
-            known = [p for p in u["params"] if p["name"] in self.tensor_trainable]
-            if known and u["numel"]:
-                self.unit_trainable[u["name"]] = sum(p["numel"] for p in known if self.tensor_trainable[p["name"]]) / u["numel"]
+            known = [p for p in u.params if p.name in self.tensor_trainable]
+            if known and u.numel:
+                self.unit_trainable[u.name] = sum(p.numel for p in known if self.tensor_trainable[p.name]) / u.numel
 
     def unit_of(self, tensor: str) -> str | None:
         for u in self.units:
-            if any(p["name"] == tensor for p in u["params"]):
-                return u["name"]
+            if any(p.name == tensor for p in u.params):
+                return u.name
         return None
 
 

@@ -18,6 +18,7 @@ BINDINGS_HELP = [
         ("f", "freeze the cursor's unit and every unit above it on screen (embeddings … cursor: the layers below it in the network)"),
         ("u", "unfreeze every unit below the cursor on screen (after the cursor … head: the layers above it in the network)"),
         ("· then …", "a row's change is sent, then queued in the engine; the mark goes when it applies at the next step"),
+        ("● ○", "narrow tree: a tensor trains (●) or is frozen (○); then its size and sparsity"),
     ]),
     ("Run", [
         ("p", "pause / resume training"),

@@ -28,7 +28,7 @@ class LearningView(Widget):
 
     def show(self, state: RunState) -> None:
         self.rows = tuple(
-            (u["name"], s.get("grad_norm", 0.0), s.get("update_ratio", 0.0)) if (s := state.unit_stats.get(u["name"])) else (u["name"], None, None)
+            (u.name, s.grad_norm, s.update_ratio) if (s := state.unit_stats.get(u.name)) else (u.name, None, None)
             for u in state.units
         )
 

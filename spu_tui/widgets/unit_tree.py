@@ -17,6 +17,8 @@ from textual.widgets.tree import TreeNode
 
 from ..run_state import RunState
 
+NARROW_BELOW = 50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
+
 
 @dataclass(frozen=True)
 class Row:
@@ -54,38 +56,60 @@ class UnitTree(Tree[Row]):
 
     def show(self, state: RunState) -> None:
         self._state = state
-        if not self._row_nodes and state.units:
-            for u in state.units:
-                node = self.root.add(Text(u["name"]), data=Row("unit", u["name"]))
-                self._row_nodes[node.data] = node
-                for p in u["params"]:
-                    leaf = node.add_leaf(Text(p["name"]), data=Row("tensor", p["name"]))
-                    self._row_nodes[leaf.data] = leaf
+        self._sync_rows(state)
+        self.relabel()
+
+    def _sync_rows(self, state: RunState) -> None:
+        """Rows follow the units the engine last described: new tensors (a PEFT method's) appear, removed ones go."""
+        wanted = {Row("unit", u.name): [Row("tensor", p.name) for p in u.params] for u in state.units}
+        if list(wanted) == [r for r in self._row_nodes if r.kind == "unit"] and all(
+            [c.data for c in self._row_nodes[unit].children] == tensors for unit, tensors in wanted.items()
+        ):
+            return
+        first = not self._row_nodes
+        for row in [r for r in self._row_nodes if r.kind == "unit" and r not in wanted]:
+            self._row_nodes.pop(row).remove()
+        for unit, tensors in wanted.items():
+            node = self._row_nodes.get(unit)
+            if node is None:
+                node = self._row_nodes[unit] = self.root.add(Text(unit.name), data=unit)
+            have = [c.data for c in node.children]
+            if have == tensors:
+                continue
+            for child in list(node.children):  # rebuilt in model order
+                self._row_nodes.pop(child.data, None)
+                child.remove()
+            for row in tensors:
+                self._row_nodes[row] = node.add_leaf(Text(row.name), data=row)
+        self._row_nodes = {r: n for r, n in self._row_nodes.items() if r.kind == "tensor" or r in wanted}
+        if first and self._row_nodes:
             self.root.expand()
             self.move_cursor_to_line(0)
-        self.relabel()
 
     def relabel(self) -> None:
         """Relabel the rows whose text changed (each new label costs the tree a repaint of its line)."""
         if self._state is None:
             return
         width = max(24, self.size.width - 2 if self.size.width else 34)
+        narrow = width < NARROW_BELOW
         for u in self._state.units:
-            unit = Row("unit", u["name"])
-            self._set_label(unit, self._label(unit, u["name"], u["numel"], width - 4))
-            prefix = _common_prefix([p["name"] for p in u["params"]])
-            for p in u["params"]:
-                row = Row("tensor", p["name"])
-                self._set_label(row, self._label(row, p["name"][len(prefix):] or p["name"], p["numel"], width - 8))
+            unit = Row("unit", u.name)
+            self._set_label(unit, self._label(unit, u.name, u.numel, width - 4, narrow=False))
+            prefix = _common_prefix([p.name for p in u.params])
+            for p in u.params:
+                row = Row("tensor", p.name)
+                self._set_label(row, self._label(row, p.name[len(prefix):] or p.name, p.numel, width - 8, narrow))
 
     def _set_label(self, row: Row, label: Text) -> None:
-        node = self._row_nodes[row]
-        if node.label != label:
+        node = self._row_nodes.get(row)
+        if node is not None and node.label != label:
             node.set_label(label)
 
     def move_to(self, row: Row) -> None:
         """Put the cursor on ``row``, expanding its unit if it is a tensor."""
-        node = self._row_nodes[row]
+        node = self._row_nodes.get(row)
+        if node is None:
+            return
         if node.parent is not None and not node.parent.is_root:
             node.parent.expand()
         self.call_after_refresh(self.move_cursor, node)
@@ -102,26 +126,26 @@ class UnitTree(Tree[Row]):
         self.queued.update(r for r in rows if r in self.pending)
         self.relabel()
 
-    def _label(self, row: Row, shown: str, numel: int, width: int) -> Text:
+    def _label(self, row: Row, shown: str, numel: int, width: int, narrow: bool) -> Text:
         state = self._state
         assert state is not None
         if row.kind == "unit":
             frac = state.unit_trainable.get(row.name, 1.0)
-            sparsity = state.unit_stats.get(row.name, {}).get("sparsity", 0.0)
+            stats = state.unit_stats.get(row.name)
+            sparsity = stats.sparsity if stats is not None else 0.0
         else:
             frac = 1.0 if state.tensor_trainable.get(row.name, True) else 0.0
             sparsity = state.tensor_sparsity.get(row.name, 0.0)
         if frac >= 0.9999:
-            mark, style = "train ", "green"
+            mark, style = ("●", "train ")[not narrow], "green"
         elif frac <= 0.0001:
-            mark, style = "frozen", "bright_black"
+            mark, style = ("○", "frozen")[not narrow], "bright_black"
         else:
-            mark, style = f"{frac:>5.0%} ", "yellow"
-        tail = f" {mark} {_count(numel):>6} {sparsity:>4.0%}"
+            mark, style = (f"{frac:>3.0%}" if narrow else f"{frac:>5.0%} "), "yellow"
+        tail = f" {mark} {_count(numel):>5} {sparsity:>3.0%}" if narrow else f" {mark} {_count(numel):>6} {sparsity:>4.0%}"
         pending = ("…" if row in self.queued else "·") if row in self.pending else " "
         room = max(6, width - len(tail) - 1)
-        name = shown if len(shown) <= room else "…" + shown[-(room - 1):]
-        text = Text(f"{name:<{room}}", style="bold" if row.kind == "unit" else "")
+        text = Text(f"{fit_name(shown, room):<{room}}", style="bold" if row.kind == "unit" else "")
         text.append(pending, style="bold yellow")
         text.append(tail, style=style)
         return text
@@ -133,7 +157,7 @@ class UnitTree(Tree[Row]):
         return node.data if node is not None else None
 
     def _unit_names(self) -> list[str]:
-        return [u["name"] for u in self._state.units] if self._state else []
+        return [u.name for u in self._state.units] if self._state else []
 
     def action_toggle_trainable(self) -> None:
         row = self._cursor_row()
@@ -195,6 +219,24 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f}{unit}"
     return str(n)
+
+
+def fit_name(name: str, room: int) -> str:
+    """``name`` in ``room`` columns, keeping the parts that tell tensors apart: the last two (``query.weight``) stay whole,
+    leading parts shrink to initials (``a.s.query.weight``), then go (``…query.weight``)."""
+    if len(name) <= room:
+        return name
+    parts = name.split(".")
+    keep = min(2, len(parts))
+    for i in range(len(parts) - keep):
+        parts[i] = parts[i][:1]
+        if len(candidate := ".".join(parts)) <= room:
+            return candidate
+    for i in range(1, len(parts) - keep + 1):
+        if len(candidate := "…" + ".".join(parts[i:])) <= room:
+            return candidate
+    tail = ".".join(parts[-keep:])
+    return tail if len(tail) <= room else tail[: room - 1] + "…"
 
 
 def _common_prefix(names: list[str]) -> str:

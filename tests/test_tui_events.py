@@ -1,0 +1,104 @@
+"""Typed events: the console redraws any run's history, whatever the engine's state or version wrote.
+
+A run that switches LoRA on mid-way changes the model's tensors: its policy event
+carries the new units, and the reattached tree shows the LoRA tensors under
+their blocks (stable names, no ``base_layer``).  Events of shapes the console
+cannot read are skipped with a log line, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_tui_layout import screen_lines, small_sst2
+
+from spu_engine.policy import Change, FreezeRule, TimelineEntry
+from spu_engine.protocol import PolicyEvent, read_event
+from spu_engine.runs import read_history
+from spu_tui.app import SpuApp
+from spu_tui.widgets.unit_tree import Row, UnitTree
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tokenizer):
+    """Freeze one query weight at step 2, switch LoRA on at step 4: the sequence that crashed attach before."""
+    from conftest import build_tiny
+
+    from spu_engine.engine import Engine, EngineConfig
+    from spu_engine.tasks import TaskOptions
+    from spu_engine.tasks.classification import ClassificationTask
+
+    run_dir = tmp_path_factory.mktemp("lora-run")
+    data = small_sst2(tmp_path_factory.mktemp("sst2"))
+    task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=128, max_eval_samples=16))
+    config = EngineConfig(model="tiny", data=str(data), steps=8, batch_size=8, eval_every=0, stats_every=2, lr=1e-3, warmup=0)
+    engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    engine.pending = [
+        TimelineEntry(step=2, **Change(freeze=[FreezeRule(match=query, trainable=False)]).model_dump()),
+        TimelineEntry(step=4, **Change(set={"peft": {"method": "lora", "r": 2}}).model_dump()),
+    ]
+    engine.run()
+    engine.close()
+    return run_dir, read_history(run_dir)
+
+
+def test_the_policy_event_of_a_peft_switch_carries_the_new_tensors(lora_run):
+    _, history = lora_run
+    policy_events = [read_event(ev) for ev in history if ev["type"] == "policy"]
+    assert all(isinstance(ev, PolicyEvent) for ev in policy_events)
+    freeze, lora = policy_events
+    assert freeze.units is None  # the same tensors: nothing to redraw
+    names = {p.name for u in lora.units for p in u.params}
+    assert "bert.encoder.layer.1.attention.self.query.lora_A.weight" in names
+    assert "bert.encoder.layer.1.attention.self.query.weight" in names and not any("base_layer" in n or ".default" in n for n in names)
+    assert "bert.encoder.layer.1.attention.self.query.weight" in lora.frozen_tensors  # the rule written before LoRA still holds
+
+
+class CatchingApp(SpuApp):
+    """No engine here: keep the changes the tree asks for."""
+
+    requested: list = []
+
+    def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
+        self.requested.append(message.rules)
+
+
+async def test_reattach_shows_the_lora_rows_and_toggles_one(lora_run):
+    run_dir, history = lora_run
+    app = CatchingApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        tree = app.query_one(UnitTree)
+        lora_a = Row("tensor", "bert.encoder.layer.1.attention.self.query.lora_A.weight")
+        assert lora_a in tree._row_nodes and tree._row_nodes[lora_a].parent.data == Row("unit", "block1")
+        tree.move_to(lora_a)
+        await pilot.pause(0.2)
+        assert tree.cursor_node.data == lora_a
+        await pilot.press("space")
+        await pilot.pause(0.1)
+        assert app.requested == [[{"match": lora_a.name, "trainable": False}]]
+        tree.root.expand_all()
+        await pilot.pause(0.2)
+        assert any("lora_A.weight" in line for line in screen_lines(app))
+
+
+async def test_history_of_unknown_and_malformed_events_draws_without_error(lora_run, tmp_path):
+    run_dir, history = lora_run
+    odd = [
+        {"type": "step", "t": 1.0, "step": "not a number", "loss": 0.5},
+        {"type": "units", "t": 1.0, "step": 3, "units": {"block0": {"trainable": "yes"}}},
+        {"type": "policy", "t": 1.0, "step": 3, "units": [{"params": "none"}]},
+        {"type": "brand_new_event", "t": 1.0, "anything": [1, 2]},
+        {"type": "hello", "t": 1.0, "units": [{"name": "block9", "numel": 5, "params": [{"name": "block9.x", "numel": 5, "extra": 1}]}]},
+        "not even a mapping",
+        {"no": "type"},
+    ]
+    app = SpuApp(run_dir, history=[*history, *odd], connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.3)
+        assert app.state.unreadable == 3  # the three known types with a wrong shape; the rest are not events at all
+        assert any("cannot read" in line.text for line in app.state.log)
+        assert Row("unit", "block9") in app.query_one(UnitTree)._row_nodes  # a unit never seen before is added
+        json.dumps([ev for ev in odd if isinstance(ev, dict)])  # the history itself stays as it was
