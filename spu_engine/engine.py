@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .distributed import Distributed
 from .methods import METHODS
 from .model import check_policy_against_model, load_model, load_tokenizer, resolve_model_name
-from .policy import Change, Policy, PolicyError, TimelineEntry, atomic_write_text
+from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry, atomic_write_text
 from .protocol import (
     ChangeCmd,
     CheckpointCmd,
@@ -40,6 +40,7 @@ from .protocol import (
     ResumeCmd,
     SetPolicyCmd,
     StopCmd,
+    UndoCmd,
     encode,
     event,
 )
@@ -185,6 +186,7 @@ class Engine(PolicyHost):
         self.initial_policy = policy.state()
         self.current = policy.state()
         self.recorded: list[TimelineEntry] = []
+        self.undoable: list[Policy] = []  # the sections before each client change, newest last (``undo``)
         self.pending: list[TimelineEntry] = list(policy.timeline)
         self._configure_methods(self.current)
         self._apply_trainable()
@@ -294,6 +296,8 @@ class Engine(PolicyHost):
         self._take_change(change)
         if self.current == before:  # e.g. a field set back to the value in force: nothing to record or replay
             return
+        if source == "client":
+            self.undoable.append(before)
         self.recorded.append(TimelineEntry(step=self.step, **change.model_dump()))
         self._save_policy()
         self.emit(
@@ -307,6 +311,20 @@ class Engine(PolicyHost):
             frozen_tensors=[n for n, p in self.params.items() if not p.requires_grad],
             units=self.describe_units() if self.param_names != names else None,  # a method added or removed tensors
         )
+
+    def undo(self) -> str:
+        """Put back the sections as they were before the last client change, as a change of its own (recorded, so replay stays exact)."""
+        if not self.undoable:
+            raise PolicyError("undo: nothing to undo (no change from a console since the engine started)")
+        before = self.undoable[-1]
+        restore = {
+            section: before.model_dump(mode="json", exclude_none=True)[section]
+            for section in SECTIONS
+            if getattr(before, section) != getattr(self.current, section)
+        }
+        self.apply_change(Change(set=restore), source="undo")  # refused (e.g. LoRA has trained): nothing changes
+        self.undoable.pop()
+        return f"undone: {', '.join(restore) or 'nothing left to restore'} as before step {self.step}"
 
     def _trainable_by_unit(self) -> dict[str, float]:
         out = {}
@@ -349,6 +367,8 @@ class Engine(PolicyHost):
         try:
             if isinstance(cmd, ChangeCmd):
                 self.apply_change(cmd.change, source="client")
+            elif isinstance(cmd, UndoCmd):
+                message = self.undo()
             elif isinstance(cmd, SetPolicyCmd):
                 data = cmd.policy.state().model_dump(mode="json", exclude_none=True)
                 data.pop("spu_policy", None)

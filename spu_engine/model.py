@@ -308,7 +308,7 @@ def check_policy_against_model(
     in_force = policy.state()
     names = names_of(in_force)
     check_rules(in_force.freeze, names, units)
-    if in_force.pruning.method != "none":
+    if in_force.pruning.method != "none" and in_force.pruning.targets is not None:
         check_patterns(in_force.pruning.targets, names, "pruning.targets")
     for t, entry in enumerate(policy.timeline):
         in_force = in_force.apply(entry)

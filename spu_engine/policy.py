@@ -104,7 +104,9 @@ class WeightUpdateSkipping(_Section):
     enabled: bool = False
     patience: int = Field(2, ge=1, description="evals without improvement before switching phase")
     last_k_blocks: int | None = Field(None, ge=1, description="bias-only phase trains biases of the last k blocks only")
-    start_phase: Literal["full", "bias_only"] = "bias_only"
+    start_phase: Literal["full", "bias_only"] = Field(
+        "full", description="the first phase: full (every trainable tensor updates, as in the paper) or bias_only"
+    )
     phase: Literal["full", "bias_only"] | None = Field(
         None, description="the phase in force; every switch sets it and is recorded in the timeline (unset: start_phase)"
     )
@@ -149,7 +151,11 @@ class Pruning(_Section):
         "global",
         description="global: one ranking over all targets; per_unit: every unit (block) loses the same fraction; per_layer: every target tensor does",
     )
-    targets: list[str] = Field(default_factory=lambda: ["*.weight"], description="globs over parameter names; only weight matrices are pruned")
+    targets: list[str] | None = Field(
+        None,
+        description="globs over parameter names (only weight matrices are pruned); unset: every weight matrix inside the blocks "
+        "(attention and FFN), so the head, pooler, classifier and embeddings are pruned only when a pattern names them",
+    )
     exclude: list[str] = Field(
         default_factory=lambda: ["*embeddings*", "*LayerNorm*", "*layer_norm*", "*ln_*", "*norm*", "*.wte.*", "*.wpe.*", "*embed_tokens*"],
         description="globs removed from targets (embeddings and norms by default)",

@@ -41,6 +41,19 @@ class SetPolicyCmd(_Cmd):
     policy: Policy
 
 
+class PreviewCmd(_Cmd):
+    """What would ``change`` do?  Answered at once with a ``preview`` event to this client only; nothing changes."""
+
+    cmd: Literal["preview"]
+    change: Change
+
+
+class UndoCmd(_Cmd):
+    """Undo the last change a client made, as a new change that restores the sections before it (so replay stays exact)."""
+
+    cmd: Literal["undo"]
+
+
 class PauseCmd(_Cmd):
     cmd: Literal["pause"]
 
@@ -76,11 +89,11 @@ class HelloCmd(_Cmd):
 
 
 Command = Annotated[
-    Union[ChangeCmd, SetPolicyCmd, PauseCmd, ResumeCmd, StopCmd, CheckpointCmd, EvaluateCmd, ExportCmd, HelloCmd],
+    Union[ChangeCmd, SetPolicyCmd, PreviewCmd, UndoCmd, PauseCmd, ResumeCmd, StopCmd, CheckpointCmd, EvaluateCmd, ExportCmd, HelloCmd],
     Field(discriminator="cmd"),
 ]
 _COMMAND = TypeAdapter(Command)
-COMMAND_NAMES = ("change", "set_policy", "pause", "resume", "stop", "checkpoint", "evaluate", "export", "hello")
+COMMAND_NAMES = ("change", "set_policy", "preview", "undo", "pause", "resume", "stop", "checkpoint", "evaluate", "export", "hello")
 
 
 class ProtocolError(ValueError):
@@ -254,6 +267,20 @@ class AckEvent(Event):
     message: str = ""
 
 
+class PreviewEvent(Event):
+    """The answer to a ``preview`` command (see ``PolicyHost.preview``); ``error`` when the change would be refused."""
+
+    id: str | int | None = None
+    trainable: int | None = None
+    total: int | None = None
+    trainable_now: int | None = None
+    backward: float | None = None
+    frozen_prefix_backward: float | None = None
+    sparsity: float | None = None
+    notes: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
 class ErrorEvent(Event):
     """Faults add ``kind``: nonfinite (loss, units, weights, action), oom (suggested), checkpoint."""
 
@@ -294,6 +321,7 @@ EVENTS: dict[str, type[Event]] = {
     "policy": PolicyEvent,
     "received": ReceivedEvent,
     "ack": AckEvent,
+    "preview": PreviewEvent,
     "error": ErrorEvent,
     "checkpoint": CheckpointEvent,
     "resumed": ResumedEvent,

@@ -32,7 +32,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from .protocol import MAX_LINE_BYTES, ProtocolError, encode, event, parse_command
+from .policy import PolicyError
+from .protocol import MAX_LINE_BYTES, PreviewCmd, ProtocolError, encode, event, parse_command
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "engine.lock"
@@ -556,6 +557,18 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
         dist.close()
 
 
+def preview(engine, cmd) -> dict[str, Any]:
+    """The ``preview`` event answering ``cmd``: what its change would do, or why it would be refused."""
+    if engine is None:
+        return event("preview", id=cmd.id, error="the model is still loading")
+    try:
+        return event("preview", id=cmd.id, step=engine.step, **engine.preview(cmd.change))
+    except PolicyError as exc:
+        return event("preview", id=cmd.id, step=engine.step, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - the training thread changed the model under us: the console asks again
+        return event("preview", id=cmd.id, step=engine.step, error=f"no preview this time ({type(exc).__name__})")
+
+
 def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None) -> int:
     """Run an engine process: lock the run folder, serve the socket, train.
 
@@ -567,7 +580,6 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
     from .distributed import Distributed
     from .engine import Engine
     from .model import ModelLoadError
-    from .policy import PolicyError
 
     dist = Distributed.from_env()
     if dist is not None and not dist.is_main:
@@ -584,6 +596,9 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
     handover = threading.Lock()
 
     def on_command(cmd, cid):
+        if isinstance(cmd, PreviewCmd):  # read-only: answered now, from the socket thread
+            server.send_to(cid, preview(engine_box.get("engine"), cmd))
+            return
         with handover:
             engine = engine_box.get("engine")
             if engine is None:

@@ -7,6 +7,8 @@ What trains is the freeze rules ANDed with every active method's gate.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .model import Units, check_policy_against_model, find_units, freeze_mask, stable_parameters
@@ -43,15 +45,66 @@ class PolicyHost:
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def trainable_mask(self, policy: Policy | None = None) -> dict[str, bool]:
+    def trainable_mask(self, policy: Policy | None = None, names: list[str] | None = None) -> dict[str, bool]:
+        """name -> trains, under ``policy`` (default: the one in force) for ``names`` (default: the model's now)."""
         policy = policy or self.current
-        mask = freeze_mask(policy.freeze, self.param_names, self.units)
+        mask = freeze_mask(policy.freeze, names if names is not None else self.param_names, self.units)
         for m in self.methods:
-            if m.active:
-                for n in self.param_names:
-                    if mask[n] and not m.gate(n):
+            gate = m.gate_under(policy)
+            if gate is not None:
+                for n, trains in mask.items():
+                    if trains and not gate(n):
                         mask[n] = False
         return mask
+
+    def preview(self, change: Change) -> dict[str, Any]:
+        """What ``change`` would do, without doing it (the console shows this before a change is applied).
+
+        Trainable parameters and their share, with the tensors a PEFT switch would add; an estimate of the
+        backward compute kept: the blocks from the first trainable one to the end (a frozen prefix needs no
+        backward) times selective backprop's kept share; the pruning target, which saves no compute with dense
+        kernels; and notes on what a setting trains that its name does not say.
+        """
+        new = self.current.apply(change)  # PolicyError, naming the key, for a value the policy does not allow
+        names = self.names_under(new)
+        sizes = {n: p.numel() for n, p in self.params.items()}
+        for m in self.methods:
+            if isinstance(m, AddedTensorsMethod) and m.name == new.peft.method:
+                sizes.update(m.planned(new.peft))
+        mask = self.trainable_mask(new, names)
+        trainable = sum(sizes.get(n, 0) for n, trains in mask.items() if trains)
+        total = sum(sizes.get(n, 0) for n in names)
+        training_units = {self.units.unit_for(n) for n, trains in mask.items() if trains}
+        blocks = [u.name for u in self.units if u.name.startswith("block")]
+        first = next((i for i, b in enumerate(blocks) if b in training_units), None)
+        depth = 1.0 if "embeddings" in training_units else (len(blocks) - first) / len(blocks) if first is not None and blocks else 0.0
+        sb = new.selective_backprop
+        keep = {"off": 1.0, "percentile": sb.keep, "threshold": None}[sb.mode]
+        notes = []
+        wus = new.weight_update_skipping
+        if wus.enabled:
+            phase = wus.phase or wus.start_phase
+            what = "every trainable tensor" if phase == "full" else "biases only" + (f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else "")
+            notes.append(f"weight-update skipping: phase {phase} trains {what}")
+        if sb.mode == "threshold":
+            notes.append("selective backprop (threshold): the kept share depends on the losses")
+        sparsity = None
+        if new.pruning.method != "none":
+            sparsity = new.pruning.schedule.final_sparsity
+            pruning = next((m for m in self.methods if m.section == "pruning"), None)
+            if pruning is not None:
+                outside = pruning.outside_blocks(pruning.resolve_targets(new.pruning))
+                if outside:
+                    notes.append(f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): the head may collapse")
+        return {
+            "trainable": trainable,
+            "total": total,
+            "trainable_now": self.trainable_count(),
+            "backward": None if keep is None else round(depth * keep, 4),
+            "frozen_prefix_backward": round(depth, 4),
+            "sparsity": sparsity,
+            "notes": notes,
+        }
 
     def _apply_trainable(self) -> None:
         """Frozen tensors get requires_grad False and lose their gradient (so no optimizer update)."""

@@ -9,7 +9,7 @@ from spu_engine.methods.targets import is_bias
 from spu_engine.methods.weight_update_skipping import WeightUpdateSkipping
 from spu_engine.policy import Change, PolicyError, parse_policy
 
-# eval after every step; the phase starts bias_only, patience 2:
+# eval after every step; these runs start bias_only (the default first phase is full), patience 2:
 # evals 1,2 improve; 3,4 do not -> full from step 4; 5 improves, 6,7 do not -> bias_only from step 7
 LOSSES = [1.0, 0.9, 0.95, 0.96, 0.8, 0.85, 0.9, 0.7]
 SWITCHES = [(4, "full"), (7, "bias_only")]
@@ -17,7 +17,7 @@ PHASES = ["bias_only"] * 4 + ["full"] * 3 + ["bias_only"]  # of optimizer steps 
 
 
 def wus_policy(**settings):
-    return parse_policy({"weight_update_skipping": {"enabled": True, "patience": 2, **settings}})
+    return parse_policy({"weight_update_skipping": {"enabled": True, "patience": 2, "start_phase": "bias_only", **settings}})
 
 
 def scripted_run(make_engine, policy, losses):

@@ -8,7 +8,7 @@ boundary whenever the policy changes (and once at start); it may raise
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -30,9 +30,12 @@ class Method:
     def configure(self, policy: "Policy", step: int) -> None:
         """Take the (new) policy into use at a step boundary."""
 
-    def gate(self, name: str) -> bool:
-        """May parameter ``name`` train while this method is active?  ANDed with the freeze rules."""
-        return True
+    def gate_under(self, policy: "Policy") -> Callable[[str], bool] | None:
+        """Which parameters (stable names) may train under ``policy``, ANDed with the freeze rules; None: no limit.
+
+        A function of the policy alone, so the host can also say what a change *would* train before making it.
+        """
+        return None
 
     def before_step(self, step: int) -> None:
         """Called before the batch of ``step`` is drawn."""

@@ -37,6 +37,13 @@ class PeftMethod(Method):
     def configure(self, policy: Policy, step: int) -> None:
         self.selected = policy.peft.method == self.name
 
+    def gate_under(self, policy: Policy):
+        return self.gate if policy.peft.method == self.name else None
+
+    def gate(self, name: str) -> bool:
+        """May parameter ``name`` train while this method is selected?"""
+        raise NotImplementedError
+
 
 class AddedTensorsMethod(PeftMethod):
     """A method that adds tensors to the model: adapters, LoRA, IA3."""

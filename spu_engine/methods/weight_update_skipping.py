@@ -55,16 +55,22 @@ class WeightUpdateSkipping(Method):
             self.best, self.bad_evals = math.inf, 0
         self.settings, self.phase = new, phase
 
-    def gate(self, name: str) -> bool:
-        if self.phase != "bias_only":
-            return True
-        if not is_bias(name):
-            return False
-        k = self.settings.last_k_blocks
-        if k is None:
-            return True
-        index = _block_of(self.engine, name)
-        return index is not None and index >= self.engine.units.num_blocks - k
+    def gate_under(self, policy: Policy):
+        settings = policy.weight_update_skipping
+        if not settings.enabled or (settings.phase or settings.start_phase) != "bias_only":
+            return None
+        k = settings.last_k_blocks
+        first = self.engine.units.num_blocks - k if k is not None else None
+
+        def bias_only(name: str) -> bool:
+            if not is_bias(name):
+                return False
+            if first is None:
+                return True
+            index = _block_of(self.engine, name)
+            return index is not None and index >= first
+
+        return bias_only
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         loss = metrics.get("eval_loss")

@@ -84,6 +84,13 @@ class PruningMethod(Method):
             end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done - 1) * new.imp.round_steps
         else:
             end = new.schedule.end_step
+        outside = self.outside_blocks(self.targets)
+        if outside and not same_pruner:
+            self.engine.log(
+                f"pruning.targets include {len(outside)} tensors outside the blocks ({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): "
+                "pruning the task head or the embeddings can leave a model that predicts one class; leave targets unset to prune the blocks only",
+                "warning",
+            )
         if end > self.engine.config.steps:
             self.engine.log(f"pruning ends at step {end}, after the run's last step ({self.engine.config.steps}): the final sparsity will not be reached", "warning")
 
@@ -98,17 +105,16 @@ class PruningMethod(Method):
         return Ramp(s.start_step, s.end_step, s.initial_sparsity, s.final_sparsity, s.every, s.kind)
 
     def resolve_targets(self, settings: Pruning) -> list[str]:
-        """Weight matrices selected by ``targets`` and not by ``exclude``; PolicyError if none."""
+        """Weight matrices selected by ``targets`` (unset: the blocks' own) and not by ``exclude``; PolicyError if none."""
         params = self.engine.params
-        chosen = [
-            n
-            for n in self.engine.param_names
-            if any(fnmatch.fnmatchcase(n, t) for t in settings.targets) and not any(fnmatch.fnmatchcase(n, e) for e in settings.exclude)
-        ]
+        if settings.targets is None:  # the model's own weights inside the blocks: never the head, never a PEFT method's tensors
+            selected = [n for n in self.engine.loaded_names if self.engine.units.unit_for(n).startswith("block")]
+        else:
+            selected = [n for n in self.engine.param_names if any(fnmatch.fnmatchcase(n, t) for t in settings.targets)]
+        chosen = [n for n in selected if not any(fnmatch.fnmatchcase(n, e) for e in settings.exclude)]
         if not chosen:
-            raise PolicyError(
-                f"pruning.targets: {settings.targets} minus pruning.exclude {settings.exclude} leaves no parameter of this model to prune"
-            )
+            what = "the blocks' weights" if settings.targets is None else str(settings.targets)
+            raise PolicyError(f"pruning.targets: {what} minus pruning.exclude {settings.exclude} leaves no parameter of this model to prune")
         matrices = [n for n in chosen if params[n].dim() >= 2]
         if not matrices:
             raise PolicyError(
@@ -124,6 +130,10 @@ class PruningMethod(Method):
                 )
             matrices = [n for n in matrices if n in grouped]
         return matrices
+
+    def outside_blocks(self, targets: list[str]) -> list[str]:
+        """Targets in the embeddings or the head (pooler, classifier): pruned only when a pattern names them."""
+        return [n for n in targets if not self.engine.units.unit_for(n).startswith("block")]
 
     def _switch_off(self) -> None:
         if self.pruner is None:
