@@ -28,6 +28,8 @@ from textual.timer import Timer
 
 from .frames import DEFAULT_SHARE, FrameBudget
 from .link import EngineLink, EventsArrived
+from spu_engine.protocol import read_event
+
 from .run_state import LogLine, RunState
 from .screens.export import ExportScreen
 from .screens.help import HelpScreen
@@ -76,6 +78,7 @@ class SpuApp(App):
         Binding("e", "export", "export"),
         Binding("s", "checkpoint", "checkpoint"),
         Binding("r", "evaluate", "evaluate"),
+        Binding("z", "undo", "undo"),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit_dialog", "quit"),
         Binding("escape", "focus_tree", "tree", show=False),
@@ -99,6 +102,7 @@ class SpuApp(App):
         self.history_t = max((t for ev in self.history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
         self.link = EngineLink(self, self.run_dir) if connect else None
         self.pending: dict[str, Pending] = {}
+        self.previews: dict[str, str] = {}  # preview command id -> the controls section that asked
         self.roundtrips: list[tuple[float, float]] = []  # (key -> redraw, engine ack -> redraw) seconds
         self.received_roundtrips: list[float] = []  # key -> engine received -> redraw, seconds
         self.active_panel = "loss"
@@ -220,7 +224,7 @@ class SpuApp(App):
     def on_events_arrived(self, _: EventsArrived) -> None:
         assert self.link is not None
         changed: set[str] = set()
-        acks, received = [], []
+        acks, received, previews = [], [], []
         failed = None
         hello = False
         for ev in self.link.drain():
@@ -235,6 +239,8 @@ class SpuApp(App):
                 received.append(ev)
             elif ev.get("type") == "hello":
                 hello = True
+            elif ev.get("type") == "preview":
+                previews.append(ev)
             elif ev.get("type") == "state" and ev.get("state") == "error":
                 failed = ev.get("message") or "the engine failed"
         if self.views_alive:
@@ -244,6 +250,11 @@ class SpuApp(App):
                 self._received(ev)
             for ack in acks:
                 self._acknowledged(ack)
+            for ev in previews:
+                section = self.previews.pop(str(ev.get("id")), None)
+                answer = read_event(ev)
+                if section is not None and answer is not None:
+                    self.controls.show_preview(section, answer)
             if failed:  # the run cannot go on: show why, whichever panel was up
                 self.action_show_panel("log")
                 self.notify(failed, title="engine error", severity="error", timeout=10)
@@ -268,6 +279,8 @@ class SpuApp(App):
                 self.call_after_refresh(self._record_roundtrip, pending.sent, ack.get("t", time.time()))
         if pending.section:
             self.controls.acknowledged(pending.section, ok, ack.get("step", self.state.step), ack.get("message", ""), self.state.policy)
+        if pending.cmd == "undo":
+            self._notify_log(f"undo: {ack.get('message', '')}" if ok else f"undo refused: {ack.get('message', '')}", error=not ok)
         if not ok and pending.rows:
             self._notify_log(f"{pending.cmd} refused: {ack.get('message', '')}", error=True, logged=True)
 
@@ -281,7 +294,7 @@ class SpuApp(App):
             self.unit_tree.set_queued(pending.rows)
             self.call_after_refresh(self._record_received, pending.sent)
         if pending.section:
-            self.controls.set_status(pending.section, f"queued: {TITLES[pending.section]} applies at the next step boundary", "pending")
+            self.controls.set_status(pending.section, f"queued: {TITLES.get(pending.section, 'freeze rules')} applies at the next step boundary", "pending")
 
     def _record_received(self, sent: float) -> None:
         self.received_roundtrips.append(time.perf_counter() - sent)
@@ -391,7 +404,21 @@ class SpuApp(App):
         cid = self._send("change", change={"set": {message.section: message.values}})
         if cid is not None:
             self.pending[cid] = Pending("change", time.perf_counter(), section=message.section)
-            self.controls.set_status(message.section, f"sent: {TITLES[message.section]}", "pending")
+            self.controls.set_status(message.section, f"sent: {TITLES.get(message.section, 'freeze rules')}", "pending")
+
+    def on_controls_panel_preview_requested(self, message: ControlsPanel.PreviewRequested) -> None:
+        if self.link is None or not self.link.connected:
+            return
+        cid = self.link.send("preview", change={"set": {message.section: message.values}})
+        if cid is not None:
+            self.previews[cid] = message.section
+
+    def action_undo(self) -> None:
+        """Undo the last change made from a console (the engine records it as a new change, so replay stays exact)."""
+        cid = self._send("undo")
+        if cid is not None:
+            self.pending[cid] = Pending("undo", time.perf_counter())
+            self._notify_log("undo requested (applies at the next step boundary)")
 
     def action_pause_resume(self) -> None:
         self._send("resume" if self.state.state == "paused" else "pause")

@@ -23,6 +23,7 @@ from spu_engine.protocol import (
     HelloEvent,
     LogEvent,
     PolicyEvent,
+    PreviewEvent,
     PruneEvent,
     ReceivedEvent,
     ResumedEvent,
@@ -184,6 +185,9 @@ class RunState:
 
     def _on_received(self, ev: ReceivedEvent) -> set[str]:
         return set()
+
+    def _on_preview(self, ev: PreviewEvent) -> set[str]:
+        return set()  # an answer for the controls alone (the app hands it over)
 
     def _on_ack(self, ev: AckEvent) -> set[str]:
         if ev.ok and ev.cmd in ("export", "checkpoint") and ev.message:

@@ -215,17 +215,27 @@ async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recor
 
         app.controls.query_one("#pr-method").value = "magnitude"
         await pilot.pause(0.2)
+        cmd, fields = link.sent[-1]  # first the what-if: nothing is applied yet
+        assert cmd == "preview" and fields["change"]["set"]["pruning"]["method"] == "magnitude"
+        assert str(app.query_one("#status-pruning").render()).startswith("edited")
+        link.deliver({"type": "preview", "t": t + 0.2, "id": "c2", "trainable": 900, "total": 1000, "trainable_now": 1000, "backward": 1.0,
+                      "frozen_prefix_backward": 1.0, "sparsity": 0.5, "notes": []})
+        await pilot.pause(0.2)
+        whatif = str(app.query_one("#whatif-pruning").render())
+        assert "trainable 1.0k → 900 (90.0%)" in whatif and "sparsity → 50%" in whatif
+        app.query_one("#apply-pruning").press()
+        await pilot.pause(0.2)
         cmd, fields = link.sent[-1]
         assert cmd == "change" and fields["change"]["set"]["pruning"]["method"] == "magnitude"
         assert fields["change"]["set"]["pruning"]["structure"] == "weights"  # every pruning control goes with the change
         assert str(app.query_one("#status-pruning").render()) == "sent: Pruning"
-        link.deliver({"type": "received", "t": t + 0.5, "id": "c2", "cmd": "change"})
+        link.deliver({"type": "received", "t": t + 0.5, "id": "c3", "cmd": "change"})
         await pilot.pause(0.2)
         assert str(app.query_one("#status-pruning").render()) == "queued: Pruning applies at the next step boundary"
         refusal = "pruning.targets[0]: pattern '*.qkv.weight' matches no parameter of this model"
         link.deliver(
-            {"type": "ack", "t": t + 1, "id": "c2", "cmd": "change", "step": 17, "ok": False, "message": refusal},
-            {"type": "error", "t": t + 2, "id": "c2", "step": 17, "message": refusal},
+            {"type": "ack", "t": t + 1, "id": "c3", "cmd": "change", "step": 17, "ok": False, "message": refusal},
+            {"type": "error", "t": t + 2, "id": "c3", "step": 17, "message": refusal},
         )
         await pilot.pause(0.3)
         status = app.query_one("#status-pruning")
@@ -370,3 +380,33 @@ async def test_a_refused_stop_keeps_the_console_open(recorded_run):
         await pilot.pause(0.3)
         assert app.is_running
         assert app.state.log[-1].error and message in app.state.log[-1].text
+
+
+async def test_rules_listed_and_removed_undo_key_and_errors_that_clear(recorded_run):
+    run_dir, history = recorded_run
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        link = app.link = ScriptedLink(app)
+        await pilot.pause(0.2)
+        rules = app.controls.query_one("#rules")
+        assert "0: freeze embeddings, block0" in str(rules.children[0].query_one("Label").render())
+        rules.focus()
+        await pilot.press("x")
+        assert link.sent[-1] == ("change", {"change": {"set": {"freeze": []}}})
+        assert str(app.query_one("#status-freeze").render()) == "sent: freeze rules"
+
+        await pilot.press("escape", "z")
+        assert link.sent[-1] == ("undo", {})
+        t = max(e.get("t", 0) for e in history) + 1
+        link.deliver({"type": "ack", "t": t, "id": f"c{len(link.sent)}", "cmd": "undo", "step": 17, "ok": False, "message": "undo: nothing to undo"})
+        await pilot.pause(0.2)
+        assert app.state.log[-1].error and "undo refused: undo: nothing to undo" in app.state.log[-1].text
+
+        keep = app.controls.query_one("#sb-keep")
+        keep.focus()
+        keep.value = "2"
+        await pilot.pause(0.1)
+        assert str(app.query_one("#status-selective_backprop").render()).startswith("keep: 2.0 is out of range")
+        keep.value = "0.5"  # back to the engine's value, in one go
+        await pilot.pause(0.1)
+        assert str(app.query_one("#status-selective_backprop").render()) == ""

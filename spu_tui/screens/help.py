@@ -25,12 +25,15 @@ BINDINGS_HELP = [
         ("e", "export the replayable policy YAML (asks for a path)"),
         ("s", "save a checkpoint now"),
         ("r", "evaluate now"),
+        ("z", "undo the last change made from a console (recorded as a change of its own, so a replay stays exact; refused, with the reason, when it cannot be undone, e.g. LoRA that has trained)"),
         ("q", "quit: detach (training goes on), stop after a checkpoint, or stop now"),
     ]),
     ("Panels", [
         ("1 … 5", "small terminals: show loss, sparsity, learning, controls, log"),
         ("tab / shift+tab", "move between the tree and the controls"),
-        ("enter (in a field)", "apply that section: 'sent', then 'queued' once the engine has it, until it applies at the next step"),
+        ("edit a field", "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes"),
+        ("enter / apply", "apply that section: 'sent', then 'queued' once the engine has it, until it applies at the next step"),
+        ("x (in rules)", "remove the highlighted freeze rule (applied like any change; z undoes it)"),
         ("?", "this help; esc or ? closes it"),
     ]),
 ]

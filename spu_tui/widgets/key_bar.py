@@ -7,12 +7,13 @@ from textual.widget import Widget
 
 KEYS = [
     ("space", "toggle", "␣", "toggle"),
-    ("f", "freeze ≤ cursor", "f", "freeze≤"),
-    ("u", "unfreeze > cursor", "u", "unfreeze>"),
+    ("f", "freeze ≤ cursor", "f", "frz≤"),
+    ("u", "unfreeze > cursor", "u", "unfrz>"),
     ("p", "pause/resume", "p", "pause"),
-    ("e", "export", "e", "export"),
+    ("e", "export", "e", "exp"),
     ("s", "checkpoint", "s", "save"),
     ("r", "evaluate", "r", "eval"),
+    ("z", "undo", "z", "undo"),
     ("?", "help", "?", "help"),
     ("q", "quit", "q", "quit"),
 ]

@@ -142,7 +142,7 @@ class UnitTree(Tree[Row]):
             mark, style = ("○", "frozen")[not narrow], "bright_black"
         else:
             mark, style = (f"{frac:>3.0%}" if narrow else f"{frac:>5.0%} "), "yellow"
-        tail = f" {mark} {_count(numel):>5} {sparsity:>3.0%}" if narrow else f" {mark} {_count(numel):>6} {sparsity:>4.0%}"
+        tail = f" {mark} {short_count(numel):>5} {sparsity:>3.0%}" if narrow else f" {mark} {short_count(numel):>6} {sparsity:>4.0%}"
         pending = ("…" if row in self.queued else "·") if row in self.pending else " "
         room = max(6, width - len(tail) - 1)
         text = Text(f"{fit_name(shown, room):<{room}}", style="bold" if row.kind == "unit" else "")
@@ -214,7 +214,7 @@ class UnitTree(Tree[Row]):
         self.relabel()
 
 
-def _count(n: int) -> str:
+def short_count(n: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.1f}{unit}"
