@@ -738,7 +738,6 @@ class Engine(PolicyHost):
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
         # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
         self.emit("resumed", step=self.step, checkpoint=str(path), message=f"resumed from {path.name} at step {self.step}")
-        self.log(f"resumed from {path.name} at step {self.step}")
 
     # ------------------------------------------------------------------ run
 

@@ -113,6 +113,7 @@ class SpuApp(App):
         self._frame_timer: Timer | None = None
         self._loss_legend: str | None = None
         self._exit_on: str | None = None  # id of the stop command whose ack ends the app
+        self.stopped_engine = False  # the engine acknowledged a stop from this console
         self._exit_timer: Timer | None = None
         self.header = RunHeader(id="header")
         self.unit_tree = UnitTree(id="tree")
@@ -262,6 +263,7 @@ class SpuApp(App):
     def _acknowledged(self, ack: dict[str, Any]) -> None:
         if self._exit_on is not None and self._exit_on == str(ack.get("id")):
             if ack.get("ok"):
+                self.stopped_engine = True
                 self.exit()  # the engine took the stop (after its checkpoint, if asked for)
                 return
             self._exit_on = None  # e.g. the checkpoint could not be written: the run goes on, and so do we

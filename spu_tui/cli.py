@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,7 @@ app = typer.Typer(add_completion=False, help="SPU console: steer which parameter
 
 HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
+STOP_WAIT = 15.0  # seconds to wait, after a stop from the console, for the engine to write its checkpoint and exit
 UI_CPU_HELP = "the console's CPU while you watch, in percent of one core: plots redraw less often to stay under it (keys never wait)"
 
 
@@ -120,8 +122,9 @@ def main(
     if (run_dir / "events.jsonl").exists():
         fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
     engine = spawn_engine(config, pol, run_dir)
-    SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100).run()
-    _say_where(run_dir)
+    console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100)
+    console.run()
+    _say_where(run_dir, stopped=console.stopped_engine)
 
 
 @app.command()
@@ -156,12 +159,21 @@ def attach(
             config = build_config(**json.loads((run / "config.json").read_text()))
             engine = spawn_engine(config, read_policy(run / "policy.yaml"), run, resume=True)
             live = True
-    SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100).run()
-    _say_where(run)
+    console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100)
+    console.run()
+    _say_where(run, stopped=console.stopped_engine)
 
 
-def _say_where(run_dir: Path) -> None:
-    if is_live(run_dir):
+def _say_where(run_dir: Path, stopped: bool = False) -> None:
+    """Where the run is, once the console closes; after a stop, waits for the engine to let go of the run first."""
+    deadline = time.monotonic() + STOP_WAIT
+    while stopped and is_live(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if stopped and not is_live(run_dir):
+        info = run_info(run_dir)
+        where = f" at step {info.step}" if info is not None else ""
+        typer.echo(f"run folder: {run_dir} (engine stopped{where}); see its history with: spu-tui attach {run_dir}")
+    elif is_live(run_dir):
         typer.echo(f"run folder: {run_dir} (engine still training); reattach with: spu-tui attach {run_dir}")
     else:
         typer.echo(f"run folder: {run_dir} (engine not running); see its history with: spu-tui attach {run_dir}")

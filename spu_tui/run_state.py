@@ -145,6 +145,13 @@ class RunState:
             self.loss_smooth.append(SMOOTHING * prev + (1 - SMOOTHING) * loss)
         if self.state in ("loading", "connecting"):
             self.state = "training"
+        pruning = (ev.model_extra or {}).get("pruning")
+        if isinstance(pruning, dict) and isinstance(pruning.get("units"), dict):  # masks changed at this step
+            for unit, sparsity in pruning["units"].items():
+                if isinstance(sparsity, (int, float)):
+                    stats = self.unit_stats.setdefault(unit, UnitStats())
+                    stats.sparsity = float(sparsity)
+            return {"header", "plots", "tree"}
         return {"header", "plots"}
 
     def _on_units(self, ev: UnitsEvent) -> set[str]:
@@ -205,7 +212,8 @@ class RunState:
 
     def _on_resumed(self, ev: ResumedEvent) -> set[str]:
         self._recent.clear()  # the time spent dead is no measure of speed
-        return set()
+        self._say(ev.step, "state", ev.message or f"resumed at step {ev.step}")
+        return {"log"}
 
     def _on_log(self, ev: LogEvent) -> set[str]:
         self._say(ev.step or self.step, "log", ev.message, error=ev.level in ("error", "warning"))

@@ -102,3 +102,23 @@ async def test_history_of_unknown_and_malformed_events_draws_without_error(lora_
         assert any("cannot read" in line.text for line in app.state.log)
         assert Row("unit", "block9") in app.query_one(UnitTree)._row_nodes  # a unit never seen before is added
         json.dumps([ev for ev in odd if isinstance(ev, dict)])  # the history itself stays as it was
+
+
+def test_sparsity_bars_move_at_the_step_the_masks_change(make_engine):
+    """The step event of a mask change carries per-unit sparsity, between the periodic unit statistics."""
+    from spu_engine.policy import parse_policy
+    from spu_tui.run_state import RunState
+
+    policy = parse_policy({"pruning": {"method": "magnitude", "schedule": {"start_step": 3, "end_step": 3, "every": 1, "final_sparsity": 0.5}}})
+    engine = make_engine("bert", policy, stats_every=100)
+    events = []
+    engine.sinks.append(lambda _line, ev: events.append(ev))
+    for _ in range(5):
+        engine.train_step()
+    steps = [ev for ev in events if ev["type"] == "step"]
+    with_units = [ev["step"] for ev in steps if "units" in ev.get("pruning", {})]
+    assert with_units == [4]  # the step at which the masks went to 50 %, not every step
+    state = RunState()
+    for ev in events:
+        state.apply(ev)
+    assert 0.3 < state.unit_stats["block0"].sparsity < 0.6 and state.unit_stats["embeddings"].sparsity == 0.0

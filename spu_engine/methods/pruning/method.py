@@ -44,6 +44,7 @@ class PruningMethod(Method):
         self.pruner: Pruner | None = None
         self.targets: list[str] = []
         self._counts: tuple[int, dict[str, int]] | None = None  # (masks version, pruned per tensor)
+        self._shown = 0  # masks version the last step event reported
 
     @property
     def active(self) -> bool:
@@ -193,9 +194,19 @@ class PruningMethod(Method):
             "target": None if target is None else round(target, 5),
             **self.pruner.stats(),
         }
-        if self.engine.step % self.engine.config.stats_every == 0:
+        if self.engine.step % self.engine.config.stats_every == 0 or self.masks.version != self._shown:
             info["layout"] = self.layout()
+            info["units"] = self.unit_sparsity()  # the console's bars move at the step the masks did
+            self._shown = self.masks.version
         return {"pruning": info}
+
+    def unit_sparsity(self) -> dict[str, float]:
+        """Per unit, the pruned fraction of all its parameters."""
+        pruned: dict[str, int] = {}
+        for n, count in self.pruned_counts().items():
+            unit = self.engine.units.unit_for(n)
+            pruned[unit] = pruned.get(unit, 0) + count
+        return {u.name: round(pruned.get(u.name, 0) / u.numel, 5) for u in self.engine.units if u.numel}
 
     # -- checkpoints -------------------------------------------------------------
 
