@@ -132,7 +132,9 @@ class IMPSettings(_Section):
     fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of remaining weights removed per round")
     round_steps: int = Field(200, ge=1, description="training steps per round")
     reset: Literal["pretrained", "rewind"] = "rewind"
-    rewind_step: int = Field(0, ge=0, description="rewind: the early step whose weights survivors return to")
+    rewind_step: int | None = Field(
+        None, ge=0, description="rewind: the early step whose weights survivors return to; unset: the step IMP is switched on"
+    )
 
 
 class MovementSettings(_Section):

@@ -76,11 +76,12 @@ class AddedTensorsMethod(PeftMethod):
         """Stable name -> size of every tensor this method would add, found by adding them to a shape-only copy."""
         key = settings.model_dump_json()
         if key not in self._planned:
-            copy = shape_only_copy(self.engine.model)
-            if copy is None:
-                return {}
-            before = set(stable_parameters(copy))
-            self.add_to(copy, settings)
+            with torch.random.fork_rng(devices=[]):  # initialising the copy's tensors must not move the run's RNG (replays stay exact)
+                copy = shape_only_copy(self.engine.model)
+                if copy is None:
+                    return {}
+                before = set(stable_parameters(copy))
+                self.add_to(copy, settings)
             self._planned[key] = {n: p.numel() for n, p in stable_parameters(copy).items() if n not in before}
         return self._planned[key]
 

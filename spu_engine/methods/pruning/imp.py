@@ -29,13 +29,13 @@ class IMPPruner(Pruner):
         self.next_round = max(settings.schedule.start_step, step) + settings.imp.round_steps
         self.reference: dict[str, torch.Tensor] = {}
         self.reference_step: int | None = None
-        if settings.imp.reset == "pretrained":
+        if settings.imp.reset == "pretrained" or settings.imp.rewind_step is None:
             self._snapshot(step)
 
     @staticmethod
     def validate(settings, step: int, has_reference_at: int | None) -> None:
         imp = settings.imp
-        if imp.reset != "rewind" or has_reference_at == imp.rewind_step:
+        if imp.reset != "rewind" or imp.rewind_step is None or has_reference_at == imp.rewind_step:
             return
         if imp.rewind_step < step:
             raise PolicyError(
@@ -57,7 +57,7 @@ class IMPPruner(Pruner):
             self.next_round = max(self.next_round, step)
         if settings.imp.reset != old.reset or settings.imp.rewind_step != old.rewind_step:
             self.reference, self.reference_step = {}, None
-            if settings.imp.reset == "pretrained":
+            if settings.imp.reset == "pretrained" or settings.imp.rewind_step is None:
                 self._snapshot(step)
 
     @torch.no_grad()

@@ -1,0 +1,133 @@
+"""Every method after every other: A applied live, then B, through the command path the socket feeds.
+
+For each ordered pair (A, B) of twelve live changes, on a tiny BERT and a tiny GPT-2:
+B is applied, or refused with a message and nothing changed; the run's history
+redraws in the console's state without an unreadable event; and its exported
+policy, replayed headless, gives the same trainable set at every step and the
+same masks at the end.  The full 12 x 12 x 2 matrix is marked slow
+(``pytest -m slow``); the default run covers every change as A and as B.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import build_tiny
+
+from spu_engine.engine import Engine, EngineConfig
+from spu_engine.policy import Policy
+from spu_engine.protocol import parse_command
+from spu_engine.runs import read_history
+from spu_tui.run_state import RunState
+
+ONE_TENSOR = {"bert": "bert.encoder.layer.0.attention.self.query.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}
+SCHEDULE = {"start_step": 0, "end_step": 4, "every": 1, "final_sparsity": 0.5}
+
+
+def changes(arch: str) -> dict[str, dict]:
+    """The twelve live changes, as the console sends them."""
+    return {
+        "freeze_block": {"freeze": [{"units": ["block1"], "trainable": False}]},
+        "freeze_tensor": {"freeze": [{"match": ONE_TENSOR[arch], "trainable": False}]},
+        "sb_percentile": {"set": {"selective_backprop": {"mode": "percentile", "keep": 0.5}}},
+        "wus_on": {"set": {"weight_update_skipping": {"enabled": True, "start_phase": "bias_only"}}},
+        "magnitude": {"set": {"pruning": {"method": "magnitude", "schedule": SCHEDULE}}},
+        "imp": {"set": {"pruning": {"method": "imp", "imp": {"rounds": 2, "round_steps": 2, "fraction": 0.2}}}},
+        "movement": {"set": {"pruning": {"method": "movement", "schedule": SCHEDULE}}},
+        "soft_movement": {"set": {"pruning": {"method": "soft_movement", "schedule": SCHEDULE}}},
+        "bitfit": {"set": {"peft": {"method": "bitfit"}}},
+        "adapter": {"set": {"peft": {"method": "adapter", "size": 4}}},
+        "ia3": {"set": {"peft": {"method": "ia3"}}},
+        "lora": {"set": {"peft": {"method": "lora", "r": 2}}},
+    }
+
+
+NAMES = list(changes("bert"))
+# every change as A and as B, in 24 pairs (a shifted pairing): the default run
+QUICK = [(a, NAMES[(i + 1) % len(NAMES)]) for i, a in enumerate(NAMES)] + [(a, NAMES[(i + 5) % len(NAMES)]) for i, a in enumerate(NAMES)]
+FULL = [(a, b) for a, b in itertools.product(NAMES, NAMES) if a != b]
+STEPS, A_AT, B_AT = 6, 1, 3
+
+
+@pytest.fixture(scope="module")
+def sst2_task(tokenizer):
+    from conftest import SST2
+
+    from spu_engine.tasks import TaskOptions
+    from spu_engine.tasks.classification import ClassificationTask
+
+    return ClassificationTask.build(str(SST2), tokenizer, TaskOptions(max_length=24, max_train_samples=128, max_eval_samples=16))
+
+
+def _engine(arch, task, tokenizer, run_dir, policy=None) -> Engine:
+    config = EngineConfig(model="tiny", data="sst2", steps=STEPS, batch_size=4, eval_every=0, stats_every=2, lr=1e-3, warmup=0, seed=3)
+    return Engine(config, policy, run_dir, model=build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task)
+
+
+def _run(engine: Engine, script: dict[int, dict]) -> tuple[list[dict], dict[int, dict[str, bool]]]:
+    """Run, submitting ``script[step]`` as a socket command at that step boundary; events, and the trainable set per step."""
+    events: list[dict] = []
+    trainable: dict[int, dict[str, bool]] = {}
+
+    def sink(_line, ev):
+        events.append(ev)
+        if ev["type"] == "step":
+            trainable[ev["step"]] = {n: p.requires_grad for n, p in engine.params.items()}
+            if ev["step"] in script:
+                engine.submit(parse_command(json.dumps({"cmd": "change", "id": f"at{ev['step']}", "change": script[ev["step"]]})))
+
+    engine.sinks.append(sink)
+    if 0 in script:
+        engine.submit(parse_command(json.dumps({"cmd": "change", "id": "at0", "change": script[0]})))
+    assert engine.run() == "finished"
+    engine.close()
+    return events, trainable
+
+
+def _masks(engine: Engine) -> dict[str, torch.Tensor]:
+    pm = next(m for m in engine.methods if m.section == "pruning")
+    return {n: pm.masks.keep(n).clone() for n in pm.masks.masks}
+
+
+def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
+    """Run A then B; returns 'applied' or the refusal message."""
+    todo = changes(arch)
+    live = _engine(arch, task, tokenizer, tmp_path / "live")
+    events, trainable = _run(live, {A_AT: todo[a], B_AT: todo[b]})
+    acks = {ev["id"]: ev for ev in events if ev["type"] == "ack"}
+    assert acks[f"at{A_AT}"]["ok"], f"{a} alone was refused: {acks[f'at{A_AT}']['message']}"
+    ack_b = acks[f"at{B_AT}"]
+    if not ack_b["ok"]:
+        assert ack_b["message"], f"{b} after {a} was refused without a message"
+        assert [ev["source"] for ev in events if ev["type"] == "policy"] == ["client"], f"{b} was refused but recorded"
+        assert trainable[B_AT] == trainable[B_AT + 1], f"{b} was refused but changed what trains"
+
+    state = RunState()
+    for ev in read_history(tmp_path / "live"):
+        state.apply(ev)
+    assert state.unreadable == 0 and state.units
+    assert {p.name for u in state.units for p in u.params} == set(live.param_names)  # the tree shows what the model has
+
+    replay = _engine(arch, task, tokenizer, tmp_path / "replay", Policy.model_validate(live.replayable_policy().model_dump(mode="json")))
+    _, replayed = _run(replay, {})
+    assert replayed == trainable, f"{a} then {b}: the replay trains other tensors"
+    live_masks, replay_masks = _masks(live), _masks(replay)
+    assert live_masks.keys() == replay_masks.keys()
+    assert all(torch.equal(live_masks[n], replay_masks[n]) for n in live_masks), f"{a} then {b}: the replay's masks differ"
+    return "applied" if ack_b["ok"] else ack_b["message"]
+
+
+@pytest.mark.parametrize("a, b", QUICK, ids=[f"{a}-then-{b}" for a, b in QUICK])
+def test_pairs_on_tiny_bert(a, b, sst2_task, tokenizer, tmp_path):
+    check_pair("bert", a, b, sst2_task, tokenizer, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("a, b", FULL, ids=[f"{a}-then-{b}" for a, b in FULL])
+def test_every_ordered_pair(arch, a, b, sst2_task, tokenizer, tmp_path):
+    outcome = check_pair(arch, a, b, sst2_task, tokenizer, tmp_path)
+    print(f"PAIR {arch} {a} -> {b}: {outcome}")
