@@ -49,6 +49,20 @@ def build_config(**options):
         raise
 
 
+def config_from_policy(pol: Policy, source: Optional[Path], **flags):
+    """The policy's ``run:`` settings, with the flags given on the command line taking precedence.
+
+    A flag that changes a value the file sets is said on stderr (one line): a replay with a
+    different --steps or --lr has a different LR schedule, so different losses.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    base = pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}
+    changed = [f"--{k.replace('_', '-')} {base[k]} -> {v}" for k, v in given.items() if k in base and base[k] != v]
+    if changed:
+        err.print(f"note: command-line flags override the run settings of {source}: {', '.join(changed)}", highlight=False)
+    return build_config(**{**base, **given})
+
+
 def read_policy(path: Optional[Path]) -> Policy:
     if path is None:
         return Policy()
@@ -103,13 +117,13 @@ class ProgressSink:
 
 @app.command()
 def train(
-    model: str = typer.Option("minilm", help="hub id, local HF folder, or 'minilm' (the offline package)"),
-    data: str = typer.Option("glue/sst2", help="hub dataset or local file / folder with train and dev files"),
-    policy: Optional[Path] = typer.Option(None, help="policy YAML (its timeline is replayed at its steps)"),
+    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) [default: minilm]"),
+    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: glue/sst2]"),
+    policy: Optional[Path] = typer.Option(None, help="policy YAML: its run: settings are the defaults of every flag here, its timeline is replayed at its steps"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
     resume: Optional[Path] = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
-    task: str = typer.Option("auto", help="classification | qa | lm; auto: inferred from --data (and --model)"),
+    task: Optional[str] = typer.Option(None, help="classification | qa | lm; auto: inferred from --data (and --model) [default: auto]"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
@@ -125,6 +139,8 @@ def train(
 ) -> None:
     """Train in the foreground with a progress bar; writes a run folder and serves its socket.
 
+    --policy FILE alone replays the run FILE was exported from (its run: section
+    holds the settings); flags given with it override those settings.
     Ctrl-C or SIGTERM: checkpoint, then stop (a second Ctrl-C stops at once).
     --resume RUN continues from its newest complete checkpoint; --steps,
     --batch-size, --eval-every, --checkpoint-every and --device given with it
@@ -141,13 +157,13 @@ def train(
         config = build_config(**{**json.loads(cfg_path.read_text()), **{k: v for k, v in overrides.items() if v is not None}})
         pol = read_policy(resume / "policy.yaml")
     else:
-        config = build_config(
-            model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
+        pol = read_policy(policy)
+        config = config_from_policy(
+            pol, policy, model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
             eval_every=eval_every, checkpoint_every=checkpoint_every, max_eval_samples=max_eval_samples,
             text_column=text_column, label_column=label_column, seed=seed, device=device,
             doc_stride=doc_stride, eval_split=eval_split,
         )
-        pol = read_policy(policy)
         run_dir = run_dir or default_run_dir(config.model, config.task)
     sink = ProgressSink(config.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks

@@ -55,18 +55,35 @@ class Distributed:
         """This rank's share of a global batch drawn identically on every rank."""
         return indices[self.rank :: self.world_size]
 
+    def gather_shards(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's per-sample ``values`` for its ``shard`` of a global batch, in the global batch's order."""
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        out = torch.empty(values.numel() * self.world_size, dtype=values.dtype, device=values.device)
+        for rank, part in enumerate(parts):
+            out[rank :: self.world_size] = part
+        return out
+
     def average_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-        """Mean gradient and mean loss over ranks; a rank that kept no sample contributes zeros."""
+        """Mean gradient and mean loss over ranks; a rank that kept no sample contributes zeros.
+
+        When no rank has any gradient (selective backprop kept no sample anywhere), every
+        gradient stays empty: AdamW would otherwise still move the weights (decay, momentum).
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss.detach().reshape(1).float()])
+        has_grad = float(any(p.grad is not None for p in params))
+        tail = torch.tensor([float(loss), has_grad], device=self.device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [tail])
         dist.all_reduce(flat)
         flat /= self.world_size
+        if flat[-1] == 0:
+            return flat[-2]
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
-        return flat[-1]
+        return flat[-2]
 
     def barrier(self) -> None:
         dist.barrier()

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import checkpoint as ckpt
+from .config import EngineConfig
 from .distributed import Distributed
 from .methods import METHODS
 from .model import check_policy_against_model, load_model, load_tokenizer, resolve_model_name
@@ -49,52 +49,6 @@ from .trainable import PolicyHost
 
 MAX_NONFINITE_SKIPS = 10  # "skip" turns into "stop" after this many non-finite batches in a row
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
-
-
-class EngineConfig(BaseModel):
-    """Everything about a run that is not the policy."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = "minilm"
-    data: str = "glue/sst2"
-    task: str = Field("auto", validate_default=True, description="classification | qa | lm; auto: inferred from the data and model")
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    max_length: int = Field(128, ge=8)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.06, ge=0, description="warmup steps, or a fraction of steps when < 1")
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
-    stats_every: int = Field(10, ge=1, description="per-unit statistics every N steps")
-    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only on request and at the end")
-    keep_checkpoints: int = Field(3, ge=1)
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
-    eval_split: float = Field(0.0, ge=0, lt=1, description="qa / lm: fraction of a single-file source held out for eval")
-    seed: int = 0
-    device: str = "auto"
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
-    threads: int | None = None
-
-    @field_validator("task")
-    @classmethod
-    def _resolve_task(cls, task: str, info: ValidationInfo) -> str:
-        """'auto' becomes the task the data (and model) imply, so config.json records the real one."""
-        if task == "auto":
-            from .tasks import infer_task
-
-            return infer_task(info.data.get("data", "glue/sst2"), info.data.get("model"))
-        get_task(task)
-        return task
-
-    def warmup_steps(self) -> int:
-        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
 
 
 class EngineStopped(Exception):
@@ -283,8 +237,8 @@ class Engine(PolicyHost):
     # ------------------------------------------------------------------ policy
 
     def replayable_policy(self) -> Policy:
-        """State at step 0 + every change applied so far + changes still scheduled."""
-        return self.initial_policy.model_copy(update={"timeline": [*self.recorded, *self.pending]})
+        """Run settings + state at step 0 + every change applied so far + changes still scheduled."""
+        return self.initial_policy.model_copy(update={"run": self.config.run_settings(), "timeline": [*self.recorded, *self.pending]})
 
     def _configure_methods(self, policy: Policy) -> None:
         for m in self.methods:

@@ -2,7 +2,9 @@
 
 The console edits it, the engine applies it, YAML stores it.  A policy has a
 current state (the sections below) and a ``timeline`` of changes keyed by step,
-so an exported file replays a whole interactive run.
+so an exported file replays a whole interactive run; its ``run:`` section holds
+the run settings (model, data, steps, lr and schedule, seed, ...), so the file
+replays it alone.
 
 Timeline semantics (also used for live changes sent by the console):
 
@@ -24,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import RunSettings
 
 POLICY_VERSION = 1
 
@@ -218,6 +222,9 @@ class TimelineEntry(Change):
 
 class Policy(_Section):
     spu_policy: Literal[1] = POLICY_VERSION
+    run: RunSettings | None = Field(
+        None, description="the run settings this policy was trained with; `spu train --policy FILE` uses them, command-line flags override"
+    )
     freeze: list[FreezeRule] = Field(default_factory=list, description="rules in order; last match wins; default trainable")
     selective_backprop: SelectiveBackprop = Field(default_factory=SelectiveBackprop)
     weight_update_skipping: WeightUpdateSkipping = Field(default_factory=WeightUpdateSkipping)
@@ -234,8 +241,8 @@ class Policy(_Section):
     # -- change algebra ------------------------------------------------------
 
     def state(self) -> "Policy":
-        """The current sections without the timeline."""
-        return self.model_copy(update={"timeline": []}, deep=True)
+        """The current sections without the timeline (and without the run settings, which never change during a run)."""
+        return self.model_copy(update={"timeline": [], "run": None}, deep=True)
 
     def apply(self, change: Change) -> "Policy":
         """Return a new policy (timeline untouched) with ``change`` applied."""
@@ -262,14 +269,21 @@ class Policy(_Section):
     # -- YAML ----------------------------------------------------------------
 
     def to_yaml(self) -> str:
-        """Only what differs from the defaults, so a file says what the user chose."""
-        data = {"spu_policy": POLICY_VERSION, **self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)}
+        """Sections: only what differs from the defaults, so a file says what the user chose.
+
+        ``run:`` is written in full, so a replay does not depend on the defaults of a later version.
+        """
+        head: dict[str, Any] = {"spu_policy": POLICY_VERSION}
+        if self.run is not None:
+            head["run"] = self.run.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True, exclude={"run", "spu_policy"})
         data["timeline"] = [
             {"step": e.step, **e.model_dump(mode="json", exclude_none=True, exclude_defaults=True, exclude={"step"})} for e in self.timeline
         ]
         if not data["timeline"]:
             del data["timeline"]
-        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+        text = yaml.safe_dump(head, sort_keys=False, default_flow_style=False, width=100)  # one run setting a line
+        return text + (yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100) if data else "")
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_yaml())

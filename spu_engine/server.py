@@ -679,7 +679,7 @@ def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
         raise RunInUseError(f"run folder {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
     prepare_run_dir(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(config.model_dump(), indent=1))
-    policy.save(run_dir / "policy.yaml")
+    policy.model_copy(update={"run": config.run_settings()}).save(run_dir / "policy.yaml")  # this run's settings, not the file's
     log_fd = os.open(run_dir / "engine.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     cmd = [sys.executable, "-m", "spu_engine.cli", "engine", "--run-dir", str(run_dir)]
     if resume:

@@ -35,10 +35,30 @@ def test_train_reports_trainable_count_and_writes_run_folder(tiny_model_dir, tmp
     assert (run / "checkpoints" / "step-0000006" / "manifest.json").exists()
 
 
+def test_train_takes_the_policy_run_settings_and_flags_override_them(tiny_model_dir, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"run:\n  model: {tiny_model_dir}\n  data: {SST2}\n  steps: 5\n  batch_size: 4\n  max_length: 24\n"
+                      "  max_train_samples: 32\n  max_eval_samples: 8\n  warmup: 0\n  seed: 7\n")
+    run = tmp_path / "run"
+    r = spu("train", "--policy", policy, "--steps", 3, "--seed", 7, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    assert f"note: command-line flags override the run settings of {policy}: --steps 5 -> 3" in r.stderr
+    assert "--seed" not in r.stderr  # the same value as the file's is no override
+    config = json.loads((run / "config.json").read_text())
+    assert (config["steps"], config["batch_size"], config["max_length"], config["warmup"], config["seed"]) == (3, 4, 24, 0, 7)
+    assert config["model"] == str(tiny_model_dir) and config["max_train_samples"] == 32
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3]
+    assert load_policy(run / "policy.yaml").run.steps == 3  # the run's own policy says what it ran
+
+
 def test_train_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("freeze:\n  - {layers: [12], trainable: false}\n")
+    bad_run = tmp_path / "bad-run.yaml"
+    bad_run.write_text("run:\n  steps: 0\n")
     cases = [
+        (("--model", tiny_model_dir, "--policy", bad_run), "run.steps: Input should be greater than or equal to 1 (got 0)"),
         (("--model", tmp_path / "missing-model"), "model path"),
         (("--model", tiny_model_dir, "--policy", bad), "freeze[0].layers[0]: block index 12 is out of range"),
         (("--model", tiny_model_dir, "--text-column", "review"), "no column 'review' (set by --text-column); columns are: sentence, label"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,14 +25,19 @@ def no_dropout_model(tmp_path_factory, tokenizer):
     return folder
 
 
-def _train(cmd_prefix, model, policy, run_dir, batch_size):
+def _train(cmd_prefix, model, policy, run_dir, batch_size, steps=6, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    args = [*cmd_prefix, "-m", "spu_engine.cli", "train", "--model", str(model), "--data", str(SST2), "--steps", "6",
+    args = [*cmd_prefix, "-m", "spu_engine.cli", "train", "--model", str(model), "--data", str(SST2), "--steps", str(steps),
             "--batch-size", str(batch_size), "--max-length", "32", "--max-eval-samples", "16", "--lr", "1e-3",
-            "--policy", str(policy), "--run-dir", str(run_dir)]
+            "--policy", str(policy), "--run-dir", str(run_dir), *extra]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    return load_file(str(run_dir / "checkpoints" / "step-0000006" / "model.safetensors"))
+    return load_file(str(run_dir / "checkpoints" / f"step-{steps:07d}" / "model.safetensors"))
+
+
+def _steps(run_dir):
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return [e for e in events if e["type"] == "step"]
 
 
 def test_two_ranks_match_one_process_with_the_global_batch(no_dropout_model, tmp_path):
@@ -47,3 +53,25 @@ def test_two_ranks_match_one_process_with_the_global_batch(no_dropout_model, tmp
             assert not torch.allclose(tensor, initial[name])
         if "embeddings" in name:
             assert torch.equal(tensor, initial[name])
+
+
+def test_selective_backprop_selects_globally_and_a_step_nobody_kept_leaves_the_weights(no_dropout_model, tmp_path):
+    """Percentile mode: the ranks draw the same batches (as one process with the global batch would); then a
+    threshold no sample reaches: no rank has a gradient, and AdamW (decay, momentum) must not move anything."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text("selective_backprop: {mode: percentile, keep: 0.4, history: 16}\n"
+                      "timeline:\n  - {step: 5, set: {selective_backprop: {mode: threshold, threshold: 1.0e+6}}}\n")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    extra = ("--checkpoint-every", "5")
+    two = _train([torchrun, "--nproc_per_node", "2", "--master_port", "29532"], no_dropout_model, policy, tmp_path / "two", 4, 8, *extra)
+    one = _train([sys.executable], no_dropout_model, policy, tmp_path / "one", 8, 8, *extra)
+    counts = [[(e["step"], e["samples"], e["sb_backward"], e["sb_kept_fraction"]) for e in _steps(run)] for run in (tmp_path / "two", tmp_path / "one")]
+    assert len(counts[0]) == 8 and counts[0] == counts[1]
+    samples = [0] + [seen for _, seen, *_ in counts[0]]
+    assert any(b - a > 8 for a, b in zip(samples[:5], samples[1:6])), "percentile mode drew more than one batch in some step"
+    assert [kept for _, _, kept, _ in counts[0][5:]] == [0, 0, 0]
+    for name, tensor in one.items():
+        assert torch.allclose(tensor, two[name], atol=2e-5), name
+    at_5 = load_file(str(tmp_path / "two" / "checkpoints" / "step-0000005" / "model.safetensors"))
+    for name, tensor in two.items():
+        assert torch.equal(tensor, at_5[name]), f"{name} moved in a step where no rank kept a sample"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from spu_engine.policy import Change, FreezeRule, Policy, PolicyError, json_schema, load_policy, policy_from_yaml
 
@@ -76,6 +77,12 @@ def test_change_with_bad_section_value_is_refused():
         ("timeline: [{step: 3, set: {frezze: []}}]\n", r"timeline\[0\].set: unknown section 'frezze'"),
         ("- just a list\n", r"a policy must be a mapping of sections, got list"),
         ("spu_policy: 2\n", r"spu_policy: Input should be 1"),
+        ("run: {steps: 0}\n", r"run.steps: Input should be greater than or equal to 1 \(got 0\)"),
+        ("run: {stepz: 10}\n", r"run.stepz: unknown key \(not allowed in run\)"),
+        ("run: {device: cuda}\n", r"run.device: unknown key"),
+        ("run: {task: vision}\n", r"run.task: unknown task 'vision'; tasks are classification, qa, lm"),
+        ("run: {precision: fp8}\n", r"run.precision: String should match pattern"),
+        ("timeline: [{step: 3, set: {run: {steps: 5}}}]\n", r"timeline\[0\].set: unknown section 'run'"),
     ],
 )
 def test_bad_input_names_key_and_value(text, message):
@@ -91,7 +98,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_json_schema_describes_sections():
     schema = json_schema()
     json.dumps(schema)
-    assert set(schema["properties"]) >= {"freeze", "selective_backprop", "pruning", "peft", "timeline"}
+    assert set(schema["properties"]) >= {"run", "freeze", "selective_backprop", "pruning", "peft", "timeline"}
+    assert {"model", "data", "steps", "lr", "warmup", "seed"} <= set(schema["$defs"]["RunSettings"]["properties"])
 
 
 def test_saved_yaml_lists_only_choices(tmp_path):
@@ -99,3 +107,22 @@ def test_saved_yaml_lists_only_choices(tmp_path):
     text = p.to_yaml()
     assert "selective_backprop" not in text and "embeddings" in text
     assert policy_from_yaml(text) == p
+
+
+def test_run_section_is_written_in_full_and_is_not_part_of_the_state(tmp_path, monkeypatch):
+    from spu_engine.config import EngineConfig, RunSettings
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    monkeypatch.chdir(tmp_path)
+    config = EngineConfig(model="minilm", data="data", steps=40, lr=1e-3, warmup=0, device="cpu", threads=2)
+    p = Policy(run=config.run_settings(), freeze=[FreezeRule(units=["embeddings"], trainable=False)])
+    text = p.to_yaml()
+    again = policy_from_yaml(text)
+    assert again == p
+    written = yaml.safe_load(text)["run"]
+    assert set(written) == set(RunSettings.model_fields)  # defaults included: a replay never depends on them
+    assert "device" not in written and "threads" not in written
+    assert written["data"] == str(tmp_path / "data") and written["model"] == "minilm"  # a local path replays from anywhere
+    assert written["task"] == "classification" and written["warmup"] == 0 and written["max_train_samples"] is None
+    assert p.state().run is None and p.at_step(10).run is None  # the sections in force; run settings never change mid-run

@@ -14,6 +14,15 @@ full-batch backward: the saving is real compute.
   paper's reference code: E[U^beta] = keep for a uniform U).  Selected samples
   pool up; a step draws batches until the pool holds a full backward batch
   (``batch_size``) and carries the rest over to the next step.
+
+Several processes select globally: every rank draws the same global batch
+(``batch_size`` per rank), scores its own share, and the losses are gathered,
+so the history, the random draws, the pool and the number of batches drawn
+are the same on every rank (and the same as one process with the global
+batch).  Each rank backpropagates its share of the selected samples, scaled
+so that the averaged gradient is the mean over all of them; a rank with no
+share contributes zeros, and a step where no rank kept a sample leaves every
+gradient empty, so the optimizer does not step.
 """
 
 from __future__ import annotations
@@ -54,8 +63,10 @@ class SelectiveBackprop(Method):
     # ------------------------------------------------------------------ the step
 
     def forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        """Mean loss over every drawn sample, samples drawn, and the step's selection statistics."""
-        bs = self.engine.config.batch_size
+        """Mean loss over every drawn sample, samples this rank drew, and the step's selection statistics."""
+        dist = self.engine.dist
+        world = dist.world_size if dist else 1
+        bs = self.engine.config.batch_size * world  # the global batch: selection is the same on every rank
         losses: list[torch.Tensor] = []
         selected = 0
         while True:
@@ -75,20 +86,24 @@ class SelectiveBackprop(Method):
             if len(self.pool) >= bs:
                 backward, self.pool = self.pool[:bs], self.pool[bs:]
                 break
-        if backward:
-            batch = self.engine.batch_of(backward)
-            self.engine.backward(self.engine.per_sample_loss(batch).mean())
+        mine = dist.shard(backward) if dist else backward
+        if mine:  # sum / (global count / world): after the ranks' average, the mean over the whole backward batch
+            loss = self.engine.per_sample_loss(self.engine.batch_of(mine))
+            self.engine.backward(loss.sum() / (len(backward) / world))
         self.last_backward = backward
         drawn = torch.cat(losses)
         extra = {"sb_kept_fraction": round(selected / len(drawn), 4), "sb_backward": len(backward), "sb_skipped": self.skipped}
-        return drawn.mean(), len(drawn), extra
+        return drawn.mean(), len(drawn) // world, extra
 
     @torch.no_grad()
     def _score(self, n: int) -> tuple[list[int], torch.Tensor]:
-        """Draw ``n`` samples and compute their losses without building a graph."""
+        """Draw ``n`` samples (the global batch) and their losses, without building a graph; each rank scores its share."""
+        dist = self.engine.dist
         indices = self.engine.stream.take(n)
-        loss = self.engine.per_sample_loss(self.engine.batch_of(indices))
-        return indices, loss.detach().float().cpu()
+        loss = self.engine.per_sample_loss(self.engine.batch_of(dist.shard(indices) if dist else indices)).detach().float()
+        if dist:
+            loss = dist.gather_shards(loss)
+        return indices, loss.cpu()
 
     def _select(self, loss: torch.Tensor) -> torch.Tensor:
         if self.settings.mode == "threshold":

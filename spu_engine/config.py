@@ -1,0 +1,84 @@
+"""A run's settings: what it computes (``RunSettings``) and where it runs (``EngineConfig``).
+
+``RunSettings`` is also the ``run:`` section of a policy, so an exported policy
+replays its run alone.  It holds only pydantic: the policy module imports it,
+and the console parses policies without loading torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+class RunSettings(BaseModel):
+    """Everything that decides what a run computes: with the policy's sections and timeline, the same
+    settings give the same per-step losses (on the same hardware).
+
+    Where a run happens (``device``, ``threads``) is left out on purpose: a replay on another
+    machine uses that machine's, and naming a GPU that is not there would make a file fail to
+    replay.  Cadences that do not touch the loss (statistics, checkpoints) are kept so a replay
+    writes the same run folder; evaluation cadence and samples matter (weight-update skipping
+    switches phase on eval loss).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("minilm", description="hub id, local Hugging Face folder, or 'minilm' (the offline package)")
+    data: str = Field("glue/sst2", description="hub dataset or local file / folder with train and dev files")
+    task: str = Field("auto", validate_default=True, description="classification | qa | lm; auto: inferred from the data and model")
+    steps: int = Field(1000, ge=1, description="optimizer steps; the LR schedule is laid over them")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    max_length: int = Field(128, ge=8)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.06, ge=0, description="warmup steps, or a fraction of steps when < 1; then linear decay to 0 at the last step")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
+    stats_every: int = Field(10, ge=1, description="per-unit statistics every N steps")
+    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only on request and at the end")
+    keep_checkpoints: int = Field(3, ge=1)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="qa / lm: fraction of a single-file source held out for eval")
+    seed: int = 0
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere")
+
+    @field_validator("task")
+    @classmethod
+    def _resolve_task(cls, task: str, info: ValidationInfo) -> str:
+        """'auto' becomes the task the data (and model) imply, so config.json records the real one."""
+        from .tasks import get_task, infer_task
+
+        if task == "auto":
+            return infer_task(info.data.get("data", "glue/sst2"), info.data.get("model"))
+        get_task(task)
+        return task
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+
+class EngineConfig(RunSettings):
+    """Everything about a run that is not the policy: its ``RunSettings`` and where it runs."""
+
+    device: str = "auto"
+    threads: int | None = None
+
+    def run_settings(self) -> RunSettings:
+        """The settings a policy's ``run:`` section records (no device, no threads).
+
+        A model or data path relative to the working folder is made absolute, so the file
+        replays from anywhere on this machine.
+        """
+        data = self.model_dump(include=set(RunSettings.model_fields))
+        for key in ("model", "data"):
+            path = Path(data[key]).expanduser()
+            if not path.is_absolute() and path.exists():
+                data[key] = str(path.resolve())
+        return RunSettings.model_validate(data)
