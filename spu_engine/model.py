@@ -264,11 +264,15 @@ def check_policy_against_model(policy: Policy, model: nn.Module, units: Units) -
     """Every selector in the policy (state and timeline) must select something in this model."""
     names = [n for n, _ in model.named_parameters()]
     check_rules(policy.freeze, names, units)
+    state = policy.state()
     for t, entry in enumerate(policy.timeline):
         check_rules(entry.freeze, names, units, where=f"timeline[{t}].freeze")
         if "freeze" in entry.set:
             rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
             check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
+        state = state.apply(entry)  # the sections in force from this entry on, as the run will have them
+        if "pruning" in entry.set and state.pruning.method != "none":
+            check_patterns(state.pruning.targets, names, f"timeline[{t}].set.pruning.targets")
     if policy.pruning.method != "none":
         check_patterns(policy.pruning.targets, names, "pruning.targets")
 

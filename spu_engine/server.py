@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -76,6 +77,21 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+RUN_FILES = ("events.jsonl", "policy.yaml", "config.json", "engine.log")  # with checkpoints/: what makes a folder a run
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if the folder has the files of a run (an events log, a config, or checkpoints)."""
+    return any((run_dir / name).is_file() for name in ("events.jsonl", "config.json")) or (run_dir / "checkpoints").is_dir()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete a run's own files (--overwrite, with the lock held); anything else in the folder stays."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -513,8 +529,9 @@ def _open_events(path: Path):
     return f
 
 
-def _resume(engine, run_dir: Path) -> None:
-    from .checkpoint import discard_newer, latest_checkpoint, remove_partial
+def _resume(engine, run_dir: Path, fresh_optimizer: bool, policy_note: str | None) -> None:
+    """Continue from the newest usable checkpoint; nothing unusable is deleted, and none usable is an error."""
+    from .checkpoint import checkpoint_to_resume, remove_partial
 
     folder = run_dir / "checkpoints"
 
@@ -522,19 +539,14 @@ def _resume(engine, run_dir: Path) -> None:
         engine.log(message, "warning")
 
     remove_partial(folder, warn)
-    path = latest_checkpoint(folder, warn)
-    if path is None:
-        discard_newer(folder, -1, warn)
-        engine.emit("resumed", step=0, checkpoint=None, message="no usable checkpoint; starting again from step 0")
-        warn("no usable checkpoint; starting from step 0")
-        return
-    engine.resume_from(path)
-    discard_newer(folder, engine.step, warn)
+    path = checkpoint_to_resume(folder, fresh_optimizer, warn)  # CheckpointError: exit 2, every file kept
+    engine.resume_from(path, fresh_optimizer=fresh_optimizer)
+    engine.log(f"policy: the one stored in {path.name} (state at step 0 and its timeline)" + (f"; {policy_note}" if policy_note else ""))
     if engine.step >= engine.config.steps:
         warn(f"the run already reached its {engine.config.steps} steps; pass --steps to train further")
 
 
-def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
+def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optimizer: bool = False) -> int:
     """A rank other than 0: no socket, no run-folder writes; commands arrive from rank 0 at each boundary."""
     from .checkpoint import list_checkpoints
     from .engine import Engine
@@ -545,7 +557,7 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
     step = dist.broadcast(None)
     if step is not None:
         path = next(p for p in list_checkpoints(run_dir / "checkpoints") if p.name == f"step-{step:07d}")
-        engine.resume_from(path)
+        engine.resume_from(path, fresh_optimizer=fresh_optimizer)
     signals.engine = engine
     try:
         engine.run()
@@ -556,11 +568,17 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
         dist.close()
 
 
-def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None) -> int:
+def serve(
+    config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None, *, fresh_optimizer: bool = False, overwrite: bool = False,
+) -> int:
     """Run an engine process: lock the run folder, serve the socket, train.
 
     Returns the exit code: 0 finished or stopped (SIGTERM included), 1 failed
-    or stopped by a fault (non-finite loss), 2 could not start, 130 a second Ctrl-C.
+    or stopped by a fault (non-finite loss, a checkpoint SIGTERM could not write), 2 could not start,
+    130 a second Ctrl-C.  A folder this call created is removed again when a user error stops the start
+    (nothing was trained).  On resume ``policy`` None means policy.yaml was unreadable: the checkpoint's
+    policy is used (it always is) and the unreadable file is kept as ``policy.yaml.unreadable``.
+    ``overwrite`` deletes the folder's run files once the lock is held.
     """
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -571,11 +589,18 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
 
     dist = Distributed.from_env()
     if dist is not None and not dist.is_main:
-        return _serve_worker(config, policy, run_dir, resume, dist)
+        return _serve_worker(config, policy, run_dir, resume, dist, fresh_optimizer)
     os.umask(0o077)  # every file and folder this process creates is its owner's alone
+    created = not run_dir.exists()
     prepare_run_dir(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
+    if overwrite and not resume:
+        clear_run(run_dir)
+    policy_note = None
+    if resume and policy is None and (run_dir / "policy.yaml").exists():
+        os.replace(run_dir / "policy.yaml", run_dir / "policy.yaml.unreadable")
+        policy_note = "policy.yaml was unreadable and is kept as policy.yaml.unreadable"
     signals = StopSignals()
     early = _open_events(run_dir / "events.jsonl")
     loading = event("hello", run=run_dir.name, run_dir=str(run_dir), pid=os.getpid(), state="loading", step=0, config=config.model_dump())
@@ -598,7 +623,11 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         early.write(line)
         server.broadcast(line)
 
+    user_error = False
+
     def give_up(code: int, message: str) -> int:
+        nonlocal user_error
+        user_error = code == 2 and created and not resume
         early_emit("error", step=0, message=message)
         early_emit("state", state="error", step=0, message=message)
         print(f"error: {message}", file=sys.stderr)
@@ -610,7 +639,7 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
             early_emit("state", state="loading", step=0, message=f"loading {config.model}")
             engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])], dist=dist)
             if resume:
-                _resume(engine, run_dir)
+                _resume(engine, run_dir, fresh_optimizer, policy_note)
             if dist is not None:  # workers resume from the checkpoint rank 0 chose
                 dist.broadcast(engine.step if resume and engine.step > 0 else None)
             signals.engine = engine
@@ -651,6 +680,9 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         time.sleep(0.2)  # let the last events reach clients
         server.close()
         lock.release()
+        if user_error:  # nothing was trained in the folder this call made: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"nothing was trained; removed {run_dir}", file=sys.stderr)
 
 
 def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
@@ -664,7 +696,8 @@ def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
         raise RunInUseError(f"run folder {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
     prepare_run_dir(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(config.model_dump(), indent=1))
-    policy.save(run_dir / "policy.yaml")
+    if policy is not None:  # None: resuming with an unreadable policy.yaml (the checkpoint's policy is used)
+        policy.save(run_dir / "policy.yaml")
     log_fd = os.open(run_dir / "engine.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     cmd = [sys.executable, "-m", "spu_engine.cli", "engine", "--run-dir", str(run_dir)]
     if resume:
