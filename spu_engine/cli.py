@@ -150,7 +150,9 @@ def train(
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
     doc_stride: Optional[int] = typer.Option(None, help="qa: tokens shared by consecutive windows of a long context (default: a third of --max-length)"),
-    eval_split: Optional[float] = typer.Option(None, help="qa / lm: fraction of a single-file source held out for eval (default 0: eval on the training file)"),
+    eval_split: Optional[float] = typer.Option(
+        None, help="share of the training data held out for eval when the data has no dev split (default 0.1; 0 evaluates on the training data)"
+    ),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
 ) -> None:

@@ -78,7 +78,9 @@ class EngineConfig(BaseModel):
     text_column: str | None = None
     label_column: str | None = None
     doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
-    eval_split: float = Field(0.0, ge=0, lt=1, description="qa / lm: fraction of a single-file source held out for eval")
+    eval_split: float | None = Field(
+        None, ge=0, lt=1, description="share of the training data held out for eval when the data has no eval split (default 0.1; 0: eval on train)"
+    )
     seed: int = 0
     device: str = "auto"
     precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$")
@@ -176,9 +178,12 @@ class Engine(PolicyHost):
                     max_eval_samples=config.max_eval_samples,
                     doc_stride=config.doc_stride,
                     eval_split=config.eval_split,
+                    seed=config.seed,
                 ),
             )
         self.task = task
+        for note in task.notes:
+            self.log(note, "warning")
         if model is None:
             model = load_model(config.model, task_cls.model_kind, num_labels=task.num_labels, tokenizer=tokenizer)
         task.check_fits(model)
@@ -452,6 +457,8 @@ class Engine(PolicyHost):
         return cmds
 
     def _handle(self, cmd: Any) -> None:
+        if isinstance(cmd, HelloCmd):  # read-only (the socket server answers it): nothing to apply, ack or log
+            return
         ok, message = True, ""
         name = getattr(cmd, "cmd", "?")
         try:
@@ -491,8 +498,6 @@ class Engine(PolicyHost):
                 if self.dist is None or self.dist.is_main:
                     self._export(path, cmd.overwrite)
                 message = str(path)
-            elif isinstance(cmd, HelloCmd):
-                pass
         except PolicyError as exc:
             ok, message = False, str(exc)
         except OSError as exc:
