@@ -5,7 +5,8 @@ Layout: ``checkpoints/step-0000200/`` with ``model.safetensors``, ``optimizer.pt
 (sha256 of every file).  A checkpoint is written to a hidden temporary folder,
 every file fsynced, then renamed into place; a folder whose manifest does not
 verify is skipped with a message, so a crash or a full disk mid-write costs at
-most that one checkpoint.
+most that one checkpoint.  Nothing here deletes a checkpoint it cannot use: a
+resume moves it to ``checkpoints/unusable/`` with the reason next to it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .model import stable_name
+from .writes import writing
 
 MANIFEST = "manifest.json"
 METHOD_TENSORS = "methods.safetensors"
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
+OPTIMIZER = "optimizer.pt"
 PREFIX = "step-"
+UNUSABLE = "unusable"  # checkpoints a resume could not use, each with a reason.txt
+REASON = "reason.txt"
 
 
 class CheckpointError(RuntimeError):
@@ -68,36 +73,45 @@ def save_checkpoint(
     folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 3,
     method_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``step-NNNNNNN`` atomically and keep the newest ``keep`` checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write ``step-NNNNNNN`` atomically and keep the newest ``keep`` checkpoints.
+
+    Any failure of the writers (a full disk is a RuntimeError from torch.save and a SafetensorError from
+    safetensors) raises ``WriteError``; the temporary folder is removed and no complete checkpoint is touched.
+    """
     final = folder / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder))
-    try:
-        save_file(model_tensors(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if method_tensors:  # masks, scores, references of methods that keep tensors outside the model
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()}, str(tmp / METHOD_TENSORS))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            _fsync(f)
-            files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-        manifest = tmp / MANIFEST
-        manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
-        _fsync(manifest)
-        _fsync(tmp)
-        if final.exists():  # same step again (a stop right after a periodic checkpoint): swap, never delete first
-            old = final.with_name(f".old-{final.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tensors = model_tensors(model)
+    extra = {k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()} if method_tensors else None
+    optimizer_state = optimizer.state_dict()
+    state_text = json.dumps({**state, "step": step}, indent=1)
+    with writing(f"writing checkpoint {final.name}", folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder))
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"))
+            torch.save(optimizer_state, tmp / OPTIMIZER)
+            if extra:  # masks, scores, references of methods that keep tensors outside the model
+                save_file(extra, str(tmp / METHOD_TENSORS))
+            (tmp / "state.json").write_text(state_text)
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                _fsync(f)
+                files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            manifest = tmp / MANIFEST
+            manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
+            _fsync(manifest)
+            _fsync(tmp)
+            if final.exists():  # same step again (a stop right after a periodic checkpoint): swap, never delete first
+                old = final.with_name(f".old-{final.name}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for stale in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
@@ -117,35 +131,50 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def remove_partial(folder: Path, log: Callable[[str], None] = print) -> None:
-    """Delete what a killed writer left behind (hidden temporary folders); only the engine holding the run lock calls this."""
+    """Clear what a killed writer left behind; only the engine holding the run lock calls this.
+
+    A ``.tmp-`` folder never became a checkpoint and is deleted.  An ``.old-step-N`` folder is the previous copy
+    of a step being replaced: if the writer died before the new copy took its name, it is the only copy and is
+    put back; otherwise the new one is complete and the old copy goes.
+    """
     if not folder.is_dir():
         return
-    for p in folder.iterdir():
-        if p.name.startswith((".tmp-", ".old-")):
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".old-") and not (folder / p.name[len(".old-") :]).exists():
+            os.rename(p, folder / p.name[len(".old-") :])
+            log(f"restored checkpoint {p.name[len('.old-') :]} that an interrupted rewrite had set aside")
+        elif p.name.startswith((".tmp-", ".old-")):
             shutil.rmtree(p, ignore_errors=True)
             log(f"removed half-written checkpoint {p.name}")
 
 
-def discard_newer(folder: Path, step: int, log: Callable[[str], None] = print) -> None:
-    """Remove checkpoints past ``step``, the one a run resumes from: they failed verification (or the resume
-    would have used them) and would otherwise outlive good ones when old checkpoints are pruned."""
-    for path in list_checkpoints(folder):
-        if _step_of(path) > step:
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"removed unusable checkpoint {path.name}")
+def set_aside(path: Path, reason: str, log: Callable[[str], None] = print) -> Path:
+    """Move a checkpoint a resume cannot use to ``checkpoints/unusable/`` with ``reason.txt``: never delete what cannot be read."""
+    shelf = path.parent / UNUSABLE
+    shelf.mkdir(exist_ok=True)
+    dest, n = shelf / path.name, 1
+    while dest.exists():
+        dest, n = shelf / f"{path.name}.{n}", n + 1
+    os.rename(path, dest)
+    try:
+        (dest / REASON).write_text(reason + "\n")
+    except OSError as exc:
+        log(f"could not write {dest / REASON} ({exc})")
+    log(f"moved unusable checkpoint {path.name} to {dest} ({reason})")
+    return dest
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not."""
+def verify(path: Path, ignore: tuple[str, ...] = ()) -> str | None:
+    """None if the checkpoint is complete and intact (files in ``ignore`` aside), else the reason it is not."""
     manifest = path / MANIFEST
     if not manifest.exists():
         return "no manifest (incomplete write)"
     try:
         files = json.loads(manifest.read_text())["files"]
-        expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in files.items()}
+        expected = {name: (int(meta["bytes"]), str(meta["sha256"])) for name, meta in files.items() if name not in ignore}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"unreadable manifest ({type(exc).__name__}: {exc})"
-    missing = [name for name in REQUIRED if name not in expected]
+    missing = [name for name in REQUIRED if name not in expected and name not in ignore]
     if missing:
         return f"manifest does not list {', '.join(missing)}"
     for name, (size, digest) in expected.items():
@@ -169,9 +198,41 @@ def latest_checkpoint(folder: Path, log: Callable[[str], None] = print) -> Path 
     return None
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """Verify the checkpoint and return its ``state.json`` (step, policy, data position, RNG ...)."""
-    problem = verify(path)
+def checkpoint_to_resume(folder: Path, fresh_optimizer: bool = False, log: Callable[[str], None] = print) -> Path:
+    """The checkpoint a resume continues from.
+
+    Newest first: one that does not verify is moved to ``unusable/`` with the reason.  One whose weights verify
+    but whose optimizer state does not is used only with ``fresh_optimizer``; otherwise the resume stops with a
+    CheckpointError naming ``--fresh-optimizer``, keeping every file.  None usable is a CheckpointError too.
+    """
+    usable = list(reversed(list_checkpoints(folder)))
+    for i, path in enumerate(usable):
+        problem = verify(path)
+        if problem is None:
+            return path
+        if verify(path, ignore=(OPTIMIZER,)) is None:
+            if fresh_optimizer:
+                log(f"checkpoint {path.name}: {problem}; its weights verify: resuming with fresh optimizer state (--fresh-optimizer)")
+                return path
+            older = next((p for p in usable[i + 1 :] if verify(p) is None), None)
+            alternative = f", or move {path.name} out of {folder} to resume from {older.name} with its optimizer state" if older else ""
+            raise CheckpointError(
+                f"checkpoint {path.name}: {problem}, but its weights verify. Resume from it with fresh optimizer state "
+                f"(AdamW moments start from zero): spu train --resume {folder.parent} --fresh-optimizer{alternative}"
+            )
+        log(f"skipping checkpoint {path.name}: {problem}")
+        set_aside(path, problem, log)
+    shelf = folder / UNUSABLE
+    kept = f"; the unusable ones are kept in {shelf} with the reason" if shelf.is_dir() and any(shelf.iterdir()) else ""
+    raise CheckpointError(
+        f"no usable checkpoint in {folder}: nothing to resume from{kept}. "
+        f"Start the run again from step 0 with: spu train --run-dir {folder.parent} --overwrite (its history is replaced)"
+    )
+
+
+def read_state(path: Path, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Verify the checkpoint (files in ``ignore`` aside) and return its ``state.json`` (step, policy, data position, RNG ...)."""
+    problem = verify(path, ignore)
     if problem:
         raise CheckpointError(f"checkpoint {path} is not usable: {problem}")
     try:

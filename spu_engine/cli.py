@@ -73,6 +73,33 @@ def read_policy(path: Optional[Path]) -> Policy:
         raise  # unreachable
 
 
+def resume_policy(run: Path) -> Optional[Policy]:
+    """policy.yaml of a run being resumed, or None when it is unreadable: the checkpoint holds the policy, and a
+    resume always continues with that one, so a damaged policy.yaml must not block it."""
+    try:
+        return load_policy(run / "policy.yaml")
+    except PolicyError as exc:
+        err.print(
+            f"[yellow]note:[/] {exc}\n  resuming with the policy stored in the checkpoint; the unreadable file is kept as policy.yaml.unreadable",
+            highlight=False,
+        )
+        return None
+
+
+def read_run_config(run: Path) -> dict:
+    """A run's config.json as a dict; a missing or damaged one is a one-line error."""
+    path = run / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"{run} is not a run folder (no config.json)")
+    except (OSError, ValueError) as exc:
+        fail(f"{path} cannot be read ({exc}); the run's settings are also in each checkpoint's state.json under 'config'")
+    if not isinstance(data, dict):
+        fail(f"{path} is not a JSON object")
+    return data
+
+
 class ProgressSink:
     """Rich progress bar fed by engine events (called from the training thread)."""
 
@@ -121,8 +148,12 @@ def train(
     data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: glue/sst2]"),
     policy: Optional[Path] = typer.Option(None, help="policy YAML: its run: settings are the defaults of every flag here, its timeline is replayed at its steps"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
-    run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
+    run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"),
     resume: Optional[Path] = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start the run in --run-dir again from step 0: its checkpoints and history are deleted"),
+    fresh_optimizer: bool = typer.Option(
+        False, "--fresh-optimizer", help="with --resume: continue from a checkpoint whose weights verify but whose optimizer state is missing or unusable, with fresh optimizer state"
+    ),
     task: Optional[str] = typer.Option(None, help="classification | qa | lm; auto: inferred from --data (and --model) [default: auto]"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
@@ -133,7 +164,9 @@ def train(
     text_column: Optional[str] = typer.Option(None),
     label_column: Optional[str] = typer.Option(None),
     doc_stride: Optional[int] = typer.Option(None, help="qa: tokens shared by consecutive windows of a long context (default: a third of --max-length)"),
-    eval_split: Optional[float] = typer.Option(None, help="qa / lm: fraction of a single-file source held out for eval (default 0: eval on the training file)"),
+    eval_split: Optional[float] = typer.Option(
+        None, help="share of the training data held out for eval when the data has no dev split (default 0.1; 0 evaluates on the training data)"
+    ),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
 ) -> None:
@@ -144,18 +177,21 @@ def train(
     Ctrl-C or SIGTERM: checkpoint, then stop (a second Ctrl-C stops at once).
     --resume RUN continues from its newest complete checkpoint; --steps,
     --batch-size, --eval-every, --checkpoint-every and --device given with it
-    override the run's config.json.
+    override the run's config.json.  A --run-dir that already holds a run is
+    refused unless --overwrite says to start it again.
     """
-    from .server import RunFolderError, serve
+    from .runs import is_live
+    from .server import RunFolderError, holds_run, serve
 
+    if fresh_optimizer and resume is None:
+        fail("--fresh-optimizer goes with --resume RUN")
+    if overwrite and resume is not None:
+        fail("--overwrite starts a run again from step 0 and --resume continues it; choose one")
     if resume is not None:
         run_dir = resume
-        cfg_path = resume / "config.json"
-        if not cfg_path.exists():
-            fail(f"{resume} is not a run folder (no config.json)")
         overrides = dict(steps=steps, batch_size=batch_size, eval_every=eval_every, checkpoint_every=checkpoint_every, device=device)
-        config = build_config(**{**json.loads(cfg_path.read_text()), **{k: v for k, v in overrides.items() if v is not None}})
-        pol = read_policy(resume / "policy.yaml")
+        config = build_config(**{**read_run_config(resume), **{k: v for k, v in overrides.items() if v is not None}})
+        pol = resume_policy(resume)
     else:
         pol = read_policy(policy)
         config = config_from_policy(
@@ -165,11 +201,18 @@ def train(
             doc_stride=doc_stride, eval_split=eval_split,
         )
         run_dir = run_dir or default_run_dir(config.model, config.task)
+        if holds_run(run_dir) and not overwrite:
+            if is_live(run_dir):
+                fail(f"--run-dir {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
+            fail(
+                f"--run-dir {run_dir} already holds a run; continue it with `spu train --resume {run_dir}`, "
+                f"or start it again from step 0 with --overwrite (deletes its checkpoints and history)"
+            )
     sink = ProgressSink(config.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         out.print(f"run folder: {run_dir}")
     try:
-        code = serve(config, pol, Path(run_dir), resume=resume is not None, sinks=[sink])
+        code = serve(config, pol, Path(run_dir), resume=resume is not None, sinks=[sink], fresh_optimizer=fresh_optimizer, overwrite=overwrite)
     except RunFolderError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -185,11 +228,8 @@ def engine(
     """Run the engine process for a prepared run folder (started by spu-tui)."""
     from .server import RunFolderError, serve
 
-    try:
-        config = build_config(**json.loads((run_dir / "config.json").read_text()))
-    except FileNotFoundError:
-        fail(f"{run_dir} has no config.json")
-    pol = read_policy(run_dir / "policy.yaml")
+    config = build_config(**read_run_config(run_dir))
+    pol = resume_policy(run_dir) if resume else read_policy(run_dir / "policy.yaml")
     try:
         code = serve(config, pol, run_dir, resume=resume)
     except RunFolderError as exc:

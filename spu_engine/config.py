@@ -23,7 +23,7 @@ class RunSettings(BaseModel):
     switches phase on eval loss).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # --lr inf is a typo, not a setting
 
     model: str = Field("minilm", description="hub id, local Hugging Face folder, or 'minilm' (the offline package)")
     data: str = Field("glue/sst2", description="hub dataset or local file / folder with train and dev files")
@@ -45,7 +45,9 @@ class RunSettings(BaseModel):
     text_column: str | None = None
     label_column: str | None = None
     doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
-    eval_split: float = Field(0.0, ge=0, lt=1, description="qa / lm: fraction of a single-file source held out for eval")
+    eval_split: float | None = Field(
+        None, ge=0, lt=1, description="share of the training data held out for eval when the data has no eval split (default 0.1; 0: eval on train)"
+    )
     seed: int = 0
     precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere")
 

@@ -2,7 +2,9 @@
 
 A data source is a hub dataset name (``glue/sst2``, ``squad``, ``wikitext/wikitext-2-raw-v1``)
 or a local file or folder (csv, tsv, json, jsonl, parquet, txt/raw).  A folder holds one file
-per split: ``train.*`` and ``dev.*`` / ``validation.*`` / ``valid.*`` / ``test.*``.
+per split: ``train.*`` and ``dev.*`` / ``validation.*`` / ``valid.*`` / ``test.*``.  A source
+without an eval split never evaluates on its training data unasked: tasks hold out a share
+(``--eval-split``, default 0.1) and say so.  Text files may start with a UTF-8 BOM.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 TRAIN_NAMES = ("train",)
 EVAL_NAMES = ("dev", "validation", "valid", "val", "test")
 SUFFIXES = (".tsv", ".csv", ".json", ".jsonl", ".parquet", ".txt", ".raw")
+DEFAULT_EVAL_SPLIT = 0.1  # share of the training data held out for eval when the data has no eval split
+TEXT_ENCODING = "utf-8-sig"  # UTF-8, with or without the BOM some editors write (else it sticks to the first column name)
 
 
 class DataError(ValueError):
@@ -57,14 +61,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tsv", ".csv"):
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding=TEXT_ENCODING, newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
                 return list(reader)
         if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding=TEXT_ENCODING) as f:
                 return [json.loads(line) for line in f if line.strip()]
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=TEXT_ENCODING))
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 return data["data"]
             if isinstance(data, list):
@@ -102,8 +106,36 @@ def load_hub_splits(name: str) -> dict[str, list[dict[str, Any]]]:
                 break
     if "train" not in out:
         raise DataError(f"hub dataset {name!r} has no train split (splits: {', '.join(ds.keys())})")
-    out.setdefault("eval", out["train"])
-    return out
+    return out  # no "eval" when the dataset has no eval split: the task holds out part of train
+
+
+def eval_share(eval_split: float | None) -> float:
+    """The share of training data held out for eval when the data has none: --eval-split, else the default."""
+    return DEFAULT_EVAL_SPLIT if eval_split is None else eval_split
+
+
+def no_eval_split_note(source: str, held: str, eval_split: float | None) -> str:
+    """What a run says (loudly: a warning event) when the data has no eval split."""
+    if eval_split == 0:
+        return f"{source} has no eval split and --eval-split is 0: evaluation runs on the training data, so its figures do not measure generalisation"
+    return f"{source} has no eval split: {held} held out of training for evaluation (--eval-split {eval_share(eval_split):g}; add a dev file to evaluate on one)"
+
+
+def hold_out_rows(rows: list[Any], eval_split: float | None, seed: int, source: str) -> tuple[list[Any], list[Any], str]:
+    """Train rows, eval rows (a seeded random share, both in file order) and the note saying so."""
+    share = eval_share(eval_split)
+    if share == 0:
+        return rows, rows, no_eval_split_note(source, "", eval_split)
+    n_eval = round(len(rows) * share)
+    if not 0 < n_eval < len(rows):
+        raise DataError(
+            f"{source}: --eval-split {share:g} of {len(rows)} rows leaves {'no row for eval' if n_eval == 0 else 'no row to train on'}; "
+            f"add a dev file or change --eval-split"
+        )
+    held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:n_eval])
+    train = [r for i, r in enumerate(rows) if i not in held]
+    evals = [r for i, r in enumerate(rows) if i in held]
+    return train, evals, no_eval_split_note(source, f"{n_eval} of {len(rows)} rows, drawn with seed {seed}, are", eval_split)
 
 
 def require_columns(rows: list[dict[str, Any]], wanted: dict[str, str], source: str) -> None:
@@ -111,9 +143,8 @@ def require_columns(rows: list[dict[str, Any]], wanted: dict[str, str], source: 
     existing = list(rows[0].keys()) if rows else []
     for option, column in wanted.items():
         if column not in existing:
-            raise DataError(
-                f"{source}: no column {column!r} (set by {option}); columns are: {', '.join(existing) or 'none (empty file)'}"
-            )
+            shown = ", ".join(c if isinstance(c, str) and c.isprintable() and c == c.strip() else repr(c) for c in existing)
+            raise DataError(f"{source}: no column {column!r} (set by {option}); columns are: {shown or 'none (empty file)'}")
 
 
 def pick_column(rows: list[dict[str, Any]], candidates: tuple[str, ...]) -> str | None:

@@ -18,6 +18,7 @@ import queue
 import random
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from .config import EngineConfig
 from .distributed import Distributed
 from .methods import METHODS
 from .model import check_policy_against_model, load_model, load_tokenizer, resolve_model_name
-from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry, atomic_write_text
+from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry, atomic_write_text, write_new_text
 from .protocol import (
     ChangeCmd,
     CheckpointCmd,
@@ -46,8 +47,10 @@ from .protocol import (
 )
 from .tasks import Task, TaskOptions, get_task
 from .trainable import PolicyHost
+from .writes import WriteError, writing
 
 MAX_NONFINITE_SKIPS = 10  # "skip" turns into "stop" after this many non-finite batches in a row
+MAX_UNWRITTEN_EVENTS_BYTES = 16 << 20  # events kept in memory while events.jsonl cannot be written (the run is paused)
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
 
 
@@ -57,6 +60,8 @@ class EngineStopped(Exception):
 
 class Engine(PolicyHost):
     """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""
+
+    write_retry_s = 30.0  # a write of run state that failed is tried again this often while the run waits
 
     def __init__(
         self,
@@ -85,7 +90,16 @@ class Engine(PolicyHost):
         self.fault_stop = False  # the run stopped because of a fault (non-finite loss): exit code 1
         self._nonfinite_streak = 0
         self._saved_step: int | None = None  # step of the last checkpoint written by this process
-        self._events_failing = False
+        self._saved_path: Path | None = None
+        # run state that could not be written (checkpoint, events, policy.yaml, config.json -> why): the run waits
+        # paused, everything in memory, until a retry (automatic, `s` or resume) writes it
+        self._unwritten: dict[str, str] = {}
+        self._write_pause = False
+        self._retry_at = 0.0
+        self._events_backlog: deque[bytes] = deque()  # lines not yet in events.jsonl, in order
+        self._backlog_bytes = 0
+        self._backlog_dropped = 0
+        self._events_torn = False  # a write stopped mid-line: the next one starts a new line
         self._events_file = None
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,9 +131,12 @@ class Engine(PolicyHost):
                     max_eval_samples=config.max_eval_samples,
                     doc_stride=config.doc_stride,
                     eval_split=config.eval_split,
+                    seed=config.seed,
                 ),
             )
         self.task = task
+        for note in task.notes:
+            self.log(note, "warning")
         if model is None:
             model = load_model(config.model, task_cls.model_kind, num_labels=task.num_labels, tokenizer=tokenizer)
         task.check_fits(model)
@@ -181,16 +198,53 @@ class Engine(PolicyHost):
         ev = event(type_, **fields)
         line = encode(ev)
         if self._events_file is not None:
-            try:
-                self._events_file.write(line)
-                self._events_failing = False
-            except OSError as exc:  # disk full: keep training and serving clients; say so once per outage
-                if not self._events_failing:
-                    print(f"spu-engine: cannot write events.jsonl ({exc}); events reach live clients only", file=sys.stderr, flush=True)
-                self._events_failing = True
+            self._events_backlog.append(line)
+            self._backlog_bytes += len(line)
+            if "events" not in self._unwritten:  # while it fails, retries come from the paused loop, not every event
+                self._flush_events()
+            self._bound_backlog()
         for sink in self.sinks:
             sink(line, ev)
         return ev
+
+    def _flush_events(self) -> bool:
+        """Write the events not yet in events.jsonl, in order; a failure keeps them in memory and pauses the run."""
+        try:
+            with writing("writing events.jsonl", self.run_dir):
+                if self._events_torn:
+                    self._write_all(b"\n")
+                    self._events_torn = False
+                while self._events_backlog:
+                    self._write_all(self._events_backlog[0])
+                    self._backlog_bytes -= len(self._events_backlog.popleft())
+        except WriteError as exc:
+            if "events" not in self._unwritten:
+                print(f"spu-engine: {exc}; events are kept in memory until it can be written", file=sys.stderr, flush=True)
+            self._unwritten["events"] = str(exc)
+            return False
+        self._unwritten.pop("events", None)
+        return True
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._events_file.write(view)
+            n = len(view) if n is None else n
+            if n <= 0:
+                raise OSError(f"events.jsonl took no bytes of a {len(view)}-byte write")
+            if n < len(view):
+                self._events_torn = True  # the rest may not follow: a retry must not glue its line onto this half
+            view = view[n:]
+        self._events_torn = False
+
+    def _bound_backlog(self) -> None:
+        """Memory is bounded too: past MAX_UNWRITTEN_EVENTS_BYTES the oldest unwritten events go (counted, and said)."""
+        while self._backlog_bytes > MAX_UNWRITTEN_EVENTS_BYTES and len(self._events_backlog) > 1:
+            self._backlog_bytes -= len(self._events_backlog.popleft())
+            self._backlog_dropped += 1
+        if self._backlog_dropped and "events" in self._unwritten:
+            self._unwritten["events"] += f" ({self._backlog_dropped} oldest unwritten events dropped to bound memory)"
+            self._backlog_dropped = 0
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message, step=self.step)
@@ -289,7 +343,64 @@ class Engine(PolicyHost):
 
     def _save_policy(self) -> None:
         if self.run_dir:
-            self.replayable_policy().save(self.run_dir / "policy.yaml")
+            text = self.replayable_policy().to_yaml()
+            self._write("policy.yaml", lambda: atomic_write_text(self.run_dir / "policy.yaml", text))
+
+    def _save_config(self) -> None:
+        if self.run_dir:
+            text = json.dumps(self.config.model_dump(), indent=1)
+            self._write("config.json", lambda: atomic_write_text(self.run_dir / "config.json", text))
+
+    def _write(self, what: str, write: Callable[[], Any]) -> bool:
+        """One write of run state: a WriteError is remembered (the run pauses at the boundary) instead of raised."""
+        try:
+            write()
+        except WriteError as exc:
+            self._unwritten[what] = str(exc)
+            return False
+        self._unwritten.pop(what, None)
+        return True
+
+    def _retry_writes(self) -> bool:
+        """Try every write that failed again, events first so the log keeps its order; True when none is left.
+
+        Called by `s`, resume, and every ``write_retry_s`` while the run waits (a headless run with nobody there).
+        """
+        self._retry_at = time.monotonic() + self.write_retry_s
+        if "events" in self._unwritten:
+            self._flush_events()
+        if "config.json" in self._unwritten:
+            self._save_config()
+        if "policy.yaml" in self._unwritten:
+            self._save_policy()
+        if "checkpoint" in self._unwritten:
+            self._write("checkpoint", self.save_checkpoint)
+        if self._unwritten:
+            if self._write_pause:
+                self.emit("error", step=self.step, message=self._write_message(), kind="write")
+            return False
+        if self._write_pause:
+            self._write_pause = self._paused = False
+            self.log("the writes that failed went through; nothing was lost")
+            if not self._stop_requested:
+                self.set_state("training", f"resumed at step {self.step}")
+        return True
+
+    def _write_message(self) -> str:
+        return (
+            "; ".join(self._unwritten.values())
+            + f". Paused at step {self.step} with everything in memory: free space, then press s (or resume) to retry;"
+            f" it is also retried every {self.write_retry_s:g} s"
+        )
+
+    def _pause_for_writes(self) -> None:
+        if self._write_pause:
+            return
+        message = self._write_message()
+        self._write_pause = self._paused = True
+        self._retry_at = time.monotonic() + self.write_retry_s
+        self.emit("error", step=self.step, message=message, kind="write")
+        self.set_state("paused", message)
 
     # ------------------------------------------------------------------ commands
 
@@ -316,6 +427,8 @@ class Engine(PolicyHost):
         return cmds
 
     def _handle(self, cmd: Any) -> None:
+        if isinstance(cmd, HelloCmd):  # read-only (the socket server answers it): nothing to apply, ack or log
+            return
         ok, message = True, ""
         name = getattr(cmd, "cmd", "?")
         try:
@@ -333,24 +446,30 @@ class Engine(PolicyHost):
                     self._paused = True
                     self.set_state("paused")
             elif isinstance(cmd, ResumeCmd):
-                if self._paused:
+                if self._write_pause:  # paused by a failed write: resume means try it again
+                    if not self._retry_writes():
+                        ok, message = False, "still cannot write: " + "; ".join(self._unwritten.values())
+                elif self._paused:
                     self._paused = False
                     self.set_state("training")
             elif isinstance(cmd, StopCmd):
-                if cmd.checkpoint:
-                    self.save_checkpoint()  # a failed checkpoint (disk full) acks an error and does not stop
+                if cmd.checkpoint:  # a checkpoint that cannot be written: no stop, the run waits paused for space
+                    self._unwritten.setdefault("checkpoint", "")
+                    if not self._retry_writes():
+                        raise WriteError("stop refused, the checkpoint could not be written: " + self._unwritten["checkpoint"])
                 self._stop_requested = True
             elif isinstance(cmd, CheckpointCmd):
-                message = str(self.save_checkpoint())
+                self._unwritten.setdefault("checkpoint", "")  # with every other write that failed: `s` retries them all
+                if not self._retry_writes():
+                    raise WriteError("; ".join(self._unwritten.values()))
+                message = str(self._saved_path)
             elif isinstance(cmd, EvaluateCmd):
                 self.survive_oom(self.evaluate, "evaluation")
             elif isinstance(cmd, ExportCmd):
                 path = Path(cmd.path).expanduser()
                 if self.dist is None or self.dist.is_main:
-                    self.replayable_policy().save(path)
+                    self._export(path, cmd.overwrite)
                 message = str(path)
-            elif isinstance(cmd, HelloCmd):
-                pass
         except PolicyError as exc:
             ok, message = False, str(exc)
         except OSError as exc:
@@ -359,21 +478,52 @@ class Engine(PolicyHost):
         if not ok:
             self.emit("error", id=getattr(cmd, "id", None), step=self.step, message=message)
 
+    def _export(self, path: Path, overwrite: bool) -> None:
+        """The replayable policy to a file the user named: a new file, or an existing one only when the console
+        confirmed (``overwrite``), keeping that file's mode."""
+        text = self.replayable_policy().to_yaml()
+        if path.is_dir():
+            raise PolicyError(f"export: {path} is a folder; give a file name")
+        if not path.exists():
+            try:
+                write_new_text(path, text)
+                return
+            except FileExistsError:
+                pass  # created meanwhile: treated as the existing file it now is
+        if not overwrite:
+            raise PolicyError(f"export: {path} exists; it is replaced only when you confirm (overwrite: true), or choose a new name")
+        atomic_write_text(path, text, keep_mode_of=path)
+
     def _boundary(self) -> None:
         """Everything that may change the run happens here, between two optimizer steps."""
-        for entry in [e for e in self.pending if e.step <= self.step]:
-            self.pending.remove(entry)
+        for entry in [e for e in self.pending if e.step <= self.step and not self.fault_stop]:
             try:
                 self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
-            except PolicyError as exc:
-                self.emit("error", step=self.step, message=f"timeline entry at step {entry.step}: {exc}")
+            except PolicyError as exc:  # validated at load, so the model refused it now: stop rather than diverge
+                self._timeline_failed(entry, exc)
+                break
+            self.pending.remove(entry)
         for cmd in self._take_commands(block=False):
             self._handle(cmd)
         self._stop_if_signalled()
+        if self._unwritten and not self._stop_requested:
+            self._pause_for_writes()
         while self._paused and not self._stop_requested:
             for cmd in self._take_commands(block=True):
                 self._handle(cmd)
             self._stop_if_signalled()
+            if self._write_pause and time.monotonic() >= self._retry_at:
+                self._retry_writes()
+
+    def _timeline_failed(self, entry: TimelineEntry, exc: PolicyError) -> None:
+        """A timeline entry the engine cannot apply at its step: a replay that skipped it would silently diverge,
+        so the run stops (exit 1) after a checkpoint that keeps the entry pending."""
+        message = f"timeline entry at step {entry.step} cannot be applied: {exc}; stopping rather than diverge from the policy"
+        self.emit("error", step=self.step, message=message, kind="timeline")
+        self.fault_stop = True
+        self.stop_reason = message
+        self.save_or_pause()
+        self._stop_requested = True
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Safe in a signal handler (sets one attribute, takes no lock): checkpoint and stop at the next boundary."""
@@ -384,7 +534,18 @@ class Engine(PolicyHost):
             self.stop_reason = f"{self._stop_signal}: stopped at step {self.step} after a checkpoint"
             self.log(f"{self._stop_signal}: writing a checkpoint, then stopping", "warning")
             self._stop_requested = True
-            self.save_checkpoint()
+            self._unwritten.setdefault("checkpoint", "")
+            if not self._retry_writes():  # a signal still ends the run, cleanly, saying what was not written (exit 1)
+                missing = "; ".join(self._unwritten.values())
+                if "checkpoint" in self._unwritten:
+                    newest = ckpt.latest_checkpoint(self.run_dir / "checkpoints", log=lambda _m: None) if self.run_dir else None
+                    self.stop_reason = (
+                        f"{self._stop_signal}: stopped at step {self.step} without a checkpoint ({missing}); "
+                        f"the newest complete checkpoint is {newest.name if newest else 'none'}"
+                    )
+                else:
+                    self.stop_reason = f"{self._stop_signal}: stopped at step {self.step} after a checkpoint; not written: {missing}"
+                self.fault_stop = True
 
     # ------------------------------------------------------------------ training
 
@@ -518,21 +679,14 @@ class Engine(PolicyHost):
             if bad_weights:
                 self.log("not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning")
             else:
-                self.save_checkpoint()
+                self.save_or_pause()
         return {"step": self.step, "loss": loss_value, "skipped": True}
 
     def save_or_pause(self) -> None:
-        """A checkpoint that cannot be written (disk full) pauses the run instead of ending it; resume retries."""
-        while not self._stop_requested:
-            try:
-                self.save_checkpoint()
-                return
-            except OSError as exc:
-                message = f"checkpoint at step {self.step} failed: {exc}; paused: free space, then resume to retry"
-            self.emit("error", step=self.step, message=message, kind="checkpoint")
-            self._paused = True
-            self.set_state("paused", message)
-            self._boundary()  # until resume (retry) or stop
+        """A checkpoint that cannot be written (disk full) pauses the run instead of ending it, state in memory,
+        until a retry writes it (automatic, `s` or resume) or the run is stopped."""
+        if not self._write("checkpoint", self.save_checkpoint):
+            self._boundary()
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
         """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
@@ -656,13 +810,17 @@ class Engine(PolicyHost):
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints, method_tensors=tensors
         )
-        self._saved_step = self.step
+        self._saved_step, self._saved_path = self.step, path
         self.emit("checkpoint", step=self.step, path=str(path))
         return path
 
-    def resume_from(self, path: Path) -> None:
-        """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint."""
-        state = ckpt.read_state(path)
+    def resume_from(self, path: Path, fresh_optimizer: bool = False) -> None:
+        """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint.
+
+        ``fresh_optimizer``: the user accepts fresh optimizer state when the checkpoint's is missing or unusable
+        (the weights must verify all the same); without it such a checkpoint is a CheckpointError naming the flag.
+        """
+        state = ckpt.read_state(path, ignore=(ckpt.OPTIMIZER,) if fresh_optimizer else ())
         policy = Policy.model_validate(state["policy"])
         self.initial_policy = policy.state()
         self.recorded = list(policy.timeline)
@@ -674,7 +832,7 @@ class Engine(PolicyHost):
             m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
         self._apply_trainable()
         ckpt.load_weights(path, self.model)
-        ckpt.load_optimizer(path, self.optimizer)
+        self._load_optimizer(path, fresh_optimizer)
         tensors = ckpt.load_method_tensors(path)
         for m in self.methods:
             prefix = f"{type(m).__name__}/"
@@ -693,13 +851,28 @@ class Engine(PolicyHost):
         # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
         self.emit("resumed", step=self.step, checkpoint=str(path), message=f"resumed from {path.name} at step {self.step}")
 
+    def _load_optimizer(self, path: Path, fresh_optimizer: bool) -> None:
+        problem = ckpt.verify(path) if fresh_optimizer else None
+        if problem is None:
+            try:
+                ckpt.load_optimizer(path, self.optimizer)
+                return
+            except ckpt.CheckpointError as exc:
+                if not fresh_optimizer:
+                    run = self.run_dir or path.parent.parent
+                    raise ckpt.CheckpointError(
+                        f"{exc}. Its weights verify: resume from them with fresh optimizer state: spu train --resume {run} --fresh-optimizer"
+                    ) from None
+                problem = str(exc)
+        self.optimizer.state.clear()  # whatever a failed load left: every tensor starts from zero moments
+        self.log(f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning")
+
     # ------------------------------------------------------------------ run
 
     def run(self) -> str:
         """Train to ``config.steps`` or until stopped; returns the final state."""
         self._save_policy()
-        if self.run_dir:
-            atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.model_dump(), indent=1))
+        self._save_config()
         self.set_state("training", f"trainable {self.trainable_count():,} of {sum(p.numel() for p in self.model.parameters()):,}")
         # the full snapshot for clients that connected while loading, and for events.jsonl (history of a dead run)
         self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
@@ -716,23 +889,28 @@ class Engine(PolicyHost):
                     self.survive_oom(self.evaluate, "evaluation")
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_or_pause()
+            if not self._stop_requested:
+                if not self.config.eval_every or self.step % self.config.eval_every:
+                    self.survive_oom(self.evaluate, "evaluation")
+                    self._saved_step = None  # evaluation hooks may have changed method state
+                if self._saved_step != self.step:
+                    self.save_or_pause()
+                self._save_policy()
+                if self._unwritten:
+                    self._boundary()  # the last writes wait for space like any other
             if self._stop_requested:
                 self.set_state("stopped", self.stop_reason or f"stopped at step {self.step}")
                 return "stopped"
-            if not self.config.eval_every or self.step % self.config.eval_every:
-                self.survive_oom(self.evaluate, "evaluation")
-                self._saved_step = None  # evaluation hooks may have changed method state
-            if self._saved_step != self.step:
-                self.save_or_pause()
-            self._save_policy()
             self.set_state("finished", f"{self.step} steps")
             return "finished"
         finally:
-            if self._events_file is not None:
-                self._events_file.flush()
+            if self._events_backlog:
+                self._flush_events()
 
     def close(self) -> None:
         if self._events_file is not None:
+            if self._events_backlog and not self._flush_events():
+                print(f"spu-engine: {len(self._events_backlog)} last events could not be written to events.jsonl", file=sys.stderr, flush=True)
             self._events_file.close()
             self._events_file = None
 

@@ -317,6 +317,8 @@ def check_policy_against_model(
         if "freeze" in entry.set:
             rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
             check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
+        if "pruning" in entry.set and in_force.pruning.method != "none" and in_force.pruning.targets is not None:
+            check_patterns(in_force.pruning.targets, names, f"timeline[{t}].set.pruning.targets")
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -20,6 +20,7 @@ import difflib
 import fnmatch
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +29,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import RunSettings
+from .writes import writing
 
 POLICY_VERSION = 1
+# bounds checked before a policy file is turned into objects: a real policy is a few KB, about 6 levels deep
+MAX_POLICY_BYTES = 1 << 20
+MAX_POLICY_DEPTH = 32
+MAX_POLICY_NODES = 200_000  # values after YAML aliases are expanded (an alias bomb is small on disk, huge in memory)
 
 
 class PolicyError(ValueError):
@@ -37,7 +43,7 @@ class PolicyError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- freeze
@@ -246,14 +252,22 @@ class Policy(_Section):
 
     def apply(self, change: Change) -> "Policy":
         """Return a new policy (timeline untouched) with ``change`` applied."""
-        data = self.model_dump(mode="json")
+        try:
+            merged = Policy.model_validate(self._merged(change))
+        except ValidationError as err:
+            raise PolicyError(format_validation_error(err, "change")) from None
+        return merged.model_copy(update={"timeline": self.timeline})
+
+    def _merged(self, change: Change) -> dict[str, Any]:
+        """The sections (no timeline) as plain data with ``change`` merged in, not yet validated."""
+        data = self.model_dump(mode="json", exclude={"timeline"})
         data["freeze"] = data["freeze"] + [r.model_dump(mode="json", exclude_none=True) for r in change.freeze]
         for key, value in change.set.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = _deep_merge(data[key], value)
             else:
                 data[key] = value
-        return parse_policy(data, source="change")
+        return data
 
     def at_step(self, step: int) -> "Policy":
         """The sections in force at ``step`` (all timeline entries with entry.step <= step applied)."""
@@ -320,10 +334,11 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per error naming the key path (``prefix`` + the path inside the validated data) and the value."""
     lines = [f"{source}: invalid policy"]
     for e in err.errors():
-        loc = _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        loc = prefix + _loc(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = loc.rsplit(".", 1)[0] if "." in loc else "(top level)"
@@ -341,9 +356,29 @@ def parse_policy(data: Any, source: str = "policy") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: a policy must be a mapping of sections, got {type(data).__name__}")
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as err:
         raise PolicyError(format_validation_error(err, source)) from None
+    if policy.timeline:
+        _check_timeline(policy, data.get("timeline"), source)
+    return policy
+
+
+def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
+    """Merge every timeline entry in step order, as the run will: a ``set`` that does not make a valid policy
+    fails now, naming ``timeline[i].set.<section>.<key>`` (i as in the file), not silently at its step."""
+    order = list(range(len(policy.timeline)))
+    if isinstance(raw, list) and len(raw) == len(order):  # the timeline is kept sorted by step; name entries as the file does
+        try:
+            order = sorted(order, key=lambda i: int(raw[i]["step"] if isinstance(raw[i], dict) else raw[i].step))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            pass
+    state = policy.state()
+    for position, entry in enumerate(policy.timeline):
+        try:
+            state = Policy.model_validate(state._merged(entry))
+        except ValidationError as err:
+            raise PolicyError(format_validation_error(err, source, prefix=f"timeline[{order[position]}].set.")) from None
 
 
 def parse_change(data: Any, source: str = "change") -> Change:
@@ -356,22 +391,95 @@ def parse_change(data: Any, source: str = "change") -> Change:
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)  # never more than the cap, whatever the file's size
     except FileNotFoundError:
         raise PolicyError(f"{path}: no such policy file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+    except (IsADirectoryError, PermissionError) as exc:
+        raise PolicyError(f"{path}: cannot read policy ({exc})") from None
+    _check_size(len(raw), str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise PolicyError(f"{path}: cannot read policy ({exc})") from None
     return policy_from_yaml(text, source=str(path))
 
 
+def _check_size(size: int, source: str) -> None:
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(f"{source}: more than {MAX_POLICY_BYTES:,} bytes; a policy file may hold at most 1 MiB (a real one is a few KB)")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a nesting cap enforced while composing, before Python's recursion limit is near."""
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source = source
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_POLICY_DEPTH:
+                mark = self.peek_event().start_mark
+                raise PolicyError(
+                    f"{self.source}: nested more than {MAX_POLICY_DEPTH} levels deep at line {mark.line + 1}, column {mark.column + 1} "
+                    f"(a policy needs about 6)"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Count the values and depth the document has once every alias is expanded, without expanding it."""
+    measured: dict[int, tuple[int, int]] = {}  # node -> (values, depth) of its expansion
+    open_nodes: set[int] = set()
+
+    def measure(node: yaml.Node, depth_above: int) -> tuple[int, int]:
+        key = id(node)
+        if key not in measured:
+            if key in open_nodes:
+                raise PolicyError(f"{source}: an alias refers to a node that contains it (line {node.start_mark.line + 1}); policies cannot be recursive")
+            open_nodes.add(key)
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            )
+            count, depth = 1, 1
+            for child in children:
+                c, d = measure(child, depth_above + 1)
+                count, depth = count + c, max(depth, d + 1)
+                if count > MAX_POLICY_NODES:
+                    raise PolicyError(f"{source}: more than {MAX_POLICY_NODES:,} values once YAML aliases are expanded; refused")
+            open_nodes.discard(key)
+            measured[key] = (count, depth)
+        count, depth = measured[key]
+        if depth_above + depth > MAX_POLICY_DEPTH:
+            raise PolicyError(f"{source}: nested more than {MAX_POLICY_DEPTH} levels deep once YAML aliases are expanded (a policy needs about 6)")
+        return count, depth
+
+    total, _ = measure(root, 0)
+    if total > MAX_POLICY_NODES:
+        raise PolicyError(f"{source}: more than {MAX_POLICY_NODES:,} values once YAML aliases are expanded; refused")
+
+
 def policy_from_yaml(text: str, source: str = "policy") -> Policy:
+    """Parse a policy file's text: size, nesting and alias expansion are bounded before any object is built."""
+    _check_size(len(text.encode("utf-8", errors="replace")), source)
+    loader = _BoundedLoader(text, source)
     try:
-        data = yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is not None:
+            _check_expansion(root, source)
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise PolicyError(f"{source}: malformed YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
     return parse_policy(data, source)
 
 
@@ -382,19 +490,40 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_text(path: Path, text: str, keep_mode_of: Path | None = None) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers never see half a file.
+
+    Any failure of the write is a ``WriteError`` saying what failed and the free space.  With
+    ``keep_mode_of``, the new file gets that file's permission bits.
+    """
+    with writing(f"writing {path.name}", path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_mode_of is not None:
+                shutil.copymode(keep_mode_of, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_new_text(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; never replaces an existing file (FileExistsError), whatever races it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with writing(f"writing {path.name}", path.parent):
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 # --------------------------------------------------------------------------- resolution against a model

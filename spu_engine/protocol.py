@@ -76,10 +76,12 @@ class EvaluateCmd(_Cmd):
 
 
 class ExportCmd(_Cmd):
-    """Write the replayable policy (state at step 0 + timeline) to ``path``."""
+    """Write the replayable policy (state at step 0 + timeline) to ``path``: a new file, or with ``overwrite``
+    (which the console sends only after asking) an existing one, whose mode is kept."""
 
     cmd: Literal["export"]
     path: str
+    overwrite: bool = False
 
 
 class HelloCmd(_Cmd):

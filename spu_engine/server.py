@@ -5,7 +5,11 @@ client with ``selectors``.  Each client has a bounded outgoing buffer: when a
 slow client falls behind, its oldest lines are dropped (it can rebuild history
 from ``events.jsonl``) so the engine never waits for anyone.  Incoming lines
 are size-capped and validated; a bad one gets an ``error`` event and nothing
-else happens.
+else happens.  Each connection has a rate limit (lines, bytes, and commands
+for the engine): past it the server stops reading that socket for a while, so
+a flooding client waits on its own writes instead of slowing training.
+``hello`` is answered here from a snapshot shared by every request between two
+events; it never reaches the engine or events.jsonl.
 
 Security: the run folder is 0700 and every file the engine writes is private
 (umask 077); the socket is 0600 and a peer of another user is refused by its
@@ -21,6 +25,7 @@ import json
 import os
 import queue
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -29,6 +34,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +45,11 @@ SOCKET_NAME = "control.sock"
 LOCK_NAME = "engine.lock"
 CLIENT_BUFFER_BYTES = 4 << 20
 MAX_SOCKET_PATH = 100  # AF_UNIX addresses hold 107 bytes on Linux
+MAX_CLIENTS = 128  # connections at once; each may hold CLIENT_BUFFER_BYTES of unsent events
+# per connection, sustained rate and burst: any line (parsed and answered here), bytes, commands the engine applies
+LINE_RATE, LINE_BURST = 50.0, 1000.0
+BYTE_RATE, BYTE_BURST = float(4 << 20), float(16 << 20)
+COMMAND_RATE, COMMAND_BURST = 10.0, 50.0
 
 
 class RunFolderError(RuntimeError):
@@ -79,6 +90,21 @@ class RunLock:
             self.fd = None
 
 
+RUN_FILES = ("events.jsonl", "policy.yaml", "config.json", "engine.log")  # with checkpoints/: what makes a folder a run
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if the folder has the files of a run (an events log, a config, or checkpoints)."""
+    return any((run_dir / name).is_file() for name in ("events.jsonl", "config.json")) or (run_dir / "checkpoints").is_dir()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete a run's own files (--overwrite, with the lock held); anything else in the folder stays."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     """Create the run folder (0700) and make what is already in it private."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +125,22 @@ def _address(path: Path) -> tuple[str, int | None]:
     return f"/proc/self/fd/{fd}/{path.name}", fd
 
 
+class _Bucket:
+    """Token bucket: ``rate`` per second, at most ``burst`` saved up; spending past zero is debt paid by waiting."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
+
+    def spend(self, n: float) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate) - n
+        self.at = now
+
+    def wait(self) -> float:
+        """Seconds until the bucket is out of debt (0 if it is not in debt)."""
+        return max(0.0, -(self.tokens + (time.monotonic() - self.at) * self.rate) / self.rate)
+
+
 class _Client:
     def __init__(self, sock: socket.socket, cid: int) -> None:
         self.sock = sock
@@ -109,6 +151,12 @@ class _Client:
         self.partial = False  # wbuf[0] is the rest of a line already half sent: it must go out whole
         self.dropped = 0
         self.discarding = False  # inside an over-long line: skip to its newline
+        self.lines = _Bucket(LINE_RATE, LINE_BURST)
+        self.bytes = _Bucket(BYTE_RATE, BYTE_BURST)
+        self.commands = _Bucket(COMMAND_RATE, COMMAND_BURST)
+        self.held_until = 0.0  # over its rate: not read until then (monotonic time)
+        self.blocked = False  # its socket buffer is full: flushed again when the selector says writable
+        self.interest = 0  # selector events registered for it
 
 
 class EngineServer:
@@ -126,6 +174,8 @@ class EngineServer:
         self.hello = hello
         self.buffer_bytes = buffer_bytes
         self._clients: dict[int, _Client] = {}
+        self._snapshot: tuple[int, float, bytes] | None = None  # (events generation, time, hello without its closing brace)
+        self._generation = 0  # bumped by every broadcast: a snapshot is shared only between two events
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sel = selectors.DefaultSelector()
@@ -169,6 +219,7 @@ class EngineServer:
 
     def broadcast(self, line: bytes, _event: dict | None = None) -> None:
         with self._lock:
+            self._generation += 1
             for c in self._clients.values():
                 self._queue(c, line)
         self._wake()
@@ -199,22 +250,59 @@ class EngineServer:
 
     def _serve(self) -> None:
         while not self._stopping:
-            for key, mask in self._sel.select(timeout=1.0):
+            for key, mask in self._sel.select(timeout=self._until_release()):
                 try:
                     if key.data == "accept":
                         self._accept()
                     elif key.data == "wake":
                         self._drain_wake()
-                    elif mask & selectors.EVENT_READ:
-                        self._read(key.data)
+                    else:
+                        if mask & selectors.EVENT_WRITE:
+                            key.data.blocked = False
+                        if mask & selectors.EVENT_READ:
+                            self._read(key.data)
+                        self._watch(key.data)
                 except Exception as exc:  # one misbehaving client must never take the server down
                     self._complain(f"dropped a client after {type(exc).__name__}: {exc}")
                     if isinstance(key.data, _Client):
                         self._drop(key.data)
+            self._release_held()
             self._flush_all()
         for c in list(self._clients.values()):
             self._drop(c)
         self._listener.close()
+
+    def _until_release(self) -> float:
+        now = time.monotonic()
+        held = [c.held_until for c in self._clients.values() if c.held_until]
+        return min([1.0, *(max(0.0, t - now) for t in held)])
+
+    def _release_held(self) -> None:
+        """Connections whose rate limit has passed: handle the lines they already sent, then read them again."""
+        now = time.monotonic()
+        for c in [c for c in list(self._clients.values()) if c.held_until and c.held_until <= now]:
+            c.held_until = 0.0
+            try:
+                self._process(c)
+                self._watch(c)
+            except Exception as exc:  # as in _serve: never the server's end
+                self._complain(f"dropped a client after {type(exc).__name__}: {exc}")
+                self._drop(c)
+
+    def _watch(self, c: _Client) -> None:
+        """Register what the selector should tell about this client: readable unless held, writable while blocked."""
+        if c.id not in self._clients:
+            return
+        want = (0 if c.held_until else selectors.EVENT_READ) | (selectors.EVENT_WRITE if c.blocked else 0)
+        if want == c.interest:
+            return
+        if not c.interest:
+            self._sel.register(c.sock, want, c)
+        elif not want:
+            self._sel.unregister(c.sock)
+        else:
+            self._sel.modify(c.sock, want, c)
+        c.interest = want
 
     @staticmethod
     def _complain(message: str) -> None:
@@ -240,21 +328,42 @@ class EngineServer:
             sock.close()
             return
         sock.setblocking(False)
+        if len(self._clients) >= MAX_CLIENTS:
+            try:
+                sock.send(encode(event("error", message=f"the engine serves at most {MAX_CLIENTS} connections at once; try again later")))
+            except OSError:
+                pass
+            sock.close()
+            return
         c = _Client(sock, next(self._ids))
         with self._lock:
             self._clients[c.id] = c
         self._send_hello(c)
-        self._sel.register(sock, selectors.EVENT_READ, c)
+        self._watch(c)
 
     def _send_hello(self, c: _Client) -> None:
-        """The snapshot a client draws from: on connect, and again on ``{"cmd": "hello"}``."""
-        try:
-            hello = dict(self.hello())
-        except Exception as exc:  # the snapshot races the training thread; a client can ask again
-            hello = event("error", message=f"no snapshot this time ({type(exc).__name__}); send {{\"cmd\": \"hello\"}}")
-        hello["client"] = c.id
+        """The snapshot a client draws from: on connect, and again on ``{"cmd": "hello"}``.
+
+        Requests between two events share one snapshot (built at most every half second), so fifty consoles
+        connecting at once, or one asking 200 times a second, cost the training thread one snapshot.
+        """
+        now = time.monotonic()
         with self._lock:
-            self._queue(c, encode(hello))
+            generation, cached = self._generation, self._snapshot
+        if cached is not None and cached[0] == generation and now - cached[1] < 0.5:
+            body = cached[2]
+        else:
+            try:
+                body = encode(dict(self.hello()))[:-2]  # without "}\n": each copy ends with its client's id
+            except Exception as exc:  # the snapshot races the training thread; a client can ask again
+                hello = event("error", message=f"no snapshot this time ({type(exc).__name__}); send {{\"cmd\": \"hello\"}}", client=c.id)
+                with self._lock:
+                    self._queue(c, encode(hello))
+                return
+            with self._lock:
+                self._snapshot = (generation, now, body)
+        with self._lock:
+            self._queue(c, body + b',"client":%d}\n' % c.id)
 
     def _read(self, c: _Client) -> None:
         try:
@@ -266,8 +375,13 @@ class EngineServer:
         if not data:
             self._drop(c)
             return
+        c.bytes.spend(len(data))
         c.rbuf += data
-        while True:
+        self._process(c)
+
+    def _process(self, c: _Client) -> None:
+        """Handle the complete lines received, until the connection's rate limit says wait."""
+        while not c.held_until and c.id in self._clients:
             nl = c.rbuf.find(b"\n")
             if nl < 0:
                 if len(c.rbuf) > MAX_LINE_BYTES:
@@ -276,7 +390,7 @@ class EngineServer:
                     if not c.discarding:
                         c.discarding = True
                         self.send_to(c.id, event("error", message=f"message over {MAX_LINE_BYTES} bytes refused ({size}+ bytes so far)"))
-                return
+                break
             line = bytes(c.rbuf[:nl])
             del c.rbuf[: nl + 1]
             if c.discarding:
@@ -284,19 +398,28 @@ class EngineServer:
                 continue
             if not line.strip():
                 continue
-            try:
-                cmd = parse_command(line)
-            except ProtocolError as exc:
-                self.send_to(c.id, event("error", message=f"bad command: {exc}"))
-                continue
-            except Exception as exc:  # e.g. RecursionError on absurdly nested JSON
-                self.send_to(c.id, event("error", message=f"bad command: cannot be read ({type(exc).__name__})"))
-                continue
-            # answered at once: the client knows the engine has it, though it applies at the next boundary
-            self.send_to(c.id, event("received", id=cmd.id, cmd=cmd.cmd))
-            if cmd.cmd == "hello":
-                self._send_hello(c)
-            self.on_command(cmd, c.id)
+            c.lines.spend(1)
+            self._handle_line(c, line)
+            wait = max(c.lines.wait(), c.bytes.wait(), c.commands.wait())
+            if wait > 0:
+                c.held_until = time.monotonic() + wait
+
+    def _handle_line(self, c: _Client, line: bytes) -> None:
+        try:
+            cmd = parse_command(line)
+        except ProtocolError as exc:
+            self.send_to(c.id, event("error", message=f"bad command: {exc}"))
+            return
+        except Exception as exc:  # e.g. RecursionError on absurdly nested JSON
+            self.send_to(c.id, event("error", message=f"bad command: cannot be read ({type(exc).__name__})"))
+            return
+        # answered at once: the client knows the engine has it, though it applies at the next boundary
+        self.send_to(c.id, event("received", id=cmd.id, cmd=cmd.cmd))
+        if cmd.cmd == "hello":  # read-only: answered here, never queued for the engine nor logged
+            self._send_hello(c)
+            return
+        c.commands.spend(1)
+        self.on_command(cmd, c.id)
 
     def _flush_all(self) -> None:
         with self._lock:
@@ -305,15 +428,15 @@ class EngineServer:
             self._flush(c)
 
     def _flush(self, c: _Client) -> None:
-        while True:
+        while not c.blocked:
             with self._lock:
                 if not c.wbuf:
                     return
-                chunk = b"".join(list(c.wbuf)[:256])
+                chunk = b"".join(islice(c.wbuf, 256))
             try:
                 sent = c.sock.send(chunk)
             except BlockingIOError:
-                return
+                sent = 0
             except OSError:
                 self._drop(c)
                 return
@@ -331,16 +454,20 @@ class EngineServer:
                         c.wbytes -= remaining
                         remaining = 0
                         c.partial = True
-            if sent < len(chunk):
+            if sent < len(chunk):  # its socket is full: try again when the selector says it can take more
+                c.blocked = True
+                self._watch(c)
                 return
 
     def _drop(self, c: _Client) -> None:
         with self._lock:
             self._clients.pop(c.id, None)
-        try:
-            self._sel.unregister(c.sock)
-        except (KeyError, ValueError):
-            pass
+        if c.interest:
+            try:
+                self._sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                pass
+            c.interest = 0
         c.sock.close()
 
 
@@ -514,8 +641,9 @@ def _open_events(path: Path):
     return f
 
 
-def _resume(engine, run_dir: Path) -> None:
-    from .checkpoint import discard_newer, latest_checkpoint, remove_partial
+def _resume(engine, run_dir: Path, fresh_optimizer: bool, policy_note: str | None) -> None:
+    """Continue from the newest usable checkpoint; nothing unusable is deleted, and none usable is an error."""
+    from .checkpoint import checkpoint_to_resume, remove_partial
 
     folder = run_dir / "checkpoints"
 
@@ -523,19 +651,14 @@ def _resume(engine, run_dir: Path) -> None:
         engine.log(message, "warning")
 
     remove_partial(folder, warn)
-    path = latest_checkpoint(folder, warn)
-    if path is None:
-        discard_newer(folder, -1, warn)
-        engine.emit("resumed", step=0, checkpoint=None, message="no usable checkpoint; starting again from step 0")
-        warn("no usable checkpoint; starting from step 0")
-        return
-    engine.resume_from(path)
-    discard_newer(folder, engine.step, warn)
+    path = checkpoint_to_resume(folder, fresh_optimizer, warn)  # CheckpointError: exit 2, every file kept
+    engine.resume_from(path, fresh_optimizer=fresh_optimizer)
+    engine.log(f"policy: the one stored in {path.name} (state at step 0 and its timeline)" + (f"; {policy_note}" if policy_note else ""))
     if engine.step >= engine.config.steps:
         warn(f"the run already reached its {engine.config.steps} steps; pass --steps to train further")
 
 
-def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
+def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optimizer: bool = False) -> int:
     """A rank other than 0: no socket, no run-folder writes; commands arrive from rank 0 at each boundary."""
     from .checkpoint import list_checkpoints
     from .engine import Engine
@@ -546,7 +669,7 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist) -> int:
     step = dist.broadcast(None)
     if step is not None:
         path = next(p for p in list_checkpoints(run_dir / "checkpoints") if p.name == f"step-{step:07d}")
-        engine.resume_from(path)
+        engine.resume_from(path, fresh_optimizer=fresh_optimizer)
     signals.engine = engine
     try:
         engine.run()
@@ -569,11 +692,17 @@ def preview(engine, cmd) -> dict[str, Any]:
         return event("preview", id=cmd.id, step=engine.step, error=f"no preview this time ({type(exc).__name__})")
 
 
-def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None) -> int:
+def serve(
+    config, policy, run_dir: Path, resume: bool = False, sinks: list | None = None, *, fresh_optimizer: bool = False, overwrite: bool = False,
+) -> int:
     """Run an engine process: lock the run folder, serve the socket, train.
 
     Returns the exit code: 0 finished or stopped (SIGTERM included), 1 failed
-    or stopped by a fault (non-finite loss), 2 could not start, 130 a second Ctrl-C.
+    or stopped by a fault (non-finite loss, a checkpoint SIGTERM could not write), 2 could not start,
+    130 a second Ctrl-C.  A folder this call created is removed again when a user error stops the start
+    (nothing was trained).  On resume ``policy`` None means policy.yaml was unreadable: the checkpoint's
+    policy is used (it always is) and the unreadable file is kept as ``policy.yaml.unreadable``.
+    ``overwrite`` deletes the folder's run files once the lock is held.
     """
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -583,11 +712,18 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
 
     dist = Distributed.from_env()
     if dist is not None and not dist.is_main:
-        return _serve_worker(config, policy, run_dir, resume, dist)
+        return _serve_worker(config, policy, run_dir, resume, dist, fresh_optimizer)
     os.umask(0o077)  # every file and folder this process creates is its owner's alone
+    created = not run_dir.exists()
     prepare_run_dir(run_dir)
     lock = RunLock(run_dir)
     lock.acquire()
+    if overwrite and not resume:
+        clear_run(run_dir)
+    policy_note = None
+    if resume and policy is None and (run_dir / "policy.yaml").exists():
+        os.replace(run_dir / "policy.yaml", run_dir / "policy.yaml.unreadable")
+        policy_note = "policy.yaml was unreadable and is kept as policy.yaml.unreadable"
     signals = StopSignals()
     early = _open_events(run_dir / "events.jsonl")
     loading = event("hello", run=run_dir.name, run_dir=str(run_dir), pid=os.getpid(), state="loading", step=0, config=config.model_dump())
@@ -613,7 +749,11 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         early.write(line)
         server.broadcast(line)
 
+    user_error = False
+
     def give_up(code: int, message: str) -> int:
+        nonlocal user_error
+        user_error = code == 2 and created and not resume
         early_emit("error", step=0, message=message)
         early_emit("state", state="error", step=0, message=message)
         print(f"error: {message}", file=sys.stderr)
@@ -625,7 +765,7 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
             early_emit("state", state="loading", step=0, message=f"loading {config.model}")
             engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])], dist=dist)
             if resume:
-                _resume(engine, run_dir)
+                _resume(engine, run_dir, fresh_optimizer, policy_note)
             if dist is not None:  # workers resume from the checkpoint rank 0 chose
                 dist.broadcast(engine.step if resume and engine.step > 0 else None)
             signals.engine = engine
@@ -666,6 +806,9 @@ def serve(config, policy, run_dir: Path, resume: bool = False, sinks: list | Non
         time.sleep(0.2)  # let the last events reach clients
         server.close()
         lock.release()
+        if user_error:  # nothing was trained in the folder this call made: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"nothing was trained; removed {run_dir}", file=sys.stderr)
 
 
 def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
@@ -679,7 +822,8 @@ def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
         raise RunInUseError(f"run folder {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
     prepare_run_dir(run_dir)
     atomic_write_text(run_dir / "config.json", json.dumps(config.model_dump(), indent=1))
-    policy.model_copy(update={"run": config.run_settings()}).save(run_dir / "policy.yaml")  # this run's settings, not the file's
+    if policy is not None:  # None: resuming with an unreadable policy.yaml (the checkpoint's policy is used)
+        policy.model_copy(update={"run": config.run_settings()}).save(run_dir / "policy.yaml")  # this run's settings, not the file's
     log_fd = os.open(run_dir / "engine.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     cmd = [sys.executable, "-m", "spu_engine.cli", "engine", "--run-dir", str(run_dir)]
     if resume:

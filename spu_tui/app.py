@@ -439,8 +439,11 @@ class SpuApp(App):
     def action_export(self) -> None:
         default = Path(self.state.run_dir or self.run_dir) / "policy-export.yaml"
 
-        def chosen(path: Path | None) -> None:
-            if path is not None and self._send("export", path=str(path.resolve())):
+        def chosen(choice: tuple[Path, bool] | None) -> None:
+            if choice is None:
+                return
+            path, overwrite = choice
+            if self._send("export", path=str(path.resolve()), overwrite=overwrite):
                 self.notify(f"exporting to {path} at the next step boundary", timeout=4)
 
         self.push_screen(ExportScreen(default), chosen)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli import build_config, default_run_dir, fail, read_policy
+from spu_engine.cli import build_config, default_run_dir, fail, read_policy, resume_policy
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model import resolve_model_name
 from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
@@ -121,9 +122,16 @@ def main(
         fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")
     if (run_dir / "events.jsonl").exists():
         fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
+    created = not run_dir.exists()
     engine = spawn_engine(config, pol, run_dir)
     console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100)
     console.run()
+    if created and engine.poll() == 2:  # the engine refused to start (a user error): nothing was trained, leave nothing
+        log = (run_dir / "engine.log").read_text(errors="replace").splitlines() if (run_dir / "engine.log").exists() else []
+        start = max((i for i, line in enumerate(log) if line.startswith("error: ")), default=None)
+        reason = "\n".join(log[start:]).removeprefix("error: ").strip() if start is not None else "the engine refused to start"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        fail(f"{reason}\n(nothing was trained; removed {run_dir})")
     _say_where(run_dir, stopped=console.stopped_engine)
 
 
@@ -157,7 +165,7 @@ def attach(
         info = run_info(run)
         if info is not None and info.state == "crashed" and (run / "checkpoints").is_dir():
             config = build_config(**json.loads((run / "config.json").read_text()))
-            engine = spawn_engine(config, read_policy(run / "policy.yaml"), run, resume=True)
+            engine = spawn_engine(config, resume_policy(run), run, resume=True)
             live = True
     console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100)
     console.run()

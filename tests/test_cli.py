@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from conftest import SST2
 from spu_engine.model import find_units, load_model
@@ -92,3 +96,113 @@ def test_every_example_policy_validates_against_a_bert_model(tiny_model_dir):
     for path in examples:
         r = spu("policy", "validate", path, "--model", tiny_model_dir)
         assert r.returncode == 0 and "ok" in r.stdout, (path.name, r.stderr)
+
+
+TRAIN = ("--data", SST2, "--batch-size", 8, "--max-length", 32, "--max-eval-samples", 16, "--eval-every", 0)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copied by each test that changes it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    r = spu("train", "--model", tiny_model_dir, *TRAIN, "--steps", 4, "--checkpoint-every", 2, "--run-dir", run)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _events(run):
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_resume_without_optimizer_state_stops_naming_the_flag_and_keeps_every_checkpoint(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    for checkpoint in (run / "checkpoints").iterdir():
+        (checkpoint / "optimizer.pt").unlink()
+    kept = _snapshot(run / "checkpoints")
+    r = spu("train", "--resume", run)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "optimizer.pt is missing, but its weights verify" in r.stderr and f"spu train --resume {run} --fresh-optimizer" in r.stderr
+    assert _snapshot(run / "checkpoints") == kept and "Traceback" not in r.stderr
+    assert not any(e["type"] in ("resumed", "step") and e["step"] == 0 for e in _events(run))  # no restart from step 0
+    r = spu("train", "--resume", run, "--fresh-optimizer", "--steps", 6)
+    assert r.returncode == 0, r.stderr
+    events = _events(run)
+    assert [e["step"] for e in events if e["type"] == "resumed"] == [4]
+    assert [e["step"] for e in events if e["type"] == "step"][-2:] == [5, 6]
+    assert any(e["type"] == "log" and "optimizer state not used" in e["message"] for e in events)
+
+
+def test_resume_with_no_usable_checkpoint_is_an_error_and_keeps_them_aside(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    for checkpoint in (run / "checkpoints").iterdir():
+        os.truncate(checkpoint / "model.safetensors", 100)
+    r = spu("train", "--resume", run)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert f"no usable checkpoint in {run / 'checkpoints'}: nothing to resume from" in r.stderr and "--overwrite" in r.stderr
+    aside = run / "checkpoints" / "unusable"
+    assert sorted(p.name for p in aside.iterdir()) == ["step-0000002", "step-0000004"]
+    assert all("(truncated)" in (p / "reason.txt").read_text() for p in aside.iterdir())
+    assert os.path.getsize(aside / "step-0000004" / "model.safetensors") == 100
+    assert not any(e["type"] == "step" and e["step"] == 1 for e in _events(run)[len(_events(trained_run)) :])
+
+
+def test_a_folder_that_holds_a_run_is_refused_unless_overwrite(trained_run, tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from spu_engine.cli import app
+
+    run = _copy(trained_run, tmp_path)
+    before = _snapshot(run)
+    refused = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--data", str(SST2), "--run-dir", str(run)])
+    assert refused.exit_code == 2
+    assert f"--run-dir {run} already holds a run; continue it with `spu train --resume {run}`" in refused.output
+    assert "--overwrite" in refused.output and _snapshot(run) == before
+    r = spu("train", "--model", tiny_model_dir, *TRAIN, "--steps", 2, "--run-dir", run, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    events = _events(run)
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]  # one run's history, not two mixed
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def test_a_corrupt_policy_yaml_does_not_block_a_resume(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    (run / "policy.yaml").write_text("freeze: [{match: '*', trainable: false}\n")
+    r = spu("train", "--resume", run, "--steps", 5)
+    assert r.returncode == 0, r.stderr
+    assert "malformed YAML" in r.stderr and "resuming with the policy stored in the checkpoint" in r.stderr
+    assert (run / "policy.yaml.unreadable").read_text() == "freeze: [{match: '*', trainable: false}\n"
+    load_policy(run / "policy.yaml")  # written anew from the checkpoint's policy
+    said = [e["message"] for e in _events(run) if e["type"] == "log"]
+    assert "policy: the one stored in step-0000004 (state at step 0 and its timeline); policy.yaml was unreadable and is kept as policy.yaml.unreadable" in said
+
+
+def test_a_timeline_entry_the_model_cannot_take_fails_the_start_and_leaves_no_folder(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("timeline:\n  - {step: 3, set: {pruning: {method: magnitude, targets: ['*.atention.*']}}}\n")
+    r = spu("train", "--model", tiny_model_dir, *TRAIN, "--steps", 4, "--policy", bad, "--run-dir", tmp_path / "run")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "timeline[0].set.pruning.targets[0]: pattern '*.atention.*' matches no parameter" in r.stderr
+    assert not (tmp_path / "run").exists() and "Traceback" not in r.stderr
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("timeline: [{step: 3, set: {pruning: {bogus_key: 1, method: nonsense}}}]\n")
+    r = spu("policy", "validate", schema)
+    assert r.returncode == 2 and "timeline[0].set.pruning.method: Input should be" in r.stderr and "timeline[0].set.pruning.bogus_key" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_lr_must_be_a_finite_number(value, tmp_path):
+    from typer.testing import CliRunner
+
+    from spu_engine.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--data", str(SST2), "--lr", value, "--run-dir", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "--lr: Input should be a finite number" in r.output and not (tmp_path / "run").exists()

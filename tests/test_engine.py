@@ -115,3 +115,41 @@ def test_a_change_that_changes_nothing_is_not_recorded(make_engine):
     engine.apply_change(Change(set={"selective_backprop": {"keep": 0.4}}), "test")
     engine.apply_change(Change(set={"selective_backprop": {"keep": 0.4}}), "test")  # the value already in force
     assert [e.set for e in engine.replayable_policy().timeline] == [{"selective_backprop": {"keep": 0.4}}]
+
+
+def test_a_hello_command_writes_nothing_to_the_events_log(make_engine, tmp_path):
+    from spu_engine.protocol import HelloCmd
+
+    engine = make_engine(run_dir=tmp_path / "run")
+    before = (tmp_path / "run" / "events.jsonl").read_bytes()
+    for i in range(50):
+        engine.submit(HelloCmd(cmd="hello", id=i))
+    engine._boundary()
+    assert (tmp_path / "run" / "events.jsonl").read_bytes() == before
+    engine.close()
+
+
+def test_export_writes_only_a_new_file_unless_confirmed_and_keeps_the_mode(make_engine, tmp_path):
+    import os
+
+    from spu_engine.policy import load_policy
+    from spu_engine.protocol import ExportCmd
+
+    engine = make_engine(run_dir=tmp_path / "run")
+    acks: list[dict] = []
+    engine.sinks.append(lambda _line, ev: acks.append(ev) if ev["type"] == "ack" else None)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\n")
+    mine.chmod(0o644)
+    engine.submit(ExportCmd(cmd="export", path=str(mine)))
+    engine._boundary()
+    assert not acks[-1]["ok"] and "exists; it is replaced only when you confirm (overwrite: true)" in acks[-1]["message"]
+    assert mine.read_text() == "my notes\n" and os.stat(mine).st_mode & 0o777 == 0o644
+    engine.submit(ExportCmd(cmd="export", path=str(mine), overwrite=True))  # what the console sends after asking
+    engine._boundary()
+    assert acks[-1]["ok"] and load_policy(mine) == engine.replayable_policy() and os.stat(mine).st_mode & 0o777 == 0o644
+    new = tmp_path / "new.yaml"
+    engine.submit(ExportCmd(cmd="export", path=str(new)))
+    engine._boundary()
+    assert acks[-1]["ok"] and load_policy(new) == engine.replayable_policy()
+    engine.close()

@@ -23,16 +23,18 @@ def wiki_ids(tokenizer):
 
 
 def test_blocks_are_the_concatenated_text(tokenizer, wiki_ids):
-    task = LMTask.build(str(WIKI), tokenizer, TaskOptions(max_length=64))
+    task = LMTask.build(str(WIKI), tokenizer, TaskOptions(max_length=64, eval_split=0))
     assert len(task.train) == len(wiki_ids) // 64
     assert all(len(f["input_ids"]) == 64 and f["labels"] == f["input_ids"] for f in task.train)
     assert [i for f in task.train for i in f["input_ids"]] == wiki_ids[: 64 * len(task.train)]
-    assert task.eval == task.train  # one file: eval on the same text unless --eval-split
+    assert task.eval == task.train  # one file and --eval-split 0: eval on the same text, and the run says so
+    assert "--eval-split is 0: evaluation runs on the training data" in task.notes[0]
     assert tokenizer.decode(task.train[0]["input_ids"]).startswith("= homarus gammarus =")
 
 
 def test_eval_split_holds_out_the_tail(tokenizer, wiki_ids):
-    task = LMTask.build(str(WIKI), tokenizer, TaskOptions(max_length=64, eval_split=0.1))
+    task = LMTask.build(str(WIKI), tokenizer, TaskOptions(max_length=64))  # one file: 0.1 held out unasked
+    assert task.notes[0].startswith(f"{WIKI} has no eval split: the last 10% of the text")
     cut = int(len(wiki_ids) * 0.9)
     assert [i for f in task.train for i in f["input_ids"]] == wiki_ids[: 64 * len(task.train)]
     assert [i for f in task.eval for i in f["input_ids"]] == wiki_ids[cut : cut + 64 * len(task.eval)]
@@ -78,7 +80,7 @@ def test_too_little_text_is_a_clear_error(tokenizer, tmp_path):
     table.write_text("body\nhello world\n")
     with pytest.raises(DataError, match="no column 'text' \\(set by --text-column\\); columns are: body"):
         LMTask.build(str(table), tokenizer, TaskOptions(max_length=8))
-    assert LMTask.build(str(table), tokenizer, TaskOptions(max_length=2, text_column="body")).train
+    assert LMTask.build(str(table), tokenizer, TaskOptions(max_length=2, text_column="body", eval_split=0)).train
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

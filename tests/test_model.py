@@ -75,3 +75,10 @@ def test_folder_without_config(tmp_path):
 def test_unreachable_hub_model_is_one_clear_error():
     with pytest.raises(ModelLoadError, match=r"cannot load a classification model from 'distilbert-base-uncased'"):
         load_model("distilbert-base-uncased")
+
+
+def test_timeline_sets_are_checked_against_the_model_too(tokenizer):
+    model = build_tiny("bert", tokenizer)
+    policy = policy_from_yaml("timeline:\n  - {step: 3, set: {pruning: {method: magnitude, targets: ['*.atention.*.weight']}}}\n")
+    with pytest.raises(PolicyError, match=r"timeline\[0\]\.set\.pruning\.targets\[0\]: pattern '\*\.atention\.\*\.weight' matches no parameter"):
+        check_policy_against_model(policy, model, find_units(model))

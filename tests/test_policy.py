@@ -126,3 +126,44 @@ def test_run_section_is_written_in_full_and_is_not_part_of_the_state(tmp_path, m
     assert written["data"] == str(tmp_path / "data") and written["model"] == "minilm"  # a local path replays from anywhere
     assert written["task"] == "classification" and written["warmup"] == 0 and written["max_train_samples"] is None
     assert p.state().run is None and p.at_step(10).run is None  # the sections in force; run settings never change mid-run
+
+
+def test_every_timeline_set_is_validated_at_load_and_named_as_in_the_file():
+    text = "timeline:\n  - {step: 9, set: {faults: {on_nonfinite: stop}}}\n  - {step: 3, set: {pruning: {bogus_key: 1, method: nonsense}}}\n"
+    with pytest.raises(PolicyError) as err:
+        policy_from_yaml(text, "p.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "p.yaml: invalid policy"
+    assert "  timeline[1].set.pruning.method: Input should be 'none', 'magnitude', 'imp', 'movement' or 'soft_movement' (got 'nonsense')" in lines
+    assert "  timeline[1].set.pruning.bogus_key: unknown key (not allowed in timeline[1].set.pruning)" in lines
+    # a set that is only wrong once merged with what came before it (end before start)
+    merged = "pruning: {method: magnitude, schedule: {start_step: 50, end_step: 60}}\ntimeline:\n  - {step: 5, set: {pruning: {schedule: {end_step: 20}}}}\n"
+    with pytest.raises(PolicyError, match=r"timeline\[0\]\.set\.pruning\.schedule: end_step \(20\) must be >= start_step \(50\)"):
+        policy_from_yaml(merged)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("freeze: " + "[" * 1000 + "]" * 1000, "nested more than 32 levels deep at line 1"),
+        ("".join("  " * i + f"k{i}:\n" for i in range(200)), "nested more than 32 levels deep at line 32"),
+        ("a: &a [*a]", "an alias refers to a node that contains it"),
+        # a billion laughs inside a timeline `set`: small on disk, gigabytes once expanded
+        ("timeline:\n  - {step: 1, set: {pruning: {targets: &l0 ['*.a', '*.b', '*.c', '*.d', '*.e', '*.f', '*.g', '*.h', '*.i']}}}\n"
+         + "".join(f"  - {{step: {i + 2}, set: {{pruning: {{targets: &l{i + 1} [{', '.join([f'*l{i}'] * 9)}]}}}}}}\n" for i in range(8)),
+         "more than 200,000 values once YAML aliases are expanded"),
+    ],
+)
+def test_nesting_and_alias_expansion_are_bounded_before_anything_is_built(text, message):
+    with pytest.raises(PolicyError, match=message):
+        policy_from_yaml(text, "p.yaml")
+
+
+def test_a_file_over_the_size_cap_is_refused_unread(tmp_path):
+    path = tmp_path / "big.yaml"
+    with path.open("w") as f:
+        f.write("spu_policy: 1\n")
+        for _ in range(50_000):  # 2.5 MB of comments: valid YAML, absurd as a policy
+            f.write("# " + "x" * 48 + "\n")
+    with pytest.raises(PolicyError, match="more than 1,048,576 bytes; a policy file may hold at most 1 MiB"):
+        load_policy(path)

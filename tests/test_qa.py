@@ -20,7 +20,7 @@ SQUAD = DATA / "squad"
 
 @pytest.mark.parametrize("max_length,doc_stride", [(384, 128), (48, 16)])
 def test_every_labelled_span_is_the_answer_or_reported_out_of_window(tokenizer, max_length, doc_stride):
-    task = QATask.build(str(SQUAD), tokenizer, TaskOptions(max_length=max_length, doc_stride=doc_stride))
+    task = QATask.build(str(SQUAD), tokenizer, TaskOptions(max_length=max_length, doc_stride=doc_stride, eval_split=0))  # every question
     assert len(task.eval_examples) == 627
     answered, inside_token = set(), []
     for feat in task.eval:
@@ -114,7 +114,7 @@ def test_evaluate_scores_fixed_predictions(tokenizer, tmp_path):
         {"context": context2, "qas": [{"id": "q2", "question": "Who lost?", "answers": [{"answer_start": 0, "text": "Carolina Panthers"}]},
                                       {"id": "q3", "question": "Where?", "answers": [{"answer_start": 0, "text": "Carolina"}]}]},
     ])
-    task = QATask.build(str(path), tokenizer, TaskOptions(max_length=64))
+    task = QATask.build(str(path), tokenizer, TaskOptions(max_length=64, eval_split=0))  # scored on its own questions
     predicted = {"q1": "Denver Broncos won", "q2": "Carolina Panthers", "q3": "lost the game"}
     spans = {}
     for feat in task.eval:
@@ -131,7 +131,7 @@ def test_best_window_wins_across_windows(tokenizer, tmp_path):
     filler = " ".join(f"word{i}" for i in range(60))
     context = f"Alpha beta. {filler} The capital is Paris."
     path = _squad_file(tmp_path, [{"context": context, "qas": [{"id": "q", "question": "Capital?", "answers": [{"answer_start": context.index("Paris"), "text": "Paris"}]}]}])
-    task = QATask.build(str(path), tokenizer, TaskOptions(max_length=48, doc_stride=8))
+    task = QATask.build(str(path), tokenizer, TaskOptions(max_length=48, doc_stride=8, eval_split=0))
     assert len(task.eval) > 2
     last = task.eval[-1]
     s, e = _token_span(task, last, "Paris")

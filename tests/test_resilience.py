@@ -240,45 +240,178 @@ def test_sigterm_flag_interrupts_evaluation_and_stops_after_a_checkpoint(make_en
     assert _all_finite(engine)
 
 
-def test_a_checkpoint_that_cannot_be_written_pauses_and_is_retried(make_engine, tmp_path, monkeypatch):
-    import errno
+class _FullDisk:
+    """Writers that fail the way the real libraries do on a full disk, until ``free()``."""
 
-    from spu_engine import checkpoint as ckpt
+    def __init__(self, monkeypatch) -> None:
+        self.full = True
+        self.monkeypatch = monkeypatch
 
-    engine = make_engine(steps=4, run_dir=tmp_path / "run", checkpoint_every=2, eval_every=4)
+    def free(self) -> None:
+        self.full = False
+
+    def checkpoints(self, writer: str) -> None:
+        from safetensors import SafetensorError
+
+        from spu_engine import checkpoint as ckpt
+
+        if writer == "safetensors":
+            real, error = ckpt.save_file, SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+            target, name = ckpt, "save_file"
+        else:
+            real, error = ckpt.torch.save, RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4608 vs 4500")
+            target, name = ckpt.torch, "save"
+
+        def write(*args, **kwargs):
+            if self.full:
+                raise error
+            return real(*args, **kwargs)
+
+        self.monkeypatch.setattr(target, name, write)
+
+    def files(self, name: str) -> None:
+        """atomic_write_text's temporary files named ``name``* go to /dev/full: the kernel's own ENOSPC."""
+        import os
+        import tempfile
+
+        real = tempfile.mkstemp
+
+        def mkstemp(suffix=None, prefix=None, dir=None, text=False):
+            if self.full and (prefix or "").startswith(name):
+                return os.open("/dev/full", os.O_WRONLY), os.path.join(dir, prefix + "full")
+            return real(suffix, prefix, dir, text)
+
+        self.monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+    def events(self, engine) -> None:
+        """events.jsonl on /dev/full until freed."""
+        real = engine._events_file
+        dev_full = open("/dev/full", "wb", buffering=0)
+
+        class Switch:
+            def write(_self, data):
+                return (dev_full if self.full else real).write(data)
+
+            def close(_self):
+                dev_full.close()
+                real.close()
+
+        engine._events_file = Switch()
+
+
+def _params(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+
+
+@pytest.mark.parametrize("writer, retry", [("safetensors", "resume"), ("torch.save", "checkpoint")])
+def test_a_full_disk_at_a_checkpoint_pauses_keeps_the_newest_and_retries(make_engine, tmp_path, monkeypatch, writer, retry):
+    from spu_engine.checkpoint import list_checkpoints, verify
+    from spu_engine.protocol import CheckpointCmd
+
+    engine = make_engine(steps=6, run_dir=tmp_path / "run", checkpoint_every=2, eval_every=6)
     events = _recorder(engine)
-    real, calls = ckpt.save_checkpoint, {"n": 0}
+    disk = _FullDisk(monkeypatch)
+    disk.free()
+    disk.checkpoints(writer)
+    original = engine.train_step
 
-    def disk_full_once(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+    def train_step():  # the disk fills up during step 3
+        out = original()
+        disk.full = disk.full or engine.step == 3
+        return out
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full_once)
+    engine.train_step = train_step
     thread, result = _start(engine)
     paused = _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
-    assert paused["step"] == 2 and "checkpoint at step 2 failed" in paused["message"] and "No space left on device" in paused["message"]
-    assert thread.is_alive() and engine.step == 2
-    engine.submit(ResumeCmd(cmd="resume"))
-    thread.join(30)
+    in_memory = _params(engine)
+    assert paused["step"] == 4 and engine.step == 4 and thread.is_alive()
+    assert "writing checkpoint step-0000004 failed (" in paused["message"] and " free of " in paused["message"]
+    assert ("SafetensorError" if writer == "safetensors" else "inline_container.cc") in paused["message"]
+    assert "press s (or resume) to retry" in paused["message"]
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == ["step-0000002"] and verify(folder / "step-0000002") is None
+    engine.submit(ResumeCmd(cmd="resume") if retry == "resume" else CheckpointCmd(cmd="checkpoint"))
+    _wait(events, lambda e: e["type"] == "ack" and e["cmd"] == retry)
+    assert engine.step == 4 and thread.is_alive()  # still full: still paused, nothing lost
+    disk.free()
+    engine.submit(ResumeCmd(cmd="resume") if retry == "resume" else CheckpointCmd(cmd="checkpoint"))
+    thread.join(60)
     assert result["state"] == "finished"
-    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4]  # the last step is written once
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4, 6]
+    assert [e["ok"] for e in events if e["type"] == "ack"] == [False, True]
+    assert [p.name for p in list_checkpoints(folder)] == ["step-0000002", "step-0000004", "step-0000006"]
+    loaded = make_engine(steps=6)
+    loaded.resume_from(folder / "step-0000004")
+    assert all(torch.equal(p, in_memory[n]) for n, p in loaded.model.named_parameters())  # the paused state, exactly
 
 
-def test_a_full_disk_for_events_does_not_stop_training(make_engine, tmp_path, capsys):
-    import errno
+def test_a_full_disk_for_events_pauses_and_every_event_reaches_the_file(make_engine, tmp_path, monkeypatch):
+    import json
 
-    engine = make_engine(steps=3, run_dir=tmp_path / "run")
+    engine = make_engine(steps=5, run_dir=tmp_path / "run")
     events = _recorder(engine)
+    disk = _FullDisk(monkeypatch)
+    disk.free()
+    disk.events(engine)
+    original = engine.train_step
 
-    class FullDisk:
-        def write(self, _line):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def train_step():
+        out = original()
+        disk.full = disk.full or engine.step == 2
+        return out
 
-    engine._events_file = FullDisk()
-    engine.train_step()
-    engine.train_step()
-    assert engine.step == 2 and [e["step"] for e in events if e["type"] == "step"] == [1, 2]
-    assert capsys.readouterr().err.count("cannot write events.jsonl ([Errno 28] No space left on device)") == 1
-    engine._events_file = None
+    engine.train_step = train_step
+    thread, result = _start(engine)
+    paused = _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+    assert paused["step"] == 3 and "writing events.jsonl failed (OSError: [Errno 28] No space left on device" in paused["message"]
+    disk.free()
+    engine.submit(ResumeCmd(cmd="resume"))
+    thread.join(60)
+    assert result["state"] == "finished"
+    engine.close()
+    written = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_bytes().splitlines()]
+    assert [(e["type"], e.get("step")) for e in written] == [(e["type"], e.get("step")) for e in events]  # all, in order
+    assert [e["step"] for e in written if e["type"] == "step"] == [1, 2, 3, 4, 5]
+
+
+def test_a_full_disk_for_policy_yaml_pauses_and_the_change_stays_applied(make_engine, tmp_path, monkeypatch):
+    from spu_engine.policy import load_policy
+    from spu_engine.protocol import ChangeCmd
+
+    engine = make_engine(steps=4, run_dir=tmp_path / "run")
+    events = _recorder(engine)
+    disk = _FullDisk(monkeypatch)
+    disk.files(".policy.yaml.")
+    rule = FreezeRule(layers=[0], trainable=False)
+    engine.submit(ChangeCmd(cmd="change", change=Change(freeze=[rule])))
+    thread, result = _start(engine)
+    paused = _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+    assert paused["step"] == 0 and "writing policy.yaml failed (OSError: [Errno 28] No space left on device" in paused["message"]
+    assert engine.current.freeze == [rule] and [e["ok"] for e in events if e["type"] == "ack"] == [True]
+    disk.free()
+    engine.submit(ResumeCmd(cmd="resume"))
+    thread.join(60)
+    assert result["state"] == "finished"
+    assert load_policy(tmp_path / "run" / "policy.yaml").timeline[0].freeze == [rule]
+
+
+def test_headless_with_nobody_there_it_retries_by_itself_and_sigterm_still_ends_it(make_engine, tmp_path, monkeypatch):
+    engine = make_engine(steps=50, run_dir=tmp_path / "run", checkpoint_every=2)
+    engine.write_retry_s = 0.05
+    events = _recorder(engine)
+    disk = _FullDisk(monkeypatch)
+    disk.checkpoints("safetensors")
+    thread, result = _start(engine)
+    _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused")
+    _wait(events, lambda e: e["type"] == "error" and e.get("kind") == "write" and sum(x.get("kind") == "write" for x in events) >= 3)
+    disk.free()  # space again: the next retry writes it and training goes on, nobody pressed anything
+    _wait(events, lambda e: e["type"] == "checkpoint" and e["step"] == 2)
+    _wait(events, lambda e: e["type"] == "step" and e["step"] == 5)
+    disk.full = True
+    _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused" and e["step"] == 6)
+    engine.request_stop("SIGTERM")  # what the signal handler does
+    thread.join(30)
+    assert result["state"] == "stopped" and engine.fault_stop and engine.step == 6
+    final = events[-1]
+    assert final["state"] == "stopped" and final["message"].startswith("SIGTERM: stopped at step 6 without a checkpoint (writing checkpoint step-0000006 failed")
+    assert final["message"].endswith("the newest complete checkpoint is step-0000004")

@@ -129,6 +129,7 @@ def test_sigkill_then_resume_continues_exactly_from_the_newest_complete_checkpoi
     *_, previous, newest = list_checkpoints(run_dir / "checkpoints")
     model_file = newest / "model.safetensors"
     os.truncate(model_file, model_file.stat().st_size // 2)  # as if the machine died mid-write
+    truncated = model_file.stat().st_size
     (run_dir / "checkpoints" / ".tmp-step-0000099-x").mkdir()
     resume_at = read_state(previous)["step"]
 
@@ -154,7 +155,11 @@ def test_sigkill_then_resume_continues_exactly_from_the_newest_complete_checkpoi
     output = (tmp_path / "resume.out").read_text()
     assert f"skipping checkpoint {newest.name}: model.safetensors has" in output and "(truncated)" in output
     assert "removed half-written checkpoint .tmp-step-0000099-x" in output
-    assert f"removed unusable checkpoint {newest.name}" in output
+    aside = run_dir / "checkpoints" / "unusable" / newest.name  # never deleted: moved aside with the reason
+    assert f"moved unusable checkpoint {newest.name} to" in output
+    assert any(e["type"] == "log" and e["message"].startswith(f"moved unusable checkpoint {newest.name} to {aside} (") for e in _events(run_dir))
+    assert (aside / "model.safetensors").stat().st_size == truncated
+    assert "(truncated)" in (aside / "reason.txt").read_text() and (aside / "optimizer.pt").is_file()
     assert all(verify(p) is None for p in list_checkpoints(run_dir / "checkpoints"))  # step 15 is written anew, whole
     assert "Traceback" not in output
 

@@ -140,3 +140,53 @@ def test_a_peer_of_another_user_is_refused_by_its_credentials():
     finally:
         srv.close()
         shutil.rmtree(folder)
+
+
+def test_hello_is_answered_by_the_server_and_never_reaches_the_engine(server):
+    srv, received = server
+    client = EngineClient(srv.path).connect(5)
+    client.wait_for(lambda e: e["type"] == "hello", 5)
+    for _ in range(20):
+        client.send("hello")
+    hellos = [client.wait_for(lambda e: e["type"] == "hello", 5) for _ in range(20)]
+    assert all(h["client"] == hellos[0]["client"] for h in hellos)
+    cid = client.send("pause")
+    _until(lambda: len(received) == 1)
+    assert [c.cmd for c in received] == ["pause"] and received[0].id == cid  # no hello in the engine's inbox (nor its log)
+
+
+def test_a_flooding_connection_is_held_to_its_rate_and_others_are_not(server):
+    from spu_engine import server as srv_module
+
+    srv, received = server
+    flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flooder.connect(str(srv.path))
+    start = time.monotonic()
+    flooder.sendall(b'{"cmd": "pause"}\n' * 300)  # all at once: the kernel buffers them, the server reads at its pace
+    _until(lambda: len(received) >= srv_module.COMMAND_BURST + 5)  # past the burst it keeps being served ...
+    elapsed = time.monotonic() - start
+    # ... but never faster than the bucket allows: burst + rate x time (an invariant of the limiter, not a timing)
+    assert len(received) <= srv_module.COMMAND_BURST + srv_module.COMMAND_RATE * elapsed + 1
+    other = EngineClient(srv.path).connect(5)
+    other.wait_for(lambda e: e["type"] == "hello", 5)
+    cid = other.send("resume")
+    _until(lambda: any(c.id == cid for c in received), 5)  # another connection has its own budget
+    flooder.close()
+
+
+def test_connections_beyond_the_cap_are_told_and_closed(tmp_path, monkeypatch):
+    from spu_engine import server as srv_module
+
+    monkeypatch.setattr(srv_module, "MAX_CLIENTS", 3)
+    srv = EngineServer(tmp_path / "control.sock", lambda cmd, cid: None, lambda: event("hello", step=0)).start()
+    try:
+        clients = [EngineClient(srv.path).connect(5) for _ in range(3)]
+        for c in clients:
+            c.wait_for(lambda e: e["type"] == "hello", 5)
+        extra = EngineClient(srv.path).connect(5)
+        refused = extra.wait_for(lambda e: e["type"] == "error", 5)
+        assert "at most 3 connections" in refused["message"]
+        _until(lambda: not extra.connected)
+        assert srv.client_count == 3
+    finally:
+        srv.close()

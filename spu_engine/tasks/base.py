@@ -21,7 +21,8 @@ class TaskOptions:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     doc_stride: int | None = None  # qa: tokens shared by consecutive windows of a long context (None: max_length // 3)
-    eval_split: float = 0.0  # qa / lm: fraction of a single-file source held out for eval (0: eval on the train file)
+    eval_split: float | None = None  # share held out for eval when the data has no eval split (None: DEFAULT_EVAL_SPLIT; 0: eval on train)
+    seed: int = 0  # which rows are held out
 
 
 class Task(ABC):
@@ -36,6 +37,7 @@ class Task(ABC):
         self.train = train
         self.eval = eval
         self.pad_id = pad_id
+        self.notes: list[str] = []  # what the run must say about the data (a held-out eval share); logged as warnings
 
     @classmethod
     @abstractmethod

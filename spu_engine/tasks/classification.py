@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import DataError, is_local, load_hub_splits, pick_column, read_rows, require_columns, split_files
+from ..data import DataError, hold_out_rows, is_local, load_hub_splits, pick_column, read_rows, require_columns, split_files
 from .base import Task, TaskOptions
 
 TEXT_CANDIDATES = ("sentence", "text", "sentence1", "review", "content", "document")
@@ -23,7 +23,9 @@ class ClassificationTask(Task):
     def build(cls, source: str, tokenizer, options: TaskOptions) -> "ClassificationTask":
         if is_local(source):
             files = split_files(source)
-            splits = {s: (read_rows(p), str(p)) for s, p in files.items()}
+            splits = {"train": (read_rows(files["train"]), str(files["train"]))}
+            if files["eval"] != files["train"]:
+                splits["eval"] = (read_rows(files["eval"]), str(files["eval"]))
         else:
             hub = load_hub_splits(source)
             splits = {s: (rows, f"{source} ({s})") for s, rows in hub.items()}
@@ -37,6 +39,10 @@ class ClassificationTask(Task):
             require_columns(rows, wanted, src)
         labels = sorted({str(r[label_col]) for r in train_rows})
         label_ids = _label_ids(labels)
+        note = None
+        if "eval" not in splits:  # after the labels: a label that lands only in the held-out share still has its id
+            train_rows, eval_rows, note = hold_out_rows(train_rows, options.eval_split, options.seed, train_src)
+            splits = {"train": (train_rows, train_src), "eval": (eval_rows, f"{train_src} (held out)")}
 
         def encode(rows: list[dict[str, Any]], src: str, limit: int | None) -> list[dict[str, Any]]:
             rows = rows[:limit] if limit else rows
@@ -59,6 +65,7 @@ class ClassificationTask(Task):
         )
         task.num_labels = len(labels)
         task.label_names = labels
+        task.notes = [note] if note else []
         return task
 
     def per_sample_loss(self, model, batch):

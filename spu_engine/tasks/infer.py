@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import DataError, is_local, read_rows, split_files
+from ..data import TEXT_ENCODING, DataError, is_local, read_rows, split_files
 
 QA_KEYS = {"question", "context", "answers"}
 LABEL_KEYS = ("label", "labels", "target", "class")
@@ -52,7 +52,7 @@ def infer_task(data: str, model: str | None = None) -> str:
 
 def _is_nested_squad(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=TEXT_ENCODING))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
     articles = data.get("data") if isinstance(data, dict) else None

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data import (
+    TEXT_ENCODING,
     DataError,
+    eval_share,
     is_local,
     load_hub_splits,
+    no_eval_split_note,
     pick_column,
     read_rows,
     require_columns,
@@ -40,14 +43,19 @@ class LMTask(Task):
         train_text, eval_text, same = load_text(source, options.text_column)
         block = options.max_length
         train_ids = token_ids(train_text, tokenizer)
-        if same and options.eval_split > 0:
-            cut = int(len(train_ids) * (1 - options.eval_split))
-            train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
+        notes = []
+        if same:  # no eval split: the tail of the text, so no eval token is inside a training block
+            share = eval_share(options.eval_split)
+            cut = int(len(train_ids) * (1 - share))
+            notes.append(no_eval_split_note(source, f"the last {share:.0%} of the text ({len(train_ids) - cut:,} tokens) is", options.eval_split))
+            train_ids, eval_ids = (train_ids[:cut], train_ids[cut:]) if share else (train_ids, train_ids)
         else:
-            eval_ids = train_ids if same else token_ids(eval_text, tokenizer)
+            eval_ids = token_ids(eval_text, tokenizer)
         train = blocks(train_ids, block, "train", source)[: options.max_train_samples or None]
         evals = blocks(eval_ids, block, "eval", source)[: options.max_eval_samples or None]
-        return cls(train, evals, tokenizer.pad_token_id)
+        task = cls(train, evals, tokenizer.pad_token_id)
+        task.notes = notes
+        return task
 
     def per_sample_loss(self, model, batch):
         token_loss, mask = self._token_loss(model, batch)
@@ -81,13 +89,16 @@ def load_text(source: str, text_column: str | None = None) -> tuple[str, str, bo
     """Train text, eval text, and whether both come from the same single source."""
     if not is_local(source):
         hub = load_hub_splits(source)
-        return _join(hub["train"], text_column, f"{source} (train)"), _join(hub["eval"], text_column, f"{source} (eval)"), False
+        train = _join(hub["train"], text_column, f"{source} (train)")
+        if "eval" not in hub:
+            return train, train, True
+        return train, _join(hub["eval"], text_column, f"{source} (eval)"), False
     files = split_files(source)
     texts = {}
     for split, path in files.items():
         if path.suffix.lower() in TEXT_SUFFIXES:
             try:
-                texts[split] = path.read_text(encoding="utf-8")
+                texts[split] = path.read_text(encoding=TEXT_ENCODING)
             except (OSError, UnicodeDecodeError) as exc:
                 raise DataError(f"{path}: cannot read ({exc})") from None
         else:

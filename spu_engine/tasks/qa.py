@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import DataError, is_local, load_hub_splits, read_rows, split_files
+from ..data import TEXT_ENCODING, DataError, eval_share, is_local, load_hub_splits, no_eval_split_note, read_rows, split_files
 from .base import Task, TaskOptions, model_inputs
 
 MAX_ANSWER_TOKENS = 30
@@ -57,7 +57,7 @@ class QATask(Task):
         if not 0 < stride < options.max_length:
             raise DataError(f"--doc-stride must be between 1 and --max-length - 1 ({options.max_length - 1}); got {stride}")
         options = replace(options, doc_stride=stride)
-        train, evals = load_squad(source, options.eval_split)
+        train, evals, note = load_squad(source, options.eval_split)
         train = train[: options.max_train_samples] if options.max_train_samples else train
         evals = evals[: options.max_eval_samples] if options.max_eval_samples else evals
         train_feats, _, train_missing = _windows(train, tokenizer, options)
@@ -66,6 +66,7 @@ class QATask(Task):
             feat["feature_index"] = i
         task = cls(train_feats, eval_feats, tokenizer.pad_token_id, evals, eval_windows)
         task.out_of_window = {"train": train_missing, "eval": eval_missing}
+        task.notes = [note] if note else []
         return task
 
     def per_sample_loss(self, model, batch):
@@ -119,35 +120,41 @@ class QATask(Task):
 # --------------------------------------------------------------------------- data
 
 
-def load_squad(source: str, eval_split: float = 0.0) -> tuple[list[Example], list[Example]]:
-    """Train and eval examples from a hub name, a SQuAD JSON file, or a folder with train/dev files."""
+def load_squad(source: str, eval_split: float | None = None) -> tuple[list[Example], list[Example], str | None]:
+    """Train and eval examples from a hub name, a SQuAD JSON file, or a folder with train/dev files, and the
+    note a run must show when there was no eval split (part of train is held out, see ``hold_out``)."""
     if not is_local(source):
         hub = load_hub_splits(source)
-        return _examples(hub["train"], f"{source} (train)"), _examples(hub["eval"], f"{source} (eval)")
+        train = _examples(hub["train"], f"{source} (train)")
+        if "eval" in hub:
+            return train, _examples(hub["eval"], f"{source} (eval)"), None
+        return hold_out(train, eval_split, f"{source} (train)")
     files = split_files(source)
     train = _examples(_records(files["train"]), str(files["train"]))
     if files["eval"] != files["train"]:
-        return train, _examples(_records(files["eval"]), str(files["eval"]))
-    if eval_split > 0:
-        return hold_out(train, eval_split, str(files["train"]))
-    return train, train
+        return train, _examples(_records(files["eval"]), str(files["eval"])), None
+    return hold_out(train, eval_split, str(files["train"]))
 
 
-def hold_out(examples: list[Example], fraction: float, source: str) -> tuple[list[Example], list[Example]]:
-    """Split off the last ``fraction`` of the articles (whole articles, so no context is in both)."""
+def hold_out(examples: list[Example], eval_split: float | None, source: str) -> tuple[list[Example], list[Example], str]:
+    """Split off the last share of the articles (whole articles, so no context is in both), and say so."""
+    fraction = eval_share(eval_split)
+    if fraction == 0:
+        return examples, examples, no_eval_split_note(source, "", eval_split)
     groups = list(dict.fromkeys(e.group for e in examples))
     n_eval = round(len(groups) * fraction)
     if not 0 < n_eval < len(groups):
         raise DataError(f"{source}: --eval-split {fraction} leaves no articles for {'eval' if n_eval == 0 else 'training'} ({len(groups)} articles)")
     held = set(groups[len(groups) - n_eval :])
-    return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
+    note = no_eval_split_note(source, f"the last {n_eval} of {len(groups)} articles are", eval_split)
+    return [e for e in examples if e.group not in held], [e for e in examples if e.group in held], note
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
     """Flat question records from a nested SQuAD file (data -> paragraphs -> qas) or a flat one."""
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=TEXT_ENCODING))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read ({exc})") from None
         articles = data.get("data") if isinstance(data, dict) else None

@@ -11,12 +11,15 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 
-class ExportScreen(ModalScreen[Path | None]):
+class ExportScreen(ModalScreen[tuple[Path, bool] | None]):
+    """Dismissed with (path, overwrite): overwrite only after a second enter on a file that exists."""
+
     BINDINGS = [Binding("escape", "cancel", "cancel")]
 
     def __init__(self, default: Path) -> None:
         super().__init__()
         self.default = default
+        self.confirm: Path | None = None  # the existing file a second enter replaces
 
     def compose(self) -> ComposeResult:
         with Vertical(id="export-box") as box:
@@ -28,14 +31,19 @@ class ExportScreen(ModalScreen[Path | None]):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value.strip()
+        error = self.query_one("#export-error", Static)
         if not text:
-            self.query_one("#export-error", Static).update("give a file path, e.g. runs/<name>/policy-export.yaml")
+            error.update("give a file path, e.g. runs/<name>/policy-export.yaml")
             return
         path = Path(text).expanduser()
         if path.is_dir():
-            self.query_one("#export-error", Static).update(f"{path} is a folder; give a file name such as {path / 'policy.yaml'}")
+            error.update(f"{path} is a folder; give a file name such as {path / 'policy.yaml'}")
             return
-        self.dismiss(path)
+        if path.exists() and self.confirm != path:
+            self.confirm = path
+            error.update(f"{path} exists: enter again replaces it (its permissions are kept), or change the name")
+            return
+        self.dismiss((path, path.exists()))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
