@@ -1,8 +1,9 @@
 """A run's settings: what it computes (``RunSettings``) and where it runs (``EngineConfig``).
 
 ``RunSettings`` is also the ``run:`` section of a policy, so an exported policy
-replays its run alone.  It holds only pydantic: the policy module imports it,
-and the console parses policies without loading torch.
+replays its run alone.  This module imports only pydantic (the task registry,
+which needs torch, only when a task name is checked), so the policy module can
+import it without an import cycle or a heavy import.
 """
 
 from __future__ import annotations
