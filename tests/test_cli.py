@@ -162,7 +162,7 @@ def test_a_folder_that_holds_a_run_is_refused_unless_overwrite(trained_run, tmp_
 
     run = _copy(trained_run, tmp_path)
     before = _snapshot(run)
-    refused = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--data", str(SST2), "--run-dir", str(run)])
+    refused = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), *map(str, TRAIN), "--steps", "2", "--run-dir", str(run)])
     assert refused.exit_code == 2
     assert f"--run-dir {run} already holds a run; continue it with `spu train --resume {run}`" in refused.output
     assert "--overwrite" in refused.output and _snapshot(run) == before
