@@ -426,6 +426,11 @@ class Engine(PolicyHost):
     def _pause_for_writes(self) -> None:
         if self._write_pause:
             return
+        if self.dist is not None:  # other ranks cannot wait in step with rank 0's retries: every rank stops at the next boundary
+            if not self._stop_signal:
+                self.emit("error", step=self.step, message="; ".join(self._unwritten.values()) + "; stopping every rank", kind="write")
+            self._stop_signal = self._stop_signal or "write failure"
+            return
         message = self._write_message()
         self._write_pause = self._paused = True
         self._retry_at = time.monotonic() + self.write_retry_s
@@ -713,7 +718,7 @@ class Engine(PolicyHost):
     def save_or_pause(self) -> None:
         """A checkpoint that cannot be written (disk full) pauses the run instead of ending it, state in memory,
         until a retry writes it (automatic, `s` or resume) or the run is stopped."""
-        if not self._write("checkpoint", self.save_checkpoint):
+        if not self._write("checkpoint", self.save_checkpoint) and self.dist is None:
             self._boundary()
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
