@@ -370,3 +370,23 @@ async def test_a_refused_stop_keeps_the_console_open(recorded_run):
         await pilot.pause(0.3)
         assert app.is_running
         assert app.state.log[-1].error and message in app.state.log[-1].text
+
+
+async def test_export_over_an_existing_file_is_sent_only_after_a_second_enter(recorded_run, tmp_path):
+    run_dir, history = recorded_run
+    existing = run_dir / "policy-export.yaml"  # the dialog's default path
+    existing.write_text("mine\n")
+    app = SpuApp(run_dir, history=history, connect=False)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            link = app.link = ScriptedLink(app)
+            await pilot.press("e")
+            await pilot.pause(0.2)
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert link.sent == [] and "exists: enter again replaces it" in str(app.screen.query_one("#export-error").render())
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert link.sent == [("export", {"path": str(existing.resolve()), "overwrite": True})]
+    finally:
+        existing.unlink()
