@@ -406,8 +406,6 @@ class Engine(PolicyHost):
         if "checkpoint" in self._unwritten:
             self._write("checkpoint", self.save_checkpoint)
         if self._unwritten:
-            if self._write_pause:
-                self.emit("error", step=self.step, message=self._write_message(), kind="write")
             return False
         if self._write_pause:
             self._write_pause = self._paused = False
@@ -545,8 +543,8 @@ class Engine(PolicyHost):
             for cmd in self._take_commands(block=True):
                 self._handle(cmd)
             self._stop_if_signalled()
-            if self._write_pause and time.monotonic() >= self._retry_at:
-                self._retry_writes()
+            if self._write_pause and time.monotonic() >= self._retry_at and not self._retry_writes():
+                self.emit("error", step=self.step, message=self._write_message(), kind="write")
 
     def _timeline_failed(self, entry: TimelineEntry, exc: PolicyError) -> None:
         """A timeline entry the engine cannot apply at its step: a replay that skipped it would silently diverge,

@@ -443,3 +443,17 @@ def test_under_torchrun_a_failed_write_stops_every_rank_at_one_boundary(make_eng
     assert dist.calls == engine.step + 1  # the boundaries before steps 1-3 and the one that stopped
     assert any(e["type"] == "error" and e["message"].endswith("; stopping every rank") for e in events)
     assert events[-1]["message"].startswith("write failure: stopped at step 3 without a checkpoint (writing checkpoint step-0000003 failed")
+
+
+def test_a_timeline_entry_the_engine_refuses_at_its_step_stops_the_run_instead_of_being_skipped(make_engine, tmp_path):
+    """Validated at load, an entry can still be refused by the live state (removing adapters from a running model):
+    a replay that skipped it would silently diverge, so the run stops after a checkpoint that keeps it pending."""
+    policy = Policy(timeline=[
+        TimelineEntry(step=1, set={"peft": {"method": "adapter", "size": 4}}),
+        TimelineEntry(step=2, set={"peft": {"method": "none"}}),
+    ])
+    engine = make_engine(steps=6, run_dir=tmp_path / "run", policy=policy)
+    events = _recorder(engine)
+    assert engine.run() == "stopped" and engine.fault_stop and engine.step == 2
+    assert events[-1]["message"].startswith("timeline entry at step 2 cannot be applied:")
+    assert [e.step for e in engine.pending] == [2] and read_state(latest_checkpoint(tmp_path / "run" / "checkpoints"))["pending"][0]["step"] == 2
