@@ -5,8 +5,8 @@ client with ``selectors``.  Each client has a bounded outgoing buffer: when a
 slow client falls behind, its oldest lines are dropped (it can rebuild history
 from ``events.jsonl``) so the engine never waits for anyone.  Incoming lines
 are size-capped and validated; a bad one gets an ``error`` event and nothing
-else happens.  Each connection has a rate limit (lines, bytes, and commands
-for the engine): past it the server stops reading that socket for a while, so
+else happens.  Each connection has rate limits (lines, bytes, commands for the
+engine, hello): past one the server stops reading that socket for a while, so
 a flooding client waits on its own writes instead of slowing training.
 ``hello`` is answered here from a snapshot shared by every request between two
 events; it never reaches the engine or events.jsonl.
