@@ -201,9 +201,7 @@ def train(
             doc_stride=doc_stride, eval_split=eval_split,
         )
         run_dir = run_dir or default_run_dir(config.model, config.task)
-        if holds_run(run_dir) and not overwrite:
-            if is_live(run_dir):
-                fail(f"--run-dir {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
+        if holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it, naming the pid
             fail(
                 f"--run-dir {run_dir} already holds a run; continue it with `spu train --resume {run_dir}`, "
                 f"or start it again from step 0 with --overwrite (deletes its checkpoints and history)"

@@ -376,8 +376,6 @@ class Engine(PolicyHost):
         if "checkpoint" in self._unwritten:
             self._write("checkpoint", self.save_checkpoint)
         if self._unwritten:
-            if self._write_pause:
-                self.emit("error", step=self.step, message=self._write_message(), kind="write")
             return False
         if self._write_pause:
             self._write_pause = self._paused = False
@@ -395,6 +393,11 @@ class Engine(PolicyHost):
 
     def _pause_for_writes(self) -> None:
         if self._write_pause:
+            return
+        if self.dist is not None:  # other ranks cannot wait in step with rank 0's retries: every rank stops at the next boundary
+            if not self._stop_signal:
+                self.emit("error", step=self.step, message="; ".join(self._unwritten.values()) + "; stopping every rank", kind="write")
+            self._stop_signal = self._stop_signal or "write failure"
             return
         message = self._write_message()
         self._write_pause = self._paused = True
@@ -512,8 +515,8 @@ class Engine(PolicyHost):
             for cmd in self._take_commands(block=True):
                 self._handle(cmd)
             self._stop_if_signalled()
-            if self._write_pause and time.monotonic() >= self._retry_at:
-                self._retry_writes()
+            if self._write_pause and time.monotonic() >= self._retry_at and not self._retry_writes():
+                self.emit("error", step=self.step, message=self._write_message(), kind="write")
 
     def _timeline_failed(self, entry: TimelineEntry, exc: PolicyError) -> None:
         """A timeline entry the engine cannot apply at its step: a replay that skipped it would silently diverge,
@@ -685,7 +688,7 @@ class Engine(PolicyHost):
     def save_or_pause(self) -> None:
         """A checkpoint that cannot be written (disk full) pauses the run instead of ending it, state in memory,
         until a retry writes it (automatic, `s` or resume) or the run is stopped."""
-        if not self._write("checkpoint", self.save_checkpoint):
+        if not self._write("checkpoint", self.save_checkpoint) and self.dist is None:
             self._boundary()
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:

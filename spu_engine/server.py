@@ -5,8 +5,8 @@ client with ``selectors``.  Each client has a bounded outgoing buffer: when a
 slow client falls behind, its oldest lines are dropped (it can rebuild history
 from ``events.jsonl``) so the engine never waits for anyone.  Incoming lines
 are size-capped and validated; a bad one gets an ``error`` event and nothing
-else happens.  Each connection has a rate limit (lines, bytes, and commands
-for the engine): past it the server stops reading that socket for a while, so
+else happens.  Each connection has rate limits (lines, bytes, commands for the
+engine, hello): past one the server stops reading that socket for a while, so
 a flooding client waits on its own writes instead of slowing training.
 ``hello`` is answered here from a snapshot shared by every request between two
 events; it never reaches the engine or events.jsonl.
@@ -46,10 +46,12 @@ LOCK_NAME = "engine.lock"
 CLIENT_BUFFER_BYTES = 4 << 20
 MAX_SOCKET_PATH = 100  # AF_UNIX addresses hold 107 bytes on Linux
 MAX_CLIENTS = 128  # connections at once; each may hold CLIENT_BUFFER_BYTES of unsent events
-# per connection, sustained rate and burst: any line (parsed and answered here), bytes, commands the engine applies
+# per connection, sustained rate and burst: any line (parsed and answered here), bytes, commands the engine applies,
+# and hello (a full snapshot; a console needs one when it connects, which the server sends unasked)
 LINE_RATE, LINE_BURST = 50.0, 1000.0
 BYTE_RATE, BYTE_BURST = float(4 << 20), float(16 << 20)
 COMMAND_RATE, COMMAND_BURST = 10.0, 50.0
+HELLO_RATE, HELLO_BURST = 2.0, 10.0
 
 
 class RunFolderError(RuntimeError):
@@ -154,6 +156,7 @@ class _Client:
         self.lines = _Bucket(LINE_RATE, LINE_BURST)
         self.bytes = _Bucket(BYTE_RATE, BYTE_BURST)
         self.commands = _Bucket(COMMAND_RATE, COMMAND_BURST)
+        self.hellos = _Bucket(HELLO_RATE, HELLO_BURST)
         self.held_until = 0.0  # over its rate: not read until then (monotonic time)
         self.blocked = False  # its socket buffer is full: flushed again when the selector says writable
         self.interest = 0  # selector events registered for it
@@ -400,7 +403,7 @@ class EngineServer:
                 continue
             c.lines.spend(1)
             self._handle_line(c, line)
-            wait = max(c.lines.wait(), c.bytes.wait(), c.commands.wait())
+            wait = max(c.lines.wait(), c.bytes.wait(), c.commands.wait(), c.hellos.wait())
             if wait > 0:
                 c.held_until = time.monotonic() + wait
 
@@ -416,6 +419,7 @@ class EngineServer:
         # answered at once: the client knows the engine has it, though it applies at the next boundary
         self.send_to(c.id, event("received", id=cmd.id, cmd=cmd.cmd))
         if cmd.cmd == "hello":  # read-only: answered here, never queued for the engine nor logged
+            c.hellos.spend(1)
             self._send_hello(c)
             return
         c.commands.spend(1)

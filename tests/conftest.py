@@ -69,10 +69,10 @@ def make_engine(tokenizer, tmp_path):
 
     task_cache: dict = {}
 
-    def make(arch: str = "bert", policy=None, run_dir: Path | None = None, model=None, **cfg):
+    def make(arch: str = "bert", policy=None, run_dir: Path | None = None, model=None, dist=None, **cfg):
         if "task" not in task_cache:
             task_cache["task"] = ClassificationTask.build(str(SST2), tokenizer, TaskOptions(max_length=32, max_train_samples=512, max_eval_samples=64))
         config = EngineConfig(model="tiny", data=str(SST2), **{"steps": 20, "batch_size": 8, "eval_every": 0, "stats_every": 1, "lr": 1e-3, "warmup": 0, **cfg})
-        return Engine(config, policy, run_dir, model=model or build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task_cache["task"])
+        return Engine(config, policy, run_dir, model=model or build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task_cache["task"], dist=dist)
 
     return make

@@ -75,7 +75,7 @@ def test_socket_is_private_and_run_folder_is_locked(live_engine, tiny_model_dir)
         capture_output=True, text=True, timeout=120,
     )
     assert second.returncode == 2
-    assert f"--run-dir {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`" in second.stderr
+    assert f"run folder {run_dir} is in use by a live engine (pid {proc.pid})" in second.stderr
     assert "Traceback" not in second.stderr
 
 

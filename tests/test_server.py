@@ -146,9 +146,9 @@ def test_hello_is_answered_by_the_server_and_never_reaches_the_engine(server):
     srv, received = server
     client = EngineClient(srv.path).connect(5)
     client.wait_for(lambda e: e["type"] == "hello", 5)
-    for _ in range(20):
+    for _ in range(8):
         client.send("hello")
-    hellos = [client.wait_for(lambda e: e["type"] == "hello", 5) for _ in range(20)]
+    hellos = [client.wait_for(lambda e: e["type"] == "hello", 5) for _ in range(8)]
     assert all(h["client"] == hellos[0]["client"] for h in hellos)
     cid = client.send("pause")
     _until(lambda: len(received) == 1)

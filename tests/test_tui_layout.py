@@ -410,3 +410,23 @@ async def test_rules_listed_and_removed_undo_key_and_errors_that_clear(recorded_
         keep.value = "0.5"  # back to the engine's value, in one go
         await pilot.pause(0.1)
         assert str(app.query_one("#status-selective_backprop").render()) == ""
+
+
+async def test_export_over_an_existing_file_is_sent_only_after_a_second_enter(recorded_run, tmp_path):
+    run_dir, history = recorded_run
+    existing = run_dir / "policy-export.yaml"  # the dialog's default path
+    existing.write_text("mine\n")
+    app = SpuApp(run_dir, history=history, connect=False)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            link = app.link = ScriptedLink(app)
+            await pilot.press("e")
+            await pilot.pause(0.2)
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert link.sent == [] and "exists: enter again replaces it" in str(app.screen.query_one("#export-error").render())
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert link.sent == [("export", {"path": str(existing.resolve()), "overwrite": True})]
+    finally:
+        existing.unlink()
