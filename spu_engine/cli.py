@@ -45,8 +45,17 @@ def build_config(**options):
     except Exception as exc:  # pydantic ValidationError -> one line per field
         errors = getattr(exc, "errors", None)
         if errors:
-            fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})" for e in errors()))
+            fail("; ".join(_option_error(e) for e in errors()))
         raise
+
+
+def _option_error(error: dict) -> str:
+    """One pydantic error as the flag to fix: '--max-length: ... (got 4)'; a check across settings names its key first."""
+    message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:  # e.g. 'data: data path ... does not exist' from the task inference
+        key, _, rest = message.partition(": ")
+        return f"--{key.replace('_', '-')}: {rest}"
+    return f"--{'-'.join(str(p) for p in error['loc']).replace('_', '-')}: {message} (got {error.get('input')!r})"
 
 
 def config_from_policy(pol: Policy, source: Optional[Path], **flags):

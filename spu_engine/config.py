@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RunSettings(BaseModel):
@@ -52,16 +52,25 @@ class RunSettings(BaseModel):
     seed: int = 0
     precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere")
 
-    @field_validator("task")
-    @classmethod
-    def _resolve_task(cls, task: str, info: ValidationInfo) -> str:
-        """'auto' becomes the task the data (and model) imply, so config.json records the real one."""
-        from .tasks import get_task, infer_task
+    @model_validator(mode="after")
+    def _resolve_task(self) -> "RunSettings":
+        """'auto' becomes the task the data (and model, and label column) imply, so config.json records the real one.
 
-        if task == "auto":
-            return infer_task(info.data.get("data", "glue/sst2"), info.data.get("model"))
-        get_task(task)
-        return task
+        An error names the setting to fix: ``data:`` for data that cannot be read, ``task:`` for data that fits no task.
+        """
+        from .data import DataError
+        from .tasks import TaskUnclear, get_task, infer_task
+
+        if self.task != "auto":
+            get_task(self.task)
+            return self
+        try:
+            self.task = infer_task(self.data, self.model, label_column=self.label_column)
+        except TaskUnclear as exc:
+            raise ValueError(f"task: {exc}") from None
+        except DataError as exc:
+            raise ValueError(f"data: {exc}") from None
+        return self
 
     def warmup_steps(self) -> int:
         return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)

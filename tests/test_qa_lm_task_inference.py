@@ -56,3 +56,16 @@ def test_cli_reports_an_ambiguous_source_without_traceback(tmp_path):
     assert result.exit_code == 2
     assert "--task:" in result.output and "pass --task classification, qa or lm" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_bad_data_path_blames_data_and_a_named_label_column_needs_no_task(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing"), "--model", "tiny", "--steps", "1", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2 and f"--data: data path '{tmp_path / 'missing'}' does not exist" in result.output
+    assert "--task" not in result.output and not (tmp_path / "run").exists()
+    table = tmp_path / "own"
+    table.mkdir()
+    (table / "train.tsv").write_text("txt\ty\nhello world\t1\nbad movie\t0\n")
+    assert infer_task(str(table), label_column="y") == "classification"
+    assert EngineConfig(data=str(table), text_column="txt", label_column="y").task == "classification"
+    with pytest.raises(ValueError, match="task: cannot tell the task"):  # the column must exist to decide
+        EngineConfig(data=str(table), label_column="label2")

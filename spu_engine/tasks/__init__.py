@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .base import Task, TaskOptions
 from .classification import ClassificationTask
-from .infer import infer_task
+from .infer import TaskUnclear, infer_task
 from .lm import LMTask
 from .qa import QATask
 
@@ -27,4 +27,4 @@ def get_task(name: str) -> type[Task]:
         raise ValueError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}") from None
 
 
-__all__ = ["TASKS", "Task", "TaskOptions", "get_task", "infer_task"]
+__all__ = ["TASKS", "Task", "TaskOptions", "TaskUnclear", "get_task", "infer_task"]

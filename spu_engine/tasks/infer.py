@@ -21,8 +21,15 @@ QA_HUB = ("squad", "rajpurkar/squad", "adversarial_qa", "mrqa")
 LM_HUB = ("wikitext", "salesforce/wikitext", "ptb_text_only", "openwebtext", "tiny_shakespeare", "roneneldan/tinystories")
 
 
-def infer_task(data: str, model: str | None = None) -> str:
-    """'classification', 'qa' or 'lm' for ``data``; raises DataError when it cannot tell."""
+class TaskUnclear(DataError):
+    """The data reads fine but fits no task, or more than one: ``--task`` has to say."""
+
+
+def infer_task(data: str, model: str | None = None, label_column: str | None = None) -> str:
+    """'classification', 'qa' or 'lm' for ``data``; DataError when it cannot be read, TaskUnclear when it fits no task.
+
+    A ``label_column`` the table has makes it classification (``--label-column`` needs no ``--task``).
+    """
     if not is_local(data):
         name = data.lower()
         if name.startswith(QA_HUB):
@@ -40,11 +47,11 @@ def infer_task(data: str, model: str | None = None) -> str:
     keys = set(rows[0]) if rows else set()
     if QA_KEYS <= keys:
         return "qa"
-    if keys & set(LABEL_KEYS):
+    if keys & set(LABEL_KEYS) or (label_column is not None and label_column in keys):
         return "classification"
     if model is not None and is_decoder_only(model):
         return "lm"
-    raise DataError(
+    raise TaskUnclear(
         f"cannot tell the task of {path}: it has no label column ({', '.join(LABEL_KEYS)}) and no SQuAD fields "
         f"(columns: {', '.join(sorted(keys)) or 'none'}); pass --task classification, qa or lm"
     )
