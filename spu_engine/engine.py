@@ -116,6 +116,8 @@ class Engine(PolicyHost):
         self.amp_dtype = self._amp_dtype()
 
         task_cls = get_task(config.task)
+        if task is None:
+            self.set_state("loading", f"reading and tokenizing {config.data}")
         if tokenizer is None and (task is None or model is None):
             tokenizer = load_tokenizer(config.model)
         self.tokenizer = tokenizer
@@ -138,6 +140,7 @@ class Engine(PolicyHost):
         for note in task.notes:
             self.log(note, "warning")
         if model is None:
+            self.set_state("loading", f"loading the model {config.model}")
             model = load_model(config.model, task_cls.model_kind, num_labels=task.num_labels, tokenizer=tokenizer)
         task.check_fits(model)
         self.model = model.to(self.device)

@@ -337,6 +337,7 @@ class SpuApp(App):
             header = self.header
             header.run_name, header.model, header.state = s.run, s.model, s.state
             header.step, header.total, header.samples_per_s, header.eta_s = s.step, s.total_steps, s.samples_per_s, s.eta_s
+            header.waiting = s.waiting
         if "tree" in dirty:
             self.unit_tree.show(s)
         if "log" in dirty:

@@ -74,6 +74,7 @@ class RunState:
     log: list[LogLine] = field(default_factory=list)
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
+    waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
     _recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (t, step, samples)
 
     @property
@@ -122,6 +123,12 @@ class RunState:
     def _on_state(self, ev: StateEvent) -> set[str]:
         self.state = ev.state
         self.step = ev.step or self.step
+        if ev.state == "loading":
+            self.waiting = ev.message
+        elif ev.state == "training" and not self.loss_steps:
+            self.waiting = "the first step: allocating memory and warming up (slower than the rest)"
+        else:
+            self.waiting = ""
         self._say(self.step, "state", f"{self.state}{': ' + ev.message if ev.message else ''}", error=self.state == "error")
         return {"header", "log"}
 
@@ -129,6 +136,7 @@ class RunState:
         if self.loss_steps and ev.step <= self.loss_steps[-1]:
             return set()
         self.step = ev.step
+        self.waiting = ""
         self._recent.append((ev.t, ev.step, ev.samples or 0))
         first_t, first_step, first_samples = self._recent[0]
         if ev.t > first_t and ev.step > first_step:

@@ -122,3 +122,15 @@ def test_sparsity_bars_move_at_the_step_the_masks_change(make_engine):
     for ev in events:
         state.apply(ev)
     assert 0.3 < state.unit_stats["block0"].sparsity < 0.6 and state.unit_stats["embeddings"].sparsity == 0.0
+
+
+def test_the_header_says_what_the_engine_waits_for_until_the_first_step():
+    from spu_tui.run_state import RunState
+
+    state = RunState()
+    state.apply({"type": "state", "t": 1.0, "state": "loading", "message": "reading and tokenizing data/sst2"})
+    assert state.waiting == "reading and tokenizing data/sst2"
+    state.apply({"type": "state", "t": 2.0, "state": "training", "message": "trainable 10 of 10"})
+    assert state.waiting.startswith("the first step")
+    state.apply({"type": "step", "t": 3.0, "step": 1, "loss": 0.7})
+    assert state.waiting == ""

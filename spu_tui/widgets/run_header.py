@@ -26,6 +26,7 @@ class RunHeader(Widget):
     samples_per_s: reactive[float] = reactive(0.0)
     state: reactive[str] = reactive("connecting")
     eta_s: reactive[float | None] = reactive(None)
+    waiting: reactive[str] = reactive("")  # before the first step: what the engine is busy with
 
     def render(self) -> Text:
         top = Text()
@@ -35,8 +36,11 @@ class RunHeader(Widget):
         bottom = Text()
         bottom.append(f" {self.state:<9}", style=STATE_STYLE.get(self.state, "bold"))
         bottom.append(f" step {self.step}/{self.total}")
-        bottom.append(f"  {self.samples_per_s:,.1f} samples/s")
-        bottom.append(f"  ETA {format_eta(self.eta_s)}")
+        if self.waiting:
+            bottom.append(f"  {self.waiting}", style="italic")
+        else:
+            bottom.append(f"  {self.samples_per_s:,.1f} samples/s")
+            bottom.append(f"  ETA {format_eta(self.eta_s)}")
         top.truncate(self.size.width, overflow="ellipsis")
         bottom.truncate(self.size.width, overflow="ellipsis")
         return Text("\n").join([top, bottom])
