@@ -177,7 +177,7 @@ class RunState:
         self.eval_loss.append(ev.eval_loss if ev.eval_loss is not None else math.nan)
         self.eval_metric.append(float(metrics.get(self.metric, math.nan)))
         shown = {"eval_loss": ev.eval_loss, **metrics} if ev.eval_loss is not None else metrics
-        self._say(ev.step, "eval", ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        self._say(ev.step, "eval", ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         return {"plots", "log"}
 
     def _on_prune(self, ev: PruneEvent) -> set[str]:

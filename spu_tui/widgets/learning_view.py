@@ -17,6 +17,7 @@ from textual.widget import Widget
 from ..run_state import RunState
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
+BAR_FROM = 44  # columns from which the table has room for the update-ratio bar and whole unit names
 
 Rows = tuple[tuple[str, float | None, float | None], ...]  # unit, grad norm, update ratio (None: no statistics yet)
 
@@ -33,20 +34,29 @@ class LearningView(Widget):
         )
 
     def render(self) -> Table:
+        """Numbers are never cut: below BAR_FROM columns the bar goes, then unit names shorten (block3 -> b3)."""
+        width = self.size.width
         table = Table(box=None, expand=True, padding=(0, 1), header_style="bold")
-        table.add_column("unit", no_wrap=True)
-        table.add_column("‖grad‖", justify="right", no_wrap=True)
-        table.add_column("upd/w", justify="right", no_wrap=True)
-        table.add_column("", ratio=1, no_wrap=True)
-        bar_width = max(4, self.size.width - 34)
+        table.add_column("unit", no_wrap=True, overflow="ellipsis")
+        table.add_column("‖grad‖", justify="right", no_wrap=True, min_width=7)
+        table.add_column("upd/w", justify="right", no_wrap=True, min_width=7)
+        with_bar = width >= BAR_FROM
+        if with_bar:
+            table.add_column("", ratio=1, no_wrap=True)
+        bar_width = max(4, width - 34)
         for name, grad_norm, ratio in self.rows or ():
-            if grad_norm is None or ratio is None:
-                table.add_row(name, "-", "-", "")
-            else:
-                table.add_row(name, f"{grad_norm:.2e}", f"{ratio:.1e}", _bar(ratio, bar_width))
+            shown = name if width >= BAR_FROM else _short(name)
+            cells = [shown, "-", "-"] if grad_norm is None or ratio is None else [shown, f"{grad_norm:.1e}", f"{ratio:.1e}"]
+            if with_bar:
+                cells.append(_bar(ratio, bar_width) if ratio is not None and grad_norm is not None else "")
+            table.add_row(*cells)
         if not self.rows:
-            table.add_row("waiting for the engine", "", "", "")
+            table.add_row("waiting for the engine", "", "", *([""] if with_bar else []))
         return table
+
+
+def _short(name: str) -> str:
+    return "b" + name[5:] if name.startswith("block") else {"embeddings": "emb"}.get(name, name)
 
 
 def _bar(ratio: float, width: int) -> Text:
