@@ -1,17 +1,17 @@
-"""Every method after every other: A applied live, then B, through the command path the socket feeds.
+"""Every method after every other: A applied live, then B, sent by a client over the engine's Unix socket.
 
 For each ordered pair (A, B) of twelve live changes, on a tiny BERT and a tiny GPT-2:
-B is applied, or refused with a message and nothing changed; the run's history
-redraws in the console's state without an unreadable event; and its exported
-policy, replayed headless, gives the same trainable set at every step and the
-same masks at the end.  The full 12 x 12 x 2 matrix is marked slow
-(``pytest -m slow``); the default run covers every change as A and as B.
+B is applied, or refused with a message and nothing changed; the run reattaches
+(its history replayed in the console app under Pilot, every tensor a row of the
+tree); and its exported policy, replayed headless, gives the same trainable set at
+every step and the same masks at the end.  The full 12 x 11 x 2 matrix is marked
+slow (``pytest -m slow``); the default run covers every change as A and as B.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
+import time
 
 import pytest
 import torch
@@ -19,8 +19,9 @@ from conftest import build_tiny
 
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.policy import Policy
-from spu_engine.protocol import parse_command
 from spu_engine.runs import read_history
+from spu_engine.server import SOCKET_NAME, EngineClient, EngineServer
+from spu_tui.app import SpuApp
 from spu_tui.run_state import RunState
 
 ONE_TENSOR = {"bert": "bert.encoder.layer.0.attention.self.query.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}
@@ -68,22 +69,39 @@ def _engine(arch, task, tokenizer, run_dir, policy=None) -> Engine:
 
 
 def _run(engine: Engine, script: dict[int, dict]) -> tuple[list[dict], dict[int, dict[str, bool]]]:
-    """Run, submitting ``script[step]`` as a socket command at that step boundary; events, and the trainable set per step."""
+    """Run, a socket client sending ``script[step]`` once that step is done; events, and the trainable set per step.
+
+    The engine takes a command at its next boundary; the sink waits until the socket thread has queued it, so a
+    change always lands at the boundary after the step that sent it.
+    """
+    sock = engine.run_dir / SOCKET_NAME
+    server = EngineServer(sock, lambda cmd, _cid: engine.submit(cmd), engine.hello).start()
+    client = EngineClient(sock).connect(timeout=10)
     events: list[dict] = []
     trainable: dict[int, dict[str, bool]] = {}
+
+    def send(step: int) -> None:
+        client.send("change", id=f"at{step}", change=script[step])
+        deadline = time.monotonic() + 10
+        while engine.inbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def sink(_line, ev):
         events.append(ev)
         if ev["type"] == "step":
             trainable[ev["step"]] = {n: p.requires_grad for n, p in engine.params.items()}
             if ev["step"] in script:
-                engine.submit(parse_command(json.dumps({"cmd": "change", "id": f"at{ev['step']}", "change": script[ev["step"]]})))
+                send(ev["step"])
 
-    engine.sinks.append(sink)
-    if 0 in script:
-        engine.submit(parse_command(json.dumps({"cmd": "change", "id": "at0", "change": script[0]})))
-    assert engine.run() == "finished"
-    engine.close()
+    engine.sinks += [server.broadcast, sink]
+    try:
+        if 0 in script:
+            send(0)
+        assert engine.run() == "finished"
+    finally:
+        client.close()
+        server.close()
+        engine.close()
     return events, trainable
 
 
@@ -92,7 +110,7 @@ def _masks(engine: Engine) -> dict[str, torch.Tensor]:
     return {n: pm.masks.keep(n).clone() for n in pm.masks.masks}
 
 
-def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
+async def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
     """Run A then B; returns 'applied' or the refusal message."""
     todo = changes(arch)
     live = _engine(arch, task, tokenizer, tmp_path / "live")
@@ -105,11 +123,17 @@ def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
         assert [ev["source"] for ev in events if ev["type"] == "policy"] == ["client"], f"{b} was refused but recorded"
         assert trainable[B_AT] == trainable[B_AT + 1], f"{b} was refused but changed what trains"
 
+    history = read_history(tmp_path / "live")
     state = RunState()
-    for ev in read_history(tmp_path / "live"):
+    for ev in history:
         state.apply(ev)
-    assert state.unreadable == 0 and state.units
-    assert {p.name for u in state.units for p in u.params} == set(live.param_names)  # the tree shows what the model has
+    assert state.unreadable == 0
+    app = SpuApp(tmp_path / "live", history=history, connect=False)
+    async with app.run_test(size=(80, 24)) as pilot:  # reattach: the console draws the whole history
+        await pilot.pause(0.1)
+        rows = {row.name for row in app.unit_tree._row_nodes if row.kind == "tensor"}
+        assert rows == set(live.param_names), f"{a} then {b}: the reattached tree does not show the model's tensors"
+        assert app.state.step == STEPS
 
     replay = _engine(arch, task, tokenizer, tmp_path / "replay", Policy.model_validate(live.replayable_policy().model_dump(mode="json")))
     _, replayed = _run(replay, {})
@@ -121,13 +145,13 @@ def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
 
 
 @pytest.mark.parametrize("a, b", QUICK, ids=[f"{a}-then-{b}" for a, b in QUICK])
-def test_pairs_on_tiny_bert(a, b, sst2_task, tokenizer, tmp_path):
-    check_pair("bert", a, b, sst2_task, tokenizer, tmp_path)
+async def test_pairs_on_tiny_bert(a, b, sst2_task, tokenizer, tmp_path):
+    await check_pair("bert", a, b, sst2_task, tokenizer, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 @pytest.mark.parametrize("a, b", FULL, ids=[f"{a}-then-{b}" for a, b in FULL])
-def test_every_ordered_pair(arch, a, b, sst2_task, tokenizer, tmp_path):
-    outcome = check_pair(arch, a, b, sst2_task, tokenizer, tmp_path)
+async def test_every_ordered_pair(arch, a, b, sst2_task, tokenizer, tmp_path):
+    outcome = await check_pair(arch, a, b, sst2_task, tokenizer, tmp_path)
     print(f"PAIR {arch} {a} -> {b}: {outcome}")
