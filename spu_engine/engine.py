@@ -327,15 +327,11 @@ class Engine(PolicyHost):
         """Put back the sections as they were before the last client change, as a change of its own (recorded, so replay stays exact)."""
         if not self.undoable:
             raise PolicyError("undo: nothing to undo (no change from a console since the engine started)")
-        before = self.undoable[-1]
-        restore = {
-            section: before.model_dump(mode="json", exclude_none=True)[section]
-            for section in SECTIONS
-            if getattr(before, section) != getattr(self.current, section)
-        }
+        old, now = self.undoable[-1].model_dump(mode="json"), self.current.model_dump(mode="json")
+        restore = {section: _changed(old[section], now[section]) for section in SECTIONS if old[section] != now[section]}
         self.apply_change(Change(set=restore), source="undo")  # refused (e.g. LoRA has trained): nothing changes
         self.undoable.pop()
-        return f"undone: {', '.join(restore) or 'nothing left to restore'} as before step {self.step}"
+        return f"restored {', '.join(restore) or 'nothing (already as it was)'} as before the last change"
 
     def _trainable_by_unit(self) -> dict[str, float]:
         out = {}
@@ -919,6 +915,13 @@ class Engine(PolicyHost):
                 print(f"spu-engine: {len(self._events_backlog)} last events could not be written to events.jsonl", file=sys.stderr, flush=True)
             self._events_file.close()
             self._events_file = None
+
+
+def _changed(old: Any, now: Any) -> Any:
+    """The part of ``old`` that differs from ``now`` (mappings by key; anything else whole), for a change that merges."""
+    if isinstance(old, dict) and isinstance(now, dict):
+        return {k: _changed(v, now.get(k)) for k, v in old.items() if v != now.get(k)}
+    return old
 
 
 class _EvaluationInterrupted(Exception):

@@ -152,6 +152,11 @@ class UnitTree(Tree[Row]):
 
     # -- keys ---------------------------------------------------------------
 
+    def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
+        """The cursor's tensor by its full name: rows may show it shortened."""
+        row = event.node.data
+        self.border_subtitle = row.name if row is not None and row.kind == "tensor" else ""
+
     def _cursor_row(self) -> Row | None:
         node = self.cursor_node
         return node.data if node is not None else None
@@ -221,17 +226,27 @@ def short_count(n: int) -> str:
     return str(n)
 
 
+SHORT_LEAF = {"weight": "w", "bias": "b"}
+
+
 def fit_name(name: str, room: int) -> str:
-    """``name`` in ``room`` columns, keeping the parts that tell tensors apart: the last two (``query.weight``) stay whole,
-    leading parts shrink to initials (``a.s.query.weight``), then go (``…query.weight``)."""
+    """``name`` in ``room`` columns, keeping the parts that tell tensors apart.
+
+    Leading parts shrink to initials (``a.s.query.weight``), then the leaf too (``a.o.dense.w`` beside ``i.dense.w``),
+    then leading parts go (``…LayerNorm.w``).  The cursor row's full name is on the tree's border.
+    """
     if len(name) <= room:
         return name
     parts = name.split(".")
     keep = min(2, len(parts))
-    for i in range(len(parts) - keep):
-        parts[i] = parts[i][:1]
-        if len(candidate := ".".join(parts)) <= room:
-            return candidate
+    for leaf_short in (False, True):
+        if leaf_short:
+            parts[-1] = SHORT_LEAF.get(parts[-1], parts[-1])
+        for i in range(len(parts) - keep + 1):
+            if len(candidate := ".".join(parts)) <= room:
+                return candidate
+            if i < len(parts) - keep:
+                parts[i] = parts[i][:1]
     for i in range(1, len(parts) - keep + 1):
         if len(candidate := "…" + ".".join(parts[i:])) <= room:
             return candidate
