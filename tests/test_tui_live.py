@@ -119,6 +119,8 @@ async def test_threshold_edit_reaches_the_engine_q_detach_keeps_it_training_and_
 
         # a section the engine may refuse (pruning before its method is registered): the UI says so and goes on
         app.query_one("#pr-method").value = "magnitude"
+        await pilot.pause(0.1)
+        app.query_one("#apply-pruning").press()  # a choice only previews until applied
         await wait_for(pilot, lambda: not app.pending and "pruning" in str(app.query_one("#status-pruning").render()) or "applied" in str(app.query_one("#status-pruning").render()), "the pruning answer")
         pruning_status = app.query_one("#status-pruning")
         if "pruning" in {m.section for m in METHODS}:

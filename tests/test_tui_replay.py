@@ -78,10 +78,14 @@ async def test_console_run_with_three_live_changes_replays_alone_with_the_same_l
 
     async def sb_percentile():
         app.query_one("#sb-mode").value = "percentile"
+        await pilot.pause(0.1)
+        app.query_one("#apply-selective_backprop").press()  # a choice only previews until applied
 
     async def magnitude_pruning():
         app.query_one("#pr-end").value = str(STEPS // 2)
         app.query_one("#pr-method").value = "magnitude"
+        await pilot.pause(0.1)
+        app.query_one("#apply-pruning").press()
 
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.state.units and app.state.state == "training", "the engine to train")
