@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli import build_config, default_run_dir, fail, read_policy, resume_policy
+from spu_engine.cli import build_config, config_from_policy, default_run_dir, fail, read_policy, resume_policy
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model import resolve_model_name
 from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
@@ -81,11 +81,11 @@ def check_model(model: str) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    model: str = typer.Option("minilm", help="hub id, local HF folder, or 'minilm' (the offline package)"),
-    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: glue/sst2 when online, else $SPU_DATA]"),
-    policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps)"),
+    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) [default: the policy's run: model, else minilm]"),
+    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: the policy's run: data, else glue/sst2 when online, else $SPU_DATA]"),
+    policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps; its run: settings are the defaults, flags override)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
-    task: str = typer.Option("auto", help="classification, qa or lm; auto infers it from the data and the model"),
+    task: Optional[str] = typer.Option(None, help="classification, qa or lm; auto infers it from the data and the model [default: auto]"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
@@ -109,14 +109,16 @@ def main(
 
     from .app import SpuApp
 
-    check_model(model)
-    config = build_config(
-        model=model, data=resolve_data(data), task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
-        eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every, max_train_samples=max_train_samples,
-        max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column, seed=seed, device=device,
-        threads=threads,
-    )
     pol = read_policy(policy)
+    from_file = pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}  # an exported policy replays alone
+    model = model or from_file.get("model") or "minilm"
+    check_model(model)
+    config = config_from_policy(
+        pol, policy, model=model, data=resolve_data(data or from_file.get("data")), task=task, steps=steps, batch_size=batch_size,
+        max_length=max_length, lr=lr, eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every,
+        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column,
+        seed=seed, device=device, threads=threads,
+    )
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):
         fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")

@@ -430,3 +430,23 @@ async def test_export_over_an_existing_file_is_sent_only_after_a_second_enter(re
             assert link.sent == [("export", {"path": str(existing.resolve()), "overwrite": True})]
     finally:
         existing.unlink()
+
+
+def test_spu_tui_starts_an_exported_policy_with_its_run_settings(monkeypatch, tmp_path, tiny_model_dir):
+    """`spu-tui --policy export.yaml` alone: the run: section gives model, data and settings; a flag overrides one."""
+    from types import SimpleNamespace
+
+    import spu_engine.server
+    import spu_tui.app
+    from spu_tui.cli import app
+
+    started = {}
+    monkeypatch.setattr(spu_engine.server, "spawn_engine", lambda config, policy, run_dir: started.update(config=config) or SimpleNamespace(poll=lambda: None))
+    monkeypatch.setattr(spu_tui.app.SpuApp, "run", lambda self: None)
+    policy = tmp_path / "export.yaml"
+    policy.write_text(f"run: {{model: {tiny_model_dir}, data: {SST2}, steps: 77, lr: 0.001, seed: 5}}\n")
+    result = CliRunner().invoke(app, ["--policy", str(policy), "--seed", "6", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    config = started["config"]
+    assert (config.model, config.data, config.steps, config.lr, config.seed) == (str(tiny_model_dir), str(SST2), 77, 0.001, 6)
+    assert "--seed 5 -> 6" in result.output
