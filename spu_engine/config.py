@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class RunSettings(BaseModel):
@@ -52,6 +52,15 @@ class RunSettings(BaseModel):
     seed: int = 0
     precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere")
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from .tasks import get_task
+
+        if task != "auto":
+            get_task(task)
+        return task
+
     @model_validator(mode="after")
     def _resolve_task(self) -> "RunSettings":
         """'auto' becomes the task the data (and model, and label column) imply, so config.json records the real one.
@@ -59,10 +68,9 @@ class RunSettings(BaseModel):
         An error names the setting to fix: ``data:`` for data that cannot be read, ``task:`` for data that fits no task.
         """
         from .data import DataError
-        from .tasks import TaskUnclear, get_task, infer_task
+        from .tasks import TaskUnclear, infer_task
 
         if self.task != "auto":
-            get_task(self.task)
             return self
         try:
             self.task = infer_task(self.data, self.model, label_column=self.label_column)

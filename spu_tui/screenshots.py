@@ -3,7 +3,9 @@
 Starts an engine process (MiniLM on SST-2 by default), attaches the app
 headless, lets it train until an evaluation has happened, freezes the lower
 layers from the tree (so the plots show a policy-change mark), and saves
-the main screen at 200x50 and 80x24 plus the help, controls and quit screens.
+the main screen at 200x50 and 80x24 plus the help, controls and quit screens;
+then switches LoRA on from the controls (its what-if line first) and shows its
+tensors in the tree.
 The engine is stopped at the end.
 """
 
@@ -53,6 +55,17 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
         await pilot.press("4")
         await pilot.pause(0.4)
         save("controls-80x24")
+        # LoRA after the freeze: the what-if first, then its tensors in the tree under their blocks
+        app.controls.query_one("#peft-method").value = "lora"
+        await _wait(pilot, lambda: str(app.query_one("#whatif-peft").render()).startswith("→"), timeout)
+        app.controls.scroll_to_widget(app.query_one("#sec-peft"), animate=False)
+        await pilot.pause(0.4)
+        save("whatif-lora-80x24")
+        app.query_one("#apply-peft").press()
+        await _wait(pilot, lambda: not app.pending and any(".lora_" in n.name for n in app.unit_tree._row_nodes), timeout)
+        await pilot.press("escape", "1", "down", "down", "down", "down", "right", "down", "down", "down")
+        await pilot.pause(0.6)
+        save("lora-rows-80x24")
         await pilot.press("1", "question_mark")
         await _wait(pilot, lambda: isinstance(app.screen, HelpScreen), 10)
         await pilot.pause(0.3)
