@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from spu_engine.model import load_model, load_tokenizer, offline_model_dir
+from spu_engine.model import load_model, load_tokenizer
+from spu_engine.model_source import offline_model_dir
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
 

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import DATA, minilm_sst2
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.model import offline_model_dir
+from spu_engine.model_source import offline_model_dir
 from spu_engine.policy import parse_policy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods_sst2.md"

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from .data import DataError
-from .model import ModelLoadError
+from .model_source import ModelLoadError
 from .policy import Policy, PolicyError, json_schema, load_policy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 TRAIN_NAMES = ("train",)
 EVAL_NAMES = ("dev", "validation", "valid", "val", "test")
@@ -132,6 +130,8 @@ def hold_out_rows(rows: list[Any], eval_split: float | None, seed: int, source: 
             f"{source}: --eval-split {share:g} of {len(rows)} rows leaves {'no row for eval' if n_eval == 0 else 'no row to train on'}; "
             f"add a dev file or change --eval-split"
         )
+    import torch  # here, not at the top: the console imports this module and must not load torch
+
     held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:n_eval])
     train = [r for i, r in enumerate(rows) if i not in held]
     evals = [r for i, r in enumerate(rows) if i in held]
@@ -150,56 +150,3 @@ def require_columns(rows: list[dict[str, Any]], wanted: dict[str, str], source: 
 def pick_column(rows: list[dict[str, Any]], candidates: tuple[str, ...]) -> str | None:
     existing = rows[0].keys() if rows else ()
     return next((c for c in candidates if c in existing), None)
-
-
-# --------------------------------------------------------------------------- batching
-
-
-def pad_collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack features, padding every list-valued field to the longest in the batch."""
-    batch: dict[str, torch.Tensor] = {}
-    for key in features[0]:
-        values = [f[key] for f in features]
-        if isinstance(values[0], list):
-            width = max(len(v) for v in values)
-            fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
-            batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
-        else:
-            batch[key] = torch.tensor(values)
-    return batch
-
-
-@dataclass
-class BatchStream:
-    """Seeded, resumable stream of training examples: a new permutation each epoch."""
-
-    size: int
-    seed: int = 0
-    epoch: int = 0
-    position: int = 0
-
-    def __post_init__(self) -> None:
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(self.size, generator=g).tolist()
-
-    def take(self, n: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < n:
-            if self.position >= self.size:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._permutation()
-            k = min(n - len(out), self.size - self.position)
-            out.extend(self._order[self.position : self.position + k])
-            self.position += k
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
-        self._order = self._permutation()

@@ -29,7 +29,8 @@ from . import checkpoint as ckpt
 from .config import EngineConfig
 from .distributed import Distributed
 from .methods import METHODS
-from .model import check_policy_against_model, load_model, load_tokenizer, resolve_model_name
+from .model import check_policy_against_model, load_model, load_tokenizer
+from .model_source import resolve_model_name
 from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry, atomic_write_text, write_new_text
 from .protocol import (
     ChangeCmd,
@@ -148,7 +149,7 @@ class Engine(PolicyHost):
         self.refresh_parameters()
         self.loaded_names = list(self.param_names)
 
-        from .data import BatchStream
+        from .batching import BatchStream
 
         self.stream = BatchStream(len(task.train), seed=config.seed)
         self.methods = [m(self) for m in METHODS]

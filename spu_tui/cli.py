@@ -20,7 +20,7 @@ import typer
 
 from spu_engine.cli import build_config, config_from_policy, default_run_dir, fail, read_policy, resume_policy
 from spu_engine.data import DataError, is_local, split_files
-from spu_engine.model import resolve_model_name
+from spu_engine.model_source import resolve_model_name
 from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
 
 from .frames import DEFAULT_SHARE

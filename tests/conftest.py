@@ -18,7 +18,7 @@ SST2 = DATA / "sst2"
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from spu_engine.model import offline_model_dir
+    from spu_engine.model_source import offline_model_dir
 
     path = offline_model_dir()
     if path is None:

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import SST2
-from spu_engine.data import BatchStream, DataError
+from spu_engine.batching import BatchStream
+from spu_engine.data import DataError
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
 

@@ -7,7 +7,7 @@ import torch
 from conftest import DATA, build_tiny
 from torch.utils.data import Sampler
 
-from spu_engine.data import BatchStream
+from spu_engine.batching import BatchStream
 from spu_engine.engine import NO_DECAY, Engine, EngineConfig
 from spu_engine.integrations import SPUCallback, per_sample_loss
 from spu_engine.policy import PolicyError, parse_policy

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DATA, build_tiny
-from spu_engine.data import BatchStream
+from spu_engine.batching import BatchStream
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.methods.selective_backprop import SelectiveBackprop
 from spu_engine.policy import Change, parse_policy

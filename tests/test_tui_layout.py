@@ -450,3 +450,14 @@ def test_spu_tui_starts_an_exported_policy_with_its_run_settings(monkeypatch, tm
     config = started["config"]
     assert (config.model, config.data, config.steps, config.lr, config.seed) == (str(tiny_model_dir), str(SST2), 77, 0.001, 6)
     assert "--seed 5 -> 6" in result.output
+
+
+def test_the_console_entry_point_loads_no_torch():
+    """spu-tui draws its first frame without torch, transformers or datasets: they live in the engine process."""
+    import subprocess
+    import sys
+
+    code = "import sys, spu_tui.cli, spu_tui.app; print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

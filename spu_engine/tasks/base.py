@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..data import DataError, pad_collate
+from ..batching import pad_collate
+from ..data import DataError
 
 
 @dataclass

@@ -68,7 +68,7 @@ def _is_nested_squad(path: Path) -> bool:
 
 def is_decoder_only(model: str) -> bool:
     """True when the model's config describes a causal LM without an encoder (GPT-2, Llama, ...)."""
-    from ..model import resolve_model_name
+    from ..model_source import resolve_model_name
 
     name = resolve_model_name(model)
     try:

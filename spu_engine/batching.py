@@ -1,0 +1,61 @@
+"""Batches on the training side: padding features into tensors, and the seeded, resumable order of examples.
+
+Apart from ``data.py`` (reading rows), which the console imports and which must not load torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def pad_collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack features, padding every list-valued field to the longest in the batch."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if isinstance(values[0], list):
+            width = max(len(v) for v in values)
+            fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
+            batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+        else:
+            batch[key] = torch.tensor(values)
+    return batch
+
+
+@dataclass
+class BatchStream:
+    """Seeded, resumable stream of training examples: a new permutation each epoch."""
+
+    size: int
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if self.position >= self.size:
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation()
+            k = min(n - len(out), self.size - self.position)
+            out.extend(self._order[self.position : self.position + k])
+            self.position += k
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation()
