@@ -55,9 +55,6 @@ MAX_UNWRITTEN_EVENTS_BYTES = 16 << 20  # events kept in memory while events.json
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
 
 
-class EngineStopped(Exception):
-    pass
-
 
 class Engine(PolicyHost):
     """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""

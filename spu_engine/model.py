@@ -106,10 +106,6 @@ class Unit:
     params: list[str] = field(default_factory=list)
     numel: int = 0
 
-    @property
-    def block_index(self) -> int | None:
-        m = _BLOCK_RE.match(self.name)
-        return int(m.group(1)) if m else None
 
 
 @dataclass
@@ -286,25 +282,6 @@ def check_policy_against_model(
             check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
         if "pruning" in entry.set and in_force.pruning.method != "none" and in_force.pruning.targets is not None:
             check_patterns(in_force.pruning.targets, names, f"timeline[{t}].set.pruning.targets")
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def tiny_config(arch: str, **overrides):
-    """A tiny from-config model of a given architecture, for tests and quick tries."""
-    from transformers import AutoConfig
-
-    base = {
-        "bert": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128),
-        "distilbert": dict(vocab_size=1000, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=128),
-        "roberta": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=130),
-        "gpt2": dict(vocab_size=1000, n_embd=32, n_layer=4, n_head=4, n_positions=128),
-        "llama": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128),
-    }[arch]
-    base.update(overrides)
-    return AutoConfig.for_model(arch, **base)
 
 
 def set_seed(seed: int) -> None:

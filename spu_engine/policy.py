@@ -17,7 +17,6 @@ Timeline semantics (also used for live changes sent by the console):
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import os
 import re
 import shutil
@@ -218,8 +217,6 @@ class Change(_Section):
                 raise ValueError(f"unknown section {key!r}; sections are {', '.join(SECTIONS)}")
         return v
 
-    def is_empty(self) -> bool:
-        return not self.freeze and not self.set
 
 
 class TimelineEntry(Change):
@@ -277,8 +274,6 @@ class Policy(_Section):
                 p = p.apply(e)
         return p
 
-    def entries_at(self, step: int) -> list[TimelineEntry]:
-        return [e for e in self.timeline if e.step == step]
 
     # -- YAML ----------------------------------------------------------------
 
@@ -380,12 +375,6 @@ def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
         except ValidationError as err:
             raise PolicyError(format_validation_error(err, source, prefix=f"timeline[{order[position]}].set.")) from None
 
-
-def parse_change(data: Any, source: str = "change") -> Change:
-    try:
-        return Change.model_validate(data or {})
-    except ValidationError as err:
-        raise PolicyError(format_validation_error(err, source)) from None
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -534,7 +523,3 @@ def close_matches(pattern: str, names: list[str], n: int = 3) -> list[str]:
     if not ranked and stripped:
         ranked = difflib.get_close_matches(stripped, names, n=n, cutoff=0.2)
     return ranked
-
-
-def glob_matches(pattern: str, name: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern)

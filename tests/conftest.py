@@ -33,12 +33,26 @@ def tokenizer(minilm_dir):
     return load_tokenizer(str(minilm_dir))
 
 
+def tiny_config(arch: str, **overrides):
+    """A tiny from-config model configuration of a given architecture."""
+    from transformers import AutoConfig
+
+    base = {
+        "bert": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128),
+        "distilbert": dict(vocab_size=1000, dim=32, n_layers=4, n_heads=4, hidden_dim=64, max_position_embeddings=128),
+        "roberta": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=130),
+        "gpt2": dict(vocab_size=1000, n_embd=32, n_layer=4, n_head=4, n_positions=128),
+        "llama": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128),
+    }[arch]
+    base.update(overrides)
+    return AutoConfig.for_model(arch, **base)
+
+
 def build_tiny(arch: str, tokenizer, task: str = "classification", **overrides):
     """A tiny randomly initialised model of ``arch`` sharing the MiniLM tokenizer's vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    from spu_engine.model import tiny_config
 
     torch.manual_seed(0)
     cfg = tiny_config(arch, vocab_size=tokenizer.vocab_size, **overrides)
