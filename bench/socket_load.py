@@ -40,27 +40,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from joined import joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import FreezeRule, Policy  # noqa: E402
 from spu_engine.server import SOCKET_NAME, spawn_engine  # noqa: E402
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 SETTLE = 2  # steps after the load starts that are not counted
 HELLO = b'{"cmd": "hello"}\n'
-
-
-def joined_sst2(folder: Path) -> Path:
-    """SST-2 sentences joined in fours: every batch fills ``max_length`` (as bench/ui_latency.py does)."""
-    rows = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    rng = random.Random(0)
-    lines = ["sentence\tlabel"]
-    for _ in range(2000):
-        picked = [r.split("\t") for r in rng.sample(rows, 4)]
-        lines.append(" ".join(p[0] for p in picked) + "\t" + picked[0][1])
-    folder.mkdir(parents=True)
-    (folder / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "dev.tsv").write_text("\n".join(lines[:65]) + "\n", encoding="utf-8")
-    return folder
 
 
 class Steps:

@@ -44,13 +44,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from joined import joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import Policy  # noqa: E402
 from spu_engine.server import spawn_engine  # noqa: E402
 from spu_tui.app import SpuApp  # noqa: E402
 from spu_tui.widgets.unit_tree import Row  # noqa: E402
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 SETTLE = 2  # steps after attaching that are not counted (start-up, first full paint)
 POLL = 0.5  # seconds between looks at events.jsonl
 
@@ -82,20 +82,6 @@ class StepLog:
         while self.last() < first + n - 1:
             await asyncio.sleep(POLL)
         return [self.times[s] for s in range(first, first + n)]
-
-
-def joined_sst2(folder: Path) -> Path:
-    """SST-2 sentences joined in fours: every batch fills ``max_length``."""
-    rows = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    rng = random.Random(0)
-    lines = ["sentence\tlabel"]
-    for _ in range(2000):
-        picked = [r.split("\t") for r in rng.sample(rows, 4)]
-        lines.append(" ".join(p[0] for p in picked) + "\t" + picked[0][1])
-    folder.mkdir(parents=True)
-    (folder / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (folder / "dev.tsv").write_text("\n".join(lines[:65]) + "\n", encoding="utf-8")
-    return folder
 
 
 class Window:
