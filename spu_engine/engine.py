@@ -296,7 +296,7 @@ class Engine(PolicyHost):
         return self.initial_policy.model_copy(update={"run": self.config.run_settings(), "timeline": [*self.recorded, *self.pending]})
 
     def _configure_methods(self, policy: Policy) -> None:
-        for m in self.methods:
+        for m in self.configure_order(policy):
             m.configure(policy, self.step)
 
     def apply_change(self, change: Change, source: str) -> None:
@@ -320,6 +320,8 @@ class Engine(PolicyHost):
             frozen_tensors=[n for n, p in self.params.items() if not p.requires_grad],
             units=self.describe_units() if self.param_names != names else None,  # a method added or removed tensors
         )
+        if self.trainable_count() == 0:
+            self.log("no parameter trains now: the freeze rules and the methods together leave none; steps change nothing", "warning")
 
     def undo(self) -> str:
         """Put back the sections as they were before the last client change, as a change of its own (recorded, so replay stays exact)."""
@@ -573,6 +575,8 @@ class Engine(PolicyHost):
             return self.task.per_sample_loss(self.model, batch)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:  # nothing trains (e.g. bias-only skipping with LoRA on a model whose head has no bias)
+            return
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def _lr_factor(self, step: int) -> float:

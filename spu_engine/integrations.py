@@ -174,7 +174,7 @@ class PolicyController(PolicyHost):
     # ------------------------------------------------------------------ internals
 
     def _configure_methods(self, policy: Policy) -> None:
-        for m in self.methods:
+        for m in self.configure_order(policy):
             m.configure(policy, self.step_count)
         self._sync_scheduler()
 

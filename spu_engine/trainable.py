@@ -28,6 +28,12 @@ class PolicyHost:
     def _configure_methods(self, policy: Policy) -> None:
         raise NotImplementedError
 
+    def configure_order(self, policy: Policy) -> list:
+        """The methods, those that ``policy`` switches off first: a PEFT method that must go (or refuses to, having
+        trained) does so before another adds its tensors, so a refused switch never leaves two half-installed."""
+        leaving = [m for m in self.methods if m.active and m.section == "peft" and getattr(m, "name", None) != policy.peft.method]
+        return leaving + [m for m in self.methods if m not in leaving]
+
     def names_under(self, policy: Policy) -> list[str]:
         """Parameter names (stable) the model has under ``policy``: as loaded, plus what its PEFT method adds."""
         added: dict[str, int] = {}
@@ -86,6 +92,8 @@ class PolicyHost:
             phase = wus.phase or wus.start_phase
             what = "every trainable tensor" if phase == "full" else "biases only" + (f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else "")
             notes.append(f"weight-update skipping: phase {phase} trains {what}")
+        if trainable == 0:
+            notes.append("nothing would train: the freeze rules and the methods together leave no parameter (steps would change nothing)")
         if sb.mode == "threshold":
             notes.append("selective backprop (threshold): the kept share depends on the losses")
         sparsity = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from spu_engine.policy import Change, FreezeRule, PolicyError, parse_policy
 
@@ -94,3 +95,39 @@ def test_undo_of_trained_lora_is_refused_and_changes_nothing(make_engine):
         engine.undo()
     assert engine.param_names == names and engine.current.peft.method == "lora"
     assert len(engine.undoable) == 1  # still there to undo once it can be
+
+
+def test_a_refused_peft_switch_leaves_the_installed_method_whole(make_engine):
+    """LoRA has trained, (IA)³ is asked for: refused before (IA)³ adds anything, and LoRA keeps working."""
+    engine = make_engine("bert")
+    engine.apply_change(Change(set={"peft": {"method": "lora", "r": 2}}), "client")
+    engine.train_step()
+    names = list(engine.param_names)
+    with pytest.raises(PolicyError, match="cannot change 'lora' to 'ia3'"):
+        engine.apply_change(Change(set={"peft": {"method": "ia3"}}), "client")
+    assert engine.param_names == names and not any("ia3" in n for n in names)
+    for _ in range(2):
+        engine.train_step()
+
+
+def test_an_untrained_peft_switch_replaces_the_tensors(make_engine):
+    engine = make_engine("gpt2")
+    engine.apply_change(Change(set={"peft": {"method": "lora", "r": 2}}), "client")
+    engine.apply_change(Change(set={"peft": {"method": "ia3"}}), "client")  # same boundary: LoRA never trained
+    assert any(n.endswith(".ia3_l") for n in engine.param_names) and not any(".lora_" in n for n in engine.param_names)
+    engine.train_step()
+
+
+def test_nothing_trainable_is_said_and_steps_still_run(make_engine):
+    """Bias-only skipping with LoRA on GPT-2 (its head has no bias): no parameter trains; the run goes on, changing nothing."""
+    engine = make_engine("gpt2")
+    change = Change(set={"weight_update_skipping": {"enabled": True, "start_phase": "bias_only"}, "peft": {"method": "lora", "r": 2}})
+    assert any("nothing would train" in note for note in engine.preview(change)["notes"])
+    logged = []
+    engine.sinks.append(lambda _line, ev: logged.append(ev))
+    engine.apply_change(change, "client")
+    assert engine.trainable_count() == 0
+    assert any(ev["type"] == "log" and "no parameter trains now" in ev["message"] for ev in logged)
+    before = {n: p.detach().clone() for n, p in engine.params.items()}
+    engine.train_step()
+    assert all(torch.equal(p, before[n]) for n, p in engine.params.items())
