@@ -514,11 +514,12 @@ class EngineClient:
         raise ConnectionError(f"no engine answers on {self.path} ({last})")
 
     def _read_loop(self) -> None:
-        assert self._sock is not None
+        sock = self._sock  # held here: close() from another thread drops the attribute, the recv below then ends
+        assert sock is not None
         buf = b""
         try:
             while True:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
                 if not data:
                     break
                 buf += data
