@@ -25,7 +25,6 @@ live in one thread of this process, which competes with training for the cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import selectors
@@ -40,7 +39,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from joined import joined_sst2  # noqa: E402
+from timing import StepEvents, joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import FreezeRule, Policy  # noqa: E402
 from spu_engine.server import SOCKET_NAME, spawn_engine  # noqa: E402
@@ -49,27 +48,11 @@ SETTLE = 2  # steps after the load starts that are not counted
 HELLO = b'{"cmd": "hello"}\n'
 
 
-class Steps:
-    """Times of step events from events.jsonl, read incrementally (no socket: the quiet windows have no client at all)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.t = path, 0, {}
-
-    def last(self) -> int:
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            complete = data.rfind(b"\n") + 1
-            self.offset += complete
-            for line in data[:complete].splitlines():
-                if b'"type":"step"' in line:
-                    ev = json.loads(line)
-                    self.t[ev["step"]] = ev["t"]
-        return max(self.t, default=0)
+class Steps(StepEvents):
+    """Wall time between step events (no socket: the quiet windows have no client at all)."""
 
     def intervals(self, first: int, n: int) -> list[float]:
-        return [self.t[s] - self.t[s - 1] for s in range(first, first + n)]
+        return [self.events[s]["t"] - self.events[s - 1]["t"] for s in range(first, first + n)]
 
 
 class Load:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -44,7 +43,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from joined import joined_sst2  # noqa: E402
+from timing import StepEvents, joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import Policy  # noqa: E402
 from spu_engine.server import spawn_engine  # noqa: E402
@@ -55,33 +54,15 @@ SETTLE = 2  # steps after attaching that are not counted (start-up, first full p
 POLL = 0.5  # seconds between looks at events.jsonl
 
 
-class StepLog:
-    """Step times from events.jsonl, read incrementally (re-parsing the whole file would cost more than the console)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.times: dict[int, float] = {}
-
-    def last(self) -> int:
-        if self.path.exists():
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-            complete = data.rfind(b"\n") + 1
-            self.offset += complete
-            for line in data[:complete].splitlines():
-                if b'"type":"step"' in line:
-                    ev = json.loads(line)
-                    self.times[ev["step"]] = ev["step_time"]
-        return max(self.times, default=0)
+class StepLog(StepEvents):
+    """Step times as the engine measured them."""
 
     async def steps(self, n: int, skip: int = 0) -> list[float]:
         """Wait for ``skip`` + ``n`` more steps; the step times of the last ``n``."""
         first = self.last() + skip + 1
         while self.last() < first + n - 1:
             await asyncio.sleep(POLL)
-        return [self.times[s] for s in range(first, first + n)]
+        return [self.events[s]["step_time"] for s in range(first, first + n)]
 
 
 class Window:
