@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_tui_layout import screen_lines, small_sst2
+from test_tui_layout import record_run, screen_lines
 
-from spu_engine.policy import Change, FreezeRule, TimelineEntry
+from spu_engine.policy import Change, FreezeRule
 from spu_engine.protocol import PolicyEvent, read_event
-from spu_engine.runs import read_history
 from spu_tui.app import SpuApp
 from spu_tui.widgets.unit_tree import Row, UnitTree
 
@@ -23,25 +22,9 @@ from spu_tui.widgets.unit_tree import Row, UnitTree
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tokenizer):
     """Freeze one query weight at step 2, switch LoRA on at step 4: the sequence that crashed attach before."""
-    from conftest import build_tiny
-
-    from spu_engine.engine import Engine, EngineConfig
-    from spu_engine.tasks import TaskOptions
-    from spu_engine.tasks.classification import ClassificationTask
-
-    run_dir = tmp_path_factory.mktemp("lora-run")
-    data = small_sst2(tmp_path_factory.mktemp("sst2"))
-    task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=128, max_eval_samples=16))
-    config = EngineConfig(model="tiny", data=str(data), steps=8, batch_size=8, eval_every=0, stats_every=2, lr=1e-3, warmup=0)
-    engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
     query = "bert.encoder.layer.1.attention.self.query.weight"
-    engine.pending = [
-        TimelineEntry(step=2, **Change(freeze=[FreezeRule(match=query, trainable=False)]).model_dump()),
-        TimelineEntry(step=4, **Change(set={"peft": {"method": "lora", "r": 2}}).model_dump()),
-    ]
-    engine.run()
-    engine.close()
-    return run_dir, read_history(run_dir)
+    pending = [(2, Change(freeze=[FreezeRule(match=query, trainable=False)])), (4, Change(set={"peft": {"method": "lora", "r": 2}}))]
+    return record_run(tmp_path_factory, tokenizer, "lora-run", pending, steps=8, eval_every=0, stats_every=2)
 
 
 def test_the_policy_event_of_a_peft_switch_carries_the_new_tensors(lora_run):

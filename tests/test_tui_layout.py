@@ -28,24 +28,30 @@ def small_sst2(folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def recorded_run(tmp_path_factory, tokenizer):
-    """A finished 16-step tiny-BERT run that froze embeddings + block0 at step 8: its events.jsonl, as attach reads it."""
+def record_run(tmp_path_factory, tokenizer, name: str, pending: list, **config) -> tuple:
+    """A finished tiny-BERT run on a slice of SST-2 with ``pending`` timeline entries: its folder and history, as attach reads them."""
     from conftest import build_tiny
 
     from spu_engine.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
 
-    run_dir = tmp_path_factory.mktemp("recorded")
+    run_dir = tmp_path_factory.mktemp(name)
     data = small_sst2(tmp_path_factory.mktemp("sst2"))
     task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=256, max_eval_samples=32))
-    config = EngineConfig(model="tiny", data=str(data), steps=16, batch_size=8, eval_every=8, stats_every=4, lr=1e-3, warmup=0)
+    config = EngineConfig(model="tiny", data=str(data), **{"batch_size": 8, "lr": 1e-3, "warmup": 0, **config})
     engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
-    engine.pending = [TimelineEntry(step=8, **Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)]).model_dump())]
+    engine.pending = [TimelineEntry(step=step, **change.model_dump()) for step, change in pending]
     engine.run()
     engine.close()
     return run_dir, read_history(run_dir)
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory, tokenizer):
+    """A finished 16-step tiny-BERT run that froze embeddings + block0 at step 8."""
+    freeze = Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)])
+    return record_run(tmp_path_factory, tokenizer, "recorded", [(8, freeze)], steps=16, eval_every=8, stats_every=4)
 
 
 def screen_lines(app) -> list[str]:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,10 @@ from safetensors.torch import load_file
 
 from spu_engine.engine import EngineConfig
 from spu_engine.policy import Policy, load_policy
-from spu_engine.runs import read_history
 from spu_engine.server import spawn_engine
 from spu_tui.app import SpuApp
 from spu_tui.screens.export import ExportScreen
+from test_tui_live import events_of, wait_for
 
 STEPS = 60
 # every setting off its default, so a replay that fell back to a default would differ
@@ -32,18 +31,6 @@ LIVE = dict(
     steps=STEPS, batch_size=8, max_length=32, lr=2e-3, warmup=5, weight_decay=0.02, grad_clip=0.5, seed=3,
     eval_every=20, max_eval_samples=16, max_train_samples=64, stats_every=2, threads=1,
 )
-
-
-def events_of(run_dir: Path, kind: str) -> list[dict]:
-    return [e for e in read_history(run_dir) if e.get("type") == kind]
-
-
-async def wait_for(pilot, predicate, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.1)
 
 
 @pytest.fixture
