@@ -42,7 +42,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from timing import StepEvents, joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import FreezeRule, Policy  # noqa: E402
-from spu_engine.server import SOCKET_NAME, spawn_engine  # noqa: E402
+from spu_engine.runs import SOCKET  # noqa: E402
+from spu_engine.server import spawn_engine  # noqa: E402
 
 SETTLE = 2  # steps after the load starts that are not counted
 HELLO = b'{"cmd": "hello"}\n'
@@ -150,7 +151,7 @@ def main() -> None:
             cpu_per_step["quiet"].append((cpu_seconds(proc.pid) - engine_cpu) / (steps.last() - first + 1))
             quiet.append(steps.intervals(first, args.window))
 
-            load = Load(run_dir / SOCKET_NAME, args.readers, args.silent, args.hello_rate)
+            load = Load(run_dir / SOCKET, args.readers, args.silent, args.hello_rate)
             cpu, wall = time.process_time(), time.monotonic()
             start = steps.last()
             first = start + SETTLE + 1

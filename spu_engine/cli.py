@@ -15,6 +15,7 @@ from rich.console import Console
 from .data import DataError
 from .model_source import ModelLoadError
 from .policy import Policy, PolicyError, json_schema, load_policy
+from .runs import CONFIG, POLICY
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")
 policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their JSON schema.")
@@ -86,7 +87,7 @@ def resume_policy(run: Path) -> Optional[Policy]:
     """policy.yaml of a run being resumed, or None when it is unreadable: the checkpoint holds the policy, and a
     resume always continues with that one, so a damaged policy.yaml must not block it."""
     try:
-        return load_policy(run / "policy.yaml")
+        return load_policy(run / POLICY)
     except PolicyError as exc:
         err.print(
             f"[yellow]note:[/] {exc}\n  resuming with the policy stored in the checkpoint; the unreadable file is kept as policy.yaml.unreadable",
@@ -97,7 +98,7 @@ def resume_policy(run: Path) -> Optional[Policy]:
 
 def read_run_config(run: Path) -> dict:
     """A run's config.json as a dict; a missing or damaged one is a one-line error."""
-    path = run / "config.json"
+    path = run / CONFIG
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -190,7 +191,8 @@ def train(
     refused unless --overwrite says to start it again.
     """
     from .runs import is_live
-    from .server import RunFolderError, holds_run, serve
+    from .runs import RunFolderError, holds_run
+    from .server import serve
 
     if fresh_optimizer and resume is None:
         fail("--fresh-optimizer goes with --resume RUN")
@@ -233,10 +235,11 @@ def engine(
     resume: bool = typer.Option(False, help="resume from the newest complete checkpoint"),
 ) -> None:
     """Run the engine process for a prepared run folder (started by spu-tui)."""
-    from .server import RunFolderError, serve
+    from .runs import RunFolderError
+    from .server import serve
 
     config = build_config(**read_run_config(run_dir))
-    pol = resume_policy(run_dir) if resume else read_policy(run_dir / "policy.yaml")
+    pol = resume_policy(run_dir) if resume else read_policy(run_dir / POLICY)
     try:
         code = serve(config, pol, run_dir, resume=resume)
     except RunFolderError as exc:

@@ -11,7 +11,6 @@ timeline with its step, which makes the run replayable from its policy file.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import queue
@@ -31,7 +30,7 @@ from .distributed import Distributed
 from .methods import METHODS
 from .model import check_policy_against_model, load_model, load_tokenizer
 from .model_source import resolve_model_name
-from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry, atomic_write_text, write_new_text
+from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry
 from .protocol import (
     ChangeCmd,
     CheckpointCmd,
@@ -48,7 +47,8 @@ from .protocol import (
 )
 from .tasks import Task, TaskOptions, get_task
 from .trainable import PolicyHost
-from .writes import WriteError, writing
+from .runs import CHECKPOINTS, CONFIG, EVENTS, POLICY, write_config, write_policy
+from .writes import WriteError, atomic_write_text, write_new_text, writing
 
 MAX_NONFINITE_SKIPS = 10  # "skip" turns into "stop" after this many non-finite batches in a row
 MAX_UNWRITTEN_EVENTS_BYTES = 16 << 20  # events kept in memory while events.jsonl cannot be written (the run is paused)
@@ -101,7 +101,7 @@ class Engine(PolicyHost):
         self._events_file = None
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._events_file = open(self.run_dir / "events.jsonl", "ab", buffering=0)
+            self._events_file = open(self.run_dir / EVENTS, "ab", buffering=0)
 
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -342,13 +342,12 @@ class Engine(PolicyHost):
 
     def _save_policy(self) -> None:
         if self.run_dir:
-            text = self.replayable_policy().to_yaml()
-            self._write("policy.yaml", lambda: atomic_write_text(self.run_dir / "policy.yaml", text))
+            policy = self.replayable_policy()
+            self._write(POLICY, lambda: write_policy(self.run_dir, policy))
 
     def _save_config(self) -> None:
         if self.run_dir:
-            text = json.dumps(self.config.model_dump(), indent=1)
-            self._write("config.json", lambda: atomic_write_text(self.run_dir / "config.json", text))
+            self._write(CONFIG, lambda: write_config(self.run_dir, self.config))
 
     def _write(self, what: str, write: Callable[[], Any]) -> bool:
         """One write of run state: a WriteError is remembered (the run pauses at the boundary) instead of raised."""
@@ -368,9 +367,9 @@ class Engine(PolicyHost):
         self._retry_at = time.monotonic() + self.write_retry_s
         if "events" in self._unwritten:
             self._flush_events()
-        if "config.json" in self._unwritten:
+        if CONFIG in self._unwritten:
             self._save_config()
-        if "policy.yaml" in self._unwritten:
+        if POLICY in self._unwritten:
             self._save_policy()
         if "checkpoint" in self._unwritten:
             self._write("checkpoint", self.save_checkpoint)
@@ -540,7 +539,7 @@ class Engine(PolicyHost):
             if not self._retry_writes():  # a signal still ends the run, cleanly, saying what was not written (exit 1)
                 missing = "; ".join(self._unwritten.values())
                 if "checkpoint" in self._unwritten:
-                    newest = ckpt.latest_checkpoint(self.run_dir / "checkpoints", log=lambda _m: None) if self.run_dir else None
+                    newest = ckpt.latest_checkpoint(self.run_dir / CHECKPOINTS, log=lambda _m: None) if self.run_dir else None
                     self.stop_reason = (
                         f"{self._stop_signal}: stopped at step {self.step} without a checkpoint ({missing}); "
                         f"the newest complete checkpoint is {newest.name if newest else 'none'}"
@@ -812,7 +811,7 @@ class Engine(PolicyHost):
         }
         tensors = {f"{type(m).__name__}/{k}": v for m in self.methods for k, v in m.tensor_state().items()}
         path = ckpt.save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints, method_tensors=tensors
+            self.run_dir / CHECKPOINTS, self.step, self.model, self.optimizer, state, keep=self.config.keep_checkpoints, method_tensors=tensors
         )
         self._saved_step, self._saved_path = self.step, path
         self.emit("checkpoint", step=self.step, path=str(path))

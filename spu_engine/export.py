@@ -38,6 +38,7 @@ from .checkpoint import latest_checkpoint, load_method_tensors
 from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
 from .methods.pruning.layout import ffn_layers
 from .model import AUTO_CLASSES, find_block_list, load_model, load_tokenizer
+from .runs import CHECKPOINTS, CONFIG
 
 MASK_PREFIX = "PruningMethod/mask."
 FFN_WIDTH_KEYS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff", "ffn_hidden_size")
@@ -68,12 +69,12 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
     from .tasks import get_task
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg_path = run_dir / "config.json"
+    cfg_path = run_dir / CONFIG
     if not cfg_path.exists():
         raise ExportError(f"{run_dir} is not a run folder (no config.json)")
     config = EngineConfig(**json.loads(cfg_path.read_text()))
     notes: list[str] = []
-    path = latest_checkpoint(run_dir / "checkpoints", log=notes.append)
+    path = latest_checkpoint(run_dir / CHECKPOINTS, log=notes.append)
     if path is None:
         raise ExportError(f"{run_dir}/checkpoints has no complete checkpoint; save one (key 'c' in the console, or `checkpoint` command) and retry")
     tensors = load_file(str(path / "model.safetensors"))

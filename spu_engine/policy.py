@@ -17,10 +17,7 @@ Timeline semantics (also used for live changes sent by the console):
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import RunSettings
-from .writes import writing
+from .writes import atomic_write_text
 
 POLICY_VERSION = 1
 # bounds checked before a policy file is turned into objects: a real policy is a few KB, about 6 levels deep
@@ -475,42 +472,6 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "SPU policy"
     return schema
-
-
-def atomic_write_text(path: Path, text: str, keep_mode_of: Path | None = None) -> None:
-    """Write via a temporary file in the same folder, fsync, rename: readers never see half a file.
-
-    Any failure of the write is a ``WriteError`` saying what failed and the free space.  With
-    ``keep_mode_of``, the new file gets that file's permission bits.
-    """
-    with writing(f"writing {path.name}", path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            if keep_mode_of is not None:
-                shutil.copymode(keep_mode_of, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def write_new_text(path: Path, text: str) -> None:
-    """Create ``path`` with ``text``; never replaces an existing file (FileExistsError), whatever races it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with writing(f"writing {path.name}", path.parent):
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
 
 
 # --------------------------------------------------------------------------- resolution against a model

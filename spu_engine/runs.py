@@ -1,6 +1,9 @@
-"""Run folders on disk: what state each run is in, and which one to attach to.
+"""Run folders on disk: their files, their lock, what state each run is in.
 
-The API ``spu runs`` and ``spu-tui attach`` share:
+The one place the names of a run folder's files are written (``EVENTS``,
+``POLICY``, ``CONFIG``, ...), and the one writer of ``config.json`` and
+``policy.yaml``.  The engine process takes the folder with ``prepare_run_dir``
+and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 
 - ``is_live(run_dir)``: an engine process holds the folder's lock right now.
 - ``run_info(run_dir)``: a ``RunInfo`` (state, step, total steps, last loss,
@@ -14,7 +17,7 @@ The API ``spu runs`` and ``spu-tui attach`` share:
 A run is "live" while its lock is held (an flock, so a killed engine never
 looks live); otherwise its last ``state`` event says finished, stopped or
 error, and a run whose log ends in training, paused or loading died without
-saying so: "crashed".  Nothing here writes to a run folder.
+saying so: "crashed".  Torch-free: the console imports this module.
 """
 
 from __future__ import annotations
@@ -23,15 +26,105 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .server import LOCK_NAME
+from .writes import atomic_write_text
 
-EVENTS = "events.jsonl"
+EVENTS = "events.jsonl"  # every event the engine emitted, one JSON object a line
+POLICY = "policy.yaml"  # the replayable policy: run settings, state at step 0, timeline
+CONFIG = "config.json"  # the engine's settings (what `--resume` starts from)
+ENGINE_LOG = "engine.log"  # the engine process's stdout and stderr
+LOCK = "engine.lock"  # flock held by the live engine; holds its pid
+SOCKET = "control.sock"  # the live engine's control socket
+CHECKPOINTS = "checkpoints"  # step-NNNNNNN folders
+RUN_FILES = (EVENTS, POLICY, CONFIG, ENGINE_LOG)  # with CHECKPOINTS: what makes a folder a run
 ENDED = ("finished", "stopped", "error")
 _NOT_METRICS = ("type", "t", "step", "eval_loss", "eval_samples")
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used; the text says why and what to do."""
+
+
+class RunInUseError(RunFolderError):
+    """The run folder belongs to a live engine."""
+
+
+class RunLock:
+    """An flock on ``engine.lock`` held for the engine's lifetime; records the pid."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunInUseError(
+                f"run folder {self.path.parent} is in use by a live engine (pid {pid}); "
+                f"attach to it with `spu-tui attach {self.path.parent}` or choose another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if the folder has the files of a run (an events log, a config, or checkpoints)."""
+    return any((run_dir / name).is_file() for name in (EVENTS, CONFIG)) or (run_dir / CHECKPOINTS).is_dir()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete a run's own files (--overwrite, with the lock held); anything else in the folder stays."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder (0700) and make what is already in it private."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner = run_dir.stat().st_uid
+    if owner != os.getuid():
+        raise RunFolderError(f"run folder {run_dir} belongs to another user (uid {owner}); choose another --run-dir")
+    os.chmod(run_dir, 0o700)
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            os.chmod(run_dir / name, 0o600)
+
+
+def open_events(run_dir: Path):
+    """Append handle on events.jsonl; a line cut short by a crash is ended first so the next event is readable."""
+    f = open(run_dir / EVENTS, "ab+", buffering=0)
+    if f.seek(0, os.SEEK_END) > 0:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+    return f
+
+
+def write_config(run_dir: Path, config) -> None:
+    """``config.json``, atomically: the engine's settings, as ``--resume`` reads them back."""
+    atomic_write_text(run_dir / CONFIG, json.dumps(config.model_dump(), indent=1))
+
+
+def write_policy(run_dir: Path, policy) -> None:
+    """``policy.yaml``, atomically: the policy a replay of this run starts from."""
+    atomic_write_text(run_dir / POLICY, policy.to_yaml())
 
 
 @dataclass
@@ -56,7 +149,7 @@ class RunInfo:
 def is_live(run_dir: Path) -> bool:
     """True while an engine process holds the run folder's lock (tested with a shared non-blocking flock)."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
     except OSError:
         return False
     try:
@@ -95,17 +188,22 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-def _headline_metric(task: str | None, ev: dict[str, Any]) -> tuple[str, float] | None:
-    from .tasks import get_task
-
-    try:
-        name = get_task(task or "classification").metric
-    except ValueError:
-        name = None
-    if name in ev:
-        return name, ev[name]
+def _headline_metric(metric: str | None, ev: dict[str, Any]) -> tuple[str, float] | None:
+    """The task's own metric (named by the engine's hello) if the eval event has it, else its first number."""
+    if metric in ev:
+        return metric, ev[metric]
     numbers = [(k, v) for k, v in ev.items() if k not in _NOT_METRICS and isinstance(v, (int, float))]
     return numbers[0] if numbers else None
+
+
+def _task_metric(path: Path, head: int = 1 << 16) -> str | None:
+    """The headline metric the engine's first full hello named; it comes within the log's first lines."""
+    with path.open("rb") as f:
+        for line in f.read(head).split(b"\n"):
+            event = _parse(line)
+            if event is not None and event.get("type") == "hello" and isinstance(event.get("metric"), str):
+                return event["metric"]
+    return None
 
 
 def run_info(run_dir: Path) -> RunInfo | None:
@@ -116,7 +214,7 @@ def run_info(run_dir: Path) -> RunInfo | None:
         return None
     config: dict[str, Any] = {}
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
         pass
     info = RunInfo(path=run_dir, state="crashed", total_steps=config.get("steps"), modified=events.stat().st_mtime)
@@ -135,7 +233,7 @@ def run_info(run_dir: Path) -> RunInfo | None:
         info.step = last_step.get("step", 0)
         info.loss = last_step.get("loss")
     if last_eval is not None:
-        found = _headline_metric(config.get("task"), last_eval)
+        found = _headline_metric(_task_metric(events), last_eval)
         if found:
             info.metric, info.metric_value = found
         info.eval_step = last_eval.get("step")
@@ -146,7 +244,7 @@ def run_info(run_dir: Path) -> RunInfo | None:
     if is_live(run_dir):
         info.state = "live"
         try:
-            info.pid = int((run_dir / LOCK_NAME).read_text().strip())
+            info.pid = int((run_dir / LOCK).read_text().strip())
         except (OSError, ValueError):
             pass
     return info

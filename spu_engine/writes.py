@@ -10,7 +10,9 @@ the block: a bug in the code that prepares what to write is not a full disk.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -55,3 +57,39 @@ def writing(what: str, where: str | Path) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - every library failure of a write is a write failure
         raise WriteError(f"{what} failed ({describe(exc)}); {free_space(where)}") from exc
+
+
+def atomic_write_text(path: Path, text: str, keep_mode_of: Path | None = None) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers never see half a file.
+
+    Any failure of the write is a ``WriteError`` saying what failed and the free space.  With
+    ``keep_mode_of``, the new file gets that file's permission bits.
+    """
+    with writing(f"writing {path.name}", path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_mode_of is not None:
+                shutil.copymode(keep_mode_of, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_new_text(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; never replaces an existing file (FileExistsError), whatever races it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with writing(f"writing {path.name}", path.parent):
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise

@@ -8,7 +8,6 @@ one clear line in the shell rather than a screen to escape from.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import socket
@@ -18,10 +17,10 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli import build_config, config_from_policy, default_run_dir, fail, read_policy, resume_policy
+from spu_engine.cli import build_config, config_from_policy, default_run_dir, fail, read_policy, read_run_config, resume_policy
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model_source import resolve_model_name
-from spu_engine.runs import is_live, newest_live_run, read_history, run_folders, run_info
+from spu_engine.runs import CHECKPOINTS, CONFIG, ENGINE_LOG, EVENTS, is_live, newest_live_run, read_history, run_folders, run_info
 
 from .frames import DEFAULT_SHARE
 
@@ -122,14 +121,14 @@ def main(
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):
         fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")
-    if (run_dir / "events.jsonl").exists():
+    if (run_dir / EVENTS).exists():
         fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
     created = not run_dir.exists()
     engine = spawn_engine(config, pol, run_dir)
     console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100)
     console.run()
     if created and engine.poll() == 2:  # the engine refused to start (a user error): nothing was trained, leave nothing
-        log = (run_dir / "engine.log").read_text(errors="replace").splitlines() if (run_dir / "engine.log").exists() else []
+        log = (run_dir / ENGINE_LOG).read_text(errors="replace").splitlines() if (run_dir / ENGINE_LOG).exists() else []
         start = max((i for i, line in enumerate(log) if line.startswith("error: ")), default=None)
         reason = "\n".join(log[start:]).removeprefix("error: ").strip() if start is not None else "the engine refused to start"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -158,15 +157,15 @@ def attach(
             hint = f"; the newest run is {newest[0]} (not running): `spu-tui attach {newest[0]}`" if newest else ""
             fail(f"no live run under {RUNS}/{hint}")
     assert run is not None
-    if not (run / "events.jsonl").exists() or not (run / "config.json").exists():
+    if not (run / EVENTS).exists() or not (run / CONFIG).exists():
         fail(f"{run} is not a run folder (no events.jsonl / config.json)")
     history = read_history(run)
     engine = None
     live = is_live(run)
     if not live:
         info = run_info(run)
-        if info is not None and info.state == "crashed" and (run / "checkpoints").is_dir():
-            config = build_config(**json.loads((run / "config.json").read_text()))
+        if info is not None and info.state == "crashed" and (run / CHECKPOINTS).is_dir():
+            config = build_config(**read_run_config(run))
             engine = spawn_engine(config, resume_policy(run), run, resume=True)
             live = True
     console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100)

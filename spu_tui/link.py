@@ -17,7 +17,8 @@ from typing import Any
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from spu_engine.server import SOCKET_NAME, EngineClient
+from spu_engine.runs import SOCKET
+from spu_engine.transport import EngineClient
 
 
 class EventsArrived(Message):
@@ -31,7 +32,7 @@ class EngineLink:
     def __init__(self, target: MessagePump, run_dir: Path) -> None:
         self.target = target
         self.run_dir = run_dir
-        self.client = EngineClient(run_dir / SOCKET_NAME, on_event=self._on_event)
+        self.client = EngineClient(run_dir / SOCKET, on_event=self._on_event)
         self._inbox: deque[dict[str, Any]] = deque()
         self._wake_pending = False
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ import typer
 
 from spu_engine.engine import EngineConfig
 from spu_engine.policy import Policy
+from spu_engine.runs import EVENTS
 from spu_engine.server import spawn_engine
 
 from .app import SpuApp
@@ -92,7 +93,7 @@ def main(
     timeout: float = typer.Option(600.0),
 ) -> None:
     """Screenshots of the console steering a real run."""
-    if (run_dir / "events.jsonl").exists():
+    if (run_dir / EVENTS).exists():
         raise typer.BadParameter(f"{run_dir} already holds a run; remove it or pass --run-dir", param_hint="--run-dir")
     config = EngineConfig(
         model=model, data=data, steps=steps, batch_size=batch_size, max_length=max_length, eval_every=eval_every,

@@ -20,7 +20,8 @@ from conftest import build_tiny
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.policy import Policy
 from spu_engine.runs import read_history
-from spu_engine.server import SOCKET_NAME, EngineClient, EngineServer
+from spu_engine.runs import SOCKET
+from spu_engine.transport import EngineClient, EngineServer
 from spu_tui.app import SpuApp
 from spu_tui.run_state import RunState
 
@@ -74,7 +75,7 @@ def _run(engine: Engine, script: dict[int, dict]) -> tuple[list[dict], dict[int,
     The engine takes a command at its next boundary; the sink waits until the socket thread has queued it, so a
     change always lands at the boundary after the step that sent it.
     """
-    sock = engine.run_dir / SOCKET_NAME
+    sock = engine.run_dir / SOCKET
     server = EngineServer(sock, lambda cmd, _cid: engine.submit(cmd), engine.hello).start()
     client = EngineClient(sock).connect(timeout=10)
     events: list[dict] = []

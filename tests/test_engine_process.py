@@ -11,7 +11,8 @@ import pytest
 from conftest import SST2
 from spu_engine.engine import EngineConfig
 from spu_engine.policy import Policy
-from spu_engine.server import EngineClient, spawn_engine
+from spu_engine.server import spawn_engine
+from spu_engine.transport import EngineClient
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from spu_engine.engine import EngineConfig
 from spu_engine.methods.adapter import BottleneckAdapter
 from spu_engine.methods.selective_backprop import SelectiveBackprop
 from spu_engine.policy import Change, Policy, PolicyError
-from spu_engine.server import EngineClient, spawn_engine
+from spu_engine.server import spawn_engine
+from spu_engine.transport import EngineClient
 
 
 def test_add_adapters_and_selective_backprop_over_the_socket(tiny_model_dir, tmp_path):

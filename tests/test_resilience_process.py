@@ -18,7 +18,9 @@ from spu_engine.checkpoint import list_checkpoints, read_state, verify
 from spu_engine.engine import EngineConfig
 from spu_engine.policy import FreezeRule, Policy, TimelineEntry
 from spu_engine.runs import read_history, run_info
-from spu_engine.server import SOCKET_NAME, EngineClient, spawn_engine
+from spu_engine.runs import SOCKET
+from spu_engine.server import spawn_engine
+from spu_engine.transport import EngineClient
 
 
 def _config(model_dir: Path, **overrides) -> EngineConfig:
@@ -66,22 +68,22 @@ def test_engine_outlives_clients_ignores_garbage_and_stops_cleanly_on_sigterm(ti
     run_dir = tmp_path / "run"
     proc = spawn_engine(_config(tiny_model_dir), Policy(), run_dir)
     try:
-        first = EngineClient(run_dir / SOCKET_NAME).connect(60)
+        first = EngineClient(run_dir / SOCKET).connect(60)
         first.wait_for(lambda e: e["type"] == "step" and e["step"] >= 3, 120)
         rude = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a console killed with events unread
-        rude.connect(str(run_dir / SOCKET_NAME))
+        rude.connect(str(run_dir / SOCKET))
         time.sleep(0.3)
         rude.close()
         first.close()
         alone_from = _last_step(run_dir)
         _eventually(lambda: _last_step(run_dir) >= alone_from + 20)  # nobody attached: still training
 
-        again = EngineClient(run_dir / SOCKET_NAME).connect(10)
+        again = EngineClient(run_dir / SOCKET).connect(10)
         hello = again.wait_for(lambda e: e["type"] == "hello", 10)
         assert hello["state"] == "training" and hello["step"] >= alone_from + 20 and hello["pid"] == proc.pid
 
         errors: list[dict] = []
-        flooder = EngineClient(run_dir / SOCKET_NAME, on_event=lambda e: errors.append(e) if e["type"] == "error" else None).connect(10)
+        flooder = EngineClient(run_dir / SOCKET, on_event=lambda e: errors.append(e) if e["type"] == "error" else None).connect(10)
         for line in _garbage(random.Random(0)):
             flooder.send_raw(line)
         cid = again.send("checkpoint")
@@ -109,7 +111,7 @@ def test_engine_outlives_clients_ignores_garbage_and_stops_cleanly_on_sigterm(ti
     assert final["type"] == "state" and final["state"] == "stopped" and final["message"].startswith("SIGTERM: stopped at step")
     newest = list_checkpoints(run_dir / "checkpoints")[-1]
     assert read_state(newest)["step"] == paused["step"] == final["step"]
-    assert run_info(run_dir).state == "stopped" and not (run_dir / SOCKET_NAME).exists()
+    assert run_info(run_dir).state == "stopped" and not (run_dir / SOCKET).exists()
     assert os.stat(run_dir).st_mode & 0o777 == 0o700 and os.stat(run_dir / "checkpoints").st_mode & 0o777 == 0o700
     for path in [run_dir / n for n in ("events.jsonl", "engine.log", "config.json", "policy.yaml", "engine.lock")] + list(newest.iterdir()):
         assert os.stat(path).st_mode & 0o777 == 0o600, path
@@ -136,7 +138,7 @@ def test_sigkill_then_resume_continues_exactly_from_the_newest_complete_checkpoi
     log = (tmp_path / "resume.out").open("wb")
     resumed = subprocess.Popen([sys.executable, "-m", "spu_engine.cli", "train", "--resume", str(run_dir)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        client = EngineClient(run_dir / SOCKET_NAME).connect(60)
+        client = EngineClient(run_dir / SOCKET).connect(60)
         client.wait_for(lambda e: e["type"] == "step" and e["step"] >= resume_at + 3, 120)
         client.send("hello")
         hello = client.wait_for(lambda e: e["type"] == "hello", 30)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from spu_engine.cli import app
 from spu_engine.protocol import encode, event
 from spu_engine.runs import is_live, list_runs, newest_live_run, read_history, run_info
-from spu_engine.server import RunLock
+from spu_engine.runs import RunLock
 
 
 def _run(root, name, events, steps=100, task="classification", age=0.0):

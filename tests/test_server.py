@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from spu_engine.protocol import encode, event
-from spu_engine.server import EngineClient, EngineServer
+from spu_engine.transport import EngineClient, EngineServer
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_hello_is_answered_by_the_server_and_never_reaches_the_engine(server):
 
 
 def test_a_flooding_connection_is_held_to_its_rate_and_others_are_not(server):
-    from spu_engine import server as srv_module
+    from spu_engine.transport import server as srv_module
 
     srv, received = server
     flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -177,9 +177,9 @@ def test_a_flooding_connection_is_held_to_its_rate_and_others_are_not(server):
 
 
 def test_connections_beyond_the_cap_are_told_and_closed(tmp_path, monkeypatch):
-    from spu_engine import server as srv_module
+    from spu_engine.transport import server as srv_module
 
-    monkeypatch.setattr(srv_module, "MAX_CLIENTS", 3, raising=False)
+    monkeypatch.setattr(srv_module, "MAX_CLIENTS", 3)
     srv = EngineServer(tmp_path / "control.sock", lambda cmd, cid: None, lambda: event("hello", step=0)).start()
     try:
         clients = [EngineClient(srv.path).connect(5) for _ in range(3)]
