@@ -24,7 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import DATA, minilm_sst2
 from spu_engine.batching import BatchStream
-from spu_engine.engine import NO_DECAY, Engine, EngineConfig
+from spu_engine.engine import Engine, EngineConfig
+from spu_engine.training import NO_DECAY
 from spu_engine.model_source import offline_model_dir
 from spu_engine.policy import FreezeRule, Policy
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -276,6 +277,35 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         load_optimizer(path, optimizer)
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from (torch, Python, each CUDA device), as JSON-able lists."""
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "python": random.getstate(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+
+
+def method_tensors(methods: list[Any]) -> dict[str, torch.Tensor]:
+    """The tensors methods keep (masks, scores), each named ``MethodClass/key``."""
+    return {f"{type(m).__name__}/{k}": v for m in methods for k, v in m.tensor_state().items()}
+
+
+def restore_method_tensors(methods: list[Any], tensors: dict[str, torch.Tensor]) -> None:
+    for m in methods:
+        prefix = f"{type(m).__name__}/"
+        m.load_tensor_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def _first_line(exc: Exception) -> str:

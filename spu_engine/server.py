@@ -124,7 +124,7 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optim
     signals.engine = engine
     try:
         engine.run()
-        return 1 if engine.fault_stop else 0
+        return engine.exit_code
     finally:
         signals.restore()
         engine.close()
@@ -158,7 +158,7 @@ def serve(
     from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed import Distributed
-    from .engine import Engine
+    from .engine import Engine, RunState
     from .model_source import ModelLoadError
 
     dist = Distributed.from_env()
@@ -237,15 +237,15 @@ def serve(
             engine_box["engine"] = engine
         try:
             engine.run()
-            code = 1 if engine.fault_stop else 0
+            code = engine.exit_code
         except KeyboardInterrupt:
-            engine.set_state("stopped", f"interrupted at step {engine.step}; no checkpoint written")
+            engine.set_state(RunState.STOPPED, f"interrupted at step {engine.step}; no checkpoint written")
             code = 130
         except Exception as exc:
             traceback.print_exc()
             message = f"engine failed at step {engine.step}: {type(exc).__name__}: {exc}"
             engine.emit("error", step=engine.step, message=message)
-            engine.set_state("error", message)
+            engine.set_state(RunState.ERROR, message)
             code = 1
         finally:
             engine.close()

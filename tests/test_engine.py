@@ -57,11 +57,11 @@ def test_commands_apply_at_the_boundary_and_are_recorded(make_engine, tmp_path):
 
     engine = make_engine(run_dir=tmp_path / "run", steps=6)
     engine.submit(parse_command('{"cmd": "change", "id": 1, "change": {"freeze": [{"layers": [0], "trainable": false}]}}'))
-    engine._boundary()
+    engine.boundary()
     assert not any(p.requires_grad for n, p in engine.model.named_parameters() if engine.units.unit_of[n] == "block0")
     assert engine.recorded == [TimelineEntry(step=0, freeze=[FreezeRule(layers=[0], trainable=False)])]
     engine.submit(parse_command('{"cmd": "change", "id": 2, "change": {"freeze": [{"match": "nothing.*", "trainable": false}]}}'))
-    engine._boundary()  # a bad change is refused and changes nothing
+    engine.boundary()  # a bad change is refused and changes nothing
     assert len(engine.recorded) == 1
     lines = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
     assert any('"type":"ack"' in line and '"ok":false' in line and "matches no parameter" in line for line in lines)
@@ -75,7 +75,7 @@ def test_timeline_is_replayed_at_its_steps(make_engine, tmp_path):
     engine = make_engine(policy=policy, run_dir=tmp_path / "run", steps=6)
     changed_per_step = []
     for _ in range(6):
-        engine._boundary()
+        engine.boundary()
         before = _snapshot(engine)
         engine.train_step()
         changed_per_step.append("block0" in _changed_units(engine, before))
@@ -124,7 +124,7 @@ def test_a_hello_command_writes_nothing_to_the_events_log(make_engine, tmp_path)
     before = (tmp_path / "run" / "events.jsonl").read_bytes()
     for i in range(50):
         engine.submit(HelloCmd(cmd="hello", id=i))
-    engine._boundary()
+    engine.boundary()
     assert (tmp_path / "run" / "events.jsonl").read_bytes() == before
     engine.close()
 
@@ -142,14 +142,14 @@ def test_export_writes_only_a_new_file_unless_confirmed_and_keeps_the_mode(make_
     mine.write_text("my notes\n")
     mine.chmod(0o644)
     engine.submit(ExportCmd(cmd="export", path=str(mine)))
-    engine._boundary()
+    engine.boundary()
     assert not acks[-1]["ok"] and "exists; it is replaced only when you confirm (overwrite: true)" in acks[-1]["message"]
     assert mine.read_text() == "my notes\n" and os.stat(mine).st_mode & 0o777 == 0o644
     engine.submit(ExportCmd(cmd="export", path=str(mine), overwrite=True))  # what the console sends after asking
-    engine._boundary()
+    engine.boundary()
     assert acks[-1]["ok"] and load_policy(mine) == engine.replayable_policy() and os.stat(mine).st_mode & 0o777 == 0o644
     new = tmp_path / "new.yaml"
     engine.submit(ExportCmd(cmd="export", path=str(new)))
-    engine._boundary()
+    engine.boundary()
     assert acks[-1]["ok"] and load_policy(new) == engine.replayable_policy()
     engine.close()

@@ -157,7 +157,7 @@ def test_names_stay_as_loaded_under_lora_and_rules_select_the_same_tensors(make_
     lora = [n for n in engine.param_names if ".lora_" in n]
     assert "bert.encoder.layer.1.attention.self.query.lora_A.weight" in lora
     assert all(engine.params[n].requires_grad == (".layer.0." not in n) for n in lora)
-    described = {p["name"] for u in engine.describe_units() for p in u["params"]}
+    described = {p["name"] for u in engine.hello()["units"] for p in u["params"]}
     assert described == set(engine.param_names)
 
 
@@ -168,7 +168,7 @@ def test_add_adapters_to_a_running_engine(make_engine):
     groups = len(engine.optimizer.param_groups)
     engine.apply_change(Change(set={"peft": {"method": "adapter", "size": 4}}), source="client")
     assert len(engine.optimizer.param_groups) == groups + 1
-    assert any(".ffn_adapter." in p["name"] for u in engine.describe_units() for p in u["params"])
+    assert any(".ffn_adapter." in p["name"] for u in engine.hello()["units"] for p in u["params"])
     expected = {n for n, p in engine.model.named_parameters() if p.requires_grad}
     assert any("adapter" in n for n in expected) and not any(n.endswith("query.weight") for n in expected)
     changed, before = changed_after(engine, 2)

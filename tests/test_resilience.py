@@ -110,7 +110,7 @@ def test_nan_loss_stop_checkpoints_the_last_good_state(make_engine, tmp_path):
     engine = make_engine(steps=10, run_dir=tmp_path / "run", policy=Policy(faults={"on_nonfinite": "stop"}))
     events = _recorder(engine)
     _poison_loss(engine, {4})
-    assert engine.run() == "stopped" and engine.fault_stop
+    assert engine.run() == "stopped" and engine.exit_code == 1
     assert engine.step == 3
     final = [e for e in events if e["type"] == "state"][-1]
     assert final["state"] == "stopped" and "non-finite loss" in final["message"]
@@ -123,7 +123,7 @@ def test_skip_turns_into_stop_when_every_batch_is_nonfinite(make_engine):
     engine = make_engine(steps=50)
     events = _recorder(engine)
     _poison_loss(engine, set(range(3, 1000)))
-    assert engine.run() == "stopped" and engine.fault_stop
+    assert engine.run() == "stopped" and engine.exit_code == 1
     errors = [e for e in events if e["type"] == "error"]
     assert len(errors) == MAX_NONFINITE_SKIPS and errors[-1]["action"] == "stop"
     assert "in a row" in errors[-1]["message"] and engine.step == 2
@@ -189,7 +189,7 @@ def test_resume_restores_policy_timeline_optimizer_and_continues_identically(mak
     )
     straight = make_engine(steps=10, run_dir=tmp_path / "a", policy=policy, checkpoint_every=5)
     for _ in range(3):
-        straight._boundary()
+        straight.boundary()
         straight.train_step()
     straight.apply_change(Change(freeze=[FreezeRule(match="*.bias", trainable=False)]), source="client")
     straight.run()  # steps 4..10 with a checkpoint at 5
@@ -285,7 +285,7 @@ class _FullDisk:
 
     def events(self, engine) -> None:
         """events.jsonl on /dev/full until freed."""
-        real = engine._events_file
+        real = engine.event_log.file
         dev_full = open("/dev/full", "wb", buffering=0)
 
         class Switch:
@@ -296,7 +296,7 @@ class _FullDisk:
                 dev_full.close()
                 real.close()
 
-        engine._events_file = Switch()
+        engine.event_log.file = Switch()
 
 
 def _params(engine) -> dict[str, torch.Tensor]:
@@ -411,7 +411,7 @@ def test_headless_with_nobody_there_it_retries_by_itself_and_sigterm_still_ends_
     _wait(events, lambda e: e["type"] == "state" and e["state"] == "paused" and e["step"] == 6)
     engine.request_stop("SIGTERM")  # what the signal handler does
     thread.join(30)
-    assert result["state"] == "stopped" and engine.fault_stop and engine.step == 6
+    assert result["state"] == "stopped" and engine.exit_code == 1 and engine.step == 6
     final = events[-1]
     assert final["state"] == "stopped" and final["message"].startswith("SIGTERM: stopped at step 6 without a checkpoint (writing checkpoint step-0000006 failed")
     assert final["message"].endswith("the newest complete checkpoint is step-0000004")
@@ -439,7 +439,7 @@ def test_under_torchrun_a_failed_write_stops_every_rank_at_one_boundary(make_eng
     engine = make_engine(steps=10, run_dir=tmp_path / "run", checkpoint_every=2, dist=dist)
     events = _recorder(engine)
     _FullDisk(monkeypatch).checkpoints("safetensors")
-    assert engine.run() == "stopped" and engine.fault_stop and engine.step == 3
+    assert engine.run() == "stopped" and engine.exit_code == 1 and engine.step == 3
     assert dist.calls == engine.step + 1  # the boundaries before steps 1-3 and the one that stopped
     assert any(e["type"] == "error" and e["message"].endswith("; stopping every rank") for e in events)
     assert events[-1]["message"].startswith("write failure: stopped at step 3 without a checkpoint (writing checkpoint step-0000003 failed")
@@ -454,6 +454,6 @@ def test_a_timeline_entry_the_engine_refuses_at_its_step_stops_the_run_instead_o
     ])
     engine = make_engine(steps=6, run_dir=tmp_path / "run", policy=policy)
     events = _recorder(engine)
-    assert engine.run() == "stopped" and engine.fault_stop and engine.step == 2
+    assert engine.run() == "stopped" and engine.exit_code == 1 and engine.step == 2
     assert events[-1]["message"].startswith("timeline entry at step 2 cannot be applied:")
     assert [e.step for e in engine.pending] == [2] and read_state(latest_checkpoint(tmp_path / "run" / "checkpoints"))["pending"][0]["step"] == 2

@@ -1,0 +1,204 @@
+"""One training step and one evaluation, computed: what the engine runs between two boundaries.
+
+``StepLoop`` is the engine's arithmetic: batches drawn from the data stream
+(the same global batch on every rank, each rank its share), the per-sample loss
+selective backprop needs, backward with the AMP scaler, the warm-up and linear
+decay of the learning rate, clipping, the optimizer step, and the ``step`` and
+``units`` events.  Methods hook in at fixed points (``before_step``,
+``after_backward``, ``after_optimizer_step``); a method with
+``forward_backward`` (selective backprop) replaces the plain one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from .config import EngineConfig
+from .distributed import Distributed
+from .unit_stats import after_update, before_update
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
+
+
+def pick_device(config: EngineConfig, dist: Distributed | None) -> tuple[torch.device, torch.dtype | None]:
+    """The device to train on and the autocast dtype (None: fp32); bf16 where the GPU has it, else fp16 with a scaler."""
+    if dist is not None:
+        device = dist.device
+    else:
+        device = torch.device(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.precision == "fp32" or device.type != "cuda":
+        return device, None
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_bf16_supported())
+    return device, torch.bfloat16 if bf16 else torch.float16
+
+
+def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim.Optimizer:
+    """AdamW over every parameter (frozen ones get no gradient, so no update), no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if any(k in n for k in NO_DECAY) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    for g in opt.param_groups:
+        g["base_lr"] = config.lr
+    return opt
+
+
+class StepLoop:
+    """The step and evaluation arithmetic of ``Engine``; it reacts to a non-finite batch with ``on_nonfinite``."""
+
+    config: EngineConfig
+    dist: Distributed | None
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    step: int
+    samples_seen: int
+    _step_time_ema: float | None
+    _stop_signal: str | None
+    # and from the engine: task, stream, methods, units, params, emit(), log(), trainable_count(), on_nonfinite()
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def next_batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
+        """``n`` examples per rank: ranks draw the same global batch and each takes its share."""
+        n = n or self.config.batch_size
+        if self.dist is None:
+            return self.batch_of(self.stream.take(n))
+        return self.batch_of(self.dist.shard(self.stream.take(n * self.dist.world_size)))
+
+    def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """These training examples, collated (padded to their longest) and on the device."""
+        return self._to_device(self.task.collate([self.task.train[i] for i in indices]))
+
+    def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            return self.task.per_sample_loss(self.model, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:  # nothing trains (e.g. bias-only skipping with LoRA on a model whose head has no bias)
+            return
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _lr_factor(self, step: int) -> float:
+        warm = self.config.warmup_steps()
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (self.config.steps - step) / max(1, self.config.steps - warm))
+
+    def _forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """Loss (detached), samples consumed, extra stats.  Selective backprop replaces this."""
+        for m in self.methods:
+            if m.active and hasattr(m, "forward_backward"):
+                return m.forward_backward()
+        batch = self.next_batch()
+        loss = self.per_sample_loss(batch).mean()
+        self.backward(loss)
+        return loss.detach(), self.config.batch_size, {}
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        step = self.step
+        for m in self.methods:
+            m.before_step(step)
+        factor = self._lr_factor(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        loss, n_samples, extra = self._forward_backward()
+        for m in self.methods:
+            m.after_backward(step)
+        if self.dist is not None:
+            loss = self.dist.average_gradients([p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad], loss)
+            n_samples *= self.dist.world_size
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            return self.on_nonfinite(loss_value)
+        trainable = [p for p in self.model.parameters() if p.grad is not None]
+        stats_due = (step + 1) % self.config.stats_every == 0
+        if self.scaler and trainable:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.config.grad_clip > 0 and trainable:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+        elif trainable and not self.scaler:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
+        # a finite loss can still give an inf/nan gradient; never step on one (GradScaler handles its own)
+        if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
+            return self.on_nonfinite(loss_value)
+        self._nonfinite_streak = 0
+        before = before_update(self.units, self.params) if stats_due else None
+        if trainable and self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif trainable:  # with no gradient at all (selective backprop kept no sample) no parameter moves
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += n_samples
+        for m in self.methods:
+            m.after_optimizer_step(step)
+        dt = time.perf_counter() - t0
+        self._step_time_ema = dt if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * dt
+        fields = dict(
+            step=self.step,
+            loss=round(loss_value, 6),
+            lr=self.optimizer.param_groups[0]["lr"],
+            step_time=round(dt, 5),
+            samples_per_s=round(self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2),
+            samples=self.samples_seen,
+            trainable=self.trainable_count(),
+            **extra,
+        )
+        for m in self.methods:
+            fields.update(m.stats())
+        self.emit("step", **fields)
+        if before is not None:
+            self.emit("units", step=self.step, **after_update(self.units, self.params, before))
+        return fields
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.config.eval_batch_size
+        feats = self.task.eval
+
+        def batches():
+            for i in range(0, len(feats), bs):
+                if self._stop_signal:  # SIGTERM: the checkpoint must not wait for a long evaluation
+                    raise EvaluationInterrupted
+                yield self._to_device(self.task.collate(feats[i : i + bs]))
+
+        try:
+            with self._autocast():
+                metrics = self.task.evaluate(self.model, batches())
+        except EvaluationInterrupted:
+            self.log(f"{self._stop_signal}: evaluation at step {self.step} abandoned", "warning")
+            return {}
+        finally:
+            self.model.train(was_training)
+        for m in self.methods:
+            m.on_eval(self.step, metrics)
+        self.emit("eval", step=self.step, **metrics)
+        return metrics
+
+
+
+class EvaluationInterrupted(Exception):
+    """A stop signal arrived during evaluation."""
