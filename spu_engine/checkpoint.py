@@ -279,6 +279,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state
 
 
+def load_optimizer_or_fresh(path: Path, optimizer: torch.optim.Optimizer, fresh_optimizer: bool, run: Path) -> str | None:
+    """Load the optimizer state, or, when the user accepts it (``fresh_optimizer``) and it is missing or unusable,
+    clear it and return why; without the flag an unusable one is a CheckpointError naming the flag."""
+    problem = verify(path) if fresh_optimizer else None
+    if problem is None:
+        try:
+            load_optimizer(path, optimizer)
+            return None
+        except CheckpointError as exc:
+            if not fresh_optimizer:
+                raise CheckpointError(
+                    f"{exc}. Its weights verify: resume from them with fresh optimizer state: spu train --resume {run} --fresh-optimizer"
+                ) from None
+            problem = str(exc)
+    optimizer.state.clear()  # whatever a failed load left: every tensor starts from zero moments
+    return problem
+
+
 def rng_state() -> dict[str, Any]:
     """Every random generator a run draws from (torch, Python, each CUDA device), as JSON-able lists."""
     return {

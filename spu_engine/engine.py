@@ -267,8 +267,7 @@ class Engine(StepLoop, PolicyHost):
 
     def _save_policy(self) -> None:
         if self.run_dir:
-            policy = self.replayable_policy()
-            self.unwritten.write(POLICY, lambda: write_policy(self.run_dir, policy))
+            self.unwritten.write(POLICY, lambda: write_policy(self.run_dir, self.replayable_policy()))
 
     def _save_config(self) -> None:
         if self.run_dir:
@@ -315,7 +314,7 @@ class Engine(StepLoop, PolicyHost):
 
     def write_checkpoint_now(self) -> bool:
         """Write a checkpoint now, retrying every other write that failed (`s`); True when everything is written."""
-        self.unwritten.expect("checkpoint")
+        self.unwritten.write("checkpoint", self.save_checkpoint)
         return self._retry_writes()
 
     def checkpoint_now(self) -> str:
@@ -366,7 +365,8 @@ class Engine(StepLoop, PolicyHost):
         if not self._stop_signal or self._stopping():
             return
         self.log(f"{self._stop_signal}: writing a checkpoint, then stopping", "warning")
-        self.stop = Stop(f"{self._stop_signal}: stopped at step {self.step} after a checkpoint")
+        fault = self.stop is not None and self.stop.fault  # a fault stop still waiting for its checkpoint stays one
+        self.stop = Stop(f"{self._stop_signal}: stopped at step {self.step} after a checkpoint", fault=fault)
         if not self.write_checkpoint_now():  # a signal still ends the run, cleanly, saying what was not written (exit 1)
             missing = self.unwritten.summary()
             if "checkpoint" in self.unwritten:
@@ -382,20 +382,12 @@ class Engine(StepLoop, PolicyHost):
     # ------------------------------------------------------------------ faults
 
     def _retry_writes(self) -> bool:
-        """Try every write that failed again, events first so the log keeps its order; True when none is left.
+        """Try every write that failed again; True when none is left.
 
         Called by `s`, resume, and every ``write_retry_s`` while the run waits (a headless run with nobody there).
         """
         self._retry_at = time.monotonic() + self.write_retry_s
-        if EVENTS in self.unwritten and self.event_log is not None:
-            self.unwritten.write(EVENTS, self.event_log.flush)
-        if CONFIG in self.unwritten:
-            self._save_config()
-        if POLICY in self.unwritten:
-            self._save_policy()
-        if "checkpoint" in self.unwritten:
-            self.unwritten.write("checkpoint", self.save_checkpoint)
-        if self.unwritten:
+        if not self.unwritten.retry(first=EVENTS):
             return False
         if self._write_pause:
             self._write_pause = False
@@ -503,7 +495,9 @@ class Engine(StepLoop, PolicyHost):
             m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
         self._apply_trainable()
         ckpt.load_weights(path, self.model)
-        self._load_optimizer(path, fresh_optimizer)
+        problem = ckpt.load_optimizer_or_fresh(path, self.optimizer, fresh_optimizer, self.run_dir or path.parent.parent)
+        if problem:
+            self.log(f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning")
         ckpt.restore_method_tensors(self.methods, ckpt.load_method_tensors(path))
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -512,22 +506,6 @@ class Engine(StepLoop, PolicyHost):
         ckpt.restore_rng(state["rng"])
         # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
         self.emit("resumed", step=self.step, checkpoint=str(path), message=f"resumed from {path.name} at step {self.step}")
-
-    def _load_optimizer(self, path: Path, fresh_optimizer: bool) -> None:
-        problem = ckpt.verify(path) if fresh_optimizer else None
-        if problem is None:
-            try:
-                ckpt.load_optimizer(path, self.optimizer)
-                return
-            except ckpt.CheckpointError as exc:
-                if not fresh_optimizer:
-                    run = self.run_dir or path.parent.parent
-                    raise ckpt.CheckpointError(
-                        f"{exc}. Its weights verify: resume from them with fresh optimizer state: spu train --resume {run} --fresh-optimizer"
-                    ) from None
-                problem = str(exc)
-        self.optimizer.state.clear()  # whatever a failed load left: every tensor starts from zero moments
-        self.log(f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning")
 
     # ------------------------------------------------------------------ run
 

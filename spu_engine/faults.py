@@ -67,14 +67,16 @@ def nonfinite_report(params: dict[str, torch.nn.Parameter], units: Units, loss_v
 
 
 class UnwrittenState:
-    """Run state that could not be written (events, config.json, policy.yaml, checkpoint -> why).
+    """Run state that could not be written (events, config.json, policy.yaml, checkpoint), why, and how to write it.
 
     While anything is here the run waits paused, everything in memory, until a
-    retry (automatic, `s`, or resume) writes it.
+    retry (automatic, `s`, or resume) writes it.  ``retry`` writes in the order
+    the failures came, events first so the log keeps its order.
     """
 
     def __init__(self) -> None:
         self.why: dict[str, str] = {}
+        self._writers: dict[str, Callable[[], Any]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.why)
@@ -89,14 +91,17 @@ class UnwrittenState:
         except WriteError as exc:
             if what not in self.why:
                 print(f"spu-engine: {exc}; kept in memory until it can be written", file=sys.stderr, flush=True)
-            self.why[what] = str(exc)
+            self.why[what], self._writers[what] = str(exc), write
             return False
         self.why.pop(what, None)
+        self._writers.pop(what, None)
         return True
 
-    def expect(self, what: str) -> None:
-        """Count ``what`` as unwritten until a retry writes it (a checkpoint asked for)."""
-        self.why.setdefault(what, "")
+    def retry(self, first: str | None = None) -> bool:
+        """Every failed write again (``first`` before the others); True when nothing is left unwritten."""
+        for what in sorted(self._writers, key=lambda w: w != first):
+            self.write(what, self._writers[what])
+        return not self.why
 
     def summary(self) -> str:
         return "; ".join(self.why.values())
