@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .config import EngineConfig
 from .distributed import Distributed
 from .methods import METHODS
-from .model import check_policy_against_model, load_model, load_tokenizer
+from .model import count_params, load_model, load_tokenizer
 from .model_source import resolve_model_name
 from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry, atomic_write_text, write_new_text
 from .protocol import (
@@ -47,7 +47,8 @@ from .protocol import (
     event,
 )
 from .tasks import Task, TaskOptions, get_task
-from .trainable import PolicyHost
+from .runtime import PolicyRuntime, TimelineRefused
+from .selection import check_policy_against_model
 from .writes import WriteError, writing
 
 MAX_NONFINITE_SKIPS = 10  # "skip" turns into "stop" after this many non-finite batches in a row
@@ -56,7 +57,7 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight
 
 
 
-class Engine(PolicyHost):
+class Engine(PolicyRuntime):
     """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""
 
     write_retry_s = 30.0  # a write of run state that failed is tried again this often while the run waits
@@ -187,12 +188,6 @@ class Engine(PolicyHost):
             g["base_lr"] = self.config.lr
         return opt
 
-    def add_parameters(self, params: list[torch.nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
-        """Methods that add tensors (adapters, scores) register them here."""
-        group = {"params": params, "lr": lr or self.config.lr, "base_lr": lr or self.config.lr, "weight_decay": weight_decay, "name": name}
-        self.optimizer.add_param_group(group)
-        self.refresh_parameters()
-
     # ------------------------------------------------------------------ events
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
@@ -268,7 +263,7 @@ class Engine(PolicyHost):
             step=self.step,
             total_steps=self.config.steps,
             trainable=self.trainable_count(),
-            total_params=sum(p.numel() for p in self.model.parameters()),
+            total_params=count_params(self.model),
             device=str(self.device),
         )
 
@@ -498,13 +493,11 @@ class Engine(PolicyHost):
 
     def _boundary(self) -> None:
         """Everything that may change the run happens here, between two optimizer steps."""
-        for entry in [e for e in self.pending if e.step <= self.step and not self.fault_stop]:
+        if not self.fault_stop:
             try:
-                self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
-            except PolicyError as exc:  # validated at load, so the model refused it now: stop rather than diverge
-                self._timeline_failed(entry, exc)
-                break
-            self.pending.remove(entry)
+                self.apply_due(self.step)
+            except TimelineRefused as exc:  # validated at load, so the model refused it now: stop rather than diverge
+                self._timeline_failed(exc.entry, exc)
         for cmd in self._take_commands(block=False):
             self._handle(cmd)
         self._stop_if_signalled()
@@ -589,7 +582,7 @@ class Engine(PolicyHost):
         """Loss (detached), samples consumed, extra stats.  Selective backprop replaces this."""
         for m in self.methods:
             if m.active and hasattr(m, "forward_backward"):
-                return m.forward_backward()
+                return m.forward_backward(self)
         batch = self.next_batch()
         loss = self.per_sample_loss(batch).mean()
         self.backward(loss)
@@ -649,7 +642,7 @@ class Engine(PolicyHost):
             **extra,
         )
         for m in self.methods:
-            fields.update(m.stats())
+            fields.update(m.stats(self.step))
         self.emit("step", **fields)
         if before is not None:
             self._emit_unit_stats(before)
@@ -877,7 +870,7 @@ class Engine(PolicyHost):
         """Train to ``config.steps`` or until stopped; returns the final state."""
         self._save_policy()
         self._save_config()
-        self.set_state("training", f"trainable {self.trainable_count():,} of {sum(p.numel() for p in self.model.parameters()):,}")
+        self.set_state("training", f"trainable {self.trainable_count():,} of {count_params(self.model):,}")
         # the full snapshot for clients that connected while loading, and for events.jsonl (history of a dead run)
         self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
         try:
