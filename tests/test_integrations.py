@@ -210,3 +210,21 @@ def test_attach_freezes_without_grads_and_refuses_a_partial_optimizer(tokenizer)
         attach(parse_policy({"freeze": [{"match": "encoder.nope.*", "trainable": False}]}), model)
     with pytest.raises(PolicyError, match="no-such-policy.yaml: no such policy file"):
         SPUCallback("no-such-policy.yaml")
+
+
+def test_soft_movement_pruning_follows_its_ramp_in_a_plain_loop(tokenizer):
+    """Soft movement's threshold follows the step the loop is at (it once read the engine's step counter, which the
+    controller does not have, and raised)."""
+    model = build_tiny("bert", tokenizer)
+    opt = torch.optim.AdamW(model.parameters())
+    policy = parse_policy({"pruning": {"method": "soft_movement", "schedule": {"start_step": 0, "end_step": 4, "every": 1, "final_sparsity": 0.5}}})
+    ctl = attach(policy, model, opt)
+    batch = {"input_ids": torch.tensor([[101, 2000, 102], [101, 3000, 102]]), "labels": torch.tensor([1, 0])}
+    sparsity = []
+    for step in range(5):
+        ctl.step(step)
+        ctl.backward(batch, lambda b: per_sample_loss(model, b))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sparsity.append(ctl.method("pruning").sparsity())
+    assert sparsity[-1] == pytest.approx(0.5, abs=1e-3) and sparsity[0] < sparsity[-1]
