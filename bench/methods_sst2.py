@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import DATA, minilm_sst2
 from spu_engine.engine import Engine, EngineConfig
+from spu_engine.model import count_params
 from spu_engine.model_source import offline_model_dir
 from spu_engine.policy import parse_policy
 
@@ -59,7 +60,7 @@ def run(key: str, label: str, policy: dict, lr: float, base_model, task, tokeniz
         stats_every=10**6,
     )
     engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base_model), tokenizer=tokenizer, task=task)
-    total = sum(p.numel() for p in engine.model.parameters())
+    total = count_params(engine.model)
     events: list[dict] = []
     engine.sinks.append(lambda _line, ev: events.append(ev) if ev["type"] in ("step", "eval", "policy") else None)
     t0 = time.perf_counter()

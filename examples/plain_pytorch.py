@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from spu_engine.integrations import per_sample_loss
+from spu_engine.integrations import attach, per_sample_loss
 from spu_engine.model import load_model, load_tokenizer, set_seed
 from spu_engine.policy import load_policy
 from spu_engine.tasks import TaskOptions, get_task, infer_task
@@ -51,7 +51,7 @@ def main(argv=None) -> dict[str, float]:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)  # over all parameters: the policy decides which train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.steps)
-    ctl = load_policy(args.policy).attach(model, optimizer, scheduler=scheduler, steps=args.steps, seed=args.seed)
+    ctl = attach(load_policy(args.policy), model, optimizer, scheduler=scheduler, steps=args.steps, seed=args.seed)
 
     loader = DataLoader(task.train, batch_size=args.batch_size, shuffle=True, collate_fn=task.collate)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))

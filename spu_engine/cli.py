@@ -327,7 +327,8 @@ def policy_validate(
     """Check a policy file; with --model, check its selectors against the model's parameters."""
     pol = read_policy(file)
     if model:
-        from .model import check_policy_against_model, find_units, load_model
+        from .model import find_units, load_model
+        from .selection import check_policy_against_model
 
         try:
             m = load_model(model)

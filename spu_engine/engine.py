@@ -34,13 +34,14 @@ from .distributed import Distributed
 from .event_log import EventLog
 from .faults import MAX_NONFINITE_SKIPS, UnwrittenState, free_memory, is_out_of_memory, nonfinite_report, oom_advice
 from .methods import METHODS
-from .model import check_policy_against_model, load_model, load_tokenizer
+from .model import count_params, load_model, load_tokenizer
 from .model_source import resolve_model_name
 from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry
 from .protocol import encode, event
 from .runs import CHECKPOINTS, CONFIG, EVENTS, POLICY, write_config, write_policy
 from .tasks import Task, TaskOptions, get_task
-from .trainable import PolicyHost
+from .runtime import PolicyRuntime, TimelineRefused
+from .selection import check_policy_against_model
 from .training import StepLoop, build_optimizer, pick_device
 from .unit_stats import describe_units, trainable_by_unit
 from .writes import WriteError
@@ -65,7 +66,7 @@ class Stop:
     owes_checkpoint: bool = False  # the run first waits, paused, until its checkpoint is written
 
 
-class Engine(StepLoop, PolicyHost):
+class Engine(StepLoop, PolicyRuntime):
     """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""
 
     write_retry_s = 30.0  # a write of run state that failed is tried again this often while the run waits
@@ -165,12 +166,6 @@ class Engine(StepLoop, PolicyHost):
         self._configure_methods(self.current)
         self._apply_trainable()
 
-    def add_parameters(self, params: list[torch.nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
-        """Methods that add tensors (adapters, scores) register them here."""
-        group = {"params": params, "lr": lr or self.config.lr, "base_lr": lr or self.config.lr, "weight_decay": weight_decay, "name": name}
-        self.optimizer.add_param_group(group)
-        self.refresh_parameters()
-
     # ------------------------------------------------------------------ events
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
@@ -205,16 +200,13 @@ class Engine(StepLoop, PolicyHost):
             step=self.step,
             total_steps=self.config.steps,
             trainable=self.trainable_count(),
-            total_params=self.total_params(),
+            total_params=count_params(self.model),
             device=str(self.device),
         )
 
     def set_state(self, state: RunState, message: str = "") -> None:
         self.state = state
         self.emit("state", state=state.value, step=self.step, message=message)
-
-    def total_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     @property
     def exit_code(self) -> int:
@@ -326,13 +318,11 @@ class Engine(StepLoop, PolicyHost):
 
     def boundary(self) -> None:
         """Everything that may change the run happens here, between two optimizer steps."""
-        for entry in [e for e in self.pending if e.step <= self.step and self.stop is None]:
+        if self.stop is None:
             try:
-                self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
-            except PolicyError as exc:  # validated at load, so the model refused it now: stop rather than diverge
-                self._timeline_failed(entry, exc)
-                break
-            self.pending.remove(entry)
+                self.apply_due(self.step)
+            except TimelineRefused as exc:  # validated at load, so the model refused it now: stop rather than diverge
+                self._timeline_failed(exc.entry, exc)
         for cmd in self._take_commands(block=False):
             self.commands.handle(cmd)
         self._stop_if_signalled()
@@ -513,7 +503,7 @@ class Engine(StepLoop, PolicyHost):
         """Train to ``config.steps`` or until stopped; returns the final state."""
         self._save_policy()
         self._save_config()
-        self.set_state(RunState.TRAINING, f"trainable {self.trainable_count():,} of {self.total_params():,}")
+        self.set_state(RunState.TRAINING, f"trainable {self.trainable_count():,} of {count_params(self.model):,}")
         # the full snapshot for clients that connected while loading, and for events.jsonl (history of a dead run)
         self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
         try:

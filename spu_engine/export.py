@@ -37,7 +37,7 @@ from . import compact_heads
 from .checkpoint import latest_checkpoint, load_method_tensors
 from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
 from .methods.pruning.layout import ffn_layers
-from .model import AUTO_CLASSES, find_block_list, load_model, load_tokenizer
+from .model import AUTO_CLASSES, count_params, find_block_list, load_model, load_tokenizer
 from .runs import CHECKPOINTS, CONFIG
 
 MASK_PREFIX = "PruningMethod/mask."
@@ -135,10 +135,6 @@ def fold_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[int, i
         total += p.numel()
         zeros += int((p == 0).sum())
     return total, zeros
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- compact

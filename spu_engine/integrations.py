@@ -1,6 +1,6 @@
 """Run an exported policy in your own training script: a plain PyTorch loop or a Hugging Face Trainer.
 
-    ctl = policy.attach(model, optimizer, scheduler=scheduler)   # plain PyTorch
+    ctl = attach(policy, model, optimizer, scheduler=scheduler)   # plain PyTorch
     for step, batch in enumerate(loader):
         ctl.step(step)                             # timeline entries due at `step`, before the forward
         loss = ctl.backward(batch, loss_fn)        # selective backprop if the policy asks for it
@@ -13,7 +13,8 @@ the same unit resolution (a frozen tensor gets ``requires_grad=False`` and no
 ``.grad``), a timeline entry with step ``s`` in force for the optimizer step that
 takes the count from ``s`` to ``s + 1``, and the engine's own method objects
 (pruning schedules, BitFit, adapters, LoRA / IA3, weight-update skipping, the
-selective-backprop rule) hosted on this small engine-shaped object.  Their
+selective-backprop rule) on the same policy runtime as the engine's
+(``runtime.PolicyRuntime``, the methods' ``Host``).  Their
 ``after_backward`` / ``after_optimizer_step`` hooks run from optimizer hooks,
 so the loop needs no other call than ``ctl.step``.
 
@@ -40,9 +41,9 @@ import torch
 from torch import nn
 
 from .methods import METHODS
-from .model import check_policy_against_model
 from .policy import Change, Policy, PolicyError, TimelineEntry
-from .trainable import PolicyHost
+from .runtime import PolicyRuntime
+from .selection import check_policy_against_model
 
 log = logging.getLogger("spu_engine.integrations")
 
@@ -51,7 +52,7 @@ LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 @dataclass
 class LoopConfig:
-    """The few run settings the methods read from the engine's config."""
+    """The run settings the methods read (``methods.base.HostConfig``), as the engine's config has them."""
 
     steps: int = 1_000_000  # total optimizer steps, when known (pruning warns if it cannot finish)
     lr: float = 5e-5
@@ -60,7 +61,7 @@ class LoopConfig:
     stats_every: int = 10
 
 
-class PolicyController(PolicyHost):
+class PolicyController(PolicyRuntime):
     """An exported policy applied to a model and optimizer you drive yourself."""
 
     def __init__(
@@ -102,12 +103,13 @@ class PolicyController(PolicyHost):
     # ------------------------------------------------------------------ the per-step call
 
     def step(self, step: int | None = None) -> None:
-        """Start optimizer step ``step`` (default: one after the last): apply the timeline entries due, then the methods' step hooks."""
+        """Start optimizer step ``step`` (default: one after the last): apply the timeline entries due, then the methods' step hooks.
+
+        An entry the model refuses raises ``runtime.TimelineRefused`` (a PolicyError) and stays pending.
+        """
         if step is not None:
             self.step_count = step
-        for entry in [e for e in self.pending if e.step <= self.step_count]:
-            self.pending.remove(entry)
-            self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
+        self.apply_due(self.step_count)
         self._each("before_step", self.step_count)
 
     def backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
@@ -130,8 +132,7 @@ class PolicyController(PolicyHost):
             return loss.mean(), loss.detach().mean()
         with torch.no_grad():
             scores = loss_fn(batch).detach().float()
-        keep = sb._select(scores.cpu()).nonzero().flatten().tolist()  # the engine's selection rule and its random stream
-        sb.skipped += len(scores) - len(keep)
+        keep = sb.select(scores.cpu()).nonzero().flatten().tolist()  # the engine's selection rule and its random stream
         if not keep:
             return torch.zeros((), device=scores.device, requires_grad=True), scores.mean()
         rows = torch.tensor(keep)
@@ -147,21 +148,15 @@ class PolicyController(PolicyHost):
             h.remove()
         self._hooks = []
 
-    # ------------------------------------------------------------------ the engine surface the methods use
+    # ------------------------------------------------------------------ the rest of the methods' Host
 
     def method(self, section: str):
+        """The method object of a policy section (``selective_backprop``, ``pruning``, ...)."""
         return next((m for m in self.methods if m.section == section), None)
 
     def apply_change(self, change: Change, source: str) -> None:
         self._take_change(change)
         self.history.append({"step": self.step_count, "source": source, "trainable": self.trainable_count()})
-
-    def add_parameters(self, params: list[nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
-        if self.optimizer is None:
-            raise PolicyError(f"{name}: this policy adds trainable tensors; pass your optimizer to attach(model, optimizer)")
-        lr = lr or self.config.lr
-        self.optimizer.add_param_group({"params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": name})
-        self.refresh_parameters()
 
     def log(self, message: str, level: str = "info") -> None:
         log.log(getattr(logging, level.upper(), logging.INFO), message)
@@ -222,6 +217,23 @@ class PolicyController(PolicyHost):
                 f"the optimizer does not hold {len(missing)} parameters of the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                 "build it over all parameters (the policy decides which of them train) before attach()"
             )
+
+
+def attach(
+    policy: Policy,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+) -> PolicyController:
+    """Apply ``policy`` in your own loop: call ``ctl.step(step)`` at each step's start.
+
+    Pass the optimizer (over all parameters: the policy decides which train) when the policy adds tensors, the LR
+    scheduler so those follow it, ``steps`` (the run's length) when pruning should know whether it can finish.
+    """
+    return PolicyController(model, policy, optimizer, scheduler, steps=steps, seed=seed)
 
 
 def _unwrap(obj, kind=torch.optim.Optimizer, attribute: str = "optimizer"):

@@ -9,19 +9,12 @@ to ``head``.  Every parameter belongs to exactly one unit.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .model_source import ModelLoadError, check_source, resolve_model_name
-from .policy import FreezeRule, Policy, PolicyError, close_matches
-
-_BLOCK_RE = re.compile(r"^block(\d+)$")
-
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
@@ -97,6 +90,11 @@ def stable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {stable_name(n): p for n, p in model.named_parameters()}
 
 
+def count_params(module: nn.Module, trainable: bool = False) -> int:
+    """Parameter entries of ``module``; with ``trainable``, only those that train now."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -153,7 +151,7 @@ def find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
             kinds = {type(m) for m in module}
             if len(kinds) != 1:
                 continue
-            n = sum(p.numel() for p in module.parameters())
+            n = count_params(module)
             if best is None or n > best[0]:
                 best = (n, name, module)
     if best is None:
@@ -184,104 +182,6 @@ def find_units(model: nn.Module) -> Units:
         unit_of[n] = unit.name
     units = [u for u in [emb, *block_units, head] if u.params]
     return Units(units=units, unit_of=unit_of, block_prefix=prefix, num_blocks=len(blocks))
-
-
-# --------------------------------------------------------------------------- freeze rules
-
-
-def rule_selects(rule: FreezeRule, name: str, units: Units) -> bool:
-    unit = units.unit_for(name)
-    if rule.match is not None and not fnmatch.fnmatchcase(name, rule.match):
-        return False
-    if rule.units is not None and unit not in rule.units:
-        return False
-    if rule.layers is not None:
-        m = _BLOCK_RE.match(unit)
-        if not m:
-            return False
-        idx = int(m.group(1))
-        wanted = {i % units.num_blocks for i in rule.layers}
-        if idx not in wanted:
-            return False
-    return True
-
-
-def freeze_mask(rules: list[FreezeRule], names: list[str], units: Units) -> dict[str, bool]:
-    """name -> trainable, by the rules in order (last match wins, default trainable)."""
-    out = {}
-    for n in names:
-        trainable = True
-        for rule in rules:
-            if rule_selects(rule, n, units):
-                trainable = rule.trainable
-        out[n] = trainable
-    return out
-
-
-def check_rules(rules: list[FreezeRule], names: list[str], units: Units, where: str = "freeze") -> None:
-    """Raise PolicyError for a rule that selects nothing, naming the key and close matches."""
-    valid_units = [u.name for u in units.units]
-    for i, rule in enumerate(rules):
-        key = f"{where}[{i}]"
-        if rule.layers is not None:
-            for j, idx in enumerate(rule.layers):
-                if not -units.num_blocks <= idx < units.num_blocks:
-                    raise PolicyError(
-                        f"{key}.layers[{j}]: block index {idx} is out of range; this model has "
-                        f"{units.num_blocks} blocks (0-{units.num_blocks - 1}, or negative from the end)"
-                    )
-        if rule.units is not None:
-            for j, u in enumerate(rule.units):
-                if u not in valid_units:
-                    hint = close_matches(u, valid_units)
-                    raise PolicyError(
-                        f"{key}.units[{j}]: unknown unit {u!r}; units are {', '.join(valid_units)}"
-                        + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-                    )
-        if not any(rule_selects(rule, n, units) for n in names):
-            if rule.match is not None and not any(fnmatch.fnmatchcase(n, rule.match) for n in names):
-                hint = close_matches(rule.match, names)
-                raise PolicyError(
-                    f"{key}.match: pattern {rule.match!r} matches no parameter of this model"
-                    + (f"; close matches: {', '.join(hint)}" if hint else "")
-                )
-            raise PolicyError(f"{key}: the selectors of this rule together match no parameter of this model")
-
-
-def check_patterns(patterns: list[str], names: list[str], where: str) -> None:
-    for i, pattern in enumerate(patterns):
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            hint = close_matches(pattern, names)
-            raise PolicyError(
-                f"{where}[{i}]: pattern {pattern!r} matches no parameter of this model"
-                + (f"; close matches: {', '.join(hint)}" if hint else "")
-            )
-
-
-def check_policy_against_model(
-    policy: Policy, model: nn.Module, units: Units, names_under: Callable[[Policy], list[str]] | None = None
-) -> None:
-    """Every selector in the policy must select something: the state's, and each timeline entry's in the policy in force then.
-
-    ``names_under(policy)`` gives the parameter names a policy's methods would leave in the model (PEFT adds tensors);
-    without it, the model's names as they are now.
-    """
-    now = list(stable_parameters(model))
-    names_of = names_under or (lambda _policy: now)
-    in_force = policy.state()
-    names = names_of(in_force)
-    check_rules(in_force.freeze, names, units)
-    if in_force.pruning.method != "none" and in_force.pruning.targets is not None:
-        check_patterns(in_force.pruning.targets, names, "pruning.targets")
-    for t, entry in enumerate(policy.timeline):
-        in_force = in_force.apply(entry)
-        names = names_of(in_force)
-        check_rules(entry.freeze, names, units, where=f"timeline[{t}].freeze")
-        if "freeze" in entry.set:
-            rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
-            check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
-        if "pruning" in entry.set and in_force.pruning.method != "none" and in_force.pruning.targets is not None:
-            check_patterns(in_force.pruning.targets, names, f"timeline[{t}].set.pruning.targets")
 
 
 def set_seed(seed: int) -> None:

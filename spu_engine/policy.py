@@ -16,7 +16,6 @@ Timeline semantics (also used for live changes sent by the console):
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -294,17 +293,6 @@ class Policy(_Section):
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), self.to_yaml())
 
-    # -- outside the engine ----------------------------------------------------
-
-    def attach(self, model, optimizer=None, **kwargs: Any):
-        """Apply this policy in your own loop (see spu_engine.integrations): call ``ctl.step(step)`` at each step's start.
-
-        Keyword arguments: ``scheduler`` (your LR scheduler), ``steps`` (the run's length), ``seed``.
-        """
-        from .integrations import PolicyController
-
-        return PolicyController(model, self, optimizer, **kwargs)
-
 
 def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -474,13 +462,3 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-# --------------------------------------------------------------------------- resolution against a model
-
-
-def close_matches(pattern: str, names: list[str], n: int = 3) -> list[str]:
-    """Parameter names nearest to a glob that matched nothing."""
-    stripped = pattern.replace("*", "").replace("?", "")
-    ranked = difflib.get_close_matches(pattern, names, n=n, cutoff=0.3)
-    if not ranked and stripped:
-        ranked = difflib.get_close_matches(stripped, names, n=n, cutoff=0.2)
-    return ranked

@@ -270,7 +270,7 @@ class AckEvent(Event):
 
 
 class PreviewEvent(Event):
-    """The answer to a ``preview`` command (see ``PolicyHost.preview``); ``error`` when the change would be refused."""
+    """The answer to a ``preview`` command (see ``PolicyRuntime.preview``); ``error`` when the change would be refused."""
 
     id: str | int | None = None
     trainable: int | None = None

@@ -106,7 +106,7 @@ class StepLoop:
         """Loss (detached), samples consumed, extra stats.  Selective backprop replaces this."""
         for m in self.methods:
             if m.active and hasattr(m, "forward_backward"):
-                return m.forward_backward()
+                return m.forward_backward(self)
         batch = self.next_batch()
         loss = self.per_sample_loss(batch).mean()
         self.backward(loss)
@@ -166,7 +166,7 @@ class StepLoop:
             **extra,
         )
         for m in self.methods:
-            fields.update(m.stats())
+            fields.update(m.stats(self.step))
         self.emit("step", **fields)
         if before is not None:
             self.emit("units", step=self.step, **after_update(self.units, self.params, before))

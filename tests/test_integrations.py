@@ -1,4 +1,4 @@
-"""A policy runs the same in the engine, in a Hugging Face Trainer (SPUCallback) and in a plain loop (policy.attach)."""
+"""A policy runs the same in the engine, in a Hugging Face Trainer (SPUCallback) and in a plain loop (attach)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils.data import Sampler
 
 from spu_engine.batching import BatchStream
 from spu_engine.engine import NO_DECAY, Engine, EngineConfig
-from spu_engine.integrations import SPUCallback, per_sample_loss
+from spu_engine.integrations import SPUCallback, attach, per_sample_loss
 from spu_engine.policy import PolicyError, parse_policy
 from spu_engine.tasks import TaskOptions, get_task
 
@@ -106,7 +106,7 @@ def _run_plain_loop(task, arch, config, policy=POLICY):
     model = build_tiny(arch, task.tokenizer, config.task, **NO_DROPOUT[arch])
     opt, schedule = _optimizer(model, config)
     torch.manual_seed(config.seed)  # the engine seeds before methods initialise tensors (LoRA)
-    ctl = parse_policy(policy).attach(model, opt, scheduler=schedule)
+    ctl = attach(parse_policy(policy), model, opt, scheduler=schedule)
     stream, trainable = BatchStream(len(task.train), seed=config.seed), []
     for step in range(STEPS):
         ctl.step(step)
@@ -197,7 +197,7 @@ def test_selective_backprop_and_movement_pruning_run_the_same_outside_the_engine
 def test_attach_freezes_without_grads_and_refuses_a_partial_optimizer(tokenizer):
     model = build_tiny("bert", tokenizer)
     policy = parse_policy({"freeze": [{"match": "*", "trainable": False}, {"match": "*.bias", "trainable": True}]})
-    ctl = policy.attach(model, torch.optim.AdamW(model.parameters()))
+    ctl = attach(policy, model, torch.optim.AdamW(model.parameters()))
     batch = {"input_ids": torch.tensor([[101, 2000, 102]]), "labels": torch.tensor([1])}
     ctl.step(0)
     ctl.backward(batch, lambda b: per_sample_loss(model, b))
@@ -205,8 +205,26 @@ def test_attach_freezes_without_grads_and_refuses_a_partial_optimizer(tokenizer)
         assert p.requires_grad == name.endswith(".bias")
         assert (p.grad is not None) == name.endswith(".bias"), name
     with pytest.raises(PolicyError, match="the optimizer does not hold .* parameters"):
-        policy.attach(build_tiny("bert", tokenizer), torch.optim.AdamW(build_tiny("bert", tokenizer).parameters()))
+        attach(policy, build_tiny("bert", tokenizer), torch.optim.AdamW(build_tiny("bert", tokenizer).parameters()))
     with pytest.raises(PolicyError, match="pattern 'encoder.nope.\\*' matches no parameter"):
-        parse_policy({"freeze": [{"match": "encoder.nope.*", "trainable": False}]}).attach(model)
+        attach(parse_policy({"freeze": [{"match": "encoder.nope.*", "trainable": False}]}), model)
     with pytest.raises(PolicyError, match="no-such-policy.yaml: no such policy file"):
         SPUCallback("no-such-policy.yaml")
+
+
+def test_soft_movement_pruning_follows_its_ramp_in_a_plain_loop(tokenizer):
+    """Soft movement's threshold follows the step the loop is at (it once read the engine's step counter, which the
+    controller does not have, and raised)."""
+    model = build_tiny("bert", tokenizer)
+    opt = torch.optim.AdamW(model.parameters())
+    policy = parse_policy({"pruning": {"method": "soft_movement", "schedule": {"start_step": 0, "end_step": 4, "every": 1, "final_sparsity": 0.5}}})
+    ctl = attach(policy, model, opt)
+    batch = {"input_ids": torch.tensor([[101, 2000, 102], [101, 3000, 102]]), "labels": torch.tensor([1, 0])}
+    sparsity = []
+    for step in range(5):
+        ctl.step(step)
+        ctl.backward(batch, lambda b: per_sample_loss(model, b))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sparsity.append(ctl.method("pruning").sparsity())
+    assert sparsity[-1] == pytest.approx(0.5, abs=1e-3) and sparsity[0] < sparsity[-1]

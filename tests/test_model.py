@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import build_tiny
-from spu_engine.model import check_policy_against_model, find_units, freeze_mask, load_model
+from spu_engine.model import find_units, load_model
 from spu_engine.model_source import ModelLoadError
 from spu_engine.policy import FreezeRule, Policy, PolicyError, policy_from_yaml
+from spu_engine.selection import check_policy_against_model, freeze_mask
 
 ARCHS = ["bert", "distilbert", "roberta", "gpt2", "llama"]
 

@@ -108,7 +108,7 @@ def test_sparsity_at_end_of_schedule_equals_target(make_engine, method, scope):
             assert abs(sum(counts[n] for n in names) - target * sum(sizes[n] for n in names)) <= 1, unit
     else:
         assert abs(sum(counts.values()) - target * sum(sizes.values())) <= len(sizes)
-    ev = pm.stats()["pruning"]
+    ev = pm.stats(engine.step)["pruning"]
     assert ev["method"] == method and ev["sparsity"] == pytest.approx(target, abs=1e-3)
 
 
@@ -304,7 +304,7 @@ def test_change_mid_schedule_continues_without_jump(make_engine):
     assert series[0] == pytest.approx(now, abs=1e-4)  # the new ramp starts where the masks are
     assert all(abs(b - a) < 0.05 for a, b in zip([now, *series], series))  # no jump
     assert series[-1] == pytest.approx(0.5, abs=1e-4)  # new target at the new end step
-    assert pm.stats()["pruning"]["target"] == 0.5
+    assert pm.stats(engine.step)["pruning"]["target"] == 0.5
 
 
 def test_switching_method_and_scope_keeps_the_masks(make_engine):

@@ -55,7 +55,7 @@ def test_gradient_equals_the_gradient_of_the_kept_subset_alone(make_engine, toke
     threshold = float(losses.median())
     engine.apply_change(Change(set={"selective_backprop": {"mode": "threshold", "threshold": threshold}}), source="test")
 
-    loss, drawn, extra = sb_of(engine).forward_backward()
+    loss, drawn, extra = sb_of(engine).forward_backward(engine)
 
     kept = [i for i, loss_i in zip(first, losses.tolist()) if loss_i >= threshold]
     assert 0 < len(kept) < BS

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..model import find_block_list
 from ..policy import Peft, PolicyError
+from .base import Host
 from .peft_base import AddedTensorsMethod
 from .targets import NameSets, norm_names, task_head_names
 
@@ -60,9 +61,9 @@ class Adapter(AddedTensorsMethod):
     name = "adapter"
     fixed = ("size",)
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        self.trainable = NameSets(engine, norm_names, task_head_names)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.trainable = NameSets(host, norm_names, task_head_names)
         self.hooks: list = []
         self.slots: list[tuple[nn.Module, str]] = []
 
@@ -70,7 +71,7 @@ class Adapter(AddedTensorsMethod):
         return any(f".{slot}." in name for slot in SLOTS) or name in self.trainable
 
     def install(self, settings: Peft) -> list[nn.Parameter]:
-        params, self.hooks, self.slots = insert_adapters(self.engine.model, settings.size)
+        params, self.hooks, self.slots = insert_adapters(self.host.model, settings.size)
         return params
 
     def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:

@@ -1,36 +1,116 @@
-"""The interface every selective-update method implements.
+"""The interface every selective-update method implements, and the one it may ask of its host.
 
-The engine owns one instance of each registered method for the whole run and
-calls the hooks below at fixed points.  ``configure`` is called at a step
-boundary whenever the policy changes (and once at start); it may raise
-``PolicyError`` to refuse a change, which then leaves the engine untouched.
+A host (the engine, or ``integrations.PolicyController`` in a user's own loop)
+owns one instance of each registered method for the whole run and calls the
+hooks below at fixed points.  ``configure`` is called at a step boundary
+whenever the policy changes (and once at start); it may raise ``PolicyError``
+to refuse a change, which then leaves the host untouched.
+
+Methods see their host only through ``Host``: a protocol, so the engine and the
+controller implement it without a common base a method could reach past, and
+no method imports the engine.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
-    from ..engine import Engine
-    from ..policy import Policy
+    from ..distributed import Distributed
+    from ..model import Units
+    from ..policy import Change, Policy, TimelineEntry
+
+
+class HostConfig(Protocol):
+    """The run settings a method reads."""
+
+    steps: int  # the run's length in optimizer steps (pruning warns when it cannot finish)
+    lr: float  # default learning rate of the tensors a method adds
+    seed: int
+    batch_size: int  # per rank
+    stats_every: int  # steps between the detailed statistics (pruning layout)
+
+
+@runtime_checkable
+class Host(Protocol):
+    """What a method may ask of whoever trains the model."""
+
+    model: nn.Module
+    config: HostConfig
+    units: Units
+    params: dict[str, nn.Parameter]  # by stable name (model.stable_name)
+    param_names: list[str]  # a new list whenever the module tree changed (methods cache by its identity)
+    loaded_names: list[str]  # the names before any method added tensors
+
+    @property
+    def pending(self) -> Sequence[TimelineEntry]:
+        """Timeline entries still to come (a replayed policy scripts what a method would otherwise decide)."""
+        ...
+
+    def add_parameters(self, params: list[nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
+        """Train tensors the method added, as the optimizer group ``name`` (lr None: the run's)."""
+        ...
+
+    def remove_parameters(self, name: str) -> None:
+        """Drop the group ``name`` and its optimizer state: the method took its tensors out again."""
+        ...
+
+    def set_group_lr(self, name: str, lr: float | None) -> None:
+        """The learning rate of group ``name`` (None: the run's), before the schedule's factor."""
+        ...
+
+    def forget_optimizer_state(self, params: list[nn.Parameter]) -> None:
+        """These tensors start afresh in the optimizer (IMP resets survivors)."""
+        ...
+
+    def apply_change(self, change: Change, source: str) -> None:
+        """A policy change the method decides (weight-update skipping's phase switch), recorded like any other."""
+        ...
+
+    def log(self, message: str, level: str = "info") -> None: ...
+
+    def emit(self, type_: str, **fields: Any) -> Any: ...
+
+
+class IndexStream(Protocol):
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` training indices; the position moves on."""
+        ...
+
+
+@runtime_checkable
+class TrainingLoop(Protocol):
+    """What a method that replaces the forward and backward pass needs (selective backprop); only the engine draws data."""
+
+    config: HostConfig
+    dist: Distributed | None
+    stream: IndexStream
+
+    def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
+
+    def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
 
 
 class Method:
     section: ClassVar[str]  # the policy section this method reads
 
-    def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
+    def __init__(self, host: Host) -> None:
+        self.host = host
 
     @property
     def active(self) -> bool:
         return False
 
-    def configure(self, policy: "Policy", step: int) -> None:
+    def configure(self, policy: Policy, step: int) -> None:
         """Take the (new) policy into use at a step boundary."""
 
-    def gate_under(self, policy: "Policy") -> Callable[[str], bool] | None:
+    def gate_under(self, policy: Policy) -> Callable[[str], bool] | None:
         """Which parameters (stable names) may train under ``policy``, ANDed with the freeze rules; None: no limit.
 
         A function of the policy alone, so the host can also say what a change *would* train before making it.
@@ -49,8 +129,8 @@ class Method:
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation finished."""
 
-    def stats(self) -> dict[str, Any]:
-        """Extra fields for the per-step event."""
+    def stats(self, step: int) -> dict[str, Any]:
+        """Extra fields for the event of ``step`` (the count of steps taken, as the event says)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

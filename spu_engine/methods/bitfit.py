@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .base import Host
 from .peft_base import PeftMethod
 from .targets import NameSets, is_bias, task_head_names
 
@@ -9,9 +10,9 @@ from .targets import NameSets, is_bias, task_head_names
 class BitFit(PeftMethod):
     name = "bitfit"
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        self.head = NameSets(engine, task_head_names)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.head = NameSets(host, task_head_names)
 
     def gate(self, name: str) -> bool:
         return is_bias(name) or name in self.head

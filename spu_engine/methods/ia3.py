@@ -14,6 +14,7 @@ from peft.utils import (
 from torch import nn
 
 from ..policy import Peft, PolicyError
+from .base import Host
 from .peft_base import AddedTensorsMethod
 from .peft_inject import eject, inject, model_type
 from .targets import NameSets, task_head_names
@@ -36,9 +37,9 @@ class IA3(AddedTensorsMethod):
     name = "ia3"
     fixed = ("target_modules",)
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        self.head = NameSets(engine, task_head_names)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.head = NameSets(host, task_head_names)
 
     def gate(self, name: str) -> bool:
         return name.endswith(".ia3_l") or name in self.head  # the stable name of peft's ia3_l.default
@@ -54,4 +55,4 @@ class IA3(AddedTensorsMethod):
         return inject(model, config, "peft.target_modules")
 
     def uninstall(self) -> None:
-        eject(self.engine.model)
+        eject(self.host.model)

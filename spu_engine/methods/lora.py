@@ -11,6 +11,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..policy import Peft, PolicyError
+from .base import Host
 from .peft_base import AddedTensorsMethod
 from .peft_inject import eject, has_conv1d, inject, model_type
 from .targets import NameSets, task_head_names
@@ -22,9 +23,9 @@ class LoRA(AddedTensorsMethod):
     name = "lora"
     fixed = ("r", "alpha", "dropout", "target_modules")
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
-        self.head = NameSets(engine, task_head_names)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.head = NameSets(host, task_head_names)
 
     def gate(self, name: str) -> bool:
         return ".lora_" in name or name in self.head
@@ -44,4 +45,4 @@ class LoRA(AddedTensorsMethod):
         return inject(model, config, "peft.target_modules")
 
     def uninstall(self) -> None:
-        eject(self.engine.model)
+        eject(self.host.model)

@@ -19,15 +19,15 @@ from torch import nn
 
 from ..model import stable_parameters
 from ..policy import Peft, Policy, PolicyError
-from .base import Method
+from .base import Host, Method
 
 
 class PeftMethod(Method):
     section = "peft"
     name: ClassVar[str]  # the value of peft.method that selects this method
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
         self.selected = False
 
     @property
@@ -50,8 +50,8 @@ class AddedTensorsMethod(PeftMethod):
 
     fixed: ClassVar[tuple[str, ...]]  # peft settings that shape the added tensors
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
         self.installed: Peft | None = None  # the settings the current tensors were built with
         self.trained = False  # has an optimizer step run since they were added?
         self._planned: dict[str, dict[str, int]] = {}  # settings (JSON) -> what planned() found
@@ -61,15 +61,15 @@ class AddedTensorsMethod(PeftMethod):
         return f"peft:{self.name}"
 
     def install(self, settings: Peft) -> list[torch.nn.Parameter]:
-        """Add the tensors to ``engine.model`` and return them."""
-        return self.add_to(self.engine.model, settings)
+        """Add the tensors to the host's model and return them."""
+        return self.add_to(self.host.model, settings)
 
     def add_to(self, model: nn.Module, settings: Peft) -> list[torch.nn.Parameter]:
-        """Add the tensors to ``model`` (the engine's, or a shape-only copy for planning) and return them."""
+        """Add the tensors to ``model`` (the host's, or a shape-only copy for planning) and return them."""
         raise NotImplementedError
 
     def uninstall(self) -> None:
-        """Take the tensors out of ``engine.model`` again."""
+        """Take the tensors out of the host's model again."""
         raise NotImplementedError
 
     def planned(self, settings: Peft) -> dict[str, int]:
@@ -77,7 +77,7 @@ class AddedTensorsMethod(PeftMethod):
         key = settings.model_dump_json()
         if key not in self._planned:
             with torch.random.fork_rng(devices=[]):  # initialising the copy's tensors must not move the run's RNG (replays stay exact)
-                copy = shape_only_copy(self.engine.model)
+                copy = shape_only_copy(self.host.model)
                 if copy is None:
                     return {}
                 before = set(stable_parameters(copy))
@@ -112,23 +112,16 @@ class AddedTensorsMethod(PeftMethod):
 
     def _add(self, policy: Policy) -> None:
         params = self.install(policy.peft)
-        self.engine.add_parameters(params, lr=policy.peft.lr, weight_decay=0.0, name=self.group)
+        self.host.add_parameters(params, lr=policy.peft.lr, weight_decay=0.0, name=self.group)
         self.installed, self.trained = policy.peft, False
 
     def _remove(self) -> None:
         self.uninstall()
-        opt = self.engine.optimizer
-        for g in [g for g in opt.param_groups if g.get("name") == self.group]:
-            for p in g["params"]:
-                opt.state.pop(p, None)
-            opt.param_groups.remove(g)
-        self.engine.refresh_parameters()
+        self.host.remove_parameters(self.group)
         self.installed = None
 
     def _set_lr(self, settings: Peft) -> None:
-        for g in self.engine.optimizer.param_groups:
-            if g.get("name") == self.group:
-                g["base_lr"] = settings.lr or self.engine.config.lr
+        self.host.set_group_lr(self.group, settings.lr)
 
     def after_optimizer_step(self, step: int) -> None:
         if self.installed is not None:

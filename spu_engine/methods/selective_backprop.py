@@ -33,20 +33,20 @@ import torch
 
 from ..policy import Policy
 from ..policy import SelectiveBackprop as Settings
-from .base import Method
+from .base import Host, Method, TrainingLoop
 
 
 class SelectiveBackprop(Method):
     section = "selective_backprop"
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
         self.settings = Settings()
         self.history = torch.empty(0)  # recent per-sample losses on the CPU, newest last
         self.pool: list[int] = []  # percentile mode: selected train indices awaiting their backward batch
         self.skipped = 0  # samples drawn but never backpropagated, since the start of the run
         self.last_backward: list[int] = []  # train indices of the latest backward batch
-        self.generator = torch.Generator().manual_seed(engine.config.seed + 1)
+        self.generator = torch.Generator().manual_seed(host.config.seed + 1)
 
     @property
     def active(self) -> bool:
@@ -62,23 +62,23 @@ class SelectiveBackprop(Method):
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
-        """Mean loss over every drawn sample, samples this rank drew, and the step's selection statistics."""
-        dist = self.engine.dist
+    def forward_backward(self, loop: TrainingLoop) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """The engine's forward and backward: mean loss over every drawn sample, samples this rank drew, and the
+        step's selection statistics (a loop that draws its own batches uses ``select`` instead)."""
+        dist = loop.dist
         world = dist.world_size if dist else 1
-        bs = self.engine.config.batch_size * world  # the global batch: selection is the same on every rank
+        bs = loop.config.batch_size * world  # the global batch: selection is the same on every rank
         losses: list[torch.Tensor] = []
         selected = 0
         while True:
-            indices, loss = self._score(bs)
+            indices, loss = self._score(loop, bs)
             losses.append(loss)
             if not torch.isfinite(loss).all():  # the engine reports the non-finite mean and steps on nothing
                 self.skipped += len(indices)
                 backward = []
                 break
-            chosen = [i for i, k in zip(indices, self._select(loss).tolist()) if k]
+            chosen = [i for i, k in zip(indices, self.select(loss).tolist()) if k]
             selected += len(chosen)
-            self.skipped += len(indices) - len(chosen)
             if self.settings.mode == "threshold":
                 backward = chosen
                 break
@@ -88,27 +88,32 @@ class SelectiveBackprop(Method):
                 break
         mine = dist.shard(backward) if dist else backward
         if mine:  # sum / (global count / world): after the ranks' average, the mean over the whole backward batch
-            loss = self.engine.per_sample_loss(self.engine.batch_of(mine))
-            self.engine.backward(loss.sum() / (len(backward) / world))
+            loss = loop.per_sample_loss(loop.batch_of(mine))
+            loop.backward(loss.sum() / (len(backward) / world))
         self.last_backward = backward
         drawn = torch.cat(losses)
         extra = {"sb_kept_fraction": round(selected / len(drawn), 4), "sb_backward": len(backward), "sb_skipped": self.skipped}
         return drawn.mean(), len(drawn) // world, extra
 
     @torch.no_grad()
-    def _score(self, n: int) -> tuple[list[int], torch.Tensor]:
+    def _score(self, loop: TrainingLoop, n: int) -> tuple[list[int], torch.Tensor]:
         """Draw ``n`` samples (the global batch) and their losses, without building a graph; each rank scores its share."""
-        dist = self.engine.dist
-        indices = self.engine.stream.take(n)
-        loss = self.engine.per_sample_loss(self.engine.batch_of(dist.shard(indices) if dist else indices)).detach().float()
+        dist = loop.dist
+        indices = loop.stream.take(n)
+        loss = loop.per_sample_loss(loop.batch_of(dist.shard(indices) if dist else indices)).detach().float()
         if dist:
             loss = dist.gather_shards(loss)
         return indices, loss.cpu()
 
-    def _select(self, loss: torch.Tensor) -> torch.Tensor:
+    def select(self, loss: torch.Tensor) -> torch.Tensor:
+        """Keep-mask of these per-sample losses (CPU), by the policy's rule and this method's own random stream, so
+        any loop selects as the engine does; the samples not kept count as skipped."""
         if self.settings.mode == "threshold":
-            return loss >= self.settings.threshold
-        return torch.rand(len(loss), generator=self.generator) < self.keep_probability(loss)
+            keep = loss >= self.settings.threshold
+        else:
+            keep = torch.rand(len(loss), generator=self.generator) < self.keep_probability(loss)
+        self.skipped += len(keep) - int(keep.sum())
+        return keep
 
     def keep_probability(self, loss: torch.Tensor) -> torch.Tensor:
         """max(floor, CDF(loss)^beta) over the loss history, which first takes these losses in."""

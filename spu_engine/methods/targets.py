@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from ..model import stable_name, stable_parameters
+
+if TYPE_CHECKING:
+    from .base import Host
 
 
 def is_bias(name: str) -> bool:
@@ -33,16 +39,16 @@ def norm_names(model: nn.Module) -> set[str]:
 
 
 class NameSets:
-    """Name sets of a model, recomputed only when the engine's parameter list changes."""
+    """Name sets of a model, recomputed only when the host's parameter list changes."""
 
-    def __init__(self, engine, *functions) -> None:
-        self.engine = engine
+    def __init__(self, host: Host, *functions: Callable[[nn.Module], set[str]]) -> None:
+        self.host = host
         self.functions = functions
         self._key: int | None = None
         self._names: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
-        if self._key != id(self.engine.param_names):
-            self._names = set().union(*(f(self.engine.model) for f in self.functions))
-            self._key = id(self.engine.param_names)
+        if self._key != id(self.host.param_names):
+            self._names = set().union(*(f(self.host.model) for f in self.functions))
+            self._key = id(self.host.param_names)
         return name in self._names

@@ -9,7 +9,7 @@ optimizer state for the next full phase.
 
 Replay: every switch is a policy change ``{weight_update_skipping: {phase: X}}``
 recorded in the timeline at the step it takes effect, so the exported policy
-names every phase.  While the engine's pending timeline still scripts a phase
+names every phase.  While the host's pending timeline still scripts a phase
 switch (the run replays such a policy), the eval-driven rule only watches:
 the script decides, so no switch is applied twice and the replay has the
 recorded phases even when its eval losses differ.  After the last scripted
@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..model import Units
 from ..policy import Change, Policy, PolicyError
 from ..policy import WeightUpdateSkipping as Settings
-from .base import Method
+from .base import Host, Method
 from .targets import is_bias
 
 SOURCE = "weight_update_skipping"
@@ -32,8 +33,8 @@ SOURCE = "weight_update_skipping"
 class WeightUpdateSkipping(Method):
     section = "weight_update_skipping"
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
         self.settings = Settings()
         self.phase: str | None = None  # None while disabled
         self.best = math.inf  # best eval loss of the current phase
@@ -45,7 +46,7 @@ class WeightUpdateSkipping(Method):
 
     def configure(self, policy: Policy, step: int) -> None:
         new = policy.weight_update_skipping
-        blocks = self.engine.units.num_blocks
+        blocks = self.host.units.num_blocks
         if new.last_k_blocks is not None and new.last_k_blocks > blocks:
             raise PolicyError(
                 f"weight_update_skipping.last_k_blocks: {new.last_k_blocks} is more than the model's {blocks} blocks (allowed: 1-{blocks})"
@@ -60,14 +61,14 @@ class WeightUpdateSkipping(Method):
         if not settings.enabled or (settings.phase or settings.start_phase) != "bias_only":
             return None
         k = settings.last_k_blocks
-        first = self.engine.units.num_blocks - k if k is not None else None
+        first = self.host.units.num_blocks - k if k is not None else None
 
         def bias_only(name: str) -> bool:
             if not is_bias(name):
                 return False
             if first is None:
                 return True
-            index = _block_of(self.engine, name)
+            index = _block_of(self.host.units, name)
             return index is not None and index >= first
 
         return bias_only
@@ -83,14 +84,14 @@ class WeightUpdateSkipping(Method):
         if self.bad_evals < self.settings.patience or self._scripted():
             return
         other = "full" if self.phase == "bias_only" else "bias_only"
-        self.engine.log(f"weight-update skipping: eval loss has not improved on {self.best:.4f} for {self.bad_evals} evals; phase {other}")
-        self.engine.apply_change(Change(set={SOURCE: {"phase": other}}), source=SOURCE)
+        self.host.log(f"weight-update skipping: eval loss has not improved on {self.best:.4f} for {self.bad_evals} evals; phase {other}")
+        self.host.apply_change(Change(set={SOURCE: {"phase": other}}), source=SOURCE)
 
     def _scripted(self) -> bool:
         """Does the pending timeline still switch phases (a replayed policy)?"""
-        return any("phase" in (e.set.get(SOURCE) or {}) for e in self.engine.pending)
+        return any("phase" in (e.set.get(SOURCE) or {}) for e in self.host.pending)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, step: int) -> dict[str, Any]:
         return {"wus_phase": self.phase} if self.phase else {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -102,7 +103,7 @@ class WeightUpdateSkipping(Method):
             self.bad_evals = int(state.get("bad_evals", 0))
 
 
-def _block_of(engine, name: str) -> int | None:
+def _block_of(units: Units, name: str) -> int | None:
     """Block index of a parameter's unit, None for the embeddings and the head."""
-    unit = engine.units.unit_of.get(name, "")
+    unit = units.unit_of.get(name, "")
     return int(unit[5:]) if unit.startswith("block") and unit[5:].isdigit() else None

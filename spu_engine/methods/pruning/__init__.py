@@ -2,7 +2,7 @@
 
 One file per method behind the small ``Pruner`` interface (``base.py``); one
 masking mechanism (``masks.py``); one schedule (``schedule.py``); the
-engine-facing ``PruningMethod`` (``method.py``) owns masks and ramp.
+host-facing ``PruningMethod`` (``method.py``) owns masks and ramp.
 """
 
 from .method import PRUNERS, PruningMethod

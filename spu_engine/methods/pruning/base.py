@@ -18,7 +18,7 @@ from .schedule import Ramp
 from .structure import Family, families, select_groups
 
 if TYPE_CHECKING:
-    from ...engine import Engine
+    from ..base import Host
     from ...policy import Pruning
 
 
@@ -53,12 +53,12 @@ def select(scores: dict[str, torch.Tensor], sparsity: float, parts: list[list[st
 
 
 class Pruner:
-    """One pruning method: its scores and its clock.  The engine-facing Method owns the masks."""
+    """One pruning method: its scores and its clock.  The host-facing ``PruningMethod`` owns the masks."""
 
     name: ClassVar[str]
 
-    def __init__(self, engine: Engine, masks: MaskedWeights, targets: list[str], settings: Pruning, step: int) -> None:
-        self.engine = engine
+    def __init__(self, host: Host, masks: MaskedWeights, targets: list[str], settings: Pruning, step: int) -> None:
+        self.host = host
         self.masks = masks
         self.targets = targets
         self.settings = settings
@@ -110,7 +110,7 @@ class Pruner:
         """Recompute every target's mask from this method's scores."""
         if self.settings.structure == "heads_neurons":
             if self._families is None:
-                self._families = families(self.engine.model, self.targets)
+                self._families = families(self.host.model, self.targets)
             chosen = select_groups(self._families, self.scores(), sparsity, self.settings.scope)
         else:
             scores = self.scores()
@@ -127,7 +127,7 @@ class Pruner:
             return [[n] for n in names]
         by_unit: dict[str, list[str]] = {}
         for n in names:
-            by_unit.setdefault(self.engine.units.unit_of.get(n, "other"), []).append(n)
+            by_unit.setdefault(self.host.units.unit_of.get(n, "other"), []).append(n)
         return list(by_unit.values())
 
     def kept_first(self, magnitude: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,7 +153,7 @@ class ScheduledPruner(Pruner):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.ramp: Ramp | None = None  # set by the engine-facing Method
+        self.ramp: Ramp | None = None  # set by PruningMethod
         self.applied: float | None = None  # sparsity of the last mask update; None forces the next one
 
     def follow(self, ramp: Ramp, anchored: bool) -> None:
@@ -171,8 +171,12 @@ class ScheduledPruner(Pruner):
             return
         if target == self.applied and not self.rerank:
             return
-        self.apply(target)
+        self.update(target, step)
         self.applied = target
+
+    def update(self, target: float, step: int) -> None:
+        """The masks for the ramp's ``target`` at ``step`` (soft movement's threshold also follows the step)."""
+        self.apply(target)
 
     def state_dict(self) -> dict[str, Any]:
         return {"applied": self.applied}

@@ -22,8 +22,8 @@ from .base import Pruner
 class IMPPruner(Pruner):
     name = "imp"
 
-    def __init__(self, engine, masks, targets, settings, step: int) -> None:
-        super().__init__(engine, masks, targets, settings, step)
+    def __init__(self, host, masks, targets, settings, step: int) -> None:
+        super().__init__(host, masks, targets, settings, step)
         self.rounds_done = 0
         self.start_sparsity = self.sparsity() if masks.masks else 0.0
         self.next_round = max(settings.schedule.start_step, step) + settings.imp.round_steps
@@ -64,7 +64,7 @@ class IMPPruner(Pruner):
     def _snapshot(self, step: int) -> None:
         self.reference = {
             n: (self.masks.dense(n) if n in self.masks.masks else p.detach()).to("cpu", copy=True)
-            for n, p in self.engine.params.items()
+            for n, p in self.host.params.items()
         }
         self.reference_step = step
 
@@ -91,8 +91,8 @@ class IMPPruner(Pruner):
         self.apply(sparsity)
         self._reset()
         what = "pretrained weights" if imp.reset == "pretrained" else f"weights of step {self.reference_step}"
-        self.engine.emit("prune", step=step, method=self.name, round=self.rounds_done, rounds=imp.rounds, sparsity=round(self.sparsity(), 5), reset=imp.reset)
-        self.engine.log(
+        self.host.emit("prune", step=step, method=self.name, round=self.rounds_done, rounds=imp.rounds, sparsity=round(self.sparsity(), 5), reset=imp.reset)
+        self.host.log(
             f"IMP round {self.rounds_done}/{imp.rounds}: removed {imp.fraction:.0%} of the remaining weights "
             f"(sparsity {self.sparsity():.1%}); survivors reset to the {what}"
         )
@@ -100,13 +100,14 @@ class IMPPruner(Pruner):
     @torch.no_grad()
     def _reset(self) -> None:
         """Survivors (and all other parameters) back to the reference; optimizer state starts afresh."""
-        opt = self.engine.optimizer
-        for n, p in self.engine.params.items():
+        reset = []
+        for n, p in self.host.params.items():
             if n in self.reference:
                 p.copy_(self.reference[n].to(p.device))
-                opt.state.pop(p, None)
+                reset.append(p)
                 if n in self.masks.masks:
                     self.masks.rebase(n)
+        self.host.forget_optimizer_state(reset)
 
     def stats(self) -> dict[str, Any]:
         return {"pruning_round": self.rounds_done}

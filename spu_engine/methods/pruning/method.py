@@ -1,4 +1,4 @@
-"""Pruning as an engine method: the ``pruning`` policy section, steerable live.
+"""Pruning as a method: the ``pruning`` policy section, steerable live.
 
 This class owns the masks and the ramp; the pruner of the chosen method
 (magnitude, imp, movement, soft_movement) supplies the scores and decides when
@@ -11,13 +11,13 @@ weights come back).
 
 from __future__ import annotations
 
-import fnmatch
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...policy import PolicyError, Pruning
-from ..base import Method
+from ...selection import globbed
+from ..base import Host, Method
 from .base import Pruner, ScheduledPruner
 from .imp import IMPPruner
 from .layout import sublayer
@@ -37,10 +37,10 @@ PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (MagnitudePruner, IMPPrun
 class PruningMethod(Method):
     section = "pruning"
 
-    def __init__(self, engine) -> None:
-        super().__init__(engine)
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
         self.settings = Pruning()
-        self.masks = MaskedWeights(engine.model)
+        self.masks = MaskedWeights(host.model)
         self.pruner: Pruner | None = None
         self.targets: list[str] = []
         self._counts: tuple[int, dict[str, int]] | None = None  # (masks version, pruned per tensor)
@@ -61,8 +61,8 @@ class PruningMethod(Method):
             self.settings = new
             return
         targets = self.resolve_targets(new)
-        if not self.masks.masks and self.masks.model is not self.engine.model:  # a method (PEFT) wrapped the model
-            self.masks = MaskedWeights(self.engine.model)
+        if not self.masks.masks and self.masks.model is not self.host.model:  # a method (PEFT) wrapped the model
+            self.masks = MaskedWeights(self.host.model)
         if new.method == "imp":
             ref = self.pruner.reference_step if isinstance(self.pruner, IMPPruner) else None
             IMPPruner.validate(new, step, ref)
@@ -77,7 +77,7 @@ class PruningMethod(Method):
                 self.masks.drop(name)
             self.targets = targets
             self._counts = None
-            self.pruner = PRUNERS[new.method](self.engine, self.masks, targets, new, step)
+            self.pruner = PRUNERS[new.method](self.host, self.masks, targets, new, step)
         if isinstance(self.pruner, ScheduledPruner) and (not same_pruner or self._schedule_changed(old, new)):
             anchored = step > new.schedule.start_step
             self.pruner.follow(self._ramp(new, step, anchored), anchored)
@@ -87,13 +87,13 @@ class PruningMethod(Method):
             end = new.schedule.end_step
         outside = self.outside_blocks(self.targets)
         if outside and not same_pruner:
-            self.engine.log(
+            self.host.log(
                 f"pruning.targets include {len(outside)} tensors outside the blocks ({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): "
                 "pruning the task head or the embeddings can leave a model that predicts one class; leave targets unset to prune the blocks only",
                 "warning",
             )
-        if end > self.engine.config.steps:
-            self.engine.log(f"pruning ends at step {end}, after the run's last step ({self.engine.config.steps}): the final sparsity will not be reached", "warning")
+        if end > self.host.config.steps:
+            self.host.log(f"pruning ends at step {end}, after the run's last step ({self.host.config.steps}): the final sparsity will not be reached", "warning")
 
     @staticmethod
     def _schedule_changed(old: Pruning, new: Pruning) -> bool:
@@ -107,12 +107,13 @@ class PruningMethod(Method):
 
     def resolve_targets(self, settings: Pruning) -> list[str]:
         """Weight matrices selected by ``targets`` (unset: the blocks' own) and not by ``exclude``; PolicyError if none."""
-        params = self.engine.params
+        params = self.host.params
         if settings.targets is None:  # the model's own weights inside the blocks: never the head, never a PEFT method's tensors
-            selected = [n for n in self.engine.loaded_names if self.engine.units.unit_for(n).startswith("block")]
+            selected = [n for n in self.host.loaded_names if self.host.units.unit_for(n).startswith("block")]
         else:
-            selected = [n for n in self.engine.param_names if any(fnmatch.fnmatchcase(n, t) for t in settings.targets)]
-        chosen = [n for n in selected if not any(fnmatch.fnmatchcase(n, e) for e in settings.exclude)]
+            selected = globbed(self.host.param_names, settings.targets)
+        excluded = set(globbed(selected, settings.exclude))
+        chosen = [n for n in selected if n not in excluded]
         if not chosen:
             what = "the blocks' weights" if settings.targets is None else str(settings.targets)
             raise PolicyError(f"pruning.targets: {what} minus pruning.exclude {settings.exclude} leaves no parameter of this model to prune")
@@ -123,18 +124,18 @@ class PruningMethod(Method):
                 "1-D (biases, norms); pruning removes entries of weight matrices, e.g. targets: ['*.weight']"
             )
         if settings.structure == "heads_neurons":  # only weights that belong to a whole head or neuron
-            grouped = {s.name for f in families(self.engine.model, matrices) for s in f.slabs}
+            grouped = {s.name for f in families(self.host.model, matrices) for s in f.slabs}
             if not grouped:
                 raise PolicyError(
                     f"pruning.structure: heads_neurons needs targets that cover whole heads (q, k, v and output projection) "
-                    f"or FFN pairs (input and output layers) of {type(self.engine.model).__name__}; {settings.targets} cover none"
+                    f"or FFN pairs (input and output layers) of {type(self.host.model).__name__}; {settings.targets} cover none"
                 )
             matrices = [n for n in matrices if n in grouped]
         return matrices
 
     def outside_blocks(self, targets: list[str]) -> list[str]:
         """Targets in the embeddings or the head (pooler, classifier): pruned only when a pattern names them."""
-        return [n for n in targets if not self.engine.units.unit_for(n).startswith("block")]
+        return [n for n in targets if not self.host.units.unit_for(n).startswith("block")]
 
     def _switch_off(self) -> None:
         if self.pruner is None:
@@ -144,7 +145,7 @@ class PruningMethod(Method):
         self.masks.clear()
         self.targets = []
         self._counts = None
-        self.engine.log("pruning switched off: masks removed, the weights under them are back")
+        self.host.log("pruning switched off: masks removed, the weights under them are back")
 
     # -- training hooks ---------------------------------------------------------
 
@@ -172,29 +173,29 @@ class PruningMethod(Method):
         if not self.targets:
             return 0.0
         counts = self.pruned_counts()
-        return sum(counts.values()) / sum(self.engine.params[n].numel() for n in self.targets)
+        return sum(counts.values()) / sum(self.host.params[n].numel() for n in self.targets)
 
     def layout(self) -> dict[str, dict[str, float]]:
         """Per unit, the pruned fraction of each sublayer (q, k, v, o, ffn_in, ffn_out, other)."""
         acc: dict[str, dict[str, list[int]]] = {}
         for n, pruned in self.pruned_counts().items():
-            unit = self.engine.units.unit_of.get(n, "other")
+            unit = self.host.units.unit_of.get(n, "other")
             cell = acc.setdefault(unit, {}).setdefault(sublayer(n), [0, 0])
             cell[0] += pruned
-            cell[1] += self.engine.params[n].numel()
+            cell[1] += self.host.params[n].numel()
         return {u: {k: round(p / t, 5) for k, (p, t) in kinds.items()} for u, kinds in acc.items()}
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, step: int) -> dict[str, Any]:
         if self.pruner is None:
             return {}
-        target = self.pruner.target(self.engine.step)
+        target = self.pruner.target(step)
         info: dict[str, Any] = {
             "method": self.pruner.name,
             "sparsity": round(self.sparsity(), 5),
             "target": None if target is None else round(target, 5),
             **self.pruner.stats(),
         }
-        if self.engine.step % self.engine.config.stats_every == 0 or self.masks.version != self._shown:
+        if step % self.host.config.stats_every == 0 or self.masks.version != self._shown:
             info["layout"] = self.layout()
             info["units"] = self.unit_sparsity()  # the console's bars move at the step the masks did
             self._shown = self.masks.version
@@ -204,9 +205,9 @@ class PruningMethod(Method):
         """Per unit, the pruned fraction of all its parameters."""
         pruned: dict[str, int] = {}
         for n, count in self.pruned_counts().items():
-            unit = self.engine.units.unit_for(n)
+            unit = self.host.units.unit_for(n)
             pruned[unit] = pruned.get(unit, 0) + count
-        return {u.name: round(pruned.get(u.name, 0) / u.numel, 5) for u in self.engine.units if u.numel}
+        return {u.name: round(pruned.get(u.name, 0) / u.numel, 5) for u in self.host.units if u.numel}
 
     # -- checkpoints -------------------------------------------------------------
 

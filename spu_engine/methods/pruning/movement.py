@@ -26,6 +26,7 @@ from torch import nn
 
 from .base import ScheduledPruner
 
+GROUP = "scores"  # the optimizer group of the scores
 TIE_BREAK = 1e-6  # far below one step of score (score_lr), far above float32 resolution of early scores
 
 
@@ -43,8 +44,7 @@ class MovementPruner(ScheduledPruner):
             # scores start at 0; weights pruned before this method took over start one step of score behind
             init = (self.masks.keep(n).float() - 1.0) * self.settings.movement.score_lr
             self.score_params[n] = nn.Parameter(init)
-        self.engine.add_parameters(list(self.score_params.values()), lr=self.settings.movement.score_lr, name="scores")
-        self._group = self.engine.optimizer.param_groups[-1]
+        self.host.add_parameters(list(self.score_params.values()), lr=self.settings.movement.score_lr, name=GROUP)
         self._hooks: dict[str, Any] = {}  # target -> its gradient hook, once the weight trains
         self._hook_scores()
 
@@ -76,7 +76,7 @@ class MovementPruner(ScheduledPruner):
 
     def reconfigure(self, settings, step: int) -> None:
         super().reconfigure(settings, step)
-        self._group["base_lr"] = settings.movement.score_lr
+        self.host.set_group_lr(GROUP, settings.movement.score_lr)
 
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
@@ -86,10 +86,7 @@ class MovementPruner(ScheduledPruner):
         return {n: s.detach() + magnitude[n] * scale for n, s in self.score_params.items()}
 
     def detach(self) -> None:
-        opt = self.engine.optimizer
-        for p in self._group["params"]:
-            opt.state.pop(p, None)
-        opt.param_groups = [g for g in opt.param_groups if g is not self._group]
+        self.host.remove_parameters(GROUP)
         self._unhook_scores()
         self.score_params.clear()
 

@@ -32,8 +32,8 @@ class SoftMovementPruner(MovementPruner):
         self.tau_start = self.tau if anchored else None
 
     @torch.no_grad()
-    def apply(self, sparsity: float) -> None:
-        step, ramp = self.engine.step, self.ramp
+    def update(self, target: float, step: int) -> None:
+        ramp = self.ramp
         if step >= ramp.end or ramp.kind == "constant":
             super().apply(ramp.final)  # land exactly on the target
             self.tau = None

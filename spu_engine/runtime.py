@@ -1,8 +1,12 @@
-"""Applying a policy to a live model: shared by the engine and the in-your-own-loop controller.
+"""The policy runtime the engine and the own-loop controller share: one implementation of ``methods.base.Host``.
 
-A host has ``model``, ``methods`` (one instance per registered method), the
-policy sections in force (``current``) and a ``_configure_methods(policy)``.
-What trains is the freeze rules ANDed with every active method's gate.
+It holds what both hosts do alike: the timeline (pending entries applied when
+due), the methods' parameter groups, the trainable mask (the freeze rules ANDed
+with every active method's gate, functions of the policy, so a change can be
+previewed) and changes taken with rollback.  A host adds the model, the
+optimizer (None in a loop that passes none), ``config``, ``methods`` (one
+instance per registered method), the sections in force (``current``) and how it
+configures its methods and records a change.
 """
 
 from __future__ import annotations
@@ -11,22 +15,84 @@ from typing import Any
 
 import torch
 
-from .model import Units, check_policy_against_model, find_units, freeze_mask, stable_parameters
+from .methods.base import HostConfig
 from .methods.peft_base import AddedTensorsMethod
-from .policy import Change, Policy
+from .model import Units, count_params, find_units, stable_parameters
+from .policy import Change, Policy, PolicyError, TimelineEntry
+from .selection import check_policy_against_model, freeze_mask
 
 
-class PolicyHost:
+class TimelineRefused(PolicyError):
+    """A timeline entry the model refused at its step (validated at load, so the run would diverge from its policy)."""
+
+    def __init__(self, entry: TimelineEntry, error: PolicyError) -> None:
+        super().__init__(str(error))
+        self.entry = entry
+
+
+class PolicyRuntime:
     model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    config: HostConfig
     methods: list
     current: Policy
+    pending: list[TimelineEntry]  # timeline entries not applied yet, in step order
     units: Units
     param_names: list[str]  # stable names (model.stable_name): as loaded, whatever PEFT wrapped since
     params: dict[str, torch.nn.Parameter]
     loaded_names: list[str]  # the names before any method added tensors
 
     def _configure_methods(self, policy: Policy) -> None:
+        """Every method's ``configure``, in ``configure_order``, at the host's step."""
         raise NotImplementedError
+
+    def apply_change(self, change: Change, source: str) -> None:
+        """Take ``change`` (``_take_change``) and record it as the host records changes."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ timeline
+
+    def apply_due(self, step: int) -> None:
+        """Apply the pending timeline entries due at ``step``, in order.  An entry leaves ``pending`` once applied,
+        so one the model refuses (TimelineRefused) stays pending: a checkpoint keeps it, a replay does not skip it."""
+        for entry in [e for e in self.pending if e.step <= step]:
+            try:
+                self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
+            except PolicyError as exc:
+                raise TimelineRefused(entry, exc) from exc
+            self.pending.remove(entry)
+
+    # ------------------------------------------------------------------ parameter groups
+
+    def add_parameters(self, params: list[torch.nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
+        """Methods that add tensors (adapters, LoRA, scores) train them as an optimizer group of their own."""
+        if self.optimizer is None:
+            raise PolicyError(f"{name}: this policy adds trainable tensors; pass your optimizer to attach(policy, model, optimizer)")
+        lr = lr or self.config.lr
+        self.optimizer.add_param_group({"params": params, "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": name})
+        self.refresh_parameters()
+
+    def remove_parameters(self, name: str) -> None:
+        """Drop the groups ``name`` and their optimizer state: the method took its tensors out again."""
+        if self.optimizer is not None:
+            for group in [g for g in self.optimizer.param_groups if g.get("name") == name]:
+                self.forget_optimizer_state(group["params"])
+                self.optimizer.param_groups.remove(group)
+        self.refresh_parameters()
+
+    def set_group_lr(self, name: str, lr: float | None) -> None:
+        """The learning rate of the groups ``name`` (None: the run's), before the schedule's factor."""
+        for group in self.optimizer.param_groups if self.optimizer is not None else []:
+            if group.get("name") == name:
+                group["base_lr"] = lr or self.config.lr
+
+    def forget_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
+        """These tensors start afresh in the optimizer (zero moments)."""
+        if self.optimizer is not None:
+            for p in params:
+                self.optimizer.state.pop(p, None)
+
+    # ------------------------------------------------------------------ what trains
 
     def configure_order(self, policy: Policy) -> list:
         """The methods, those that ``policy`` switches off first: a PEFT method that must go (or refuses to, having
@@ -49,7 +115,7 @@ class PolicyHost:
         self.param_names = list(self.params)
 
     def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return count_params(self.model, trainable=True)
 
     def trainable_mask(self, policy: Policy | None = None, names: list[str] | None = None) -> dict[str, bool]:
         """name -> trains, under ``policy`` (default: the one in force) for ``names`` (default: the model's now)."""

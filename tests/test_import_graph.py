@@ -1,0 +1,118 @@
+"""The packages' import graphs have no cycles, and methods reach their host only through the Host protocol.
+
+The graph is read from the source with ``ast``: every ``import`` and ``from ... import`` counts, at module level,
+inside functions and under ``if TYPE_CHECKING`` alike (a type-only import is still a dependency of the design).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports (a name imported from a package that is a submodule counts as it)."""
+    files = {}
+    for path in (ROOT / package).rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts = parts[:-1]
+        files[".".join(parts)] = (path, is_package)
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, (path, is_package) in files.items():
+        here = module.split(".") if is_package else module.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".") if node.level else node.module or ""
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    graph[module].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(frozenset(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [frozenset({"a", "b", "c"})]
+
+
+@pytest.mark.parametrize("package", ["spu_engine", "spu_tui"])
+def test_no_import_cycles(package):
+    graph = import_graph(package)
+    assert "spu_engine.methods.base" in graph or package != "spu_engine"  # the walk found the subpackages
+    assert [sorted(c) for c in cycles(graph)] == []
+
+
+def test_methods_import_neither_a_host_nor_the_console():
+    hosts = {"spu_engine.engine", "spu_engine.integrations", "spu_engine.runtime", "spu_engine.server"}
+    graph = import_graph("spu_engine")
+    reached = {m: graph[m] & hosts for m in graph if m.startswith("spu_engine.methods")}
+    assert {m: r for m, r in reached.items() if r} == {}
+    assert not [m for m in graph if any(t.startswith("spu_tui") for t in graph[m])]
+
+
+def test_the_engine_and_the_own_loop_controller_are_hosts(make_engine, tokenizer):
+    from spu_engine.integrations import attach
+    from spu_engine.methods.base import Host, TrainingLoop
+    from spu_engine.policy import Policy
+
+    engine = make_engine()
+    model = build_tiny("bert", tokenizer)
+    controller = attach(Policy(), model, torch.optim.AdamW(model.parameters()))
+    assert isinstance(engine, Host) and isinstance(engine, TrainingLoop)
+    assert isinstance(controller, Host) and not isinstance(controller, TrainingLoop)  # it draws no data
+    assert all(m.host is engine for m in engine.methods) and all(m.host is controller for m in controller.methods)
