@@ -38,7 +38,7 @@ from ..widgets.learning_view import LearningView
 from ..widgets.panel_bar import PanelBar
 from ..widgets.run_charts import LossChart, SparsityChart
 from ..widgets.run_header import RunHeader
-from ..widgets.unit_tree import UnitTree
+from ..widgets.unit_tree import Row, UnitTree
 from .export import ExportScreen
 from .help import HelpScreen
 from .quit import QuitScreen
@@ -52,6 +52,8 @@ WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
 STOPPED = "stopped"  # the app's result when the engine acknowledged a stop from this console
+
+Panel = LossChart | SparsityChart | LearningView | ControlsPanel | EventLog
 
 
 class RunView(Protocol):
@@ -89,7 +91,7 @@ class RunScreen(Screen[None]):
         self.panel_bar = PanelBar(PANELS, id="panel-bar")
         self.controls = ControlsPanel(id="controls")
         self.log_view = EventLog(id="log")
-        self.panels: dict[str, Any] = {
+        self.panels: dict[str, Panel] = {
             "loss": LossChart(id="loss"),
             "sparsity": SparsityChart(id="sparsity"),
             "learning": LearningView(id="learning"),
@@ -291,7 +293,7 @@ class RunScreen(Screen[None]):
 
     # ------------------------------------------------------------------ user actions
 
-    def _send(self, cmd: str, rows: list | None = None, section: str | None = None, **fields: Any) -> Command | None:
+    def _send(self, cmd: str, rows: list[Row] | None = None, section: str | None = None, **fields: Any) -> Command | None:
         """Send ``cmd`` and follow it until the engine answers; None (said to the user) when no engine takes it."""
         link = self.console.link
         if link is None or not link.connected:
