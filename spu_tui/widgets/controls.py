@@ -5,8 +5,9 @@ message names the field and its allowed range exactly as the engine would.
 An edit first asks the engine what it *would* do (a what-if line: trainable
 parameters, backward compute kept, notes); ``enter`` in a field or the
 section's *apply* button applies it, and the section says it is sent, then
-queued, until the engine's ack arrives.  A refused change puts the fields back to the engine's
-values.  The freeze rules in force are listed, and any one can be removed.
+queued, until the engine's ack arrives.  A refused change puts the fields back
+to the engine's values.  The freeze rules in force are listed, and any one can
+be removed.
 """
 
 from __future__ import annotations
@@ -60,26 +61,25 @@ class RuleItem(ListItem):
         super().__init__(Label(text))
 
 
+class SectionChange(Message):
+    """A ``change`` made in controls section ``section`` (where its answer is shown)."""
+
+    def __init__(self, section: str, change: Change) -> None:
+        super().__init__()
+        self.section = section
+        self.change = change
+
+
 class ControlsPanel(VerticalScroll, can_focus=False):
     """The fields are focus stops; the panel itself is not (tab goes tree -> first field)."""
 
     WATCHES = (Aspect.POLICY,)
 
-    class ApplyRequested(Message):
-        """Apply ``change`` (made in controls section ``section``) at the next step boundary."""
+    class ApplyRequested(SectionChange):
+        """Apply the change at the next step boundary."""
 
-        def __init__(self, section: str, change: Change) -> None:
-            super().__init__()
-            self.section = section
-            self.change = change
-
-    class PreviewRequested(Message):
-        """Ask the engine what ``change`` (made in ``section``) would do; nothing changes."""
-
-        def __init__(self, section: str, change: Change) -> None:
-            super().__init__()
-            self.section = section
-            self.change = change
+    class PreviewRequested(SectionChange):
+        """Ask the engine what the change would do; nothing changes."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
