@@ -48,7 +48,7 @@ from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import Policy  # noqa: E402
 from spu_engine.server import spawn_engine  # noqa: E402
 from spu_tui.app import SpuApp  # noqa: E402
-from spu_tui.widgets.unit_tree import Row  # noqa: E402
+from spu_tui.widgets.unit_tree import Row, UnitTree  # noqa: E402
 
 SETTLE = 2  # steps after attaching that are not counted (start-up, first full paint)
 POLL = 0.5  # seconds between looks at events.jsonl
@@ -85,14 +85,14 @@ async def attached(log: StepLog, run_dir: Path, window: int, toggles: int, share
         if toggles:
             unit = app.state.units[-2]  # the last block
             tensor = unit.params[-1].name  # a LayerNorm bias: toggling it does not change the step's cost
-            app.unit_tree.move_to(Row("tensor", tensor))
+            app.query_one(UnitTree).move_to(Row("tensor", tensor))
         await log.steps(0, skip=SETTLE)
         cpu, wall = time.process_time(), time.monotonic()
         counting = asyncio.ensure_future(log.steps(window))
         for _ in range(toggles):
-            before = len(app.roundtrips)
+            before = len(app.round_trips.applied)
             await pilot.press("space")
-            while len(app.roundtrips) == before:  # the app timestamps the redraw itself; this only waits
+            while len(app.round_trips.applied) == before:  # the app timestamps the redraw itself; this only waits
                 await asyncio.sleep(0.05)
         steps = await counting
         cores = (time.process_time() - cpu) / (time.monotonic() - wall)
@@ -179,8 +179,8 @@ def main() -> None:
     def cores(kind: str) -> float:
         return statistics.mean(w.cores for w in windows if w.kind == kind)
 
-    roundtrips = [rt for app in apps for rt in app.roundtrips]
-    received_ms = [1000 * r for app in apps for r in app.received_roundtrips]
+    roundtrips = [rt for app in apps for rt in app.round_trips.applied]
+    received_ms = [1000 * r for app in apps for r in app.round_trips.received]
     key_ms = [1000 * k for k, _ in roundtrips]
     ui_ms = [1000 * a for _, a in roundtrips]
     base = statistics.median(steps("detached"))

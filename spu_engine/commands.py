@@ -9,6 +9,7 @@ answers them.
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -53,10 +54,11 @@ class CommandHost(Protocol):
 
 
 class Commands:
-    """The engine's command table."""
+    """The engine's inbox and command table."""
 
     def __init__(self, engine: CommandHost) -> None:
         self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()  # filled from any thread, emptied at step boundaries
         self.table: dict[type, Callable[[Any], str | None]] = {
             ChangeCmd: lambda cmd: engine.apply_change(cmd.change, source="client"),
             UndoCmd: lambda cmd: engine.undo(),
@@ -68,6 +70,23 @@ class Commands:
             EvaluateCmd: lambda cmd: engine.survive_oom(engine.evaluate, "evaluation") and None,
             ExportCmd: self.export,
         }
+
+    def _drain(self, block: bool) -> list[Any]:
+        cmds = []
+        try:
+            cmds.append(self.inbox.get(timeout=0.25) if block else self.inbox.get_nowait())
+            while True:
+                cmds.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return cmds
+
+    def take(self, block: bool, stop_signal: str | None) -> tuple[list[Any], str | None]:
+        """This boundary's commands and stop signal: rank 0's, broadcast so every rank applies the same ones."""
+        dist = self.engine.dist
+        if dist is None:
+            return self._drain(block), stop_signal
+        return dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal))
 
     def handle(self, cmd: Any) -> None:
         """Carry out one command and answer it with an ``ack`` (and an ``error`` when refused)."""

@@ -15,12 +15,9 @@ or stop.  A run is in one ``RunState``; a stop, once asked for, is a ``Stop``.
 from __future__ import annotations
 
 import os
-import queue
 import random
 import sys
 import time
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,11 +29,12 @@ from .commands import Commands, CommandRefused
 from .config import EngineConfig
 from .distributed import Distributed
 from .event_log import EventLog
-from .faults import MAX_NONFINITE_SKIPS, UnwrittenState, free_memory, is_out_of_memory, nonfinite_report, oom_advice
+from .faults import UnwrittenState
+from .lifecycle import RunState, Stop
 from .methods import METHODS
 from .model import count_params, load_model, load_tokenizer
 from .model_source import resolve_model_name
-from .policy import SECTIONS, Change, Policy, PolicyError, TimelineEntry
+from .policy import Change, Policy, PolicyError, TimelineEntry, undo_change
 from .protocol import encode, event
 from .runs import CHECKPOINTS, CONFIG, EVENTS, POLICY, write_config, write_policy
 from .tasks import Task, TaskOptions, get_task
@@ -45,25 +43,6 @@ from .selection import check_policy_against_model
 from .training import StepLoop, build_optimizer, pick_device
 from .unit_stats import describe_units, trainable_by_unit
 from .writes import WriteError
-
-class RunState(str, Enum):
-    """What the run is doing, as ``state`` events say it."""
-
-    LOADING = "loading"
-    TRAINING = "training"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    FINISHED = "finished"
-    ERROR = "error"
-
-
-@dataclass
-class Stop:
-    """A stop that was asked for; the loop ends at the next boundary."""
-
-    reason: str | None = None  # None: a plain stop command
-    fault: bool = False  # stopped by a fault (non-finite loss, a timeline entry that cannot apply...): exit code 1
-    owes_checkpoint: bool = False  # the run first waits, paused, until its checkpoint is written
 
 
 class Engine(StepLoop, PolicyRuntime):
@@ -87,7 +66,6 @@ class Engine(StepLoop, PolicyRuntime):
         self.dist = dist  # set for multi-process runs: rank 0 decides, every rank applies
         self.run_dir = Path(run_dir) if run_dir else None
         self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
-        self.inbox: queue.Queue = queue.Queue()
         self.state = RunState.LOADING
         self.stop: Stop | None = None
         self._stop_signal: str | None = None  # set by a signal handler; acted on at the next boundary
@@ -129,17 +107,7 @@ class Engine(StepLoop, PolicyRuntime):
         self.set_state(RunState.LOADING, f"reading and tokenizing {config.data}")
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(config.model)
-        options = TaskOptions(
-            max_length=config.max_length,
-            text_column=config.text_column,
-            label_column=config.label_column,
-            max_train_samples=config.max_train_samples,
-            max_eval_samples=config.max_eval_samples,
-            doc_stride=config.doc_stride,
-            eval_split=config.eval_split,
-            seed=config.seed,
-        )
-        task = get_task(config.task).build(config.data, self.tokenizer, options)
+        task = get_task(config.task).build(config.data, self.tokenizer, TaskOptions.of(config))
         for note in task.notes:
             self.log(note, "warning")
         return task
@@ -196,7 +164,7 @@ class Engine(StepLoop, PolicyRuntime):
             units=describe_units(self.units, self.params),
             policy=self.replayable_policy().model_dump(mode="json", exclude_none=True),
             current=self.current.model_dump(mode="json", exclude_none=True),
-            state=self.state,
+            state=self.state.value,
             step=self.step,
             total_steps=self.config.steps,
             trainable=self.trainable_count(),
@@ -251,11 +219,10 @@ class Engine(StepLoop, PolicyRuntime):
         """Put back the sections as they were before the last client change, as a change of its own (recorded, so replay stays exact)."""
         if not self.undoable:
             raise PolicyError("undo: nothing to undo (no change from a console since the engine started)")
-        old, now = self.undoable[-1].model_dump(mode="json"), self.current.model_dump(mode="json")
-        restore = {section: _changed(old[section], now[section]) for section in SECTIONS if old[section] != now[section]}
-        self.apply_change(Change(set=restore), source="undo")  # refused (e.g. LoRA has trained): nothing changes
+        restore = undo_change(self.undoable[-1], self.current)
+        self.apply_change(restore, source="undo")  # refused (e.g. LoRA has trained): nothing changes
         self.undoable.pop()
-        return f"restored {', '.join(restore) or 'nothing (already as it was)'} as before the last change"
+        return f"restored {', '.join(restore.set) or 'nothing (already as it was)'} as before the last change"
 
     def _save_policy(self) -> None:
         if self.run_dir:
@@ -269,23 +236,10 @@ class Engine(StepLoop, PolicyRuntime):
 
     def submit(self, command: Any) -> None:
         """Thread-safe: queue a parsed command for the next step boundary."""
-        self.inbox.put(command)
-
-    def _drain(self, block: bool) -> list[Any]:
-        cmds = []
-        try:
-            cmds.append(self.inbox.get(timeout=0.25) if block else self.inbox.get_nowait())
-            while True:
-                cmds.append(self.inbox.get_nowait())
-        except queue.Empty:
-            pass
-        return cmds
+        self.commands.inbox.put(command)
 
     def _take_commands(self, block: bool) -> list[Any]:
-        """This boundary's commands: rank 0's inbox, broadcast so every rank applies the same ones."""
-        if self.dist is None:
-            return self._drain(block)
-        cmds, signal_name = self.dist.broadcast((self._drain(block) if self.dist.is_main else [], self._stop_signal))
+        cmds, signal_name = self.commands.take(block, self._stop_signal)
         self._stop_signal = self._stop_signal or signal_name
         return cmds
 
@@ -400,44 +354,6 @@ class Engine(StepLoop, PolicyRuntime):
         self.emit("error", step=self.step, message=message, kind="write")
         self.set_state(RunState.PAUSED, message)
 
-    def on_nonfinite(self, loss_value: float) -> dict[str, Any]:
-        """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""
-        report = nonfinite_report(self.params, self.units, loss_value, self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self._nonfinite_streak += 1
-        action, message = self.current.faults.on_nonfinite, report["message"]
-        if action == "skip" and self._nonfinite_streak >= MAX_NONFINITE_SKIPS:
-            action = "stop"
-            message += f"; {self._nonfinite_streak} batches in a row, so skipping does not help"
-        message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
-        self.emit("error", step=self.step, message=message, kind="nonfinite", loss=str(loss_value), units=report["units"], weights=report["weights"], action=action)
-        if action == "pause":
-            self.pause(message)
-        elif action == "stop":
-            self.stop = Stop(message, fault=True, owes_checkpoint=not report["weights"])
-            if report["weights"]:
-                self.log("not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning")
-            else:
-                self.save_or_pause()
-        return {"step": self.step, "loss": loss_value, "skipped": True}
-
-    def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
-        try:
-            return fn()
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            detail = str(exc).strip().split("\n")[0][:300]
-        # outside the except block: the traceback and the tensors its frames held are gone
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.train()
-        free_memory(self.device)
-        message, suggested = oom_advice(what, self.step, detail, self.config, self.run_dir)
-        self.emit("error", step=self.step, message=message, kind="oom", suggested=suggested)
-        self.pause(message)
-        return None
-
     # ------------------------------------------------------------------ checkpoints
 
     def save_or_pause(self) -> None:
@@ -543,12 +459,3 @@ class Engine(StepLoop, PolicyRuntime):
             if left:
                 print(f"spu-engine: {left} last events could not be written to {EVENTS}", file=sys.stderr, flush=True)
             self.event_log = None
-
-
-def _changed(old: Any, now: Any) -> Any:
-    """The part of ``old`` that differs from ``now`` (mappings by key; anything else whole), for a change that merges."""
-    if isinstance(old, dict) and isinstance(now, dict):
-        return {k: _changed(v, now.get(k)) for k, v in old.items() if v != now.get(k)}
-    return old
-
-

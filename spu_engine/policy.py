@@ -462,3 +462,14 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
+def undo_change(before: Policy, now: Policy) -> Change:
+    """The change that puts back the sections of ``before`` where ``now`` differs (only what differs, so it merges)."""
+    old, new = before.model_dump(mode="json"), now.model_dump(mode="json")
+    return Change(set={section: _differing(old[section], new[section]) for section in SECTIONS if old[section] != new[section]})
+
+
+def _differing(old: Any, now: Any) -> Any:
+    """The part of ``old`` that differs from ``now`` (mappings by key; anything else whole)."""
+    if isinstance(old, dict) and isinstance(now, dict):
+        return {k: _differing(v, now.get(k)) for k, v in old.items() if v != now.get(k)}
+    return old

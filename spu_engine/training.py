@@ -14,12 +14,15 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .config import EngineConfig
 from .distributed import Distributed
+from .faults import MAX_NONFINITE_SKIPS, free_memory, is_out_of_memory, nonfinite_report, oom_advice
+from .lifecycle import Stop
 from .unit_stats import after_update, before_update
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
@@ -53,7 +56,7 @@ def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim
 
 
 class StepLoop:
-    """The step and evaluation arithmetic of ``Engine``; it reacts to a non-finite batch with ``on_nonfinite``."""
+    """The step and evaluation arithmetic of ``Engine``, and what it does when a batch or an evaluation fails."""
 
     config: EngineConfig
     dist: Distributed | None
@@ -66,7 +69,10 @@ class StepLoop:
     samples_seen: int
     _step_time_ema: float | None
     _stop_signal: str | None
-    # and from the engine: task, stream, methods, units, params, emit(), log(), trainable_count(), on_nonfinite()
+    _nonfinite_streak: int
+    run_dir: Path | None
+    stop: Stop | None
+    # and from the engine: task, stream, methods, units, params, current, emit(), log(), pause(), save_or_pause()
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -198,6 +204,43 @@ class StepLoop:
         self.emit("eval", step=self.step, **metrics)
         return metrics
 
+    def on_nonfinite(self, loss_value: float) -> dict[str, Any]:
+        """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""
+        report = nonfinite_report(self.params, self.units, loss_value, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_streak += 1
+        action, message = self.current.faults.on_nonfinite, report["message"]
+        if action == "skip" and self._nonfinite_streak >= MAX_NONFINITE_SKIPS:
+            action = "stop"
+            message += f"; {self._nonfinite_streak} batches in a row, so skipping does not help"
+        message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
+        self.emit("error", step=self.step, message=message, kind="nonfinite", loss=str(loss_value), units=report["units"], weights=report["weights"], action=action)
+        if action == "pause":
+            self.pause(message)
+        elif action == "stop":
+            self.stop = Stop(message, fault=True, owes_checkpoint=not report["weights"])
+            if report["weights"]:
+                self.log("not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning")
+            else:
+                self.save_or_pause()
+        return {"step": self.step, "loss": loss_value, "skipped": True}
+
+    def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
+        try:
+            return fn()
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            detail = str(exc).strip().split("\n")[0][:300]
+        # outside the except block: the traceback and the tensors its frames held are gone
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        free_memory(self.device)
+        message, suggested = oom_advice(what, self.step, detail, self.config, self.run_dir)
+        self.emit("error", step=self.step, message=message, kind="oom", suggested=suggested)
+        self.pause(message)
+        return None
 
 
 class EvaluationInterrupted(Exception):

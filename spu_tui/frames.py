@@ -14,12 +14,14 @@ are not budgeted.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 
 DEFAULT_SHARE = 0.015  # of one core: 1.5 %
 FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
 SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
 RECENT = 5  # frames whose median cost counts (one costly frame does not slow the screen)
+COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
 
 
 class FrameBudget:
@@ -32,6 +34,8 @@ class FrameBudget:
         self.fastest = fastest
         self.slowest = slowest
         self.costs: deque[float] = deque(maxlen=RECENT)  # CPU seconds between the latest frames
+        self._due = 0.0  # monotonic time before which no frame of training progress starts
+        self._cpu_at_start: float | None = None  # process CPU when the last such frame began (None: start a new count)
 
     def spent(self, cpu_seconds: float) -> None:
         """Record the CPU used from one frame's start to the next one's."""
@@ -42,3 +46,20 @@ class FrameBudget:
         """Seconds from one frame's start to the next one's."""
         cost = statistics.median(self.costs) if self.costs else 0.0
         return min(self.slowest, max(self.fastest, cost / self.share))
+
+    def wait(self) -> float:
+        """Seconds until the next frame of training progress may start."""
+        return max(COALESCE, self._due - time.monotonic())
+
+    def frame_started(self, measured: bool) -> None:
+        """A frame of training progress (``measured``) spaces the next by the CPU used since the last one began:
+        its drawing, Textual's compositing, reading events.  A frame that answers the user ends the count, since
+        the user's own actions are not the watching budget's."""
+        if not measured:
+            self._cpu_at_start = None
+            return
+        cpu = time.process_time()
+        if self._cpu_at_start is not None:
+            self.spent(cpu - self._cpu_at_start)
+        self._cpu_at_start = cpu
+        self._due = time.monotonic() + self.interval

@@ -2,9 +2,9 @@
 
 The client's reader thread must never wait for the UI, and the UI must never
 run one handler per event when the engine emits hundreds a second.  So the
-reader thread only appends to a deque and posts one ``EventsArrived`` wake-up
-message when none is outstanding (``post_message`` is non-blocking); the UI
-drains everything that has piled up in one go.
+reader thread only puts events in an ``Inbox``, which posts one
+``EventsArrived`` wake-up message when none is outstanding (``post_message`` is
+non-blocking); the UI drains everything that has piled up in one go.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from textual.message import Message
 from textual.message_pump import MessagePump
@@ -22,48 +22,82 @@ from spu_engine.transport import EngineClient
 
 
 class EventsArrived(Message):
-    """Engine events are waiting in ``EngineLink.drain()``."""
+    """Engine events are waiting in ``Link.drain()``."""
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, EventsArrived)
 
 
-class EngineLink:
-    def __init__(self, target: MessagePump, run_dir: Path) -> None:
+class Link(Protocol):
+    """What the console needs of an engine connection (``EngineLink``; tests script one)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def connect(self, target: MessagePump, timeout: float = 60.0) -> None:
+        """Blocking (run it in a worker thread); from then on ``target`` gets an ``EventsArrived`` when events wait."""
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Everything received since the last drain (UI thread)."""
+
+    def send(self, cmd: str, **fields: Any) -> str | None:
+        """Send a command; its id, or None when the engine is gone (the caller reports it)."""
+
+    def close(self) -> None: ...
+
+
+class Inbox:
+    """Events from another thread, with at most one wake-up message outstanding at ``target``."""
+
+    def __init__(self, target: MessagePump) -> None:
         self.target = target
-        self.run_dir = run_dir
-        self.client = EngineClient(run_dir / SOCKET, on_event=self._on_event)
-        self._inbox: deque[dict[str, Any]] = deque()
-        self._wake_pending = False
+        self._events: deque[dict[str, Any]] = deque()
+        self._wake_posted = False
         self._lock = threading.Lock()
 
-    def connect(self, timeout: float = 60.0) -> None:
-        """Blocking (run it in a worker thread): retries while the engine starts."""
-        self.client.connect(timeout=timeout)
+    def put(self, event: dict[str, Any]) -> None:
+        """Any thread: keep ``event``, and wake the target unless a wake-up is already on its way."""
+        self._events.append(event)
+        with self._lock:
+            if self._wake_posted:
+                return
+            self._wake_posted = True
+        self.target.post_message(EventsArrived())
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The target's thread: every event put since the last drain; the next put wakes it again."""
+        with self._lock:
+            self._wake_posted = False
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+
+class EngineLink(Link):
+    """The socket of the engine serving ``run_dir``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.client = EngineClient(Path(run_dir) / SOCKET, on_event=self._put)
+        self.inbox: Inbox | None = None
 
     @property
     def connected(self) -> bool:
         return self.client.connected
 
-    def _on_event(self, ev: dict[str, Any]) -> None:  # reader thread
-        self._inbox.append(ev)
-        with self._lock:
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        self.target.post_message(EventsArrived())
+    def connect(self, target: MessagePump, timeout: float = 60.0) -> None:
+        """Retries while the engine starts."""
+        self.inbox = Inbox(target)
+        self.client.connect(timeout=timeout)
+
+    def _put(self, event: dict[str, Any]) -> None:  # the client's reader thread, only after connect()
+        assert self.inbox is not None
+        self.inbox.put(event)
 
     def drain(self) -> list[dict[str, Any]]:
-        """Everything received since the last drain (UI thread)."""
-        with self._lock:
-            self._wake_pending = False
-        out = []
-        while self._inbox:
-            out.append(self._inbox.popleft())
-        return out
+        return self.inbox.drain() if self.inbox is not None else []
 
     def send(self, cmd: str, **fields: Any) -> str | None:
-        """Send a command; None when the engine is gone (the caller reports it)."""
         try:
             return self.client.send(cmd, **fields)
         except OSError:

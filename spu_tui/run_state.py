@@ -2,14 +2,17 @@
 
 The same ``RunState.apply`` consumes live events from the socket and the
 history in ``events.jsonl``, so attaching to a run late draws exactly what a
-console attached from the start would show.
+console attached from the start would show.  The state knows nothing of the
+views: it counts revisions of each ``Aspect`` of the run, and every view draws
+again when an aspect it watches has moved on since it last drew.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,17 @@ from spu_engine.protocol import (
 
 SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
 RATE_WINDOW = 20  # steps over which samples/s and the ETA are measured: recent speed, not the average since start
+
+
+class Aspect(Enum):
+    """A part of what the console knows, revised as events arrive."""
+
+    RUN = "run"  # name, model, state, what the engine waits for
+    PROGRESS = "progress"  # step, speed, training loss
+    EVALS = "evals"
+    UNITS = "units"  # the model's units and tensors, what trains, their statistics
+    POLICY = "policy"  # the policy in force and the steps it changed at
+    LOG = "log"
 
 
 @dataclass
@@ -75,6 +89,7 @@ class RunState:
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
     waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
+    revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
     _recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (t, step, samples)
 
     @property
@@ -83,22 +98,33 @@ class RunState:
             return None
         return max(0, self.total_steps - self.step) * self.seconds_per_step
 
-    def apply(self, data: dict[str, Any]) -> set[str]:
-        """Take one event (as read from the socket or events.jsonl) into account; returns the views it touched."""
+    def apply(self, data: dict[str, Any]) -> None:
+        """Take one event (as read from the socket or events.jsonl) into account."""
         ev = read_event(data)
         if ev is None:
             if isinstance(data, dict) and data.get("type") in EVENTS:
                 self.unreadable += 1
-                self._say(self.step, "ui", f"skipped a {data['type']} event this console cannot read", error=True)
-                return {"log"}
-            return set()
+                self.say(self.step, "ui", f"skipped a {data['type']} event this console cannot read", error=True)
+            return
         self.last_t = max(self.last_t, ev.t)
-        return getattr(self, f"_on_{ev.type}")(ev)
+        self.revisions.update(getattr(self, f"_on_{ev.type}")(ev))
 
-    def _say(self, step: int, kind: str, text: str, error: bool = False) -> None:
+    def say(self, step: int, kind: str, text: str, error: bool = False) -> None:
+        """A line in the log (the engine's events, and the console's own messages)."""
         self.log.append(LogLine(step, kind, text, error))
+        self.revisions[Aspect.LOG] += 1
 
-    def _on_hello(self, ev: HelloEvent) -> set[str]:
+    def stamp(self, aspects: tuple[Aspect, ...]) -> tuple[int, ...]:
+        """The revisions of ``aspects``: a view that drew at this stamp is up to date while it stays the same."""
+        return tuple(self.revisions[a] for a in aspects)
+
+    def detach(self, reason: str) -> None:
+        """The console cannot reach the engine (``reason`` says why)."""
+        self.state = "detached"
+        self.revisions[Aspect.RUN] += 1
+        self.say(self.step, "error", reason, error=True)
+
+    def _on_hello(self, ev: HelloEvent) -> set[Aspect]:
         self.run = ev.run or self.run
         self.run_dir = ev.run_dir or self.run_dir
         self.model = _short_model(str(ev.config.get("model", self.model)))
@@ -110,7 +136,7 @@ class RunState:
             self._take_units(ev.units)
         if ev.current is not None:
             self.policy = ev.current
-        return {"header", "tree", "controls", "plots"}
+        return {Aspect.RUN, Aspect.PROGRESS, Aspect.UNITS, Aspect.POLICY}
 
     def _take_units(self, units: list[UnitInfo]) -> None:
         """The model's units and tensors (new ones appear, removed ones go), with their trainable flags."""
@@ -120,7 +146,7 @@ class RunState:
                 self.tensor_trainable[p.name] = p.trainable
         self._unit_fractions_from_tensors()
 
-    def _on_state(self, ev: StateEvent) -> set[str]:
+    def _on_state(self, ev: StateEvent) -> set[Aspect]:
         self.state = ev.state
         self.step = ev.step or self.step
         if ev.state == "loading":
@@ -129,12 +155,15 @@ class RunState:
             self.waiting = "the first step: allocating memory and warming up (slower than the rest)"
         else:
             self.waiting = ""
-        self._say(self.step, "state", f"{self.state}{': ' + ev.message if ev.message else ''}", error=self.state == "error")
-        return {"header", "log"}
+        self.say(self.step, "state", f"{self.state}{': ' + ev.message if ev.message else ''}", error=self.state == "error")
+        return {Aspect.RUN}
 
-    def _on_step(self, ev: StepEvent) -> set[str]:
+    def _on_step(self, ev: StepEvent) -> set[Aspect]:
         if self.loss_steps and ev.step <= self.loss_steps[-1]:
             return set()
+        touched = {Aspect.PROGRESS}
+        if self.waiting or self.state in ("loading", "connecting"):
+            touched.add(Aspect.RUN)  # the first step ends the wait, and the state says training
         self.step = ev.step
         self.waiting = ""
         self._recent.append((ev.t, ev.step, ev.samples or 0))
@@ -159,32 +188,32 @@ class RunState:
                 if isinstance(sparsity, (int, float)):
                     stats = self.unit_stats.setdefault(unit, UnitStats())
                     stats.sparsity = float(sparsity)
-            return {"header", "plots", "tree"}
-        return {"header", "plots"}
+            touched.add(Aspect.UNITS)
+        return touched
 
-    def _on_units(self, ev: UnitsEvent) -> set[str]:
+    def _on_units(self, ev: UnitsEvent) -> set[Aspect]:
         self.unit_stats = ev.units
         for name, stats in ev.units.items():
             self.unit_trainable[name] = stats.trainable
         for name, tensor in ev.tensors.items():
             self.tensor_trainable[name] = tensor.trainable
             self.tensor_sparsity[name] = tensor.sparsity
-        return {"tree", "plots"}
+        return {Aspect.UNITS}
 
-    def _on_eval(self, ev: EvalEvent) -> set[str]:
+    def _on_eval(self, ev: EvalEvent) -> set[Aspect]:
         metrics = {k: v for k, v in (ev.model_extra or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.eval_steps.append(ev.step)
         self.eval_loss.append(ev.eval_loss if ev.eval_loss is not None else math.nan)
         self.eval_metric.append(float(metrics.get(self.metric, math.nan)))
         shown = {"eval_loss": ev.eval_loss, **metrics} if ev.eval_loss is not None else metrics
-        self._say(ev.step, "eval", ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        return {"plots", "log"}
+        self.say(ev.step, "eval", ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        return {Aspect.EVALS}
 
-    def _on_prune(self, ev: PruneEvent) -> set[str]:
-        self._say(ev.step, "policy", f"{ev.method} round {ev.round}/{ev.rounds}: sparsity {ev.sparsity:.1%}, survivors reset ({ev.reset})")
-        return {"log"}
+    def _on_prune(self, ev: PruneEvent) -> set[Aspect]:
+        self.say(ev.step, "policy", f"{ev.method} round {ev.round}/{ev.rounds}: sparsity {ev.sparsity:.1%}, survivors reset ({ev.reset})")
+        return set()
 
-    def _on_policy(self, ev: PolicyEvent) -> set[str]:
+    def _on_policy(self, ev: PolicyEvent) -> set[Aspect]:
         self.policy = ev.policy or self.policy
         if ev.units is not None:
             self._take_units(ev.units)
@@ -195,43 +224,43 @@ class RunState:
                 for p in u.params:
                     self.tensor_trainable[p.name] = p.name not in frozen
         self.change_steps.append(ev.step)
-        self._say(ev.step, "policy", f"{describe_change(ev.change)} ({ev.source}); trainable {ev.trainable:,}")
-        return {"tree", "plots", "log", "controls"}
+        self.say(ev.step, "policy", f"{describe_change(ev.change)} ({ev.source}); trainable {ev.trainable:,}")
+        return {Aspect.UNITS, Aspect.POLICY}
 
-    def _on_received(self, ev: ReceivedEvent) -> set[str]:
-        return set()
+    def _on_received(self, ev: ReceivedEvent) -> set[Aspect]:
+        return set()  # an answer for the console's command tracker alone
 
-    def _on_preview(self, ev: PreviewEvent) -> set[str]:
-        return set()  # an answer for the controls alone (the app hands it over)
+    def _on_preview(self, ev: PreviewEvent) -> set[Aspect]:
+        return set()  # an answer for the controls alone (the screen hands it over)
 
-    def _on_ack(self, ev: AckEvent) -> set[str]:
+    def _on_ack(self, ev: AckEvent) -> set[Aspect]:
         if ev.ok and ev.cmd in ("export", "checkpoint") and ev.message:
-            self._say(ev.step or self.step, ev.cmd, ev.message)
-            return {"log"}
+            self.say(ev.step or self.step, ev.cmd, ev.message)
         return set()
 
-    def _on_error(self, ev: ErrorEvent) -> set[str]:
-        self._say(ev.step or self.step, "error", ev.message, error=True)
-        return {"log"}
+    def _on_error(self, ev: ErrorEvent) -> set[Aspect]:
+        self.say(ev.step or self.step, "error", ev.message, error=True)
+        return set()
 
-    def _on_checkpoint(self, ev: CheckpointEvent) -> set[str]:
-        self._say(ev.step, "checkpoint", ev.path)
-        return {"log"}
+    def _on_checkpoint(self, ev: CheckpointEvent) -> set[Aspect]:
+        self.say(ev.step, "checkpoint", ev.path)
+        return set()
 
-    def _on_resumed(self, ev: ResumedEvent) -> set[str]:
+    def _on_resumed(self, ev: ResumedEvent) -> set[Aspect]:
         self._recent.clear()  # the time spent dead is no measure of speed
-        self._say(ev.step, "state", ev.message or f"resumed at step {ev.step}")
-        return {"log"}
+        self.say(ev.step, "state", ev.message or f"resumed at step {ev.step}")
+        return set()
 
-    def _on_log(self, ev: LogEvent) -> set[str]:
-        self._say(ev.step or self.step, "log", ev.message, error=ev.level in ("error", "warning"))
-        return {"log"}
+    def _on_log(self, ev: LogEvent) -> set[Aspect]:
+        self.say(ev.step or self.step, "log", ev.message, error=ev.level in ("error", "warning"))
+        return set()
 
-    def _on_disconnected(self, ev: DisconnectedEvent) -> set[str]:
+    def _on_disconnected(self, ev: DisconnectedEvent) -> set[Aspect]:
         if self.state not in ("finished", "stopped", "error"):
             self.state = "detached"
-            self._say(self.step, "state", "engine connection lost: " + ev.message, error=True)
-        return {"header", "log"}
+            self.say(self.step, "state", "engine connection lost: " + ev.message, error=True)
+            return {Aspect.RUN}
+        return set()
 
     def _unit_fractions_from_tensors(self) -> None:
         for u in self.units:

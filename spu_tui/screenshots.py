@@ -25,6 +25,8 @@ from spu_engine.server import spawn_engine
 from .app import SpuApp
 from .screens.help import HelpScreen
 from .screens.quit import QuitScreen
+from .widgets.controls import ControlsPanel
+from .widgets.unit_tree import UnitTree
 
 
 async def _wait(pilot, predicate, timeout: float) -> None:
@@ -46,7 +48,7 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
     async with app.run_test(size=(200, 50)) as pilot:
         await _wait(pilot, lambda: app.state.units and app.state.step >= freeze_at, timeout)
         await pilot.press("down", "down", "f")  # freeze embeddings, block0, block1
-        await _wait(pilot, lambda: not app.pending, timeout)
+        await _wait(pilot, lambda: not app.commands.in_flight, timeout)
         await _wait(pilot, lambda: len(app.state.eval_steps) >= 2 and app.state.unit_stats, timeout)
         await pilot.pause(0.6)  # one frame
         save("console-200x50")
@@ -57,13 +59,13 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
         await pilot.pause(0.4)
         save("controls-80x24")
         # LoRA after the freeze: the what-if first, then its tensors in the tree under their blocks
-        app.controls.query_one("#peft-method").value = "lora"
+        app.query_one("#peft-method").value = "lora"
         await _wait(pilot, lambda: str(app.query_one("#whatif-peft").render()).startswith("→"), timeout)
-        app.controls.scroll_to_widget(app.query_one("#sec-peft"), animate=False)
+        app.query_one(ControlsPanel).scroll_to_widget(app.query_one("#sec-peft"), animate=False)
         await pilot.pause(0.4)
         save("whatif-lora-80x24")
         app.query_one("#apply-peft").press()
-        await _wait(pilot, lambda: not app.pending and any(".lora_" in n.name for n in app.unit_tree._row_nodes), timeout)
+        await _wait(pilot, lambda: not app.commands.in_flight and any(".lora_" in row.name for row in app.query_one(UnitTree).rows), timeout)
         await pilot.press("escape", "1", "down", "down", "down", "down", "right", "down", "down", "down")
         await pilot.pause(0.6)
         save("lora-rows-80x24")

@@ -24,6 +24,7 @@ from spu_engine.runs import SOCKET
 from spu_engine.transport import EngineClient, EngineServer
 from spu_tui.app import SpuApp
 from spu_tui.run_state import RunState
+from spu_tui.widgets.unit_tree import UnitTree
 
 ONE_TENSOR = {"bert": "bert.encoder.layer.0.attention.self.query.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}
 SCHEDULE = {"start_step": 0, "end_step": 4, "every": 1, "final_sparsity": 0.5}
@@ -132,7 +133,7 @@ async def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
     app = SpuApp(tmp_path / "live", history=history, connect=False)
     async with app.run_test(size=(80, 24)) as pilot:  # reattach: the console draws the whole history
         await pilot.pause(0.1)
-        rows = {row.name for row in app.unit_tree._row_nodes if row.kind == "tensor"}
+        rows = {row.name for row in app.query_one(UnitTree).rows if row.kind == "tensor"}
         assert rows == set(live.param_names), f"{a} then {b}: the reattached tree does not show the model's tensors"
         assert app.state.step == STEPS
 

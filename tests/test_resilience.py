@@ -118,7 +118,7 @@ def test_nan_loss_stop_checkpoints_the_last_good_state(make_engine, tmp_path):
 
 
 def test_skip_turns_into_stop_when_every_batch_is_nonfinite(make_engine):
-    from spu_engine.engine import MAX_NONFINITE_SKIPS
+    from spu_engine.faults import MAX_NONFINITE_SKIPS
 
     engine = make_engine(steps=50)
     events = _recorder(engine)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_tui_layout import record_run, screen_lines
+from test_tui_layout import ScriptedLink, record_run, screen_lines
 
 from spu_engine.policy import Change, FreezeRule
 from spu_engine.protocol import PolicyEvent, read_event
@@ -23,8 +23,8 @@ from spu_tui.widgets.unit_tree import Row, UnitTree
 def lora_run(tmp_path_factory, tokenizer):
     """Freeze one query weight at step 2, switch LoRA on at step 4: the sequence that crashed attach before."""
     query = "bert.encoder.layer.1.attention.self.query.weight"
-    pending = [(2, Change(freeze=[FreezeRule(match=query, trainable=False)])), (4, Change(set={"peft": {"method": "lora", "r": 2}}))]
-    return record_run(tmp_path_factory, tokenizer, "lora-run", pending, steps=8, eval_every=0, stats_every=2)
+    timeline = [(2, Change(freeze=[FreezeRule(match=query, trainable=False)])), (4, Change(set={"peft": {"method": "lora", "r": 2}}))]
+    return record_run(tmp_path_factory, tokenizer, "lora-run", timeline, steps=8, eval_every=0, stats_every=2)
 
 
 def test_the_policy_event_of_a_peft_switch_carries_the_new_tensors(lora_run):
@@ -39,29 +39,21 @@ def test_the_policy_event_of_a_peft_switch_carries_the_new_tensors(lora_run):
     assert "bert.encoder.layer.1.attention.self.query.weight" in lora.frozen_tensors  # the rule written before LoRA still holds
 
 
-class CatchingApp(SpuApp):
-    """No engine here: keep the changes the tree asks for."""
-
-    requested: list = []
-
-    def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
-        self.requested.append(message.rules)
-
-
 async def test_reattach_shows_the_lora_rows_and_toggles_one(lora_run):
     run_dir, history = lora_run
-    app = CatchingApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause(0.3)
         tree = app.query_one(UnitTree)
         lora_a = Row("tensor", "bert.encoder.layer.1.attention.self.query.lora_A.weight")
-        assert lora_a in tree._row_nodes and tree._row_nodes[lora_a].parent.data == Row("unit", "block1")
+        assert lora_a in tree.rows and tree.rows[lora_a] == Row("unit", "block1")
         tree.move_to(lora_a)
         await pilot.pause(0.2)
         assert tree.cursor_node.data == lora_a
         await pilot.press("space")
         await pilot.pause(0.1)
-        assert app.requested == [[{"match": lora_a.name, "trainable": False}]]
+        assert [change["freeze"] for change in link.changes()] == [[{"match": lora_a.name, "trainable": False}]]
         tree.root.expand_all()
         await pilot.pause(0.2)
         assert any("lora_A.weight" in line for line in screen_lines(app))
@@ -83,7 +75,7 @@ async def test_history_of_unknown_and_malformed_events_draws_without_error(lora_
         await pilot.pause(0.3)
         assert app.state.unreadable == 3  # the three known types with a wrong shape; the rest are not events at all
         assert any("cannot read" in line.text for line in app.state.log)
-        assert Row("unit", "block9") in app.query_one(UnitTree)._row_nodes  # a unit never seen before is added
+        assert Row("unit", "block9") in app.query_one(UnitTree).rows  # a unit never seen before is added
         json.dumps([ev for ev in odd if isinstance(ev, dict)])  # the history itself stays as it was
 
 

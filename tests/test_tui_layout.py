@@ -12,11 +12,14 @@ from typer.testing import CliRunner
 
 from spu_engine.policy import Change, FreezeRule, TimelineEntry
 from spu_engine.runs import read_history
-from spu_tui.app import PANELS, SpuApp
+from spu_tui.app import SpuApp
 from spu_tui.frames import FASTEST, RECENT, SLOWEST, FrameBudget
+from spu_tui.link import Inbox, Link
 from spu_tui.screens.help import HelpScreen
-from spu_tui.widgets.chart import CellPlot
+from spu_tui.screens.run import PANELS
+from spu_tui.widgets.chart import CellPlot, Chart
 from spu_tui.widgets.controls import ControlsPanel
+from spu_tui.widgets.run_header import RunHeader
 from spu_tui.widgets.unit_tree import UnitTree
 
 
@@ -28,8 +31,8 @@ def small_sst2(folder):
     return folder
 
 
-def record_run(tmp_path_factory, tokenizer, name: str, pending: list, **config) -> tuple:
-    """A finished tiny-BERT run on a slice of SST-2 with ``pending`` timeline entries: its folder and history, as attach reads them."""
+def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, **config) -> tuple:
+    """A finished tiny-BERT run on a slice of SST-2 with ``timeline`` changes (step, change): its folder and history, as attach reads them."""
     from conftest import build_tiny
 
     from spu_engine.engine import Engine, EngineConfig
@@ -41,7 +44,7 @@ def record_run(tmp_path_factory, tokenizer, name: str, pending: list, **config) 
     task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=256, max_eval_samples=32))
     config = EngineConfig(model="tiny", data=str(data), **{"batch_size": 8, "lr": 1e-3, "warmup": 0, **config})
     engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
-    engine.pending = [TimelineEntry(step=step, **change.model_dump()) for step, change in pending]
+    engine.pending = [TimelineEntry(step=step, **change.model_dump()) for step, change in timeline]
     engine.run()
     engine.close()
     return run_dir, read_history(run_dir)
@@ -72,6 +75,38 @@ def assert_inside(app, *selectors: str) -> None:
         region = widget.region
         assert region.area > 0, f"{selector} is not visible"
         assert screen.contains_region(region), f"{selector} at {region} leaves the {screen.size} screen"
+
+
+class ScriptedLink(Link):
+    """Stands in for the engine socket: records commands, delivers events the test writes."""
+
+    connected = True  # a scripted engine is always there
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+        self.inbox: Inbox | None = None
+
+    def connect(self, target, timeout: float = 60.0) -> None:
+        self.inbox = Inbox(target)
+
+    def send(self, cmd: str, **fields) -> str:
+        self.sent.append((cmd, fields))
+        return f"c{len(self.sent)}"
+
+    def deliver(self, *events: dict) -> None:
+        assert self.inbox is not None, "the console has not connected yet"
+        for ev in events:
+            self.inbox.put(ev)
+
+    def drain(self) -> list[dict]:
+        return self.inbox.drain() if self.inbox is not None else []
+
+    def close(self) -> None:
+        pass
+
+    def changes(self) -> list[dict]:
+        """The change commands sent, as the protocol carries them."""
+        return [fields["change"] for cmd, fields in self.sent if cmd == "change"]
 
 
 @pytest.mark.parametrize("size", [(80, 24), (200, 50)])
@@ -126,7 +161,8 @@ async def type_into(pilot, app, widget_id: str, text: str) -> None:
 
 async def test_inputs_validate_as_you_type_with_the_policy_ranges(recorded_run):
     run_dir, history = recorded_run
-    app = SpuApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.3)
         status = app.query_one("#status-selective_backprop")
@@ -134,7 +170,7 @@ async def test_inputs_validate_as_you_type_with_the_policy_ranges(recorded_run):
         assert "keep: 1.5 is out of range; allowed 0.0 < keep <= 1.0" in str(status.render())
         assert status.has_class("-error")
         await pilot.press("enter")  # refused here: nothing is sent
-        assert not app.pending
+        assert link.changes() == []
         await type_into(pilot, app, "sb-keep", "x")
         assert "keep: 'x' is not a number" in str(status.render())
         await type_into(pilot, app, "wus-patience", "1.5")
@@ -149,13 +185,8 @@ async def test_inputs_validate_as_you_type_with_the_policy_ranges(recorded_run):
 
 async def test_tree_keys_ask_for_the_right_rules(recorded_run):
     run_dir, history = recorded_run
-    asked: list[list[dict]] = []
-
-    class Recording(SpuApp):
-        def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
-            asked.append(message.rules)
-
-    app = Recording(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause(0.3)
         await pilot.press("down", "down", "space")  # block1: trainable -> freeze
@@ -163,6 +194,7 @@ async def test_tree_keys_ask_for_the_right_rules(recorded_run):
         await pilot.press("u")  # unfreeze block2 .. head
         await pilot.press("up", "space")  # block0 is frozen -> unfreeze
         await pilot.press("down", "right", "down", "space")  # first tensor of block1
+    asked = [change["freeze"] for change in link.changes()]
     assert asked[0] == [{"units": ["block1"], "trainable": False}]
     assert asked[1] == [{"units": ["embeddings", "block0", "block1"], "trainable": False}]
     assert asked[2] == [{"units": ["block2", "block3", "head"], "trainable": True}]
@@ -170,56 +202,29 @@ async def test_tree_keys_ask_for_the_right_rules(recorded_run):
     assert asked[4][0]["match"].startswith("bert.encoder.layer.1.") and asked[4][0]["trainable"] is False
 
 
-class ScriptedLink:
-    """Stands in for the engine socket: records commands, delivers events the test writes."""
-
-    connected = True
-
-    def __init__(self, app: SpuApp) -> None:
-        self.app = app
-        self.sent: list[tuple[str, dict]] = []
-        self.inbox: list[dict] = []
-
-    def send(self, cmd: str, **fields) -> str:
-        self.sent.append((cmd, fields))
-        return f"c{len(self.sent)}"
-
-    def deliver(self, *events: dict) -> None:
-        from spu_tui.link import EventsArrived
-
-        self.inbox.extend(events)
-        self.app.post_message(EventsArrived())
-
-    def drain(self) -> list[dict]:
-        out, self.inbox = self.inbox, []
-        return out
-
-    def close(self) -> None:
-        pass
-
-
-async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recorded_run):
+async def test_a_change_shows_sent_then_queued_until_the_ack_and_refusals_show_in_red(recorded_run):
     run_dir, history = recorded_run
-    app = SpuApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(200, 50)) as pilot:
-        link = app.link = ScriptedLink(app)
+        tree = app.query_one(UnitTree)
         await pilot.pause(0.2)
         await pilot.press("down", "down", "space")  # block1
         assert link.sent[-1] == ("change", {"change": {"freeze": [{"units": ["block1"], "trainable": False}]}})
-        label = str(app.unit_tree.get_node_at_line(2).label)
+        label = str(tree.get_node_at_line(2).label)
         assert "·" in label and "…" not in label, "the row shows the change is on its way"
         t = max(e.get("t", 0) for e in history) + 1
         link.deliver({"type": "received", "t": t, "id": "c1", "cmd": "change"})
         await pilot.pause(0.2)
-        label = str(app.unit_tree.get_node_at_line(2).label)
+        label = str(tree.get_node_at_line(2).label)
         assert "…" in label and "·" not in label, "the engine has it: queued for the next boundary"
-        assert len(app.received_roundtrips) == 1 and app.pending
+        assert len(app.round_trips.received) == 1 and app.commands.in_flight
         link.deliver({"type": "ack", "t": t, "id": "c1", "cmd": "change", "step": 17, "ok": True, "message": ""})
         await pilot.pause(0.2)
-        label = str(app.unit_tree.get_node_at_line(2).label)
-        assert "…" not in label and "·" not in label and not app.pending
+        label = str(tree.get_node_at_line(2).label)
+        assert "…" not in label and "·" not in label and not app.commands.in_flight
 
-        app.controls.query_one("#pr-method").value = "magnitude"
+        app.query_one("#pr-method").value = "magnitude"
         await pilot.pause(0.2)
         cmd, fields = link.sent[-1]  # first the what-if: nothing is applied yet
         assert cmd == "preview" and fields["change"]["set"]["pruning"]["method"] == "magnitude"
@@ -248,7 +253,7 @@ async def test_changes_stay_pending_until_the_ack_and_refusals_show_in_red(recor
         assert str(status.render()) == f"refused: {refusal}" and status.has_class("-error")
         assert str(app.query_one("#pr-method").value) == "none", "the field shows the engine's value again"
         assert app.state.log[-1].error and app.state.log[-1].text == refusal
-        assert not app.pending
+        assert not app.commands.in_flight
         await pilot.press("down", "space")  # the console keeps working after a refusal
         assert link.sent[-1][1]["change"]["freeze"] == [{"units": ["block2"], "trainable": False}]
 
@@ -268,28 +273,33 @@ def test_frames_are_spaced_by_what_they_cost():
 
 async def test_training_progress_waits_for_the_next_frame_and_answers_do_not(recorded_run, monkeypatch):
     run_dir, history = recorded_run
-    paints = []
+    paints, redraws = [], []
     monkeypatch.setattr(CellPlot, "_paint", lambda self, paint=CellPlot._paint: paints.append(self) or paint(self))
-    app = SpuApp(run_dir, history=history, connect=False)
+    monkeypatch.setattr(Chart, "redraw", lambda self, spec, redraw=Chart.redraw: redraws.append(self) or redraw(self, spec))
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(200, 50)) as pilot:
-        link = app.link = ScriptedLink(app)
+        header = app.query_one(RunHeader)
         app.frames.costs.extend([1.0] * RECENT)  # costly frames: the next one waits SLOWEST seconds
         await pilot.pause(0.2)
         t = max(e.get("t", 0) for e in history) + 1
         step = {"type": "step", "loss": 0.5, "step_time": 0.5, "samples_per_s": 64.0}
         link.deliver({**step, "t": t, "step": 17})
         await pilot.pause(0.3)
-        assert app.header.step == 17, "the first frame of progress is due at once"
+        assert header.step == 17, "the first frame of progress is due at once"
         link.deliver({**step, "t": t + 1, "step": 18})
         await pilot.pause(0.3)
-        assert app.header.step == 17 and "header" in app._dirty, "the next one waits for the budget"
+        assert header.step == 17 and header in app.screen.stale_views(), "the next one waits for the budget"
         await pilot.press("down", "down", "space")
         link.deliver({"type": "ack", "t": t + 2, "id": "c1", "cmd": "change", "step": 18, "ok": True, "message": ""})
         await pilot.pause(0.2)
-        assert app.header.step == 18 and not app._dirty, "the engine's answer is drawn at once, with all that waited"
-        painted = len(paints)
-        app._draw({"loss", "bars"}, now=True)
+        assert header.step == 18 and not app.screen.stale_views(), "the engine's answer is drawn at once, with all that waited"
+        painted, redrawn = len(paints), len(redraws)
+        link.deliver({"type": "state", "t": t + 3, "state": "paused", "step": 18})  # the loss plot's legend watches the run
+        await pilot.pause(0.1)
+        await pilot.press("1")  # a frame now
         await pilot.pause(0.2)
+        assert header.state == "paused" and len(redraws) > redrawn, "the loss plot was handed its data again"
         assert len(paints) == painted, "the same data again costs no repaint"
 
 
@@ -332,9 +342,9 @@ def test_attach_without_live_run_says_so(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "no live run" in result.output
 
 
-def test_engine_events_coalesce_into_one_wake_up(tmp_path):
+def test_engine_events_coalesce_into_one_wake_up():
     """The reader thread posts one message for a burst of events; the UI drains them all at once."""
-    from spu_tui.link import EngineLink, EventsArrived
+    from spu_tui.link import EventsArrived
 
     class Target:
         def __init__(self) -> None:
@@ -345,22 +355,24 @@ def test_engine_events_coalesce_into_one_wake_up(tmp_path):
             return True
 
     target = Target()
-    link = EngineLink(target, tmp_path)
+    inbox = Inbox(target)
     for step in range(500):
-        link._on_event({"type": "step", "step": step})
+        inbox.put({"type": "step", "step": step})
     assert len(target.posted) == 1 and isinstance(target.posted[0], EventsArrived)
-    assert [e["step"] for e in link.drain()] == list(range(500))
-    link._on_event({"type": "step", "step": 500})
+    assert [e["step"] for e in inbox.drain()] == list(range(500))
+    inbox.put({"type": "step", "step": 500})
     assert len(target.posted) == 2, "after a drain the next event wakes the UI again"
 
 
 @pytest.mark.parametrize("key, checkpoint", [("n", False), ("c", True)])
 async def test_quit_dialog_stops_the_engine_and_leaves_on_its_ack(recorded_run, key, checkpoint):
     run_dir, history = recorded_run
-    app = SpuApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(80, 24)) as pilot:
-        link = app.link = ScriptedLink(app)
-        app.state.state = "training"
+        await pilot.pause(0.1)
+        link.deliver({"type": "state", "t": 2e9, "state": "training", "step": 16})
+        await pilot.pause(0.1)
         await pilot.press("q")
         await pilot.pause(0.2)
         assert_inside(app, "#quit-box")
@@ -375,10 +387,12 @@ async def test_quit_dialog_stops_the_engine_and_leaves_on_its_ack(recorded_run, 
 
 async def test_a_refused_stop_keeps_the_console_open(recorded_run):
     run_dir, history = recorded_run
-    app = SpuApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(80, 24)) as pilot:
-        link = app.link = ScriptedLink(app)
-        app.state.state = "training"
+        await pilot.pause(0.1)
+        link.deliver({"type": "state", "t": 2e9, "state": "training", "step": 16})
+        await pilot.pause(0.1)
         await pilot.press("q", "c")
         await pilot.pause(0.2)
         message = "checkpoint could not be written: disk full; training goes on"
@@ -390,11 +404,11 @@ async def test_a_refused_stop_keeps_the_console_open(recorded_run):
 
 async def test_rules_listed_and_removed_undo_key_and_errors_that_clear(recorded_run):
     run_dir, history = recorded_run
-    app = SpuApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(200, 50)) as pilot:
-        link = app.link = ScriptedLink(app)
         await pilot.pause(0.2)
-        rules = app.controls.query_one("#rules")
+        rules = app.query_one("#rules")
         assert "0: freeze embeddings, block0" in str(rules.children[0].query_one("Label").render())
         rules.focus()
         await pilot.press("x")
@@ -408,7 +422,7 @@ async def test_rules_listed_and_removed_undo_key_and_errors_that_clear(recorded_
         await pilot.pause(0.2)
         assert app.state.log[-1].error and "undo refused: undo: nothing to undo" in app.state.log[-1].text
 
-        keep = app.controls.query_one("#sb-keep")
+        keep = app.query_one("#sb-keep")
         keep.focus()
         keep.value = "2"
         await pilot.pause(0.1)
@@ -422,10 +436,10 @@ async def test_export_over_an_existing_file_is_sent_only_after_a_second_enter(re
     run_dir, history = recorded_run
     existing = run_dir / "policy-export.yaml"  # the dialog's default path
     existing.write_text("mine\n")
-    app = SpuApp(run_dir, history=history, connect=False)
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
     try:
         async with app.run_test(size=(80, 24)) as pilot:
-            link = app.link = ScriptedLink(app)
             await pilot.press("e")
             await pilot.pause(0.2)
             await pilot.press("enter")

@@ -76,7 +76,7 @@ async def test_toggling_block0_freezes_it_in_the_engine_and_the_export_replays(e
         await pilot.press("p")
         await wait_for(pilot, lambda: app.state.state == "paused", "pause")
         await pilot.press("down", "space")  # cursor on block0
-        await wait_for(pilot, lambda: not app.pending, "the engine's ack")
+        await wait_for(pilot, lambda: not app.commands.in_flight, "the engine's ack")
         assert app.state.unit_trainable["block0"] == 0.0
         await pilot.press("p")
         change_step = events_of(run_dir, "policy")[-1]["step"]
@@ -114,14 +114,14 @@ async def test_threshold_edit_reaches_the_engine_q_detach_keeps_it_training_and_
         await pilot.press("4", "tab", "tab")  # controls panel; tree -> mode -> threshold
         assert app.focused is app.query_one("#sb-threshold")
         await pilot.press("0", ".", "3", "enter")
-        await wait_for(pilot, lambda: not app.pending, "the engine's ack")
+        await wait_for(pilot, lambda: not app.commands.in_flight, "the engine's ack")
         assert "applied at step" in str(app.query_one("#status-selective_backprop").render())
 
         # a section the engine may refuse (pruning before its method is registered): the UI says so and goes on
         app.query_one("#pr-method").value = "magnitude"
         await pilot.pause(0.1)
         app.query_one("#apply-pruning").press()  # a choice only previews until applied
-        await wait_for(pilot, lambda: not app.pending and "pruning" in str(app.query_one("#status-pruning").render()) or "applied" in str(app.query_one("#status-pruning").render()), "the pruning answer")
+        await wait_for(pilot, lambda: not app.commands.in_flight and "pruning" in str(app.query_one("#status-pruning").render()) or "applied" in str(app.query_one("#status-pruning").render()), "the pruning answer")
         pruning_status = app.query_one("#status-pruning")
         if "pruning" in {m.section for m in METHODS}:
             assert "applied at step" in str(pruning_status.render())

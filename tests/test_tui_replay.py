@@ -54,7 +54,7 @@ async def test_console_run_with_three_live_changes_replays_alone_with_the_same_l
         assert app.state.step < STEPS - 10, "the engine ran too far before the console could pause it"
         before = len(events_of(run_dir, "policy"))
         await apply()
-        await wait_for(pilot, lambda: not app.pending and len(events_of(run_dir, "policy")) > before, f"the engine to apply {what}")
+        await wait_for(pilot, lambda: not app.commands.in_flight and len(events_of(run_dir, "policy")) > before, f"the engine to apply {what}")
         step = events_of(run_dir, "policy")[-1]["step"]
         await pilot.press("p")
         await wait_for(pilot, lambda: app.state.step >= step + 3, f"training after {what}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,11 @@ class TaskOptions:
     doc_stride: int | None = None  # qa: tokens shared by consecutive windows of a long context (None: max_length // 3)
     eval_split: float | None = None  # share held out for eval when the data has no eval split (None: DEFAULT_EVAL_SPLIT; 0: eval on train)
     seed: int = 0  # which rows are held out
+
+    @classmethod
+    def of(cls, settings: Any) -> "TaskOptions":
+        """The options named alike in ``settings`` (an EngineConfig)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 class Task(ABC):

@@ -1,1 +1,1 @@
-"""Modal screens: help, quit, export."""
+"""The run screen, and the modal screens over it: help, quit, export."""

@@ -9,27 +9,32 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import RichLog
 
-from ..run_state import LogLine
+from ..run_state import Aspect, LogLine, RunState
 
 KIND_STYLE = {"policy": "magenta", "eval": "cyan", "state": "blue", "checkpoint": "green", "export": "green", "log": "white", "ui": "yellow"}
 MAX_LINES = 2000
 
 
 class EventLog(RichLog):
+    WATCHES = (Aspect.LOG,)
+
     def __init__(self, **kwargs) -> None:
         super().__init__(wrap=True, markup=False, highlight=False, min_width=20, max_lines=MAX_LINES, **kwargs)
         self.lines_source: list[LogLine] = []
         self.shown = 0
         self._width = 0
 
-    def show_new(self, lines: list[LogLine]) -> None:
+    def show(self, state: RunState) -> None:
+        self.lines_source = state.log
+        self._write_new()
+
+    def _write_new(self) -> None:
         """Write the lines not written yet (a hidden log catches up when shown: it has no width to wrap to)."""
-        self.lines_source = lines
         if not self.display or not self.scrollable_content_region.width:
             return
-        for line in lines[self.shown :]:
+        for line in self.lines_source[self.shown :]:
             self.write(_format(line))
-        self.shown = len(lines)
+        self.shown = len(self.lines_source)
 
     def on_resize(self) -> None:
         self.rewrap()
@@ -40,7 +45,7 @@ class EventLog(RichLog):
             self._width = width
             self.clear()
             self.shown = max(0, len(self.lines_source) - MAX_LINES)
-        self.show_new(self.lines_source)
+        self._write_new()
 
 
 def _format(line: LogLine) -> Text:

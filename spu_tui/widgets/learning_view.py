@@ -14,7 +14,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ..run_state import RunState
+from ..run_state import Aspect, RunState
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
 BAR_FROM = 44  # columns from which the table has room for the update-ratio bar and whole unit names
@@ -24,6 +24,8 @@ Rows = tuple[tuple[str, float | None, float | None], ...]  # unit, grad norm, up
 
 class LearningView(Widget):
     """A plain widget with a reactive row tuple: new statistics repaint it, equal ones cost nothing, and never a layout."""
+
+    WATCHES = (Aspect.UNITS,)
 
     rows: reactive[Rows | None] = reactive(None)
 
@@ -45,7 +47,7 @@ class LearningView(Widget):
             table.add_column("", ratio=1, no_wrap=True)
         bar_width = max(4, width - 34)
         for name, grad_norm, ratio in self.rows or ():
-            shown = name if width >= BAR_FROM else _short(name)
+            shown = name if width >= BAR_FROM else short_unit(name)
             cells = [shown, "-", "-"] if grad_norm is None or ratio is None else [shown, f"{grad_norm:.1e}", f"{ratio:.1e}"]
             if with_bar:
                 cells.append(_bar(ratio, bar_width) if ratio is not None and grad_norm is not None else "")
@@ -55,7 +57,8 @@ class LearningView(Widget):
         return table
 
 
-def _short(name: str) -> str:
+def short_unit(name: str) -> str:
+    """block3 -> b3, embeddings -> emb: unit names where columns are few."""
     return "b" + name[5:] if name.startswith("block") else {"embeddings": "emb"}.get(name, name)
 
 

@@ -6,6 +6,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from ..run_state import Aspect, RunState
+
 STATE_STYLE = {
     "training": "bold green",
     "paused": "bold yellow",
@@ -19,6 +21,8 @@ STATE_STYLE = {
 
 
 class RunHeader(Widget):
+    WATCHES = (Aspect.RUN, Aspect.PROGRESS)
+
     run_name: reactive[str] = reactive("?")
     model: reactive[str] = reactive("?")
     step: reactive[int] = reactive(0)
@@ -27,6 +31,11 @@ class RunHeader(Widget):
     state: reactive[str] = reactive("connecting")
     eta_s: reactive[float | None] = reactive(None)
     waiting: reactive[str] = reactive("")  # before the first step: what the engine is busy with
+
+    def show(self, state: RunState) -> None:
+        self.run_name, self.model, self.state = state.run, state.model, state.state
+        self.step, self.total, self.samples_per_s, self.eta_s = state.step, state.total_steps, state.samples_per_s, state.eta_s
+        self.waiting = state.waiting
 
     def render(self) -> Text:
         top = Text()

@@ -1,8 +1,9 @@
 """The unit tree: embeddings, every block, head, each expandable to its tensors.
 
 Rows show trainable / frozen, parameter count and sparsity as the engine last
-reported them.  Keys here only *ask* for a change (a message up to the app);
-the row turns back from *pending* when the engine acknowledges it.
+reported them.  Keys here only *ask* for a change (a message up to the screen);
+a row marks a change on its way ("·" sent, "…" the engine has it) until the
+engine answers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from textual.message import Message
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from ..run_state import RunState
+from spu_engine.policy import Change, FreezeRule
+
+from ..run_state import Aspect, RunState
 
 NARROW_BELOW = 50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
 
@@ -27,6 +30,7 @@ class Row:
 
 
 class UnitTree(Tree[Row]):
+    WATCHES = (Aspect.UNITS,)
     BINDINGS = [
         Binding("space", "toggle_trainable", "toggle"),
         Binding("f", "freeze_to_here", "freeze ≤ here"),
@@ -36,23 +40,23 @@ class UnitTree(Tree[Row]):
     ]
 
     class ChangeRequested(Message):
-        """The user asked to append freeze rules; ``rows`` go pending until the engine answers."""
+        """The user asked for ``change`` (freeze rules to append), which affects ``rows``."""
 
-        def __init__(self, rules: list[dict], rows: list[Row]) -> None:
+        def __init__(self, change: Change, rows: list[Row]) -> None:
             super().__init__()
-            self.rules = rules
+            self.change = change
             self.rows = rows
 
     def __init__(self, **kwargs) -> None:
         super().__init__("model", **kwargs)
         self.show_root = False
         self.guide_depth = 2
-        self.pending: set[Row] = set()  # shown as "·" once sent ...
+        self.changing: set[Row] = set()  # rows with a change on its way: "·" once sent ...
         self.queued: set[Row] = set()  # ... and "…" once the engine has it, until it applies it
         self._state: RunState | None = None
         self._row_nodes: dict[Row, TreeNode[Row]] = {}
 
-    # -- drawing (called by the app) -------------------------------------
+    # -- drawing (called by the screen) -------------------------------------
 
     def show(self, state: RunState) -> None:
         self._state = state
@@ -105,6 +109,11 @@ class UnitTree(Tree[Row]):
         if node is not None and node.label != label:
             node.set_label(label)
 
+    @property
+    def rows(self) -> dict[Row, Row | None]:
+        """Every row in the tree (expanded or not), with the unit row it sits under (None for units)."""
+        return {row: node.parent.data if node.parent is not None else None for row, node in self._row_nodes.items()}
+
     def move_to(self, row: Row) -> None:
         """Put the cursor on ``row``, expanding its unit if it is a tensor."""
         node = self._row_nodes.get(row)
@@ -114,16 +123,19 @@ class UnitTree(Tree[Row]):
             node.parent.expand()
         self.call_after_refresh(self.move_cursor, node)
 
-    def set_pending(self, rows: list[Row], pending: bool) -> None:
-        """Rows with a change on its way (sent, not yet applied by the engine)."""
-        (self.pending.update if pending else self.pending.difference_update)(rows)
-        if not pending:
-            self.queued.difference_update(rows)
+    def change_sent(self, rows: list[Row]) -> None:
+        self.changing.update(rows)
         self.relabel()
 
-    def set_queued(self, rows: list[Row]) -> None:
-        """The engine received the change for ``rows``; it applies at its next step boundary."""
-        self.queued.update(r for r in rows if r in self.pending)
+    def change_received(self, rows: list[Row]) -> None:
+        """The engine has the change for ``rows``; it applies at its next step boundary."""
+        self.queued.update(r for r in rows if r in self.changing)
+        self.relabel()
+
+    def change_answered(self, rows: list[Row]) -> None:
+        """Applied or refused: the rows show what the engine says again."""
+        self.changing.difference_update(rows)
+        self.queued.difference_update(rows)
         self.relabel()
 
     def _label(self, row: Row, shown: str, numel: int, width: int, narrow: bool) -> Text:
@@ -143,10 +155,10 @@ class UnitTree(Tree[Row]):
         else:
             mark, style = (f"{frac:>3.0%}" if narrow else f"{frac:>5.0%} "), "yellow"
         tail = f" {mark} {short_count(numel):>5} {sparsity:>3.0%}" if narrow else f" {mark} {short_count(numel):>6} {sparsity:>4.0%}"
-        pending = ("…" if row in self.queued else "·") if row in self.pending else " "
+        on_its_way = ("…" if row in self.queued else "·") if row in self.changing else " "
         room = max(6, width - len(tail) - 1)
         text = Text(f"{fit_name(shown, room):<{room}}", style="bold" if row.kind == "unit" else "")
-        text.append(pending, style="bold yellow")
+        text.append(on_its_way, style="bold yellow")
         text.append(tail, style=style)
         return text
 
@@ -169,12 +181,10 @@ class UnitTree(Tree[Row]):
         if row is None or self._state is None:
             return
         if row.kind == "unit":
-            trainable = self._state.unit_trainable.get(row.name, 1.0) < 0.9999
-            rule = {"units": [row.name], "trainable": trainable}
+            rule = FreezeRule(units=[row.name], trainable=self._state.unit_trainable.get(row.name, 1.0) < 0.9999)
         else:
-            trainable = not self._state.tensor_trainable.get(row.name, True)
-            rule = {"match": row.name, "trainable": trainable}
-        self.post_message(self.ChangeRequested([rule], [row]))
+            rule = FreezeRule(match=row.name, trainable=not self._state.tensor_trainable.get(row.name, True))
+        self.post_message(self.ChangeRequested(Change(freeze=[rule]), [row]))
 
     def action_freeze_to_here(self) -> None:
         """Freeze the cursor's unit and every unit before it (embeddings … cursor)."""
@@ -182,8 +192,7 @@ class UnitTree(Tree[Row]):
         unit = self._cursor_unit()
         if unit is None:
             return
-        chosen = names[: names.index(unit) + 1]
-        self.post_message(self.ChangeRequested([{"units": chosen, "trainable": False}], [Row("unit", n) for n in chosen]))
+        self._request_units(names[: names.index(unit) + 1], trainable=False)
 
     def action_unfreeze_after_here(self) -> None:
         """Unfreeze every unit after the cursor's unit (cursor+1 … head)."""
@@ -191,8 +200,11 @@ class UnitTree(Tree[Row]):
         unit = self._cursor_unit()
         if unit is None or names.index(unit) == len(names) - 1:
             return
-        chosen = names[names.index(unit) + 1 :]
-        self.post_message(self.ChangeRequested([{"units": chosen, "trainable": True}], [Row("unit", n) for n in chosen]))
+        self._request_units(names[names.index(unit) + 1 :], trainable=True)
+
+    def _request_units(self, units: list[str], trainable: bool) -> None:
+        change = Change(freeze=[FreezeRule(units=units, trainable=trainable)])
+        self.post_message(self.ChangeRequested(change, [Row("unit", n) for n in units]))
 
     def _cursor_unit(self) -> str | None:
         row = self._cursor_row()

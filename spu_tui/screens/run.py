@@ -1,0 +1,397 @@
+"""The run screen: the unit tree beside the panels, steering an engine process.
+
+Data flows one way: engine events -> ``RunState.apply`` -> revised aspects of
+the run -> one frame that draws every visible view watching one of them,
+spaced by ``FrameBudget`` (at most ~4 Hz, and slower when frames are costly, so
+that watching a run takes little CPU from it).  User actions flow the other
+way: widgets post messages up, the screen turns them into protocol commands,
+and the ``CommandTracker`` follows each until the engine's answer arrives at a
+step boundary; the engine's answers are drawn at once, without waiting for the
+next frame.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, cast
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.timer import Timer
+
+from spu_engine.policy import Change
+from spu_engine.protocol import PreviewEvent, read_event
+from spu_engine.runs import ENGINE_LOG
+
+from ..commands import Command, CommandTracker
+from ..frames import FrameBudget
+from ..latency import RoundTrips
+from ..link import EventsArrived, Link
+from ..run_state import Aspect, RunState
+from ..widgets.controls import ControlsPanel
+from ..widgets.event_log import EventLog
+from ..widgets.key_bar import KeyBar
+from ..widgets.learning_view import LearningView
+from ..widgets.panel_bar import PanelBar
+from ..widgets.run_charts import LossChart, SparsityChart
+from ..widgets.run_header import RunHeader
+from ..widgets.unit_tree import Row, UnitTree
+from .export import ExportScreen
+from .help import HelpScreen
+from .quit import QuitScreen
+
+
+class Console(Protocol):
+    """What the run screen uses of its App (``SpuApp``): the run, the link, the trackers."""
+
+    run_dir: Path
+    engine: subprocess.Popen | None
+    history: list[dict[str, Any]]
+    state: RunState
+    link: Link | None
+    commands: CommandTracker
+    frames: FrameBudget
+    round_trips: RoundTrips
+
+    def seen_in_history(self, ev: dict[str, Any]) -> bool: ...
+
+PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log")]
+GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log"]  # placement in the large-terminal grid (see app.tcss)
+WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
+STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
+ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
+STOPPED = "stopped"  # the app's result when the engine acknowledged a stop from this console
+
+Panel = LossChart | SparsityChart | LearningView | ControlsPanel | EventLog
+
+
+class RunView(Protocol):
+    """A widget that draws part of the ``RunState``: again whenever an aspect it watches is revised."""
+
+    WATCHES: ClassVar[tuple[Aspect, ...]]
+
+    def show(self, state: RunState) -> None: ...
+
+
+class ConnectFailed(Message):
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
+class RunScreen(Screen[None]):
+    BINDINGS = [
+        Binding("p", "pause_resume", "pause/resume"),
+        Binding("e", "export", "export"),
+        Binding("s", "checkpoint", "checkpoint"),
+        Binding("r", "evaluate", "evaluate"),
+        Binding("z", "undo", "undo"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit_dialog", "quit"),
+        Binding("escape", "focus_tree", "tree", show=False),
+        *[Binding(str(i + 1), f"show_panel('{pid}')", title, show=False) for i, (pid, title) in enumerate(PANELS)],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active_panel = "loss"
+        self.header = RunHeader(id="header")
+        self.unit_tree = UnitTree(id="tree")
+        self.panel_bar = PanelBar(PANELS, id="panel-bar")
+        self.controls = ControlsPanel(id="controls")
+        self.log_view = EventLog(id="log")
+        self.panels: dict[str, Panel] = {
+            "loss": LossChart(id="loss"),
+            "sparsity": SparsityChart(id="sparsity"),
+            "learning": LearningView(id="learning"),
+            "controls": self.controls,
+            "log": self.log_view,
+        }
+        self._drawn: dict[RunView, tuple[int, ...]] = {}  # view -> the state's stamp of what it watches when it last drew
+        self._frame_timer: Timer | None = None
+        self._stop_timer: Timer | None = None
+
+    @property
+    def console(self) -> Console:
+        return cast(Console, self.app)
+
+    @property
+    def state(self) -> RunState:
+        return self.console.state
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield self.header
+        with Horizontal(id="main"):
+            self.unit_tree.border_title = "units"
+            yield self.unit_tree
+            with Vertical(id="right"):
+                yield self.panel_bar
+                with Container(id="panels"):
+                    for pid in GRID_ORDER:
+                        panel = self.panels[pid]
+                        panel.border_title = dict(PANELS)[pid]
+                        panel.add_class("panel")
+                        yield panel
+        yield KeyBar(id="keys")
+
+    def on_mount(self) -> None:
+        self._layout_for(self.app.size.width, self.app.size.height)
+        self.unit_tree.focus()
+        # what exists now (the imported engine modules: torch alone is ~200k objects) lives as long as the console:
+        # a full cyclic-GC pass over it costs 0.1-0.3 s of CPU, over 10 s of the watching budget, so leave it out of them
+        gc.freeze()
+        if self.console.link is not None:
+            self._connect()
+        elif self.console.history:
+            self.state.say(self.state.step, "ui", "engine not running: showing the run's history")
+        self._frame(measured=False)
+
+    def on_resize(self, event) -> None:
+        self._layout_for(event.size.width, event.size.height)
+
+    def _layout_for(self, width: int, height: int) -> None:
+        wide = width >= WIDE_AT[0] and height >= WIDE_AT[1]
+        self.set_class(wide, "-wide")
+        self.set_class(not wide, "-narrow")
+        self._show_active_panel()
+        for pid in ("loss", "sparsity"):
+            self._drawn.pop(self.panels[pid], None)  # plots are drawn for their size: redraw at the new one
+        self.call_after_refresh(self._frame, measured=False)  # at the new sizes; panels hidden until now are stale
+
+    def _show_active_panel(self) -> None:
+        self.panel_bar.active = self.active_panel
+        for pid, _ in PANELS:
+            self.panels[pid].set_class(pid == self.active_panel, "-active")
+
+    def action_show_panel(self, pid: str) -> None:
+        self.active_panel = pid
+        self._show_active_panel()
+        self._frame(measured=False)
+        if pid == "log":
+            self.call_after_refresh(self.log_view.rewrap)
+
+    def action_focus_tree(self) -> None:
+        self.unit_tree.focus()
+
+    # ------------------------------------------------------------------ frames
+
+    def _visible_views(self) -> list[RunView]:
+        wide = self.has_class("-wide")
+        return [self.header, self.unit_tree, *(view for pid, view in self.panels.items() if wide or pid == self.active_panel)]
+
+    def stale_views(self) -> list[RunView]:
+        """The views on screen whose part of the state has changed since they last drew."""
+        return [view for view in self._visible_views() if self._drawn.get(view) != self.state.stamp(view.WATCHES)]
+
+    def _frame_soon(self) -> None:
+        """Training progress: the next frame when the budget allows."""
+        if self._frame_timer is None and self.stale_views():
+            self._frame_timer = self.set_timer(self.console.frames.wait(), self._frame)
+
+    def _frame(self, measured: bool = True) -> None:
+        """Draw every stale view; ``measured``: a frame of training progress, which spaces the next."""
+        if self._frame_timer is not None:
+            self._frame_timer.stop()
+            self._frame_timer = None
+        if not self.is_attached:
+            return  # engine events may still arrive while the console shuts down, with no views to draw on
+        stale = self.stale_views()
+        if not measured:
+            self.console.frames.frame_started(measured=False)
+        elif stale:
+            self.console.frames.frame_started(measured=True)
+        for view in stale:
+            view.show(self.state)
+            self._drawn[view] = self.state.stamp(view.WATCHES)
+
+    # ------------------------------------------------------------------ engine events
+
+    @work(thread=True, exclusive=True, group="connect")
+    def _connect(self) -> None:
+        assert self.console.link is not None
+        try:
+            self.console.link.connect(self)
+        except ConnectionError as exc:
+            self.post_message(ConnectFailed(str(exc)))
+
+    def on_connect_failed(self, message: ConnectFailed) -> None:
+        hint = ""
+        engine = self.console.engine
+        if engine is not None and engine.poll() is not None:
+            hint += f" | the engine exited with code {engine.returncode}"
+        log = self.console.run_dir / ENGINE_LOG
+        if log.exists():
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            hint += " | engine.log: " + " / ".join(tail)
+        self.state.detach(f"cannot reach the engine: {message.reason}{hint}")
+        self._frame(measured=False)
+
+    def on_events_arrived(self, _: EventsArrived) -> None:
+        assert self.console.link is not None
+        answers: list[dict[str, Any]] = []
+        failed = None
+        for ev in self.console.link.drain():
+            if not isinstance(ev, dict) or self.console.seen_in_history(ev):
+                continue
+            self.state.apply(ev)
+            if ev.get("type") in ANSWERS:
+                answers.append(ev)
+            elif ev.get("type") == "state" and ev.get("state") == "error":
+                failed = ev.get("message") or "the engine failed"
+        if not self.is_attached:
+            return
+        # answers to the user (and the first snapshot) are drawn now; training progress waits for the next frame
+        if answers or failed:
+            self._frame(measured=False)
+        else:
+            self._frame_soon()
+        for ev in answers:
+            self._answered(ev)
+        if failed:  # the run cannot go on: show why, whichever panel was up
+            self.action_show_panel("log")
+            self.notify(failed, title="engine error", severity="error", timeout=10)
+
+    def _answered(self, ev: dict[str, Any]) -> None:
+        commands = self.console.commands
+        kind = ev.get("type")
+        if kind == "received":
+            command = commands.received(ev.get("id"))
+            if command is not None:
+                self._show_received(command)
+        elif kind == "ack":
+            command = commands.answered(ev.get("id"))
+            if command is not None:
+                self._show_ack(command, ev)
+        elif kind == "preview":
+            command = commands.answered(ev.get("id"))
+            preview = read_event(ev)
+            if command is not None and command.section is not None and isinstance(preview, PreviewEvent):
+                self.controls.show_preview(command.section, preview)
+
+    def _show_received(self, command: Command) -> None:
+        """The engine has the change: rows and sections show it is queued for the next boundary."""
+        if command.name != "change":
+            return
+        if command.rows:
+            self.unit_tree.change_received(command.rows)
+            self.call_after_refresh(self.console.round_trips.received_drawn, command.sent)
+        if command.section:
+            self.controls.change_received(command.section)
+
+    def _show_ack(self, command: Command, ack: dict[str, Any]) -> None:
+        ok, message = bool(ack.get("ok")), ack.get("message", "")
+        if command.name == "stop":
+            if ok:
+                self.app.exit(result=STOPPED)  # the engine took the stop (after its checkpoint, if asked for)
+                return
+            if self._stop_timer is not None:  # e.g. the checkpoint could not be written: the run goes on, and so do we
+                self._stop_timer.stop()
+            self._say(f"stop refused: {message}", error=True)
+        if command.rows:
+            self.unit_tree.change_answered(command.rows)
+            if ok:
+                self.call_after_refresh(self.console.round_trips.applied_drawn, command.sent, ack.get("t", time.time()))
+            else:
+                self._say(f"{command.name} refused: {message}", error=True, logged=True)
+        if command.section:
+            self.controls.acknowledged(command.section, ok, ack.get("step", self.state.step), message, self.state.policy)
+        if command.name == "undo":
+            self._say(f"undo: {message}" if ok else f"undo refused: {message}", error=not ok)
+
+    # ------------------------------------------------------------------ user actions
+
+    def _send(self, cmd: str, rows: list[Row] | None = None, section: str | None = None, **fields: Any) -> Command | None:
+        """Send ``cmd`` and follow it until the engine answers; None (said to the user) when no engine takes it."""
+        link = self.console.link
+        if link is None or not link.connected:
+            self._say(f"{cmd}: no engine connected", error=True)
+            return None
+        cid = link.send(cmd, **fields)
+        if cid is None:
+            self._say(f"{cmd}: the engine socket is closed", error=True)
+            return None
+        return self.console.commands.sent(cid, cmd, rows=rows, section=section)
+
+    def _say(self, text: str, error: bool = False, logged: bool = False) -> None:
+        """Tell the user: a log line (unless the engine's event already ``logged`` it), and a notification for errors."""
+        if not logged:
+            self.state.say(self.state.step, "ui", text, error)
+            self._frame(measured=False)
+        if error:
+            self.notify(text, severity="error", timeout=6)
+
+    def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
+        if self._send("change", rows=message.rows, change=_wire(message.change)):
+            self.unit_tree.change_sent(message.rows)
+
+    def on_controls_panel_apply_requested(self, message: ControlsPanel.ApplyRequested) -> None:
+        if self._send("change", section=message.section, change=_wire(message.change)):
+            self.controls.change_sent(message.section)
+
+    def on_controls_panel_preview_requested(self, message: ControlsPanel.PreviewRequested) -> None:
+        link = self.console.link
+        if link is None or not link.connected:
+            return  # a what-if is only a hint: no engine, no hint
+        cid = link.send("preview", change=_wire(message.change))
+        if cid is not None:
+            self.console.commands.sent(cid, "preview", section=message.section)
+
+    def action_undo(self) -> None:
+        """Undo the last change made from a console (the engine records it as a new change, so replay stays exact)."""
+        if self._send("undo"):
+            self._say("undo requested (applies at the next step boundary)")
+
+    def action_pause_resume(self) -> None:
+        self._send("resume" if self.state.state == "paused" else "pause")
+
+    def action_checkpoint(self) -> None:
+        if self._send("checkpoint"):
+            self._say("checkpoint requested (written at the next step boundary)")
+
+    def action_evaluate(self) -> None:
+        if self._send("evaluate"):
+            self._say("evaluation requested (runs at the next step boundary)")
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen())
+
+    def action_export(self) -> None:
+        default = Path(self.state.run_dir or self.console.run_dir) / "policy-export.yaml"
+
+        def chosen(choice: tuple[Path, bool] | None) -> None:
+            if choice is None:
+                return
+            path, overwrite = choice
+            if self._send("export", path=str(path.resolve()), overwrite=overwrite):
+                self.notify(f"exporting to {path} at the next step boundary", timeout=4)
+
+        self.app.push_screen(ExportScreen(default), chosen)
+
+    def action_quit_dialog(self) -> None:
+        link = self.console.link
+        alive = link is not None and link.connected and self.state.state not in ("finished", "stopped", "error")
+        self.app.push_screen(QuitScreen(engine_alive=alive), self._quit_chosen)
+
+    def _quit_chosen(self, choice: str | None) -> None:
+        if choice == "detach":
+            self.app.exit()
+        elif choice in ("stop_checkpoint", "stop_now"):
+            if self._send("stop", checkpoint=choice == "stop_checkpoint") is None:
+                self.app.exit()
+                return
+            self._say("stopping: waiting for the engine to finish the current step" + (" and write a checkpoint" if choice == "stop_checkpoint" else ""))
+            self._stop_timer = self.set_timer(STOP_TIMEOUT, self.app.exit)
+
+
+def _wire(change: Change) -> dict[str, Any]:
+    """A change as the protocol carries it: only what it sets."""
+    return change.model_dump(mode="json", exclude_defaults=True)
