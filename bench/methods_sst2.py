@@ -30,7 +30,7 @@ from common import DATA, minilm_sst2
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.model import count_params
 from spu_engine.model_source import offline_model_dir
-from spu_engine.policy import parse_policy
+from spu_engine.policy_files import parse_policy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods_sst2.md"
 

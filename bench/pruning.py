@@ -43,7 +43,7 @@ from spu_engine.export import export_run
 from spu_engine.methods.pruning import PruningMethod
 from spu_engine.model import load_model, load_tokenizer
 from spu_engine.model_source import offline_model_dir
-from spu_engine.policy import parse_policy
+from spu_engine.policy_files import parse_policy
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
 

@@ -30,7 +30,7 @@ from spu_engine.engine import Engine, EngineConfig
 from spu_engine.training import NO_DECAY
 from spu_engine.methods.selective_backprop import SelectiveBackprop
 from spu_engine.model_source import offline_model_dir
-from spu_engine.policy import parse_policy
+from spu_engine.policy_files import parse_policy
 
 
 

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from spu_engine.integrations import SPUCallback, per_sample_loss
 from spu_engine.model import load_model, load_tokenizer, set_seed
-from spu_engine.policy import load_policy
+from spu_engine.policy_files import load_policy
 from spu_engine.tasks import TaskOptions, get_task, infer_task
 
 HERE = Path(__file__).resolve().parent

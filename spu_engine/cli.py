@@ -14,8 +14,10 @@ from rich.console import Console
 
 from .data import DataError
 from .model_source import ModelLoadError
-from .policy import Policy, PolicyError, json_schema, load_policy
+from .policy import Policy, PolicyError
+from .policy_files import json_schema, load_policy
 from .runs import CONFIG, POLICY
+from .validation import error_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")
 policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their JSON schema.")
@@ -52,7 +54,7 @@ def build_config(**options):
 
 def _option_error(error: dict) -> str:
     """One pydantic error as the flag to fix: '--max-length: ... (got 4)'; a check across settings names its key first."""
-    message = error["msg"].removeprefix("Value error, ")
+    message = error_text(error)
     if not error["loc"]:  # e.g. 'data: data path ... does not exist' from the task inference
         key, _, rest = message.partition(": ")
         return f"--{key.replace('_', '-')}: {rest}"

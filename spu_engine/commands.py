@@ -26,11 +26,8 @@ from .protocol import (
     StopCmd,
     UndoCmd,
 )
+from .lifecycle import CommandRefused
 from .writes import WriteError, atomic_write_text, write_new_text
-
-
-class CommandRefused(Exception):
-    """A command the engine will not carry out now; the text says why."""
 
 
 class CommandHost(Protocol):

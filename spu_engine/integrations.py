@@ -270,7 +270,7 @@ class SPUCallback(TrainerCallback):
     """Apply an exported SPU policy inside ``transformers.Trainer`` (freeze timeline, methods, pruning)."""
 
     def __init__(self, policy: Policy | str | os.PathLike, *, seed: int = 0) -> None:
-        from .policy import load_policy
+        from .policy_files import load_policy
 
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.seed = seed

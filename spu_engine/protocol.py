@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .policy import Change, Policy
+from .validation import error_text
 
 MAX_LINE_BYTES = 1 << 20  # a command larger than this is refused unread
 
@@ -123,7 +124,7 @@ def parse_command(line: bytes | str) -> Any:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "message"
-        raise ProtocolError(f"{data['cmd']}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ProtocolError(f"{data['cmd']}: {where}: {error_text(first)}") from None
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SST2
 from spu_engine.model import find_units, load_model
-from spu_engine.policy import load_policy
+from spu_engine.policy_files import load_policy
 
 
 def spu(*args, timeout=300):

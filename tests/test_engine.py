@@ -132,7 +132,7 @@ def test_a_hello_command_writes_nothing_to_the_events_log(make_engine, tmp_path)
 def test_export_writes_only_a_new_file_unless_confirmed_and_keeps_the_mode(make_engine, tmp_path):
     import os
 
-    from spu_engine.policy import load_policy
+    from spu_engine.policy_files import load_policy
     from spu_engine.protocol import ExportCmd
 
     engine = make_engine(run_dir=tmp_path / "run")

@@ -59,7 +59,7 @@ def test_freeze_and_unfreeze_block0_live(live_engine):
     client.wait_for(lambda e: e["type"] == "state" and e["state"] == "stopped", 60)
     assert proc.wait(30) == 0
     # the run folder recorded both changes with their steps, replayable as a policy
-    from spu_engine.policy import load_policy
+    from spu_engine.policy_files import load_policy
 
     timeline = load_policy(run_dir / "policy.yaml").timeline
     assert [(e.step, e.freeze[0].trainable) for e in timeline] == [(frozen_at, False), (ack["step"], True)]

@@ -8,9 +8,11 @@ from conftest import DATA, build_tiny
 from torch.utils.data import Sampler
 
 from spu_engine.batching import BatchStream
-from spu_engine.engine import NO_DECAY, Engine, EngineConfig
+from spu_engine.engine import Engine, EngineConfig
+from spu_engine.training import NO_DECAY
 from spu_engine.integrations import SPUCallback, attach, per_sample_loss
-from spu_engine.policy import PolicyError, parse_policy
+from spu_engine.policy import PolicyError
+from spu_engine.policy_files import parse_policy
 from spu_engine.tasks import TaskOptions, get_task
 
 STEPS, BATCH = 6, 4

@@ -10,7 +10,7 @@ from conftest import DATA, build_tiny
 
 from spu_engine.data import DataError
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.policy import parse_policy
+from spu_engine.policy_files import parse_policy
 from spu_engine.tasks import TaskOptions, lm
 from spu_engine.tasks.lm import LMTask, token_ids
 

@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny
 from spu_engine.methods.adapter import SLOTS, BottleneckAdapter
 from spu_engine.methods.targets import is_bias, norm_names, task_head_names
-from spu_engine.policy import Change, PolicyError, parse_policy
+from spu_engine.policy import Change, PolicyError
+from spu_engine.policy_files import parse_policy
 
 def snapshot(engine) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in engine.params.items()}

@@ -7,7 +7,8 @@ import torch
 
 from spu_engine.methods.targets import is_bias
 from spu_engine.methods.weight_update_skipping import WeightUpdateSkipping
-from spu_engine.policy import Change, PolicyError, parse_policy
+from spu_engine.policy import Change, PolicyError
+from spu_engine.policy_files import parse_policy
 
 # eval after every step; these runs start bias_only (the default first phase is full), patience 2:
 # evals 1,2 improve; 3,4 do not -> full from step 4; 5 improves, 6,7 do not -> bias_only from step 7

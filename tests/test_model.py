@@ -7,7 +7,8 @@ import pytest
 from conftest import build_tiny
 from spu_engine.model import find_units, load_model
 from spu_engine.model_source import ModelLoadError
-from spu_engine.policy import FreezeRule, Policy, PolicyError, policy_from_yaml
+from spu_engine.policy import FreezeRule, Policy, PolicyError
+from spu_engine.policy_files import policy_from_yaml
 from spu_engine.selection import check_policy_against_model, freeze_mask
 
 ARCHS = ["bert", "distilbert", "roberta", "gpt2", "llama"]

@@ -7,7 +7,9 @@ import json
 import pytest
 import yaml
 
-from spu_engine.policy import Change, FreezeRule, Policy, PolicyError, json_schema, load_policy, policy_from_yaml
+from spu_engine.policy import Change, FreezeRule, Policy, PolicyError
+
+from spu_engine.policy_files import json_schema, load_policy, policy_from_yaml
 
 FULL = """
 spu_policy: 1

@@ -13,7 +13,8 @@ from torch.nn.utils import prune
 from spu_engine.methods.pruning import PruningMethod
 from spu_engine.methods.pruning.layout import sublayer
 from spu_engine.methods.pruning.masks import MaskedWeights
-from spu_engine.policy import Change, PolicyError, parse_policy
+from spu_engine.policy import Change, PolicyError
+from spu_engine.policy_files import parse_policy
 
 TARGETS = ["*.attention.*.weight", "*.intermediate.dense.weight", "*.output.dense.weight"]
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import SST2
 
 from spu_engine.engine import EngineConfig
-from spu_engine.policy import load_policy, parse_policy
+from spu_engine.policy_files import load_policy, parse_policy
 from spu_engine.server import spawn_engine
 from spu_engine.transport import EngineClient
 

@@ -11,7 +11,7 @@ from conftest import DATA, build_tiny
 
 from spu_engine.data import DataError
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.policy import parse_policy
+from spu_engine.policy_files import parse_policy
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.qa import QATask, exact_match, f1_score, normalize_answer
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import DATA, build_tiny
 
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.policy import parse_policy
+from spu_engine.policy_files import parse_policy
 from spu_engine.tasks import TaskOptions, get_task
 
 CASES = [

@@ -375,7 +375,7 @@ def test_a_full_disk_for_events_pauses_and_every_event_reaches_the_file(make_eng
 
 
 def test_a_full_disk_for_policy_yaml_pauses_and_the_change_stays_applied(make_engine, tmp_path, monkeypatch):
-    from spu_engine.policy import load_policy
+    from spu_engine.policy_files import load_policy
     from spu_engine.protocol import ChangeCmd
 
     engine = make_engine(steps=4, run_dir=tmp_path / "run")

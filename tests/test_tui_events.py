@@ -81,7 +81,7 @@ async def test_history_of_unknown_and_malformed_events_draws_without_error(lora_
 
 def test_sparsity_bars_move_at_the_step_the_masks_change(make_engine):
     """The step event of a mask change carries per-unit sparsity, between the periodic unit statistics."""
-    from spu_engine.policy import parse_policy
+    from spu_engine.policy_files import parse_policy
     from spu_tui.run_state import RunState
 
     policy = parse_policy({"pruning": {"method": "magnitude", "schedule": {"start_step": 3, "end_step": 3, "every": 1, "final_sparsity": 0.5}}})

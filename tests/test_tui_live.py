@@ -16,7 +16,8 @@ from conftest import SST2
 
 from spu_engine.engine import EngineConfig
 from spu_engine.methods import METHODS
-from spu_engine.policy import Policy, load_policy
+from spu_engine.policy import Policy
+from spu_engine.policy_files import load_policy
 from spu_engine.runs import is_live, read_history
 from spu_engine.server import spawn_engine
 from spu_tui.app import SpuApp

@@ -19,7 +19,8 @@ from conftest import SST2
 from safetensors.torch import load_file
 
 from spu_engine.engine import EngineConfig
-from spu_engine.policy import Policy, load_policy
+from spu_engine.policy import Policy
+from spu_engine.policy_files import load_policy
 from spu_engine.server import spawn_engine
 from spu_tui.app import SpuApp
 from spu_tui.screens.export import ExportScreen

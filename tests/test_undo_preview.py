@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spu_engine.policy import Change, FreezeRule, PolicyError, parse_policy
+from spu_engine.policy import Change, FreezeRule, PolicyError
+
+from spu_engine.policy_files import parse_policy
 
 
 def test_default_pruning_targets_leave_head_pooler_and_embeddings_dense(make_engine):

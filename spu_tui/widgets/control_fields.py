@@ -16,6 +16,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ValidationError
 
 from spu_engine.policy import Policy
+from spu_engine.validation import error_text
 
 TITLES = {
     "selective_backprop": "Selective backprop",
@@ -153,5 +154,5 @@ def section_problem(section: str, values: dict[str, Any]) -> str | None:
     except ValidationError as err:
         e = err.errors()[0]
         where = ".".join(str(p) for p in e["loc"]) or section
-        return f"{where}: {e['msg'].removeprefix('Value error, ')}"
+        return f"{where}: {error_text(e)}"
     return None
