@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .data import DataError
 from .model_source import ModelLoadError
 from .policy import Policy, PolicyError
 from .policy_files import json_schema, load_policy
@@ -24,9 +23,6 @@ policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print
 app.add_typer(policy_app, name="policy")
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
-
-USER_ERRORS = (PolicyError, ModelLoadError, DataError, ValueError, FileNotFoundError)
-
 
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)

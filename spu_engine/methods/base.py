@@ -97,7 +97,24 @@ class TrainingLoop(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
 
-class Method:
+class Checkpointed:
+    """What survives a resume: plain data (``state_dict``) and tensors (``tensor_state``); nothing by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint with the model (masks, scores)."""
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors from ``tensor_state`` back from a checkpoint (after the model's weights are loaded)."""
+
+
+class Method(Checkpointed):
     section: ClassVar[str]  # the policy section this method reads
 
     def __init__(self, host: Host) -> None:
@@ -132,16 +149,3 @@ class Method:
     def stats(self, step: int) -> dict[str, Any]:
         """Extra fields for the event of ``step`` (the count of steps taken, as the event says)."""
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def tensor_state(self) -> dict[str, torch.Tensor]:
-        """Tensors to checkpoint with the model (masks, scores)."""
-        return {}
-
-    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Tensors from ``tensor_state`` back from a checkpoint (after the model's weights are loaded)."""

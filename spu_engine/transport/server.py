@@ -68,7 +68,6 @@ class _Client:
         self.wbuf: deque[bytes] = deque()
         self.wbytes = 0
         self.partial = False  # wbuf[0] is the rest of a line already half sent: it must go out whole
-        self.dropped = 0
         self.discarding = False  # inside an over-long line: skip to its newline
         self.lines = _Bucket(LINE_RATE, LINE_BURST)
         self.bytes = _Bucket(BYTE_RATE, BYTE_BURST)
@@ -158,7 +157,6 @@ class EngineServer:
         while c.wbytes > self.buffer_bytes and len(c.wbuf) > keep + 1:
             c.wbytes -= len(c.wbuf[keep])
             del c.wbuf[keep]
-            c.dropped += 1
 
     def _wake(self) -> None:
         try:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..base import Checkpointed
 from .masks import MaskedWeights
 from .schedule import Ramp
 from .structure import Family, families, select_groups
@@ -52,7 +53,7 @@ def select(scores: dict[str, torch.Tensor], sparsity: float, parts: list[list[st
     return out
 
 
-class Pruner:
+class Pruner(Checkpointed):
     """One pruning method: its scores and its clock.  The host-facing ``PruningMethod`` owns the masks."""
 
     name: ClassVar[str]
@@ -87,18 +88,6 @@ class Pruner:
 
     def stats(self) -> dict[str, Any]:
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def tensor_state(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
 
     # -- shared helpers --------------------------------------------------------
 
