@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from spu_engine.engine import EngineConfig
+from spu_engine.config import EngineConfig
 from spu_engine.policy import Policy
 from spu_engine.runs import EVENTS
 from spu_engine.server import spawn_engine
