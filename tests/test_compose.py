@@ -11,7 +11,7 @@ slow (``pytest -m slow``); the default run covers every change as A and as B.
 from __future__ import annotations
 
 import itertools
-import time
+import threading
 
 import pytest
 import torch
@@ -77,16 +77,21 @@ def _run(engine: Engine, script: dict[int, dict]) -> tuple[list[dict], dict[int,
     change always lands at the boundary after the step that sent it.
     """
     sock = engine.run_dir / SOCKET
-    server = EngineServer(sock, lambda cmd, _cid: engine.submit(cmd), engine.hello).start()
+    queued = threading.Event()  # set once the socket thread handed the command to the engine
+
+    def on_command(cmd, _cid):
+        engine.submit(cmd)
+        queued.set()
+
+    server = EngineServer(sock, on_command, engine.hello).start()
     client = EngineClient(sock).connect(timeout=10)
     events: list[dict] = []
     trainable: dict[int, dict[str, bool]] = {}
 
     def send(step: int) -> None:
+        queued.clear()
         client.send("change", id=f"at{step}", change=script[step])
-        deadline = time.monotonic() + 10
-        while engine.inbox.empty() and time.monotonic() < deadline:
-            time.sleep(0.001)
+        queued.wait(10)
 
     def sink(_line, ev):
         events.append(ev)
