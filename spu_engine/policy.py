@@ -17,7 +17,6 @@ Timeline semantics (also used for live changes sent by the console):
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -25,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .config import RunSettings
 from .validation import error_text, key_path
-from .writes import atomic_write_text
 
 POLICY_VERSION = 1
 
@@ -286,9 +284,6 @@ class Policy(_Section):
             del data["timeline"]
         text = yaml.safe_dump(head, sort_keys=False, default_flow_style=False, width=100)  # one run setting a line
         return text + (yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100) if data else "")
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), self.to_yaml())
 
 
 def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

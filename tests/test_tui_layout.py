@@ -10,7 +10,7 @@ import pytest
 from conftest import SST2
 from typer.testing import CliRunner
 
-from spu_engine.policy import Change, FreezeRule, TimelineEntry
+from spu_engine.policy import Change, FreezeRule, Policy, TimelineEntry
 from spu_engine.runs import read_history
 from spu_tui.app import SpuApp
 from spu_tui.frames import FASTEST, RECENT, SLOWEST, FrameBudget
@@ -43,8 +43,8 @@ def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, **config)
     data = small_sst2(tmp_path_factory.mktemp("sst2"))
     task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=256, max_eval_samples=32))
     config = EngineConfig(model="tiny", data=str(data), **{"batch_size": 8, "lr": 1e-3, "warmup": 0, **config})
-    engine = Engine(config, None, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
-    engine.pending = [TimelineEntry(step=step, **change.model_dump()) for step, change in timeline]
+    policy = Policy(timeline=[TimelineEntry(step=step, **change.model_dump()) for step, change in timeline])
+    engine = Engine(config, policy, run_dir, model=build_tiny("bert", tokenizer), tokenizer=tokenizer, task=task)
     engine.run()
     engine.close()
     return run_dir, read_history(run_dir)
