@@ -135,7 +135,7 @@ class StepLoop:
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             return self.on_nonfinite(loss_value)
-        trainable = [p for p in self.model.parameters() if p.grad is not None]
+        trainable = [p for p in self.params.values() if p.grad is not None]  # model order, as model.parameters(); no module walk
         stats_due = (step + 1) % self.config.stats_every == 0
         if self.scaler and trainable:
             self.scaler.unscale_(self.optimizer)
@@ -168,7 +168,7 @@ class StepLoop:
             step_time=round(dt, 5),
             samples_per_s=round(self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2),
             samples=self.samples_seen,
-            trainable=self.trainable_count(),
+            trainable=sum(p.numel() for p in self.params.values() if p.requires_grad),  # trainable_count() without the module walk
             **extra,
         )
         for m in self.methods:

@@ -41,42 +41,54 @@ def trainable_by_unit(units: Units, params: dict[str, torch.nn.Parameter]) -> di
 
 @torch.no_grad()
 def before_update(units: Units, params: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
-    """Squared gradient norm per unit and a copy of every tensor (the update ratio measures real weight change)."""
-    grad_sq: dict[str, float] = {}
-    snapshot: dict[str, torch.Tensor] = {}
-    for u in units:
-        total = 0.0
-        for n in u.params:
-            p = params[n]
-            if p.grad is not None:
-                total += float(p.grad.float().pow(2).sum())
-            snapshot[n] = p.detach().clone()
-        grad_sq[u.name] = total
-    return {"grad_sq": grad_sq, "snapshot": snapshot}
+    """Before the optimizer step: squared gradient norm per unit, squared weight norm per tensor, and a copy of each
+    tensor the step can move (one with a gradient or that trains: a frozen one gets no update, and pruning re-applies
+    masks only to trainable weights).  Norms without full-size temporaries, read back in one transfer each."""
+    grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
+    grad_sq = dict(zip((n for n, _ in grads), _squared_norms([g for _, g in grads])))
+    weight_sq = dict(zip(params, _squared_norms(list(params.values()))))
+    snapshot = {n: p.detach().clone() for n, p in params.items() if p.grad is not None or p.requires_grad}
+    unit_grad_sq = {u.name: sum(grad_sq.get(n, 0.0) for n in u.params) for u in units}
+    return {"grad_sq": unit_grad_sq, "weight_sq": weight_sq, "snapshot": snapshot}
 
 
 @torch.no_grad()
 def after_update(units: Units, params: dict[str, torch.nn.Parameter], before: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a ``units`` event: per unit and per tensor, measured against ``before``."""
+    """The fields of a ``units`` event: per unit and per tensor, measured against ``before`` (whose copies it consumes)."""
+    snap, weight_sq = before["snapshot"], before["weight_sq"]
+    moved = [n for n in snap if n in params]
+    upd_sq = dict(zip(moved, _squared_norms([snap[n].sub_(params[n]) for n in moved])))  # in place: old - new
+    names = list(params)
+    nonzero = torch.stack([torch.count_nonzero(p) for p in params.values()]).tolist() if names else []
+    zeros_of = {n: params[n].numel() - nz for n, nz in zip(names, nonzero)}
     per_unit: dict[str, dict[str, float]] = {}
     tensors: dict[str, dict[str, Any]] = {}
-    snap = before["snapshot"]
     for u in units:
         upd, wsq, zeros, trainable_n = 0.0, 0.0, 0, 0
         for n in u.params:
             p = params[n]
-            z = int((p == 0).sum())
-            zeros += z
-            tensors[n] = {"trainable": p.requires_grad, "sparsity": round(z / p.numel(), 5)}
+            zeros += zeros_of[n]
+            tensors[n] = {"trainable": p.requires_grad, "sparsity": round(zeros_of[n] / p.numel(), 5)}
             if p.requires_grad:
                 trainable_n += p.numel()
-            if n in snap:
-                upd += float((p - snap[n]).float().pow(2).sum())
-                wsq += float(snap[n].float().pow(2).sum())
+            if n in weight_sq:  # tensors that existed before the step (every one, unless a hook added some)
+                upd += upd_sq.get(n, 0.0)  # a tensor with no copy could not move
+                wsq += weight_sq[n]
         per_unit[u.name] = {
             "trainable": round(trainable_n / u.numel, 5),
-            "grad_norm": math.sqrt(before["grad_sq"][u.name]),
+            "grad_norm": math.sqrt(before["grad_sq"].get(u.name, 0.0)),
             "update_ratio": math.sqrt(upd) / math.sqrt(wsq) if wsq > 0 else 0.0,
             "sparsity": round(zeros / u.numel, 5),
         }
     return {"units": per_unit, "tensors": tensors}
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _squared_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """Each tensor's sum of squares (accumulated in float32 or wider), read back to the host in one transfer."""
+    if not tensors:
+        return []
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _HALF else None) for t in tensors])
+    return norms.double().square().tolist()
