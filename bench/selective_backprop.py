@@ -79,7 +79,7 @@ def measure(keep: float, base_model, task, tokenizer, args) -> tuple[float, floa
     for i in range(args.warmup + args.steps):
         draws.clear()
         t0 = time.perf_counter()
-        engine._boundary()
+        engine.boundary()
         engine.train_step()
         t1 = time.perf_counter()
         ideal.step(list(draws), sb.last_backward)
