@@ -54,7 +54,7 @@ LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 class LoopConfig:
     """The run settings the methods read (``methods.base.HostConfig``), as the engine's config has them."""
 
-    steps: int = 1_000_000  # total optimizer steps, when known (pruning warns if it cannot finish)
+    steps: int | None = None  # total optimizer steps; None when the loop does not say
     lr: float = 5e-5
     seed: int = 0
     batch_size: int = 32
@@ -80,7 +80,7 @@ class PolicyController(PolicyRuntime):
         self._group_lambdas = {id(g): f for g, f in zip(self.optimizer.param_groups, getattr(self.scheduler, "lr_lambdas", []))} if self.scheduler else {}
         first = self.optimizer.param_groups[0] if self.optimizer is not None else {}
         lr = first.get("initial_lr", first.get("lr", LoopConfig.lr))  # a scheduler keeps the unscaled lr in initial_lr
-        self.config = LoopConfig(steps=steps or LoopConfig.steps, lr=lr, seed=seed)
+        self.config = LoopConfig(steps=steps or None, lr=lr, seed=seed)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []  # one entry per applied change: step, source, trainable count
         self.events: list[dict[str, Any]] = []  # what the methods report (prune rounds, phase switches)
@@ -231,7 +231,8 @@ def attach(
     """Apply ``policy`` in your own loop: call ``ctl.step(step)`` at each step's start.
 
     Pass the optimizer (over all parameters: the policy decides which train) when the policy adds tensors, the LR
-    scheduler so those follow it, ``steps`` (the run's length) when pruning should know whether it can finish.
+    scheduler so those follow it, ``steps`` (the run's length) when pruning should know whether it can finish
+    (movement's warm-up and final hold are fractions of it).
     """
     return PolicyController(model, policy, optimizer, scheduler, steps=steps, seed=seed)
 

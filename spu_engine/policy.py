@@ -138,8 +138,20 @@ class IMPSettings(_Section):
 
 
 class MovementSettings(_Section):
-    score_lr: float = Field(1e-2, gt=0.0)
-    l1: float = Field(0.0, ge=0.0, description="soft movement: weight of the penalty l1 * mean(sigmoid(score))")
+    score_lr: float = Field(1e-2, gt=0.0, description="learning rate of the scores (their own AdamW group, no weight decay); the model's is the run's lr")
+    warmup: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="with schedule.start_step 0: the ramp starts after this fraction of the run's steps, the scores learning from the first "
+        "step while the sparsity holds at initial_sparsity (the reference's initial_warmup); 0: the ramp starts at step 0",
+    )
+    final_hold: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="the ramp ends no later than this fraction of the run before its last step, so the run recovers at the final "
+        "sparsity (the reference's final_warmup); 0: end_step alone",
+    )
+    l1: float = Field(
+        0.0, ge=0.0, description="soft movement: weight of the penalty l1 * mean(sigmoid(score)), scaled along the ramp (0 before it, l1 from its end)"
+    )
     threshold: float = Field(
         0.0, ge=0.0, lt=1.0, description="soft movement: starting threshold on sigmoid(score), in [0, 1); the schedule moves it to the target's"
     )

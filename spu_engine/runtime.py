@@ -86,6 +86,10 @@ class PolicyRuntime:
             if group.get("name") == name:
                 group["base_lr"] = lr or self.config.lr
 
+    def optimizer_state(self, param: torch.nn.Parameter) -> dict[str, Any]:
+        """The optimizer's state of ``param``, live (movement puts back the moments of pruned entries)."""
+        return self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
+
     def forget_optimizer_state(self, params: list[torch.nn.Parameter]) -> None:
         """These tensors start afresh in the optimizer (zero moments)."""
         if self.optimizer is not None:

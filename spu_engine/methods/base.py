@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 class HostConfig(Protocol):
     """The run settings a method reads."""
 
-    steps: int  # the run's length in optimizer steps (pruning warns when it cannot finish)
+    steps: int | None  # the run's length in optimizer steps, None if a loop does not say (pruning warns when it cannot finish; movement's warm-up is a fraction of it)
     lr: float  # default learning rate of the tensors a method adds
     seed: int
     batch_size: int  # per rank
@@ -61,6 +61,10 @@ class Host(Protocol):
 
     def set_group_lr(self, name: str, lr: float | None) -> None:
         """The learning rate of group ``name`` (None: the run's), before the schedule's factor."""
+        ...
+
+    def optimizer_state(self, param: nn.Parameter) -> dict[str, Any]:
+        """The optimizer's state of ``param`` (AdamW's moments), live; empty before its first step or without an optimizer."""
         ...
 
     def forget_optimizer_state(self, params: list[nn.Parameter]) -> None:

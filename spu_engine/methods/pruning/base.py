@@ -57,6 +57,7 @@ class Pruner(Checkpointed):
     """One pruning method: its scores and its clock.  The host-facing ``PruningMethod`` owns the masks."""
 
     name: ClassVar[str]
+    warm_up: ClassVar[bool] = False  # learned scores: the ramp holds initial_sparsity until it starts (see PruningMethod.window)
 
     def __init__(self, host: Host, masks: MaskedWeights, targets: list[str], settings: Pruning, step: int) -> None:
         self.host = host
@@ -81,6 +82,9 @@ class Pruner(Checkpointed):
         """Update masks if the method's clock says so."""
 
     def after_backward(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
         pass
 
     def detach(self) -> None:
@@ -143,7 +147,7 @@ class ScheduledPruner(Pruner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ramp: Ramp | None = None  # set by PruningMethod
-        self.applied: float | None = None  # sparsity of the last mask update; None forces the next one
+        self.applied: float | None = None  # sparsity of the last mask update; None forces one at the next step
 
     def follow(self, ramp: Ramp, anchored: bool) -> None:
         """Take a new ramp; an anchored one (a live change) starts from the current masks."""
@@ -156,9 +160,9 @@ class ScheduledPruner(Pruner):
 
     def before_step(self, step: int) -> None:
         target = self.target(step)
-        if target is None or not self.ramp.due(step):
+        if target is None or (self.applied is not None and not self.ramp.due(step)):
             return
-        if target == self.applied and not self.rerank:
+        if target == self.applied and (not self.rerank or target == 0.0):  # nothing to re-rank at zero sparsity
             return
         self.update(target, step)
         self.applied = target

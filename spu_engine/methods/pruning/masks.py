@@ -10,9 +10,11 @@ entries at zero whatever the optimizer's momentum or weight decay would do.
 Gradients are left as backward computed them: ``dL/dW'`` for every entry,
 which movement pruning needs anyway.  (Masking them as well would leave Adam's
 second moment at exactly zero for pruned entries, and ``sqrt`` of zeros runs
-17x slower on x86 CPUs: a 15 % slower MiniLM step.)  The optimizer state of a
-pruned entry keeps tracking its gradient, so a regrown weight starts with
-warm statistics; gradient-norm clipping sees those gradients too.
+17x slower on x86 CPUs: a 15 % slower MiniLM step.)  With magnitude pruning
+the optimizer state of a pruned entry keeps tracking its gradient, so a
+regrown weight starts with warm statistics; movement puts it back after each
+step instead, so a pruned weight neither learns nor drifts (``movement.py``).
+Gradient-norm clipping sees those gradients too.
 
 The parameter keeps its name (no ``weight_orig``), so freeze rules, units and
 checkpoints see the usual names; masks are keyed by the stable name

@@ -78,13 +78,14 @@ class PruningMethod(Method):
             self.targets = targets
             self._counts = None
             self.pruner = PRUNERS[new.method](self.host, self.masks, targets, new, step)
+        start, end = self.window(new)
         if isinstance(self.pruner, ScheduledPruner) and (not same_pruner or self._schedule_changed(old, new)):
-            anchored = step > new.schedule.start_step
+            anchored = step > start
             self.pruner.follow(self._ramp(new, step, anchored), anchored)
+            if self.pruner.warm_up and (start, end) != (new.schedule.start_step, new.schedule.end_step):
+                self.host.log(f"{new.method}: scores learn from now, the ramp runs from step {start} to {end} (movement.warmup, movement.final_hold)")
         if isinstance(self.pruner, IMPPruner):
             end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done - 1) * new.imp.round_steps
-        else:
-            end = new.schedule.end_step
         outside = self.outside_blocks(self.targets)
         if outside and not same_pruner:
             self.host.log(
@@ -92,18 +93,33 @@ class PruningMethod(Method):
                 "pruning the task head or the embeddings can leave a model that predicts one class; leave targets unset to prune the blocks only",
                 "warning",
             )
-        if end > self.host.config.steps:
+        if self.host.config.steps is not None and end > self.host.config.steps:
             self.host.log(f"pruning ends at step {end}, after the run's last step ({self.host.config.steps}): the final sparsity will not be reached", "warning")
 
     @staticmethod
     def _schedule_changed(old: Pruning, new: Pruning) -> bool:
-        return (old.schedule, old.scope, old.structure) != (new.schedule, new.scope, new.structure)
+        return (old.schedule, old.scope, old.structure, old.movement.warmup, old.movement.final_hold) != (
+            new.schedule, new.scope, new.structure, new.movement.warmup, new.movement.final_hold
+        )
+
+    def window(self, settings: Pruning) -> tuple[int, int]:
+        """The ramp's start and end steps.  Scores need signal before the first mask and the run needs steps to recover
+        after the last (Sanh et al.'s initial and final warm-up), so movement's ramp waits ``movement.warmup`` of the run
+        when ``start_step`` is 0 and ends ``movement.final_hold`` of the run before its last step at the latest.
+        Without the run's length (a loop that does not say) the schedule alone counts."""
+        s, mv, steps = settings.schedule, settings.movement, self.host.config.steps
+        if not PRUNERS[settings.method].warm_up or steps is None:
+            return s.start_step, s.end_step
+        start = s.start_step or round(mv.warmup * steps)
+        return start, max(start, min(s.end_step, steps - round(mv.final_hold * steps)))
 
     def _ramp(self, settings: Pruning, step: int, anchored: bool) -> Ramp:
         s = settings.schedule
+        start, end = self.window(settings)
+        hold = PRUNERS[settings.method].warm_up
         if anchored:  # continue from the masks we have, reach the (new) target at the (new) end step
-            return Ramp(step, max(s.end_step, step), self.sparsity(), s.final_sparsity, s.every, s.kind)
-        return Ramp(s.start_step, s.end_step, s.initial_sparsity, s.final_sparsity, s.every, s.kind)
+            return Ramp(step, max(end, step), self.sparsity(), s.final_sparsity, s.every, s.kind, hold)
+        return Ramp(start, end, s.initial_sparsity, s.final_sparsity, s.every, s.kind, hold)
 
     def resolve_targets(self, settings: Pruning) -> list[str]:
         """Weight matrices selected by ``targets`` (unset: the blocks' own) and not by ``exclude``; PolicyError if none."""
@@ -160,6 +176,7 @@ class PruningMethod(Method):
     def after_optimizer_step(self, step: int) -> None:
         if self.pruner is not None:
             self.masks.reapply()
+            self.pruner.after_optimizer_step(step)
 
     # -- what the console sees ---------------------------------------------------
 

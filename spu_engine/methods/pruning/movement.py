@@ -15,6 +15,13 @@ learning rate (``movement.score_lr``) and live outside the model, so they
 are not parameters of any unit.  Masks follow the scores every
 ``schedule.every`` steps (a global ranking of millions of scores costs about a
 tenth of a MiniLM step on CPU; doing it every step would break the 5 % budget).
+
+As in the reference (Sanh et al.'s ``W * M``, whose gradient is zero where
+``M`` is), a pruned weight does not learn while its score does: its value
+stays in the latent store, and its optimizer moments are put back after each
+optimizer step, so neither drifts while it is pruned (the copies this takes
+cost AdamW's two floats per target weight of memory).  The scores learn from
+the method's first step; the ramp waits for them (``PruningMethod.window``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ TIE_BREAK = 1e-6  # far below one step of score (score_lr), far above float32 re
 class MovementPruner(ScheduledPruner):
     name = "movement"
     rerank = True
+    warm_up = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -47,6 +55,9 @@ class MovementPruner(ScheduledPruner):
         self.host.add_parameters(list(self.score_params.values()), lr=self.settings.movement.score_lr, name=GROUP)
         self._hooks: dict[str, Any] = {}  # target -> its gradient hook, once the weight trains
         self._hook_scores()
+        self._pruned: tuple[int, dict[str, torch.Tensor | None]] = (-1, {})  # (masks version, bool where pruned)
+        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (moment, where pruned, its copy before the step)
+        self._spare: dict[tuple[str, int], torch.Tensor] = {}  # the copies, kept: allocating them each step costs more
 
     def _hook_scores(self) -> None:
         """Hook every target that trains now (a frozen weight takes no hook; it may be unfrozen later)."""
@@ -74,6 +85,42 @@ class MovementPruner(ScheduledPruner):
 
         return straight_through
 
+    def pruned_where(self, name: str) -> torch.Tensor | None:
+        """Bool tensor of the pruned entries of ``name``, None if there are none (cached until the masks change)."""
+        if self._pruned[0] != self.masks.version:
+            self._pruned = (self.masks.version, {})
+        cache = self._pruned[1]
+        if name not in cache:
+            where = ~self.masks.keep(name)
+            cache[name] = where if where.any() else None
+        return cache[name]
+
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        """Copy the optimizer moments of weights with pruned entries; those entries are put back after the step.
+
+        Whole copies and ``where``: 4x faster than gathering the pruned entries (masked_select) on CPU.  A weight
+        without moments yet (before its first step) is left alone: its pruned entries start from their gradient
+        rather than from zeros that would then stay (``sqrt`` of zeros is slow on x86)."""
+        self._held = []
+        for name in self._hooks:
+            p = self.masks.param(name)
+            where = self.pruned_where(name)
+            if p.grad is None or where is None:
+                continue
+            moments = [t for t in self.host.optimizer_state(p).values() if torch.is_tensor(t) and t.shape == p.shape]
+            for i, moment in enumerate(moments):
+                copy = self._spare.get((name, i))
+                if copy is None or copy.dtype != moment.dtype or copy.device != moment.device:
+                    copy = self._spare[(name, i)] = torch.empty_like(moment)
+                self._held.append((moment, where, copy.copy_(moment)))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        for moment, where, before in self._held:
+            torch.where(where, before, moment, out=moment)
+        self._held = []
+
     def reconfigure(self, settings, step: int) -> None:
         super().reconfigure(settings, step)
         self.host.set_group_lr(GROUP, settings.movement.score_lr)
@@ -89,6 +136,7 @@ class MovementPruner(ScheduledPruner):
         self.host.remove_parameters(GROUP)
         self._unhook_scores()
         self.score_params.clear()
+        self._spare, self._held = {}, []
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         return {f"score.{n}": s.detach() for n, s in self.score_params.items()}

@@ -2,7 +2,10 @@
 
 Weights are kept while ``sigmoid(S) > tau``; an L1 penalty ``l1 * mean(sigmoid(S))``
 pushes every score down, so only weights whose movement earns it keep a high
-score, and each layer ends up with the sparsity its weights justify.  The
+score, and each layer ends up with the sparsity its weights justify.  As in the
+reference, the penalty grows with the ramp (``l1`` times its progress: none
+during the warm-up, all of it from the end step), so the scores first learn
+from the task alone.  The
 threshold follows the cubic schedule from ``movement.threshold`` (or the
 lowest score, if that is higher) to the threshold that removes ``final_sparsity`` of the weights (over all targets,
 per unit with ``per_unit`` scope, or per tensor with ``per_layer``), so the run lands on the target at ``end_step``.
@@ -34,8 +37,8 @@ class SoftMovementPruner(MovementPruner):
     @torch.no_grad()
     def update(self, target: float, step: int) -> None:
         ramp = self.ramp
-        if step >= ramp.end or ramp.kind == "constant":
-            super().apply(ramp.final)  # land exactly on the target
+        if step < ramp.start or step >= ramp.end or ramp.kind == "constant":
+            super().apply(target)  # hold the initial sparsity, or land exactly on the target
             self.tau = None
             return
         probs = {n: torch.sigmoid(s) for n, s in self.scores().items()}
@@ -47,15 +50,16 @@ class SoftMovementPruner(MovementPruner):
         for names in parts:
             lowest_kept = min(float(probs[n][final_keep[n]].min()) if final_keep[n].any() else 1.0 for n in names)
             finals.update(dict.fromkeys(names, lowest_kept))
-        remaining = (1.0 - (step - ramp.start) / (ramp.end - ramp.start)) ** 3
-        taus = {n: f + (self.tau_start - f) * remaining for n, f in finals.items()}
+        progress = ramp.progress(step)
+        taus = {n: f + (self.tau_start - f) * (1.0 - progress) for n, f in finals.items()}
         for n, p in probs.items():
             self.masks.set(n, p > taus[n])
         self.tau = sum(taus.values()) / len(taus)
 
     def after_backward(self, step: int) -> None:
-        """The L1 penalty l1 * mean(sigmoid(S)), added straight to the score gradients."""
-        l1 = self.settings.movement.l1
+        """The L1 penalty l1 * progress * mean(sigmoid(S)), added straight to the score gradients."""
+        super().after_backward(step)
+        l1 = self.settings.movement.l1 * (self.ramp.progress(step) if self.ramp else 0.0)
         if not l1:
             return
         total = sum(s.numel() for s in self.score_params.values())
