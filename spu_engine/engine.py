@@ -17,6 +17,7 @@ policy record, checkpoints and the loop itself.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
@@ -35,7 +36,7 @@ from .faults import UnwrittenState
 from .lifecycle import RunControl, RunState, Stop
 from .methods import METHODS
 from .model import count_params, load_model, load_tokenizer
-from .model_source import resolve_model_name
+from .model_source import ModelLoadError, resolve_model_name
 from .policy import Change, Policy, PolicyError, TimelineEntry, undo_change
 from .protocol import encode, event
 from .runs import CHECKPOINTS, CONFIG, EVENTS, POLICY, write_config, write_policy
@@ -112,16 +113,41 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         return task
 
     def _setup_model(self, model: torch.nn.Module | None) -> None:
+        self._given_model: torch.nn.Module | None = None  # a model handed in (tests, benchmarks): its step-0 copy
         if model is None:
             self.set_state(RunState.LOADING, f"loading the model {self.config.model}")
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.config.model)
-            model = load_model(self.config.model, type(self.task).model_kind, num_labels=self.task.num_labels, tokenizer=self.tokenizer)
+            model = self._load_model(self.config.model)
+        else:
+            self._given_model = copy.deepcopy(model).cpu()
         self.task.check_fits(model)
         self.model = model.to(self.device)
         self.model.train()
         self.refresh_parameters()
         self.loaded_names = list(self.param_names)
+
+    def _load_model(self, source: str) -> torch.nn.Module:
+        """``source`` with the task's head, a new head drawn from the run's seed alone, so loading again gives the
+        same model (distillation's ``initial`` teacher)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return load_model(source, type(self.task).model_kind, num_labels=self.task.num_labels, tokenizer=self.tokenizer)
+
+    def initial_model(self) -> torch.nn.Module:
+        """The model as this run loaded it at step 0, a new copy."""
+        if self._given_model is not None:
+            return copy.deepcopy(self._given_model)
+        try:
+            return self._load_model(self.config.model)
+        except ModelLoadError as exc:
+            raise PolicyError(f"distillation.teacher: {exc}") from None
+
+    def load_teacher(self, source: str) -> torch.nn.Module:
+        try:
+            return load_model(source, type(self.task).model_kind, num_labels=None, tokenizer=self.tokenizer, trained=True)
+        except ModelLoadError as exc:
+            raise PolicyError(f"distillation.teacher: {exc}") from None
 
     def _setup_policy(self, policy: Policy) -> None:
         check_policy_against_model(policy, self.model, self.units, self.names_under)

@@ -61,6 +61,10 @@ class LoopConfig:
     stats_every: int = 10
 
 
+DISTILLATION_HERE = ("distillation: your loop computes its own loss, so the policy cannot mix in the teacher's KL; "
+                     "train with `spu train`, or add the KL in your loss and leave distillation off")
+
+
 class PolicyController(PolicyRuntime):
     """An exported policy applied to a model and optimizer you drive yourself."""
 
@@ -157,6 +161,12 @@ class PolicyController(PolicyRuntime):
     def apply_change(self, change: Change, source: str) -> None:
         self._take_change(change)
         self.history.append({"step": self.step_count, "source": source, "trainable": self.trainable_count()})
+
+    def initial_model(self) -> nn.Module:
+        raise PolicyError(DISTILLATION_HERE)
+
+    def load_teacher(self, source: str) -> nn.Module:
+        raise PolicyError(DISTILLATION_HERE)
 
     def log(self, message: str, level: str = "info") -> None:
         log.log(getattr(logging, level.upper(), logging.INFO), message)

@@ -34,15 +34,18 @@ def load_tokenizer(name: str):
 AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification", "qa": "AutoModelForQuestionAnswering", "lm": "AutoModelForCausalLM"}
 
 
-def load_model(name: str, task: str = "classification", num_labels: int = 2, tokenizer=None) -> nn.Module:
-    """Load pretrained weights with the head ``task`` needs (classification, qa, lm)."""
+def load_model(name: str, task: str = "classification", num_labels: int | None = 2, tokenizer=None, trained: bool = False) -> nn.Module:
+    """Load pretrained weights with the head ``task`` needs (classification, qa, lm).
+
+    ``num_labels`` None keeps the folder's; ``trained``: every weight must come from the folder (a teacher), so a
+    head the folder lacks is an error rather than a new random one."""
     import transformers
     from transformers import AutoConfig
 
     name = resolve_model_name(name)
     check_source(name)
     auto = getattr(transformers, AUTO_CLASSES[task])
-    kwargs = {"num_labels": num_labels} if task == "classification" else {}
+    kwargs = {"num_labels": num_labels} if task == "classification" and num_labels is not None else {}
     try:
         config = AutoConfig.from_pretrained(name, **kwargs)
         if tokenizer is not None and getattr(config, "pad_token_id", None) is None:
@@ -53,12 +56,16 @@ def load_model(name: str, task: str = "classification", num_labels: int = 2, tok
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
-            model = auto.from_pretrained(name, config=config)
+            model, info = auto.from_pretrained(name, config=config, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load a {task} model from {name!r}: {_first_line(exc)}") from None
+    if trained and info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(f"{name!r} has no trained {task} head ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                             "would start random): fine-tune it on the task first")
     return model
 
 

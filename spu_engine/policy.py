@@ -199,11 +199,29 @@ class Peft(_Section):
     lr: float | None = Field(None, gt=0.0, description="learning rate of the tensors a method adds (adapters, LoRA, IA3); default: the run's lr")
 
 
+class Distillation(_Section):
+    enabled: bool = False
+    teacher: str = Field(
+        "initial", min_length=1, max_length=4096,
+        description="'initial': the model as this run loaded it at step 0 (fine-tune dense first, then prune from it); "
+        "or a model folder (or hub id) with the same task head",
+    )
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="loss = (1 - alpha) * task loss + alpha * temperature^2 * KL(teacher || student)")
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="softmax temperature of both sides of the KL")
+
+    @field_validator("teacher")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        if any(not ch.isprintable() for ch in v):
+            raise ValueError("teacher: 'initial' or a model folder; control characters are not allowed")
+        return v
+
+
 class Faults(_Section):
     on_nonfinite: Literal["pause", "skip", "stop"] = "skip"
 
 
-SECTIONS = ("freeze", "selective_backprop", "weight_update_skipping", "pruning", "peft", "faults")
+SECTIONS = ("freeze", "selective_backprop", "weight_update_skipping", "pruning", "peft", "distillation", "faults")
 
 
 class Change(_Section):
@@ -236,6 +254,7 @@ class Policy(_Section):
     weight_update_skipping: WeightUpdateSkipping = Field(default_factory=WeightUpdateSkipping)
     pruning: Pruning = Field(default_factory=Pruning)
     peft: Peft = Field(default_factory=Peft)
+    distillation: Distillation = Field(default_factory=Distillation)
     faults: Faults = Field(default_factory=Faults)
     timeline: list[TimelineEntry] = Field(default_factory=list)
 

@@ -94,7 +94,11 @@ class StepLoop:
         return self._to_device(self.task.collate([self.task.train[i] for i in indices]))
 
     def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss training minimises: the task's, or what a method makes of it (distillation mixes in a KL)."""
         with self._autocast():
+            for m in self.methods:
+                if m.active and hasattr(m, "per_sample_loss"):
+                    return m.per_sample_loss(self, batch)
             return self.task.per_sample_loss(self.model, batch)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .adapter import Adapter
 from .base import Method
 from .bitfit import BitFit
+from .distillation import Distillation
 from .ia3 import IA3
 from .lora import LoRA
 from .pruning import PruningMethod
@@ -24,6 +25,7 @@ METHODS: list[type[Method]] = [
     SelectiveBackprop,
     WeightUpdateSkipping,
     PruningMethod,
+    Distillation,
 ]
 
 __all__ = ["METHODS", "Method"]

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..distributed import Distributed
     from ..model import Units
     from ..policy import Change, Policy, TimelineEntry
+    from ..tasks import Task
 
 
 class HostConfig(Protocol):
@@ -71,6 +72,15 @@ class Host(Protocol):
         """These tensors start afresh in the optimizer (IMP resets survivors)."""
         ...
 
+    def initial_model(self) -> nn.Module:
+        """A fresh copy of the model as the run loaded it at step 0, before any method changed it (distillation's
+        default teacher); PolicyError where the host keeps none."""
+        ...
+
+    def load_teacher(self, source: str) -> nn.Module:
+        """The model in folder (or hub id) ``source`` with the run's task head; PolicyError naming it if it does not load."""
+        ...
+
     def apply_change(self, change: Change, source: str) -> None:
         """A policy change the method decides (weight-update skipping's phase switch), recorded like any other."""
         ...
@@ -93,6 +103,8 @@ class TrainingLoop(Protocol):
     config: HostConfig
     dist: Distributed | None
     stream: IndexStream
+    model: nn.Module
+    task: Task
 
     def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]: ...
 

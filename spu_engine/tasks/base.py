@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..batching import pad_collate
@@ -53,9 +54,23 @@ class Task(ABC):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return pad_collate(features, self.pad_id)
 
+    def outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The task's logits for ``batch`` (classification and LM: one tensor; QA: start and end)."""
+        return (model(**model_inputs(model, batch)).logits,)
+
     @abstractmethod
+    def loss_from(self, outputs: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Loss of each sample in the batch, shape [B], from ``outputs``."""
+
     def per_sample_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Loss of each sample in the batch, shape [B]."""
+        return self.loss_from(self.outputs(model, batch), batch)
+
+    def per_sample_kl(
+        self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], temperature: float
+    ) -> torch.Tensor:
+        """KL(teacher || student) of each sample at ``temperature``, shape [B]; QA averages its start and end."""
+        return sum(kl_rows(s, t, temperature) for s, t in zip(student, teacher)) / len(student)
 
     @abstractmethod
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
@@ -68,6 +83,13 @@ class Task(ABC):
         longest = max((len(f["input_ids"]) for f in (*self.train, *self.eval)), default=0)
         if limit is not None and longest > limit:
             raise DataError(f"--max-length: sequences of {longest} tokens do not fit this model's {limit} positions; use --max-length {limit} or less")
+
+
+def kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) over the last dimension, in fp32: one value per row."""
+    t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    s = F.log_softmax(student.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
 
 
 TARGET_KEYS = ("labels", "start_positions", "end_positions", "feature_index")

@@ -68,10 +68,11 @@ class ClassificationTask(Task):
         task.notes = [note] if note else []
         return task
 
-    def per_sample_loss(self, model, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    def outputs(self, model, batch):
+        return (model(**{k: v for k, v in batch.items() if k != "labels"}).logits,)
+
+    def loss_from(self, outputs, batch):
+        return F.cross_entropy(outputs[0].float(), batch["labels"], reduction="none")
 
     @torch.no_grad()
     def evaluate(self, model, batches) -> dict[str, float]:

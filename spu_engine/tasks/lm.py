@@ -26,7 +26,7 @@ from ..data import (
     require_columns,
     split_files,
 )
-from .base import Task, TaskOptions, model_inputs
+from .base import Task, TaskOptions, kl_rows
 
 TEXT_SUFFIXES = (".raw", ".txt")
 TEXT_CANDIDATES = ("text", "content", "sentence", "document")
@@ -57,17 +57,25 @@ class LMTask(Task):
         task.notes = notes
         return task
 
-    def per_sample_loss(self, model, batch):
-        token_loss, mask = self._token_loss(model, batch)
+    def loss_from(self, outputs, batch):
+        token_loss, mask = self._token_loss(outputs[0], batch)
         return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def _token_loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token loss [B, T] and the mask of positions that have a label (never the last one).
+    def per_sample_kl(self, student, teacher, batch, temperature):
+        """Per token over the vocabulary, averaged over the tokens that have a label (as the loss is)."""
+        mask = self._next_labels(batch) != -100
+        kl = kl_rows(student[0], teacher[0], temperature) * mask
+        return kl.sum(1) / mask.sum(1).clamp(min=1)
 
-        The labels move left instead of the logits, so the [B, T, vocab] logits are never copied.
-        """
-        logits = model(**model_inputs(model, batch)).logits
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    @staticmethod
+    def _next_labels(batch) -> torch.Tensor:
+        """Each position's label is the next token: the labels move left instead of the logits, so the
+        [B, T, vocab] logits are never copied; the last position has none."""
+        return F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+
+    def _token_loss(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token loss [B, T] and the mask of positions that have a label (never the last one)."""
+        labels = self._next_labels(batch)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none").view(labels.shape)
         return loss, (labels != -100).to(loss.dtype)
 
@@ -78,7 +86,8 @@ class LMTask(Task):
         for batch in batches:
             rows = max(1, LOGITS_BUDGET // (batch["input_ids"].shape[1] * vocab))
             for i in range(0, batch["input_ids"].shape[0], rows):
-                loss, mask = self._token_loss(model, {k: v[i : i + rows] for k, v in batch.items()})
+                rows_batch = {k: v[i : i + rows] for k, v in batch.items()}
+                loss, mask = self._token_loss(self.outputs(model, rows_batch)[0], rows_batch)
                 total += float((loss * mask).sum())
                 tokens += int(mask.sum())
         mean = total / max(tokens, 1)

@@ -69,10 +69,13 @@ class QATask(Task):
         task.notes = [note] if note else []
         return task
 
-    def per_sample_loss(self, model, batch):
+    def outputs(self, model, batch):
         out = model(**model_inputs(model, batch))
-        start = F.cross_entropy(out.start_logits.float(), batch["start_positions"], reduction="none")
-        end = F.cross_entropy(out.end_logits.float(), batch["end_positions"], reduction="none")
+        return out.start_logits, out.end_logits
+
+    def loss_from(self, outputs, batch):
+        start = F.cross_entropy(outputs[0].float(), batch["start_positions"], reduction="none")
+        end = F.cross_entropy(outputs[1].float(), batch["end_positions"], reduction="none")
         return (start + end) / 2
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ TITLES = {
     "weight_update_skipping": "Weight-update skipping",
     "pruning": "Pruning",
     "peft": "PEFT",
+    "distillation": "Distillation",
 }
 
 
@@ -127,6 +128,10 @@ FIELDS = [
     ControlField("pruning", "schedule.start_step", "pr-start", "start step"),
     ControlField("pruning", "schedule.end_step", "pr-end", "end step"),
     ControlField("peft", "method", "peft-method", "method"),
+    ControlField("distillation", "enabled", "kd-enabled", "enabled"),
+    ControlField("distillation", "teacher", "kd-teacher", "teacher"),
+    ControlField("distillation", "alpha", "kd-alpha", "alpha"),
+    ControlField("distillation", "temperature", "kd-temperature", "temperature"),
 ]
 FIELD_BY_ID = {f.id: f for f in FIELDS}
 

@@ -1,0 +1,88 @@
+"""Knowledge distillation from a teacher's logits (Hinton et al. 2015; as movement pruning uses it, Sanh et al. 2020).
+
+The loss of each sample becomes ``(1 - alpha) * task loss + alpha * T^2 *
+KL(softmax(teacher / T) || softmax(student / T))`` over the task's logits:
+classes for classification, start and end positions for QA (averaged), every
+labelled token for LM.  ``T^2`` keeps the gradient's scale as ``T`` changes.
+
+The teacher is ``initial`` (the model as this run loaded it at step 0: the
+dense model a pruning run starts from) or a model folder with the same head.
+It runs beside the student without gradient, in eval mode, on the same device
+and under the same autocast, so it costs one more forward per step; nothing
+of it is trained or checkpointed (a resumed run loads it again).  Switching
+distillation off frees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..policy import Distillation as Settings
+from ..policy import Policy, PolicyError
+from .base import Host, Method, TrainingLoop
+
+
+class Distillation(Method):
+    section = "distillation"
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.settings = Settings()
+        self.teacher: nn.Module | None = None
+        self._teacher_of: str | None = None  # the ``teacher`` setting the loaded teacher came from
+        self._kl: list[float] = []  # this step's mean KL per forward, for the step event
+        self._task_loss: list[float] = []
+
+    @property
+    def active(self) -> bool:
+        return self.settings.enabled
+
+    def configure(self, policy: Policy, step: int) -> None:
+        new = policy.distillation
+        if not new.enabled:
+            self.teacher, self._teacher_of = None, None
+        elif self.teacher is None or new.teacher != self._teacher_of:
+            teacher = self._load(new.teacher)  # may refuse: nothing has changed yet
+            self.teacher, self._teacher_of = teacher, new.teacher
+            self.host.log(f"distillation: teacher {'the model as loaded at step 0' if new.teacher == 'initial' else new.teacher} "
+                          f"(alpha {new.alpha:g}, temperature {new.temperature:g})")
+        self.settings = new
+
+    def _load(self, source: str) -> nn.Module:
+        teacher = self.host.initial_model() if source == "initial" else self.host.load_teacher(source)
+        student = self.host.model.get_base_model() if hasattr(self.host.model, "get_base_model") else self.host.model
+        # the same vocabulary (the student's token ids mean the same words) and, for classification, the same classes
+        keys = ("vocab_size", "num_labels") if type(student).__name__.endswith("ForSequenceClassification") else ("vocab_size",)
+        for key in keys:
+            mine, theirs = getattr(student.config, key, None), getattr(getattr(teacher, "config", None), key, None)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise PolicyError(f"distillation.teacher: {source!r} has {key} {theirs}, the model being trained has {mine}; "
+                                  "the teacher needs the same vocabulary and head")
+        device = next(self.host.model.parameters()).device
+        teacher.to(device).eval().requires_grad_(False)
+        return teacher
+
+    # ------------------------------------------------------------------ the loss
+
+    def per_sample_loss(self, loop: TrainingLoop, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The engine's loss with the teacher's KL mixed in (selective backprop scores with it too)."""
+        task, s = loop.task, self.settings
+        student = task.outputs(loop.model, batch)
+        loss = task.loss_from(student, batch)
+        with torch.no_grad():
+            teacher = task.outputs(self.teacher, batch)
+        kl = task.per_sample_kl(student, teacher, batch, s.temperature)
+        self._kl.append(float(kl.detach().mean()))
+        self._task_loss.append(float(loss.detach().mean()))
+        return (1.0 - s.alpha) * loss + (s.alpha * s.temperature**2) * kl
+
+    def before_step(self, step: int) -> None:
+        self._kl, self._task_loss = [], []
+
+    def stats(self, step: int) -> dict[str, Any]:
+        if not self.active or not self._kl:
+            return {}
+        return {"distill_kl": round(sum(self._kl) / len(self._kl), 6), "task_loss": round(sum(self._task_loss) / len(self._task_loss), 6)}
