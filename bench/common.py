@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from spu_engine.model_source import offline_model_dir
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+DATA = Path(os.environ.get("SPU_SST2") or Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2")  # SPU_SST2: a copy elsewhere (a GPU machine)
 
 
 def minilm_sst2(max_length: int):

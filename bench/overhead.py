@@ -12,12 +12,13 @@ out); it is noisier than the median on a loaded machine.  Process CPU time was
 tried as a load-proof measure and is not one here: its ratio matched the
 wall-time ratio to 0.001 in most runs (pool spin-waits, shared caches).
 
-    python bench/overhead.py [--steps 20] [--batch-size 32] [--max-length 64] [--threads N]
+    python bench/overhead.py [--steps 20] [--batch-size 32] [--max-length 64] [--threads N] [--device cuda --precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -41,8 +42,8 @@ from spu_engine.policy import FreezeRule, Policy
 class PlainLoop:
     """What a researcher would write by hand: freeze by requires_grad, AdamW over what trains."""
 
-    def __init__(self, model, task, config: EngineConfig, frozen_prefix: int | None) -> None:
-        self.model, self.task, self.config = model, task, config
+    def __init__(self, model, task, config: EngineConfig, frozen_prefix: int | None, device: torch.device, amp: torch.dtype | None) -> None:
+        self.model, self.task, self.config, self.device, self.amp = model.to(device), task, config, device, amp
         if frozen_prefix is not None:
             for p in model.bert.embeddings.parameters():
                 p.requires_grad_(False)
@@ -68,7 +69,9 @@ class PlainLoop:
         for g in self.opt.param_groups:
             g["lr"] = self.config.lr * factor
         batch = self.task.collate([self.task.train[i] for i in self.stream.take(self.config.batch_size)])
-        loss = self.model(**batch).loss
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
+            loss = self.model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         self.opt.step()
@@ -79,11 +82,12 @@ class PlainLoop:
 
 def measure(name: str, policy: Policy, frozen_prefix: int | None, base_model, task, tokenizer, args) -> tuple[float, float]:
     config = EngineConfig(
-        model=str(offline_model_dir()), data=str(DATA), steps=1000, batch_size=args.batch_size, max_length=args.max_length, eval_every=0
+        model=str(offline_model_dir()), data=str(DATA), steps=1000, batch_size=args.batch_size, max_length=args.max_length, eval_every=0,
+        device=args.device, precision=args.precision,
     )
     with tempfile.TemporaryDirectory() as run_dir:
         engine = Engine(config, policy, run_dir, model=copy.deepcopy(base_model), tokenizer=tokenizer, task=task)
-        plain = PlainLoop(copy.deepcopy(base_model), task, config, frozen_prefix)
+        plain = PlainLoop(copy.deepcopy(base_model), task, config, frozen_prefix, engine.device, engine.amp_dtype)
         assert engine.trainable_count() == sum(p.numel() for p in plain.trainable)
 
         def engine_step() -> None:
@@ -97,6 +101,8 @@ def measure(name: str, policy: Policy, frozen_prefix: int | None, base_model, ta
             for label, step in order if i % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 step()
+                if engine.device.type == "cuda":
+                    torch.cuda.synchronize()  # the step's kernels, not just their launch
                 if i >= args.warmup:
                     wall[label].append(time.perf_counter() - t0)
         engine.close()
@@ -113,6 +119,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the plain loop runs there too)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on a GPU (fp16 skips the scaler in the plain loop: use bf16)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

