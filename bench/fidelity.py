@@ -17,7 +17,7 @@ rows of other versions.  ``bench/results/fidelity.md`` (the rows, then the claim
 is rewritten after every row.
 
 Time: "train s" sums the step times of the run's own events; "wall s" is the whole run (evaluations included).
-While ``bench/results/cache/PAUSE`` exists the run waits between two steps and that wait counts in neither, so
+While a file ``bench/results/cache/PAUSE*`` exists the run waits between two steps and that wait counts in neither, so
 another job can have the machine for a while (a step under way when the file appears finishes first).
 
     python bench/fidelity.py                 # every missing row, in order
@@ -54,7 +54,6 @@ RESULTS = HERE / "results"
 ROWS = RESULTS / "fidelity.jsonl"
 TABLE = RESULTS / "fidelity.md"
 CACHE = RESULTS / "cache"
-PAUSE = CACHE / "PAUSE"
 
 FROZEN_EMBEDDINGS = {"units": ["embeddings"], "trainable": False}
 SCHEDULE = {"start_step": 100, "end_step": 900, "every": 10}
@@ -124,11 +123,12 @@ def read_rows(path: Path) -> dict[str, dict]:
 
 
 def wait_while_paused() -> float:
-    if not PAUSE.exists():
+    """Wait while any ``PAUSE*`` file exists in the cache folder (one per job that wants the machine)."""
+    if not any(CACHE.glob("PAUSE*")):
         return 0.0
     t0 = time.perf_counter()
-    print(f"  paused while {PAUSE} exists", flush=True)
-    while PAUSE.exists():
+    print(f"  paused while {CACHE}/PAUSE* exists", flush=True)
+    while any(CACHE.glob("PAUSE*")):
         time.sleep(2.0)
     return time.perf_counter() - t0
 
