@@ -1,4 +1,4 @@
-"""``spu``: the headless command line (train, engine, policy, runs)."""
+"""``spu``: the headless command line (train, engine, policy, runs, export, ablate)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,22 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from .model_source import ModelLoadError
-from .policy import Policy, PolicyError
+from .policy import FreezeRule, Policy, PolicyError
 from .policy_files import json_schema, load_policy
 from .runs import CONFIG, POLICY
 from .validation import error_text
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from .ablation import Ablation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")
 policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their JSON schema.")
@@ -280,6 +286,77 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
     resumable = [i for i in found if i.state in ("crashed", "stopped")]
     if resumable:
         out.print(f"continue a crashed or stopped run from its newest checkpoint: spu train --resume {resumable[0].path}", highlight=False)
+
+
+@app.command()
+def ablate(
+    run: Path = typer.Option(..., "--run", help="run folder of a run trained with Houlsby adapters (peft.method: adapter)"),
+    blocks: Optional[str] = typer.Option(None, help="blocks whose adapters to remove, e.g. '0-5' or '0,2,4' [default: every block with adapters]"),
+    spans: bool = typer.Option(True, "--spans/--singles", help="also every span of consecutive blocks (the paper's heat map), or single blocks only"),
+    max_eval_samples: Optional[int] = typer.Option(None, help="score on the first N dev examples only (faster, noisier)"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+) -> None:
+    """Evaluate a run's newest checkpoint with the adapters of each block (and span of blocks) removed.
+
+    Houlsby et al. (2019), Fig. 6: the drop in the task's metric shows which blocks' adapters matter.
+    Nothing of the run changes: the checkpoint is read, never written."""
+    from .ablation import AblationError, ablate as run_ablation, engine_for_run
+    from .checkpoint import CheckpointError
+
+    config = read_run_config(run)
+    chosen = None
+    if blocks is not None:
+        try:
+            chosen = FreezeRule(layers=[part.strip() for part in blocks.split(",")], trainable=False).layers
+        except ValidationError as exc:
+            fail(f"--blocks {blocks!r}: {error_text(exc.errors()[0])}")
+    try:
+        engine = engine_for_run(run, config, max_eval_samples=max_eval_samples, device=device)
+        with err.status("evaluating") as status:
+            result = run_ablation(engine, chosen, spans, progress=lambda done, total: status.update(f"evaluating {done}/{total}"))
+    except (AblationError, CheckpointError, ModelLoadError, PolicyError) as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(data=result.as_dict())
+        return
+    out.print(ablation_table(result))
+    if len(result.spans) > len(result.blocks):
+        out.print(ablation_heat_map(result))
+
+
+def ablation_table(result: "Ablation") -> "Table":
+    from rich.table import Table
+
+    table = Table(title=f"{result.metric} with every adapter: {result.baseline:.4f}", title_justify="left")
+    for column in ("adapters removed", result.metric, "drop"):
+        table.add_column(column, justify="left" if column == "adapters removed" else "right")
+    for (first, last), value in sorted(result.spans.items(), key=lambda kv: (kv[0][1] - kv[0][0], kv[0])):
+        where = f"block {first}" if first == last else f"blocks {first}-{last}"
+        table.add_row(where, f"{value:.4f}", f"{result.baseline - value:+.4f}")
+    return table
+
+
+def ablation_heat_map(result: "Ablation") -> "Table":
+    """Rows: first block removed; columns: last block removed; a cell's colour grows with the drop."""
+    from rich.table import Table
+
+    worst = max((result.drop(*span) for span in result.spans), default=0.0) or 1.0
+    table = Table(title=f"drop in {result.metric}: first block removed (rows) to last (columns)", title_justify="left", show_lines=False)
+    table.add_column("first \\ last")
+    for b in result.blocks:
+        table.add_column(str(b), justify="right")
+    for first in result.blocks:
+        cells = []
+        for last in result.blocks:
+            if (first, last) not in result.spans:
+                cells.append("")
+                continue
+            drop = result.drop(first, last)
+            shade = max(0, min(255, int(255 * drop / worst))) if drop > 0 else 0
+            cells.append(f"[on rgb({shade},{max(0, 90 - shade // 3)},40)] {drop:+.3f} [/]")
+        table.add_row(str(first), *cells)
+    return table
 
 
 @app.command("export")

@@ -43,6 +43,7 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.Linear(d, m)
         self.act = nn.GELU()
         self.up = nn.Linear(m, d)
+        self.enabled = True  # off: the sublayer output passes through (adapter ablation, ``ablation.py``)
         for layer in (self.down, self.up):
             nn.init.trunc_normal_(layer.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
             nn.init.zeros_(layer.bias)
@@ -52,6 +53,8 @@ class BottleneckAdapter(nn.Module):
 
     def after(self, module, args, output):
         """Forward hook: the sublayer output passes through the adapter."""
+        if not self.enabled:
+            return output
         if isinstance(output, tuple):
             return (self(output[0]), *output[1:])
         return self(output)

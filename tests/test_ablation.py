@@ -1,0 +1,89 @@
+"""`spu ablate`: a run's adapters removed block by block (and span by span) at evaluation time, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SST2
+from typer.testing import CliRunner
+
+from spu_engine.ablation import adapters_by_block, adapters_off, engine_for_run
+from spu_engine.cli import app
+from spu_engine.engine import Engine, EngineConfig
+from spu_engine.policy_files import parse_policy
+
+
+def finished_run(model_dir, tmp_path, policy: dict):
+    config = EngineConfig(
+        model=str(model_dir), data=str(SST2), task="classification", steps=3, batch_size=4, max_length=32,
+        max_train_samples=64, max_eval_samples=24, eval_every=0, warmup=0, lr=1e-2,
+    )
+    run_dir = tmp_path / "run"
+    engine = Engine(config, parse_policy(policy), run_dir)
+    engine.run()
+    engine.close()
+    return run_dir
+
+
+@pytest.fixture
+def adapter_run(tiny_model_dir, tmp_path):
+    return finished_run(tiny_model_dir, tmp_path, {"peft": {"method": "adapter", "size": 8}})
+
+
+def test_removing_a_blocks_adapters_is_the_block_without_them(adapter_run):
+    """Off means the sublayer output passes through: the same as an adapter whose up-projection is zero."""
+    engine = engine_for_run(adapter_run, json.loads((adapter_run / "config.json").read_text()))
+    model = engine.model.eval()
+    assert sorted(adapters_by_block(model)) == [0, 1, 2, 3] and all(len(a) == 2 for a in adapters_by_block(model).values())
+    batch = {"input_ids": torch.randint(5, 1000, (2, 12))}
+    with torch.no_grad():
+        trained = model(**batch).logits
+        with adapters_off(model, [1, 2]):
+            ablated = model(**batch).logits
+        assert torch.equal(model(**batch).logits, trained)  # back on afterwards
+        for i in (1, 2):
+            for adapter in adapters_by_block(model)[i]:
+                adapter.up.weight.zero_()
+                adapter.up.bias.zero_()
+        assert torch.allclose(model(**batch).logits, ablated, atol=1e-6)
+    assert not torch.allclose(ablated, trained, atol=1e-4)
+
+
+def test_spu_ablate_prints_every_block_and_span_and_writes_nothing(adapter_run):
+    before = {p: p.stat().st_mtime_ns for p in adapter_run.rglob("*")}
+    result = CliRunner().invoke(app, ["ablate", "--run", str(adapter_run), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    spans = {(s["first"], s["last"]) for s in report["spans"]}
+    assert spans == {(f, last) for f in range(4) for last in range(f, 4)}  # 10 spans of 4 blocks
+    assert report["metric"] == "accuracy" and 0.0 <= report["baseline"] <= 1.0
+    assert all(s["drop"] == pytest.approx(report["baseline"] - s["value"]) for s in report["spans"])
+    assert {p: p.stat().st_mtime_ns for p in adapter_run.rglob("*")} == before
+
+    table = CliRunner().invoke(app, ["ablate", "--run", str(adapter_run), "--blocks", "1-2"])
+    assert table.exit_code == 0, table.output
+    assert "blocks 1-2" in table.output and "block 3" not in table.output and "first block removed" in table.output
+    singles = CliRunner().invoke(app, ["ablate", "--run", str(adapter_run), "--singles", "--json"])
+    assert len(json.loads(singles.output)["spans"]) == 4
+
+
+@pytest.mark.parametrize("blocks, message", [("7", "block(s) 7 have no adapters; blocks with adapters: 0-3"), ("2-x", "'2-x' is not a block index")])
+def test_bad_blocks_are_named(adapter_run, blocks, message):
+    result = CliRunner().invoke(app, ["ablate", "--run", str(adapter_run), "--blocks", blocks])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_run_without_adapters_or_checkpoint_is_told_so(tiny_model_dir, tmp_path):
+    plain = finished_run(tiny_model_dir, tmp_path, {})
+    result = CliRunner().invoke(app, ["ablate", "--run", str(plain)])
+    assert result.exit_code == 2 and "no Houlsby adapters" in result.output
+    for checkpoint in (plain / "checkpoints").iterdir():
+        for f in checkpoint.iterdir():
+            f.unlink()
+        checkpoint.rmdir()
+    result = CliRunner().invoke(app, ["ablate", "--run", str(plain)])
+    assert result.exit_code == 2 and "no complete checkpoint" in result.output
+    result = CliRunner().invoke(app, ["ablate", "--run", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "not a run folder" in result.output
