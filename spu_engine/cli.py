@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -18,11 +18,6 @@ from .policy import FreezeRule, Policy, PolicyError
 from .policy_files import json_schema, load_policy
 from .runs import CONFIG, POLICY
 from .validation import error_text
-
-if TYPE_CHECKING:
-    from rich.table import Table
-
-    from .ablation import Ablation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")
 policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their JSON schema.")
@@ -302,6 +297,7 @@ def ablate(
     Houlsby et al. (2019), Fig. 6: the drop in the task's metric shows which blocks' adapters matter.
     Nothing of the run changes: the checkpoint is read, never written."""
     from .ablation import AblationError, ablate as run_ablation, engine_for_run
+    from .ablation_view import ablation_views
     from .checkpoint import CheckpointError
 
     config = read_run_config(run)
@@ -317,46 +313,12 @@ def ablate(
             result = run_ablation(engine, chosen, spans, progress=lambda done, total: status.update(f"evaluating {done}/{total}"))
     except (AblationError, CheckpointError, ModelLoadError, PolicyError) as exc:
         fail(str(exc))
+    report = result.as_dict()
     if as_json:
-        out.print_json(data=result.as_dict())
+        out.print_json(data=report)
         return
-    out.print(ablation_table(result))
-    if len(result.spans) > len(result.blocks):
-        out.print(ablation_heat_map(result))
-
-
-def ablation_table(result: "Ablation") -> "Table":
-    from rich.table import Table
-
-    table = Table(title=f"{result.metric} with every adapter: {result.baseline:.4f}", title_justify="left")
-    for column in ("adapters removed", result.metric, "drop"):
-        table.add_column(column, justify="left" if column == "adapters removed" else "right")
-    for (first, last), value in sorted(result.spans.items(), key=lambda kv: (kv[0][1] - kv[0][0], kv[0])):
-        where = f"block {first}" if first == last else f"blocks {first}-{last}"
-        table.add_row(where, f"{value:.4f}", f"{result.baseline - value:+.4f}")
-    return table
-
-
-def ablation_heat_map(result: "Ablation") -> "Table":
-    """Rows: first block removed; columns: last block removed; a cell's colour grows with the drop."""
-    from rich.table import Table
-
-    worst = max((result.drop(*span) for span in result.spans), default=0.0) or 1.0
-    table = Table(title=f"drop in {result.metric}: first block removed (rows) to last (columns)", title_justify="left", show_lines=False)
-    table.add_column("first \\ last")
-    for b in result.blocks:
-        table.add_column(str(b), justify="right")
-    for first in result.blocks:
-        cells = []
-        for last in result.blocks:
-            if (first, last) not in result.spans:
-                cells.append("")
-                continue
-            drop = result.drop(first, last)
-            shade = max(0, min(255, int(255 * drop / worst))) if drop > 0 else 0
-            cells.append(f"[on rgb({shade},{max(0, 90 - shade // 3)},40)] {drop:+.3f} [/]")
-        table.add_row(str(first), *cells)
-    return table
+    for view in ablation_views(report):
+        out.print(view)
 
 
 @app.command("export")

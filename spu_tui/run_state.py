@@ -78,6 +78,7 @@ class RunState:
     unit_stats: dict[str, UnitStats] = field(default_factory=dict)
     tensor_sparsity: dict[str, float] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
+    checkpoint_step: int | None = None  # the newest checkpoint the engine wrote while this console watched
     loss_steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     loss_smooth: list[float] = field(default_factory=list)
@@ -243,6 +244,7 @@ class RunState:
         return set()
 
     def _on_checkpoint(self, ev: CheckpointEvent) -> set[Aspect]:
+        self.checkpoint_step = ev.step
         self.say(ev.step, "checkpoint", ev.path)
         return set()
 

@@ -87,3 +87,36 @@ def test_a_run_without_adapters_or_checkpoint_is_told_so(tiny_model_dir, tmp_pat
     assert result.exit_code == 2 and "no complete checkpoint" in result.output
     result = CliRunner().invoke(app, ["ablate", "--run", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "not a run folder" in result.output
+
+
+async def test_the_console_shows_the_ablation_of_a_finished_run(adapter_run):
+    """`a` on a finished adapter run: the ablation runs in its own process and its heat map opens over the run."""
+    from spu_engine.runs import read_history
+    from spu_tui.app import SpuApp
+    from spu_tui.screens.ablation import AblationScreen
+
+    app = SpuApp(adapter_run, history=read_history(adapter_run), connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("a")
+        for _ in range(600):
+            await pilot.pause(0.1)
+            if isinstance(app.screen, AblationScreen):
+                break
+        assert isinstance(app.screen, AblationScreen)
+        assert len(app.screen.report["spans"]) == 10
+        drawn = app.export_screenshot()
+        assert "removed" in drawn and "drop" in drawn  # the table and the heat map, drawn
+        await pilot.press("escape")
+        assert not isinstance(app.screen, AblationScreen)
+
+
+async def test_the_console_says_why_not_without_adapters(tiny_model_dir, tmp_path):
+    from spu_engine.runs import read_history
+    from spu_tui.app import SpuApp
+
+    plain = finished_run(tiny_model_dir, tmp_path, {})
+    app = SpuApp(plain, history=read_history(plain), connect=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("a")
+        await pilot.pause(0.2)
+        assert any("this run has none (peft.method: none)" in line.text for line in app.state.log)

@@ -25,6 +25,7 @@ BINDINGS_HELP = [
         ("e", "export the replayable policy YAML (asks for a path)"),
         ("s", "save a checkpoint now"),
         ("r", "evaluate now"),
+        ("a", "adapter ablation (paused or finished run with Houlsby adapters): the metric without each block's adapters and each span of blocks, as a table and heat map; the run is unchanged"),
         ("z", "undo the last change made from a console (recorded as a change of its own, so a replay stays exact; refused, with the reason, when it cannot be undone, e.g. LoRA that has trained)"),
         ("q", "quit: detach (training goes on), stop after a checkpoint, or stop now"),
     ]),

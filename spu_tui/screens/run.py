@@ -13,7 +13,9 @@ next frame.
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, cast
@@ -43,6 +45,7 @@ from ..widgets.panel_bar import PanelBar
 from ..widgets.run_charts import LossChart, SparsityChart
 from ..widgets.run_header import RunHeader
 from ..widgets.unit_tree import Row, UnitTree
+from .ablation import AblationScreen
 from .export import ExportScreen
 from .help import HelpScreen
 from .quit import QuitScreen
@@ -65,6 +68,7 @@ class Console(Protocol):
 PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log")]
 GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log"]  # placement in the large-terminal grid (see app.tcss)
 WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
+ABLATE_CHECKPOINT_WAIT = 120.0  # seconds for a paused run's checkpoint before the ablation gives up
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
 STOPPED = "stopped"  # the app's result when the engine acknowledged a stop from this console
@@ -93,6 +97,7 @@ class RunScreen(Screen[None]):
         Binding("s", "checkpoint", "checkpoint"),
         Binding("r", "evaluate", "evaluate"),
         Binding("z", "undo", "undo"),
+        Binding("a", "ablate", "ablate", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit_dialog", "quit"),
         Binding("escape", "focus_tree", "tree", show=False),
@@ -360,6 +365,38 @@ class RunScreen(Screen[None]):
     def action_evaluate(self) -> None:
         if self._send("evaluate"):
             self._say("evaluation requested (runs at the next step boundary)")
+
+    def action_ablate(self) -> None:
+        """Houlsby et al.'s Fig. 6 on this run: its checkpoint evaluated without each block's adapters, in a process of
+        its own (`spu ablate`), so neither the console nor the run waits; a paused run is checkpointed first."""
+        method = self.state.policy.get("peft", {}).get("method", "none")
+        if method != "adapter":
+            self._say(f"ablate: removes Houlsby adapters, and this run has none (peft.method: {method})", error=True)
+            return
+        link = self.console.link
+        live = link is not None and link.connected and self.state.state not in ("finished", "stopped", "error")
+        if live and self.state.state != "paused":
+            self._say("ablate: pause the run first (p): the ablation evaluates the model as it stands, from a checkpoint", error=True)
+            return
+        if live and self.state.checkpoint_step != self.state.step and self._send("checkpoint") is None:
+            return
+        self._say("ablate: evaluating without each block's adapters, then each span of blocks (the run is unchanged)")
+        self._ablate(Path(self.state.run_dir or self.console.run_dir), self.state.step if live else None)
+
+    @work(thread=True, exclusive=True, group="ablate")
+    def _ablate(self, run_dir: Path, step: int | None) -> None:
+        deadline = time.monotonic() + ABLATE_CHECKPOINT_WAIT
+        while step is not None and self.state.checkpoint_step != step:  # the paused run's checkpoint, written at its boundary
+            if time.monotonic() > deadline:
+                self.app.call_from_thread(self._say, f"ablate: no checkpoint of step {step} after {ABLATE_CHECKPOINT_WAIT:.0f} s", True)
+                return
+            time.sleep(0.2)
+        proc = subprocess.run([sys.executable, "-m", "spu_engine.cli", "ablate", "--run", str(run_dir), "--json"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+            self.app.call_from_thread(self._say, f"ablate: {reason}", True)
+            return
+        self.app.call_from_thread(self.app.push_screen, AblationScreen(json.loads(proc.stdout), step))
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen())
