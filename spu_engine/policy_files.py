@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .policy import Policy, PolicyError, format_validation_error
+from .policy import Policy, PolicyError, TimelineEntry, format_validation_error, timeline_order
 
 # bounds checked before a policy file is turned into objects: a real policy is a few KB, about 6 levels deep
 MAX_POLICY_BYTES = 1 << 20
@@ -39,14 +39,12 @@ def parse_policy(data: Any, source: str = "policy") -> Policy:
 
 
 def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
-    """Merge every timeline entry in step order, as the run will: a ``set`` that does not make a valid policy
-    fails now, naming ``timeline[i].set.<section>.<key>`` (i as in the file), not silently at its step."""
+    """Merge every timeline entry in step order, then the triggers, as the run may: a ``set`` that does not make a
+    valid policy fails now, naming ``timeline[i].set.<section>.<key>`` (i as in the file), not silently at its step."""
     order = list(range(len(policy.timeline)))
-    if isinstance(raw, list) and len(raw) == len(order):  # the timeline is kept sorted by step; name entries as the file does
-        try:
-            order = sorted(order, key=lambda i: int(raw[i]["step"] if isinstance(raw[i], dict) else raw[i].step))
-        except (TypeError, ValueError, KeyError, AttributeError):
-            pass
+    if isinstance(raw, list) and len(raw) == len(order):  # the timeline is kept sorted (timeline_order); name entries as the file does
+        parsed = [TimelineEntry.model_validate(e) for e in raw]
+        order = sorted(order, key=lambda i: timeline_order(parsed[i]))
     state = policy.state()
     for position, entry in enumerate(policy.timeline):
         try:
