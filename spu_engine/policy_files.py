@@ -130,6 +130,25 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
 
 def policy_from_yaml(text: str, source: str = "policy") -> Policy:
     """Parse a policy file's text: size, nesting and alias expansion are bounded before any object is built."""
+    return parse_policy(_bounded_yaml(text, source), source)
+
+
+def entry_from_text(text: str, source: str = "trigger") -> TimelineEntry:
+    """One timeline entry typed as a YAML mapping, braces optional (the console's trigger field):
+    ``at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]``.  One line naming the key when it is wrong."""
+    text = text.strip()
+    data = _bounded_yaml(text if text.startswith("{") else "{" + text + "}", source)
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a mapping such as at: {{epoch: 2}}, freeze: [...]")
+    try:
+        return TimelineEntry.model_validate(data)
+    except ValidationError as err:
+        first = format_validation_error(err, source).splitlines()[1].strip()  # the first problem, its key first
+        raise PolicyError(first.removeprefix("(top level): ")) from None
+
+
+def _bounded_yaml(text: str, source: str) -> Any:
+    """YAML text as data, its size, nesting and alias expansion bounded before any object is built."""
     _check_size(len(text.encode("utf-8", errors="replace")), source)
     loader = _BoundedLoader(text, source)
     try:
@@ -144,7 +163,7 @@ def policy_from_yaml(text: str, source: str = "policy") -> Policy:
         raise PolicyError(f"{source}: malformed YAML{where}: {problem}") from None
     finally:
         loader.dispose()
-    return parse_policy(data, source)
+    return data
 
 
 def json_schema() -> dict[str, Any]:
