@@ -430,6 +430,8 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
     def _evaluated(self, metrics: dict[str, float] | None) -> None:
         """An evaluation the run schedules (every ``eval_every`` steps, and the last): the when-triggers decide on it.
         A replay repeats these; `r`'s evaluations do not count, so they cannot make a replay diverge."""
+        if self.dist is not None:  # every rank decides on rank 0's numbers, so all fire at the same step
+            metrics = self.dist.broadcast(metrics)
         if not metrics:
             return
         try:
