@@ -372,7 +372,8 @@ def policy_validate(
             check_policy_against_model(pol, m, find_units(m))
         except (PolicyError, ModelLoadError) as exc:
             fail(str(exc))
-    out.print(f"[green]ok[/] {file}: {len(pol.freeze)} freeze rules, {len(pol.timeline)} timeline entries")
+    triggers = sum(e.is_trigger for e in pol.timeline)
+    out.print(f"[green]ok[/] {file}: {len(pol.freeze)} freeze rules, {len(pol.timeline)} timeline entries" + (f" ({triggers} triggers)" if triggers else ""))
 
 
 @policy_app.command("schema")

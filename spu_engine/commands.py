@@ -13,7 +13,7 @@ import queue
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .policy import Change, Policy, PolicyError
+from .policy import Change, Policy, PolicyError, TimelineEntry
 from .protocol import (
     ChangeCmd,
     CheckpointCmd,
@@ -22,9 +22,11 @@ from .protocol import (
     HelloCmd,
     PauseCmd,
     ResumeCmd,
+    ScheduleCmd,
     SetPolicyCmd,
     StopCmd,
     UndoCmd,
+    UnscheduleCmd,
 )
 from .lifecycle import CommandRefused
 from .writes import WriteError, atomic_write_text, write_new_text
@@ -40,6 +42,8 @@ class CommandHost(Protocol):
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]: ...
     def apply_change(self, change: Change, source: str) -> None: ...
     def undo(self) -> str: ...
+    def add_scheduled(self, entry: TimelineEntry) -> str: ...
+    def remove_scheduled(self, entry: TimelineEntry) -> str: ...
     def pause(self, message: str = "") -> None: ...
     def resume(self) -> None: ...
     def request_stop_now(self) -> None: ...
@@ -59,6 +63,8 @@ class Commands:
         self.table: dict[type, Callable[[Any], str | None]] = {
             ChangeCmd: lambda cmd: engine.apply_change(cmd.change, source="client"),
             UndoCmd: lambda cmd: engine.undo(),
+            ScheduleCmd: lambda cmd: engine.add_scheduled(cmd.entry),
+            UnscheduleCmd: lambda cmd: engine.remove_scheduled(cmd.entry),
             SetPolicyCmd: self.set_policy,
             PauseCmd: lambda cmd: engine.pause(),
             ResumeCmd: lambda cmd: engine.resume(),

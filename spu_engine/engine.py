@@ -5,7 +5,8 @@ only at a step boundary (``lifecycle.RunControl.boundary``, between two
 optimizer steps), so a change is in force from the next optimizer step on, and
 every rank of a multi-process run takes the same commands at the same step.
 Every applied change is appended to the policy timeline with its step, which
-makes the run replayable from its policy file.
+makes the run replayable from its policy file; so is every trigger's change
+when it fires (at an epoch, or at an evaluation that meets its condition).
 
 The engine is assembled from one concept a file: ``training`` (the step and
 evaluation arithmetic, and what a failed batch does), ``lifecycle`` (pause,
@@ -41,7 +42,7 @@ from .policy import Change, Policy, PolicyError, TimelineEntry, undo_change
 from .protocol import encode, event
 from .runs import CHECKPOINTS, CONFIG, EVENTS, POLICY, write_config, write_policy
 from .tasks import Task, TaskOptions, get_task
-from .runtime import PolicyRuntime
+from .runtime import PolicyRuntime, TimelineRefused
 from .selection import check_policy_against_model
 from .training import StepLoop, build_optimizer, pick_device
 from .unit_stats import describe_units, trainable_by_unit
@@ -87,6 +88,8 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.task = task or self._setup_task()
         self._setup_model(model)
         self.stream = BatchStream(len(self.task.train), seed=config.seed)
+        # an epoch in optimizer steps, as the HF Trainer counts it (selective backprop draws more samples a step)
+        self.steps_per_epoch = max(1, len(self.task.train) // (config.batch_size * (dist.world_size if dist else 1)))
         self.methods = [m(self) for m in METHODS]
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -155,9 +158,23 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.current = policy.state()
         self.recorded: list[TimelineEntry] = []
         self.undoable: list[Policy] = []  # the sections before each client change, newest last (``undo``)
-        self.pending: list[TimelineEntry] = list(policy.timeline)
+        self.split_timeline(policy)
+        for trigger in self.triggers:
+            self._check_trigger(trigger)
+        if not self.config.eval_every and any(t.when is not None for t in self.triggers):
+            self.log("when-triggers are checked at the evaluations every eval_every steps; with eval_every 0 only the last one, "
+                     "after the last step, where a change acts on nothing", "warning")
         self._configure_methods(self.current)
         self._apply_trainable()
+
+    def _check_trigger(self, trigger: TimelineEntry) -> None:
+        """A when-trigger must watch a number this task's evaluation gives."""
+        fields = type(self.task).eval_fields
+        if trigger.when is not None and trigger.when.metric not in fields:
+            raise PolicyError(
+                f"timeline: the trigger {trigger.moment()}: {trigger.when.metric!r} is not a field of the {self.task.name} task's "
+                f"evaluation (it gives {', '.join(fields)})"
+            )
 
     # ------------------------------------------------------------------ events
 
@@ -189,6 +206,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
             units=describe_units(self.units, self.params),
             policy=self.replayable_policy().model_dump(mode="json", exclude_none=True),
             current=self.current.model_dump(mode="json", exclude_none=True),
+            scheduled=self.scheduled(),
             state=self.state.value,
             step=self.step,
             total_steps=self.config.steps,
@@ -209,8 +227,57 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
     # ------------------------------------------------------------------ policy
 
     def replayable_policy(self) -> Policy:
-        """Run settings + state at step 0 + every change applied so far + changes still scheduled."""
-        return self.initial_policy.model_copy(update={"run": self.config.run_settings(), "timeline": [*self.recorded, *self.pending]})
+        """Run settings + state at step 0 + every change applied so far + changes still scheduled + the triggers, each
+        with the steps it fired at (its firings are among the changes applied, so a replay does not decide them again)."""
+        timeline = [*self.recorded, *self.pending, *self.triggers]
+        return self.initial_policy.model_copy(update={"run": self.config.run_settings(), "timeline": timeline})
+
+    def scheduled(self) -> list[dict[str, Any]]:
+        """What is still to come, as the console lists it: the pending step entries and every trigger (fired ones too)."""
+        return [e.model_dump(mode="json", exclude_none=True, exclude_defaults=True) for e in [*self.pending, *self.triggers]]
+
+    def schedule_changed(self) -> None:
+        self._save_policy()
+        self.emit("scheduled", step=self.step, scheduled=self.scheduled())
+
+    def add_scheduled(self, entry: TimelineEntry) -> str:
+        """A timeline entry or trigger from a console.  A when-trigger is checked from the next evaluation on (its
+        ``after_step`` is now), so a replay of the export checks it from the same point."""
+        if entry.step is not None and entry.step < self.step:
+            raise PolicyError(f"add: step {entry.step} has passed (the run is at step {self.step}); make the change now instead")
+        if entry.at is not None and self.epoch_start(entry.at.epoch or 0) < self.step:
+            raise PolicyError(
+                f"add: epoch {entry.at.epoch} began at step {self.epoch_start(entry.at.epoch or 0)} (the run is at step {self.step}, "
+                f"{self.steps_per_epoch} steps an epoch); make the change now instead"
+            )
+        if entry.when is not None:
+            entry = entry.model_copy(update={"after_step": max(entry.after_step, self.step), "fired": []})
+            self._check_trigger(entry)
+        self.current.apply(entry)  # PolicyError naming the key, for a change that makes no valid policy
+        check_policy_against_model(self.current.model_copy(update={"timeline": [entry]}), self.model, self.units, self.names_under)
+        if entry.is_trigger:
+            self.triggers.append(entry)
+        else:
+            self.pending = sorted([*self.pending, entry], key=lambda e: e.step or 0)
+        try:
+            self.apply_due(self.step)  # an entry due now applies at this boundary, as it would in a replay
+        except TimelineRefused:
+            (self.triggers if entry.is_trigger else self.pending).remove(entry)
+            raise
+        finally:
+            self.schedule_changed()
+        return f"scheduled: {entry.moment()}"
+
+    def remove_scheduled(self, entry: TimelineEntry) -> str:
+        """Take a pending entry or a trigger out (matched by what it does and when; its firings so far stay recorded)."""
+        key = entry.model_dump(exclude={"fired", "after_step"})
+        for kept in (self.pending, self.triggers):
+            for e in kept:
+                if e.model_dump(exclude={"fired", "after_step"}) == key:
+                    kept.remove(e)
+                    self.schedule_changed()
+                    return f"removed: {e.moment()}"
+        raise PolicyError(f"remove: no scheduled {entry.moment()} with that change (it may have applied or been removed already)")
 
     def _configure_methods(self, policy: Policy) -> None:
         for m in self.configure_order(policy):
@@ -271,6 +338,8 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         state = {
             "policy": self.initial_policy.model_copy(update={"timeline": self.recorded}).model_dump(mode="json", exclude_none=True),
             "pending": [e.model_dump(mode="json", exclude_none=True) for e in self.pending],
+            "triggers": [e.model_dump(mode="json", exclude_none=True) for e in self.triggers],
+            "metric_range": self.metric_range,
             "stream": self.stream.state_dict(),
             "samples_seen": self.samples_seen,
             "config": self.config.model_dump(),
@@ -297,6 +366,8 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.initial_policy = policy.state()
         self.recorded = list(policy.timeline)
         self.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
+        self.triggers = [TimelineEntry.model_validate(e) for e in state.get("triggers", [])]  # with the steps they fired at
+        self.metric_range = state.get("metric_range", {})
         self.step = state["step"]
         self.current = policy.at_step(self.step)
         self._configure_methods(self.current)  # before the weights: a method may add tensors (adapters, LoRA)
@@ -335,12 +406,12 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
                 if self.step == taken:
                     continue  # batch skipped (non-finite) or out of memory: nothing new to evaluate or save
                 if self.config.eval_every and self.step % self.config.eval_every == 0:
-                    self.survive_oom(self.evaluate, "evaluation")
+                    self._evaluated(self.survive_oom(self.evaluate, "evaluation"))
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_or_pause()
             if self.stop is None:
                 if not self.config.eval_every or self.step % self.config.eval_every:
-                    self.survive_oom(self.evaluate, "evaluation")
+                    self._evaluated(self.survive_oom(self.evaluate, "evaluation"))
                     self._saved_step = None  # evaluation hooks may have changed method state
                 if self._saved_step != self.step:
                     self.save_or_pause()
@@ -355,6 +426,18 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         finally:
             if self.event_log is not None and self.event_log.unwritten:
                 self.unwritten.write(EVENTS, self.event_log.flush)
+
+    def _evaluated(self, metrics: dict[str, float] | None) -> None:
+        """An evaluation the run schedules (every ``eval_every`` steps, and the last): the when-triggers decide on it.
+        A replay repeats these; `r`'s evaluations do not count, so they cannot make a replay diverge."""
+        if self.dist is not None:  # every rank decides on rank 0's numbers, so all fire at the same step
+            metrics = self.dist.broadcast(metrics)
+        if not metrics:
+            return
+        try:
+            self.on_evaluation(self.step, metrics)
+        except TimelineRefused as exc:
+            self._timeline_failed(exc.entry, exc)
 
     def close(self) -> None:
         if self.event_log is not None:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .methods import METHODS
-from .policy import Change, Policy, PolicyError, TimelineEntry
+from .policy import Change, Policy, PolicyError
 from .runtime import PolicyRuntime
 from .selection import check_policy_against_model
 
@@ -77,8 +77,10 @@ class PolicyController(PolicyRuntime):
         *,
         steps: int | None = None,
         seed: int = 0,
+        steps_per_epoch: int | None = None,
     ) -> None:
         self.model = model
+        self.steps_per_epoch = steps_per_epoch
         self.optimizer = _unwrap(optimizer)
         self.scheduler = _unwrap(scheduler, torch.optim.lr_scheduler.LRScheduler, "scheduler")
         self._group_lambdas = {id(g): f for g, f in zip(self.optimizer.param_groups, getattr(self.scheduler, "lr_lambdas", []))} if self.scheduler else {}
@@ -94,7 +96,7 @@ class PolicyController(PolicyRuntime):
         self.methods = [m(self) for m in METHODS]
         check_policy_against_model(policy, model, self.units, self.names_under)
         self.current = policy.state()
-        self.pending: list[TimelineEntry] = list(policy.timeline)
+        self.split_timeline(policy)
         self._configure_methods(self.current)
         self._apply_trainable()
         self._hooks = []
@@ -143,8 +145,9 @@ class PolicyController(PolicyRuntime):
         return loss_fn({k: v[rows.to(v.device)] for k, v in batch.items()}).mean(), scores.mean()
 
     def on_eval(self, metrics: dict[str, float]) -> None:
-        """Report an evaluation (weight-update skipping switches phase on eval loss)."""
+        """Report an evaluation (weight-update skipping switches phase on eval loss; when-triggers fire on it)."""
         self._each("on_eval", self.step_count, metrics)
+        self.on_evaluation(self.step_count, metrics)
 
     def detach(self) -> None:
         """Remove the optimizer hooks (the model keeps its current trainable state)."""
@@ -237,14 +240,16 @@ def attach(
     *,
     steps: int | None = None,
     seed: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> PolicyController:
-    """Apply ``policy`` in your own loop: call ``ctl.step(step)`` at each step's start.
+    """Apply ``policy`` in your own loop: call ``ctl.step(step)`` at each step's start, ``ctl.on_eval(metrics)`` after
+    an evaluation.
 
     Pass the optimizer (over all parameters: the policy decides which train) when the policy adds tensors, the LR
     scheduler so those follow it, ``steps`` (the run's length) when pruning should know whether it can finish
-    (movement's warm-up and final hold are fractions of it).
+    (movement's warm-up and final hold are fractions of it), ``steps_per_epoch`` for ``at: {epoch: N}`` triggers.
     """
-    return PolicyController(model, policy, optimizer, scheduler, steps=steps, seed=seed)
+    return PolicyController(model, policy, optimizer, scheduler, steps=steps, seed=seed, steps_per_epoch=steps_per_epoch)
 
 
 def _unwrap(obj, kind=torch.optim.Optimizer, attribute: str = "optimizer"):
@@ -289,7 +294,12 @@ class SPUCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         scheduler = kwargs.get("lr_scheduler")
-        self.controller = PolicyController(model, self.policy, optimizer, scheduler, steps=state.max_steps or None, seed=self.seed)
+        loader = kwargs.get("train_dataloader")
+        # the Trainer's own count: optimizer steps per pass over the loader
+        per_epoch = max(1, len(loader) // args.gradient_accumulation_steps) if loader is not None and hasattr(loader, "__len__") else None
+        self.controller = PolicyController(
+            model, self.policy, optimizer, scheduler, steps=state.max_steps or None, seed=self.seed, steps_per_epoch=per_epoch
+        )
         if self.policy.selective_backprop.mode != "off" or any("selective_backprop" in e.set for e in self.policy.timeline):
             log.warning("SPUCallback: Trainer backpropagates its own mean loss; for selective backprop return "
                         "callback.controller.selective_loss(...) from compute_loss (see examples/hf_trainer.py)")

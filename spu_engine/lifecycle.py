@@ -125,7 +125,8 @@ class RunControl:
     def _timeline_failed(self, entry: TimelineEntry, exc: PolicyError) -> None:
         """A timeline entry the engine cannot apply at its step: a replay that skipped it would silently diverge,
         so the run stops (exit 1) after a checkpoint that keeps the entry pending."""
-        message = f"timeline entry at step {entry.step} cannot be applied: {exc}; stopping rather than diverge from the policy"
+        what = f"timeline entry at {entry.moment()}" if entry.step is not None else f"trigger {entry.moment()}"
+        message = f"{what} cannot be applied: {exc}; stopping rather than diverge from the policy"
         self.emit("error", step=self.step, message=message, kind="timeline")
         self.stop = Stop(message, fault=True, owes_checkpoint=True)
         self.save_or_pause()

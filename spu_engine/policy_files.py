@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .policy import Policy, PolicyError, format_validation_error
+from .policy import Policy, PolicyError, TimelineEntry, format_validation_error, timeline_order
 
 # bounds checked before a policy file is turned into objects: a real policy is a few KB, about 6 levels deep
 MAX_POLICY_BYTES = 1 << 20
@@ -39,14 +39,12 @@ def parse_policy(data: Any, source: str = "policy") -> Policy:
 
 
 def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
-    """Merge every timeline entry in step order, as the run will: a ``set`` that does not make a valid policy
-    fails now, naming ``timeline[i].set.<section>.<key>`` (i as in the file), not silently at its step."""
+    """Merge every timeline entry in step order, then the triggers, as the run may: a ``set`` that does not make a
+    valid policy fails now, naming ``timeline[i].set.<section>.<key>`` (i as in the file), not silently at its step."""
     order = list(range(len(policy.timeline)))
-    if isinstance(raw, list) and len(raw) == len(order):  # the timeline is kept sorted by step; name entries as the file does
-        try:
-            order = sorted(order, key=lambda i: int(raw[i]["step"] if isinstance(raw[i], dict) else raw[i].step))
-        except (TypeError, ValueError, KeyError, AttributeError):
-            pass
+    if isinstance(raw, list) and len(raw) == len(order):  # the timeline is kept sorted (timeline_order); name entries as the file does
+        parsed = [TimelineEntry.model_validate(e) for e in raw]
+        order = sorted(order, key=lambda i: timeline_order(parsed[i]))
     state = policy.state()
     for position, entry in enumerate(policy.timeline):
         try:
@@ -132,6 +130,25 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
 
 def policy_from_yaml(text: str, source: str = "policy") -> Policy:
     """Parse a policy file's text: size, nesting and alias expansion are bounded before any object is built."""
+    return parse_policy(_bounded_yaml(text, source), source)
+
+
+def entry_from_text(text: str, source: str = "trigger") -> TimelineEntry:
+    """One timeline entry typed as a YAML mapping, braces optional (the console's trigger field):
+    ``at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]``.  One line naming the key when it is wrong."""
+    text = text.strip()
+    data = _bounded_yaml(text if text.startswith("{") else "{" + text + "}", source)
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a mapping such as at: {{epoch: 2}}, freeze: [...]")
+    try:
+        return TimelineEntry.model_validate(data)
+    except ValidationError as err:
+        first = format_validation_error(err, source).splitlines()[1].strip()  # the first problem, its key first
+        raise PolicyError(first.removeprefix("(top level): ")) from None
+
+
+def _bounded_yaml(text: str, source: str) -> Any:
+    """YAML text as data, its size, nesting and alias expansion bounded before any object is built."""
     _check_size(len(text.encode("utf-8", errors="replace")), source)
     loader = _BoundedLoader(text, source)
     try:
@@ -146,7 +163,7 @@ def policy_from_yaml(text: str, source: str = "policy") -> Policy:
         raise PolicyError(f"{source}: malformed YAML{where}: {problem}") from None
     finally:
         loader.dispose()
-    return parse_policy(data, source)
+    return data
 
 
 def json_schema() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .policy import Change, Policy
+from .policy import Change, Policy, TimelineEntry
 from .validation import error_text
 
 MAX_LINE_BYTES = 1 << 20  # a command larger than this is refused unread
@@ -53,6 +53,20 @@ class UndoCmd(_Cmd):
     """Undo the last change a client made, as a new change that restores the sections before it (so replay stays exact)."""
 
     cmd: Literal["undo"]
+
+
+class ScheduleCmd(_Cmd):
+    """Add a timeline entry or a trigger (at a step or epoch still to come, or when a metric meets a condition)."""
+
+    cmd: Literal["schedule"]
+    entry: TimelineEntry
+
+
+class UnscheduleCmd(_Cmd):
+    """Remove a pending timeline entry or a trigger, given as the ``scheduled`` event lists it."""
+
+    cmd: Literal["unschedule"]
+    entry: TimelineEntry
 
 
 class PauseCmd(_Cmd):
@@ -92,11 +106,11 @@ class HelloCmd(_Cmd):
 
 
 Command = Annotated[
-    Union[ChangeCmd, SetPolicyCmd, PreviewCmd, UndoCmd, PauseCmd, ResumeCmd, StopCmd, CheckpointCmd, EvaluateCmd, ExportCmd, HelloCmd],
+    Union[ChangeCmd, SetPolicyCmd, PreviewCmd, UndoCmd, ScheduleCmd, UnscheduleCmd, PauseCmd, ResumeCmd, StopCmd, CheckpointCmd, EvaluateCmd, ExportCmd, HelloCmd],
     Field(discriminator="cmd"),
 ]
 _COMMAND = TypeAdapter(Command)
-COMMAND_NAMES = ("change", "set_policy", "preview", "undo", "pause", "resume", "stop", "checkpoint", "evaluate", "export", "hello")
+COMMAND_NAMES = ("change", "set_policy", "preview", "undo", "schedule", "unschedule", "pause", "resume", "stop", "checkpoint", "evaluate", "export", "hello")
 
 
 class ProtocolError(ValueError):
@@ -181,6 +195,7 @@ class HelloEvent(Event):
     units: list[UnitInfo] = Field(default_factory=list)
     policy: dict[str, Any] | None = None  # replayable: state at step 0 and timeline
     current: dict[str, Any] | None = None  # the sections in force now
+    scheduled: list[dict[str, Any]] | None = None  # pending timeline entries and triggers (see ScheduledEvent)
     state: str = "loading"
     total_steps: int | None = None
     trainable: int | None = None
@@ -254,6 +269,13 @@ class PolicyEvent(Event):
     units: list[UnitInfo] | None = None
 
 
+class ScheduledEvent(Event):
+    """What is still to come changed: the pending step entries and every trigger, each trigger with ``fired``, the
+    steps it fired at (an entry as the policy's timeline writes it)."""
+
+    scheduled: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class ReceivedEvent(Event):
     """Sent by the socket thread as soon as a valid command arrives (it applies later, at a step boundary)."""
 
@@ -322,6 +344,7 @@ EVENTS: dict[str, type[Event]] = {
     "units": UnitsEvent,
     "eval": EvalEvent,
     "policy": PolicyEvent,
+    "scheduled": ScheduledEvent,
     "received": ReceivedEvent,
     "ack": AckEvent,
     "preview": PreviewEvent,

@@ -1,7 +1,8 @@
 """The policy runtime the engine and the own-loop controller share: one implementation of ``methods.base.Host``.
 
 It holds what both hosts do alike: the timeline (pending entries applied when
-due), the methods' parameter groups, the trainable mask (the freeze rules ANDed
+due, and triggers fired at their epoch or when an evaluation meets their
+condition, each firing recorded as a step entry), the methods' parameter groups, the trainable mask (the freeze rules ANDed
 with every active method's gate, functions of the policy, so a change can be
 previewed) and changes taken with rollback.  A host adds the model, the
 optimizer (None in a loop that passes none), ``config``, ``methods`` (one
@@ -11,6 +12,7 @@ configures its methods and records a change.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,6 +32,16 @@ class TimelineRefused(PolicyError):
         self.entry = entry
 
 
+def metric_key(metrics: dict[str, Any], name: str) -> str | None:
+    """The key of metric ``name`` in an evaluation's results, if it is a finite number there; HF Trainer prefixes its
+    metrics with ``eval_`` (``eval_accuracy``), so ``accuracy`` finds that too."""
+    for key in (name, f"eval_{name}"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return key
+    return None
+
+
 class PolicyRuntime:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None
@@ -37,6 +49,9 @@ class PolicyRuntime:
     methods: list
     current: Policy
     pending: list[TimelineEntry]  # timeline entries not applied yet, in step order
+    triggers: list[TimelineEntry]  # at-epoch and when entries, fired or not, each with the steps it fired at
+    steps_per_epoch: int | None  # None: the host cannot say (an own loop that did not); epoch triggers are refused
+    metric_range: dict[str, list[float]]  # eval metric -> [lowest, highest] over the evaluations so far
     units: Units
     param_names: list[str]  # stable names (model.stable_name): as loaded, whatever PEFT wrapped since
     params: dict[str, torch.nn.Parameter]
@@ -50,17 +65,74 @@ class PolicyRuntime:
         """Take ``change`` (``_take_change``) and record it as the host records changes."""
         raise NotImplementedError
 
+    def log(self, message: str, level: str = "info") -> None:
+        raise NotImplementedError
+
+    def schedule_changed(self) -> None:
+        """The pending entries or the triggers changed (one applied or fired, one was added or removed)."""
+
     # ------------------------------------------------------------------ timeline
 
+    def split_timeline(self, policy: Policy) -> None:
+        """The policy's timeline as this runtime keeps it: step entries pending, triggers apart."""
+        self.pending = [e for e in policy.timeline if not e.is_trigger]
+        self.triggers = [e for e in policy.timeline if e.is_trigger]
+        self.metric_range = {}
+        if self.steps_per_epoch is None and any(t.at is not None for t in self.triggers):
+            raise PolicyError("timeline: an 'at: {epoch: N}' trigger needs the epoch's length in steps: attach(..., steps_per_epoch=len(loader))")
+
+    def epoch_start(self, epoch: int) -> int:
+        """The step at which epoch ``epoch`` (from 0) begins."""
+        assert self.steps_per_epoch is not None
+        return epoch * self.steps_per_epoch
+
     def apply_due(self, step: int) -> None:
-        """Apply the pending timeline entries due at ``step``, in order.  An entry leaves ``pending`` once applied,
-        so one the model refuses (TimelineRefused) stays pending: a checkpoint keeps it, a replay does not skip it."""
-        for entry in [e for e in self.pending if e.step <= step]:
+        """Apply the pending timeline entries due at ``step``, in order, then the epoch triggers due.  An entry leaves
+        ``pending`` once applied, so one the model refuses (TimelineRefused) stays pending: a checkpoint keeps it, a
+        replay does not skip it."""
+        due = [e for e in self.pending if e.step is not None and e.step <= step]
+        for entry in due:
             try:
                 self.apply_change(Change(freeze=entry.freeze, set=entry.set), source="timeline")
             except PolicyError as exc:
                 raise TimelineRefused(entry, exc) from exc
             self.pending.remove(entry)
+        fired = [t for t in self.triggers if t.at is not None and not t.fired and self.epoch_start(t.at.epoch or 0) <= step]
+        for trigger in fired:
+            self._fire(trigger, step)
+        if due or fired:
+            self.schedule_changed()
+
+    def on_evaluation(self, step: int, metrics: dict[str, Any]) -> None:
+        """A scheduled evaluation after ``step`` steps: fire the when-triggers whose condition holds (compared with the
+        earlier evaluations' best), then count these values in."""
+        fired = False
+        for trigger in list(self.triggers):
+            if trigger.when is None or not trigger.checked_at(step):
+                continue
+            key = metric_key(metrics, trigger.when.metric)
+            if key is None:
+                continue
+            lowest, highest = self.metric_range.get(key, (None, None))
+            if trigger.when.holds(float(metrics[key]), lowest, highest):
+                self._fire(trigger, step)
+                fired = True
+        for name in metrics:
+            if metric_key(metrics, name) == name:
+                value = float(metrics[name])
+                low, high = self.metric_range.get(name, (value, value))
+                self.metric_range[name] = [min(low, value), max(high, value)]
+        if fired:
+            self.schedule_changed()
+
+    def _fire(self, trigger: TimelineEntry, step: int) -> None:
+        """Apply a trigger's change (recorded as a step entry, as every change is) and note the step it fired at."""
+        try:
+            self.apply_change(Change(freeze=trigger.freeze, set=trigger.set), source="trigger")
+        except PolicyError as exc:
+            raise TimelineRefused(trigger, exc) from exc
+        self.log(f"trigger {trigger.moment()} fired at step {step}")
+        self.triggers[self.triggers.index(trigger)] = trigger.model_copy(update={"fired": [*trigger.fired, step]})
 
     # ------------------------------------------------------------------ parameter groups
 

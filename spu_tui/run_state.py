@@ -30,6 +30,7 @@ from spu_engine.protocol import (
     PruneEvent,
     ReceivedEvent,
     ResumedEvent,
+    ScheduledEvent,
     StateEvent,
     StepEvent,
     UnitInfo,
@@ -79,6 +80,7 @@ class RunState:
     tensor_sparsity: dict[str, float] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
     checkpoint_step: int | None = None  # the newest checkpoint the engine wrote while this console watched
+    scheduled: list[dict[str, Any]] = field(default_factory=list)  # pending timeline entries and triggers (with ``fired``)
     loss_steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     loss_smooth: list[float] = field(default_factory=list)
@@ -137,6 +139,8 @@ class RunState:
             self._take_units(ev.units)
         if ev.current is not None:
             self.policy = ev.current
+        if ev.scheduled is not None:
+            self.scheduled = ev.scheduled
         return {Aspect.RUN, Aspect.PROGRESS, Aspect.UNITS, Aspect.POLICY}
 
     def _take_units(self, units: list[UnitInfo]) -> None:
@@ -227,6 +231,10 @@ class RunState:
         self.change_steps.append(ev.step)
         self.say(ev.step, "policy", f"{describe_change(ev.change)} ({ev.source}); trainable {ev.trainable:,}")
         return {Aspect.UNITS, Aspect.POLICY}
+
+    def _on_scheduled(self, ev: ScheduledEvent) -> set[Aspect]:
+        self.scheduled = ev.scheduled
+        return {Aspect.POLICY}
 
     def _on_received(self, ev: ReceivedEvent) -> set[Aspect]:
         return set()  # an answer for the console's command tracker alone

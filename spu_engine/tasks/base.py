@@ -38,6 +38,7 @@ class Task(ABC):
     name: ClassVar[str]
     model_kind: ClassVar[str]
     metric: ClassVar[str]  # the headline eval metric shown in the console
+    eval_fields: ClassVar[tuple[str, ...]]  # the numbers ``evaluate`` returns (what a when-trigger may watch)
     num_labels: int = 2
 
     def __init__(self, train: list[dict[str, Any]], eval: list[dict[str, Any]], pad_id: int) -> None:

@@ -18,6 +18,7 @@ class ClassificationTask(Task):
     name = "classification"
     model_kind = "classification"
     metric = "accuracy"
+    eval_fields = ("eval_loss", "accuracy", "eval_samples")
 
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> "ClassificationTask":

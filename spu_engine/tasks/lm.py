@@ -37,6 +37,7 @@ class LMTask(Task):
     name = "lm"
     model_kind = "lm"
     metric = "perplexity"
+    eval_fields = ("eval_loss", "perplexity", "eval_tokens")
 
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> LMTask:

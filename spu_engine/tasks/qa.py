@@ -42,6 +42,7 @@ class QATask(Task):
     name = "qa"
     model_kind = "qa"
     metric = "f1"
+    eval_fields = ("eval_loss", "exact_match", "f1", "eval_samples")
 
     def __init__(self, train, eval, pad_id, eval_examples: list[Example], eval_windows: list[tuple[int, list]]) -> None:
         super().__init__(train, eval, pad_id)

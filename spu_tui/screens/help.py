@@ -35,6 +35,7 @@ BINDINGS_HELP = [
         ("edit a field", "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes"),
         ("enter / apply", "apply that section: 'sent', then 'queued' once the engine has it, until it applies at the next step"),
         ("x (in rules)", "remove the highlighted freeze rule (applied like any change; z undoes it)"),
+        ("x (in triggers)", "remove the highlighted timeline entry or trigger; the field below it adds one (enter)"),
         ("?", "this help; esc or ? closes it"),
     ]),
 ]

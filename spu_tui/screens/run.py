@@ -284,7 +284,7 @@ class RunScreen(Screen[None]):
 
     def _show_received(self, command: Command) -> None:
         """The engine has the change: rows and sections show it is queued for the next boundary."""
-        if command.name != "change":
+        if command.name not in ("change", "schedule", "unschedule"):
             return
         if command.rows:
             self.unit_tree.change_received(command.rows)
@@ -307,7 +307,9 @@ class RunScreen(Screen[None]):
                 self.call_after_refresh(self.console.round_trips.applied_drawn, command.sent, ack.get("t", time.time()))
             else:
                 self._say(f"{command.name} refused: {message}", error=True, logged=True)
-        if command.section:
+        if command.name in ("schedule", "unschedule"):
+            self.controls.schedule_answered(command.name == "schedule", ok, message)
+        elif command.section:
             self.controls.acknowledged(command.section, ok, ack.get("step", self.state.step), message, self.state.policy)
         if command.name == "undo":
             self._say(f"undo: {message}" if ok else f"undo refused: {message}", error=not ok)
@@ -341,6 +343,14 @@ class RunScreen(Screen[None]):
     def on_controls_panel_apply_requested(self, message: ControlsPanel.ApplyRequested) -> None:
         if self._send("change", section=message.section, change=_wire(message.change)):
             self.controls.change_sent(message.section)
+
+    def on_controls_panel_schedule_requested(self, message: ControlsPanel.ScheduleRequested) -> None:
+        if self._send("schedule", section="triggers", entry=message.entry):
+            self.controls.change_sent("triggers")
+
+    def on_controls_panel_unschedule_requested(self, message: ControlsPanel.UnscheduleRequested) -> None:
+        if self._send("unschedule", section="triggers", entry=message.entry):
+            self.controls.change_sent("triggers")
 
     def on_controls_panel_preview_requested(self, message: ControlsPanel.PreviewRequested) -> None:
         link = self.console.link

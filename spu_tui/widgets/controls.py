@@ -7,7 +7,8 @@ parameters, backward compute kept, notes); ``enter`` in a field or the
 section's *apply* button applies it, and the section says it is sent, then
 queued, until the engine's ack arrives.  A refused change puts the fields back
 to the engine's values.  The freeze rules in force are listed, and any one can
-be removed.
+be removed; so are the timeline entries still to come and the triggers (each
+with the steps it fired at), and a trigger typed as one YAML mapping is added.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from textual.message import Message
 from textual.validation import ValidationResult, Validator
 from textual.widgets import Button, Input, Label, ListItem, ListView, Select, Static
 
-from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy
+from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError, TimelineEntry
+from spu_engine.policy_files import entry_from_text
 from spu_engine.protocol import PreviewEvent
 
-from ..run_state import Aspect, RunState
+from ..run_state import Aspect, RunState, describe_change
 from .control_fields import FIELD_BY_ID, FIELDS, TITLES, ControlField, fields_of, section_problem, section_values
 from .unit_tree import short_count
 
@@ -61,6 +63,37 @@ class RuleItem(ListItem):
         super().__init__(Label(text))
 
 
+class EntryValidator(Validator):
+    """Check a typed trigger with the engine's own parser: one line naming the key."""
+
+    def validate(self, value: str) -> ValidationResult:
+        if not value.strip():
+            return self.success()
+        try:
+            entry_from_text(value)
+        except PolicyError as exc:
+            return self.failure(str(exc))
+        return self.success()
+
+
+class ScheduleList(ListView):
+    """Timeline entries still to come and the triggers; ``delete`` or ``x`` asks to remove the highlighted one."""
+
+    BINDINGS = [Binding("delete,x", "remove_entry", "remove")]
+
+    class RemoveRequested(Message):
+        def __init__(self, index: int) -> None:
+            super().__init__()
+            self.index = index
+
+    def action_remove_entry(self) -> None:
+        if self.index is not None and isinstance(self.highlighted_child, RuleItem):
+            self.post_message(self.RemoveRequested(self.index))
+
+
+TRIGGER_FORMS = "step: N | at: {epoch: N} (from 0) | when: {metric: eval_loss, below_best_by: 0.01}, once: false; then freeze: [...] and/or set: {...}"
+
+
 class SectionChange(Message):
     """A ``change`` made in controls section ``section`` (where its answer is shown)."""
 
@@ -68,6 +101,14 @@ class SectionChange(Message):
         super().__init__()
         self.section = section
         self.change = change
+
+
+class EntryMessage(Message):
+    """A timeline entry or trigger, as the protocol carries it."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        super().__init__()
+        self.entry = entry
 
 
 class ControlsPanel(VerticalScroll, can_focus=False):
@@ -81,10 +122,17 @@ class ControlsPanel(VerticalScroll, can_focus=False):
     class PreviewRequested(SectionChange):
         """Ask the engine what the change would do; nothing changes."""
 
+    class ScheduleRequested(EntryMessage):
+        """Add a timeline entry or a trigger."""
+
+    class UnscheduleRequested(EntryMessage):
+        """Remove a pending entry or a trigger, as the engine listed it."""
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.engine_values: dict[str, str] = {}  # widget id -> the value the engine has
         self.rules: list[FreezeRule] = []  # the freeze rules in force, as the engine last said
+        self.scheduled: list[dict[str, Any]] = []  # pending entries and triggers, as the engine last said
 
     def compose(self) -> ComposeResult:
         for section, title in TITLES.items():
@@ -106,12 +154,34 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             yield Static("Freeze rules (last match wins; x removes)", classes="section-title")
             yield RuleList(id="rules")
             yield Static("", classes="status", id="status-freeze")
+        with Vertical(classes="section", id="sec-triggers"):
+            yield Static("Timeline and triggers (x removes; ✓ fired; enter adds)", classes="section-title")
+            yield ScheduleList(id="scheduled")
+            yield Input(
+                placeholder="at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]", validators=[EntryValidator()],
+                validate_on=["changed", "submitted"], compact=True, id="trigger-new",
+            )
+            yield Static(TRIGGER_FORMS, classes="whatif")
+            yield Static("", classes="status", id="status-triggers")
 
     # -- down: the screen tells us what the engine says --------------------------
 
     def show(self, state: RunState) -> None:
         if state.policy:
             self.load(state.policy)
+        self._show_scheduled(state.scheduled)
+
+    def _show_scheduled(self, entries: list[dict[str, Any]]) -> None:
+        if entries == self.scheduled and self.query_one(ScheduleList).children:
+            return
+        self.scheduled = entries
+        view = self.query_one(ScheduleList)
+        view.clear()
+        if entries:
+            view.extend(RuleItem(describe_entry(e)) for e in entries)
+            view.call_after_refresh(setattr, view, "index", min(view.index or 0, len(entries) - 1))
+        else:
+            view.append(ListItem(Label("none: nothing scheduled")))
 
     def load(self, policy: dict[str, Any], force: bool = False) -> None:
         """Show the engine's current values (fields being edited are left alone unless ``force``: a refusal)."""
@@ -176,6 +246,14 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         else:
             self._set_status(section, f"applied at step {step}", "ok")
 
+    def schedule_answered(self, added: bool, ok: bool, message: str) -> None:
+        """The engine's answer to adding or removing an entry; an added one leaves the field empty for the next."""
+        self._set_status("triggers", message if ok else f"refused: {message}", "ok" if ok else "error")
+        if ok and added:
+            field = self.query_one("#trigger-new", Input)
+            with field.prevent(Input.Changed):  # the answer stays on the status line
+                field.value = ""
+
     def _set_status(self, section: str, text: str, kind: str) -> None:
         """kind: hint | in-flight | ok | error."""
         status = self.query_one(f"#status-{section}", Static)
@@ -198,10 +276,16 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
-        if event.input.id:
+        if event.input.id == "trigger-new":
+            self._schedule(event.value)
+        elif event.input.id:
             self._request(FIELD_BY_ID[event.input.id].section)
 
     def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "trigger-new":
+            problem = event.validation_result and not event.validation_result.is_valid and event.validation_result.failure_descriptions[0]
+            self._set_status("triggers", problem or ("enter adds it" if event.value.strip() else ""), "error" if problem else "hint")
+            return
         if event.input.id is None:
             return
         section = FIELD_BY_ID[event.input.id].section
@@ -219,6 +303,22 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         if 0 <= message.index < len(self.rules):
             kept = [r.model_dump(mode="json", exclude_none=True) for i, r in enumerate(self.rules) if i != message.index]
             self.post_message(self.ApplyRequested("freeze", Change(set={"freeze": kept})))
+
+    def on_schedule_list_remove_requested(self, message: ScheduleList.RemoveRequested) -> None:
+        message.stop()
+        if 0 <= message.index < len(self.scheduled):
+            self.post_message(self.UnscheduleRequested(self.scheduled[message.index]))
+
+    def _schedule(self, text: str) -> None:
+        if not text.strip():
+            self._set_status("triggers", f"type an entry first: {TRIGGER_FORMS}", "error")
+            return
+        try:
+            entry = entry_from_text(text)
+        except PolicyError as exc:
+            self._set_status("triggers", str(exc), "error")
+            return
+        self.post_message(self.ScheduleRequested(entry.model_dump(mode="json", exclude_none=True, exclude_defaults=True)))
 
     def _preview(self, section: str) -> None:
         if self._field_problem(section) is None and section_problem(section, values := self._values(section)) is None:
@@ -243,7 +343,14 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
 
 def _title(section: str) -> str:
-    return TITLES.get(section, "freeze rules")
+    return TITLES.get(section) or {"freeze": "freeze rules", "triggers": "trigger change"}[section]
+
+
+def describe_entry(data: dict[str, Any]) -> str:
+    """``epoch 2: freeze embeddings  ✓ fired at step 16``: when, what, and where it fired."""
+    entry = TimelineEntry.model_validate(data)
+    fired = f"  ✓ fired at step{'s' if len(entry.fired) > 1 else ''} {', '.join(map(str, entry.fired))}" if entry.fired else ""
+    return f"{entry.moment()}: {describe_change(data)}{fired}"
 
 
 def describe_rule(rule: FreezeRule) -> str:
