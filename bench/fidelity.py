@@ -155,6 +155,8 @@ def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
     def sink(_line, ev):
         if ev["type"] == "step":
             steps.append(ev)
+            if ev["step"] % 100 == 0:
+                print(f"  step {ev['step']}  loss {ev['loss']:.4f}  train {sum(s['step_time'] for s in steps):.0f} s", flush=True)
             paused[0] += wait_while_paused()  # between two steps: the next step's clock has not started
         elif ev["type"] == "eval":
             evals.append({"step": ev["step"], "train_s": round(sum(s["step_time"] for s in steps), 1), "accuracy": ev["accuracy"],
