@@ -1,4 +1,4 @@
-"""``spu``: the headless command line (train, engine, policy, runs)."""
+"""``spu``: the headless command line (train, engine, runs, export, eval, policy)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,17 @@ policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print
 app.add_typer(policy_app, name="policy")
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
+
+TEXT_COLUMN_HELP = (
+    "classification: the text column, or two separated by a comma for sentence pairs (--text-column sentence1,sentence2) "
+    "[default: inferred: sentence1/sentence2, question/sentence, '#1 String'/'#2 String', question1/question2, premise/hypothesis, "
+    "else sentence, text, ...]"
+)
+METRIC_HELP = (
+    "classification: the headline eval metric, accuracy | f1 (of the positive class, label 1) | mcc (Matthews correlation) "
+    "[default: GLUE's for data named like a GLUE task (f1: mrpc, qqp; mcc: cola), else accuracy]"
+)
+
 
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
@@ -169,8 +180,9 @@ def train(
     eval_every: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None),
     max_eval_samples: Optional[int] = typer.Option(None),
-    text_column: Optional[str] = typer.Option(None),
-    label_column: Optional[str] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help="classification: the label column [default: label, labels, target, class or Quality]"),
+    metric: Optional[str] = typer.Option(None, help=METRIC_HELP),
     doc_stride: Optional[int] = typer.Option(None, help="qa: tokens shared by consecutive windows of a long context (default: a third of --max-length)"),
     eval_split: Optional[float] = typer.Option(
         None, help="share of the training data held out for eval when the data has no dev split (default 0.1; 0 evaluates on the training data)"
@@ -206,7 +218,7 @@ def train(
         config = config_from_policy(
             pol, policy, model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
             eval_every=eval_every, checkpoint_every=checkpoint_every, max_eval_samples=max_eval_samples,
-            text_column=text_column, label_column=label_column, seed=seed, device=device,
+            text_column=text_column, label_column=label_column, metric=metric, seed=seed, device=device,
             doc_stride=doc_stride, eval_split=eval_split,
         )
         run_dir = run_dir or default_run_dir(config.model, config.task)
@@ -315,6 +327,57 @@ def export_model(
         f"CPU forward, batch 8 x 128 tokens: dense {report.dense_seconds * 1e3:.1f} ms -> compact {report.compact_seconds * 1e3:.1f} ms "
         f"(x{report.dense_seconds / report.compact_seconds:.2f}); max |difference| of outputs {report.max_abs_diff:.2e}"
     )
+
+
+@app.command("eval")
+def eval_model(
+    model: str = typer.Option(..., help="a run folder (its newest checkpoint whose weights verify), a model folder from `spu export`, or a hub id with a trained head"),
+    data: str = typer.Option(..., help="hub dataset or local file / folder, labelled"),
+    split: Optional[str] = typer.Option(None, help="train, dev or test of --data, or a file [default: dev, else test]"),
+    metric: Optional[str] = typer.Option(None, help="classification: accuracy | f1 | mcc [default: GLUE's for data named like a GLUE task, else the run's, else accuracy]"),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help="classification: the label column [default: label, labels, target, class or Quality]"),
+    max_length: Optional[int] = typer.Option(None, min=8, help="tokens per example [default: the run's, else 128]"),
+    batch_size: int = typer.Option(128, min=1),
+    max_samples: Optional[int] = typer.Option(None, min=1, help="score only the first N examples"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (model, checkpoint, data, task, metric, value, metrics) instead of the table"),
+) -> None:
+    """Score a trained model on labelled data with the task's metric: a policy on data it never trained on.
+
+    A run folder is scored as it trained (PEFT adapters, pruning masks): the engine resumes its newest
+    checkpoint and evaluates.  Labels are matched to the model's classes by name.
+    """
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .scoring import ScoreError, ScoreOptions, score
+    from .tasks.classification import METRICS
+
+    if metric is not None and metric not in METRICS:
+        fail(f"--metric {metric}: one of {', '.join(METRICS)}")
+    options = ScoreOptions(split, metric, text_column, label_column, max_length, batch_size, max_samples, device)
+    try:
+        result = score(model, data, options)
+    except (ScoreError, DataError, CheckpointError, ModelLoadError, PolicyError, OSError) as exc:
+        fail(str(exc))
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_json()) + "\n")
+        for note in result.notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False)
+        return
+    from rich.table import Table
+
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    scored = f"{result.model} ({Path(result.checkpoint).name})" if result.checkpoint else result.model
+    table = Table(title=f"{scored} on {result.data}", title_justify="left", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row(f"[bold]{result.metric}[/]", f"[bold]{result.metrics.get(result.metric, float('nan')):.4f}[/]")
+    for key, value in result.metrics.items():
+        if key != result.metric:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
 
 
 @policy_app.command("validate")

@@ -17,7 +17,17 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli import build_config, config_from_policy, default_run_dir, fail, read_policy, read_run_config, resume_policy
+from spu_engine.cli import (
+    METRIC_HELP,
+    TEXT_COLUMN_HELP,
+    build_config,
+    config_from_policy,
+    default_run_dir,
+    fail,
+    read_policy,
+    read_run_config,
+    resume_policy,
+)
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model_source import resolve_model_name
 from spu_engine.runs import CHECKPOINTS, CONFIG, ENGINE_LOG, EVENTS, is_live, newest_live_run, read_history, run_folders, run_info
@@ -94,8 +104,9 @@ def main(
     checkpoint_every: Optional[int] = typer.Option(None),
     max_train_samples: Optional[int] = typer.Option(None),
     max_eval_samples: Optional[int] = typer.Option(None),
-    text_column: Optional[str] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
     label_column: Optional[str] = typer.Option(None),
+    metric: Optional[str] = typer.Option(None, help=METRIC_HELP),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
@@ -116,7 +127,7 @@ def main(
         pol, policy, model=model, data=resolve_data(data or from_file.get("data")), task=task, steps=steps, batch_size=batch_size,
         max_length=max_length, lr=lr, eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column,
-        seed=seed, device=device, threads=threads,
+        metric=metric, seed=seed, device=device, threads=threads,
     )
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):
