@@ -90,11 +90,11 @@ def check_model(model: str) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) [default: the policy's run: model, else minilm]"),
-    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: the policy's run: data, else glue/sst2 when online, else $SPU_DATA]"),
+    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) (default: the policy's run: model, else minilm)"),
+    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files (default: the policy's run: data, else glue/sst2 when online, else $SPU_DATA)"),
     policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps; its run: settings are the defaults, flags override)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
-    task: Optional[str] = typer.Option(None, help="classification, qa or lm; auto infers it from the data and the model [default: auto]"),
+    task: Optional[str] = typer.Option(None, help="classification, qa or lm; auto infers it from the data and the model (default: auto)"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
@@ -149,7 +149,7 @@ def main(
 
 @app.command()
 def attach(
-    run: Optional[Path] = typer.Argument(None, help="run folder [default: the newest live run under ./runs]"),
+    run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest live run under ./runs)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
 ) -> None:
     """Reattach to a run: redraw its history from events.jsonl and steer it again.
