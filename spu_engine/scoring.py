@@ -149,7 +149,7 @@ def _task_of(model: str) -> str:
 def _task(kind: str, data: str, split: str | None, tokenizer, options: TaskOptions, names: list[str] | None, notes: list[str]) -> tuple[Task, str]:
     """The eval set: rows of the split, labels mapped to the model's class ids (classification), or the task built on one file."""
     if kind != "classification":
-        if not is_local(data) and split is None:
+        if not is_local(data) and split in (None, "dev"):
             return get_task(kind).build(data, tokenizer, options), f"{data} (dev)"
         path = _split_file(data, split)
         return get_task(kind).build(str(path), tokenizer, options), str(path)
