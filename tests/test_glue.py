@@ -286,3 +286,30 @@ def test_spu_eval_skips_a_damaged_newest_checkpoint_and_says_so(mrpc_runs, tmp_p
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["checkpoint"].endswith("step-0000001")
     assert "scored step-0000001, the newest checkpoint whose weights verify; skipped step-0000003" in " ".join(result.stderr.split())
+
+
+def test_labels_of_older_checkpoints_and_of_models_that_name_their_classes(mrpc_runs, tmp_path):
+    """A checkpoint without label names takes the run's training labels; a model naming its classes NEGATIVE/POSITIVE takes label i as class i."""
+    import hashlib
+
+    root, _, unseen = mrpc_runs
+    want = eval_json("--model", root / "pruned", "--data", unseen)["metrics"]
+    run = tmp_path / "old"
+    shutil.copytree(root / "pruned", run)
+    checkpoint = run / "checkpoints" / "step-0000003"
+    state = json.loads((checkpoint / "state.json").read_text())
+    del state["label_names"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    data = (checkpoint / "state.json").read_bytes()
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    assert eval_json("--model", run, "--data", unseen)["metrics"] == want
+    export_run(root / "pruned", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config.update(id2label={"0": "NEGATIVE", "1": "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "model"), "--data", str(unseen), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"] == pytest.approx(want, abs=1e-5)
+    assert "the model names its classes ['NEGATIVE', 'POSITIVE'], the data numbers them" in " ".join(result.stderr.split())
