@@ -90,8 +90,7 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
     )
     task, source = _task(kind, data, options.split, tokenizer, task_options, names, notes)
     settings = config.model_copy(update={"device": options.device, "eval_batch_size": options.batch_size, "threads": None})
-    engine = Engine(settings, None, None, model=loaded, tokenizer=tokenizer, task=task,
-                    sinks=[lambda _line, ev: notes.append(ev["message"]) if ev["type"] == "log" and ev["level"] != "info" else None])
+    engine = Engine(settings, None, None, model=loaded, tokenizer=tokenizer, task=task)  # no sinks: its warnings are about training
     if checkpoint is not None:
         engine.resume_from(checkpoint, fresh_optimizer=True)  # the optimizer plays no part in scoring: a damaged optimizer.pt does not stop it
     metrics = engine.evaluate()
