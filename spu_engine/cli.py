@@ -1,4 +1,4 @@
-"""``spu``: the headless command line (train, engine, policy, runs, export, ablate)."""
+"""``spu``: the headless command line (train, engine, runs, export, eval, ablate, policy)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,17 @@ policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print
 app.add_typer(policy_app, name="policy")
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
+
+TEXT_COLUMN_HELP = (
+    "classification: the text column, or two separated by a comma for sentence pairs (--text-column sentence1,sentence2) "
+    "(default: the first pair the table has: sentence1/sentence2, question/sentence, '#1 String'/'#2 String', question1/question2, "
+    "premise/hypothesis; else one of sentence, text, review, ...)"
+)
+METRIC_HELP = (
+    "classification: the headline eval metric, accuracy | f1 (of the positive class, label 1) | mcc (Matthews correlation) "
+    "(default: GLUE's for data named like a GLUE task (f1: mrpc, qqp; mcc: cola), else accuracy)"
+)
+
 
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
@@ -153,8 +164,8 @@ class ProgressSink:
 
 @app.command()
 def train(
-    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) [default: minilm]"),
-    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: glue/sst2]"),
+    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) (default: minilm)"),
+    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files (default: glue/sst2)"),
     policy: Optional[Path] = typer.Option(None, help="policy YAML: its run: settings are the defaults of every flag here, its timeline is replayed at its steps"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"),
@@ -163,15 +174,16 @@ def train(
     fresh_optimizer: bool = typer.Option(
         False, "--fresh-optimizer", help="with --resume: continue from a checkpoint whose weights verify but whose optimizer state is missing or unusable, with fresh optimizer state"
     ),
-    task: Optional[str] = typer.Option(None, help="classification | qa | lm; auto: inferred from --data (and --model) [default: auto]"),
+    task: Optional[str] = typer.Option(None, help="classification | qa | lm; auto: inferred from --data (and --model) (default: auto)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     eval_every: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None),
     max_eval_samples: Optional[int] = typer.Option(None),
-    text_column: Optional[str] = typer.Option(None),
-    label_column: Optional[str] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help="classification: the label column (default: label, labels, target, class or Quality)"),
+    metric: Optional[str] = typer.Option(None, help=METRIC_HELP),
     doc_stride: Optional[int] = typer.Option(None, help="qa: tokens shared by consecutive windows of a long context (default: a third of --max-length)"),
     eval_split: Optional[float] = typer.Option(
         None, help="share of the training data held out for eval when the data has no dev split (default 0.1; 0 evaluates on the training data)"
@@ -207,7 +219,7 @@ def train(
         config = config_from_policy(
             pol, policy, model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
             eval_every=eval_every, checkpoint_every=checkpoint_every, max_eval_samples=max_eval_samples,
-            text_column=text_column, label_column=label_column, seed=seed, device=device,
+            text_column=text_column, label_column=label_column, metric=metric, seed=seed, device=device,
             doc_stride=doc_stride, eval_split=eval_split,
         )
         run_dir = run_dir or default_run_dir(config.model, config.task)
@@ -354,6 +366,57 @@ def export_model(
         f"CPU forward, batch 8 x 128 tokens: dense {report.dense_seconds * 1e3:.1f} ms -> compact {report.compact_seconds * 1e3:.1f} ms "
         f"(x{report.dense_seconds / report.compact_seconds:.2f}); max |difference| of outputs {report.max_abs_diff:.2e}"
     )
+
+
+@app.command("eval")
+def eval_model(
+    model: str = typer.Option(..., help="a run folder (its newest checkpoint whose weights verify), a model folder from `spu export`, or a hub id with a trained head"),
+    data: str = typer.Option(..., help="hub dataset or local file / folder, labelled"),
+    split: Optional[str] = typer.Option(None, help="train, dev or test of --data, or a file (default: dev, else test)"),
+    metric: Optional[str] = typer.Option(None, help="classification: accuracy | f1 | mcc (default: GLUE's for data named like a GLUE task, else the run's, else accuracy)"),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help="classification: the label column (default: label, labels, target, class or Quality)"),
+    max_length: Optional[int] = typer.Option(None, min=8, help="tokens per example (default: the run's, else 128)"),
+    batch_size: int = typer.Option(128, min=1),
+    max_samples: Optional[int] = typer.Option(None, min=1, help="score only the first N examples"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (model, checkpoint, data, task, metric, value, metrics) instead of the table"),
+) -> None:
+    """Score a trained model on labelled data with the task's metric: a policy on data it never trained on.
+
+    A run folder is scored as it trained (PEFT adapters, pruning masks): the engine resumes its newest checkpoint and evaluates.
+
+    Labels are matched to the model's classes by name; --json prints one object for scripts.
+    """
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .scoring import ScoreError, ScoreOptions, score
+    from .tasks.classification import METRICS
+
+    if metric is not None and metric not in METRICS:
+        fail(f"--metric {metric}: one of {', '.join(METRICS)}")
+    options = ScoreOptions(split, metric, text_column, label_column, max_length, batch_size, max_samples, device)
+    try:
+        result = score(model, data, options)
+    except (ScoreError, DataError, CheckpointError, ModelLoadError, PolicyError, OSError) as exc:
+        fail(str(exc))
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_json()) + "\n")
+        return
+    from rich.table import Table
+
+    scored = f"{result.model} ({Path(result.checkpoint).name})" if result.checkpoint else result.model
+    out.print(f"{scored} on {result.data}", highlight=False)
+    table = Table(show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row(f"[bold]{result.metric}[/]", f"[bold]{result.metrics.get(result.metric, float('nan')):.4f}[/]")
+    for key, value in result.metrics.items():
+        if key != result.metric:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
 
 
 @policy_app.command("validate")

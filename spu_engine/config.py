@@ -43,8 +43,15 @@ class RunSettings(BaseModel):
     keep_checkpoints: int = Field(3, ge=1)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    text_column: str | None = None
+    text_column: str | None = Field(
+        None, description="classification: the text column, or two comma-separated (sentence1,sentence2) for sentence pairs; default: inferred"
+    )
     label_column: str | None = None
+    metric: str | None = Field(
+        None, pattern="^(accuracy|f1|mcc)$",
+        description="classification: the headline eval metric (f1: of the positive class, label 1; mcc: Matthews correlation); "
+        "default: GLUE's for data named like a GLUE task (f1 for mrpc and qqp, mcc for cola), else accuracy",
+    )
     doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
     eval_split: float | None = Field(
         None, ge=0, lt=1, description="share of the training data held out for eval when the data has no eval split (default 0.1; 0: eval on train)"
@@ -60,6 +67,13 @@ class RunSettings(BaseModel):
         if task != "auto":
             get_task(task)
         return task
+
+    @field_validator("text_column")
+    @classmethod
+    def _one_or_two_columns(cls, text_column: str | None) -> str | None:
+        if text_column is not None and (text_column.count(",") > 1 or not all(part.strip() for part in text_column.split(","))):
+            raise ValueError("one column, or two separated by a comma for sentence pairs (sentence1,sentence2)")
+        return text_column
 
     @model_validator(mode="after")
     def _resolve_task(self) -> "RunSettings":
@@ -78,6 +92,12 @@ class RunSettings(BaseModel):
             raise ValueError(f"task: {exc}") from None
         except DataError as exc:
             raise ValueError(f"data: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _metric_is_for_classification(self) -> "RunSettings":
+        if self.metric is not None and self.task != "classification":
+            raise ValueError(f"metric: --metric {self.metric} is for classification; {self.task} reports its own (qa: f1 and exact_match, lm: perplexity)")
         return self
 
     def warmup_steps(self) -> int:

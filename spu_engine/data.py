@@ -16,7 +16,10 @@ from typing import Any
 
 
 TRAIN_NAMES = ("train",)
-EVAL_NAMES = ("dev", "validation", "valid", "val", "test")
+DEV_NAMES = ("dev", "validation", "valid", "val")
+TEST_NAMES = ("test",)
+EVAL_NAMES = DEV_NAMES + TEST_NAMES
+SPLIT_NAMES = {"train": TRAIN_NAMES, "dev": DEV_NAMES, "test": TEST_NAMES}  # what `spu eval --split` names, as files of a folder
 SUFFIXES = (".tsv", ".csv", ".json", ".jsonl", ".parquet", ".txt", ".raw")
 DEFAULT_EVAL_SPLIT = 0.1  # share of the training data held out for eval when the data has no eval split
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, with or without the BOM some editors write (else it sticks to the first column name)
@@ -37,21 +40,25 @@ def split_files(source: str) -> dict[str, Path]:
         raise DataError(f"data path {source!r} does not exist")
     if path.is_file():
         return {"train": path, "eval": path}
-    found: dict[str, Path] = {}
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    for split, names in (("train", TRAIN_NAMES), ("eval", EVAL_NAMES)):
-        for name in names:
-            for f in files:
-                stem = f.name.lower()
-                if f.suffix.lower() in SUFFIXES and (stem.startswith(name + ".") or stem.startswith(name + "-") or f".{name}." in stem):
-                    found.setdefault(split, f)
+    found = {split: f for split, names in (("train", TRAIN_NAMES), ("eval", EVAL_NAMES)) if (f := find_split(path, names))}
     if "train" not in found and "eval" in found:
         found["train"] = found["eval"]
     if "train" not in found:
-        listing = ", ".join(f.name for f in files) or "nothing"
+        listing = ", ".join(f.name for f in sorted(path.iterdir()) if f.is_file()) or "nothing"
         raise DataError(f"data folder {source!r} has no train file (looked for train.tsv/csv/json/jsonl/parquet; found {listing})")
     found.setdefault("eval", found["train"])
     return found
+
+
+def find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The folder's data file of the first of ``names`` it has (``dev.tsv``, ``sst2.dev.csv``, ``validation-00.parquet``)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    for name in names:
+        for f in files:
+            stem = f.name.lower()
+            if stem.startswith(name + ".") or stem.startswith(name + "-") or f".{name}." in stem:
+                return f
+    return None
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -81,30 +88,66 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
-def load_hub_splits(name: str) -> dict[str, list[dict[str, Any]]]:
-    """Load a hub dataset ('glue/sst2' means load_dataset('glue', 'sst2'))."""
+# GLUE's tasks by the names of its hub configs and of the folders its download script writes (MRPC, CoLA, SST-2, ...),
+# each with the metric GLUE ranks it by: F1 of the positive class for MRPC and QQP, Matthews correlation for CoLA
+GLUE_METRICS = {"cola": "mcc", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1", "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+GLUE_REGRESSION = ("stsb",)  # similarity scores, not classes
+
+
+def glue_task(source: str) -> str | None:
+    """The GLUE task ``source`` is: a hub name ``glue/mrpc``, or a local folder (or a file in one) named like the task."""
+    if is_local(source):
+        path = Path(source).expanduser()
+        name = (path.parent if path.is_file() else path).name
+    else:
+        args = hub_args(source)
+        name = args[1] if args[0] == "glue" and len(args) == 2 else ""
+    name = name.lower().replace("-", "").replace("_", "")
+    return name if name in GLUE_METRICS or name in GLUE_REGRESSION else None
+
+
+def data_metric(source: str) -> str:
+    """The headline metric of classification data: GLUE's for a GLUE task, accuracy otherwise."""
+    return GLUE_METRICS.get(glue_task(source) or "", "accuracy")
+
+
+def hub_args(name: str) -> tuple[str, ...]:
+    """``load_dataset`` arguments for a hub name: ``glue/mrpc`` is the dataset ``glue`` with the config ``mrpc``."""
+    parts = name.split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 and parts[0] in {"glue", "super_glue", "wikitext"} else (name,)
+
+
+HUB_SPLITS = {"train": ("train",), "dev": ("validation", "validation_matched", "valid", "dev"), "test": ("test", "test_matched")}
+
+
+def load_hub(name: str):
+    """The hub dataset's splits (a ``DatasetDict``); any failure is one DataError that names the offline way."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise DataError(f"hub data needs the 'datasets' package: {exc}") from None
-    parts = name.split("/")
-    args = (parts[0], parts[1]) if len(parts) == 2 and parts[0] in {"glue", "super_glue", "wikitext"} else (name,)
     try:
-        ds = datasets.load_dataset(*args)
+        return datasets.load_dataset(*hub_args(name))
     except Exception as exc:  # noqa: BLE001 - network, missing dataset, ... -> one clear message
         text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"cannot load hub dataset {name!r}: {text}. Offline? pass a local folder with train/dev files (e.g. --data ../shared/data/sst2)"
         ) from None
-    out: dict[str, list[dict[str, Any]]] = {}
-    for split, names in (("train", ("train",)), ("eval", ("validation", "valid", "dev", "test"))):
-        for n in names:
-            if n in ds:
-                out[split] = ds[n].to_list()
-                break
-    if "train" not in out:
+
+
+def hub_split(ds, split: str) -> list[dict[str, Any]] | None:
+    """Rows of the ``train``, ``dev`` or ``test`` split of a loaded hub dataset (MNLI's dev is ``validation_matched``), None if absent."""
+    found = next((n for n in HUB_SPLITS[split] if n in ds), None)
+    return ds[found].to_list() if found else None
+
+
+def load_hub_splits(name: str) -> dict[str, list[dict[str, Any]]]:
+    """Load a hub dataset ('glue/sst2' means load_dataset('glue', 'sst2')): its train split and its eval split (dev, else test)."""
+    ds = load_hub(name)
+    out = {"train": hub_split(ds, "train"), "eval": hub_split(ds, "dev") or hub_split(ds, "test")}
+    if out["train"] is None:
         raise DataError(f"hub dataset {name!r} has no train split (splits: {', '.join(ds.keys())})")
-    return out  # no "eval" when the dataset has no eval split: the task holds out part of train
+    return {k: v for k, v in out.items() if v is not None}  # no "eval" when the dataset has no eval split: the task holds out part of train
 
 
 def eval_share(eval_split: float | None) -> float:

@@ -36,7 +36,7 @@ from .event_log import EventLog
 from .faults import UnwrittenState
 from .lifecycle import RunControl, RunState, Stop
 from .methods import METHODS
-from .model import count_params, load_model, load_tokenizer
+from .model import count_params, load_model, load_tokenizer, name_classes
 from .model_source import ModelLoadError, resolve_model_name
 from .policy import Change, Policy, PolicyError, TimelineEntry, undo_change
 from .protocol import encode, event
@@ -125,6 +125,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         else:
             self._given_model = copy.deepcopy(model).cpu()
         self.task.check_fits(model)
+        name_classes(model, getattr(self.task, "label_names", None))
         self.model = model.to(self.device)
         self.model.train()
         self.refresh_parameters()
@@ -169,7 +170,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
 
     def _check_trigger(self, trigger: TimelineEntry) -> None:
         """A when-trigger must watch a number this task's evaluation gives."""
-        fields = type(self.task).eval_fields
+        fields = self.task.eval_fields
         if trigger.when is not None and trigger.when.metric not in fields:
             raise PolicyError(
                 f"timeline: the trigger {trigger.moment()}: {trigger.when.metric!r} is not a field of the {self.task.name} task's "
@@ -343,6 +344,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
             "stream": self.stream.state_dict(),
             "samples_seen": self.samples_seen,
             "config": self.config.model_dump(),
+            "label_names": getattr(self.task, "label_names", None),  # the label of each class id: `spu eval` maps new data by it
             "methods": {type(m).__name__: m.state_dict() for m in self.methods},
             "rng": ckpt.rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler else None,

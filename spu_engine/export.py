@@ -37,7 +37,7 @@ from . import compact_heads
 from .checkpoint import latest_checkpoint, load_method_tensors
 from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
 from .methods.pruning.layout import ffn_layers
-from .model import AUTO_CLASSES, count_params, find_block_list, load_model, load_tokenizer
+from .model import AUTO_CLASSES, count_params, find_block_list, load_model, load_tokenizer, name_classes
 from .runs import CHECKPOINTS, CONFIG
 
 MASK_PREFIX = "PruningMethod/mask."
@@ -80,6 +80,7 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
     tensors = load_file(str(path / "model.safetensors"))
     masks = {k[len(MASK_PREFIX) :]: v for k, v in load_method_tensors(path).items() if k.startswith(MASK_PREFIX)}
     model = _load_into(config.model, get_task(config.task).model_kind, tensors)
+    name_classes(model, json.loads((path / "state.json").read_text()).get("label_names"))  # `spu eval` maps labels by these names
     masked, zeros = fold_masks(model, masks)
     report = ExportReport(out_dir, path, count_params(model), len(masks), zeros / masked if masked else 0.0, notes=notes)
     report.dense_params = report.params

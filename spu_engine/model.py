@@ -69,6 +69,20 @@ def load_model(name: str, task: str = "classification", num_labels: int | None =
     return model
 
 
+def name_classes(model: nn.Module, names: list[str] | None) -> None:
+    """Name a classifier's classes in its config (``id2label``), so a saved or exported model says which label each id is."""
+    config = getattr(model, "config", None)
+    if names and config is not None and getattr(config, "num_labels", None) == len(names):
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def class_names(config) -> list[str]:
+    """The label of each class id a model's config names; numbered ``0`` .. ``n-1`` when it has only HF's ``LABEL_i`` defaults."""
+    names = [str(config.id2label[i]) for i in range(config.num_labels)]
+    return [str(i) for i in range(len(names))] if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]

@@ -17,7 +17,17 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli import build_config, config_from_policy, default_run_dir, fail, read_policy, read_run_config, resume_policy
+from spu_engine.cli import (
+    METRIC_HELP,
+    TEXT_COLUMN_HELP,
+    build_config,
+    config_from_policy,
+    default_run_dir,
+    fail,
+    read_policy,
+    read_run_config,
+    resume_policy,
+)
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model_source import resolve_model_name
 from spu_engine.runs import CHECKPOINTS, CONFIG, ENGINE_LOG, EVENTS, is_live, newest_live_run, read_history, run_folders, run_info
@@ -80,11 +90,11 @@ def check_model(model: str) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) [default: the policy's run: model, else minilm]"),
-    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files [default: the policy's run: data, else glue/sst2 when online, else $SPU_DATA]"),
+    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) (default: the policy's run: model, else minilm)"),
+    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files (default: the policy's run: data, else glue/sst2 when online, else $SPU_DATA)"),
     policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps; its run: settings are the defaults, flags override)"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
-    task: Optional[str] = typer.Option(None, help="classification, qa or lm; auto infers it from the data and the model [default: auto]"),
+    task: Optional[str] = typer.Option(None, help="classification, qa or lm; auto infers it from the data and the model (default: auto)"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None),
@@ -94,8 +104,9 @@ def main(
     checkpoint_every: Optional[int] = typer.Option(None),
     max_train_samples: Optional[int] = typer.Option(None),
     max_eval_samples: Optional[int] = typer.Option(None),
-    text_column: Optional[str] = typer.Option(None),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
     label_column: Optional[str] = typer.Option(None),
+    metric: Optional[str] = typer.Option(None, help=METRIC_HELP),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
@@ -116,7 +127,7 @@ def main(
         pol, policy, model=model, data=resolve_data(data or from_file.get("data")), task=task, steps=steps, batch_size=batch_size,
         max_length=max_length, lr=lr, eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column,
-        seed=seed, device=device, threads=threads,
+        metric=metric, seed=seed, device=device, threads=threads,
     )
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):
@@ -138,7 +149,7 @@ def main(
 
 @app.command()
 def attach(
-    run: Optional[Path] = typer.Argument(None, help="run folder [default: the newest live run under ./runs]"),
+    run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest live run under ./runs)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
 ) -> None:
     """Reattach to a run: redraw its history from events.jsonl and steer it again.

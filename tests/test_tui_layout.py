@@ -31,8 +31,9 @@ def small_sst2(folder):
     return folder
 
 
-def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, **config) -> tuple:
-    """A finished tiny-BERT run on a slice of SST-2 with ``timeline`` changes (step, change): its folder and history, as attach reads them."""
+def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, data=None, **config) -> tuple:
+    """A finished tiny-BERT run on ``data`` (default: a slice of SST-2) with ``timeline`` changes (step, change): its folder and history,
+    as attach reads them."""
     from conftest import build_tiny
 
     from spu_engine.engine import Engine, EngineConfig
@@ -40,7 +41,7 @@ def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, **config)
     from spu_engine.tasks.classification import ClassificationTask
 
     run_dir = tmp_path_factory.mktemp(name)
-    data = small_sst2(tmp_path_factory.mktemp("sst2"))
+    data = data or small_sst2(tmp_path_factory.mktemp("sst2"))
     task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32, max_train_samples=256, max_eval_samples=32))
     config = EngineConfig(model="tiny", data=str(data), **{"batch_size": 8, "lr": 1e-3, "warmup": 0, **config})
     policy = Policy(timeline=[TimelineEntry(step=step, **change.model_dump()) for step, change in timeline])
@@ -107,6 +108,25 @@ class ScriptedLink(Link):
     def changes(self) -> list[dict]:
         """The change commands sent, as the protocol carries them."""
         return [fields["change"] for cmd, fields in self.sent if cmd == "change"]
+
+
+@pytest.mark.parametrize("glue, metric", [("cola", "mcc"), ("mrpc", "f1")])
+async def test_the_loss_plot_and_eval_lines_show_the_runs_own_metric(tmp_path_factory, tokenizer, glue, metric):
+    from conftest import DATA
+
+    data = tmp_path_factory.mktemp("data") / glue  # named like the GLUE task: its metric
+    data.mkdir()
+    for name, rows in (("train.tsv", 64), ("dev.tsv", 16)):
+        (data / name).write_text("".join((DATA / glue / name).read_text(encoding="utf-8").splitlines(keepends=True)[: rows + 1]), encoding="utf-8")
+    run_dir, history = record_run(tmp_path_factory, tokenizer, glue, [], data=data, steps=4, eval_every=2)
+    evals = [e[metric] for e in history if e["type"] == "eval"]
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.5)
+        assert app.state.metric == metric and app.state.eval_metric == evals and len(evals) == 2
+        text = "\n".join(screen_lines(app))
+        assert f"{metric} (right axis)" in text
+        assert f"{metric} {evals[-1]:.4g}" in text and "accuracy" in text  # the eval line in the log
 
 
 @pytest.mark.parametrize("size", [(80, 24), (200, 50)])

@@ -20,6 +20,7 @@ class TaskOptions:
     max_length: int = 128
     text_column: str | None = None
     label_column: str | None = None
+    metric: str | None = None  # classification: accuracy | f1 | mcc (None: the data's, see data.data_metric)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     doc_stride: int | None = None  # qa: tokens shared by consecutive windows of a long context (None: max_length // 3)
@@ -37,8 +38,8 @@ class Task(ABC):
 
     name: ClassVar[str]
     model_kind: ClassVar[str]
-    metric: ClassVar[str]  # the headline eval metric shown in the console
-    eval_fields: ClassVar[tuple[str, ...]]  # the numbers ``evaluate`` returns (what a when-trigger may watch)
+    metric: str  # the headline eval metric: what the console plots, `spu runs` lists and `spu eval` reports
+    eval_fields: tuple[str, ...]  # the numbers ``evaluate`` returns (what a when-trigger may watch)
     num_labels: int = 2
 
     def __init__(self, train: list[dict[str, Any]], eval: list[dict[str, Any]], pad_id: int) -> None:

@@ -1,90 +1,180 @@
-"""Sequence classification (SST-2 and any text/label table)."""
+"""Sequence classification: one text column (SST-2, CoLA) or a sentence pair (MRPC, RTE, QNLI, QQP, MNLI) and a label.
+
+A pair goes to the tokenizer as two texts, so a BERT-style model reads ``[CLS] a [SEP] b [SEP]`` with the
+segment ids that tell the halves apart.  Evaluation reports accuracy, and the headline metric when it is
+another: GLUE's for data named like a GLUE task (F1 of label 1 for MRPC and QQP, Matthews correlation for
+CoLA), or ``--metric``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..data import DataError, hold_out_rows, is_local, load_hub_splits, pick_column, read_rows, require_columns, split_files
+from ..data import (
+    GLUE_REGRESSION,
+    DataError,
+    data_metric,
+    glue_task,
+    hold_out_rows,
+    is_local,
+    load_hub_splits,
+    pick_column,
+    read_rows,
+    require_columns,
+    split_files,
+)
 from .base import Task, TaskOptions
+from .infer import LABEL_KEYS
 
 TEXT_CANDIDATES = ("sentence", "text", "sentence1", "review", "content", "document")
-LABEL_CANDIDATES = ("label", "labels", "target", "class")
+# sentence pairs by their GLUE column names: MRPC and RTE (hub), QNLI, MRPC (GLUE's own TSV), QQP, MNLI
+PAIR_CANDIDATES = (("sentence1", "sentence2"), ("question", "sentence"), ("#1 String", "#2 String"), ("question1", "question2"), ("premise", "hypothesis"))
+METRICS = ("accuracy", "f1", "mcc")
+
+
+@dataclass
+class Columns:
+    """Where a table keeps its text (one column, or the two of a pair) and its label."""
+
+    text: tuple[str, ...]
+    label: str
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]], options: TaskOptions, source: str) -> "Columns":
+        """``--text-column`` (``a`` or ``a,b``) and ``--label-column``, else the first known pair or text column and label column."""
+        existing = list(rows[0].keys()) if rows else []
+        if options.text_column:
+            text = tuple(part.strip() for part in options.text_column.split(","))
+        else:
+            pair = next((p for p in PAIR_CANDIDATES if all(c in existing for c in p)), None)
+            text = pair or (pick_column(rows, TEXT_CANDIDATES) or "sentence",)
+        label = options.label_column or pick_column(rows, LABEL_KEYS)
+        if label is None:
+            raise DataError(
+                f"{source}: no label column (looked for {', '.join(LABEL_KEYS)}; columns are: {', '.join(existing) or 'none'}); "
+                "name it with --label-column (a test file without labels cannot be trained or scored)"
+            )
+        return cls(text, label)
+
+    def require(self, rows: list[dict[str, Any]], source: str) -> None:
+        for column in self.text:
+            require_columns(rows, {"--text-column": column}, source)
+        require_columns(rows, {"--label-column": self.label}, source)
+
+    def encode(self, tokenizer, rows: list[dict[str, Any]], source: str, label_ids: dict[str, int], whose: str, max_length: int) -> list[dict[str, Any]]:
+        """Token ids (two texts as the tokenizer's text pair) and the label id of each row; an unknown label is an error naming the row."""
+        texts = [[str(r[c]) for r in rows] for c in self.text]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        out = []
+        for i, r in enumerate(rows):
+            key = str(r[self.label])
+            if key not in label_ids:
+                hidden = " (-1 marks a hidden label, as in GLUE's test splits)" if key == "-1" else ""
+                raise DataError(f"{source}: row {i + 1} has label {r[self.label]!r}, not among {whose} {list(label_ids)}{hidden}")
+            feat = {k: enc[k][i] for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            feat["labels"] = label_ids[key]
+            out.append(feat)
+        return out
 
 
 class ClassificationTask(Task):
     name = "classification"
     model_kind = "classification"
     metric = "accuracy"
-    eval_fields = ("eval_loss", "accuracy", "eval_samples")
+
+    @property
+    def eval_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Accuracy always, and the headline metric when it is another (F1, Matthews correlation)."""
+        return ("eval_loss", "accuracy", *(() if self.metric == "accuracy" else (self.metric,)), "eval_samples")
 
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> "ClassificationTask":
-        if is_local(source):
-            files = split_files(source)
-            splits = {"train": (read_rows(files["train"]), str(files["train"]))}
-            if files["eval"] != files["train"]:
-                splits["eval"] = (read_rows(files["eval"]), str(files["eval"]))
-        else:
-            hub = load_hub_splits(source)
-            splits = {s: (rows, f"{source} ({s})") for s, rows in hub.items()}
+        if glue_task(source) in GLUE_REGRESSION:
+            raise DataError(f"{source} is GLUE's STS-B: similarity scores (regression), not classes; classification cannot train it")
+        splits = read_splits(source)
         train_rows, train_src = splits["train"]
         if not train_rows:
             raise DataError(f"{train_src}: no rows")
-        text_col = options.text_column or pick_column(train_rows, TEXT_CANDIDATES) or "sentence"
-        label_col = options.label_column or pick_column(train_rows, LABEL_CANDIDATES) or "label"
-        wanted = {"--text-column": text_col, "--label-column": label_col}
+        columns = Columns.of(train_rows, options, train_src)
         for rows, src in splits.values():
-            require_columns(rows, wanted, src)
-        labels = sorted({str(r[label_col]) for r in train_rows})
-        label_ids = _label_ids(labels)
+            columns.require(rows, src)
+        label_ids = _label_ids(sorted({str(r[columns.label]) for r in train_rows}))
         note = None
         if "eval" not in splits:  # after the labels: a label that lands only in the held-out share still has its id
             train_rows, eval_rows, note = hold_out_rows(train_rows, options.eval_split, options.seed, train_src)
             splits = {"train": (train_rows, train_src), "eval": (eval_rows, f"{train_src} (held out)")}
 
-        def encode(rows: list[dict[str, Any]], src: str, limit: int | None) -> list[dict[str, Any]]:
-            rows = rows[:limit] if limit else rows
-            texts = [str(r[text_col]) for r in rows]
-            enc = tokenizer(texts, truncation=True, max_length=options.max_length)
-            out = []
-            for i, r in enumerate(rows):
-                key = str(r[label_col])
-                if key not in label_ids:
-                    raise DataError(f"{src}: row {i + 1} has label {r[label_col]!r}, not among the train labels {labels}")
-                feat = {k: enc[k][i] for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
-                feat["labels"] = label_ids[key]
-                out.append(feat)
-            return out
+        def encode(split: str, limit: int | None) -> list[dict[str, Any]]:
+            rows, src = splits[split]
+            return columns.encode(tokenizer, rows[:limit] if limit else rows, src, label_ids, "the train labels", options.max_length)
 
-        task = cls(
-            encode(train_rows, train_src, options.max_train_samples),
-            encode(splits["eval"][0], splits["eval"][1], options.max_eval_samples),
-            tokenizer.pad_token_id,
-        )
-        task.num_labels = len(labels)
-        task.label_names = labels
+        task = cls(encode("train", options.max_train_samples), encode("eval", options.max_eval_samples), tokenizer.pad_token_id)
+        task.name_classes(label_ids, options.metric or data_metric(source), train_src)
         task.notes = [note] if note else []
         return task
 
-    def outputs(self, model, batch):
-        return (model(**{k: v for k, v in batch.items() if k != "labels"}).logits,)
+    @classmethod
+    def scoring(cls, rows: list[dict[str, Any]], source: str, tokenizer, options: TaskOptions, label_ids: dict[str, int]) -> "ClassificationTask":
+        """An eval set only, to score a trained model whose class ids ``label_ids`` names (``spu eval``); ``options.metric`` is the headline."""
+        if not rows:
+            raise DataError(f"{source}: no rows")
+        columns = Columns.of(rows, options, source)
+        columns.require(rows, source)
+        rows = rows[: options.max_eval_samples] if options.max_eval_samples else rows
+        task = cls([], columns.encode(tokenizer, rows, source, label_ids, "the model's classes", options.max_length), tokenizer.pad_token_id)
+        task.name_classes(label_ids, options.metric or "accuracy", source)
+        return task
+
+    def name_classes(self, label_ids: dict[str, int], metric: str, source: str) -> None:
+        """The label of each class id, and the headline metric (F1 is of the positive class, id 1: it needs two classes)."""
+        self.label_names = sorted(label_ids, key=label_ids.get)
+        self.num_labels = len(self.label_names)
+        if metric == "f1" and self.num_labels != 2:
+            raise DataError(f"--metric f1 is the F1 of the positive class and needs two labels; {source} has {self.num_labels}: {self.label_names}")
+        self.metric = metric
 
     def loss_from(self, outputs, batch):
         return F.cross_entropy(outputs[0].float(), batch["labels"], reduction="none")
 
     @torch.no_grad()
     def evaluate(self, model, batches) -> dict[str, float]:
-        total_loss, correct, n = 0.0, 0, 0
+        total_loss, predicted, gold = 0.0, [], []
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs).logits.float()
+            logits = self.outputs(model, batch)[0].float()
             total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            n += batch["labels"].numel()
-        return {"eval_loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "eval_samples": n}
+            predicted.append(logits.argmax(-1).cpu())
+            gold.append(batch["labels"].cpu())
+        cm = confusion(torch.cat(predicted), torch.cat(gold), self.num_labels) if gold else torch.zeros(self.num_labels, self.num_labels)
+        n = int(cm.sum())
+        metrics = {"eval_loss": total_loss / max(n, 1), "accuracy": float(cm.trace()) / max(n, 1)}
+        if self.metric == "f1":
+            metrics["f1"] = f1_positive(cm)
+        elif self.metric == "mcc":
+            metrics["mcc"] = matthews(cm)
+        return {**metrics, "eval_samples": n}
+
+
+def read_splits(source: str) -> dict[str, tuple[list[dict[str, Any]], str]]:
+    """``train`` (and ``eval`` when the data has one) rows of a local file / folder or a hub dataset, each with where it came from."""
+    if is_local(source):
+        files = split_files(source)
+        splits = {"train": (read_rows(files["train"]), str(files["train"]))}
+        if files["eval"] != files["train"]:
+            splits["eval"] = (read_rows(files["eval"]), str(files["eval"]))
+        return splits
+    return {s: (rows, f"{source} ({s})") for s, rows in load_hub_splits(source).items()}
+
+
+def train_label_ids(source: str, options: TaskOptions) -> dict[str, int]:
+    """The class id of each label of the training data, as ``build`` numbers them (for runs that did not record their labels)."""
+    rows, src = read_splits(source)["train"]
+    column = Columns.of(rows, options, src).label
+    require_columns(rows, {"--label-column": column}, src)
+    return _label_ids(sorted({str(r[column]) for r in rows}))
 
 
 def _label_ids(labels: list[str]) -> dict[str, int]:
@@ -94,3 +184,22 @@ def _label_ids(labels: list[str]) -> dict[str, int]:
         if values == list(range(len(values))):
             return {str(v): v for v in values}
     return {lbl: i for i, lbl in enumerate(labels)}
+
+
+def confusion(predicted: torch.Tensor, gold: torch.Tensor, classes: int) -> torch.Tensor:
+    """Counts [gold class, predicted class], float64."""
+    return torch.bincount(gold * classes + predicted, minlength=classes * classes).view(classes, classes).double()
+
+
+def f1_positive(cm: torch.Tensor) -> float:
+    """F1 of class 1 (GLUE's for MRPC and QQP): 2 TP / (predicted positive + actual positive); 0 when both are empty."""
+    both = cm[:, 1].sum() + cm[1].sum()
+    return float(2 * cm[1, 1] / both) if both > 0 else 0.0
+
+
+def matthews(cm: torch.Tensor) -> float:
+    """Matthews correlation (Gorodkin's K-class form, the binary MCC for two), GLUE's for CoLA; 0 when a side predicts one class only."""
+    n, correct = cm.sum(), cm.trace()
+    predicted, actual = cm.sum(0), cm.sum(1)
+    denominator = ((n * n - predicted @ predicted) * (n * n - actual @ actual)).sqrt()
+    return float((correct * n - predicted @ actual) / denominator) if denominator > 0 else 0.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..data import TEXT_ENCODING, DataError, is_local, read_rows, split_files
 
 QA_KEYS = {"question", "context", "answers"}
-LABEL_KEYS = ("label", "labels", "target", "class")
+LABEL_KEYS = ("label", "labels", "target", "class", "Quality")  # Quality: the label of GLUE's own MRPC files
 QA_HUB = ("squad", "rajpurkar/squad", "adversarial_qa", "mrqa")
 LM_HUB = ("wikitext", "salesforce/wikitext", "ptb_text_only", "openwebtext", "tiny_shakespeare", "roneneldan/tinystories")
 
