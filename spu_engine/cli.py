@@ -1,4 +1,4 @@
-"""``spu``: the headless command line (train, engine, policy, runs)."""
+"""``spu``: the headless command line (train, engine, runs, report, export, policy)."""
 
 from __future__ import annotations
 
@@ -280,6 +280,28 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
     resumable = [i for i in found if i.state in ("crashed", "stopped")]
     if resumable:
         out.print(f"continue a crashed or stopped run from its newest checkpoint: spu train --resume {resumable[0].path}", highlight=False)
+
+
+@app.command()
+def report(
+    run: Path = typer.Option(..., "--run", help="run folder"),
+    format: str = typer.Option("table", "--format", help="table (rich tables and terminal plots) | md | csv"),
+) -> None:
+    """A run's IMP rounds: sparsity, kept share per unit, train loss, the evaluation at each round's end, time."""
+    from .report import ReportError, load_imp_report, print_rich, to_csv, to_markdown
+
+    if format not in ("table", "md", "csv"):
+        fail(f"--format: {format!r} is not one of table, md, csv")
+    try:
+        found = load_imp_report(run)
+    except ReportError as exc:
+        fail(str(exc))
+    if format == "table":
+        print_rich(found, out)
+        return
+    sys.stdout.write(to_markdown(found) if format == "md" else to_csv(found))
+    for note in found.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command("export")
