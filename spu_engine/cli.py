@@ -308,7 +308,7 @@ def report(
 def export_model(
     run: Path = typer.Option(..., "--run", help="run folder (config.json and checkpoints/)"),
     out_dir: Path = typer.Option(..., "--out", help="folder to write: a Hugging Face model folder"),
-    compact: bool = typer.Option(False, help="also remove the FFN neurons and attention heads pruning killed (smaller, faster)"),
+    compact: bool = typer.Option(False, help="also remove the FFN neurons, attention heads and (GPT-2) whole blocks pruning killed, outputs unchanged"),
     force: bool = typer.Option(False, help="write into a non-empty --out folder"),
 ) -> None:
     """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
@@ -330,6 +330,8 @@ def export_model(
         return
     old, new = report.ffn_width
     out.print(f"FFN width: {old} -> {new} (every block)")
+    if report.blocks is not None:
+        out.print(f"blocks: {report.blocks[0]} -> {report.blocks[1]}")
     if report.heads is not None:
         out.print(f"attention heads: {report.heads[0]} -> {report.heads[1]} (all blocks)")
     out.print(f"parameters: dense {report.dense_params:,} -> compact {report.params:,} ({report.params / report.dense_params:.1%})")
