@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SST2, build_tiny
+from conftest import SST2, WIKI, build_tiny
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
@@ -309,3 +309,30 @@ def test_a_dead_post_ln_block_stays_and_the_export_says_why(tokenizer):
     assert "blocks [1]" in notes[0] and "post-LN" in notes[0] and "LayerNorms" in notes[0]
     with torch.no_grad():
         assert torch.allclose(model(**batch)[0], want, atol=1e-5)
+
+
+def test_export_of_a_gpt2_run_with_a_fully_pruned_block_has_one_block_fewer(tiny_gpt2_dir, tmp_path):
+    """Masks that prune every weight of block 1 (the biases stay, as pruning leaves them): the compact folder has
+    three blocks, loads with plain from_pretrained and gives the masked model's logits."""
+    policy = parse_policy({"pruning": {"method": "magnitude", "schedule": {"kind": "constant", "final_sparsity": 0.3}}})
+    config = EngineConfig(model=str(tiny_gpt2_dir), data=str(WIKI), task="lm", steps=2, batch_size=4, max_length=32,
+                          max_train_samples=32, max_eval_samples=8, eval_every=0, warmup=0, lr=1e-3)
+    engine = Engine(config, policy, tmp_path / "run")
+    engine.run()
+    pm = next(m for m in engine.methods if isinstance(m, PruningMethod))
+    for name in pm.targets:
+        if ".h.1." in name:
+            pm.masks.set(name, torch.zeros_like(pm.masks.keep(name)))
+    engine.save_checkpoint()
+    engine.model.eval()
+    batch = probe_batch(engine.model.config, batch_size=2, length=24)
+    with torch.no_grad():
+        logits = engine.model(**batch).logits
+    engine.close()
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "compact"), "--compact"])
+    assert result.exit_code == 0, result.output
+    assert "blocks: 4 -> 3" in result.output and "blocks [1] removed" in result.output
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact").eval()
+    assert loaded.config.n_layer == 3
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)
