@@ -132,9 +132,9 @@ async def test_the_sparsity_panel_steps_through_the_imp_rounds(imp_run):
         await pilot.press("left_square_bracket")  # the last round
         assert chart.round == 2
         assert chart._shown.values == pytest.approx([1 - rounds[2]["kept_by_unit"].get(n, 1.0) for n in units])
-        assert any("IMP round 2/2: 75.0% of the targets  [ ] rounds" in line for line in screen_lines(app))
+        assert any("IMP round 2/2 · 75.0% [ ]" in line for line in screen_lines(app))
         await pilot.press("left_square_bracket", "left_square_bracket")
         assert chart.round == 0 and chart._shown.values == [0.0] * len(units)  # round 0 trains the mask before any pruning
         await pilot.press("right_square_bracket", "right_square_bracket", "right_square_bracket")
         assert chart.round is None and chart._shown.values == live
-        assert any("now" in line and "IMP rounds" in line for line in screen_lines(app))
+        assert any("now · [ ] IMP rounds" in line for line in screen_lines(app))

@@ -62,10 +62,10 @@ class SparsityChart(Chart):
         chosen = state.imp_rounds[self.round] if self.round is not None and self.round < len(state.imp_rounds) else None
         if chosen is None:  # live: each unit's pruned share of all its parameters
             values = [stats.sparsity if (stats := state.unit_stats.get(n)) else 0.0 for n in names]
-            subtitle = "now  [gray]\[ ] IMP rounds[/]" if state.imp_rounds else ""
+            subtitle = "now · [gray]\\[ ] IMP rounds[/]" if state.imp_rounds else ""
         else:  # that round: each unit's pruned share of its pruning targets
             values = [1.0 - chosen.kept_by_unit.get(n, 1.0) for n in names]
-            subtitle = f"IMP round {chosen.round}/{chosen.rounds}: {chosen.sparsity:.1%} of the targets  [gray]\[ ] rounds[/]"
+            subtitle = f"IMP round {chosen.round}/{chosen.rounds} · {chosen.sparsity:.1%} [gray]\\[ ][/]"
         if subtitle != self._subtitle:
             self._subtitle = self.border_subtitle = subtitle
         self.redraw(BarSpec(labels=[short_unit(n) for n in names], values=values, ylim=(0.0, 1.0)))
