@@ -1,4 +1,4 @@
-"""``spu``: the headless command line (train, engine, runs, export, eval, ablate, policy)."""
+"""``spu``: the headless command line (train, engine, runs, report, export, eval, ablate, policy)."""
 
 from __future__ import annotations
 
@@ -333,11 +333,33 @@ def ablate(
         out.print(view)
 
 
+@app.command()
+def report(
+    run: Path = typer.Option(..., "--run", help="run folder"),
+    format: str = typer.Option("table", "--format", help="table (rich tables and terminal plots) | md | csv"),
+) -> None:
+    """A run's IMP rounds: sparsity, kept share per unit, train loss, the evaluation at each round's end, time."""
+    from .report import ReportError, load_imp_report, print_rich, to_csv, to_markdown
+
+    if format not in ("table", "md", "csv"):
+        fail(f"--format: {format!r} is not one of table, md, csv")
+    try:
+        found = load_imp_report(run)
+    except ReportError as exc:
+        fail(str(exc))
+    if format == "table":
+        print_rich(found, out)
+        return
+    sys.stdout.write(to_markdown(found) if format == "md" else to_csv(found))
+    for note in found.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
 @app.command("export")
 def export_model(
     run: Path = typer.Option(..., "--run", help="run folder (config.json and checkpoints/)"),
     out_dir: Path = typer.Option(..., "--out", help="folder to write: a Hugging Face model folder"),
-    compact: bool = typer.Option(False, help="also remove the FFN neurons and attention heads pruning killed (smaller, faster)"),
+    compact: bool = typer.Option(False, help="also remove the FFN neurons, attention heads and (GPT-2) whole blocks pruning killed, outputs unchanged"),
     force: bool = typer.Option(False, help="write into a non-empty --out folder"),
 ) -> None:
     """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
@@ -359,6 +381,8 @@ def export_model(
         return
     old, new = report.ffn_width
     out.print(f"FFN width: {old} -> {new} (every block)")
+    if report.blocks is not None:
+        out.print(f"blocks: {report.blocks[0]} -> {report.blocks[1]}")
     if report.heads is not None:
         out.print(f"attention heads: {report.heads[0]} -> {report.heads[1]} (all blocks)")
     out.print(f"parameters: dense {report.dense_params:,} -> compact {report.params:,} ({report.params / report.dense_params:.1%})")

@@ -75,6 +75,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self._retry_at = 0.0
         self.step = 0
         self.samples_seen = 0
+        self.evaluated_at: int | None = None
         self._nonfinite_streak = 0
         self._saved_step: int | None = None  # step of the last checkpoint written by this process
         self._saved_path: Path | None = None
@@ -407,12 +408,12 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
                 self.survive_oom(self.train_step, "training step")
                 if self.step == taken:
                     continue  # batch skipped (non-finite) or out of memory: nothing new to evaluate or save
-                if self.config.eval_every and self.step % self.config.eval_every == 0:
+                if self.eval_due():
                     self._evaluated(self.survive_oom(self.evaluate, "evaluation"))
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_or_pause()
             if self.stop is None:
-                if not self.config.eval_every or self.step % self.config.eval_every:
+                if self.evaluated_at != self.step:
                     self._evaluated(self.survive_oom(self.evaluate, "evaluation"))
                     self._saved_step = None  # evaluation hooks may have changed method state
                 if self._saved_step != self.step:

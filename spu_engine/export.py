@@ -8,10 +8,23 @@ writes ``config.json``, ``model.safetensors`` and the tokenizer with
 ``compact=True`` also removes what pruning killed, so the saved model is
 physically smaller and faster:
 
-- FFN neurons (output column all zero, or input row all zero with a zero
-  bias).  Every block keeps the same width (the widest block's live neurons;
-  narrower blocks keep a few all-zero neurons) because the stock configs have
-  one ``intermediate_size``; the folder stays loadable without custom code.
+- FFN neurons whose output column is all zero.  A neuron whose input row
+  is all zero still outputs a constant, act(its input bias), into its column:
+  that constant times the column is added to the output bias first, and the
+  column zeroed, so it goes too (the outputs change by float rounding only).
+  Every block keeps the same width (the widest block's live neurons; narrower
+  blocks keep a few all-zero neurons) because the stock configs have one
+  ``intermediate_size``; the folder stays loadable without custom code.
+- Whole GPT-2 blocks whose every attention head and FFN neuron is dead.  In
+  a pre-LN block the LayerNorms sit inside the two branches, so such a block
+  computes x + b_attn + b_ffn (its two output biases) for every input x: it is
+  dropped, ``n_layer`` lowered, and that constant added to the FFN output bias
+  of the block before it (to the position embeddings for a leading block), so
+  the outputs stay equal up to float rounding.  A post-LN block (BERT and its
+  family) is never dropped: whatever its weights, it still applies its two
+  LayerNorms to the residual stream, and LN2(LN1(x)) = x holds for no setting
+  of them (a LayerNorm's output has its own mean and scale, and eps > 0), so
+  removing it would change the outputs; the export says so in a note.
 - Attention heads (output-projection columns all zero, or value weights and
   bias all zero), per block; one head stays where all died.  Stock configs
   cannot say "a different number of heads per layer", so when any head goes
@@ -56,6 +69,7 @@ class ExportReport:
     masked_tensors: int
     sparsity: float  # zeros among the masked tensors
     ffn_width: tuple[int, int] | None = None  # (before, after) with --compact
+    blocks: tuple[int, int] | None = None  # number of blocks (before, after) with --compact
     heads: tuple[int, int] | None = None  # attention heads over all blocks (before, after) with --compact
     dense_params: int = 0
     dense_seconds: float | None = None  # CPU forward time on a probe batch, dense vs compact
@@ -87,6 +101,7 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
     if compact:
         dense = copy.deepcopy(model)
         report.ffn_width = compact_ffn(model)
+        report.blocks = remove_blocks(model, notes)
         report.heads = compact_attention(model)
         batch = probe_batch(model.config)
         report.dense_seconds, report.compact_seconds = time_forward(dense, batch), time_forward(model, batch)
@@ -162,8 +177,43 @@ def _neuron_rows(module: nn.Module, side: str) -> torch.Tensor:
     return w if side == "out" else w.t()
 
 
+ACTIVATIONS = ("intermediate_act_fn", "act", "activation", "act_fn")  # BERT, GPT-2, DistilBERT, Llama: on the FFN input's parent
+
+
+@torch.no_grad()
+def fold_constant_neurons(ins: list[nn.Module], out: nn.Module, activation) -> int:
+    """Neurons whose input row is all zero output act(bias) whatever the input: add act(bias) times their column to
+    the output bias and zero the column, so they are dead.  One input layer (not gated) and an output bias (or a
+    constant of zero) only.  Returns how many columns were folded."""
+    if len(ins) != 1 or activation is None:
+        return 0
+    (up,) = ins
+    silent = (_neuron_rows(up, "out") == 0).all(dim=1)
+    if not silent.any():
+        return 0
+    bias = up.bias if up.bias is not None else torch.zeros(silent.numel(), dtype=up.weight.dtype, device=up.weight.device)
+    constant = activation(bias[silent])  # [n silent]
+    columns = _neuron_rows(out, "in")  # [neurons, hidden], a view of the weight
+    folded = silent & (columns != 0).any(dim=1)
+    if out.bias is None:  # nowhere to put a constant: only those of zero go
+        zero = torch.zeros_like(silent)
+        zero[silent] = constant == 0
+        folded &= zero
+    else:
+        out.bias += (constant[:, None] * columns[silent]).sum(0)
+    columns[folded] = 0
+    return int(folded.sum())
+
+
+def _activation(places: list[tuple[nn.Module, str, nn.Module]]):
+    """The FFN's activation function, found next to its input layer; None if it has none of the known names."""
+    parent = places[0][0]
+    return next((fn for name in ACTIVATIONS if callable(fn := getattr(parent, name, None))), None)
+
+
 def _dead_neurons(ins: list[nn.Module], out: nn.Module) -> torch.Tensor:
-    """Neurons that contribute nothing: zero output column, or a zero input row with zero bias (act(0) = 0)."""
+    """Neurons that contribute nothing: zero output column, or a zero input row with zero bias (act(0) = 0 for the
+    activations of these models; a single-input FFN's silent neurons were folded into zero columns already)."""
     dead = (_neuron_rows(out, "in") == 0).all(dim=1)
     for m in ins:
         silent = (_neuron_rows(m, "out") == 0).all(dim=1)
@@ -180,6 +230,8 @@ def compact_ffn(model: nn.Module) -> tuple[int, int]:
     found = [_ffn_modules(b) for b in blocks]
     if any(f is None for f in found):
         raise ExportError(f"--compact: cannot find the FFN input/output layers of {type(model).__name__}'s blocks")
+    for ins, out, places in found:
+        fold_constant_neurons(ins, out, _activation(places))
     dead = [_dead_neurons(ins, out) for ins, out, _ in found]
     old = dead[0].numel()
     width = max(1, max(int((~d).sum()) for d in dead))
@@ -195,6 +247,61 @@ def compact_ffn(model: nn.Module) -> tuple[int, int]:
         raise ExportError(f"--compact: no FFN width ({', '.join(FFN_WIDTH_KEYS)}) equal to {old} in {type(model.config).__name__}")
     setattr(model.config, key, width)
     return old, width
+
+
+POST_LN = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert")  # LayerNorm on the residual stream after each sublayer
+
+
+@torch.no_grad()
+def remove_blocks(model: nn.Module, notes: list[str]) -> tuple[int, int]:
+    """Drop the blocks that only add a constant to the residual stream (GPT-2; see the module's docstring), moving
+    the constant to the block before; a note for every dead block that stays, saying why.  Returns (before, after)."""
+    path, blocks = find_block_list(model)
+    idle = [i for i, b in enumerate(blocks) if _all_dead(b)]
+    kind = model.config.model_type
+    if not idle:
+        return len(blocks), len(blocks)
+    if kind != "gpt2":
+        why = ("a post-LN block still applies its two LayerNorms to the residual stream, so removing it would change the outputs"
+               if kind in POST_LN else f"removing blocks is implemented for GPT-2 only, not {type(model).__name__}")
+        notes.append(f"blocks {idle}: every attention head and FFN neuron is dead, but they stay: {why}")
+        return len(blocks), len(blocks)
+    if model.config.scale_attn_by_inverse_layer_idx or model.config.add_cross_attention:
+        notes.append(f"blocks {idle}: every head and neuron is dead, but they stay: this GPT-2 scales attention by layer index "
+                     "or has cross-attention, which removing a block would change")
+        return len(blocks), len(blocks)
+    gone = set(idle[1:] if len(idle) == len(blocks) else idle)  # a model keeps one block
+    parent, _, attr = path.rpartition(".")
+    for i in sorted(gone):
+        shift = sum(m.bias for m in _output_layers(blocks[i]))  # the block computes x + shift, exactly
+        before = [j for j in range(i) if j not in gone]
+        if before:
+            _output_layers(blocks[before[-1]])[1].bias += shift  # the block before now ends with + shift
+        else:
+            model.get_submodule(parent).wpe.weight += shift  # so does the input of the first block
+    kept = nn.ModuleList(b for i, b in enumerate(blocks) if i not in gone)
+    for i, block in enumerate(kept):  # the cache is indexed by position
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = i
+    setattr(model.get_submodule(parent), attr, kept)
+    model.config.n_layer = len(kept)
+    notes.append(f"blocks {sorted(gone)} removed: every attention head and FFN neuron was dead, so each only added its output "
+                 "biases to the residual stream; those now go into the FFN output bias of the block before (the position embeddings for block 0)")
+    return len(blocks), len(kept)
+
+
+def _all_dead(block: nn.Module) -> bool:
+    """Every attention head and FFN neuron of the block is dead (constant neurons are folded into zero columns first)."""
+    ffn = _ffn_modules(block)
+    if ffn is None or compact_heads.attention_layout(block) is None:
+        return False
+    return bool(_dead_neurons(ffn[0], ffn[1]).all()) and bool(dead_heads(block).all())
+
+
+def _output_layers(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The attention output projection and the FFN output layer: what a block adds to the residual stream ends there."""
+    return block.get_submodule(compact_heads.attention_layout(block)[2]), _ffn_modules(block)[1]
 
 
 @torch.no_grad()

@@ -232,6 +232,25 @@ class PruneEvent(Event):
     reset: str = ""
 
 
+class ImpRoundEvent(Event):
+    """One IMP round trained to its end (``step``): round 0 is the mask before the first pruning, round k the mask
+    after k prunings.  ``kept_by_tensor`` / ``kept_by_unit``: the share of each target tensor's (each unit's target)
+    weights still in the mask; ``eval``: the evaluation at the round's end (empty when none ran); ``seconds``: wall
+    time from the round's start to the end of that evaluation, ``train_seconds``: its steps alone."""
+
+    round: int = 0
+    rounds: int = 0
+    start_step: int = 0
+    steps: int = 0
+    sparsity: float = 0.0
+    train_loss: float | None = None
+    eval: dict[str, float] = Field(default_factory=dict)
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    kept_by_tensor: dict[str, float] = Field(default_factory=dict)
+    kept_by_unit: dict[str, float] = Field(default_factory=dict)
+
+
 class UnitStats(BaseModel):
     model_config = ConfigDict(extra="allow")
     trainable: float = 1.0
@@ -341,6 +360,7 @@ EVENTS: dict[str, type[Event]] = {
     "state": StateEvent,
     "step": StepEvent,
     "prune": PruneEvent,
+    "imp_round": ImpRoundEvent,
     "units": UnitsEvent,
     "eval": EvalEvent,
     "policy": PolicyEvent,

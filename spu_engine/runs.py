@@ -12,7 +12,8 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 - ``newest_live_run(root)``: the most recently active live run folder, or None.
 - ``read_history(run_dir)``: the events of ``events.jsonl`` as one consistent
   history: what a killed engine wrote after the checkpoint its successor
-  resumed from is dropped (the ``resumed`` event marks the cut).
+  resumed from is dropped (the ``resumed`` event marks the cut); ``spu report``
+  reads a run's IMP rounds from it (``report.py``).
 
 A run is "live" while its lock is held (an flock, so a killed engine never
 looks live); otherwise its last ``state`` event says finished, stopped or
@@ -269,16 +270,21 @@ def newest_live_run(root: Path) -> Path | None:
     return next((p for p in run_folders(root) if is_live(p)), None)
 
 
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """All events of the run in order, minus those a killed engine wrote past the checkpoint that was resumed."""
+def read_history(run_dir: Path, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    """All events of the run in order, minus those a killed engine wrote past the checkpoint that was resumed.
+
+    Lines that are not a JSON object (cut short by a crash or a full disk) are skipped; ``damaged``, when
+    given, collects their line numbers so that a reader can say so."""
     history: list[dict[str, Any]] = []
     path = Path(run_dir) / EVENTS
     if not path.is_file():
         return history
     with path.open("rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             ev = _parse(line)
             if ev is None:
+                if damaged is not None and line.strip():
+                    damaged.append(number)
                 continue
             if ev.get("type") == "resumed":
                 cut = ev.get("step", 0)

@@ -66,6 +66,7 @@ class StepLoop:
     optimizer: torch.optim.Optimizer
     scaler: Any
     step: int
+    evaluated_at: int | None  # the step of the last finished evaluation
     samples_seen: int
     _step_time_ema: float | None
     _stop_signal: str | None
@@ -164,6 +165,8 @@ class StepLoop:
         for m in self.methods:
             m.after_optimizer_step(step)
         dt = time.perf_counter() - t0
+        for m in self.methods:
+            m.after_step(self.step, loss_value, dt)
         self._step_time_ema = dt if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * dt
         fields = dict(
             step=self.step,
@@ -203,10 +206,16 @@ class StepLoop:
             return {}
         finally:
             self.model.train(was_training)
+        self.evaluated_at = self.step
         for m in self.methods:
             m.on_eval(self.step, metrics)
         self.emit("eval", step=self.step, **metrics)
         return metrics
+
+    def eval_due(self) -> bool:
+        """Every ``eval_every`` steps, and when a method asks (IMP at each round's end)."""
+        every = self.config.eval_every
+        return bool(every and self.step % every == 0) or any(m.eval_due(self.step) for m in self.methods)
 
     def on_nonfinite(self, loss_value: float) -> dict[str, Any]:
         """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""

@@ -24,6 +24,7 @@ from spu_engine.protocol import (
     ErrorEvent,
     EvalEvent,
     HelloEvent,
+    ImpRoundEvent,
     LogEvent,
     PolicyEvent,
     PreviewEvent,
@@ -88,6 +89,7 @@ class RunState:
     eval_loss: list[float] = field(default_factory=list)
     eval_metric: list[float] = field(default_factory=list)
     change_steps: list[int] = field(default_factory=list)
+    imp_rounds: list[ImpRoundEvent] = field(default_factory=list)  # one per IMP round that ended, in order
     log: list[LogLine] = field(default_factory=list)
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
@@ -217,6 +219,14 @@ class RunState:
     def _on_prune(self, ev: PruneEvent) -> set[Aspect]:
         self.say(ev.step, "policy", f"{ev.method} round {ev.round}/{ev.rounds}: sparsity {ev.sparsity:.1%}, survivors reset ({ev.reset})")
         return set()
+
+    def _on_imp_round(self, ev: ImpRoundEvent) -> set[Aspect]:
+        self.imp_rounds.append(ev)
+        score = ev.eval.get(self.metric, ev.eval.get("eval_loss"))
+        shown = f", {self.metric if self.metric in ev.eval else 'eval loss'} {score:.4g}" if score is not None else ""
+        loss = f", train loss {ev.train_loss:.4g}" if ev.train_loss is not None else ""
+        self.say(ev.step, "eval", f"IMP round {ev.round}/{ev.rounds} ended: sparsity {ev.sparsity:.1%}{loss}{shown}, {ev.seconds:.0f} s")
+        return {Aspect.UNITS}
 
     def _on_policy(self, ev: PolicyEvent) -> set[Aspect]:
         self.policy = ev.policy or self.policy

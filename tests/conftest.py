@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 SST2 = DATA / "sst2"
+WIKI = DATA / "wikitext2" / "wiki.valid.raw"
 TEST_DEVICE = os.environ.get("SPU_TEST_DEVICE", "auto")  # bench/gpu.sh runs the engine tests with cuda
 
 
@@ -71,6 +72,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny BERT saved as a local HF folder (model + tokenizer), loadable by name like any model."""
     folder = tmp_path_factory.mktemp("tiny-bert")
     build_tiny("bert", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny GPT-2 language model saved as a local HF folder (model + tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    build_tiny("gpt2", tokenizer, "lm").save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SST2, build_tiny
+from conftest import SST2, WIKI, build_tiny
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from spu_engine.cli import app
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.compact_heads import attention_layout, head_count
-from spu_engine.export import _ffn_modules, _neuron_rows, compact_attention, compact_ffn, export_run, probe_batch, save_model
+from spu_engine.export import _ffn_modules, _neuron_rows, compact_attention, compact_ffn, export_run, probe_batch, remove_blocks, save_model
 from spu_engine.methods.pruning import PruningMethod
 from spu_engine.model import count_params, find_block_list
 from spu_engine.policy_files import parse_policy
@@ -197,5 +197,142 @@ def test_structured_pruning_exports_a_smaller_faster_model(tiny_model_dir, tmp_p
     assert report.dense_params - report.params > 0.3 * grouped and report.max_abs_diff < 1e-5
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compact", trust_remote_code=True).eval()
     assert count_params(loaded) == report.params
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- dead units and whole blocks
+
+
+def random_biases(model) -> None:
+    """Biases from config are zero; non-zero ones make the folding and the block shifts matter."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+
+
+def silence_neurons(model, per_block: list[int]) -> None:
+    """Zero the input rows (weights only) of the first ``n`` FFN neurons: each still outputs act(bias) into its column."""
+    _, blocks = find_block_list(model)
+    with torch.no_grad():
+        for block, n in zip(blocks, per_block):
+            ins, _, _ = _ffn_modules(block)
+            for m in ins:
+                _neuron_rows(m, "out")[:n] = 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "gpt2"])
+def test_neurons_with_zero_input_rows_are_folded_into_the_output_bias(arch, tokenizer, tmp_path):
+    task = "lm" if arch == "gpt2" else "classification"
+    model = build_tiny(arch, tokenizer, task).eval()
+    random_biases(model)
+    silence_neurons(model, [40, 50, 30, 45])
+    batch = probe_batch(model.config, batch_size=2, length=16)
+    with torch.no_grad():
+        want = model(**batch)[0]
+    old, new = compact_ffn(model)
+    assert new == old - 30  # the constant act(bias) of each silenced neuron went into the output bias
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], want, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    auto = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+    with torch.no_grad():
+        assert torch.allclose(auto.from_pretrained(tmp_path).eval()(**batch)[0], want, atol=1e-5)
+
+
+def kill_block(model, i: int, how: str) -> None:
+    """Every head and FFN neuron of block ``i`` dead, biases left as they are: by zero output columns, or by zero
+    values (weights and bias) and FFN input rows (act(bias) then goes through the output columns)."""
+    block = find_block_list(model)[1][i]
+    n = head_count(block)
+    kill_heads(model, {i: list(range(n))}, "output" if how == "outputs" else "value")
+    ins, out, _ = _ffn_modules(block)
+    with torch.no_grad():
+        if how == "outputs":
+            _neuron_rows(out, "in")[:] = 0
+        else:
+            for m in ins:
+                _neuron_rows(m, "out")[:] = 0
+
+
+@pytest.mark.parametrize("dead", [{2: "outputs"}, {0: "inputs"}, {0: "outputs", 1: "inputs", 3: "outputs"}])
+def test_gpt2_blocks_that_only_add_a_constant_are_removed_with_equal_outputs(dead, tokenizer, tmp_path):
+    model = build_tiny("gpt2", tokenizer, "lm").eval()
+    random_biases(model)
+    for i, how in dead.items():
+        kill_block(model, i, how)
+    batch = probe_batch(model.config, batch_size=2, length=16)
+    with torch.no_grad():
+        want = model(**batch)[0]
+    notes: list[str] = []
+    compact_ffn(model)
+    assert remove_blocks(model, notes) == (4, 4 - len(dead))
+    assert f"blocks {sorted(dead)} removed" in notes[0]
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], want, atol=1e-5)
+        assert torch.allclose(model(**batch, use_cache=False)[0], want, atol=1e-5)
+    assert not save_model(model, tmp_path, "lm")  # nothing custom: a stock folder with n_layer lowered
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.n_layer == 4 - len(dead)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch)[0], want, atol=1e-5)
+    generated = loaded.generate(batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)  # the cache follows the new indices
+    assert generated.shape == (1, 7)
+
+
+def test_a_gpt2_model_keeps_one_block(tokenizer):
+    model = build_tiny("gpt2", tokenizer, "lm").eval()
+    random_biases(model)
+    for i in range(4):
+        kill_block(model, i, "outputs")
+    batch = probe_batch(model.config, batch_size=2, length=16)
+    with torch.no_grad():
+        want = model(**batch)[0]
+    compact_ffn(model)
+    assert remove_blocks(model, []) == (4, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], want, atol=1e-5)
+
+
+def test_a_dead_post_ln_block_stays_and_the_export_says_why(tokenizer):
+    model = build_tiny("bert", tokenizer).eval()
+    random_biases(model)
+    kill_block(model, 1, "outputs")
+    batch = probe_batch(model.config, batch_size=2, length=16)
+    with torch.no_grad():
+        want = model(**batch)[0]
+    notes: list[str] = []
+    compact_ffn(model)
+    assert remove_blocks(model, notes) == (4, 4)
+    assert "blocks [1]" in notes[0] and "post-LN" in notes[0] and "LayerNorms" in notes[0]
+    with torch.no_grad():
+        assert torch.allclose(model(**batch)[0], want, atol=1e-5)
+
+
+def test_export_of_a_gpt2_run_with_a_fully_pruned_block_has_one_block_fewer(tiny_gpt2_dir, tmp_path):
+    """Masks that prune every weight of block 1 (the biases stay, as pruning leaves them): the compact folder has
+    three blocks, loads with plain from_pretrained and gives the masked model's logits."""
+    policy = parse_policy({"pruning": {"method": "magnitude", "schedule": {"kind": "constant", "final_sparsity": 0.3}}})
+    config = EngineConfig(model=str(tiny_gpt2_dir), data=str(WIKI), task="lm", steps=2, batch_size=4, max_length=32,
+                          max_train_samples=32, max_eval_samples=8, eval_every=0, warmup=0, lr=1e-3)
+    engine = Engine(config, policy, tmp_path / "run")
+    engine.run()
+    pm = next(m for m in engine.methods if isinstance(m, PruningMethod))
+    for name in pm.targets:
+        if ".h.1." in name:
+            pm.masks.set(name, torch.zeros_like(pm.masks.keep(name)))
+    engine.save_checkpoint()
+    engine.model.eval()
+    batch = probe_batch(engine.model.config, batch_size=2, length=24)
+    with torch.no_grad():
+        logits = engine.model(**batch).logits
+    engine.close()
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "compact"), "--compact"])
+    assert result.exit_code == 0, result.output
+    assert "blocks: 4 -> 3" in result.output and "blocks [1] removed" in result.output
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact").eval()
+    assert loaded.config.n_layer == 3
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).logits, logits, atol=1e-5)

@@ -109,3 +109,32 @@ def test_the_header_says_what_the_engine_waits_for_until_the_first_step():
     assert state.waiting.startswith("the first step")
     state.apply({"type": "step", "t": 3.0, "step": 1, "loss": 0.7})
     assert state.waiting == ""
+
+
+@pytest.fixture(scope="module")
+def imp_run(tmp_path_factory, tokenizer):
+    """IMP switched on at step 0: two rounds of 2 steps, so rounds 0, 1 and 2 end at steps 2, 4 and 6."""
+    imp = Change(set={"pruning": {"method": "imp", "imp": {"rounds": 2, "round_steps": 2, "fraction": 0.5}}})
+    return record_run(tmp_path_factory, tokenizer, "imp-run", [(0, imp)], steps=6, eval_every=0, stats_every=2)
+
+
+async def test_the_sparsity_panel_steps_through_the_imp_rounds(imp_run):
+    run_dir, history = imp_run
+    rounds = [ev for ev in history if ev["type"] == "imp_round"]
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.3)
+        chart = app.screen.panels["sparsity"]
+        units = [u.name for u in app.state.units]
+        assert [r.round for r in app.state.imp_rounds] == [0, 1, 2] and chart.round is None
+        assert any("IMP round 2/2 ended: sparsity 75.0%" in line.text for line in app.state.log)
+        live = list(chart._shown.values)
+        await pilot.press("left_square_bracket")  # the last round
+        assert chart.round == 2
+        assert chart._shown.values == pytest.approx([1 - rounds[2]["kept_by_unit"].get(n, 1.0) for n in units])
+        assert any("IMP round 2/2 · 75.0% [ ]" in line for line in screen_lines(app))
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        assert chart.round == 0 and chart._shown.values == [0.0] * len(units)  # round 0 trains the mask before any pruning
+        await pilot.press("right_square_bracket", "right_square_bracket", "right_square_bracket")
+        assert chart.round is None and chart._shown.values == live
+        assert any("now · [ ] IMP rounds" in line for line in screen_lines(app))

@@ -159,6 +159,13 @@ class Method(Checkpointed):
     def after_optimizer_step(self, step: int) -> None:
         """The optimizer has stepped (``step`` is the step just taken)."""
 
+    def after_step(self, step: int, loss: float, seconds: float) -> None:
+        """Step ``step`` - 1 is done: its training loss and wall time (a host that does not know them never calls this)."""
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the host should evaluate now that ``step`` steps are taken (IMP: at each round's end)."""
+        return False
+
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation finished."""
 

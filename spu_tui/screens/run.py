@@ -101,6 +101,8 @@ class RunScreen(Screen[None]):
         Binding("question_mark", "help", "help"),
         Binding("q", "quit_dialog", "quit"),
         Binding("escape", "focus_tree", "tree", show=False),
+        Binding("left_square_bracket", "imp_round(-1)", "IMP round before", show=False),
+        Binding("right_square_bracket", "imp_round(1)", "IMP round after", show=False),
         *[Binding(str(i + 1), f"show_panel('{pid}')", title, show=False) for i, (pid, title) in enumerate(PANELS)],
     ]
 
@@ -186,6 +188,13 @@ class RunScreen(Screen[None]):
 
     def action_focus_tree(self) -> None:
         self.unit_tree.focus()
+
+    def action_imp_round(self, delta: int) -> None:
+        """The sparsity panel shows the round before or after (past the last round: now)."""
+        chart = cast(SparsityChart, self.panels["sparsity"])
+        chart.step_round(delta, self.state)
+        self._drawn.pop(chart, None)
+        self._frame(measured=False)
 
     # ------------------------------------------------------------------ frames
 

@@ -38,16 +38,34 @@ class LossChart(Chart):
 
 
 class SparsityChart(Chart):
-    """The fraction of each unit's weights that pruning has removed."""
+    """The fraction of each unit's weights that pruning has removed: now, or at the end of an IMP round (``[`` ``]``)."""
 
     WATCHES = (Aspect.UNITS,)
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.round: int | None = None  # index into the run's IMP rounds; None: live
+        self._subtitle: str | None = None
+
+    def step_round(self, delta: int, state: RunState) -> None:
+        """Move to the round before (-1) or after (+1); past the last round is live, and before the first wraps to it."""
+        count = len(state.imp_rounds)
+        if not count:
+            self.round = None
+            return
+        position = count if self.round is None else self.round  # live sits after the last round
+        position = (position + delta) % (count + 1)
+        self.round = None if position == count else position
+
     def show(self, state: RunState) -> None:
-        names = [u.name for u in state.units] if state.unit_stats else []
-        self.redraw(
-            BarSpec(
-                labels=[short_unit(n) for n in names],
-                values=[stats.sparsity if (stats := state.unit_stats.get(n)) else 0.0 for n in names],
-                ylim=(0.0, 1.0),
-            )
-        )
+        names = [u.name for u in state.units] if state.unit_stats or state.imp_rounds else []
+        chosen = state.imp_rounds[self.round] if self.round is not None and self.round < len(state.imp_rounds) else None
+        if chosen is None:  # live: each unit's pruned share of all its parameters
+            values = [stats.sparsity if (stats := state.unit_stats.get(n)) else 0.0 for n in names]
+            subtitle = "now · [gray]\\[ ] IMP rounds[/]" if state.imp_rounds else ""
+        else:  # that round: each unit's pruned share of its pruning targets
+            values = [1.0 - chosen.kept_by_unit.get(n, 1.0) for n in names]
+            subtitle = f"IMP round {chosen.round}/{chosen.rounds} · {chosen.sparsity:.1%} [gray]\\[ ][/]"
+        if subtitle != self._subtitle:
+            self._subtitle = self.border_subtitle = subtitle
+        self.redraw(BarSpec(labels=[short_unit(n) for n in names], values=values, ylim=(0.0, 1.0)))

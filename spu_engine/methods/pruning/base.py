@@ -87,6 +87,15 @@ class Pruner(Checkpointed):
     def after_optimizer_step(self, step: int) -> None:
         pass
 
+    def after_step(self, step: int, loss: float, seconds: float) -> None:
+        pass
+
+    def eval_due(self, step: int) -> bool:
+        return False
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
     def detach(self) -> None:
         """This method is being replaced or switched off: remove what it added."""
 

@@ -5,18 +5,41 @@ magnitude, then put every survivor (and every other parameter) back to the
 reference weights and train again with fresh optimizer state; ``rounds`` times.
 The reference is either the weights when IMP started (``reset: pretrained``;
 at step 0 these are the pretrained weights) or the weights at an early step
-(``reset: rewind`` to ``rewind_step``, Frankle et al. 2020).  Each round is an
+(``reset: rewind`` to ``rewind_step``, Frankle et al. 2020).  Each pruning is an
 event (``prune``) and a log line, so it shows on the console's timeline.
+
+Each mask is trained ``round_steps`` (round 0: the mask IMP started from; round
+k: after k prunings), and at the end of each the host evaluates (``eval_due``)
+and an ``imp_round`` event reports the round: its sparsity, the kept share of
+every target tensor and unit, mean training loss, the evaluation and the time
+it took; ``spu report`` prints them.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ...policy import PolicyError
 from .base import Pruner
+
+
+@dataclass
+class RoundTally:
+    """What the round being trained has done so far; checkpointed, so a resumed round reports all of it."""
+
+    start_step: int
+    steps: int = 0
+    loss_sum: float = 0.0
+    train_seconds: float = 0.0  # the steps' own time
+    elapsed: float = 0.0  # wall seconds of this round before ``started`` (an earlier process's, on resume)
+    started: float | None = None  # perf_counter when this process started timing it
+
+    def seconds(self) -> float:
+        return self.elapsed + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
 class IMPPruner(Pruner):
@@ -27,6 +50,7 @@ class IMPPruner(Pruner):
         self.rounds_done = 0
         self.start_sparsity = self.sparsity() if masks.masks else 0.0
         self.next_round = max(settings.schedule.start_step, step) + settings.imp.round_steps
+        self.tally: RoundTally | None = RoundTally(max(settings.schedule.start_step, step))  # None: every round reported
         self.reference: dict[str, torch.Tensor] = {}
         self.reference_step: int | None = None
         if settings.imp.reset == "pretrained" or settings.imp.rewind_step is None:
@@ -83,8 +107,16 @@ class IMPPruner(Pruner):
         imp = self.settings.imp
         if imp.reset == "rewind" and self.reference_step is None and step == imp.rewind_step:
             self._snapshot(step)
-        if self.rounds_done >= imp.rounds or step < self.next_round:
-            return
+        if self.tally is not None and step >= self.next_round:
+            self._report(step, {})  # the round ended without an evaluation (a loop of your own, or it failed)
+        if self.rounds_done < imp.rounds and step >= self.next_round:
+            self._prune(step)
+            self.tally = RoundTally(step)
+        if self.tally is not None and self.tally.started is None and step >= self.tally.start_step:
+            self.tally.started = time.perf_counter()
+
+    def _prune(self, step: int) -> None:
+        imp = self.settings.imp
         self.rounds_done += 1
         self.next_round = step + imp.round_steps
         sparsity = 1.0 - (1.0 - self.sparsity()) * (1.0 - imp.fraction)
@@ -109,15 +141,61 @@ class IMPPruner(Pruner):
                     self.masks.rebase(n)
         self.host.forget_optimizer_state(reset)
 
+    # -- the round report ---------------------------------------------------------
+
+    def after_step(self, step: int, loss: float, seconds: float) -> None:
+        t = self.tally
+        if t is not None and t.start_step < step <= self.next_round:
+            t.steps += 1
+            t.loss_sum += loss
+            t.train_seconds += seconds
+
+    def eval_due(self, step: int) -> bool:
+        return self.tally is not None and step == self.next_round
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.eval_due(step):
+            self._report(step, metrics)
+
+    def _report(self, step: int, metrics: dict[str, float]) -> None:
+        """The ``imp_round`` event of the round that ends at ``step``."""
+        t, pruned = self.tally, {n: self.masks.pruned(n) for n in self.targets}
+        size = {n: self.masks.param(n).numel() for n in self.targets}
+        by_unit: dict[str, list[int]] = {}
+        for n in self.targets:
+            cell = by_unit.setdefault(self.host.units.unit_for(n), [0, 0])
+            cell[0] += size[n] - pruned[n]
+            cell[1] += size[n]
+        self.host.emit(
+            "imp_round",
+            step=step,
+            round=self.rounds_done,
+            rounds=self.settings.imp.rounds,
+            start_step=t.start_step,
+            steps=t.steps,
+            sparsity=round(self.sparsity(), 5),
+            train_loss=round(t.loss_sum / t.steps, 6) if t.steps else None,
+            eval={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            seconds=round(t.seconds(), 3),
+            train_seconds=round(t.train_seconds, 3),
+            kept_by_tensor={n: round(1 - pruned[n] / size[n], 5) for n in self.targets},
+            kept_by_unit={u: round(kept / total, 5) for u, (kept, total) in by_unit.items()},
+        )
+        self.tally = None
+
     def stats(self) -> dict[str, Any]:
         return {"pruning_round": self.rounds_done}
 
     def state_dict(self) -> dict[str, Any]:
+        tally = None
+        if self.tally is not None:
+            tally = {**asdict(self.tally), "elapsed": self.tally.seconds(), "started": None}
         return {
             "rounds_done": self.rounds_done,
             "next_round": self.next_round,
             "start_sparsity": self.start_sparsity,
             "reference_step": self.reference_step,
+            "tally": tally,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -125,6 +203,8 @@ class IMPPruner(Pruner):
         self.next_round = state.get("next_round", self.next_round)
         self.start_sparsity = state.get("start_sparsity", self.start_sparsity)
         self.reference_step = state.get("reference_step")
+        if "tally" in state:  # checkpoints from before the round report keep the fresh tally
+            self.tally = RoundTally(**state["tally"]) if state["tally"] else None
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         return {f"reference.{n}": t for n, t in self.reference.items()}

@@ -84,8 +84,8 @@ class PruningMethod(Method):
             self.pruner.follow(self._ramp(new, step, anchored), anchored)
             if self.pruner.warm_up and (start, end) != (new.schedule.start_step, new.schedule.end_step):
                 self.host.log(f"{new.method}: scores learn from now, the ramp runs from step {start} to {end} (movement.warmup, movement.final_hold)")
-        if isinstance(self.pruner, IMPPruner):
-            end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done - 1) * new.imp.round_steps
+        if isinstance(self.pruner, IMPPruner):  # the last round is trained round_steps too, then reported
+            end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done) * new.imp.round_steps
         outside = self.outside_blocks(self.targets)
         if outside and not same_pruner:
             self.host.log(
@@ -93,8 +93,14 @@ class PruningMethod(Method):
                 "pruning the task head or the embeddings can leave a model that predicts one class; leave targets unset to prune the blocks only",
                 "warning",
             )
-        if self.host.config.steps is not None and end > self.host.config.steps:
-            self.host.log(f"pruning ends at step {end}, after the run's last step ({self.host.config.steps}): the final sparsity will not be reached", "warning")
+        steps = self.host.config.steps
+        if steps is not None and end > steps and isinstance(self.pruner, IMPPruner):
+            self.host.log(
+                f"pruning.imp: the last round ends at step {end} (every round, the last included, trains round_steps), "
+                f"after the run's last step ({steps}): the rounds that do not end in time are not reported", "warning"
+            )
+        elif steps is not None and end > steps:
+            self.host.log(f"pruning ends at step {end}, after the run's last step ({steps}): the final sparsity will not be reached", "warning")
 
     @staticmethod
     def _schedule_changed(old: Pruning, new: Pruning) -> bool:
@@ -177,6 +183,17 @@ class PruningMethod(Method):
         if self.pruner is not None:
             self.masks.reapply()
             self.pruner.after_optimizer_step(step)
+
+    def after_step(self, step: int, loss: float, seconds: float) -> None:
+        if self.pruner is not None:
+            self.pruner.after_step(step, loss, seconds)
+
+    def eval_due(self, step: int) -> bool:
+        return self.pruner is not None and self.pruner.eval_due(step)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if self.pruner is not None:
+            self.pruner.on_eval(step, metrics)
 
     # -- what the console sees ---------------------------------------------------
 
