@@ -86,15 +86,12 @@ def ablate(engine, blocks: list[int] | None = None, spans: bool = True, progress
     return Ablation(metric, baseline, blocks, results)
 
 
-def engine_for_run(run: Path, config: dict[str, Any], **overrides: Any):
-    """An engine holding ``run``'s newest verified checkpoint, writing nothing (a second reader of the run)."""
-    from .checkpoint import latest_checkpoint
-    from .engine import Engine, EngineConfig
-    from .runs import CHECKPOINTS
+def engine_for_run(run: Path, **overrides: Any):
+    """An engine holding ``run``'s newest checkpoint whose weights verify, writing nothing (a second reader of the run)."""
+    from .engine import Engine
+    from .scoring import newest_weights
 
-    path = latest_checkpoint(run / CHECKPOINTS, log=lambda _msg: None)
-    if path is None:
-        raise AblationError(f"{run} has no complete checkpoint to load (a run writes one every checkpoint_every steps and when it stops)")
-    engine = Engine(EngineConfig(**{**config, **{k: v for k, v in overrides.items() if v is not None}}), None, None)
-    engine.resume_from(path)
+    config, path, _ = newest_weights(run, [])
+    engine = Engine(config.model_copy(update={k: v for k, v in overrides.items() if v is not None}), None, None)
+    engine.resume_from(path, fresh_optimizer=True)  # the optimizer plays no part in an evaluation
     return engine

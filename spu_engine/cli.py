@@ -311,8 +311,9 @@ def ablate(
     from .ablation import AblationError, ablate as run_ablation, engine_for_run
     from .ablation_view import ablation_views
     from .checkpoint import CheckpointError
+    from .scoring import ScoreError
 
-    config = read_run_config(run)
+    read_run_config(run)  # a folder that is no run is said plainly
     chosen = None
     if blocks is not None:
         try:
@@ -320,10 +321,10 @@ def ablate(
         except ValidationError as exc:
             fail(f"--blocks {blocks!r}: {error_text(exc.errors()[0])}")
     try:
-        engine = engine_for_run(run, config, max_eval_samples=max_eval_samples, device=device)
+        engine = engine_for_run(run, max_eval_samples=max_eval_samples, device=device)
         with err.status("evaluating") as status:
             result = run_ablation(engine, chosen, spans, progress=lambda done, total: status.update(f"evaluating {done}/{total}"))
-    except (AblationError, CheckpointError, ModelLoadError, PolicyError) as exc:
+    except (AblationError, CheckpointError, ModelLoadError, PolicyError, ScoreError) as exc:
         fail(str(exc))
     report = result.as_dict()
     if as_json:

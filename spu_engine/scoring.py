@@ -66,7 +66,7 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
         raise ScoreError(f"--model {model}: no such folder")
     notes: list[str] = []
     if (path / CHECKPOINTS).is_dir():
-        config, checkpoint, state = _run(path, notes)
+        config, checkpoint, state = newest_weights(path, notes)
         kind = config.task
         tokenizer = load_tokenizer(config.model)
         names = (state.get("label_names") or _trained_labels(config)) if kind == "classification" else None
@@ -97,7 +97,7 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
     return Score(model, str(checkpoint) if checkpoint else None, source, kind, task.metric, metrics, notes)
 
 
-def _run(run: Path, notes: list[str]) -> tuple[EngineConfig, Path, dict[str, Any]]:
+def newest_weights(run: Path, notes: list[str]) -> tuple[EngineConfig, Path, dict[str, Any]]:
     """A run folder's settings and its newest checkpoint whose weights verify (a newer one that does not is named in ``notes``)."""
     try:
         config = EngineConfig(**json.loads((run / CONFIG).read_text(encoding="utf-8")))

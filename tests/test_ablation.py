@@ -34,7 +34,7 @@ def adapter_run(tiny_model_dir, tmp_path):
 
 def test_removing_a_blocks_adapters_is_the_block_without_them(adapter_run):
     """Off means the sublayer output passes through: the same as an adapter whose up-projection is zero."""
-    engine = engine_for_run(adapter_run, json.loads((adapter_run / "config.json").read_text()))
+    engine = engine_for_run(adapter_run)
     model = engine.model.eval()
     assert sorted(adapters_by_block(model)) == [0, 1, 2, 3] and all(len(a) == 2 for a in adapters_by_block(model).values())
     batch = {"input_ids": torch.randint(5, 1000, (2, 12))}
@@ -84,7 +84,7 @@ def test_a_run_without_adapters_or_checkpoint_is_told_so(tiny_model_dir, tmp_pat
             f.unlink()
         checkpoint.rmdir()
     result = CliRunner().invoke(app, ["ablate", "--run", str(plain)])
-    assert result.exit_code == 2 and "no complete checkpoint" in result.output
+    assert result.exit_code == 2 and "holds no checkpoint yet" in result.output
     result = CliRunner().invoke(app, ["ablate", "--run", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "not a run folder" in result.output
 
