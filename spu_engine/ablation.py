@@ -71,7 +71,7 @@ def ablate(engine, blocks: list[int] | None = None, spans: bool = True, progress
     missing = [b for b in blocks if b not in present]
     if missing:
         raise AblationError(f"--blocks: block(s) {', '.join(map(str, missing))} have no adapters; blocks with adapters: {present[0]}-{present[-1]}")
-    metric = type(engine.task).metric
+    metric = engine.task.metric
     chosen = set(blocks)
     todo = sorted((first, last) for first in blocks for last in blocks
                   if last == first or (spans and last > first and chosen.issuperset(range(first, last + 1))))

@@ -35,7 +35,7 @@ def heat_map(report: dict[str, Any]) -> Table:
     drops = {(s["first"], s["last"]): s["drop"] for s in report["spans"]}
     worst = max(drops.values(), default=0.0)
     table = Table(title=f"drop in {report['metric']}: first block removed (rows) to last (columns)", title_justify="left")
-    table.add_column("first \\ last")
+    table.add_column("from \\ to")
     for b in report["blocks"]:
         table.add_column(str(b), justify="right")
     for first in report["blocks"]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SST2
+from conftest import DATA, SST2
 from typer.testing import CliRunner
 
 from spu_engine.ablation import adapters_by_block, adapters_off, engine_for_run
@@ -15,9 +15,9 @@ from spu_engine.engine import Engine, EngineConfig
 from spu_engine.policy_files import parse_policy
 
 
-def finished_run(model_dir, tmp_path, policy: dict):
+def finished_run(model_dir, tmp_path, policy: dict, data=SST2):
     config = EngineConfig(
-        model=str(model_dir), data=str(SST2), task="classification", steps=3, batch_size=4, max_length=32,
+        model=str(model_dir), data=str(data), task="classification", steps=3, batch_size=4, max_length=32,
         max_train_samples=64, max_eval_samples=24, eval_every=0, warmup=0, lr=1e-2,
     )
     run_dir = tmp_path / "run"
@@ -64,7 +64,7 @@ def test_spu_ablate_prints_every_block_and_span_and_writes_nothing(adapter_run):
 
     table = CliRunner().invoke(app, ["ablate", "--run", str(adapter_run), "--blocks", "1-2"])
     assert table.exit_code == 0, table.output
-    assert "blocks 1-2" in table.output and "block 3" not in table.output and "first block removed" in table.output
+    assert "blocks 1-2" in table.output and "block 3" not in table.output and "drop in accuracy" in table.output
     singles = CliRunner().invoke(app, ["ablate", "--run", str(adapter_run), "--singles", "--json"])
     assert len(json.loads(singles.output)["spans"]) == 4
 
@@ -120,3 +120,11 @@ async def test_the_console_says_why_not_without_adapters(tiny_model_dir, tmp_pat
         await pilot.press("a")
         await pilot.pause(0.2)
         assert any("this run has none (peft.method: none)" in line.text for line in app.state.log)
+
+
+def test_the_ablation_reports_the_tasks_own_metric(tiny_model_dir, tmp_path):
+    """MRPC is scored by F1, so its ablation is too."""
+    run = finished_run(tiny_model_dir, tmp_path, {"peft": {"method": "adapter", "size": 8}}, data=DATA / "mrpc")
+    result = CliRunner().invoke(app, ["ablate", "--run", str(run), "--singles", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["metric"] == "f1"
