@@ -238,6 +238,11 @@ class PolicyRuntime:
             notes.append("nothing would train: the freeze rules and the methods together leave no parameter (steps would change nothing)")
         if sb.mode == "threshold":
             notes.append("selective backprop (threshold): the kept share depends on the losses")
+        kd = new.distillation
+        if kd.enabled:
+            teacher = "the model as loaded at step 0" if kd.teacher == "initial" else kd.teacher
+            notes.append(f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
+                         f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}")
         sparsity = None
         if new.pruning.method != "none":
             sparsity = new.pruning.schedule.final_sparsity

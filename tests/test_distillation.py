@@ -138,3 +138,10 @@ def test_a_loop_of_your_own_is_told_why_not(tokenizer):
     model = build_tiny("bert", tokenizer)
     with pytest.raises(PolicyError, match="your loop computes its own loss"):
         attach(distill_policy(), model, torch.optim.AdamW(model.parameters()))
+
+
+def test_the_preview_says_what_distillation_costs(make_engine):
+    engine = make_engine()
+    notes = engine.preview(Change(set={"distillation": {"enabled": True, "alpha": 0.9}}))["notes"]
+    assert any("one more forward per step through the teacher (the model as loaded at step 0)" in n and "0.9 x T^2" in n for n in notes)
+    assert distiller(engine).teacher is None  # a preview loads nothing
