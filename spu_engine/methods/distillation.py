@@ -33,8 +33,8 @@ class Distillation(Method):
         self.settings = Settings()
         self.teacher: nn.Module | None = None
         self._teacher_of: str | None = None  # the ``teacher`` setting the loaded teacher came from
-        self._kl: list[float] = []  # this step's mean KL per forward, for the step event
-        self._task_loss: list[float] = []
+        self._kl: list[torch.Tensor] = []  # this step's mean KL per forward, for the step event (read once, in stats)
+        self._task_loss: list[torch.Tensor] = []
 
     @property
     def active(self) -> bool:
@@ -75,8 +75,8 @@ class Distillation(Method):
         with torch.no_grad():
             teacher = task.outputs(self.teacher, batch)
         kl = task.per_sample_kl(student, teacher, batch, s.temperature)
-        self._kl.append(float(kl.detach().mean()))
-        self._task_loss.append(float(loss.detach().mean()))
+        self._kl.append(kl.detach().mean())  # no device sync here: stats reads them once per step
+        self._task_loss.append(loss.detach().mean())
         return (1.0 - s.alpha) * loss + (s.alpha * s.temperature**2) * kl
 
     def before_step(self, step: int) -> None:
@@ -85,4 +85,5 @@ class Distillation(Method):
     def stats(self, step: int) -> dict[str, Any]:
         if not self.active or not self._kl:
             return {}
-        return {"distill_kl": round(sum(self._kl) / len(self._kl), 6), "task_loss": round(sum(self._task_loss) / len(self._task_loss), 6)}
+        kl, task = torch.stack(self._kl).mean(), torch.stack(self._task_loss).mean()
+        return {"distill_kl": round(float(kl), 6), "task_loss": round(float(task), 6)}
