@@ -30,6 +30,10 @@ TEXT_COLUMN_HELP = (
     "(default: the first pair the table has: sentence1/sentence2, question/sentence, '#1 String'/'#2 String', question1/question2, "
     "premise/hypothesis; else one of sentence, text, review, ...)"
 )
+REPORT_TO_HELP = (
+    "experiment trackers that mirror every metric and policy change: tensorboard (into <run>/tensorboard), wandb, mlflow, "
+    "trackio; a comma list (tensorboard,wandb), or none (default: the policy's run: report_to, else none)"
+)
 METRIC_HELP = (
     "classification: the headline eval metric, accuracy | f1 (of the positive class, label 1) | mcc (Matthews correlation) "
     "(default: GLUE's for data named like a GLUE task (f1: mrpc, qqp; mcc: cola), else accuracy)"
@@ -46,6 +50,20 @@ def default_run_dir(model: str, task: str) -> Path:
     if short == "model":
         short = Path(model.rstrip("/")).parent.name or short
     return Path("runs") / f"{short}-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def report_to_list(report_to: Optional[str]) -> Optional[list[str]]:
+    """``--report-to a,b`` as the list the settings hold (checked there); None when not given."""
+    return None if report_to is None else [name.strip() for name in report_to.split(",") if name.strip()] or ["none"]
+
+
+def check_trackers(config) -> None:
+    """A tracker whose package is missing: one line and exit 2, before anything loads."""
+    from .trackers import unavailable
+
+    problem = unavailable(config.report_to)
+    if problem:
+        fail(problem)
 
 
 def build_config(**options):
@@ -190,6 +208,7 @@ def train(
     ),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
+    report_to: Optional[str] = typer.Option(None, help=REPORT_TO_HELP),
 ) -> None:
     """Train in the foreground with a progress bar; writes a run folder and serves its socket.
 
@@ -211,7 +230,10 @@ def train(
         fail("--overwrite starts a run again from step 0 and --resume continues it; choose one")
     if resume is not None:
         run_dir = resume
-        overrides = dict(steps=steps, batch_size=batch_size, eval_every=eval_every, checkpoint_every=checkpoint_every, device=device)
+        overrides = dict(
+            steps=steps, batch_size=batch_size, eval_every=eval_every, checkpoint_every=checkpoint_every, device=device,
+            report_to=report_to_list(report_to),
+        )
         config = build_config(**{**read_run_config(resume), **{k: v for k, v in overrides.items() if v is not None}})
         pol = resume_policy(resume)
     else:
@@ -220,7 +242,7 @@ def train(
             pol, policy, model=model, data=data, task=task, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr,
             eval_every=eval_every, checkpoint_every=checkpoint_every, max_eval_samples=max_eval_samples,
             text_column=text_column, label_column=label_column, metric=metric, seed=seed, device=device,
-            doc_stride=doc_stride, eval_split=eval_split,
+            doc_stride=doc_stride, eval_split=eval_split, report_to=report_to_list(report_to),
         )
         run_dir = run_dir or default_run_dir(config.model, config.task)
         if holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it, naming the pid
@@ -228,6 +250,7 @@ def train(
                 f"--run-dir {run_dir} already holds a run; continue it with `spu train --resume {run_dir}`, "
                 f"or start it again from step 0 with --overwrite (deletes its checkpoints and history)"
             )
+    check_trackers(config)
     sink = ProgressSink(config.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         out.print(f"run folder: {run_dir}")

@@ -58,6 +58,26 @@ class RunSettings(BaseModel):
     )
     seed: int = 0
     precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="experiment trackers that mirror every metric and policy change: tensorboard, wandb, mlflow, trackio "
+        "(a list, or one comma-separated string; none: no tracker)",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _known_trackers(cls, report_to):
+        from .trackers import TRACKERS
+
+        if isinstance(report_to, str):
+            report_to = [name.strip() for name in report_to.split(",") if name.strip()]
+        if not isinstance(report_to, list) or not all(isinstance(name, str) for name in report_to):
+            raise ValueError("a tracker name or a list of them")
+        report_to = [name for name in report_to if name != "none"]
+        for name in report_to:
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r}; trackers are {', '.join(TRACKERS)} (or none)")
+        return list(dict.fromkeys(report_to))
 
     @field_validator("task")
     @classmethod
@@ -109,6 +129,7 @@ class EngineConfig(RunSettings):
 
     device: str = "auto"
     threads: int | None = None
+    system_every: float = Field(10.0, ge=0, description="seconds between two system events (GPU, CPU, RAM, throughput); 0: none")
 
     def run_settings(self) -> RunSettings:
         """The settings a policy's ``run:`` section records (no device, no threads).

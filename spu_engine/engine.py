@@ -44,6 +44,8 @@ from .runs import CHECKPOINTS, CONFIG, EVENTS, POLICY, write_config, write_polic
 from .tasks import Task, TaskOptions, get_task
 from .runtime import PolicyRuntime, TimelineRefused
 from .selection import check_policy_against_model
+from .system_metrics import SystemSampler
+from .trackers import Trackers, unavailable
 from .training import StepLoop, build_optimizer, pick_device
 from .unit_stats import describe_units, trainable_by_unit
 
@@ -65,6 +67,10 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
     ) -> None:
         self.config = config
         self.dist = dist  # set for multi-process runs: rank 0 decides, every rank applies
+        reports = dist is None or dist.is_main  # rank 0 alone samples the machine and feeds trackers
+        missing = unavailable(config.report_to) if reports and run_dir else None
+        if missing:
+            raise ValueError(missing)
         self.run_dir = Path(run_dir) if run_dir else None
         self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
         self.state = RunState.LOADING
@@ -85,6 +91,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.event_log = EventLog(self.run_dir / EVENTS)
         self._setup_device()
+        self.system = SystemSampler([self.device], config.system_every, dist.world_size if dist else 1) if reports else None
         self.tokenizer = tokenizer
         self.task = task or self._setup_task()
         self._setup_model(model)
@@ -96,6 +103,9 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self._setup_policy(policy or Policy())
         self.commands = Commands(self)
+        self.trackers = Trackers(config.report_to, self.run_dir) if reports and self.run_dir and config.report_to else None
+        if self.trackers is not None:
+            self.sinks.append(self.trackers)
 
     # ------------------------------------------------------------------ setup
 
@@ -405,13 +415,16 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
                 if self.stop is not None:
                     break
                 taken = self.step
-                self.survive_oom(self.train_step, "training step")
+                fields = self.survive_oom(self.train_step, "training step")
+                self._after_step(fields if self.step > taken else None)
                 if self.step == taken:
                     continue  # batch skipped (non-finite) or out of memory: nothing new to evaluate or save
                 if self.eval_due():
                     self._evaluated(self.survive_oom(self.evaluate, "evaluation"))
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save_or_pause()
+            if self.system is not None and self.system.has_steps:  # the steps since the last sample, even in a short run
+                self.emit("system", step=self.step, **self.system.sample())
             if self.stop is None:
                 if self.evaluated_at != self.step:
                     self._evaluated(self.survive_oom(self.evaluate, "evaluation"))
@@ -430,6 +443,16 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
             if self.event_log is not None and self.event_log.unwritten:
                 self.unwritten.write(EVENTS, self.event_log.flush)
 
+    def _after_step(self, fields: dict[str, Any] | None) -> None:
+        """After a step (``fields`` None: none was taken): the system event when due, and what trackers had to say."""
+        if self.system is not None:
+            self.system.stepped(fields["step_time"] if fields else None)
+            if self.system.due():
+                self.emit("system", step=self.step, **self.system.sample())
+        if self.trackers is not None:
+            for message in self.trackers.problems():
+                self.log(message, "warning")
+
     def _evaluated(self, metrics: dict[str, float] | None) -> None:
         """An evaluation the run schedules (every ``eval_every`` steps, and the last): the when-triggers decide on it.
         A replay repeats these; `r`'s evaluations do not count, so they cannot make a replay diverge."""
@@ -443,6 +466,11 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
             self._timeline_failed(exc.entry, exc)
 
     def close(self) -> None:
+        if self.trackers is not None:  # what they still hold is written first; a failure there is a warning like any other
+            self.sinks.remove(self.trackers)
+            for message in self.trackers.close():
+                self.log(message, "warning")
+            self.trackers = None
         if self.event_log is not None:
             left = self.event_log.close()
             if left:

@@ -344,6 +344,40 @@ class ResumedEvent(Event):
     message: str = ""
 
 
+class GpuStats(BaseModel):
+    """One CUDA device.  ``utilization`` (percent) and ``memory_used`` (the whole device, every process) come from
+    NVML when it is installed (``memory_used`` otherwise from the driver's free memory); ``allocated``,
+    ``reserved`` and ``max_allocated`` are this process's tensors as the torch allocator counts them.  Bytes."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    utilization: float | None = None
+    memory_used: int | None = None
+    memory_total: int | None = None
+    allocated: int | None = None
+    reserved: int | None = None
+    max_allocated: int | None = None
+
+
+class SystemEvent(Event):
+    """The machine and the run's speed, sampled every ``system_every`` seconds of the run.  ``samples_per_s`` and
+    ``tokens_per_s`` (non-padding tokens of the batches trained) are over the training time of the steps since the
+    last sample (``seconds``); ``cpu_process`` is percent of one core (``top``'s), ``cpu_machine`` of all
+    ``cpu_count`` cores; ``rss`` and ``ram_*`` in bytes.  ``gpus`` (keyed by CUDA index) is absent on a machine
+    without one."""
+
+    seconds: float = 0.0
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    cpu_process: float | None = None
+    cpu_machine: float | None = None
+    cpu_count: int | None = None
+    rss: int | None = None
+    ram_used: int | None = None
+    ram_total: int | None = None
+    gpus: dict[str, GpuStats] | None = None
+
+
 class LogEvent(Event):
     level: str = "info"
     message: str = ""
@@ -371,6 +405,7 @@ EVENTS: dict[str, type[Event]] = {
     "error": ErrorEvent,
     "checkpoint": CheckpointEvent,
     "resumed": ResumedEvent,
+    "system": SystemEvent,
     "log": LogEvent,
     "disconnected": DisconnectedEvent,
 }

@@ -23,6 +23,7 @@ from .config import EngineConfig
 from .distributed import Distributed
 from .faults import MAX_NONFINITE_SKIPS, free_memory, is_out_of_memory, nonfinite_report, oom_advice
 from .lifecycle import Stop
+from .system_metrics import SystemSampler
 from .unit_stats import after_update, before_update
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
@@ -69,6 +70,7 @@ class StepLoop:
     evaluated_at: int | None  # the step of the last finished evaluation
     samples_seen: int
     _step_time_ema: float | None
+    system: SystemSampler | None
     _stop_signal: str | None
     _nonfinite_streak: int
     run_dir: Path | None
@@ -91,8 +93,12 @@ class StepLoop:
         return self.batch_of(self.dist.shard(self.stream.take(n * self.dist.world_size)))
 
     def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """These training examples, collated (padded to their longest) and on the device."""
-        return self._to_device(self.task.collate([self.task.train[i] for i in indices]))
+        """These training examples, collated (padded to their longest) and on the device; a batch that trains (its
+        forward builds a graph, not selective backprop's scoring) is counted for the system event, still on the CPU."""
+        batch = self.task.collate([self.task.train[i] for i in indices])
+        if self.system is not None and torch.is_grad_enabled():
+            self.system.count(batch)
+        return self._to_device(batch)
 
     def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss training minimises: the task's, or what a method makes of it (distillation mixes in a KL)."""

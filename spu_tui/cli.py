@@ -19,13 +19,16 @@ import typer
 
 from spu_engine.cli import (
     METRIC_HELP,
+    REPORT_TO_HELP,
     TEXT_COLUMN_HELP,
     build_config,
+    check_trackers,
     config_from_policy,
     default_run_dir,
     fail,
     read_policy,
     read_run_config,
+    report_to_list,
     resume_policy,
 )
 from spu_engine.data import DataError, is_local, split_files
@@ -110,6 +113,7 @@ def main(
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
+    report_to: Optional[str] = typer.Option(None, help=REPORT_TO_HELP),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
 ) -> None:
     """Start an engine process for a new run and open the console on it."""
@@ -127,8 +131,9 @@ def main(
         pol, policy, model=model, data=resolve_data(data or from_file.get("data")), task=task, steps=steps, batch_size=batch_size,
         max_length=max_length, lr=lr, eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column,
-        metric=metric, seed=seed, device=device, threads=threads,
+        metric=metric, seed=seed, device=device, threads=threads, report_to=report_to_list(report_to),
     )
+    check_trackers(config)
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):
         fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")

@@ -34,6 +34,7 @@ from spu_engine.protocol import (
     ScheduledEvent,
     StateEvent,
     StepEvent,
+    SystemEvent,
     UnitInfo,
     UnitsEvent,
     UnitStats,
@@ -42,6 +43,7 @@ from spu_engine.protocol import (
 
 SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
 RATE_WINDOW = 20  # steps over which samples/s and the ETA are measured: recent speed, not the average since start
+SYSTEM_HISTORY = 512  # system samples kept for the plots (a long run's oldest go)
 
 
 class Aspect(Enum):
@@ -52,6 +54,7 @@ class Aspect(Enum):
     EVALS = "evals"
     UNITS = "units"  # the model's units and tensors, what trains, their statistics
     POLICY = "policy"  # the policy in force and the steps it changed at
+    SYSTEM = "system"  # GPU, CPU, RAM and throughput, as the engine samples them
     LOG = "log"
 
 
@@ -90,6 +93,7 @@ class RunState:
     eval_metric: list[float] = field(default_factory=list)
     change_steps: list[int] = field(default_factory=list)
     imp_rounds: list[ImpRoundEvent] = field(default_factory=list)  # one per IMP round that ended, in order
+    system: deque[SystemEvent] = field(default_factory=lambda: deque(maxlen=SYSTEM_HISTORY))  # newest last
     log: list[LogLine] = field(default_factory=list)
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
@@ -197,6 +201,10 @@ class RunState:
                     stats.sparsity = float(sparsity)
             touched.add(Aspect.UNITS)
         return touched
+
+    def _on_system(self, ev: SystemEvent) -> set[Aspect]:
+        self.system.append(ev)
+        return {Aspect.SYSTEM}
 
     def _on_units(self, ev: UnitsEvent) -> set[Aspect]:
         self.unit_stats = ev.units

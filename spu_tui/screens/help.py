@@ -30,7 +30,7 @@ BINDINGS_HELP = [
         ("q", "quit: detach (training goes on), stop after a checkpoint, or stop now"),
     ]),
     ("Panels", [
-        ("1 … 5", "small terminals: show loss, sparsity, learning, controls, log"),
+        ("1 … 6", "small terminals: show loss, sparsity, learning, controls, log, system (GPU, CPU, RAM, throughput)"),
         ("[ ]", "sparsity panel: each unit's sparsity at the end of the IMP round before / after (past the last: now)"),
         ("tab / shift+tab", "move between the tree and the controls"),
         ("edit a field", "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes"),

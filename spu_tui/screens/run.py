@@ -44,6 +44,7 @@ from ..widgets.learning_view import LearningView
 from ..widgets.panel_bar import PanelBar
 from ..widgets.run_charts import LossChart, SparsityChart
 from ..widgets.run_header import RunHeader
+from ..widgets.system_view import SystemView
 from ..widgets.unit_tree import Row, UnitTree
 from .ablation import AblationScreen
 from .export import ExportScreen
@@ -65,15 +66,15 @@ class Console(Protocol):
 
     def seen_in_history(self, ev: dict[str, Any]) -> bool: ...
 
-PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log")]
-GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log"]  # placement in the large-terminal grid (see app.tcss)
+PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log"), ("system", "System")]
+GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log", "system"]  # placement in the large-terminal grid (see app.tcss)
 WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
 ABLATE_CHECKPOINT_WAIT = 120.0  # seconds for a paused run's checkpoint before the ablation gives up
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
 STOPPED = "stopped"  # the app's result when the engine acknowledged a stop from this console
 
-Panel = LossChart | SparsityChart | LearningView | ControlsPanel | EventLog
+Panel = LossChart | SparsityChart | LearningView | ControlsPanel | EventLog | SystemView
 
 
 class RunView(Protocol):
@@ -120,6 +121,7 @@ class RunScreen(Screen[None]):
             "learning": LearningView(id="learning"),
             "controls": self.controls,
             "log": self.log_view,
+            "system": SystemView(id="system"),
         }
         self._drawn: dict[RunView, tuple[int, ...]] = {}  # view -> the state's stamp of what it watches when it last drew
         self._frame_timer: Timer | None = None

@@ -1,4 +1,5 @@
-"""Run name, model, step / total, samples/s, state and ETA; two lines so 80 columns suffice."""
+"""Run name, model and the machine (GPU, CPU, RAM); state, step / total, samples/s, tokens/s and ETA: two lines
+so 80 columns suffice."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from ..run_state import Aspect, RunState
+from .system_view import summary
 
 STATE_STYLE = {
     "training": "bold green",
@@ -21,7 +23,7 @@ STATE_STYLE = {
 
 
 class RunHeader(Widget):
-    WATCHES = (Aspect.RUN, Aspect.PROGRESS)
+    WATCHES = (Aspect.RUN, Aspect.PROGRESS, Aspect.SYSTEM)
 
     run_name: reactive[str] = reactive("?")
     model: reactive[str] = reactive("?")
@@ -31,17 +33,24 @@ class RunHeader(Widget):
     state: reactive[str] = reactive("connecting")
     eta_s: reactive[float | None] = reactive(None)
     waiting: reactive[str] = reactive("")  # before the first step: what the engine is busy with
+    machine: reactive[str] = reactive("")  # the newest system sample, summed up
+    tokens_per_s: reactive[float | None] = reactive(None)
 
     def show(self, state: RunState) -> None:
         self.run_name, self.model, self.state = state.run, state.model, state.state
         self.step, self.total, self.samples_per_s, self.eta_s = state.step, state.total_steps, state.samples_per_s, state.eta_s
         self.waiting = state.waiting
+        sample = state.system[-1] if state.system else None
+        self.machine = summary(sample)
+        self.tokens_per_s = sample.tokens_per_s if sample is not None else None
 
     def render(self) -> Text:
         top = Text()
         top.append(" SPU ", style="bold reverse")
         top.append(f" {self.run_name}", style="bold")
         top.append(f"  model {self.model}", style="dim")
+        if self.machine:
+            top.append(f"  {self.machine}", style="bold cyan")
         bottom = Text()
         bottom.append(f" {self.state:<9}", style=STATE_STYLE.get(self.state, "bold"))
         bottom.append(f" step {self.step}/{self.total}")
@@ -49,6 +58,8 @@ class RunHeader(Widget):
             bottom.append(f"  {self.waiting}", style="italic")
         else:
             bottom.append(f"  {self.samples_per_s:,.1f} samples/s")
+            if self.tokens_per_s is not None:
+                bottom.append(f"  {self.tokens_per_s:,.0f} tokens/s")
             bottom.append(f"  ETA {format_eta(self.eta_s)}")
         top.truncate(self.size.width, overflow="ellipsis")
         bottom.truncate(self.size.width, overflow="ellipsis")
