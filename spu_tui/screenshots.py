@@ -3,7 +3,7 @@
 Starts an engine process (MiniLM on SST-2 by default), attaches the app
 headless, lets it train until an evaluation has happened, freezes the lower
 layers from the tree (so the plots show a policy-change mark), and saves
-the main screen at 200x50 and 80x24 plus the help, controls and quit screens;
+the main screen at 200x50 and 80x24 plus the system, help, controls and quit screens;
 then switches LoRA on from the controls (its what-if line first) and shows its
 tensors in the tree.
 The engine is stopped at the end.
@@ -55,6 +55,9 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
         await pilot.resize_terminal(80, 24)
         await pilot.pause(0.6)
         save("console-80x24")
+        await pilot.press("6")
+        await pilot.pause(0.4)
+        save("system-80x24")
         await pilot.press("4")
         await pilot.pause(0.4)
         save("controls-80x24")
@@ -99,7 +102,7 @@ def main(
         raise typer.BadParameter(f"{run_dir} already holds a run; remove it or pass --run-dir", param_hint="--run-dir")
     config = EngineConfig(
         model=model, data=data, steps=steps, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
-        stats_every=2, max_train_samples=4000, max_eval_samples=200,
+        stats_every=2, max_train_samples=4000, max_eval_samples=200, system_every=2.0,
     )
     out.mkdir(parents=True, exist_ok=True)
     proc = spawn_engine(config, Policy(), run_dir)

@@ -132,3 +132,65 @@ def test_under_torchrun_only_rank_0_reports(tiny_model_dir, tmp_path):
     assert [s.step for s in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     system = [e for e in read_events(run_dir) if e["type"] == "system"]
     assert sum(e["samples_per_s"] * e["seconds"] for e in system) == pytest.approx(4 * 4 * 2, rel=0.02)
+
+
+def feed(names: list[str], run_dir, events: list[dict]) -> list[str]:
+    """``events`` through a ``Trackers`` sink as the engine emits them; the warnings it had."""
+    from spu_engine.protocol import encode
+
+    sink = trackers.Trackers(names, run_dir)
+    for ev in events:
+        sink(encode(ev), ev)
+    return sink.close()
+
+
+RUN = [
+    {"type": "hello", "t": 1.0, "step": 0, "run": "r1", "config": {"model": "tiny", "steps": 2, "report_to": ["wandb"]}},
+    {"type": "step", "t": 1.1, "step": 1, "loss": 0.7, "lr": 0.001},
+    {"type": "policy", "t": 1.2, "step": 1, "source": "client", "change": {"freeze": [{"units": ["block0"], "trainable": False}]}, "trainable": 10},
+    {"type": "eval", "t": 1.3, "step": 2, "eval_loss": 0.6, "accuracy": 0.75},
+]
+
+
+def test_wandb_trackio_and_mlflow_get_scalars_and_texts_through_their_own_calls(tmp_path, monkeypatch):
+    """Stand-ins for the packages (not installed here) record what each backend calls, as their docs spell it."""
+    import sys
+    import types
+
+    calls: list[tuple] = []
+
+    def wandb_like(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+        module.init = lambda **kw: calls.append((name, "init", kw["name"], kw["config"]["model"]))
+        module.log = lambda values, step: calls.append((name, "log", step, sorted(values)))
+        module.Table = lambda columns, data: ("table", columns, [row[0] for row in data])
+        module.finish = lambda: calls.append((name, "finish"))
+        return module
+
+    mlflow = types.ModuleType("mlflow")
+    mlflow.start_run = lambda run_name: calls.append(("mlflow", "start", run_name))
+    mlflow.log_params = lambda params: calls.append(("mlflow", "params", params["model"]))
+    mlflow.log_metrics = lambda values, step: calls.append(("mlflow", "log", step, sorted(values)))
+    mlflow.log_text = lambda text, path: calls.append(("mlflow", "text", path, "block0" in text))
+    mlflow.end_run = lambda: calls.append(("mlflow", "end"))
+    for name, module in (("wandb", wandb_like("wandb")), ("trackio", wandb_like("trackio")), ("mlflow", mlflow)):
+        monkeypatch.setitem(sys.modules, name, module)
+    assert feed(["wandb", "trackio", "mlflow"], tmp_path, RUN) == []
+    for name in ("wandb", "trackio"):
+        assert [c[1:] for c in calls if c[0] == name] == [
+            ("init", "r1", "tiny"), ("log", 1, ["train/loss", "train/lr"]), ("log", 1, ["policy"]),
+            ("log", 2, ["eval/accuracy", "eval/loss"]), ("finish",),
+        ]
+    assert [c[1:] for c in calls if c[0] == "mlflow"] == [
+        ("start", "r1"), ("params", "tiny"), ("log", 1, ["train/loss", "train/lr"]), ("text", "policy/step-0000001.yaml", True),
+        ("log", 2, ["eval/accuracy", "eval/loss"]), ("end",),
+    ]
+
+
+def test_a_tracker_that_cannot_start_is_one_warning_and_the_others_go_on(tmp_path, monkeypatch):
+    def no_login(self, run_dir, run, config, step):
+        raise RuntimeError("wandb: not logged in")
+
+    monkeypatch.setattr(TensorBoard, "__init__", no_login)
+    warnings = feed(["tensorboard"], tmp_path, RUN)
+    assert warnings == ["tracker tensorboard could not start (RuntimeError: wandb: not logged in); training goes on without it"]
