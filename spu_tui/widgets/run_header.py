@@ -7,6 +7,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from spu_engine.protocol import SystemEvent
+
 from ..run_state import Aspect, RunState
 from .system_view import summary
 
@@ -42,7 +44,7 @@ class RunHeader(Widget):
         self.waiting = state.waiting
         sample = state.system[-1] if state.system else None
         self.machine = summary(sample)
-        self.tokens_per_s = sample.tokens_per_s if sample is not None else None
+        self.tokens_per_s = tokens_per_s(state.samples_per_s, sample)
 
     def render(self) -> Text:
         top = Text()
@@ -64,6 +66,14 @@ class RunHeader(Widget):
         top.truncate(self.size.width, overflow="ellipsis")
         bottom.truncate(self.size.width, overflow="ellipsis")
         return Text("\n").join([top, bottom])
+
+
+def tokens_per_s(samples_per_s: float, sample: SystemEvent | None) -> float | None:
+    """Tokens/s beside the header's samples/s, on the same clock: the wall-clock samples/s times the tokens per
+    sample of the newest system sample (whose own rates leave evaluations and pauses out)."""
+    if sample is None or not sample.samples_per_s or sample.tokens_per_s is None:
+        return None
+    return samples_per_s * sample.tokens_per_s / sample.samples_per_s
 
 
 def format_eta(seconds: float | None) -> str:

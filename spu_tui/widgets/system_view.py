@@ -16,7 +16,7 @@ from spu_engine.protocol import SystemEvent
 from ..run_state import Aspect, RunState
 
 BLOCKS = "▁▂▃▄▅▆▇█"
-LABEL = 11  # columns of a row's label
+LABEL = 12  # columns of a row's label
 VALUE = 13  # columns of its value now
 
 
