@@ -81,6 +81,20 @@ def test_a_short_run_writes_system_events_with_cpu_ram_and_throughput(make_engin
     assert trained == pytest.approx(6 * 8, rel=0.02)  # every sample of the 6 batches of 8, and nothing else
 
 
+def test_selective_backprop_counts_the_samples_it_trains_not_those_it_only_scored(make_engine, tmp_path):
+    from spu_engine.policy import Policy
+
+    run_dir = tmp_path / "run"
+    policy = Policy.model_validate({"selective_backprop": {"mode": "percentile", "keep": 0.5}})
+    engine = make_engine(run_dir=run_dir, policy=policy, steps=4, system_every=0.001)
+    engine.run()
+    engine.close()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    system = [e for e in events if e["type"] == "system"]
+    assert engine.samples_seen > 4 * 8  # it drew more than it trained on
+    assert sum(e["samples_per_s"] * e["seconds"] for e in system) == pytest.approx(4 * 8, rel=0.02)
+
+
 def test_the_last_steps_get_a_system_event_even_in_a_run_shorter_than_the_interval(make_engine, tmp_path):
     run_dir = tmp_path / "run"
     engine = make_engine(run_dir=run_dir, steps=3, system_every=3600.0)
