@@ -21,7 +21,7 @@ from .methods.base import HostConfig
 from .methods.peft_base import AddedTensorsMethod
 from .model import Units, count_params, find_units, stable_parameters
 from .policy import Change, Policy, PolicyError, TimelineEntry
-from .selection import check_policy_against_model, freeze_mask
+from .selection import check_policy_against_model, freeze_mask, lr_scales
 
 
 class TimelineRefused(PolicyError):
@@ -157,6 +157,17 @@ class PolicyRuntime:
         for group in self.optimizer.param_groups if self.optimizer is not None else []:
             if group.get("name") == name:
                 group["base_lr"] = lr or self.config.lr
+
+    def lr_multipliers(self, policy: Policy | None = None) -> dict[str, float]:
+        """Stable name -> learning-rate multiplier under ``policy`` (default: the one in force): the ``lr`` section's
+        decay and scale rules, times LoRA+'s ratio for LoRA's B factors."""
+        policy = policy or self.current
+        scales = lr_scales(policy.lr, self.param_names, self.units)
+        if policy.peft.method in ("lora", "adalora") and policy.peft.lr_ratio != 1.0:
+            for n in scales:
+                if ".lora_B." in n or n.endswith(".lora_B"):  # LoRA's lora_B.weight, AdaLoRA's lora_B
+                    scales[n] *= policy.peft.lr_ratio
+        return scales
 
     def optimizer_state(self, param: torch.nn.Parameter) -> dict[str, Any]:
         """The optimizer's state of ``param``, live (movement puts back the moments of pruned entries)."""
