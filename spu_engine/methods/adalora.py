@@ -28,6 +28,22 @@ from .peft_inject import eject, has_conv1d, inject_tuner
 from .targets import NameSets, task_head_names
 
 
+def inject_adalora(model: nn.Module, settings: Peft, steps: int | None) -> tuple[list[nn.Parameter], AdaLoraModel]:
+    """Put AdaLoRA into ``model`` in place; the new parameters, and peft's tuner that holds the rank allocator."""
+    total = settings.total_step or steps
+    if total is None:
+        raise PolicyError("peft.total_step: AdaLoRA's budget schedule needs the run's length; give total_step, or attach(..., steps=N)")
+    try:
+        config = AdaLoraConfig(
+            init_r=settings.init_r, target_r=settings.target_r, tinit=settings.tinit, tfinal=settings.tfinal, deltaT=settings.delta_t,
+            total_step=total, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=lora_targets(model, settings),
+            fan_in_fan_out=has_conv1d(model), bias="none",
+        )
+    except ValueError as exc:
+        raise PolicyError(f"peft.tinit: {exc} (tinit {settings.tinit}, tfinal {settings.tfinal}, total_step {total})") from None
+    return inject_tuner(model, config, "peft.target_modules", lambda: AdaLoraModel(model, config, "default"))
+
+
 class AdaLoRA(AddedTensorsMethod):
     name = "adalora"
     fixed = ("init_r", "target_r", "alpha", "dropout", "target_modules", "tinit", "tfinal", "delta_t", "total_step")
@@ -42,28 +58,11 @@ class AdaLoRA(AddedTensorsMethod):
     def gate(self, name: str) -> bool:
         return ".lora_" in name or name in self.head
 
-    def config(self, model: nn.Module, settings: Peft) -> AdaLoraConfig:
-        total = settings.total_step or self.host.config.steps
-        if total is None:
-            raise PolicyError("peft.total_step: AdaLoRA's budget schedule needs the run's length; give total_step, or attach(..., steps=N)")
-        try:
-            return AdaLoraConfig(
-                init_r=settings.init_r, target_r=settings.target_r, tinit=settings.tinit, tfinal=settings.tfinal, deltaT=settings.delta_t,
-                total_step=total, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=lora_targets(model, settings),
-                fan_in_fan_out=has_conv1d(model), bias="none",
-            )
-        except ValueError as exc:
-            raise PolicyError(f"peft.tinit: {exc} (tinit {settings.tinit}, tfinal {settings.tfinal}, total_step {total})") from None
-
     def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
-        config = self.config(model, settings)
-        params, _ = inject_tuner(model, config, "peft.target_modules", lambda: AdaLoraModel(model, config, "default"))
-        return params
+        return inject_adalora(model, settings, self.host.config.steps)[0]
 
     def install(self, settings: Peft) -> list[nn.Parameter]:
-        model = self.host.model
-        config = self.config(model, settings)
-        params, self.tuner = inject_tuner(model, config, "peft.target_modules", lambda: AdaLoraModel(model, config, "default"))
+        params, self.tuner = inject_adalora(self.host.model, settings, self.host.config.steps)
         self.reported = {}
         return params
 
