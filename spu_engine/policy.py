@@ -23,7 +23,7 @@ replays those firings from its step entries without deciding them again.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,6 +49,8 @@ _RANGE = re.compile(r"^\s*(-?\d+)\s*(?:-|\.\.)\s*(-?\d+)\s*$")
 
 class Selector(_Section):
     """Select parameters by block index, unit name and/or name glob (all given selectors must match)."""
+
+    kind: ClassVar[str] = "rule"
 
     match: str | None = Field(None, description="glob over parameter names, e.g. '*.bias' or '*attention*'")
     layers: list[int] | None = Field(None, description="block indices; YAML may also say '0-3'. Negative counts from the end.")
@@ -86,18 +88,22 @@ class Selector(_Section):
     @model_validator(mode="after")
     def _needs_selector(self) -> "Selector":
         if self.match is None and self.layers is None and self.units is None:
-            raise ValueError("a rule needs at least one of 'match', 'layers', 'units'")
+            raise ValueError(f"a {self.kind} needs at least one of 'match', 'layers', 'units'")
         return self
 
 
 class FreezeRule(Selector):
     """Whether the selected parameters train."""
 
+    kind: ClassVar[str] = "freeze rule"
+
     trainable: bool
 
 
 class ScaleRule(Selector):
     """A learning-rate multiplier for the selected parameters."""
+
+    kind: ClassVar[str] = "scale rule"
 
     scale: float = Field(gt=0.0, le=1000.0, description="multiplies the schedule's learning rate (freeze a tensor instead of 0)")
 

@@ -130,7 +130,7 @@ def test_an_exported_run_replays_its_multipliers_exactly(make_engine, tmp_path):
         ({"decay": 0}, "lr.decay: Input should be greater than 0"),
         ({"warm_in": -1}, "lr.warm_in: Input should be greater than or equal to 0"),
         ({"scale": [{"layers": [0], "scale": 0}]}, "lr.scale[0].scale: Input should be greater than 0"),
-        ({"scale": [{"scale": 2}]}, "a rule needs at least one of 'match', 'layers', 'units'"),
+        ({"scale": [{"scale": 2}]}, "a scale rule needs at least one of 'match', 'layers', 'units'"),
         ({"rate": 2}, "lr.rate: unknown key"),
     ],
 )
