@@ -88,10 +88,10 @@ def test_changing_a_multiplier_live_keeps_adamw_state(make_engine):
 
 
 def run_with_live_changes(make_engine, run_dir, steps_before_checkpoint: int | None = None):
-    """8 steps: decay from the start, block 0 frozen then unfrozen live at step 2 with a 4-step warm-in."""
-    engine = make_engine(run_dir=run_dir, steps=8, policy=parse_policy({"lr": {"decay": 0.7, "warm_in": 4}, "freeze": [{"layers": [0], "trainable": False}]}))
+    """6 steps: decay from the start, block 0 frozen then unfrozen live at step 2 with a 4-step warm-in."""
+    engine = make_engine(run_dir=run_dir, steps=6, policy=parse_policy({"lr": {"decay": 0.7, "warm_in": 4}, "freeze": [{"layers": [0], "trainable": False}]}))
     losses = []
-    for step in range(8):
+    for step in range(6):
         if step == 2:
             engine.apply_change(Change(freeze=[FreezeRule(layers=[0], trainable=True)], set={"lr": {"scale": [{"units": ["head"], "scale": 3}]}}), source="client")
         losses.append(engine.train_step()["loss"])
@@ -102,11 +102,11 @@ def run_with_live_changes(make_engine, run_dir, steps_before_checkpoint: int | N
 
 def test_multipliers_and_warm_in_survive_a_resume(make_engine, tmp_path):
     engine, losses = run_with_live_changes(make_engine, tmp_path / "run", steps_before_checkpoint=4)
-    resumed = make_engine(run_dir=tmp_path / "resumed", steps=8)
+    resumed = make_engine(run_dir=tmp_path / "resumed", steps=6)
     resumed.resume_from(latest_checkpoint(tmp_path / "run" / "checkpoints"))
     assert resumed.step == 4 and resumed.warm_from == {n: 2 for n in resumed.warm_from} and resumed.warm_from
     assert scale_of(resumed, "classifier.weight") == 3.0 and scale_of(resumed, QUERY3) == 1.0
-    again = [resumed.train_step()["loss"] for _ in range(4)]
+    again = [resumed.train_step()["loss"] for _ in range(2)]
     assert again == pytest.approx(losses[4:], abs=1e-6)
     assert lr_of(resumed, QUERY0) == pytest.approx(lr_of(engine, QUERY0))
 
@@ -114,9 +114,9 @@ def test_multipliers_and_warm_in_survive_a_resume(make_engine, tmp_path):
 def test_an_exported_run_replays_its_multipliers_exactly(make_engine, tmp_path):
     engine, losses = run_with_live_changes(make_engine, tmp_path / "run")
     exported = parse_policy(engine.replayable_policy().model_dump(mode="json"))
-    replay = make_engine(run_dir=tmp_path / "replay", steps=8, policy=exported)
+    replay = make_engine(run_dir=tmp_path / "replay", steps=6, policy=exported)
     replayed = []
-    for _ in range(8):
+    for _ in range(6):
         replay.apply_due(replay.step)  # the engine's boundary: the recorded change applies at its step
         replayed.append(replay.train_step()["loss"])
     assert replayed == losses

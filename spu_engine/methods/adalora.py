@@ -82,8 +82,8 @@ class AdaLoRA(AddedTensorsMethod):
             return
         if step < self._final_from() and any(p.grad is None for n, p in self.host.params.items() if ".lora_" in n):
             if not self.warned:  # the importance of a factor is |w x grad|: a frozen one (or a step that kept no sample) has none
-                self.host.log("adalora: some LoRA factors have no gradient this step (frozen, or no sample kept); ranks are not "
-                              "reallocated on such steps", "warning")
+                self.host.log("adalora: ranks are reallocated only on steps where every AdaLoRA factor has a gradient; some have none "
+                              "(frozen by a rule, or selective backprop kept no sample)", "warning")
                 self.warned = True
             return
         self.tuner.update_and_allocate(step)
