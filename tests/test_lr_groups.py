@@ -154,3 +154,11 @@ def test_own_loop_refuses_per_unit_rates(tokenizer):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(PolicyError, match="lr: per-unit learning rates need the engine's optimizer groups"):
         attach(parse_policy({"lr": {"decay": 0.9}}), model, optimizer)
+
+
+def test_the_preview_says_each_units_multiplier_before_the_change(make_engine):
+    engine = make_engine()
+    notes = engine.preview(Change(set={"lr": {"decay": 0.5, "warm_in": 3, "scale": [{"match": "*.bias", "scale": 2}]}}))["notes"]
+    assert "lr multipliers: embeddings x0.0625-0.125, block0 x0.125-0.25, block1 x0.25-0.5, block2 x0.5-1, block3 x1-2, head x1-2" in notes
+    assert "warm-in: a tensor that starts training from now on ramps its lr in over 3 steps" in notes
+    assert scale_of(engine, QUERY0) == 1.0  # a preview changes nothing
