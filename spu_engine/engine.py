@@ -46,7 +46,7 @@ from .runtime import PolicyRuntime, TimelineRefused
 from .selection import check_policy_against_model
 from .system_metrics import SystemSampler
 from .trackers import Trackers, unavailable
-from .training import StepLoop, build_optimizer, pick_device
+from .training import StepLoop, build_optimizer, pick_device, regroup
 from .unit_stats import describe_units, trainable_by_unit
 
 
@@ -100,6 +100,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.steps_per_epoch = max(1, len(self.task.train) // (config.batch_size * (dist.world_size if dist else 1)))
         self.methods = [m(self) for m in METHODS]
         self.optimizer = build_optimizer(self.model, config)
+        self.warm_from: dict[str, int] = {}
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self._setup_policy(policy or Policy())
         self.commands = Commands(self)
@@ -178,6 +179,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
                      "after the last step, where a change acts on nothing", "warning")
         self._configure_methods(self.current)
         self._apply_trainable()
+        self.regroup()
 
     def _check_trigger(self, trigger: TimelineEntry) -> None:
         """A when-trigger must watch a number this task's evaluation gives."""
@@ -295,6 +297,23 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         for m in self.configure_order(policy):
             m.configure(policy, self.step)
 
+    def _take_change(self, change: Change) -> None:
+        """As the runtime's, and after it: a tensor that starts training after step 0 ramps in (``lr.warm_in``), and
+        the optimizer groups follow the multipliers (also after a refusal, which may have re-added a method's group)."""
+        before = {n for n, p in self.params.items() if p.requires_grad}
+        try:
+            super()._take_change(change)
+            if self.step > 0 and self.current.lr.warm_in:
+                self.warm_from.update({n: self.step for n, p in self.params.items() if p.requires_grad and n not in before})
+        finally:
+            self.regroup()
+
+    def regroup(self) -> None:
+        """One optimizer group per method group and (lr multiplier, warm-in start); AdamW state stays with each tensor."""
+        scales = self.lr_multipliers()
+        key_of = {id(p): (scales.get(n, 1.0), self.warm_from.get(n)) for n, p in self.params.items()}
+        regroup(self.optimizer, key_of, {id(p): i for i, p in enumerate(self.params.values())})
+
     def apply_change(self, change: Change, source: str) -> None:
         """Apply a change at the current boundary; raises PolicyError and leaves everything as it was."""
         before, names = self.current, self.param_names
@@ -357,6 +376,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
             "config": self.config.model_dump(),
             "label_names": getattr(self.task, "label_names", None),  # the label of each class id: `spu eval` maps new data by it
             "methods": {type(m).__name__: m.state_dict() for m in self.methods},
+            "warm_from": self.warm_from,
             "rng": ckpt.rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
         }
@@ -387,6 +407,8 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         for m in self.methods:
             m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
         self._apply_trainable()
+        self.warm_from = dict(state.get("warm_from", {}))
+        self.regroup()  # the groups the checkpoint's optimizer state was saved with
         ckpt.load_weights(path, self.model)
         problem = ckpt.load_optimizer_or_fresh(path, self.optimizer, fresh_optimizer, self.run_dir or path.parent.parent)
         if problem:

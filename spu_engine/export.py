@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -50,10 +51,15 @@ from . import compact_heads
 from .checkpoint import latest_checkpoint, load_method_tensors
 from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
 from .methods.pruning.layout import ffn_layers
-from .model import AUTO_CLASSES, count_params, find_block_list, load_model, load_tokenizer, name_classes
+from .methods.lora import lora_config
+from .methods.adalora import inject_adalora
+from .methods.peft_inject import eject, inject
+from .model import AUTO_CLASSES, count_params, find_block_list, load_model, load_tokenizer, name_classes, stable_name
+from .policy import Peft, Policy
 from .runs import CHECKPOINTS, CONFIG
 
 MASK_PREFIX = "PruningMethod/mask."
+LORA_METHODS = ("lora", "adalora")
 FFN_WIDTH_KEYS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff", "ffn_hidden_size")
 
 
@@ -75,6 +81,7 @@ class ExportReport:
     dense_seconds: float | None = None  # CPU forward time on a probe batch, dense vs compact
     compact_seconds: float | None = None
     max_abs_diff: float | None = None  # compact vs dense outputs on the probe batch
+    merged_diff: float | None = None  # LoRA / AdaLoRA merged into the weights vs the adapted model, on the probe batch
     notes: list[str] = field(default_factory=list)
 
 
@@ -93,10 +100,15 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
         raise ExportError(f"{run_dir}/checkpoints has no complete checkpoint; save one (key 'c' in the console, or `checkpoint` command) and retry")
     tensors = load_file(str(path / "model.safetensors"))
     masks = {k[len(MASK_PREFIX) :]: v for k, v in load_method_tensors(path).items() if k.startswith(MASK_PREFIX)}
-    model = _load_into(config.model, get_task(config.task).model_kind, tensors)
-    name_classes(model, json.loads((path / "state.json").read_text()).get("label_names"))  # `spu eval` maps labels by these names
+    state = json.loads((path / "state.json").read_text())
+    peft = Policy.model_validate(state["policy"]).at_step(state["step"]).peft
+    model = _load_into(config.model, get_task(config.task).model_kind, tensors, peft, config.steps)
+    merged_diff = merge_lora(model) if peft.method in LORA_METHODS else None
+    name_classes(model, state.get("label_names"))  # `spu eval` maps labels by these names
     masked, zeros = fold_masks(model, masks)
-    report = ExportReport(out_dir, path, count_params(model), len(masks), zeros / masked if masked else 0.0, notes=notes)
+    report = ExportReport(out_dir, path, count_params(model), len(masks), zeros / masked if masked else 0.0, notes=notes, merged_diff=merged_diff)
+    if merged_diff is not None:
+        notes.append(f"{peft.method} merged into the weights: max |difference| of outputs, merged vs unmerged, {merged_diff:.1e}")
     report.dense_params = report.params
     if compact:
         dense = copy.deepcopy(model)
@@ -118,24 +130,46 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
     return report
 
 
-def _load_into(name: str, kind: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """The run's architecture with the checkpoint's weights (num_labels read off the checkpoint's head)."""
+def _load_into(name: str, kind: str, tensors: dict[str, torch.Tensor], peft: Peft | None = None, steps: int | None = None) -> nn.Module:
+    """The run's architecture with the checkpoint's weights (num_labels read off the checkpoint's head); LoRA and
+    AdaLoRA are put in as the run had them (their tensors are the checkpoint's, so no initialisation matters)."""
     model = load_model(name, kind)
     own = model.state_dict()
     mismatched = [n for n, t in tensors.items() if n in own and own[n].shape != t.shape]
     if mismatched and kind == "classification":
         model = load_model(name, kind, num_labels=tensors[mismatched[0]].shape[0])
-        own = model.state_dict()
-        mismatched = [n for n, t in tensors.items() if n in own and own[n].shape != t.shape]
+    if peft is not None and peft.method in LORA_METHODS:
+        with torch.random.fork_rng(devices=[]):
+            if peft.method == "lora":
+                inject(model, lora_config(model, peft, init=True), "peft")
+            else:
+                inject_adalora(model, peft, steps)
+    own = {stable_name(n): t for n, t in model.state_dict().items()}
+    live = {stable_name(n): n for n in model.state_dict()}
+    mismatched = [n for n, t in tensors.items() if n in own and own[n].shape != t.shape]
     unexpected = [n for n in tensors if n not in own]
     if mismatched or unexpected:
         raise ExportError(
             f"the checkpoint does not fit {name}: "
             + (f"tensors of another shape {mismatched[:3]} " if mismatched else "")
-            + (f"tensors the model lacks {unexpected[:3]} (adapters / LoRA are not folded by export)" if unexpected else "")
+            + (f"tensors the model lacks {unexpected[:3]} (adapters and (IA)3 are not folded by export)" if unexpected else "")
         )
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict({live[n]: t for n, t in tensors.items()}, strict=False)
     return model.eval()
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> float:
+    """Merge every LoRA / AdaLoRA layer into its base weight (peft's ``merge``: DoRA's magnitude, rsLoRA's scaling,
+    AdaLoRA's kept singular values; after PiSSA the base holds the residual, so the merge gives the trained W) and
+    drop the adapters; the largest output difference, merged vs adapted, on a probe batch."""
+    batch = probe_batch(model.config, length=32)
+    before = model(**batch)[0]
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    eject(model)
+    return float((model(**batch)[0] - before).abs().max())
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .methods import METHODS
-from .policy import Change, Policy, PolicyError
+from .policy import Change, LearningRates, Policy, PolicyError
 from .runtime import PolicyRuntime
 from .selection import check_policy_against_model
 
@@ -182,6 +182,10 @@ class PolicyController(PolicyRuntime):
     # ------------------------------------------------------------------ internals
 
     def _configure_methods(self, policy: Policy) -> None:
+        if policy.lr != LearningRates() or policy.peft.lr_ratio != 1.0:
+            key = "lr" if policy.lr != LearningRates() else "peft.lr_ratio"
+            raise PolicyError(f"{key}: per-unit learning rates need the engine's optimizer groups (spu train); in your own loop give "
+                              "your optimizer's param groups their lr, and leave this section out")
         for m in self.configure_order(policy):
             m.configure(policy, self.step_count)
         self._sync_scheduler()
@@ -216,6 +220,7 @@ class PolicyController(PolicyRuntime):
             for p in group["params"]:
                 if id(p) not in in_model:
                     p.grad = None
+        self._each("after_update", self.step_count)
         self._each("after_optimizer_step", self.step_count)
         self.step_count += 1
 

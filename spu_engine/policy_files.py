@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .policy import Policy, PolicyError, TimelineEntry, format_validation_error, timeline_order
+from .policy import Policy, PolicyError, ScaleRule, TimelineEntry, format_validation_error, timeline_order
 
 # bounds checked before a policy file is turned into objects: a real policy is a few KB, about 6 levels deep
 MAX_POLICY_BYTES = 1 << 20
@@ -145,6 +145,20 @@ def entry_from_text(text: str, source: str = "trigger") -> TimelineEntry:
     except ValidationError as err:
         first = format_validation_error(err, source).splitlines()[1].strip()  # the first problem, its key first
         raise PolicyError(first.removeprefix("(top level): ")) from None
+
+
+def scale_rule_from_text(text: str, source: str = "lr rule") -> ScaleRule:
+    """One learning-rate rule typed as a YAML mapping, braces optional (the console's rule field):
+    ``layers: 0-1, scale: 0.5``.  One line naming the key when it is wrong."""
+    text = text.strip()
+    data = _bounded_yaml(text if text.startswith("{") else "{" + text + "}", source)
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: a mapping such as layers: 0-1, scale: 0.5")
+    try:
+        return ScaleRule.model_validate(data)
+    except ValidationError as err:
+        first = format_validation_error(err, source).splitlines()[1].strip()
+        raise PolicyError(f"{source}: {first.removeprefix('(top level): ')}") from None
 
 
 def _bounded_yaml(text: str, source: str) -> Any:

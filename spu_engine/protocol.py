@@ -270,6 +270,14 @@ class UnitsEvent(Event):
     tensors: dict[str, TensorStats] = Field(default_factory=dict)
 
 
+class RanksEvent(Event):
+    """AdaLoRA's rank of each adapted module (stable name, e.g. ``bert.encoder.layer.0.attention.self.query``) after
+    step ``step``, and their sum, when the allocation changed them."""
+
+    ranks: dict[str, int] = Field(default_factory=dict)
+    budget: int = 0
+
+
 class EvalEvent(Event):
     """eval_loss and the task's metrics (more float fields)."""
 
@@ -397,6 +405,7 @@ EVENTS: dict[str, type[Event]] = {
     "imp_round": ImpRoundEvent,
     "units": UnitsEvent,
     "eval": EvalEvent,
+    "ranks": RanksEvent,
     "policy": PolicyEvent,
     "scheduled": ScheduledEvent,
     "received": ReceivedEvent,

@@ -21,7 +21,7 @@ from .methods.base import HostConfig
 from .methods.peft_base import AddedTensorsMethod
 from .model import Units, count_params, find_units, stable_parameters
 from .policy import Change, Policy, PolicyError, TimelineEntry
-from .selection import check_policy_against_model, freeze_mask
+from .selection import check_policy_against_model, freeze_mask, lr_scales
 
 
 class TimelineRefused(PolicyError):
@@ -158,6 +158,17 @@ class PolicyRuntime:
             if group.get("name") == name:
                 group["base_lr"] = lr or self.config.lr
 
+    def lr_multipliers(self, policy: Policy | None = None) -> dict[str, float]:
+        """Stable name -> learning-rate multiplier under ``policy`` (default: the one in force): the ``lr`` section's
+        decay and scale rules, times LoRA+'s ratio for LoRA's B factors."""
+        policy = policy or self.current
+        scales = lr_scales(policy.lr, self.param_names, self.units)
+        if policy.peft.method in ("lora", "adalora") and policy.peft.lr_ratio != 1.0:
+            for n in scales:
+                if ".lora_B." in n or n.endswith(".lora_B"):  # LoRA's lora_B.weight, AdaLoRA's lora_B
+                    scales[n] *= policy.peft.lr_ratio
+        return scales
+
     def optimizer_state(self, param: torch.nn.Parameter) -> dict[str, Any]:
         """The optimizer's state of ``param``, live (movement puts back the moments of pruned entries)."""
         return self.optimizer.state.get(param, {}) if self.optimizer is not None else {}
@@ -243,6 +254,10 @@ class PolicyRuntime:
             teacher = "the model as loaded at step 0" if kd.teacher == "initial" else kd.teacher
             notes.append(f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
                          f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}")
+        if new.lr != self.current.lr or new.peft.lr_ratio != self.current.peft.lr_ratio or new.lr.decay != 1.0 or new.lr.scale:
+            notes.append("lr multipliers: " + self._describe_multipliers(new))
+        if new.lr.warm_in:
+            notes.append(f"warm-in: a tensor that starts training from now on ramps its lr in over {new.lr.warm_in} steps")
         sparsity = None
         if new.pruning.method != "none":
             sparsity = new.pruning.schedule.final_sparsity
@@ -260,6 +275,14 @@ class PolicyRuntime:
             "sparsity": sparsity,
             "notes": notes,
         }
+
+    def _describe_multipliers(self, policy: Policy) -> str:
+        """Each unit's lr multiplier under ``policy`` ('0.5-1' where its tensors differ), in model order."""
+        scales = self.lr_multipliers(policy)
+        by_unit: dict[str, list[float]] = {}
+        for n, scale in scales.items():
+            by_unit.setdefault(self.units.unit_for(n), []).append(scale)
+        return ", ".join(f"{u} x{min(v):.3g}" + (f"-{max(v):.3g}" if max(v) != min(v) else "") for u, v in by_unit.items())
 
     def _apply_trainable(self) -> None:
         """Frozen tensors get requires_grad False and lose their gradient (so no optimizer update)."""

@@ -14,7 +14,7 @@ from typing import Callable
 from torch import nn
 
 from .model import Units, stable_parameters
-from .policy import FreezeRule, Policy, PolicyError
+from .policy import FreezeRule, LearningRates, Policy, PolicyError, ScaleRule, Selector
 
 _BLOCK_RE = re.compile(r"^block(\d+)$")
 
@@ -24,7 +24,7 @@ def globbed(names: list[str], patterns: list[str]) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def rule_selects(rule: FreezeRule, name: str, units: Units) -> bool:
+def rule_selects(rule: Selector, name: str, units: Units) -> bool:
     """Do all of the rule's selectors (glob, units, block indices) match parameter ``name``?"""
     unit = units.unit_for(name)
     if rule.match is not None and not fnmatch.fnmatchcase(name, rule.match):
@@ -54,7 +54,30 @@ def freeze_mask(rules: list[FreezeRule], names: list[str], units: Units) -> dict
     return out
 
 
-def check_rules(rules: list[FreezeRule], names: list[str], units: Units, where: str = "freeze") -> None:
+def decay_factor(unit: str, units: Units, decay: float) -> float:
+    """Layer-wise decay: the head and the top block 1, each block below ``decay`` times the one above, embeddings one
+    step below block 0."""
+    if decay == 1.0:
+        return 1.0
+    m = _BLOCK_RE.match(unit)
+    if m:
+        return decay ** (units.num_blocks - 1 - int(m.group(1)))
+    return decay**units.num_blocks if unit == "embeddings" else 1.0
+
+
+def lr_scales(settings: LearningRates, names: list[str], units: Units) -> dict[str, float]:
+    """name -> learning-rate multiplier: the decay's factor for its unit times the last scale rule that selects it."""
+    out = {}
+    for n in names:
+        scale = 1.0
+        for rule in settings.scale:
+            if rule_selects(rule, n, units):
+                scale = rule.scale
+        out[n] = decay_factor(units.unit_for(n), units, settings.decay) * scale
+    return out
+
+
+def check_rules(rules: list[FreezeRule] | list[ScaleRule], names: list[str], units: Units, where: str = "freeze") -> None:
     """Raise PolicyError for a rule that selects nothing, naming the key and close matches."""
     valid_units = [u.name for u in units.units]
     for i, rule in enumerate(rules):
@@ -108,6 +131,7 @@ def check_policy_against_model(
     in_force = policy.state()
     names = names_of(in_force)
     check_rules(in_force.freeze, names, units)
+    check_rules(in_force.lr.scale, names, units, where="lr.scale")
     if in_force.pruning.method != "none" and in_force.pruning.targets is not None:
         check_patterns(in_force.pruning.targets, names, "pruning.targets")
     for t, entry in enumerate(policy.timeline):
@@ -117,6 +141,8 @@ def check_policy_against_model(
         if "freeze" in entry.set:
             rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
             check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
+        if isinstance(entry.set.get("lr"), dict) and "scale" in entry.set["lr"]:
+            check_rules(in_force.lr.scale, names, units, where=f"timeline[{t}].set.lr.scale")
         if "pruning" in entry.set and in_force.pruning.method != "none" and in_force.pruning.targets is not None:
             check_patterns(in_force.pruning.targets, names, f"timeline[{t}].set.pruning.targets")
 

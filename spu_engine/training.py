@@ -56,6 +56,37 @@ def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim
     return opt
 
 
+def regroup(optimizer: torch.optim.Optimizer, key_of: dict[int, tuple[float, int | None]], order: dict[int, int]) -> None:
+    """Split every named group into one group per (lr multiplier, warm-in start) of its tensors, in place.
+
+    Groups keep their name, base lr and weight decay; a tensor's AdamW state is keyed by the tensor, so moving it
+    between groups keeps its moments.  Tensors sit in model order (``order``) and groups in a fixed order, so the
+    same multipliers always give the same groups (a checkpoint's optimizer state loads into them).
+    """
+    families: dict[Any, tuple[dict[str, Any], list[torch.nn.Parameter]]] = {}
+    for g in optimizer.param_groups:
+        template = {k: v for k, v in g.items() if k not in ("params", "lr_scale", "warm_from")}
+        families.setdefault(g.get("name"), (template, []))[1].extend(g["params"])
+    groups = []
+    for template, params in families.values():
+        params.sort(key=lambda p: order.get(id(p), len(order)))
+        buckets: dict[tuple[float, int | None], list[torch.nn.Parameter]] = {}
+        for p in params:
+            buckets.setdefault(key_of.get(id(p), (1.0, None)), []).append(p)
+        for scale, warm in sorted(buckets, key=lambda k: (k != (1.0, None), k[0], -1 if k[1] is None else k[1])):
+            groups.append({**template, "params": buckets[(scale, warm)], "lr_scale": scale, "warm_from": warm})
+    optimizer.param_groups[:] = groups
+
+
+def group_lr_scale(group: dict[str, Any], step: int, warm_in: int) -> float:
+    """The group's multiplier, ramped in linearly over ``warm_in`` steps from its warm-in start: 1/warm_in at that step."""
+    scale = group.get("lr_scale", 1.0)
+    start = group.get("warm_from")
+    if start is not None and warm_in:
+        scale *= min(1.0, (step - start + 1) / warm_in)
+    return scale
+
+
 class StepLoop:
     """The step and evaluation arithmetic of ``Engine``, and what it does when a batch or an evaluation fails."""
 
@@ -75,6 +106,7 @@ class StepLoop:
     _nonfinite_streak: int
     run_dir: Path | None
     stop: Stop | None
+    warm_from: dict[str, int]  # stable name -> the step its warm-in ramp began (lr.warm_in), while it ramps
     # and from the engine: task, stream, methods, units, params, current, emit(), log(), pause(), save_or_pause()
 
     def _autocast(self):
@@ -113,6 +145,15 @@ class StepLoop:
             return
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def end_ramps(self, step: int) -> None:
+        """Tensors whose warm-in is over at ``step`` go back to their plain group."""
+        warm_in = self.current.lr.warm_in
+        done = [n for n, start in self.warm_from.items() if step - start >= warm_in or n not in self.params]
+        if done:
+            for n in done:
+                del self.warm_from[n]
+            self.regroup()
+
     def _lr_factor(self, step: int) -> float:
         warm = self.config.warmup_steps()
         if warm and step < warm:
@@ -134,9 +175,10 @@ class StepLoop:
         step = self.step
         for m in self.methods:
             m.before_step(step)
-        factor = self._lr_factor(step)
+        self.end_ramps(step)
+        factor, warm_in = self._lr_factor(step), self.current.lr.warm_in
         for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * factor
+            g["lr"] = g["base_lr"] * factor * group_lr_scale(g, step, warm_in)
         loss, n_samples, extra = self._forward_backward()
         for m in self.methods:
             m.after_backward(step)
@@ -165,6 +207,8 @@ class StepLoop:
             self.scaler.update()
         elif trainable:  # with no gradient at all (selective backprop kept no sample) no parameter moves
             self.optimizer.step()
+        for m in self.methods:
+            m.after_update(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples_seen += n_samples

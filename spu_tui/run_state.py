@@ -29,6 +29,7 @@ from spu_engine.protocol import (
     PolicyEvent,
     PreviewEvent,
     PruneEvent,
+    RanksEvent,
     ReceivedEvent,
     ResumedEvent,
     ScheduledEvent,
@@ -82,6 +83,7 @@ class RunState:
     tensor_trainable: dict[str, bool] = field(default_factory=dict)
     unit_stats: dict[str, UnitStats] = field(default_factory=dict)
     tensor_sparsity: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # AdaLoRA: adapted module -> its rank now
     policy: dict[str, Any] = field(default_factory=dict)
     checkpoint_step: int | None = None  # the newest checkpoint the engine wrote while this console watched
     scheduled: list[dict[str, Any]] = field(default_factory=list)  # pending timeline entries and triggers (with ``fired``)
@@ -249,6 +251,12 @@ class RunState:
         self.change_steps.append(ev.step)
         self.say(ev.step, "policy", f"{describe_change(ev.change)} ({ev.source}); trainable {ev.trainable:,}")
         return {Aspect.UNITS, Aspect.POLICY}
+
+    def _on_ranks(self, ev: RanksEvent) -> set[Aspect]:
+        self.ranks = dict(ev.ranks)
+        low, high = (min(ev.ranks.values()), max(ev.ranks.values())) if ev.ranks else (0, 0)
+        self.say(ev.step, "policy", f"adalora ranks: budget {ev.budget} over {len(ev.ranks)} modules, each {low}-{high}")
+        return {Aspect.UNITS}
 
     def _on_scheduled(self, ev: ScheduledEvent) -> set[Aspect]:
         self.scheduled = ev.scheduled

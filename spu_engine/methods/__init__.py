@@ -7,6 +7,7 @@ with a clear message rather than silently ignored.
 
 from __future__ import annotations
 
+from .adalora import AdaLoRA
 from .adapter import Adapter
 from .base import Method
 from .bitfit import BitFit
@@ -22,6 +23,7 @@ METHODS: list[type[Method]] = [
     Adapter,
     IA3,
     LoRA,
+    AdaLoRA,
     SelectiveBackprop,
     WeightUpdateSkipping,
     PruningMethod,

@@ -156,6 +156,9 @@ class Method(Checkpointed):
     def after_backward(self, step: int) -> None:
         """Gradients exist; the optimizer has not stepped yet."""
 
+    def after_update(self, step: int) -> None:
+        """The optimizer has stepped and the gradients are still there (AdaLoRA allocates ranks here, as peft orders it)."""
+
     def after_optimizer_step(self, step: int) -> None:
         """The optimizer has stepped (``step`` is the step just taken)."""
 

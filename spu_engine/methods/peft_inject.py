@@ -10,6 +10,7 @@ the same block prefix, so they land in the same unit.
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable
 
 from peft import PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -20,11 +21,17 @@ from ..policy import PolicyError
 
 def inject(model: nn.Module, config: PeftConfig, key: str) -> list[nn.Parameter]:
     """Wrap the target modules; return the new parameters.  ``key`` names the policy key blamed on failure."""
+    return inject_tuner(model, config, key, lambda: inject_adapter_in_model(config, model))[0]
+
+
+def inject_tuner(model: nn.Module, config: PeftConfig, key: str, build: Callable[[], Any]) -> tuple[list[nn.Parameter], Any]:
+    """``build()`` wraps the target modules in place (peft's ``inject_adapter_in_model``, or a tuner such as
+    ``AdaLoraModel`` whose state the caller keeps); its result and the new parameters."""
     before = {id(p): p.requires_grad for p in model.parameters()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft warns about fan_in_fan_out and unused configs; nothing the user can act on
-            inject_adapter_in_model(config, model)
+            built = build()
     except ValueError as exc:
         eject(model)
         message = str(exc).strip().splitlines()[0]
@@ -33,7 +40,7 @@ def inject(model: nn.Module, config: PeftConfig, key: str) -> list[nn.Parameter]
         for p in model.parameters():
             if id(p) in before:
                 p.requires_grad_(before[id(p)])
-    return [p for p in model.parameters() if id(p) not in before]
+    return [p for p in model.parameters() if id(p) not in before], built
 
 
 def eject(model: nn.Module) -> None:

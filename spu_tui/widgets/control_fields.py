@@ -24,6 +24,7 @@ TITLES = {
     "pruning": "Pruning",
     "peft": "PEFT",
     "distillation": "Distillation",
+    "lr": "Learning rates",
 }
 
 
@@ -128,10 +129,18 @@ FIELDS = [
     ControlField("pruning", "schedule.start_step", "pr-start", "start step"),
     ControlField("pruning", "schedule.end_step", "pr-end", "end step"),
     ControlField("peft", "method", "peft-method", "method"),
+    ControlField("peft", "use_dora", "peft-dora", "DoRA"),
+    ControlField("peft", "use_rslora", "peft-rslora", "rsLoRA"),
+    ControlField("peft", "init", "peft-init", "init"),
+    ControlField("peft", "lr_ratio", "peft-ratio", "LoRA+ B/A lr"),
+    ControlField("peft", "init_r", "peft-init-r", "AdaLoRA init r"),
+    ControlField("peft", "target_r", "peft-target-r", "AdaLoRA target r"),
     ControlField("distillation", "enabled", "kd-enabled", "enabled"),
     ControlField("distillation", "teacher", "kd-teacher", "teacher"),
     ControlField("distillation", "alpha", "kd-alpha", "alpha"),
     ControlField("distillation", "temperature", "kd-temperature", "temperature"),
+    ControlField("lr", "decay", "lr-decay", "layer decay"),
+    ControlField("lr", "warm_in", "lr-warm-in", "warm-in steps"),
 ]
 FIELD_BY_ID = {f.id: f for f in FIELDS}
 

@@ -1,4 +1,4 @@
-"""Method controls: selective backprop, weight-update skipping, pruning, PEFT.
+"""Method controls: selective backprop, weight-update skipping, pruning, PEFT, distillation, learning rates.
 
 Inputs validate as you type against the policy's own pydantic models, so the
 message names the field and its allowed range exactly as the engine would.
@@ -7,7 +7,8 @@ parameters, backward compute kept, notes); ``enter`` in a field or the
 section's *apply* button applies it, and the section says it is sent, then
 queued, until the engine's ack arrives.  A refused change puts the fields back
 to the engine's values.  The freeze rules in force are listed, and any one can
-be removed; so are the timeline entries still to come and the triggers (each
+be removed; so are the learning-rate rules (a rule typed as one YAML mapping is
+added, previewed first), the timeline entries still to come and the triggers (each
 with the steps it fired at), and a trigger typed as one YAML mapping is added.
 """
 
@@ -22,8 +23,8 @@ from textual.message import Message
 from textual.validation import ValidationResult, Validator
 from textual.widgets import Button, Input, Label, ListItem, ListView, Select, Static
 
-from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError, TimelineEntry
-from spu_engine.policy_files import entry_from_text
+from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError, ScaleRule, Selector, TimelineEntry
+from spu_engine.policy_files import entry_from_text, scale_rule_from_text
 from spu_engine.protocol import PreviewEvent
 
 from ..run_state import Aspect, RunState, describe_change
@@ -61,6 +62,26 @@ class RuleList(ListView):
 class RuleItem(ListItem):
     def __init__(self, text: str) -> None:
         super().__init__(Label(text))
+
+
+class ScaleRuleList(RuleList):
+    """The learning-rate rules in force, last match wins; ``delete`` or ``x`` asks to remove the highlighted one."""
+
+    class RemoveRequested(RuleList.RemoveRequested):
+        pass
+
+
+class ScaleRuleValidator(Validator):
+    """Check a typed learning-rate rule with the engine's own parser."""
+
+    def validate(self, value: str) -> ValidationResult:
+        if not value.strip():
+            return self.success()
+        try:
+            scale_rule_from_text(value)
+        except PolicyError as exc:
+            return self.failure(str(exc))
+        return self.success()
 
 
 class EntryValidator(Validator):
@@ -132,6 +153,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         super().__init__(**kwargs)
         self.engine_values: dict[str, str] = {}  # widget id -> the value the engine has
         self.rules: list[FreezeRule] = []  # the freeze rules in force, as the engine last said
+        self.scale_rules: list[ScaleRule] | None = None  # the learning-rate rules in force, as the engine last said
         self.scheduled: list[dict[str, Any]] = []  # pending entries and triggers, as the engine last said
 
     def compose(self) -> ComposeResult:
@@ -147,6 +169,10 @@ class ControlsPanel(VerticalScroll, can_focus=False):
                             yield Input(f.default, validators=[FieldValidator(f)], validate_on=["changed", "submitted"], compact=True, id=f.id)
                 if section == "weight_update_skipping":
                     yield Static("", classes="phase", id="wus-phase")
+                if section == "lr":
+                    yield ScaleRuleList(id="lr-rules")
+                    yield Input(placeholder="layers: 0-1, scale: 0.5", validators=[ScaleRuleValidator()], validate_on=["changed", "submitted"],
+                                compact=True, id="lr-rule-new")
                 yield Static("", classes="whatif", id=f"whatif-{section}")
                 yield Button("apply", compact=True, classes="apply", id=f"apply-{section}")
                 yield Static("", classes="status", id=f"status-{section}")
@@ -198,12 +224,25 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         what = "every trainable tensor" if phase == "full" else "biases only" + (f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else "")
         self.query_one("#wus-phase", Static).update(f"phase now: {phase}, trains {what}" if wus.enabled else f"off; first phase when on: {wus.start_phase}")
         self._show_rules(list(pol.freeze))
+        self._show_scale_rules(list(pol.lr.scale))
+
+    def _show_scale_rules(self, rules: list[ScaleRule]) -> None:
+        if rules == self.scale_rules:
+            return
+        self.scale_rules = rules
+        view = self.query_one("#lr-rules", ScaleRuleList)
+        view.clear()
+        if rules:
+            view.extend(RuleItem(f"{i}: x{r.scale:g} {describe_selector(r)}") for i, r in enumerate(rules))
+            view.call_after_refresh(setattr, view, "index", min(view.index or 0, len(rules) - 1))
+        else:
+            view.append(ListItem(Label("no rule: every tensor at the decay's factor")))
 
     def _show_rules(self, rules: list[FreezeRule]) -> None:
         if rules == self.rules:
             return
         self.rules = rules
-        view = self.query_one(RuleList)
+        view = self.query_one("#rules", RuleList)
         view.clear()
         if rules:
             view.extend(RuleItem(f"{i}: {describe_rule(r)}") for i, r in enumerate(rules))
@@ -240,6 +279,10 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         if not ok:
             self._set_status(section, f"refused: {message}", "error")
             return
+        if section == "lr":  # a typed rule that applied: the field is free for the next
+            field = self.query_one("#lr-rule-new", Input)
+            with field.prevent(Input.Changed):
+                field.value = ""
         problem = self._field_problem(section)
         if problem:
             self._set_status(section, f"applied at step {step}; {problem}", "error")
@@ -278,6 +321,10 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         event.stop()
         if event.input.id == "trigger-new":
             self._schedule(event.value)
+        elif event.input.id == "lr-rule-new":
+            change = self._scale_rule_change(event.value)
+            if change is not None:
+                self.post_message(self.ApplyRequested("lr", change))
         elif event.input.id:
             self._request(FIELD_BY_ID[event.input.id].section)
 
@@ -285,6 +332,13 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         if event.input.id == "trigger-new":
             problem = event.validation_result and not event.validation_result.is_valid and event.validation_result.failure_descriptions[0]
             self._set_status("triggers", problem or ("enter adds it" if event.value.strip() else ""), "error" if problem else "hint")
+            return
+        if event.input.id == "lr-rule-new":
+            problem = event.validation_result and not event.validation_result.is_valid and event.validation_result.failure_descriptions[0]
+            self._set_status("lr", problem or ("enter adds it (it overrides earlier rules for what it selects)" if event.value.strip() else ""),
+                             "error" if problem else "hint")
+            if not problem and (change := self._scale_rule_change(event.value, quiet=True)) is not None:
+                self.post_message(self.PreviewRequested("lr", change))
             return
         if event.input.id is None:
             return
@@ -303,6 +357,26 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         if 0 <= message.index < len(self.rules):
             kept = [r.model_dump(mode="json", exclude_none=True) for i, r in enumerate(self.rules) if i != message.index]
             self.post_message(self.ApplyRequested("freeze", Change(set={"freeze": kept})))
+
+    def on_scale_rule_list_remove_requested(self, message: ScaleRuleList.RemoveRequested) -> None:
+        message.stop()
+        rules = self.scale_rules or []
+        if 0 <= message.index < len(rules):
+            kept = [r.model_dump(mode="json", exclude_none=True) for i, r in enumerate(rules) if i != message.index]
+            self.post_message(self.ApplyRequested("lr", Change(set={"lr": {"scale": kept}})))
+
+    def _scale_rule_change(self, text: str, quiet: bool = False) -> Change | None:
+        """The change that appends the typed rule to the learning-rate rules in force (None, said unless ``quiet``, if it is none)."""
+        if not text.strip():
+            return None
+        try:
+            rule = scale_rule_from_text(text)
+        except PolicyError as exc:
+            if not quiet:
+                self._set_status("lr", str(exc), "error")
+            return None
+        rules = [r.model_dump(mode="json", exclude_none=True) for r in [*(self.scale_rules or []), rule]]
+        return Change(set={"lr": {"scale": rules}})
 
     def on_schedule_list_remove_requested(self, message: ScheduleList.RemoveRequested) -> None:
         message.stop()
@@ -353,7 +427,7 @@ def describe_entry(data: dict[str, Any]) -> str:
     return f"{entry.moment()}: {describe_change(data)}{fired}"
 
 
-def describe_rule(rule: FreezeRule) -> str:
+def describe_selector(rule: Selector) -> str:
     what = []
     if rule.units:
         what.append(", ".join(rule.units))
@@ -361,4 +435,8 @@ def describe_rule(rule: FreezeRule) -> str:
         what.append(f"layers {rule.layers}")
     if rule.match:
         what.append(rule.match)
-    return f"{'train' if rule.trainable else 'freeze'} {' & '.join(what)}"
+    return " & ".join(what)
+
+
+def describe_rule(rule: FreezeRule) -> str:
+    return f"{'train' if rule.trainable else 'freeze'} {describe_selector(rule)}"

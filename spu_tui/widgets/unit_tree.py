@@ -102,7 +102,9 @@ class UnitTree(Tree[Row]):
             prefix = _common_prefix([p.name for p in u.params])
             for p in u.params:
                 row = Row("tensor", p.name)
-                self._set_label(row, self._label(row, p.name[len(prefix):] or p.name, p.numel, width - 8, narrow))
+                shown = p.name[len(prefix):] or p.name
+                rank = self._state.ranks.get(p.name.removesuffix(".lora_E")) if p.name.endswith(".lora_E") else None
+                self._set_label(row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, width - 8, narrow))
 
     def _set_label(self, row: Row, label: Text) -> None:
         node = self._row_nodes.get(row)
