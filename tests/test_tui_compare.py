@@ -11,7 +11,7 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
-from test_tui_layout import record_run, screen_lines
+from test_tui_layout import assert_inside, record_run, screen_lines
 
 from spu_engine.policy import Change, FreezeRule
 from spu_engine.run_metrics import RunMetrics, flatten, matching
@@ -106,7 +106,8 @@ async def test_the_compare_overlay_draws_both_runs_with_a_legend_and_saves_the_p
         assert (8.0, COLORS[0]) in drawn.marks, "alpha's policy change, in alpha's colour"
         legend = str(chart.border_subtitle)
         assert "alpha" in legend and "beta" in legend
-        assert chart.plot.size.width >= 60, f"the loss plot at 120x36 is {chart.plot.size.width} columns"
+        assert chart.plot.size.width >= 70, f"the loss plot at 120x36 is {chart.plot.size.width} columns"
+        assert_inside(app, "#tree", "#loss", "#sparsity", "#learning", "#controls", "#log", "#keys")
         await pilot.press("w")  # wall time on the x axis
         await pilot.pause(0.3)
         assert chart._shown.xlabel.startswith("minutes") and max(max(s.x) for s in chart._shown.series if s.x) < 10

@@ -102,7 +102,7 @@ class UnitTree(Tree[Row]):
             prefix = _common_prefix([p.name for p in u.params])
             for p in u.params:
                 row = Row("tensor", p.name)
-                self._set_label(row, self._label(row, p.name[len(prefix):] or p.name, p.numel, width - 8, narrow))
+                self._set_label(row, self._label(row, p.name[len(prefix):] or p.name, p.numel, width - 5, narrow))  # 2 for the guide, 1 for a scrollbar
 
     def _set_label(self, row: Row, label: Text) -> None:
         node = self._row_nodes.get(row)
