@@ -24,9 +24,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Static
 
-from spu_engine.policy_files import load_policy
 from spu_engine.run_metrics import describe_methods
-from spu_engine.runs import POLICY, RunInfo, list_runs
+from spu_engine.runs import RunInfo, final_policy, list_runs
 
 COLUMNS = ("", "run", "state", "steps", "loss", "eval", "methods", "last event")
 SORT_KEYS = {  # column -> the value it sorts by (numbers as numbers; missing values last)
@@ -70,16 +69,8 @@ class RunRow:
 
 
 def read_runs(root: Path) -> list[RunRow]:
-    """Every run under ``root`` with the methods its policy had on at its last step (read-only)."""
-    rows = []
-    for info in list_runs(root):
-        try:
-            policy = load_policy(info.path / POLICY).at_step(info.step).model_dump(mode="json", exclude_none=True)
-            methods = describe_methods(policy)
-        except Exception:  # noqa: BLE001 - a policy this version cannot read costs one cell, not the list
-            methods = "?"
-        rows.append(RunRow(info, methods))
-    return rows
+    """Every run under ``root`` with the methods its policy had on at its last event (read-only)."""
+    return [RunRow(info, describe_methods(final_policy(info.path))) for info in list_runs(root)]
 
 
 class RunsLoaded(Message):

@@ -24,7 +24,7 @@ from .learning_view import short_unit
 
 LOSS_LEGEND = "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
 LOSS_LEGEND_SHORT = "[gray]loss[/] [cyan]smooth[/] [yellow]eval[/] [green]{metric:.3}→[/] [magenta]│chg[/]"
-COMPARE_KEY = "─ smoothed loss  • eval loss  ▞ {metric}→  │ change"
+COMPARE_KEY = "─ loss (smoothed) • eval loss ▞ {metric}→ │ change"
 LEGEND_FROM = 72  # columns from which the loss legend is written out (it takes about 62)
 MAX_SERIES = 8  # metric filter: at most this many series on one plot (the rest are named, not drawn)
 SMOOTHING = 0.9
