@@ -22,6 +22,7 @@ from .latency import RoundTrips
 from .link import EngineLink, Link
 from .run_state import RunState
 from .screens.run import STOPPED, RunScreen
+from .screens.runs import RunsChoice, RunsScreen
 
 
 class SpuApp(App[str]):
@@ -94,3 +95,18 @@ class SpuApp(App[str]):
     def on_unmount(self) -> None:
         if self.link is not None:
             self.link.close()
+
+
+class RunsApp(App[RunsChoice | None]):
+    """``spu-tui runs``: the run browser alone; its choice (a run to open, runs to compare) is the app's result."""
+
+    CSS_PATH = SpuApp.CSS_PATH
+    TITLE = "SPU runs"
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = Path(root)
+
+    def on_mount(self) -> None:
+        self.push_screen(RunsScreen(self.root), self.exit)

@@ -179,23 +179,11 @@ def runs(
 ) -> None:
     """Browse the runs under ROOT with their final metrics: enter opens one (a live run attached, any other
     read-only from its history), space marks runs to compare with it."""
-    from textual.app import App
-
-    from .app import SpuApp
-    from .screens.runs import RunsChoice, RunsScreen
+    from .app import RunsApp
 
     if not root.is_dir():
         fail(f"{root}: no such folder (runs are written under ./runs by default)")
-
-    class RunsApp(App[RunsChoice | None]):
-        CSS_PATH = SpuApp.CSS_PATH
-        TITLE = "SPU runs"
-        ENABLE_COMMAND_PALETTE = False
-
-        def on_mount(self) -> None:
-            self.push_screen(RunsScreen(root), self.exit)
-
-    choice = RunsApp().run()
+    choice = RunsApp(root).run()
     if choice is None or choice.open is None:
         return
     _open(choice.open, choice.compare, ui_cpu, resume_crashed=False)

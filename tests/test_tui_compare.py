@@ -16,9 +16,10 @@ from test_tui_layout import assert_inside, record_run, screen_lines
 from spu_engine.policy import Change, FreezeRule
 from spu_engine.run_metrics import RunMetrics, flatten, matching
 from spu_engine.runs import EVENTS, read_history
-from spu_tui.app import SpuApp
+from spu_tui.app import RunsApp, SpuApp
 from spu_tui.compare import COLORS, ComparedRun
-from spu_tui.screens.runs import RunsScreen
+from spu_tui.screens.run import FOLLOW_EVERY
+from spu_tui.screens.runs import RunsChoice, RunsScreen
 from spu_tui.widgets.run_charts import MAX_SERIES, LossChart
 
 
@@ -199,3 +200,41 @@ def test_the_engine_never_sees_a_compare_of_a_folder_that_is_no_run(tmp_path):
     assert result.exit_code == 2 and "--compare" in result.output and "not a run folder" in result.output
     runs = CliRunner().invoke(app, ["runs", str(tmp_path / "missing")])
     assert runs.exit_code == 2 and "no such folder" in runs.output
+
+
+async def test_a_compared_run_that_grows_is_followed_on_the_plot(two_runs, tmp_path):
+    _, alpha, beta = two_runs
+    growing = tmp_path / "beta"
+    shutil.copytree(beta, growing)
+    lines = (growing / EVENTS).read_bytes().splitlines(keepends=True)
+    cut = next(i for i, ev in enumerate(map(json.loads, lines)) if ev["type"] == "step" and ev["step"] == 6) + 1
+    (growing / EVENTS).write_bytes(b"".join(lines[:cut]))
+    app = SpuApp(alpha, history=read_history(alpha), connect=False, compare=[growing])
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause(0.8)
+        chart = app.query_one(LossChart)
+
+        def last_step() -> float:
+            return max(x for s in chart._shown.series if s.color == COLORS[1] for x in s.x)
+
+        assert last_step() == 6
+        with (growing / EVENTS).open("ab") as f:
+            f.write(b"".join(lines[cut:]))  # the run trains on
+        await pilot.pause(FOLLOW_EVERY + 1.0)
+        assert last_step() == 12
+
+
+async def test_spu_tui_runs_hands_back_the_run_to_open_and_the_runs_to_compare(two_runs):
+    root, alpha, beta = two_runs
+    app = RunsApp(root)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause(0.6)
+        screen = app.screen
+        assert isinstance(screen, RunsScreen)
+        rows = {screen.table.get_row_at(i)[1]: i for i in range(2)}
+        screen.table.move_cursor(row=rows["beta"])
+        await pilot.press("space")
+        screen.table.move_cursor(row=rows["alpha"])
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+    assert app.return_value == RunsChoice(alpha.resolve(), [beta.resolve()])
