@@ -29,6 +29,7 @@ from .writes import atomic_write_bytes, atomic_write_text
 TABLES = ("summary", "changes", "rounds")  # what --format csv can write, one table at a time
 PLOT_SUFFIXES = (".svg", ".png")
 PLOT_ENGINES = ("auto", "matplotlib", "plotext")
+COUNTS = (".samples", ".tokens")  # eval fields that count what was evaluated: no final or best to report
 
 
 class ReportError(ValueError):
@@ -250,7 +251,7 @@ class RunReport:
         add("methods", describe_methods(m.policy))
         loss = m.last("train.loss")
         add("final train loss", loss, _number(4)(loss))
-        evals = [n for n in m.names if n.startswith("eval.") and n != "eval.samples"]
+        evals = [n for n in m.names if n.startswith("eval.") and not n.endswith(COUNTS)]
         headline = f"eval.{m.metric}"
         for name in sorted(evals, key=lambda n: (n != headline, n != "eval.loss", n)):
             final, best = m.last(name), m.best(name)

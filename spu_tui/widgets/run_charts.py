@@ -62,7 +62,7 @@ class LossChart(Chart):
         self.pattern = ""
         self.filter_input = MetricFilter(placeholder="metric glob: eval.*, grad_norm.block*, sparsity.*  (esc: back to the losses)", id="metric-filter")
         self.matches = Static(id="metric-matches")
-        self._smooth: dict[int, list[float]] = {}  # id(Points) -> its smoothed values so far (extended as points arrive)
+        self._smooth: dict[int, tuple] = {}  # id(Points) -> (it, its smoothed values so far, the raw value of the last)
 
     def compose(self) -> ComposeResult:
         yield self.filter_input
@@ -100,14 +100,16 @@ class LossChart(Chart):
     def _show_runs(self, state: RunState, runs: list[tuple[RunMetrics, str]]) -> None:
         """Every run in its own colour: smoothed train loss, eval loss, the task's metric (right axis), its policy changes."""
         series, marks = [], []
+        smoothed: dict[int, tuple] = {}
         for metrics, color in runs:
             if loss := metrics.series.get("train.loss"):
-                series.append(Series(metrics.x_of(loss, self.by_time), self._smoothed(loss), color=color))
+                series.append(Series(metrics.x_of(loss, self.by_time), self._smoothed(loss, smoothed), color=color))
             if evals := metrics.series.get("eval.loss"):
                 series.append(Series(metrics.x_of(evals, self.by_time), list(evals.values), color=color, marker="•"))
             if score := metrics.series.get(f"eval.{metrics.metric}"):
                 series.append(Series(metrics.x_of(score, self.by_time), list(score.values), color=color, right_axis=True, marker="hd"))
             marks += [(x, color) for x in metrics.change_xs(self.by_time)]
+        self._smooth = smoothed  # only the series on screen stay cached
         names = " ".join(f"[{color}]■ {metrics.name or state.run}[/]" for metrics, color in runs)
         self._set_legend(f"{names}  [gray]{COMPARE_KEY.format(metric=state.metric)}[/]")
         self.redraw(LineSpec(series=series, marks=marks, xlabel=self._xlabel))
@@ -137,14 +139,18 @@ class LossChart(Chart):
     def _xlabel(self) -> str:
         return "minutes since the run's start" if self.by_time else "step"
 
-    def _smoothed(self, points: Points) -> list[float]:
-        """The EMA of ``points``, extended by the points added since the last frame (a finished run's is computed once)."""
-        done = self._smooth.get(id(points), [])
-        if len(done) > len(points):  # cut by a resume
-            done = done[: len(points)]
+    def _smoothed(self, points: Points, drawn: dict[int, tuple]) -> list[float]:
+        """The EMA of ``points``, extended by the points added since the last frame (a finished run's is computed once).
+
+        Computed afresh when the series is not the one cached (a run read again) or was cut by a resume (the raw value
+        its last smoothed point came from is no longer there)."""
+        cached = self._smooth.get(id(points))
+        done = cached[1] if cached is not None and cached[0] is points else []
+        if len(done) > len(points) or (done and cached is not None and points.values[len(done) - 1] != cached[2]):
+            done = []
         for v in points.values[len(done):]:
             done.append(v if not done else SMOOTHING * done[-1] + (1 - SMOOTHING) * v)
-        self._smooth[id(points)] = done
+        drawn[id(points)] = (points, done, points.values[len(done) - 1] if done else None)
         return list(done)
 
 
