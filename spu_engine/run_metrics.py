@@ -159,6 +159,8 @@ class RunMetrics:
                 self.policy = ev["policy"]
             self._take_units(ev.get("units"))
             return True
+        if kind == "step" and step <= self.step and self.series:
+            return False  # a step seen before (the live stream overlapping the history)
         numbers = flatten(ev)
         for name, value in numbers.items():
             self.series.setdefault(name, Points()).add(step, t, value)
