@@ -360,21 +360,35 @@ def ablate(
 @app.command()
 def report(
     run: Path = typer.Option(..., "--run", help="run folder"),
-    format: str = typer.Option("table", "--format", help="table (rich tables and terminal plots) | md | csv"),
+    format: Optional[str] = typer.Option(None, "--format", help="table (rich tables and terminal plots) | md | csv [default: table]"),
+    table: str = typer.Option("summary", "--table", help="with --format csv: summary | changes | rounds (the IMP round table)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the loss and sparsity plots to this .svg or .png file (PNG needs matplotlib: pip install 'spu[plots]')"),
+    plot_engine: str = typer.Option("auto", "--plot-engine", help="auto (matplotlib when installed) | matplotlib | plotext (terminal plots as SVG)"),
 ) -> None:
-    """A run's IMP rounds: sparsity, kept share per unit, train loss, the evaluation at each round's end, time."""
-    from .report import ReportError, load_imp_report, print_rich, to_csv, to_markdown
+    """What a run did: a summary (model, task, steps, final and best metrics, trainable share, sparsity), the policy changes
+    with their steps and, for IMP, the round table; --plot writes the loss and sparsity plots as an image."""
+    from .report import TABLES, ReportError, load_run_report, plot_file, print_run_rich, run_to_csv, run_to_markdown
+    from rich.markup import escape
 
-    if format not in ("table", "md", "csv"):
+    from .writes import WriteError
+
+    if format not in (None, "table", "md", "csv"):
         fail(f"--format: {format!r} is not one of table, md, csv")
+    if table not in TABLES:
+        fail(f"--table: {table!r} is not one of {', '.join(TABLES)}")
     try:
-        found = load_imp_report(run)
-    except ReportError as exc:
-        fail(str(exc))
-    if format == "table":
-        print_rich(found, out)
-        return
-    sys.stdout.write(to_markdown(found) if format == "md" else to_csv(found))
+        found = load_run_report(run)
+        if plot is not None:
+            drawn = plot_file(found, plot, plot_engine)
+            err.print(f"wrote {plot}: {drawn}", highlight=False, markup=False)
+            if format is None:
+                return
+        if format in (None, "table"):
+            print_run_rich(found, out)
+            return
+        sys.stdout.write(run_to_markdown(found) if format == "md" else run_to_csv(found, table))
+    except (ReportError, WriteError) as exc:
+        fail(escape(str(exc)))  # the message names pip extras in brackets: not markup
     for note in found.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
 

@@ -10,6 +10,7 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
   last eval metric, last activity), or None for a folder that is not a run.
 - ``list_runs(root)``: ``RunInfo`` of every run under ``root``, most recently active first.
 - ``newest_live_run(root)``: the most recently active live run folder, or None.
+- ``final_policy(run_dir)``: the policy sections in force at the run's last event (the run browser's methods).
 - ``read_history(run_dir)``: the events of ``events.jsonl`` as one consistent
   history: what a killed engine wrote after the checkpoint its successor
   resumed from is dropped (the ``resumed`` event marks the cut); ``spu report``
@@ -249,6 +250,20 @@ def run_info(run_dir: Path) -> RunInfo | None:
         except (OSError, ValueError):
             pass
     return info
+
+
+def final_policy(run_dir: Path) -> dict[str, Any]:
+    """The policy sections in force at the run's last event: the newest policy event's, else what the newest hello
+    said was in force (the log is read from its end; nothing is validated, so no task code is loaded)."""
+    events = Path(run_dir) / EVENTS
+    if not events.is_file():
+        return {}
+    for ev in _events_backwards(events):
+        if ev.get("type") == "policy" and isinstance(ev.get("policy"), dict):
+            return ev["policy"]
+        if ev.get("type") == "hello" and isinstance(ev.get("current"), dict):
+            return ev["current"]
+    return {}
 
 
 def run_folders(root: Path) -> list[Path]:

@@ -65,12 +65,17 @@ def atomic_write_text(path: Path, text: str, keep_mode_of: Path | None = None) -
     Any failure of the write is a ``WriteError`` saying what failed and the free space.  With
     ``keep_mode_of``, the new file gets that file's permission bits.
     """
+    atomic_write_bytes(path, text.encode("utf-8"), keep_mode_of)
+
+
+def atomic_write_bytes(path: Path, data: bytes, keep_mode_of: Path | None = None) -> None:
+    """``atomic_write_text`` for bytes (an image, say)."""
     with writing(f"writing {path.name}", path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             if keep_mode_of is not None:

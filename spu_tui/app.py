@@ -13,12 +13,16 @@ from typing import Any
 
 from textual.app import App
 
+from spu_engine.runs import is_live, read_history
+
 from .commands import CommandTracker
+from .compare import ComparedRun
 from .frames import DEFAULT_SHARE, FrameBudget
 from .latency import RoundTrips
 from .link import EngineLink, Link
 from .run_state import RunState
 from .screens.run import STOPPED, RunScreen
+from .screens.runs import RunsChoice, RunsScreen
 
 
 class SpuApp(App[str]):
@@ -35,20 +39,45 @@ class SpuApp(App[str]):
         connect: bool = True,
         link: Link | None = None,
         cpu_share: float = DEFAULT_SHARE,
+        compare: list[Path] | None = None,
     ) -> None:
-        """``connect``: open the engine socket of ``run_dir`` (``link``: talk to the engine through this one instead)."""
+        """``connect``: open the engine socket of ``run_dir`` (``link``: talk to the engine through this one instead);
+        ``compare``: run folders whose losses and evaluations are drawn beside this run's."""
         super().__init__()
-        self.run_dir = Path(run_dir)
         self.engine = engine  # the process we started, if any (attach leaves it None)
-        self.history = [ev for ev in history or [] if isinstance(ev, dict)]
-        self.history_t = max((t for ev in self.history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
-        self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
-        for ev in self.history:
-            self.state.apply(ev)
-        self.link: Link | None = link or (EngineLink(self.run_dir) if connect else None)
-        self.commands = CommandTracker()
+        self._take_run(Path(run_dir), history or [], link or (EngineLink(Path(run_dir)) if connect else None))
         self.frames = FrameBudget(cpu_share)
         self.round_trips = RoundTrips()
+        self.compared = [ComparedRun(p) for p in compare or []]
+
+    def _take_run(self, run_dir: Path, history: list[dict[str, Any]], link: Link | None) -> None:
+        self.run_dir = run_dir
+        self.history = [ev for ev in history if isinstance(ev, dict)]
+        self.history_t = max((t for ev in self.history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
+        self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
+        self.state.metrics.name = self.run_dir.name  # the folder, as the run browser and the compared runs name it
+        for ev in self.history:
+            self.state.apply(ev)
+        self.link: Link | None = link
+        self.commands = CommandTracker()
+
+    def open_run(self, run_dir: Path, compare: list[Path]) -> None:
+        """Show another run instead (the run browser's enter): a live one attached, any other read-only from its history.
+
+        Nothing of the run left behind changes; an engine this console started trains on."""
+        if self.link is not None:
+            self.link.close()
+        if self.engine is not None and self.run_dir.resolve() != Path(run_dir).resolve():
+            self.engine = None  # it trains on in its own session; its run can be attached again
+        live = is_live(run_dir)
+        self._take_run(Path(run_dir), read_history(run_dir), EngineLink(Path(run_dir)) if live else None)
+        self.compared = [ComparedRun(p) for p in compare]
+        if len(self.screen_stack) > 1:  # a run opened before: its screen goes
+            self.switch_screen(RunScreen())
+        else:  # the first run's screen is the app's default, which cannot be switched away: it rests below, inert
+            if isinstance(self.screen, RunScreen):
+                self.screen.pause_following()
+            self.push_screen(RunScreen())
 
     def get_default_screen(self) -> RunScreen:
         return RunScreen()
@@ -66,3 +95,18 @@ class SpuApp(App[str]):
     def on_unmount(self) -> None:
         if self.link is not None:
             self.link.close()
+
+
+class RunsApp(App[RunsChoice | None]):
+    """``spu-tui runs``: the run browser alone; its choice (a run to open, runs to compare) is the app's result."""
+
+    CSS_PATH = SpuApp.CSS_PATH
+    TITLE = "SPU runs"
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = Path(root)
+
+    def on_mount(self) -> None:
+        self.push_screen(RunsScreen(self.root), self.exit)

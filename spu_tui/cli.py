@@ -42,6 +42,7 @@ app = typer.Typer(add_completion=False, help="SPU console: steer which parameter
 HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
 STOP_WAIT = 15.0  # seconds to wait, after a stop from the console, for the engine to write its checkpoint and exit
+COMPARE_HELP = "another run folder whose loss and evaluations are drawn beside this run's (repeat for more); read-only, followed while it trains"
 UI_CPU_HELP = "the console's CPU while you watch, in percent of one core: plots redraw less often to stay under it (keys never wait)"
 
 
@@ -115,10 +116,12 @@ def main(
     threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
     report_to: Optional[str] = typer.Option(None, help=REPORT_TO_HELP),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
+    compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
 ) -> None:
     """Start an engine process for a new run and open the console on it."""
     if ctx.invoked_subcommand is not None:
         return
+    check_compared(compare)
     from spu_engine.server import spawn_engine
 
     from .app import SpuApp
@@ -141,7 +144,7 @@ def main(
         fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
     created = not run_dir.exists()
     engine = spawn_engine(config, pol, run_dir)
-    console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100)
+    console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100, compare=compare)
     console.run()
     if created and engine.poll() == 2:  # the engine refused to start (a user error): nothing was trained, leave nothing
         log = (run_dir / ENGINE_LOG).read_text(errors="replace").splitlines() if (run_dir / ENGINE_LOG).exists() else []
@@ -156,16 +159,13 @@ def main(
 def attach(
     run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest live run under ./runs)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
+    compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
 ) -> None:
     """Reattach to a run: redraw its history from events.jsonl and steer it again.
 
     A run whose engine died (SIGKILL, lost machine) resumes from its newest
     complete checkpoint; a finished run opens read-only.
     """
-    from spu_engine.server import spawn_engine
-
-    from .app import SpuApp
-
     if run is None:
         run = newest_live_run(RUNS)
         if run is None:
@@ -173,20 +173,54 @@ def attach(
             hint = f"; the newest run is {newest[0]} (not running): `spu-tui attach {newest[0]}`" if newest else ""
             fail(f"no live run under {RUNS}/{hint}")
     assert run is not None
+    check_compared(compare)
+    _open(run, compare, ui_cpu, resume_crashed=True)
+
+
+@app.command()
+def runs(
+    root: Path = typer.Argument(RUNS, help="folder holding run folders"),
+    ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
+) -> None:
+    """Browse the runs under ROOT with their final metrics: enter opens one (a live run attached, any other
+    read-only from its history), space marks runs to compare with it."""
+    from .app import RunsApp
+
+    if not root.is_dir():
+        fail(f"{root}: no such folder (runs are written under ./runs by default)")
+    choice = RunsApp(root).run()
+    if choice is None or choice.open is None:
+        return
+    _open(choice.open, choice.compare, ui_cpu, resume_crashed=False)
+
+
+def check_compared(compare: list[Path]) -> None:
+    for other in compare:
+        if not (other / EVENTS).is_file():
+            fail(f"--compare {other}: not a run folder (no {EVENTS})")
+
+
+def _open(run: Path, compare: list[Path], ui_cpu: float, resume_crashed: bool) -> None:
+    """The console on ``run``: live, attached; crashed, resumed from its newest checkpoint when ``resume_crashed``
+    (``attach``), else shown read-only like a finished run (the run browser)."""
+    from spu_engine.server import spawn_engine
+
+    from .app import SpuApp
+
     if not (run / EVENTS).exists() or not (run / CONFIG).exists():
         fail(f"{run} is not a run folder (no events.jsonl / config.json)")
     history = read_history(run)
     engine = None
     live = is_live(run)
-    if not live:
+    if not live and resume_crashed:
         info = run_info(run)
         if info is not None and info.state == "crashed" and (run / CHECKPOINTS).is_dir():
             config = build_config(**read_run_config(run))
             engine = spawn_engine(config, resume_policy(run), run, resume=True)
             live = True
-    console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100)
+    console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100, compare=compare)
     console.run()
-    _say_where(run, stopped=console.stopped_engine)
+    _say_where(console.run_dir, stopped=console.stopped_engine)
 
 
 def _say_where(run_dir: Path, stopped: bool = False) -> None:

@@ -41,6 +41,7 @@ from spu_engine.protocol import (
     UnitStats,
     read_event,
 )
+from spu_engine.run_metrics import RunMetrics, describe_change
 
 SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
 RATE_WINDOW = 20  # steps over which samples/s and the ETA are measured: recent speed, not the average since start
@@ -57,6 +58,7 @@ class Aspect(Enum):
     POLICY = "policy"  # the policy in force and the steps it changed at
     SYSTEM = "system"  # GPU, CPU, RAM and throughput, as the engine samples them
     LOG = "log"
+    METRICS = "metrics"  # any numeric field of any event, as named series (the metric filter plots them)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class RunState:
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
     waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
+    metrics: RunMetrics = field(default_factory=RunMetrics)
     revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
     _recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (t, step, samples)
 
@@ -111,6 +114,8 @@ class RunState:
 
     def apply(self, data: dict[str, Any]) -> None:
         """Take one event (as read from the socket or events.jsonl) into account."""
+        if self.metrics.add(data):  # every kind, those this console has no model of too
+            self.revisions[Aspect.METRICS] += 1
         ev = read_event(data)
         if ev is None:
             if isinstance(data, dict) and data.get("type") in EVENTS:
@@ -309,17 +314,6 @@ class RunState:
             if any(p.name == tensor for p in u.params):
                 return u.name
         return None
-
-
-def describe_change(change: dict[str, Any]) -> str:
-    parts = []
-    for rule in change.get("freeze", []):
-        what = rule.get("match") or ", ".join(rule.get("units") or []) or f"layers {rule.get('layers')}"
-        parts.append(f"{'unfreeze' if rule.get('trainable') else 'freeze'} {what}")
-    for section, values in (change.get("set") or {}).items():
-        shown = ", ".join(f"{k}={v}" for k, v in values.items()) if isinstance(values, dict) else str(values)
-        parts.append(f"{section}: {shown}")
-    return "; ".join(parts) or "no-op"
 
 
 def _short_model(model: str) -> str:

@@ -7,6 +7,10 @@ the main screen at 200x50 and 80x24 plus the system, help, controls and quit scr
 then switches LoRA on from the controls (its what-if line first) and shows its
 tensors in the tree.
 The engine is stopped at the end.
+
+``--runs-of RUN --compare-with OTHER`` instead draws runs already on disk (read
+only, no engine): RUN with OTHER overlaid at 120x36, the metric filter, and the
+run browser over RUN's folder.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -21,6 +26,8 @@ from spu_engine.config import EngineConfig
 from spu_engine.policy import Policy
 from spu_engine.runs import EVENTS
 from spu_engine.server import spawn_engine
+
+from spu_engine.runs import read_history
 
 from .app import SpuApp
 from .screens.help import HelpScreen
@@ -85,6 +92,27 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
     return shots
 
 
+async def take_compare(run: Path, others: list[Path], out: Path) -> list[Path]:
+    app = SpuApp(run, history=read_history(run), connect=False, compare=others, cpu_share=1.0)
+    shots: list[Path] = []
+
+    def save(name: str) -> None:
+        app.save_screenshot(filename=f"{name}.svg", path=str(out))
+        shots.append(out / f"{name}.svg")
+
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _wait(pilot, lambda: all(c.metrics.series for c in app.compared), 30)
+        await pilot.pause(1.0)
+        save("compare-120x36")
+        await pilot.press("slash", *"grad_norm.block*")
+        await pilot.pause(0.6)
+        save("metric-filter-120x36")
+        await pilot.press("escape", "b")
+        await pilot.pause(1.5)
+        save("runs-120x36")
+    return shots
+
+
 def main(
     model: str = typer.Option("minilm"),
     data: str = typer.Option(str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2")),
@@ -96,8 +124,15 @@ def main(
     eval_every: int = typer.Option(10),
     freeze_at: int = typer.Option(8, help="step after which the lower layers are frozen from the tree"),
     timeout: float = typer.Option(600.0),
+    runs_of: Optional[Path] = typer.Option(None, help="instead: a finished run to draw with --compare-with runs overlaid, and the run browser"),
+    compare_with: list[Path] = typer.Option([], help="with --runs-of: a run to compare (repeat for more)"),
 ) -> None:
     """Screenshots of the console steering a real run."""
+    if runs_of is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in asyncio.run(take_compare(runs_of, compare_with, out)):
+            typer.echo(path)
+        return
     if (run_dir / EVENTS).exists():
         raise typer.BadParameter(f"{run_dir} already holds a run; remove it or pass --run-dir", param_hint="--run-dir")
     config = EngineConfig(

@@ -56,6 +56,7 @@ def test_report_prints_the_round_table_and_plots(imp_run):
     result = CliRunner().invoke(app, ["report", "--run", str(imp_run[0])])
     assert result.exit_code == 0, result.output
     out = result.output
+    assert "final eval.perplexity" in out and "sparsity of the pruning targets" in out  # the summary comes first
     assert f"IMP rounds of {imp_run[0]}" in out and "kept share of each unit" in out
     assert "75.0%" in out and "50.0%" in out and "sparsity of each unit, by round" in out
     assert "perplexity at each round's end vs sparsity" in out and "round time (s) vs sparsity" in out
@@ -66,9 +67,11 @@ def test_report_as_markdown_and_csv(imp_run):
     md = runner.invoke(app, ["report", "--run", str(imp_run[0]), "--format", "md"])
     assert md.exit_code == 0, md.output
     lines = md.output.strip().splitlines()
+    assert lines[0] == "## run" and "| sparsity of the pruning targets | 75.0% |" in lines
+    lines = lines[lines.index("### IMP rounds") + 2:]
     assert lines[0].startswith("| round | from | to | sparsity | train loss | eval loss | perplexity |")
     assert lines[1].startswith("|---:|") and len(lines) == 2 + 3 and lines[4].startswith("| 2 | 6 | 9 | 75.0% |")
-    table = runner.invoke(app, ["report", "--run", str(imp_run[0]), "--format", "csv"])
+    table = runner.invoke(app, ["report", "--run", str(imp_run[0]), "--format", "csv", "--table", "rounds"])
     assert table.exit_code == 0, table.output
     rows = list(csv.DictReader(io.StringIO(table.output)))
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
@@ -82,7 +85,7 @@ def test_report_refuses_bad_input_with_a_message(imp_run, tmp_path):
     runner = CliRunner()
 
     def report(path):
-        result = runner.invoke(app, ["report", "--run", str(path), "--format", "csv"])
+        result = runner.invoke(app, ["report", "--run", str(path), "--format", "csv", "--table", "rounds"])
         assert "Traceback" not in result.output
         return result
 
@@ -135,3 +138,65 @@ def test_a_round_interrupted_by_a_resume_is_reported_whole(make_engine, tmp_path
     losses = {e["step"]: e["loss"] for e in history if e["type"] == "step"}
     assert [(r["round"], r["steps"], bool(r["eval"])) for r in rounds] == [(0, 3, False), (1, 3, True)]
     assert rounds[1]["train_loss"] == pytest.approx((losses[4] + losses[5] + losses[6]) / 3, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tokenizer):
+    """A finished classification run without IMP: 16 steps, embeddings + block0 frozen at step 8."""
+    from test_tui_layout import record_run
+
+    from spu_engine.policy import Change, FreezeRule
+
+    freeze = Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)])
+    run_dir, history = record_run(tmp_path_factory, tokenizer, "plain", [(8, freeze)], steps=16, eval_every=8, stats_every=4)
+    return run_dir, history
+
+
+def test_report_of_a_run_without_imp_as_markdown_and_csv(plain_run):
+    run_dir, history = plain_run
+    evals = [e for e in history if e["type"] == "eval"]
+    runner = CliRunner()
+    md = runner.invoke(app, ["report", "--run", str(run_dir), "--format", "md"])
+    assert md.exit_code == 0, md.output
+    lines = md.output.splitlines()
+    assert lines[0] == f"## {run_dir.name}" and "| task | classification |" in lines and "| steps | 16 of 16 |" in lines
+    assert f"| final eval.accuracy | {evals[-1]['accuracy']:.4f} (step 16) |" in lines
+    best = max(evals, key=lambda e: e["accuracy"])
+    assert f"| best eval.accuracy | {best['accuracy']:.4f} (step {best['step']}) |" in lines
+    assert any(line.startswith("| trainable share | ") for line in lines) and "| methods | 1 freeze rule |" in lines
+    assert "| sparsity of the pruning targets | - (no pruning) |" in lines
+    assert lines[lines.index("### Policy changes") + 2 :][:3] == ["| step | source | change |", "|---:|---|---|", "| 8 | timeline | freeze embeddings, block0 |"]
+    assert "### IMP rounds" not in md.output
+    summary = {row["field"]: row["value"] for row in csv.DictReader(io.StringIO(runner.invoke(app, ["report", "--run", str(run_dir), "--format", "csv"]).stdout))}
+    assert summary["steps"] == "16" and float(summary["final eval.accuracy"]) == evals[-1]["accuracy"]
+    assert float(summary["trainable share"]) < 1.0  # embeddings and block0 frozen since step 8
+    changes = list(csv.DictReader(io.StringIO(runner.invoke(app, ["report", "--run", str(run_dir), "--format", "csv", "--table", "changes"]).stdout)))
+    assert changes == [{"step": "8", "source": "timeline", "change": "freeze embeddings, block0"}]
+    rounds = runner.invoke(app, ["report", "--run", str(run_dir), "--format", "csv", "--table", "rounds"])
+    assert rounds.exit_code == 2 and "no IMP rounds to report" in rounds.output
+    bad = runner.invoke(app, ["report", "--run", str(run_dir), "--format", "csv", "--table", "evals"])
+    assert bad.exit_code == 2 and "--table: 'evals' is not one of summary, changes, rounds" in bad.output
+
+
+def test_report_plots_as_svg_without_extra_packages_and_png_with_matplotlib(plain_run, imp_run, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    runner = CliRunner()
+    svg = tmp_path / "loss.svg"
+    result = runner.invoke(app, ["report", "--run", str(imp_run[0]), "--plot", str(svg), "--plot-engine", "plotext"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and f"wrote {svg}: loss of run and sparsity of run (plotext)" in result.output
+    root = ET.parse(svg).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    text = "".join(root.itertext()).replace("\xa0", " ")  # rich writes spaces as no-break spaces
+    assert "loss of run" in text and "sparsity of run" in text
+    png = runner.invoke(app, ["report", "--run", str(plain_run[0]), "--plot", str(tmp_path / "loss.png"), "--plot-engine", "plotext"])
+    assert png.exit_code == 2 and "a PNG needs matplotlib (pip install 'spu[plots]')" in png.output
+    pdf = runner.invoke(app, ["report", "--run", str(plain_run[0]), "--plot", str(tmp_path / "loss.pdf")])
+    assert pdf.exit_code == 2 and "write a .svg or .png file (got '.pdf')" in pdf.output
+    pytest.importorskip("matplotlib")
+    for name in ("loss.png", "figure.svg"):
+        result = runner.invoke(app, ["report", "--run", str(imp_run[0]), "--plot", str(tmp_path / name), "--format", "md"])
+        assert result.exit_code == 0 and "(matplotlib)" in result.output and "### IMP rounds" in result.stdout
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert ET.parse(tmp_path / "figure.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"

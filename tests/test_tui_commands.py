@@ -30,13 +30,13 @@ def test_answers_to_commands_of_another_console_are_not_ours():
 def test_events_revise_the_aspects_they_change_and_no_other():
     state = RunState()
     state.apply({"type": "step", "t": 1.0, "step": 1, "loss": 0.7})
-    assert state.revisions == {Aspect.PROGRESS: 1, Aspect.RUN: 1}, "the first step also ends the wait for it"
+    assert state.revisions == {Aspect.PROGRESS: 1, Aspect.RUN: 1, Aspect.METRICS: 1}, "the first step also ends the wait for it"
     before = state.stamp((Aspect.UNITS, Aspect.POLICY, Aspect.LOG))
     state.apply({"type": "step", "t": 2.0, "step": 2, "loss": 0.6})
     assert state.revisions[Aspect.PROGRESS] == 2 and state.revisions[Aspect.RUN] == 1
     assert state.stamp((Aspect.UNITS, Aspect.POLICY, Aspect.LOG)) == before, "views of units, policy and log stay as drawn"
     state.apply({"type": "step", "t": 3.0, "step": 2, "loss": 0.6})
-    assert state.revisions[Aspect.PROGRESS] == 2, "a step seen before changes nothing"
+    assert state.revisions[Aspect.PROGRESS] == 2 and state.revisions[Aspect.METRICS] == 2, "a step seen before changes nothing"
     state.apply({"type": "eval", "t": 4.0, "step": 2, "eval_loss": 0.5, "accuracy": 0.8})
     assert state.revisions[Aspect.EVALS] == 1 and state.revisions[Aspect.LOG] == 1
     state.apply({"type": "brand_new_event", "t": 5.0})

@@ -39,6 +39,13 @@ BINDINGS_HELP = [
         ("x (in triggers)", "remove the highlighted timeline entry or trigger; the field below it adds one (enter)"),
         ("?", "this help; esc or ? closes it"),
     ]),
+    ("Other runs, metrics, plots", [
+        ("b / c", "the runs beside this one, with their final metrics: enter opens one (live: attached; else read-only), space marks runs to compare, o or a header click sorts, esc goes back"),
+        ("compared runs", "drawn on the loss plot in their own colours, with their policy changes; followed while they train (read only, never written)"),
+        ("/", "filter the plotted metrics by glob (train.loss, eval.*, lr, grad_norm.block*, sparsity.*, system.*; no wildcard: anywhere in the name); enter keeps it, esc clears it"),
+        ("w", "loss plot x axis: steps or wall time (minutes since each run started)"),
+        ("v", "save the plot on screen as an SVG in the current folder"),
+    ]),
 ]
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, cast
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
@@ -31,8 +31,10 @@ from textual.timer import Timer
 from spu_engine.policy import Change
 from spu_engine.protocol import PreviewEvent, read_event
 from spu_engine.runs import ENGINE_LOG
+from spu_engine.writes import WriteError, atomic_write_text
 
 from ..commands import Command, CommandTracker
+from ..compare import ComparedRun
 from ..frames import FrameBudget
 from ..latency import RoundTrips
 from ..link import EventsArrived, Link
@@ -42,7 +44,7 @@ from ..widgets.event_log import EventLog
 from ..widgets.key_bar import KeyBar
 from ..widgets.learning_view import LearningView
 from ..widgets.panel_bar import PanelBar
-from ..widgets.run_charts import LossChart, SparsityChart
+from ..widgets.run_charts import LossChart, MetricFilter, SparsityChart
 from ..widgets.run_header import RunHeader
 from ..widgets.system_view import SystemView
 from ..widgets.unit_tree import Row, UnitTree
@@ -50,6 +52,7 @@ from .ablation import AblationScreen
 from .export import ExportScreen
 from .help import HelpScreen
 from .quit import QuitScreen
+from .runs import RunsChoice, RunsScreen
 
 
 class Console(Protocol):
@@ -63,12 +66,17 @@ class Console(Protocol):
     commands: CommandTracker
     frames: FrameBudget
     round_trips: RoundTrips
+    compared: list[ComparedRun]
 
     def seen_in_history(self, ev: dict[str, Any]) -> bool: ...
+
+    def open_run(self, run_dir: Path, compare: list[Path]) -> None: ...
 
 PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"), ("log", "Log"), ("system", "System")]
 GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log", "system"]  # placement in the large-terminal grid (see app.tcss)
 WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
+ROOMY_FROM = 160  # columns from which the grid puts controls beside the plots (below: the loss plot takes the full width)
+FOLLOW_EVERY = 2.0  # seconds between looks at the compared runs' events.jsonl (a stat each while they do not grow)
 ABLATE_CHECKPOINT_WAIT = 120.0  # seconds for a paused run's checkpoint before the ablation gives up
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
@@ -83,6 +91,14 @@ class RunView(Protocol):
     WATCHES: ClassVar[tuple[Aspect, ...]]
 
     def show(self, state: RunState) -> None: ...
+
+
+class CompareEvents(Message):
+    """A worker read events appended to compared runs' events.jsonl: (run, events) pairs."""
+
+    def __init__(self, grown: list[tuple[ComparedRun, list[dict[str, Any]]]]) -> None:
+        super().__init__()
+        self.grown = grown
 
 
 class ConnectFailed(Message):
@@ -104,6 +120,11 @@ class RunScreen(Screen[None]):
         Binding("escape", "focus_tree", "tree", show=False),
         Binding("left_square_bracket", "imp_round(-1)", "IMP round before", show=False),
         Binding("right_square_bracket", "imp_round(1)", "IMP round after", show=False),
+        Binding("slash", "filter_metrics", "filter metrics", show=False),
+        Binding("w", "toggle_x", "steps / wall time", show=False),
+        Binding("b", "browse_runs", "runs", show=False),
+        Binding("c", "browse_runs", "compare", show=False),
+        Binding("v", "save_plot", "save plot", show=False),
         *[Binding(str(i + 1), f"show_panel('{pid}')", title, show=False) for i, (pid, title) in enumerate(PANELS)],
     ]
 
@@ -126,6 +147,11 @@ class RunScreen(Screen[None]):
         self._drawn: dict[RunView, tuple[int, ...]] = {}  # view -> the state's stamp of what it watches when it last drew
         self._frame_timer: Timer | None = None
         self._stop_timer: Timer | None = None
+        self._follow_timer: Timer | None = None
+
+    @property
+    def loss_chart(self) -> LossChart:
+        return cast(LossChart, self.panels["loss"])
 
     @property
     def console(self) -> Console:
@@ -162,6 +188,7 @@ class RunScreen(Screen[None]):
             self._connect()
         elif self.console.history:
             self.state.say(self.state.step, "ui", "engine not running: showing the run's history")
+        self._compare(self.console.compared)
         self._frame(measured=False)
 
     def on_resize(self, event) -> None:
@@ -170,6 +197,7 @@ class RunScreen(Screen[None]):
     def _layout_for(self, width: int, height: int) -> None:
         wide = width >= WIDE_AT[0] and height >= WIDE_AT[1]
         self.set_class(wide, "-wide")
+        self.set_class(wide and width < ROOMY_FROM, "-medium")
         self.set_class(not wide, "-narrow")
         self._show_active_panel()
         for pid in ("loss", "sparsity"):
@@ -197,6 +225,101 @@ class RunScreen(Screen[None]):
         chart.step_round(delta, self.state)
         self._drawn.pop(chart, None)
         self._frame(measured=False)
+
+    # ------------------------------------------------------------------ other runs, metrics, plots
+
+    def action_filter_metrics(self) -> None:
+        """``/``: type a glob; the loss panel plots every metric whose name matches (enter keeps it, esc clears it)."""
+        if not self.has_class("-wide"):
+            self.action_show_panel("loss")
+        self.loss_chart.add_class("-filtering")
+        self.loss_chart.filter_input.focus()
+
+    @on(MetricFilter.Changed, "#metric-filter")
+    def _filter_changed(self, event: MetricFilter.Changed) -> None:
+        self.loss_chart.pattern = event.value.strip()
+        self._redraw(self.loss_chart)
+
+    @on(MetricFilter.Submitted, "#metric-filter")
+    def _filter_kept(self, _: MetricFilter.Submitted) -> None:
+        self.loss_chart.remove_class("-filtering")
+        self.unit_tree.focus()
+
+    def on_metric_filter_cleared(self, _: MetricFilter.Cleared) -> None:
+        self.loss_chart.pattern = ""
+        self.loss_chart.remove_class("-filtering")
+        self.unit_tree.focus()
+        self._redraw(self.loss_chart)
+
+    def action_toggle_x(self) -> None:
+        chart = self.loss_chart
+        chart.by_time = not chart.by_time
+        self._say(f"loss plot x axis: {'minutes since each run started' if chart.by_time else 'steps'}")
+        self._redraw(chart)
+
+    def _redraw(self, view: RunView) -> None:
+        self._drawn.pop(view, None)
+        self._frame(measured=False)
+
+    def action_browse_runs(self) -> None:
+        """The runs beside this one: enter opens one, space marks runs to compare with this one."""
+        here = self.console.run_dir
+
+        def chosen(choice: RunsChoice | None) -> None:
+            if choice is None:
+                return
+            if choice.open is not None and choice.open.resolve() != here.resolve():
+                self.app.call_later(self.console.open_run, choice.open, choice.compare)  # once the browser is gone
+                return
+            self._compare([ComparedRun(p) for p in choice.compare if p.resolve() != here.resolve()])
+            self._redraw(self.loss_chart)
+
+        self.app.push_screen(RunsScreen(here.parent, current=here, marked=[c.path for c in self.console.compared]), chosen)
+
+    def pause_following(self) -> None:
+        """This screen no longer shows the app's run (another run's screen took its place)."""
+        if self._follow_timer is not None:
+            self._follow_timer.stop()
+            self._follow_timer = None
+
+    def _compare(self, runs: list[ComparedRun]) -> None:
+        """Overlay ``runs`` on the loss plot and follow them as they grow (each keeps what it already read)."""
+        have = {c.path.resolve(): c for c in self.console.compared}
+        self.console.compared[:] = [have.get(r.path.resolve(), r) for r in runs]
+        self.loss_chart.compared = self.console.compared
+        self.pause_following()
+        if runs:
+            self._follow()
+            self._follow_timer = self.set_interval(FOLLOW_EVERY, self._follow)
+
+    @work(thread=True, exclusive=True, group="compare")
+    def _follow(self) -> None:
+        grown = [(run, events) for run in list(self.console.compared) if (events := run.new_events())]
+        if grown:
+            self.post_message(CompareEvents(grown))
+
+    def on_compare_events(self, message: CompareEvents) -> None:
+        changed = False
+        for run, events in message.grown:
+            changed |= run.add(events)
+        if changed:
+            self._drawn.pop(self.loss_chart, None)
+            self._frame_soon()
+
+    def action_save_plot(self) -> None:
+        """Save the plot on screen (the loss panel, or the sparsity panel when it is the one shown) as an SVG here."""
+        pid = self.active_panel if not self.has_class("-wide") and self.active_panel in ("loss", "sparsity") else "loss"
+        chart = cast(LossChart | SparsityChart, self.panels[pid])
+        what = "metrics" if pid == "loss" and self.loss_chart.pattern else pid
+        run = self.console.run_dir.name
+        path = Path.cwd() / f"{run}-{what}-step{self.state.step}.svg"
+        try:
+            atomic_write_text(path, chart.plot.export_svg(f"{run}: {what} at step {self.state.step}"))
+        except WriteError as exc:
+            self._say(f"save plot: {exc}", error=True)
+            return
+        self._say(f"saved the {what} plot to {path}")
+        self.notify(f"saved {path.name}", timeout=4)
 
     # ------------------------------------------------------------------ frames
 

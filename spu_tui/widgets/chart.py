@@ -38,8 +38,9 @@ class Series:
 @dataclass
 class LineSpec:
     series: list[Series] = field(default_factory=list)
-    marks: list[float] = field(default_factory=list)  # vertical lines (policy changes)
+    marks: list[tuple[float, str]] = field(default_factory=list)  # vertical lines (policy changes): x, colour
     xlabel: str = "step"
+    empty: str = "waiting for the first steps"  # said when no series has a point
 
 
 @dataclass
@@ -73,6 +74,18 @@ class CellPlot(PlotextPlot):
             self._strips = self._paint()
             self._painted = key
         return self._strips[y] if y < len(self._strips) else Strip.blank(self.size.width)
+
+    def export_svg(self, title: str) -> str:
+        """The plot as drawn on screen, recorded by rich as an SVG (what ``v`` saves)."""
+        import io
+
+        from rich.console import Console
+
+        self.render_line(0)  # paints when the data or size changed since the last paint
+        console = Console(record=True, width=max(1, self.size.width), file=io.StringIO(), force_terminal=True, color_system="truecolor")
+        for strip in self._strips:
+            console.print(Text.assemble(*((seg.text, seg.style) for seg in strip)), end="\n", no_wrap=True, crop=True)
+        return console.export_svg(title=title)
 
     def _paint(self) -> list[Strip]:
         width, height = self.size
@@ -116,7 +129,7 @@ class Chart(Widget):
         """Hand plotext the data; nothing happens when it is what the chart already shows."""
         if isinstance(spec, LineSpec):
             points = max(MIN_POINTS, 2 * self.plot.size.width)
-            spec = LineSpec([_thinned(s, points) for s in spec.series], list(spec.marks), spec.xlabel)
+            spec = LineSpec([_thinned(s, points) for s in spec.series], list(spec.marks), spec.xlabel, spec.empty)
         if spec == self._shown:
             return  # a new size alone repaints by itself (CellPlot.render_line)
         self._shown = spec
@@ -137,10 +150,10 @@ class Chart(Widget):
                 continue
             plt.plot(s.x, s.y, color=s.color, marker=s.marker, yside="right" if s.right_axis else "left")
             drawn = True
-        for m in spec.marks:
-            plt.vline(m, "magenta")
+        for x, color in spec.marks:
+            plt.vline(x, color)
         if not drawn:
-            plt.text("waiting for the first steps", 0.5, 0.5, alignment="center")
+            plt.text(spec.empty, 0.5, 0.5, alignment="center")
             plt.xlim(0, 1)
             plt.ylim(0, 1)
         plt.xlabel(spec.xlabel)

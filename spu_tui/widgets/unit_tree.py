@@ -104,7 +104,7 @@ class UnitTree(Tree[Row]):
                 row = Row("tensor", p.name)
                 shown = p.name[len(prefix):] or p.name
                 rank = self._state.ranks.get(p.name.removesuffix(".lora_E")) if p.name.endswith(".lora_E") else None
-                self._set_label(row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, width - 8, narrow))
+                self._set_label(row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, width - 5, narrow))  # 2 for the guide, 1 for a scrollbar
 
     def _set_label(self, row: Row, label: Text) -> None:
         node = self._row_nodes.get(row)
@@ -244,28 +244,28 @@ SHORT_LEAF = {"weight": "w", "bias": "b"}
 
 
 def fit_name(name: str, room: int) -> str:
-    """``name`` in ``room`` columns, keeping the parts that tell tensors apart.
+    """``name`` in ``room`` columns, keeping the parts that tell tensors apart: its start and its end, never cut off.
 
-    Leading parts shrink to initials (``a.s.query.weight``), then the leaf too (``a.o.dense.w`` beside ``i.dense.w``),
-    then leading parts go (``…LayerNorm.w``).  The cursor row's full name is on the tree's border.
+    Leading parts shrink to initials (``a.s.query.weight``); then the middle goes, the last two parts staying whole
+    (``atte…lora_A.weight``); then the leaf shortens too (``a.o.LayerNorm.w``, ``att…lora_A.w``); at last the middle
+    of the name goes whatever its parts.  The cursor row's full name is on the tree's border.
     """
     if len(name) <= room:
         return name
     parts = name.split(".")
     keep = min(2, len(parts))
-    for leaf_short in (False, True):
-        if leaf_short:
-            parts[-1] = SHORT_LEAF.get(parts[-1], parts[-1])
-        for i in range(len(parts) - keep + 1):
-            if len(candidate := ".".join(parts)) <= room:
-                return candidate
-            if i < len(parts) - keep:
-                parts[i] = parts[i][:1]
-    for i in range(1, len(parts) - keep + 1):
-        if len(candidate := "…" + ".".join(parts[i:])) <= room:
+    for i in range(len(parts) - keep):
+        parts[i] = parts[i][:1]
+        if len(candidate := ".".join(parts)) <= room:
             return candidate
-    tail = ".".join(parts[-keep:])
-    return tail if len(tail) <= room else tail[: room - 1] + "…"
+    for leaf in (parts[-1], SHORT_LEAF.get(parts[-1], parts[-1])):
+        if len(candidate := ".".join([*parts[:-1], leaf])) <= room:
+            return candidate
+        tail = ".".join([*name.split(".")[-keep:-1], leaf])
+        if len(tail) + 3 <= room:  # at least two characters of the start, then "…"
+            return name[: room - len(tail) - 1] + "…" + tail
+    end = (room - 1) // 2
+    return name[: room - 1 - end] + "…" + (name[-end:] if end else "")
 
 
 def _common_prefix(names: list[str]) -> str:
