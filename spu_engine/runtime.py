@@ -243,6 +243,14 @@ class PolicyRuntime:
             teacher = "the model as loaded at step 0" if kd.teacher == "initial" else kd.teacher
             notes.append(f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
                          f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}")
+        auto = new.auto_freeze
+        if auto.method == "lisa":
+            notes.append(f"lisa: from the next step, every {auto.interval} steps {auto.n_layers} of the blocks train, drawn at random; "
+                         f"embeddings {'train' if auto.embeddings else 'frozen'}, head {'trains' if auto.head else 'frozen'} "
+                         "(the count above is before the first draw)")
+        elif auto.method == "autofreeze":
+            bound = f"{auto.threshold:.0%}" if auto.threshold is not None else f"the {auto.percentile:g}th percentile"
+            notes.append(f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is below {bound} freeze")
         sparsity = None
         if new.pruning.method != "none":
             sparsity = new.pruning.schedule.final_sparsity

@@ -153,6 +153,8 @@ class StepLoop:
         if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
             return self.on_nonfinite(loss_value)
         self._nonfinite_streak = 0
+        for m in self.methods:
+            m.on_gradients(step)
         before = before_update(self.units, self.params) if stats_due else None
         if trainable and self.scaler:
             self.scaler.step(self.optimizer)

@@ -8,6 +8,7 @@ with a clear message rather than silently ignored.
 from __future__ import annotations
 
 from .adapter import Adapter
+from .auto_freeze import AutoFreeze
 from .base import Method
 from .bitfit import BitFit
 from .distillation import Distillation
@@ -26,6 +27,7 @@ METHODS: list[type[Method]] = [
     WeightUpdateSkipping,
     PruningMethod,
     Distillation,
+    AutoFreeze,
 ]
 
 __all__ = ["METHODS", "Method"]
