@@ -31,6 +31,7 @@ BINDINGS_HELP = [
     ]),
     ("Panels", [
         ("1 … 5", "small terminals: show loss, sparsity, learning, controls, log"),
+        ("v", "learning panel: preview freezing the front blocks the advisor found settled (gradient-norm change below 5 % over 3 intervals); v again applies it (z undoes)"),
         ("[ ]", "sparsity panel: each unit's sparsity at the end of the IMP round before / after (past the last: now)"),
         ("tab / shift+tab", "move between the tree and the controls"),
         ("edit a field", "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes"),

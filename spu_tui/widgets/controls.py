@@ -361,4 +361,4 @@ def describe_rule(rule: FreezeRule) -> str:
         what.append(f"layers {rule.layers}")
     if rule.match:
         what.append(rule.match)
-    return f"{'train' if rule.trainable else 'freeze'} {' & '.join(what)}"
+    return f"{'train' if rule.trainable else 'freeze'} {' & '.join(what)}" + (" (auto)" if rule.by else "")
