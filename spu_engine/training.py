@@ -5,7 +5,7 @@
 selective backprop needs, backward with the AMP scaler, the warm-up and linear
 decay of the learning rate, clipping, the optimizer step, and the ``step`` and
 ``units`` events.  Methods hook in at fixed points (``before_step``,
-``after_backward``, ``after_optimizer_step``); a method with
+``after_backward``, ``on_gradients``, ``after_optimizer_step``); a method with
 ``forward_backward`` (selective backprop) replaces the plain one.
 """
 

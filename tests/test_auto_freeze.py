@@ -148,7 +148,7 @@ def test_a_users_rule_after_a_decision_wins_and_lisa_leaves_that_block_alone(mak
     run(engine)
     assert all("block1" in units for step, units in seen if step >= 4)
     assert all(len(units & set(BLOCKS) - {"block1"}) == 1 for step, units in seen if step >= 6)  # LISA draws among the others
-    assert any("block1 follow your freeze rules" in line for line in logs)
+    assert any("auto_freeze: block1 follows your freeze rules from now on (lisa leaves it as you set it)" in line for line in logs)
 
 
 def test_with_lora_a_frozen_block_freezes_its_lora_tensors(make_engine):
@@ -176,3 +176,21 @@ def test_bad_settings_are_refused_naming_the_key(section, message):
 def test_more_layers_than_the_model_has_is_refused_naming_the_range(make_engine):
     with pytest.raises(PolicyError, match=r"auto_freeze.n_layers: 8 is more than the model's 4 blocks \(allowed: 1-4\)"):
         make_engine("bert", lisa(n_layers=8))
+
+
+def test_lisa_switched_on_live_decides_at_that_boundary_is_previewed_and_undone_whole(make_engine):
+    from spu_engine.policy import Change
+
+    engine = make_engine("bert", steps=6, stats_every=100)
+    switch = Change(set={"auto_freeze": {"method": "lisa", "interval": 2, "n_layers": 1}})
+    assert any(note.startswith("lisa: from the next step, every 2 steps 1 of the blocks train") for note in engine.preview(switch)["notes"])
+    engine.config.steps = 3
+    run(engine)
+    engine.apply_change(switch, source="client")
+    engine.config.steps = 6
+    seen = watch(engine)
+    run(engine)
+    assert [step for step, _ in seen] == [3, 4, 5] and all(len(units & set(BLOCKS)) == 1 for _, units in seen)
+    assert [e.step for e in engine.replayable_policy().timeline] == [3, 3, 5]  # the switch, then LISA's draws at 3 and 5
+    engine.undo()  # back to before the switch: LISA off and its freezes gone with it
+    assert engine.current.auto_freeze.method == "none" and training_units(engine) >= set(BLOCKS)

@@ -91,3 +91,22 @@ async def test_v_without_advice_says_why(advised_run):
         await pilot.pause(0.1)
         assert link.sent == [] or all(cmd != "preview" for cmd, _ in link.sent)
         assert any("no front block has settled yet" in line.text for line in app.state.log)
+
+
+async def test_automatic_freezing_is_a_controls_section_previewed_then_applied(advised_run):
+    run_dir, history = advised_run
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.3)
+        app.query_one("#af-method").value = "lisa"
+        await pilot.pause(0.2)
+        cmd, fields = link.sent[-1]
+        assert cmd == "preview" and fields["change"]["set"]["auto_freeze"]["method"] == "lisa"
+        app.query_one("#apply-auto_freeze").press()
+        await pilot.pause(0.2)
+        cmd, fields = link.sent[-1]
+        assert cmd == "change" and fields["change"]["set"]["auto_freeze"] == {
+            "method": "lisa", "interval": 20, "n_layers": 2, "embeddings": True, "head": True, "percentile": 50.0,
+            "allow_gaps": False, "optimizer_state": "keep",
+        }

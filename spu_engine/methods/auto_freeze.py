@@ -65,8 +65,9 @@ class AutoFreeze(Method):
         self.settings, self.rules = new, policy.freeze
         pinned = self._pinned(policy.freeze)
         if self.active and pinned - self.pinned:
-            self.host.log(f"auto_freeze: {', '.join(sorted(pinned - self.pinned))} follow your freeze rules from now on "
-                          f"({new.method} leaves them as you set them)")
+            taken = sorted(pinned - self.pinned)
+            self.host.log(f"auto_freeze: {', '.join(taken)} {'follows' if len(taken) == 1 else 'follow'} your freeze rules from now on "
+                          f"({new.method} leaves {'it' if len(taken) == 1 else 'them'} as you set {'it' if len(taken) == 1 else 'them'})")
         self.pinned = pinned
 
     def _pinned(self, rules: list[FreezeRule]) -> set[str]:
