@@ -22,6 +22,7 @@ the method's gate still decides which of a block's tensors can train at all.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -161,7 +162,7 @@ class AutoFreeze(Method):
         if self.settings.method != "autofreeze":
             return
         for unit, norm in grad_norms_by_unit(self.host.units, self.host.params).items():
-            if unit.startswith("block"):
+            if unit.startswith("block") and math.isfinite(norm):  # fp16's scaler skips a step with inf gradients: not a sample
                 total = self.sums.setdefault(unit, [0.0, 0])
                 total[0] += norm
                 total[1] += 1
