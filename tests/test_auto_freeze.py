@@ -105,7 +105,7 @@ def scripted_norms(monkeypatch, engine, norms):
 
 def test_autofreeze_freezes_front_blocks_once_their_gradient_norm_settled_front_to_back(make_engine, monkeypatch):
     policy = parse_policy({"auto_freeze": {"method": "autofreeze", "interval": 2, "threshold": 0.05}})
-    engine = make_engine("bert", policy, steps=10, stats_every=100)
+    engine = make_engine("bert", policy, steps=10, stats_every=1)
     scripted_norms(monkeypatch, engine, {
         "block0": lambda s: 1.0,                        # settled from the start
         "block1": lambda s: 1.0 + min(s, 4),            # changes until step 4, flat from the interval after
@@ -121,7 +121,7 @@ def test_autofreeze_freezes_front_blocks_once_their_gradient_norm_settled_front_
     assert [e.step for e in exported.timeline] == [4, 8] and exported.auto_freeze.decided_through == 8
 
     # the export replays those freezes whatever its own gradients say (here: nothing ever settles)
-    replay = make_engine("bert", parse_policy(exported.model_dump(mode="json")), steps=10, stats_every=100)
+    replay = make_engine("bert", parse_policy(exported.model_dump(mode="json")), steps=10, stats_every=1)
     scripted_norms(monkeypatch, replay, {b: (lambda s: 1.0 + s * s) for b in BLOCKS})
     replay_seen = watch(replay)
     run(replay)
@@ -131,7 +131,7 @@ def test_autofreeze_freezes_front_blocks_once_their_gradient_norm_settled_front_
 
 def test_autofreeze_with_gaps_freezes_a_settled_block_behind_a_training_one(make_engine, monkeypatch):
     policy = parse_policy({"auto_freeze": {"method": "autofreeze", "interval": 2, "threshold": 0.05, "allow_gaps": True}})
-    engine = make_engine("bert", policy, steps=5, stats_every=100)
+    engine = make_engine("bert", policy, steps=5, stats_every=1)
     scripted_norms(monkeypatch, engine, {"block0": lambda s: 1.0 + s, "block1": lambda s: 1.0 + s, "block2": lambda s: 2.0, "block3": lambda s: 1.0 + s})
     run(engine)
     assert training_units(engine) & set(BLOCKS) == {"block0", "block1", "block3"}
@@ -176,6 +176,11 @@ def test_bad_settings_are_refused_naming_the_key(section, message):
 def test_more_layers_than_the_model_has_is_refused_naming_the_range(make_engine):
     with pytest.raises(PolicyError, match=r"auto_freeze.n_layers: 8 is more than the model's 4 blocks \(allowed: 1-4\)"):
         make_engine("bert", lisa(n_layers=8))
+
+
+def test_an_autofreeze_interval_shorter_than_the_statistics_is_refused(make_engine):
+    with pytest.raises(PolicyError, match=r"auto_freeze.interval: 5 is shorter than stats_every \(10\).*allowed: 10 or more"):
+        make_engine("bert", parse_policy({"auto_freeze": {"method": "autofreeze", "interval": 5}}), stats_every=10)
 
 
 def test_lisa_switched_on_live_decides_at_that_boundary_is_previewed_and_undone_whole(make_engine):
