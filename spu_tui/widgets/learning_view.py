@@ -56,8 +56,9 @@ class LearningView(Widget):
         trains = {u for u in units if state.unit_trainable.get(u, 1.0) > 0}
         self._embeddings_train = "embeddings" in trains
         advice = advise(list(state.unit_history), [u for u in units if u.startswith("block")], trains)
-        if advice != self.advice:
-            self.advice, self.proposed, self.whatif = advice, None, ""
+        if (advice.blocks if advice else None) != (self.advice.blocks if self.advice else None):
+            self.proposed, self.whatif = None, ""  # a what-if of other blocks no longer stands (new numbers alone do not change it)
+        self.advice = advice
         self.advice_line = f"advice: freeze {advice.reason} (v: what if)" if advice else "advice: no front block has settled yet"
 
     def advice_change(self) -> Change | None:
