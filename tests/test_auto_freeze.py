@@ -199,3 +199,24 @@ def test_lisa_switched_on_live_decides_at_that_boundary_is_previewed_and_undone_
     assert [e.step for e in engine.replayable_policy().timeline] == [3, 3, 5]  # the switch, then LISA's draws at 3 and 5
     engine.undo()  # back to before the switch: LISA off and its freezes gone with it
     assert engine.current.auto_freeze.method == "none" and training_units(engine) >= set(BLOCKS)
+
+
+def test_lisa_in_your_own_loop_draws_what_the_engine_draws(make_engine, tokenizer):
+    from conftest import build_tiny
+
+    from spu_engine.integrations import attach
+
+    engine = make_engine("bert", lisa(interval=2, n_layers=1), steps=6, stats_every=100)
+    in_engine = watch(engine)
+    run(engine)
+    model = build_tiny("bert", tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctl = attach(lisa(interval=2, n_layers=1), model, optimizer, seed=engine.config.seed)
+    in_loop = []
+    for step in range(6):
+        ctl.step(step)
+        in_loop.append((step, training_units(ctl)))
+        model(input_ids=torch.randint(5, 900, (4, 12)), labels=torch.randint(0, 2, (4,))).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert in_loop == in_engine
