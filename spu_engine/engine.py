@@ -242,9 +242,16 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
 
     def replayable_policy(self) -> Policy:
         """Run settings + state at step 0 + every change applied so far + changes still scheduled + the triggers, each
-        with the steps it fired at (its firings are among the changes applied, so a replay does not decide them again)."""
+        with the steps it fired at (its firings are among the changes applied, so a replay does not decide them again),
+        and automatic freezing marked as decided up to its last decision (recorded too)."""
         timeline = [*self.recorded, *self.pending, *self.triggers]
-        return self.initial_policy.model_copy(update={"run": self.config.run_settings(), "timeline": timeline})
+        initial = self.initial_policy
+        decided = next(m.last_decided for m in self.methods if m.section == "auto_freeze")
+        if decided is not None:
+            auto = initial.auto_freeze
+            through = max(decided, auto.decided_through or 0)
+            initial = initial.model_copy(update={"auto_freeze": auto.model_copy(update={"decided_through": through})})
+        return initial.model_copy(update={"run": self.config.run_settings(), "timeline": timeline})
 
     def scheduled(self) -> list[dict[str, Any]]:
         """What is still to come, as the console lists it: the pending step entries and every trigger (fired ones too)."""

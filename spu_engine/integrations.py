@@ -102,7 +102,7 @@ class PolicyController(PolicyRuntime):
         self._hooks = []
         if self.optimizer is not None:
             self._hooks = [
-                self.optimizer.register_step_pre_hook(lambda *_: self._each("after_backward", self.step_count)),
+                self.optimizer.register_step_pre_hook(lambda *_: self._gradients_ready()),
                 self.optimizer.register_step_post_hook(lambda *_: self._after_optimizer_step()),
             ]
 
@@ -211,6 +211,11 @@ class PolicyController(PolicyRuntime):
     def _each(self, hook: str, *args: Any) -> None:
         for m in self.methods:
             getattr(m, hook)(*args)
+
+    def _gradients_ready(self) -> None:
+        """The optimizer is about to step: the loop's gradients are final (the loop clipped or reduced them already)."""
+        self._each("after_backward", self.step_count)
+        self._each("on_gradients", self.step_count)
 
     def _after_optimizer_step(self) -> None:
         """Method hooks, and cleared grads for optimizer tensors outside the model (movement scores), which a

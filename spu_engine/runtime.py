@@ -258,6 +258,14 @@ class PolicyRuntime:
             notes.append("lr multipliers: " + self._describe_multipliers(new))
         if new.lr.warm_in:
             notes.append(f"warm-in: a tensor that starts training from now on ramps its lr in over {new.lr.warm_in} steps")
+        auto = new.auto_freeze
+        if auto.method == "lisa":
+            notes.append(f"lisa: from the next step, every {auto.interval} steps {auto.n_layers} of the blocks train, drawn at random; "
+                         f"embeddings {'train' if auto.embeddings else 'frozen'}, head {'trains' if auto.head else 'frozen'} "
+                         "(the count above is before the first draw)")
+        elif auto.method == "autofreeze":
+            bound = f"{auto.threshold:.0%}" if auto.threshold is not None else f"the {auto.percentile:g}th percentile"
+            notes.append(f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is below {bound} freeze")
         sparsity = None
         if new.pruning.method != "none":
             sparsity = new.pruning.schedule.final_sparsity

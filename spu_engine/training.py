@@ -5,7 +5,7 @@
 selective backprop needs, backward with the AMP scaler, the warm-up and linear
 decay of the learning rate, clipping, the optimizer step, and the ``step`` and
 ``units`` events.  Methods hook in at fixed points (``before_step``,
-``after_backward``, ``after_optimizer_step``); a method with
+``after_backward``, ``on_gradients``, ``after_optimizer_step``); a method with
 ``forward_backward`` (selective backprop) replaces the plain one.
 """
 
@@ -201,6 +201,8 @@ class StepLoop:
         if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
             return self.on_nonfinite(loss_value)
         self._nonfinite_streak = 0
+        for m in self.methods:
+            m.on_gradients(step)
         before = before_update(self.units, self.params) if stats_due else None
         if trainable and self.scaler:
             self.scaler.step(self.optimizer)

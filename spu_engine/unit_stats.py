@@ -40,6 +40,14 @@ def trainable_by_unit(units: Units, params: dict[str, torch.nn.Parameter]) -> di
 
 
 @torch.no_grad()
+def grad_norms_by_unit(units: Units, params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
+    """The gradient norm of each unit that has a gradient now (automatic freezing's AutoFreeze criterion)."""
+    grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
+    grad_sq = dict(zip((n for n, _ in grads), _sums_of_squares([g for _, g in grads])))
+    return {u.name: math.sqrt(sum(grad_sq[n] for n in u.params if n in grad_sq)) for u in units if any(n in grad_sq for n in u.params)}
+
+
+@torch.no_grad()
 def before_update(units: Units, params: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
     """Before the optimizer step: squared gradient norm per unit, squared weight norm per tensor, and a copy of each
     tensor the step can move (one with a gradient or that trains: a frozen one gets no update, and pruning re-applies

@@ -46,6 +46,7 @@ from spu_engine.run_metrics import RunMetrics, describe_change
 SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
 RATE_WINDOW = 20  # steps over which samples/s and the ETA are measured: recent speed, not the average since start
 SYSTEM_HISTORY = 512  # system samples kept for the plots (a long run's oldest go)
+UNIT_HISTORY = 64  # statistics events the freeze advisor reads its trends from
 
 
 class Aspect(Enum):
@@ -84,6 +85,7 @@ class RunState:
     unit_trainable: dict[str, float] = field(default_factory=dict)
     tensor_trainable: dict[str, bool] = field(default_factory=dict)
     unit_stats: dict[str, UnitStats] = field(default_factory=dict)
+    unit_history: deque[dict[str, tuple[float, float]]] = field(default_factory=lambda: deque(maxlen=UNIT_HISTORY))  # unit -> (grad norm, update ratio)
     tensor_sparsity: dict[str, float] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)  # AdaLoRA: adapted module -> its rank now
     policy: dict[str, Any] = field(default_factory=dict)
@@ -215,6 +217,7 @@ class RunState:
 
     def _on_units(self, ev: UnitsEvent) -> set[Aspect]:
         self.unit_stats = ev.units
+        self.unit_history.append({name: (s.grad_norm, s.update_ratio) for name, s in ev.units.items()})
         for name, stats in ev.units.items():
             self.unit_trainable[name] = stats.trainable
         for name, tensor in ev.tensors.items():

@@ -115,7 +115,7 @@ async def test_the_compare_overlay_draws_both_runs_with_a_legend_and_saves_the_p
         await pilot.press("w")
         await pilot.pause(0.3)
         app.save_screenshot(filename="compare-120x36.svg", path=str(tmp_path))
-        await pilot.press("v")
+        await pilot.press("g")
         await pilot.pause(0.2)
         saved = tmp_path / "alpha-loss-step16.svg"
         assert ET.parse(saved).getroot().tag.endswith("svg")

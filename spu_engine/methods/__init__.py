@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .adalora import AdaLoRA
 from .adapter import Adapter
+from .auto_freeze import AutoFreeze
 from .base import Method
 from .bitfit import BitFit
 from .distillation import Distillation
@@ -28,6 +29,7 @@ METHODS: list[type[Method]] = [
     WeightUpdateSkipping,
     PruningMethod,
     Distillation,
+    AutoFreeze,
 ]
 
 __all__ = ["METHODS", "Method"]

@@ -156,6 +156,9 @@ class Method(Checkpointed):
     def after_backward(self, step: int) -> None:
         """Gradients exist; the optimizer has not stepped yet."""
 
+    def on_gradients(self, step: int) -> None:
+        """The gradients the optimizer will step on are final: averaged over ranks, unscaled, clipped."""
+
     def after_update(self, step: int) -> None:
         """The optimizer has stepped and the gradients are still there (AdaLoRA allocates ranks here, as peft orders it)."""
 

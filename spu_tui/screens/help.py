@@ -31,6 +31,7 @@ BINDINGS_HELP = [
     ]),
     ("Panels", [
         ("1 … 6", "small terminals: show loss, sparsity, learning, controls, log, system (GPU, CPU, RAM, throughput)"),
+        ("v", "learning panel: preview freezing the front blocks the advisor found settled (gradient-norm change below 5 % over 3 intervals); v again applies it (z undoes)"),
         ("[ ]", "sparsity panel: each unit's sparsity at the end of the IMP round before / after (past the last: now)"),
         ("tab / shift+tab", "move between the tree and the controls"),
         ("edit a field", "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes"),
@@ -44,7 +45,7 @@ BINDINGS_HELP = [
         ("compared runs", "drawn on the loss plot in their own colours, with their policy changes; followed while they train (read only, never written)"),
         ("/", "filter the plotted metrics by glob (train.loss, eval.*, lr, grad_norm.block*, sparsity.*, system.*; no wildcard: anywhere in the name); enter keeps it, esc clears it"),
         ("w", "loss plot x axis: steps or wall time (minutes since each run started)"),
-        ("v", "save the plot on screen as an SVG in the current folder"),
+        ("g", "save the plot on screen (a graphic) as an SVG in the current folder"),
     ]),
 ]
 

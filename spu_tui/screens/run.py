@@ -80,6 +80,7 @@ FOLLOW_EVERY = 2.0  # seconds between looks at the compared runs' events.jsonl (
 ABLATE_CHECKPOINT_WAIT = 120.0  # seconds for a paused run's checkpoint before the ablation gives up
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
+ADVICE = "advice"  # the commands of the learning view's freeze advice (its previews are drawn there)
 STOPPED = "stopped"  # the app's result when the engine acknowledged a stop from this console
 
 Panel = LossChart | SparsityChart | LearningView | ControlsPanel | EventLog | SystemView
@@ -115,6 +116,7 @@ class RunScreen(Screen[None]):
         Binding("r", "evaluate", "evaluate"),
         Binding("z", "undo", "undo"),
         Binding("a", "ablate", "ablate", show=False),
+        Binding("v", "freeze_advice", "freeze advice", show=False),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit_dialog", "quit"),
         Binding("escape", "focus_tree", "tree", show=False),
@@ -124,7 +126,7 @@ class RunScreen(Screen[None]):
         Binding("w", "toggle_x", "steps / wall time", show=False),
         Binding("b", "browse_runs", "runs", show=False),
         Binding("c", "browse_runs", "compare", show=False),
-        Binding("v", "save_plot", "save plot", show=False),
+        Binding("g", "save_plot", "save plot", show=False),
         *[Binding(str(i + 1), f"show_panel('{pid}')", title, show=False) for i, (pid, title) in enumerate(PANELS)],
     ]
 
@@ -413,8 +415,11 @@ class RunScreen(Screen[None]):
         elif kind == "preview":
             command = commands.answered(ev.get("id"))
             preview = read_event(ev)
-            if command is not None and command.section is not None and isinstance(preview, PreviewEvent):
-                self.controls.show_preview(command.section, preview)
+            if command is not None and isinstance(preview, PreviewEvent):
+                if command.section == ADVICE:
+                    self.learning.show_preview(preview)
+                elif command.section is not None:
+                    self.controls.show_preview(command.section, preview)
 
     def _show_received(self, command: Command) -> None:
         """The engine has the change: rows and sections show it is queued for the next boundary."""
@@ -471,8 +476,12 @@ class RunScreen(Screen[None]):
             self.notify(text, severity="error", timeout=6)
 
     def on_unit_tree_change_requested(self, message: UnitTree.ChangeRequested) -> None:
-        if self._send("change", rows=message.rows, change=_wire(message.change)):
-            self.unit_tree.change_sent(message.rows)
+        self._send_freeze(message.change, message.rows)
+
+    def _send_freeze(self, change: Change, rows: list[Row]) -> None:
+        """A freeze change whose rows in the unit tree show it on its way until the engine answers."""
+        if self._send("change", rows=rows, change=_wire(change)):
+            self.unit_tree.change_sent(rows)
 
     def on_controls_panel_apply_requested(self, message: ControlsPanel.ApplyRequested) -> None:
         if self._send("change", section=message.section, change=_wire(message.change)):
@@ -493,6 +502,34 @@ class RunScreen(Screen[None]):
         cid = link.send("preview", change=_wire(message.change))
         if cid is not None:
             self.console.commands.sent(cid, "preview", section=message.section)
+
+    @property
+    def learning(self) -> LearningView:
+        return cast(LearningView, self.panels["learning"])
+
+    def action_freeze_advice(self) -> None:
+        """The learning view's advice: the first `v` previews freezing the settled front blocks, the next applies it (a
+        console change like `f`, so `z` undoes it)."""
+        view = self.learning
+        change = view.advice_change()
+        if change is None:
+            self._say("freeze advice: no front block has settled yet (the advisor reads the learning panel's statistics)")
+            return
+        if view.proposed != change:
+            link = self.console.link
+            if link is None or not link.connected:
+                self._say("freeze advice: no engine connected", error=True)
+                return
+            cid = link.send("preview", change=_wire(change))
+            if cid is not None:
+                self.console.commands.sent(cid, "preview", section=ADVICE)
+            view.proposed, view.whatif = change, "what if: asking the engine …"
+            return
+        blocks = [f"block{i}" for r in change.freeze for i in (r.layers or [])]
+        units = [u for r in change.freeze for u in (r.units or [])]
+        rows = [Row("unit", u) for u in [*units, *blocks]]
+        view.proposed, view.whatif = None, ""
+        self._send_freeze(change, rows)
 
     def action_undo(self) -> None:
         """Undo the last change made from a console (the engine records it as a new change, so replay stays exact)."""

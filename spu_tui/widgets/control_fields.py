@@ -25,6 +25,7 @@ TITLES = {
     "peft": "PEFT",
     "distillation": "Distillation",
     "lr": "Learning rates",
+    "auto_freeze": "Automatic freezing",
 }
 
 
@@ -141,6 +142,14 @@ FIELDS = [
     ControlField("distillation", "temperature", "kd-temperature", "temperature"),
     ControlField("lr", "decay", "lr-decay", "layer decay"),
     ControlField("lr", "warm_in", "lr-warm-in", "warm-in steps"),
+    ControlField("auto_freeze", "method", "af-method", "method"),
+    ControlField("auto_freeze", "interval", "af-interval", "interval"),
+    ControlField("auto_freeze", "n_layers", "af-layers", "lisa layers"),
+    ControlField("auto_freeze", "embeddings", "af-embeddings", "lisa embeddings"),
+    ControlField("auto_freeze", "head", "af-head", "lisa head"),
+    ControlField("auto_freeze", "percentile", "af-percentile", "percentile"),
+    ControlField("auto_freeze", "allow_gaps", "af-gaps", "allow gaps"),
+    ControlField("auto_freeze", "optimizer_state", "af-optimizer", "AdamW state"),
 ]
 FIELD_BY_ID = {f.id: f for f in FIELDS}
 

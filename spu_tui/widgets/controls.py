@@ -439,4 +439,4 @@ def describe_selector(rule: Selector) -> str:
 
 
 def describe_rule(rule: FreezeRule) -> str:
-    return f"{'train' if rule.trainable else 'freeze'} {describe_selector(rule)}"
+    return f"{'train' if rule.trainable else 'freeze'} {describe_selector(rule)}" + (" (auto)" if rule.by else "")

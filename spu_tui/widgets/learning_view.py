@@ -1,25 +1,36 @@
-"""Which layers are learning: per-unit gradient norm and update / weight ratio.
+"""Which layers are learning: per-unit gradient norm and update / weight ratio, their trends, and the freeze advisor.
 
 A table rather than a plot: the two quantities differ by orders of magnitude,
 and a frozen unit must read as exactly zero.  The bar is log-scaled on the
-update ratio (1e-7 .. 1e-2), where fine-tuning updates live.
+update ratio (1e-7 .. 1e-2), where fine-tuning updates live.  Each number's
+trend is the slope of its last statistics relative to their level.  Below the
+table the advisor names the front blocks whose gradient norm has settled
+(``spu_engine.freeze_advice``, the criterion automatic freezing uses) and why;
+``v`` previews freezing them, ``v`` again applies it as a console change
+(undone with ``z`` like any other).
 """
 
 from __future__ import annotations
 
 import math
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from spu_engine.freeze_advice import Advice, advise, trends
+from spu_engine.policy import Change, FreezeRule
+from spu_engine.protocol import PreviewEvent
+
 from ..run_state import Aspect, RunState
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
-BAR_FROM = 44  # columns from which the table has room for the update-ratio bar and whole unit names
+BAR_FROM = 56  # columns from which the table has room for the update-ratio bar and whole unit names
 
-Rows = tuple[tuple[str, float | None, float | None], ...]  # unit, grad norm, update ratio (None: no statistics yet)
+# unit, grad norm, update ratio (None: no statistics yet), and their trends (None: too few statistics)
+Rows = tuple[tuple[str, float | None, float | None, float | None, float | None], ...]
 
 
 class LearningView(Widget):
@@ -28,38 +39,83 @@ class LearningView(Widget):
     WATCHES = (Aspect.UNITS,)
 
     rows: reactive[Rows | None] = reactive(None)
+    advice_line: reactive[str] = reactive("")
+    whatif: reactive[str] = reactive("")
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.advice: Advice | None = None
+        self.proposed: Change | None = None  # the advice previewed by a first `v`, applied by the next while it stands
+        self._embeddings_train = False
 
     def show(self, state: RunState) -> None:
+        units = [u.name for u in state.units]
         self.rows = tuple(
-            (u.name, s.grad_norm, s.update_ratio) if (s := state.unit_stats.get(u.name)) else (u.name, None, None)
-            for u in state.units
+            (t.unit, t.grad_norm, t.update_ratio, t.grad_trend, t.ratio_trend) for t in trends(list(state.unit_history), units)
         )
+        trains = {u for u in units if state.unit_trainable.get(u, 1.0) > 0}
+        self._embeddings_train = "embeddings" in trains
+        advice = advise(list(state.unit_history), [u for u in units if u.startswith("block")], trains)
+        if (advice.blocks if advice else None) != (self.advice.blocks if self.advice else None):
+            self.proposed, self.whatif = None, ""  # a what-if of other blocks no longer stands (new numbers alone do not change it)
+        self.advice = advice
+        self.advice_line = f"advice: freeze {advice.reason} (v: what if)" if advice else "advice: no front block has settled yet"
 
-    def render(self) -> Table:
+    def advice_change(self) -> Change | None:
+        """The advice as a freeze change: its blocks, and the embeddings with block 0 (a frozen prefix saves backward)."""
+        if self.advice is None:
+            return None
+        rules = [FreezeRule(layers=[int(b[5:]) for b in self.advice.blocks], trainable=False)]
+        if "block0" in self.advice.blocks and self._embeddings_train:
+            rules.insert(0, FreezeRule(units=["embeddings"], trainable=False))
+        return Change(freeze=rules)
+
+    def show_preview(self, preview: PreviewEvent) -> None:
+        if preview.error:
+            self.whatif = f"would be refused: {preview.error}"
+            return
+        share = preview.trainable / preview.total if preview.trainable is not None and preview.total else 0.0
+        backward = preview.backward if preview.backward is not None else preview.frozen_prefix_backward
+        self.whatif = (f"→ trainable {preview.trainable or 0:,} ({share:.1%}), backward ≈ {backward or 0:.0%}; v again applies")
+
+    def render(self) -> Group:
         """Numbers are never cut: below BAR_FROM columns the bar goes, then unit names shorten (block3 -> b3)."""
         width = self.size.width
         table = Table(box=None, expand=True, padding=(0, 1), header_style="bold")
         table.add_column("unit", no_wrap=True, overflow="ellipsis")
         table.add_column("‖grad‖", justify="right", no_wrap=True, min_width=7)
         table.add_column("upd/w", justify="right", no_wrap=True, min_width=7)
+        table.add_column("trend", justify="right", no_wrap=True, min_width=9)
         with_bar = width >= BAR_FROM
         if with_bar:
             table.add_column("", ratio=1, no_wrap=True)
-        bar_width = max(4, width - 34)
-        for name, grad_norm, ratio in self.rows or ():
+        bar_width = max(4, width - 44)
+        for name, grad_norm, ratio, grad_trend, ratio_trend in self.rows or ():
             shown = name if width >= BAR_FROM else short_unit(name)
             cells = [shown, "-", "-"] if grad_norm is None or ratio is None else [shown, f"{grad_norm:.1e}", f"{ratio:.1e}"]
+            cells.append(f"{_trend(grad_trend)} {_trend(ratio_trend)}")
             if with_bar:
                 cells.append(_bar(ratio, bar_width) if ratio is not None and grad_norm is not None else "")
             table.add_row(*cells)
         if not self.rows:
-            table.add_row("waiting for the engine", "", "", *([""] if with_bar else []))
-        return table
+            table.add_row("waiting for the engine", "", "", "", *([""] if with_bar else []))
+        lines = [Text(self.advice_line, style="yellow" if self.advice else "bright_black")] if self.advice_line else []
+        if self.whatif:
+            lines.append(Text(self.whatif))
+        return Group(table, *lines)
 
 
 def short_unit(name: str) -> str:
     """block3 -> b3, embeddings -> emb: unit names where columns are few."""
     return "b" + name[5:] if name.startswith("block") else {"embeddings": "emb"}.get(name, name)
+
+
+def _trend(slope: float | None) -> str:
+    """-0.043 -> '↘4%': the change per statistics interval, relative to the level ('·' until there are enough)."""
+    if slope is None:
+        return "·"
+    arrow = "→" if abs(slope) < 0.005 else "↗" if slope > 0 else "↘"
+    return f"{arrow}{min(abs(slope), 9.99):.0%}"
 
 
 def _bar(ratio: float, width: int) -> Text:
