@@ -238,3 +238,11 @@ async def test_spu_tui_runs_hands_back_the_run_to_open_and_the_runs_to_compare(t
         await pilot.press("enter")
         await pilot.pause(0.3)
     assert app.return_value == RunsChoice(alpha.resolve(), [beta.resolve()])
+
+
+def test_series_of_mixed_units_get_a_range_each_and_alike_ones_share_the_axis():
+    from spu_tui.widgets.run_charts import _one_scale
+
+    assert _one_scale([[0.7, 0.5], [0.9, 1.2]])  # losses beside losses: one axis
+    assert _one_scale([[3.0], [0.0, 0.0]])  # an all-zero series fits any axis
+    assert not _one_scale([[2.5e10, 2.5e10], [35.0, 80.0]])  # bytes beside percents: each its own range

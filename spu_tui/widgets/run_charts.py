@@ -26,6 +26,7 @@ LOSS_LEGEND = "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metr
 LOSS_LEGEND_SHORT = "[gray]loss[/] [cyan]smooth[/] [yellow]eval[/] [green]{metric:.3}→[/] [magenta]│chg[/]"
 COMPARE_KEY = "─ loss (smoothed) • eval loss ▞ {metric}→ │ change"
 LEGEND_FROM = 72  # columns from which the loss legend is written out (it takes about 62)
+ONE_SCALE_SPREAD = 100.0  # metric filter: series whose largest values differ more than this get a 0-1 range each
 MAX_SERIES = 8  # metric filter: at most this many series on one plot (the rest are named, not drawn)
 SMOOTHING = 0.9
 
@@ -119,18 +120,25 @@ class LossChart(Chart):
         names = sorted({name for metrics, _ in runs for name in matching(metrics.names, self.pattern)})
         pairs = [(metrics, name) for name in names for metrics, _ in runs if name in metrics.series]
         drawn = pairs[:MAX_SERIES]
+        scaled = not _one_scale([metrics.series[name].values for metrics, name in drawn])
         series, legend = [], []
         for i, (metrics, name) in enumerate(drawn):
             color = COLORS[i % len(COLORS)]
             points = metrics.series[name]
-            series.append(Series(metrics.x_of(points, self.by_time), list(points.values), color=color))
-            legend.append(f"[{color}]■[/] {metrics.name + ':' if len(runs) > 1 else ''}{name}")
+            values, span = list(points.values), ""
+            if scaled:  # mixed units (bytes beside percents): each series on its own 0-1 range, its range in the legend
+                lo, hi = min(values), max(values)
+                values = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
+                span = f" {lo:.3g}…{hi:.3g}"
+            series.append(Series(metrics.x_of(points, self.by_time), values, color=color))
+            legend.append(f"[{color}]■[/] {metrics.name + ':' if len(runs) > 1 else ''}{name}{span}")
         if not names:
             known = ", ".join(next(iter(runs))[0].names[:6]) or "none yet"
             text = f"no metric matches [bold]{_escaped(self.pattern)}[/] (known: {known} …)"
         else:
             shown = f"showing {len(drawn)} of {len(pairs)}" if len(drawn) < len(pairs) else f"{len(pairs)} series"
-            text = f"{len(names)} metric{'s' if len(names) > 1 else ''} match [bold]{_escaped(self.pattern)}[/] · {shown}: " + "  ".join(legend)
+            text = (f"{len(names)} metric{'s' if len(names) > 1 else ''} match [bold]{_escaped(self.pattern)}[/] · {shown}"
+                    + (" · each scaled to its own range (mixed units)" if scaled else "") + ": " + "  ".join(legend))
         self.matches.update(text)
         self._set_legend(f"metrics matching {_escaped(self.pattern)} · [gray]esc: back to the losses[/]")
         self.redraw(LineSpec(series=series, xlabel=self._xlabel, empty="no metric matches"))
@@ -190,3 +198,9 @@ class SparsityChart(Chart):
         if subtitle != self._subtitle:
             self._subtitle = self.border_subtitle = subtitle
         self.redraw(BarSpec(labels=[short_unit(n) for n in names], values=values, ylim=(0.0, 1.0)))
+
+
+def _one_scale(values: list[list[float]]) -> bool:
+    """Can these series share one y axis? Not when their largest magnitudes are more than ONE_SCALE_SPREAD apart."""
+    peaks = [p for p in (max((abs(v) for v in vs), default=0.0) for vs in values) if p > 0]
+    return len(peaks) < 2 or max(peaks) / min(peaks) <= ONE_SCALE_SPREAD

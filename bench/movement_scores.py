@@ -1,0 +1,110 @@
+"""What movement pruning's scores know after a dense warm-up, measured by pruning once and evaluating.
+
+    python bench/movement_scores.py [--warmup 216] [--out bench/results/movement_scores.md]
+
+Trains MiniLM on SST-2 (batch 32, length 64, lr 1e-4, word embeddings frozen, as bench/fidelity.py) for
+``--warmup`` steps (default one epoch, the reference's ``initial_warmup``) with movement scores learning and
+nothing pruned; then, for sparsities 10 / 30 / 50 / 90 %, masks the weights by each ranking (magnitude per
+tensor, movement per tensor, movement over all targets, random per tensor), scores all 872 dev sentences without
+retraining, and puts the weights back.  For each, the share of the kept weights that magnitude keeps too: a
+ranking that knows nothing of magnitude overlaps it by 1 - sparsity, as random does.
+
+Why it exists: movement rows of bench/fidelity.py collapse to the majority class at this budget; this is the
+experiment that says whether the scores or the schedule are to blame (issue 14).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from common import DATA, minilm_sst2  # noqa: E402
+
+from spu_engine.engine import Engine, EngineConfig  # noqa: E402
+from spu_engine.model_source import offline_model_dir  # noqa: E402
+from spu_engine.policy_files import parse_policy  # noqa: E402
+
+SPARSITIES = (0.1, 0.3, 0.5, 0.9)
+
+
+def keep_top(values: dict[str, torch.Tensor], sparsity: float, per_tensor: bool) -> dict[str, torch.Tensor]:
+    """Bool masks keeping the largest ``1 - sparsity`` of ``values``, per tensor or over all of them."""
+    if not per_tensor:
+        flat = torch.cat([v.flatten() for v in values.values()])
+        threshold = flat.topk(int(round(flat.numel() * (1 - sparsity)))).values.min()
+        return {n: v >= threshold for n, v in values.items()}
+    out = {}
+    for n, v in values.items():
+        keep = torch.zeros(v.numel(), dtype=torch.bool)
+        keep[v.flatten().topk(int(round(v.numel() * (1 - sparsity)))).indices] = True
+        out[n] = keep.view_as(v)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--warmup", type=int, default=216, help="dense steps with the scores learning (216: one epoch of SST-2)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "movement_scores.md")
+    args = ap.parse_args()
+    _, tokenizer, task, base = minilm_sst2(64)
+    policy = {"freeze": [{"units": ["embeddings"], "trainable": False}],
+              "pruning": {"method": "movement", "scope": "per_layer",
+                          "schedule": {"start_step": 10**6, "end_step": 10**6, "final_sparsity": 0.9},  # nothing pruned in this run
+                          "movement": {"score_lr": 1e-2, "warmup": 0.0, "final_hold": 0.0}}}
+    config = EngineConfig(model=str(offline_model_dir()), data=str(DATA), steps=args.warmup, batch_size=32, max_length=64, lr=1e-4,
+                          warmup=0.1, eval_every=10**6, stats_every=10**6)
+    engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
+    t0 = time.perf_counter()
+    engine.run()
+    pm = next(m for m in engine.methods if m.section == "pruning")
+    scores = {n: s.detach().clone() for n, s in pm.pruner.score_params.items()}
+    dense = {n: pm.masks.dense(n).clone() for n in scores}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    generator = torch.Generator().manual_seed(0)
+    rankings = {
+        "magnitude, per tensor": ({n: d.abs() for n, d in dense.items()}, True),
+        "movement, per tensor": (scores, True),
+        "movement, all targets": (scores, False),
+        "random, per tensor": ({n: torch.rand(d.shape, generator=generator) for n, d in dense.items()}, True),
+    }
+    lines = [
+        f"# Movement scores after {args.warmup} dense steps (MiniLM / SST-2), pruned once, no retraining",
+        "",
+        f"Written by `bench/movement_scores.py` ({time.perf_counter() - t0:.0f} s of training).  Scores: mean |s| {flat.abs().mean():.4f}, "
+        f"{100 * (flat > 0).float().mean():.1f} % positive, range {flat.min():.3f} to {flat.max():.3f}.  "
+        f"Dense dev accuracy: **{engine.evaluate()['accuracy']:.4f}**.",
+        "",
+        "| sparsity | " + " | ".join(rankings) + " |",
+        "|---|" + "---|" * len(rankings),
+    ]
+    for sparsity in SPARSITIES:
+        cells = []
+        largest = keep_top(rankings["magnitude, per tensor"][0], sparsity, True)
+        for values, per_tensor in rankings.values():
+            keep = keep_top(values, sparsity, per_tensor)
+            with torch.no_grad():
+                for n in scores:
+                    pm.masks.param(n).copy_(dense[n] * keep[n])
+            accuracy = engine.evaluate()["accuracy"]
+            overlap = sum(int((keep[n] & largest[n]).sum()) for n in scores) / sum(int(keep[n].sum()) for n in scores)
+            cells.append(f"{accuracy:.4f} (overlap {overlap:.2f})")
+        with torch.no_grad():
+            for n in scores:
+                pm.masks.param(n).copy_(dense[n])
+        lines.append(f"| {100 * sparsity:.0f} % | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    engine.close()
+    args.out.write_text("\n".join(lines) + "\n")
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
