@@ -17,6 +17,7 @@ from ..run_state import Aspect, RunState
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 LABEL = 12  # columns of a row's label
+ENDED = ("finished", "stopped", "error")  # run states in which no sample will come
 VALUE = 13  # columns of its value now
 
 
@@ -99,13 +100,17 @@ class SystemView(Widget):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._rows: list[Row] = []
+        self._ended = False
 
     def show(self, state: RunState) -> None:
         self._rows = rows(list(state.system))
+        self._ended = state.state in ENDED
         self.refresh()
 
     def render(self) -> Text:
         if not self._rows:
+            if self._ended:  # a run recorded before the engine sampled the machine, or one shorter than an interval
+                return Text(" no system samples in this run's history", style="italic dim")
             return Text(" waiting for the engine's first system sample", style="italic dim")
         width = max(0, self.size.width - LABEL - VALUE - 2)
         lines = []
