@@ -6,7 +6,8 @@ Every row trains the pretrained all-MiniLM-L6-v2 for ``--steps`` (1,000) optimiz
 the run then linear decay, and is scored on all 872 sentences of dev.tsv every 200 steps and at the end.
 
 Pruning rows prune the blocks' weight matrices on one cubic schedule (steps 100 to 900, masks every 10 steps,
-a hold at the target for the last 100 steps) while they fine-tune, as Sanh et al. do; their distillation
+a hold at the target for the last 100 steps) while they fine-tune, as Sanh et al. do, each matrix to the target
+(magnitude, movement) or under one threshold (soft movement), as the reference ranks; their distillation
 teacher is the full fine-tuning row's model (alpha 0.9, temperature 2, the reference's settings).
 
 Rows are appended to ``bench/results/fidelity.jsonl`` as they finish (the teacher is kept under
@@ -73,7 +74,11 @@ class Row:
 
 
 def pruning(method: str, sparsity: float, **movement) -> dict:
-    return {"pruning": {"method": method, "schedule": {**SCHEDULE, "final_sparsity": sparsity}, "movement": {"score_lr": 1e-2, **movement}}}
+    """As the reference ranks: magnitude and movement keep the top of each matrix (its TopK and magnitude binarizers work
+    per weight matrix); soft movement's one threshold on sigmoid(score) holds for all of them."""
+    scope = "global" if method == "soft_movement" else "per_layer"
+    return {"pruning": {"method": method, "scope": scope, "schedule": {**SCHEDULE, "final_sparsity": sparsity},
+                        "movement": {"score_lr": 1e-2, **movement}}}
 
 
 ROW_LIST = [
