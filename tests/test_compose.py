@@ -1,10 +1,10 @@
 """Every method after every other: A applied live, then B, sent by a client over the engine's Unix socket.
 
-For each ordered pair (A, B) of twelve live changes, on a tiny BERT and a tiny GPT-2:
+For each ordered pair (A, B) of seventeen live changes, on a tiny BERT and a tiny GPT-2:
 B is applied, or refused with a message and nothing changed; the run reattaches
 (its history replayed in the console app under Pilot, every tensor a row of the
 tree); and its exported policy, replayed headless, gives the same trainable set at
-every step and the same masks at the end.  The full 12 x 11 x 2 matrix is marked
+every step and the same masks at the end.  The full 17 x 16 x 2 matrix is marked
 slow (``pytest -m slow``); the default run covers every change as A and as B.
 """
 
@@ -31,7 +31,7 @@ SCHEDULE = {"start_step": 0, "end_step": 4, "every": 1, "final_sparsity": 0.5}
 
 
 def changes(arch: str) -> dict[str, dict]:
-    """The twelve live changes, as the console sends them."""
+    """The seventeen live changes, as the console sends them."""
     return {
         "freeze_block": {"freeze": [{"units": ["block1"], "trainable": False}]},
         "freeze_tensor": {"freeze": [{"match": ONE_TENSOR[arch], "trainable": False}]},
@@ -45,6 +45,11 @@ def changes(arch: str) -> dict[str, dict]:
         "adapter": {"set": {"peft": {"method": "adapter", "size": 4}}},
         "ia3": {"set": {"peft": {"method": "ia3"}}},
         "lora": {"set": {"peft": {"method": "lora", "r": 2}}},
+        "dora": {"set": {"peft": {"method": "lora", "r": 2, "use_dora": True}}},
+        "adalora": {"set": {"peft": {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1}}},
+        "lisa": {"set": {"auto_freeze": {"method": "lisa", "interval": 2, "n_layers": 1}}},
+        "autofreeze": {"set": {"auto_freeze": {"method": "autofreeze", "interval": 2, "threshold": 0.5}}},
+        "lr_decay": {"set": {"lr": {"decay": 0.8, "warm_in": 2}}},
     }
 
 
@@ -154,6 +159,16 @@ async def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
 @pytest.mark.parametrize("a, b", QUICK, ids=[f"{a}-then-{b}" for a, b in QUICK])
 async def test_pairs_on_tiny_bert(a, b, sst2_task, tokenizer, tmp_path):
     await check_pair("bert", a, b, sst2_task, tokenizer, tmp_path)
+
+
+# pairs the full matrix once failed on, kept in the default run: AdaLoRA after a freeze (its last allocation had no
+# importance for the frozen factors) and a LISA draw landing after movement hooked its scores for that step
+BROKE_ONCE = [("freeze_block", "adalora", "gpt2"), ("lisa", "movement", "gpt2"), ("lisa", "adalora", "bert")]
+
+
+@pytest.mark.parametrize("a, b, arch", BROKE_ONCE, ids=[f"{a}-then-{b}-{arch}" for a, b, arch in BROKE_ONCE])
+async def test_pairs_that_broke_once(a, b, arch, sst2_task, tokenizer, tmp_path):
+    await check_pair(arch, a, b, sst2_task, tokenizer, tmp_path)
 
 
 @pytest.mark.slow

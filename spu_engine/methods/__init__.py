@@ -20,6 +20,7 @@ from .selective_backprop import SelectiveBackprop
 from .weight_update_skipping import WeightUpdateSkipping
 
 METHODS: list[type[Method]] = [
+    AutoFreeze,  # first: its decisions change what trains, which the others read in their own before_step (movement's hooks)
     BitFit,
     Adapter,
     IA3,
@@ -29,7 +30,6 @@ METHODS: list[type[Method]] = [
     WeightUpdateSkipping,
     PruningMethod,
     Distillation,
-    AutoFreeze,
 ]
 
 __all__ = ["METHODS", "Method"]

@@ -80,10 +80,16 @@ class AdaLoRA(AddedTensorsMethod):
     def after_update(self, step: int) -> None:
         if self.tuner is None or not self.selected:
             return
-        if step < self._final_from() and any(p.grad is None for n, p in self.host.params.items() if ".lora_" in n):
+        final = step >= self._final_from()
+        if final:  # peft's last allocation ranks by the importance gathered so far, without a new look at the gradients
+            scored = self.tuner.rankallocator.exp_avg_ipt
+            unscored = any(".lora_" in n and n not in scored for n, _ in self.host.model.named_parameters())
+        else:
+            unscored = any(p.grad is None for n, p in self.host.params.items() if ".lora_" in n)
+        if unscored:
             if not self.warned:  # the importance of a factor is |w x grad|: a frozen one (or a step that kept no sample) has none
                 self.host.log("adalora: ranks are reallocated only on steps where every AdaLoRA factor has a gradient; some have none "
-                              "(frozen by a rule, or selective backprop kept no sample)", "warning")
+                              "(frozen by a rule, or selective backprop kept no sample), so the ranks stay as they are", "warning")
                 self.warned = True
             return
         self.tuner.update_and_allocate(step)
