@@ -104,7 +104,11 @@ async def test_the_console_shows_the_ablation_of_a_finished_run(adapter_run):
                 break
         assert isinstance(app.screen, AblationScreen)
         assert len(app.screen.report["spans"]) == 10
-        drawn = app.export_screenshot()
+        for _ in range(50):  # pushed is not yet painted: on a loaded machine the first frame can come a while later
+            await pilot.pause(0.1)
+            drawn = app.export_screenshot()
+            if "removed" in drawn:
+                break
         assert "removed" in drawn and "drop" in drawn  # the table and the heat map, drawn
         await pilot.press("escape")
         assert not isinstance(app.screen, AblationScreen)
