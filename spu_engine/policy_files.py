@@ -11,12 +11,14 @@ at its step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
 
 from .policy import Policy, PolicyError, ScaleRule, TimelineEntry, format_validation_error, timeline_order
+
+M = TypeVar("M", TimelineEntry, ScaleRule)
 
 # bounds checked before a policy file is turned into objects: a real policy is a few KB, about 6 levels deep
 MAX_POLICY_BYTES = 1 << 20
@@ -136,29 +138,26 @@ def policy_from_yaml(text: str, source: str = "policy") -> Policy:
 def entry_from_text(text: str, source: str = "trigger") -> TimelineEntry:
     """One timeline entry typed as a YAML mapping, braces optional (the console's trigger field):
     ``at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]``.  One line naming the key when it is wrong."""
-    text = text.strip()
-    data = _bounded_yaml(text if text.startswith("{") else "{" + text + "}", source)
-    if not isinstance(data, dict):
-        raise PolicyError(f"{source}: a mapping such as at: {{epoch: 2}}, freeze: [...]")
-    try:
-        return TimelineEntry.model_validate(data)
-    except ValidationError as err:
-        first = format_validation_error(err, source).splitlines()[1].strip()  # the first problem, its key first
-        raise PolicyError(first.removeprefix("(top level): ")) from None
+    return _mapping_from_text(text, TimelineEntry, source, "at: {epoch: 2}, freeze: [...]", name_source=False)
 
 
 def scale_rule_from_text(text: str, source: str = "lr rule") -> ScaleRule:
     """One learning-rate rule typed as a YAML mapping, braces optional (the console's rule field):
     ``layers: 0-1, scale: 0.5``.  One line naming the key when it is wrong."""
+    return _mapping_from_text(text, ScaleRule, source, "layers: 0-1, scale: 0.5", name_source=True)
+
+
+def _mapping_from_text(text: str, model: type[M], source: str, example: str, name_source: bool) -> M:
+    """A console field's one-line YAML mapping as ``model``; its first problem, key first, as the error."""
     text = text.strip()
     data = _bounded_yaml(text if text.startswith("{") else "{" + text + "}", source)
     if not isinstance(data, dict):
-        raise PolicyError(f"{source}: a mapping such as layers: 0-1, scale: 0.5")
+        raise PolicyError(f"{source}: a mapping such as {example}")
     try:
-        return ScaleRule.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        first = format_validation_error(err, source).splitlines()[1].strip()
-        raise PolicyError(f"{source}: {first.removeprefix('(top level): ')}") from None
+        first = format_validation_error(err, source).splitlines()[1].strip().removeprefix("(top level): ")
+        raise PolicyError(f"{source}: {first}" if name_source else first) from None
 
 
 def _bounded_yaml(text: str, source: str) -> Any:
