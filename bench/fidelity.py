@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def code_version() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
 
+    if os.environ.get("SPU_BENCH_VERSION"):  # a machine given a copy without .git (a GPU machine): the caller says
+        return os.environ["SPU_BENCH_VERSION"]
     tree = git("rev-parse", "--short", "HEAD:spu_engine") or "unknown"
     return tree + ("+dirty" if git("status", "--porcelain", "--", "../spu_engine") else "")
 
@@ -151,12 +154,25 @@ def wait_while_paused() -> float:
 
 
 def teacher_dir(args) -> Path:
-    """Where the full row keeps its model for the distillation rows (beside ``--out`` when given)."""
+    """Where the full row keeps its model for the distillation rows (``--teacher``, else beside ``--out`` when given)."""
+    if args.teacher:
+        return args.teacher
     return args.out.with_suffix(".teacher") if args.out else CACHE / "full-ft"
 
 
+def scaled(policy: dict, steps: int) -> dict:
+    """At another ``--steps`` the pruning ramp (100 to 900 of 1,000) and AdaLoRA's phases keep their place in the run."""
+    schedule = policy.get("pruning", {}).get("schedule")
+    if schedule:
+        schedule.update(start_step=SCHEDULE["start_step"] * steps // 1000, end_step=SCHEDULE["end_step"] * steps // 1000)
+    peft = policy.get("peft", {})
+    if peft.get("method") == "adalora":
+        peft.update(tinit=peft["tinit"] * steps // 1000, tfinal=peft["tfinal"] * steps // 1000)
+    return policy
+
+
 def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
-    policy = copy.deepcopy(row.policy)
+    policy = scaled(copy.deepcopy(row.policy), args.steps)
     policy["freeze"] = [FROZEN_EMBEDDINGS, *policy.get("freeze", [])]
     if row.distill:
         policy["distillation"] = {**DISTILL, "teacher": str(teacher_dir(args))}
@@ -201,7 +217,7 @@ def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
         "distill_kl": steps[-1].get("distill_kl"),
         "evals": evals,
         "steps": args.steps,
-        "device": f"{args.device} {args.precision}" if args.device != "cpu" else f"cpu x{torch.get_num_threads()}",
+        "device": (f"{args.device} {args.precision}" if args.device != "cpu" else f"cpu x{torch.get_num_threads()}") + (f", {args.note}" if args.note else ""),
         "version": version,
         "finished": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -217,7 +233,7 @@ def score_statistics(engine) -> dict:
         return {}
     flat = torch.cat([s.detach().flatten() for s in scores.values()])
     out = {"score_abs_mean": float(flat.abs().mean()), "score_positive": float((flat > 0).float().mean())}
-    keep = torch.cat([pm.masks.keep(n).flatten() if n in pm.masks.masks else torch.ones(scores[n].numel(), dtype=torch.bool) for n in scores])
+    keep = torch.cat([pm.masks.keep(n).flatten() if n in pm.masks.masks else torch.ones(scores[n].numel(), dtype=torch.bool, device=scores[n].device) for n in scores])
     kept = int(keep.sum())
     if 0 < kept < keep.numel():
         magnitude = torch.cat([pm.masks.dense(n).abs().flatten() for n in scores])
@@ -318,12 +334,14 @@ def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
 
 def markdown(rows: dict[str, dict]) -> str:
     versions = sorted({r["version"] for r in rows.values()})
+    devices = sorted({r["device"] for r in rows.values()})
     lines = [
         "# Fidelity: the papers' comparisons on MiniLM / SST-2",
         "",
         "Written by `bench/fidelity.py` (its docstring has the setup: 1,000 steps of batch 32, max length 64, word embeddings "
         "frozen, all 872 dev sentences).  Code version(s): " + ", ".join(versions)
-        + ("" if len(versions) <= 1 else "  **(rows from different versions: rerun with --rerun-stale)**"),
+        + ("" if len(versions) <= 1 else "  **(rows from different versions: rerun with --rerun-stale)**")
+        + ".  Ran on: " + "; ".join(devices) + ("" if len(devices) <= 1 else "  **(times from different machines do not compare)**") + ".",
         "",
         "| row | dev accuracy | trainable % | sparsity | train s | wall s | accuracy every 200 steps | checks | version |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -344,13 +362,15 @@ def markdown(rows: dict[str, dict]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=list(ROW_BY_KEY), help="run only these rows")
+    ap.add_argument("--only", nargs="*", choices=list(ROW_BY_KEY), help="run only these rows, in this order")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
     ap.add_argument("--rerun-stale", action="store_true", help="rerun rows recorded by another code version")
     ap.add_argument("--table", action="store_true", help="only rewrite fidelity.md from the rows recorded")
     ap.add_argument("--out", type=Path, help="write rows here instead (a GPU check, another budget); the table is not touched")
+    ap.add_argument("--teacher", type=Path, help="the full row's model for the distillation rows (default: beside --out, or the cache)")
+    ap.add_argument("--note", default="", help="said beside the device in each row (e.g. how many runs shared the machine)")
     args = ap.parse_args()
     path = args.out or ROWS
     if args.table:
@@ -358,24 +378,33 @@ def main() -> int:
         print(TABLE.read_text())
         return 0
     CACHE.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _, tokenizer, task, base = minilm_sst2(64)
     version = code_version()
     todo = []
-    for spec in ROW_LIST:
+    for spec in [ROW_BY_KEY[k] for k in dict.fromkeys(args.only)] if args.only else ROW_LIST:  # --only: in the order given
         row = read_rows(path).get(spec.key)
-        if (not args.only or spec.key in args.only) and (row is None or (args.rerun_stale and row["version"] != version)):
+        if row is None or (args.rerun_stale and row["version"] != version):
             todo.append(spec)
     if any(spec.distill for spec in todo) and not (teacher_dir(args) / "config.json").exists() and ROW_BY_KEY["full"] not in todo:
         todo.insert(0, ROW_BY_KEY["full"])  # its model is the teacher (a fresh checkout has the row but not the model)
+    failed: list[str] = []
     for spec in todo:
         print(f"{spec.key}: {spec.label} ({args.steps} steps) ...", flush=True)
-        row = run_row(spec, base, task, tokenizer, args, version)
+        try:
+            row = run_row(spec, base, task, tokenizer, args, version)
+        except Exception:  # noqa: BLE001  (one row's failure is reported and the others still run)
+            traceback.print_exc()
+            failed.append(spec.key)
+            continue
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"  accuracy {row['accuracy']:.4f}  trainable {100 * row['trainable']:.3f} %  train {row['train_s']:.0f} s  wall {row['wall_s']:.0f} s", flush=True)
         if not args.out:
             TABLE.write_text(markdown(read_rows(ROWS)))
-    return 0
+    if failed:
+        print(f"failed: {' '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

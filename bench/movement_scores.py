@@ -1,6 +1,6 @@
 """What movement pruning's scores know after a dense warm-up, measured by pruning once and evaluating.
 
-    python bench/movement_scores.py [--warmup 216] [--out bench/results/movement_scores.md]
+    python bench/movement_scores.py [--warmup 216] [--lr 1e-4] [--device cuda] [--out bench/results/movement_scores.md]
 
 Trains MiniLM on SST-2 (batch 32, length 64, lr 1e-4, word embeddings frozen, as bench/fidelity.py) for
 ``--warmup`` steps (default one epoch, the reference's ``initial_warmup``) with movement scores learning and
@@ -42,7 +42,7 @@ def keep_top(values: dict[str, torch.Tensor], sparsity: float, per_tensor: bool)
         return {n: v >= threshold for n, v in values.items()}
     out = {}
     for n, v in values.items():
-        keep = torch.zeros(v.numel(), dtype=torch.bool)
+        keep = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
         keep[v.flatten().topk(int(round(v.numel() * (1 - sparsity)))).indices] = True
         out[n] = keep.view_as(v)
     return out
@@ -51,6 +51,8 @@ def keep_top(values: dict[str, torch.Tensor], sparsity: float, per_tensor: bool)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=216, help="dense steps with the scores learning (216: one epoch of SST-2)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="the model's peak learning rate (scores: 1e-2)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "movement_scores.md")
     args = ap.parse_args()
     _, tokenizer, task, base = minilm_sst2(64)
@@ -58,28 +60,33 @@ def main() -> int:
               "pruning": {"method": "movement", "scope": "per_layer",
                           "schedule": {"start_step": 10**6, "end_step": 10**6, "final_sparsity": 0.9},  # nothing pruned in this run
                           "movement": {"score_lr": 1e-2, "warmup": 0.0, "final_hold": 0.0}}}
-    config = EngineConfig(model=str(offline_model_dir()), data=str(DATA), steps=args.warmup, batch_size=32, max_length=64, lr=1e-4,
-                          warmup=0.1, eval_every=10**6, stats_every=10**6)
+    config = EngineConfig(model=str(offline_model_dir()), data=str(DATA), steps=args.warmup, batch_size=32, max_length=64, lr=args.lr,
+                          warmup=0.1, eval_every=10**6, stats_every=10**6, device=args.device)
     engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
+    pm = next(m for m in engine.methods if m.section == "pruning")
+    start = {n: pm.masks.dense(n).clone() for n in pm.pruner.score_params}
     t0 = time.perf_counter()
     engine.run()
-    pm = next(m for m in engine.methods if m.section == "pruning")
     scores = {n: s.detach().clone() for n, s in pm.pruner.score_params.items()}
     dense = {n: pm.masks.dense(n).clone() for n in scores}
     flat = torch.cat([s.flatten() for s in scores.values()])
+    moved = torch.cat([(dense[n] - start[n]).abs().flatten() for n in scores])
+    size = torch.cat([start[n].abs().flatten() for n in scores])
+    travel = (f"Weights moved a median {moved.median():.4f} (their median size {size.median():.4f}); "
+              f"{100 * (moved > size).float().mean():.1f} % moved further than their own size.")
     generator = torch.Generator().manual_seed(0)
     rankings = {
         "magnitude, per tensor": ({n: d.abs() for n, d in dense.items()}, True),
         "movement, per tensor": (scores, True),
         "movement, all targets": (scores, False),
-        "random, per tensor": ({n: torch.rand(d.shape, generator=generator) for n, d in dense.items()}, True),
+        "random, per tensor": ({n: torch.rand(d.shape, generator=generator).to(d.device) for n, d in dense.items()}, True),
     }
     lines = [
-        f"# Movement scores after {args.warmup} dense steps (MiniLM / SST-2), pruned once, no retraining",
+        f"# Movement scores after {args.warmup} dense steps at lr {args.lr:g} (MiniLM / SST-2), pruned once, no retraining",
         "",
         f"Written by `bench/movement_scores.py` ({time.perf_counter() - t0:.0f} s of training).  Scores: mean |s| {flat.abs().mean():.4f}, "
         f"{100 * (flat > 0).float().mean():.1f} % positive, range {flat.min():.3f} to {flat.max():.3f}.  "
-        f"Dense dev accuracy: **{engine.evaluate()['accuracy']:.4f}**.",
+        f"Dense dev accuracy: **{engine.evaluate()['accuracy']:.4f}**.  {travel}",
         "",
         "| sparsity | " + " | ".join(rankings) + " |",
         "|---|" + "---|" * len(rankings),

@@ -538,7 +538,8 @@ class Policy(_Section):
     def _merged(self, change: Change) -> dict[str, Any]:
         """The sections (no timeline) as plain data with ``change`` merged in, not yet validated."""
         data = self.model_dump(mode="json", exclude={"timeline"})
-        data["freeze"] = data["freeze"] + [r.model_dump(mode="json", exclude_none=True) for r in change.freeze]
+        if change.freeze:
+            data["freeze"] = without_overridden_decisions(data["freeze"] + [r.model_dump(mode="json", exclude_none=True) for r in change.freeze])
         for key, value in change.set.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = _deep_merge(data[key], value)
@@ -582,6 +583,32 @@ def _entry_data(entry: TimelineEntry) -> dict[str, Any]:
 def timeline_order(entry: TimelineEntry) -> tuple[bool, int]:
     """Step entries by step, then the triggers in the order given (their step is not known before they fire)."""
     return entry.step is None, entry.step or 0
+
+
+def without_overridden_decisions(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The freeze rules less those automatic freezing wrote that later rules override wherever they select.
+
+    LISA and autofreeze decide whole blocks again at every decision; kept, their rules would pile up (a set per
+    decision, all checked again at every change).  A rule goes only when later rules name all its blocks or all its
+    units (whatever they set, the last match wins), so what trains is unchanged.  The first marked rule stays: it
+    marks where the rules that take units out of automatic freezing begin (``auto_freeze._pinned``)."""
+    first = next((i for i, r in enumerate(rules) if r.get("by") == "auto_freeze"), None)
+    if first is None:
+        return rules
+    layers_after: set[int] = set()
+    units_after: set[str] = set()
+    dropped: set[int] = set()
+    for i in range(len(rules) - 1, first, -1):
+        r = rules[i]
+        layers, units = r.get("layers"), r.get("units")
+        if r.get("match") is None:
+            if r.get("by") == "auto_freeze" and ((layers is not None and set(layers) <= layers_after) or (units is not None and set(units) <= units_after)):
+                dropped.add(i)
+            elif units is None:
+                layers_after |= set(layers or ())
+            elif layers is None:
+                units_after |= set(units)
+    return [r for i, r in enumerate(rules) if i not in dropped]
 
 
 def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def test_lisa_trains_n_layers_drawn_anew_every_interval_and_the_export_replays_i
     assert len({frozenset(d) for d in draws}) > 1  # resampled
 
     exported = engine.replayable_policy()
-    assert [e.step for e in exported.timeline] == [0, 3, 6]
+    changed = [0] + [3 * i for i in (1, 2) if draws[i] != draws[i - 1]]  # a draw equal to the one in force changes nothing to record
+    assert [e.step for e in exported.timeline] == changed
     assert all(rule.by == "auto_freeze" for e in exported.timeline for rule in e.freeze)
     assert exported.auto_freeze.decided_through == 6
     assert "decided_through: 6" in exported.to_yaml()
@@ -220,3 +221,29 @@ def test_lisa_in_your_own_loop_draws_what_the_engine_draws(make_engine, tokenize
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     assert in_loop == in_engine
+
+
+def test_decisions_do_not_pile_up_in_the_freeze_list_and_what_trains_is_unchanged(make_engine):
+    """Each decision overrides the last one's rules; the list keeps the first marked rule, the user's rules and the latest decision."""
+    import random
+
+    from spu_engine.policy import Change, FreezeRule, Policy
+    from spu_engine.selection import freeze_mask
+
+    engine = make_engine("bert", None, steps=1)
+    names, units = engine.param_names, engine.units
+    rng = random.Random(0)
+    policy, every_rule = Policy(), []
+    for decision in range(60):
+        if decision % 7 == 3:  # the user's own rule now and then: never dropped
+            rules = [FreezeRule(layers=[rng.randrange(4)], trainable=bool(rng.getrandbits(1)))]
+        else:
+            chosen = sorted(rng.sample(range(4), 2))
+            rules = [FreezeRule(layers=[0, 1, 2, 3], trainable=False, by="auto_freeze"), FreezeRule(layers=chosen, trainable=True, by="auto_freeze"),
+                     FreezeRule(units=["embeddings"], trainable=False, by="auto_freeze"), FreezeRule(units=["head"], trainable=True, by="auto_freeze")]
+        policy = policy.apply(Change(freeze=rules))
+        every_rule += rules
+        assert freeze_mask(policy.freeze, names, units) == freeze_mask(every_rule, names, units)
+    user_rules = [r for r in policy.freeze if r.by is None]
+    assert len(user_rules) == 9
+    assert len(policy.freeze) <= 1 + len(user_rules) + 4
