@@ -86,3 +86,14 @@ wait
 cp "$WORK/check/device.txt" "$OUT/device.txt" 2>/dev/null
 tar -czf "$OUT/check.tar.gz" -C "$WORK" check 2>/dev/null
 echo "rows: $(cat "$OUT/rows.jsonl" 2>/dev/null | wc -l)  budget rows: $(cat "$OUT/budget.jsonl" 2>/dev/null | wc -l)  in $SECONDS s"
+"$PY" - "$OUT" <<'SUMMARY'
+import json, sys
+from pathlib import Path
+for name in ("rows.jsonl", "budget.jsonl"):
+    path = Path(sys.argv[1]) / name
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        print(f"{name[:-6]:7} {r['key']:22} acc {r['accuracy']:.4f}  train {r['train_s']:6.1f} s  wall {r['wall_s']:6.1f} s  "
+              + " ".join(f"{100 * e['accuracy']:.1f}" for e in r["evals"]))
+SUMMARY
+grep -h -E "passed|failed|ratio|median" "$WORK"/check/*.log 2>/dev/null | tail -8
