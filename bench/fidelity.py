@@ -251,6 +251,21 @@ def time_to(row: dict, accuracy: float) -> float | None:
     return next((e["train_s"] for e in row["evals"] if e["accuracy"] >= accuracy), None)
 
 
+MAJORITY = 444 / 872  # SST-2 dev's larger class: a model at or below this has collapsed to one answer
+
+
+def beats(claim: str, first: tuple[str, dict], second: tuple[str, dict], why_not: str) -> tuple[str, str, str, str]:
+    """Claim ``first`` does better than ``second``: by half a point or more, and not both collapsed to the majority class."""
+    (a_name, a), (b_name, b) = first, second
+    measured = f"{a_name} {100 * a['accuracy']:.1f}, {b_name} {100 * b['accuracy']:.1f}"
+    if max(a["accuracy"], b["accuracy"]) <= MAJORITY + 0.005:
+        return claim, measured, "not reproduced", "both at chance (the majority class): nothing to compare"
+    if abs(a["accuracy"] - b["accuracy"]) < 0.005:
+        return claim, measured, "not shown", "within 0.5 point: one run of each cannot tell them apart"
+    ok = a["accuracy"] > b["accuracy"]
+    return claim, measured, "reproduced" if ok else "not reproduced", "" if ok else why_not
+
+
 def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     """(claim, measured, verdict, why) for every claim whose rows exist."""
     out = []
@@ -316,19 +331,16 @@ def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             mag, mov, soft = rows.get(f"magnitude{s}{kd}"), rows.get(f"movement{s}{kd}"), rows.get(f"soft_movement{s}{kd}")
             with_kd = " with distillation" if kd else ""
             if mag and mov:
-                ok = mov["accuracy"] >= mag["accuracy"]
-                out.append((f"movement beats magnitude at {s} % sparsity{with_kd} (Sanh et al. 2020)", f"movement {pct(mov)}, magnitude {pct(mag)}",
-                            "reproduced" if ok else "not reproduced", "" if ok else "see the note on movement at this budget"))
+                out.append(beats(f"movement beats magnitude at {s} % sparsity{with_kd} (Sanh et al. 2020)", ("movement", mov), ("magnitude", mag),
+                                 "see the note on movement at this budget"))
             if mov and soft:
-                ok = soft["accuracy"] >= mov["accuracy"]
-                out.append((f"soft movement beats movement at {s} % sparsity{with_kd} (Sanh et al. 2020)", f"soft {pct(soft)}, movement {pct(mov)}",
-                            "reproduced" if ok else "not reproduced", "" if ok else "see the note on movement at this budget"))
+                out.append(beats(f"soft movement beats movement at {s} % sparsity{with_kd} (Sanh et al. 2020)", ("soft", soft), ("movement", mov),
+                                 "see the note on movement at this budget"))
         for method in ("magnitude", "movement", "soft_movement"):
             plain, kd_row = rows.get(f"{method}{s}"), rows.get(f"{method}{s}-kd")
             if plain and kd_row:
-                ok = kd_row["accuracy"] >= plain["accuracy"]
-                out.append((f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)", f"{pct(kd_row)} with, {pct(plain)} without",
-                            "reproduced" if ok else "not reproduced", "" if ok else "the teacher's KL did not help at this budget"))
+                out.append(beats(f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)", ("with", kd_row), ("without", plain),
+                                 "the teacher's KL did not help at this budget"))
     return out
 
 
@@ -341,7 +353,7 @@ def markdown(rows: dict[str, dict]) -> str:
         "Written by `bench/fidelity.py` (its docstring has the setup: 1,000 steps of batch 32, max length 64, word embeddings "
         "frozen, all 872 dev sentences).  Code version(s): " + ", ".join(versions)
         + ("" if len(versions) <= 1 else "  **(rows from different versions: rerun with --rerun-stale)**")
-        + ".  Ran on: " + "; ".join(devices) + ("" if len(devices) <= 1 else "  **(times from different machines do not compare)**") + ".",
+        + ".  Ran on: " + "; ".join(devices) + ("" if len(devices) <= 1 else "  **(rows ran under different conditions: compare their times with care)**") + ".",
         "",
         "| row | dev accuracy | trainable % | sparsity | train s | wall s | accuracy every 200 steps | checks | version |",
         "|---|---|---|---|---|---|---|---|---|",

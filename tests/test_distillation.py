@@ -39,11 +39,12 @@ def test_the_loss_is_the_task_loss_mixed_with_the_hand_computed_kl(make_engine):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         student = engine.model(**inputs).logits
-        teacher = engine.initial_model().eval()(**inputs).logits
+        teacher = engine.initial_model().to(engine.device).eval()(**inputs).logits
     kl = hand_kl(student, teacher, 2.0)
     want = 0.7 * F.cross_entropy(student, batch["labels"], reduction="none") + 0.3 * 4.0 * kl
     assert kl.min() > 1e-6
-    assert got.detach().tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-7)
+    rel = 1e-5 if engine.device.type == "cpu" else 2e-4  # a GPU's attention kernels sum in another order (6.7e-5 seen on an H200)
+    assert got.detach().tolist() == pytest.approx(want.tolist(), rel=rel, abs=1e-7)
 
 
 def test_the_teacher_gets_no_gradient_and_never_changes(make_engine):

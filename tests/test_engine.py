@@ -85,7 +85,7 @@ def test_timeline_is_replayed_at_its_steps(make_engine, tmp_path):
 
 
 def test_checkpoint_round_trip(make_engine, tmp_path):
-    from spu_engine.checkpoint import latest_checkpoint
+    from spu_engine.checkpoint import latest_checkpoint, restore_rng, rng_state
 
     engine = make_engine(run_dir=tmp_path / "run", policy=Policy(freeze=[FreezeRule(layers=[1], trainable=False)]))
     for _ in range(3):
@@ -99,9 +99,9 @@ def test_checkpoint_round_trip(make_engine, tmp_path):
         assert torch.equal(p, weights[n])
     assert path.name == "step-0000003"
     # the same next batch, dropout stream and optimizer state give the same next step
-    rng = torch.get_rng_state()  # resume_from restored the checkpoint's RNG; both engines share this process
+    rng = rng_state()  # resume_from restored the checkpoint's RNG (CPU and CUDA); both engines share this process
     engine.train_step()
-    torch.set_rng_state(rng)
+    restore_rng(rng)
     other.train_step()
     for (n, p), (_, q) in zip(engine.model.named_parameters(), other.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), (n, (p - q).abs().max().item())

@@ -79,7 +79,7 @@ def test_adapters_sit_on_the_forward_path_of_every_block(make_engine, tokenizer,
         assert len(names) == 8, names  # two adapters (down/up weight+bias each) land in the block's own unit
     batch = engine.next_batch(4)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    plain = build_tiny(arch, tokenizer).eval()  # same seed: the weights the engine's model started from
+    plain = build_tiny(arch, tokenizer).eval().to(engine.device)  # same seed: the weights the engine's model started from
     adapters = [mod for mod in model.modules() if isinstance(mod, BottleneckAdapter)]
     calls = []
     hooks = [a.register_forward_hook(lambda *_: calls.append(1)) for a in adapters]

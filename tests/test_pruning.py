@@ -347,7 +347,7 @@ def test_checkpoint_holds_masked_weights_and_resume_restores_masks(make_engine, 
     run_steps(engine, 3)
     path = engine.save_checkpoint()
     pm = method_of(engine)
-    saved = load_file(str(path / "model.safetensors"))
+    saved = load_file(str(path / "model.safetensors"), device=str(engine.device))
     for n in pm.targets:
         assert torch.equal(saved[n], engine.params[n].detach())
         assert (saved[n][~pm.masks.keep(n)] == 0).all()

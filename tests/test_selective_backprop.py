@@ -35,7 +35,8 @@ def sb_policy(**settings):
 
 def losses_of(model, task, indices: list[int]) -> torch.Tensor:
     """Per-sample losses computed here, without the engine."""
-    batch = task.collate([task.train[i] for i in indices])
+    device = next(model.parameters()).device  # bench/gpu.sh runs these on cuda
+    batch = {k: v.to(device) for k, v in task.collate([task.train[i] for i in indices]).items()}
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     return F.cross_entropy(logits, batch["labels"], reduction="none")
 
@@ -62,7 +63,7 @@ def test_gradient_equals_the_gradient_of_the_kept_subset_alone(make_engine, toke
     assert 0 < len(kept) < BS
     assert sb_of(engine).last_backward == kept
     assert drawn == BS and extra["sb_backward"] == len(kept) and extra["sb_skipped"] == BS - len(kept)
-    torch.testing.assert_close(loss, losses.mean())
+    torch.testing.assert_close(loss.to(losses.device), losses.mean())
     losses_of(reference, engine.task, kept).mean().backward()
     full = copy.deepcopy(reference)
     full.zero_grad()
@@ -71,7 +72,8 @@ def test_gradient_equals_the_gradient_of_the_kept_subset_alone(make_engine, toke
     for (name, p), q, f in zip(engine.model.named_parameters(), reference.parameters(), full.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+            tolerance = {"rtol": 1e-5, "atol": 1e-7} if p.device.type == "cpu" else {"rtol": 2e-4, "atol": 1e-6}  # GPU kernels sum in another order
+            torch.testing.assert_close(p.grad, q.grad, **tolerance, msg=name)
             differs = differs or not torch.allclose(p.grad, f.grad)
     assert differs, "the full batch would have given the same gradient: the test proves nothing"
 
@@ -81,7 +83,8 @@ def test_backward_runs_on_the_kept_samples_only(make_engine, tokenizer):
     first = BatchStream(len(engine.task.train), seed=engine.config.seed).take(BS)
     with torch.no_grad():
         losses = losses_of(copy.deepcopy(engine.model), engine.task, first)
-    threshold = float(losses.sort().values[-2])  # keep the two hardest samples
+    top = losses.sort().values
+    threshold = float(top[-2] + top[-3]) / 2  # keep the two hardest samples (halfway: a GPU's scoring pass may round the losses otherwise)
     engine.apply_change(Change(set={"selective_backprop": {"mode": "threshold", "threshold": threshold}}), source="test")
     forwards = record_forwards(engine.model)
     engine.train_step()
