@@ -255,15 +255,36 @@ MAJORITY = 444 / 872  # SST-2 dev's larger class: a model at or below this has c
 
 
 def beats(claim: str, first: tuple[str, dict], second: tuple[str, dict], why_not: str) -> tuple[str, str, str, str]:
-    """Claim ``first`` does better than ``second``: by half a point or more, and not both collapsed to the majority class."""
+    """Claim ``first`` does better than ``second``: by half a point or more, and against a row that learned something
+    (beating a row collapsed to the majority class says nothing of the method)."""
     (a_name, a), (b_name, b) = first, second
-    measured = f"{a_name} {100 * a['accuracy']:.1f}, {b_name} {100 * b['accuracy']:.1f}"
+    measured = f"{a_name} {100 * a['accuracy']:.1f}, {b_name} {100 * b['accuracy']:.1f}" + at_chance(first, second)
     if max(a["accuracy"], b["accuracy"]) <= MAJORITY + 0.005:
         return claim, measured, "not reproduced", "both at chance (the majority class): nothing to compare"
+    if b["accuracy"] <= MAJORITY + 0.005:
+        return claim, measured, "not shown", f"{b_name} ended at chance (the majority class): beating it says nothing of {a_name}"
+    if a["accuracy"] <= MAJORITY + 0.005:
+        return claim, measured, "not reproduced", f"{a_name} ended at chance (the majority class): see the note on movement at this budget"
     if abs(a["accuracy"] - b["accuracy"]) < 0.005:
         return claim, measured, "not shown", "within 0.5 point: one run of each cannot tell them apart"
     ok = a["accuracy"] > b["accuracy"]
     return claim, measured, "reproduced" if ok else "not reproduced", "" if ok else why_not
+
+
+def at_chance(*named: tuple[str, dict]) -> str:
+    """Which of these rows sat at the majority class at some evaluation yet ended above it: a verdict on their
+    last figure rests on a recovery that one more evaluation could have missed."""
+    notes = []
+    for name, row in named:
+        low = sum(e["accuracy"] <= MAJORITY + 0.005 for e in row["evals"])
+        if low and row["accuracy"] > MAJORITY + 0.005:
+            notes.append(f"{name} at chance at {low} of {len(row['evals'])} evaluations")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def behind(gap: float) -> str:
+    """A gap in points, said the way it reads: behind or ahead."""
+    return f"{abs(gap):.1f} points {'behind' if gap >= 0 else 'ahead'}"
 
 
 def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
@@ -280,7 +301,7 @@ def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             if r:
                 gap = 100 * (full["accuracy"] - r["accuracy"])
                 ok = gap <= 1.0
-                out.append((ROW_BY_KEY[key].checks, f"{pct(r)} vs full {pct(full)} ({gap:+.1f} points behind) with {100 * r['trainable']:.2f} % trainable",
+                out.append((ROW_BY_KEY[key].checks, f"{pct(r)} vs full {pct(full)} ({behind(gap)}) with {100 * r['trainable']:.2f} % trainable",
                             "reproduced" if ok else "not reproduced",
                             "" if ok else "more than 1 point behind full fine-tuning at this budget"))
         sb = rows.get("sb")
