@@ -178,7 +178,7 @@ def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
         policy["distillation"] = {**DISTILL, "teacher": str(teacher_dir(args))}
     config = EngineConfig(
         model=str(offline_model_dir()), data=str(DATA), steps=args.steps, batch_size=32, max_length=64, lr=row.lr, warmup=0.1,
-        eval_every=max(1, args.steps // 5), device=args.device, precision=args.precision, **{"stats_every": 10**6, **row.extra},
+        eval_every=args.eval_every or max(1, args.steps // 5), device=args.device, precision=args.precision, **{"stats_every": 10**6, **row.extra},
     )
     engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
     steps: list[dict] = []
@@ -360,7 +360,7 @@ def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
         for method in ("magnitude", "movement", "soft_movement"):
             plain, kd_row = rows.get(f"{method}{s}"), rows.get(f"{method}{s}-kd")
             if plain and kd_row:
-                out.append(beats(f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)", ("with", kd_row), ("without", plain),
+                out.append(beats(f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)", ("with distillation", kd_row), ("without", plain),
                                  "the teacher's KL did not help at this budget"))
     return out
 
@@ -403,6 +403,7 @@ def main() -> int:
     ap.add_argument("--table", action="store_true", help="only rewrite fidelity.md from the rows recorded")
     ap.add_argument("--out", type=Path, help="write rows here instead (a GPU check, another budget); the table is not touched")
     ap.add_argument("--teacher", type=Path, help="the full row's model for the distillation rows (default: beside --out, or the cache)")
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (default: five times a run), e.g. to time a crossing finer")
     ap.add_argument("--note", default="", help="said beside the device in each row (e.g. how many runs shared the machine)")
     args = ap.parse_args()
     path = args.out or ROWS

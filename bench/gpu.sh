@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (run it whenever a GPU machine is at hand; never part of the tests), about 8 minutes:
 #   1. the engine tests with device=cuda (tiny models),
-#   2. one system-metrics sample on the GPU (NVML or the allocator), bench/overhead.py on the GPU in bf16 (engine / plain loop),
+#   2. one system-metrics sample on the GPU (NVML or the allocator), bench/overhead.py on the GPU in bf16 (engine / plain loop)
+#      and bench/distillation.py (what a teacher costs per step),
 #   3. one fidelity row (full fine-tuning, 1,000 steps of batch 32) in bf16.
 # Output goes to $OUT (default bench/results/gpu/); copy the figures into the README with the GPU's name.
 # Packages the machine lacks (pydantic, textual, the offline MiniLM, ...) can come as wheels in .whl/;
@@ -41,6 +42,8 @@ assert sample and sample.get("gpus"), "no GPU fields on a GPU machine"
 SAMPLE
 echo "== overhead, bf16"
 timeout 90 "$PY" bench/overhead.py --steps 30 --device cuda --precision bf16 2>&1 | tee "$OUT/overhead.log" || status=1
+echo "== distillation teacher's cost, bf16"
+timeout 60 "$PY" bench/distillation.py --device cuda --precision bf16 --steps 30 2>&1 | tee "$OUT/distillation.log" || status=1
 echo "== fidelity row: full fine-tuning, bf16"
 rm -f "$OUT/fidelity.jsonl"
 timeout 180 "$PY" bench/fidelity.py --only full --device cuda --precision bf16 --out "$OUT/fidelity.jsonl" 2>&1 | tee "$OUT/fidelity.log" | tail -3 || status=1

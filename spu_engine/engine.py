@@ -82,6 +82,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.step = 0
         self.samples_seen = 0
         self.evaluated_at: int | None = None
+        self.collapsed = False  # the last evaluation gave (nearly) every example one answer
         self._nonfinite_streak = 0
         self._saved_step: int | None = None  # step of the last checkpoint written by this process
         self._saved_path: Path | None = None

@@ -27,6 +27,7 @@ from .system_metrics import SystemSampler
 from .unit_stats import after_update, before_update
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
+COLLAPSED_SHARE = 0.99  # of the evaluated examples given the most common answer: a classifier that has collapsed to it
 
 
 def pick_device(config: EngineConfig, dist: Distributed | None) -> tuple[torch.device, torch.dtype | None]:
@@ -262,7 +263,26 @@ class StepLoop:
         for m in self.methods:
             m.on_eval(self.step, metrics)
         self.emit("eval", step=self.step, **metrics)
+        self._say_if_collapsed(metrics)
         return metrics
+
+    def _say_if_collapsed(self, metrics: dict[str, float]) -> None:
+        """A classifier that gives (nearly) every evaluated example the same answer has stopped using its input:
+        said when it happens and when it ends, since an accuracy equal to one class's share looks like learning."""
+        share, n = metrics.get("top_answer_share"), int(metrics.get("eval_samples", 0))
+        if share is None or n < 20:
+            return
+        collapsed = share >= COLLAPSED_SHARE
+        if collapsed and not self.collapsed:
+            pruning = next((m for m in self.methods if m.section == "pruning" and m.active), None)
+            movement = pruning is not None and pruning.settings.method == "movement"
+            self.log(f"step {self.step}: {round(share * n)} of the {n} evaluated examples got the same answer; the model has collapsed "
+                     f"to one class (its accuracy {metrics['accuracy']:.4f} is that class's share)"
+                     + ("; movement pruning does not come back from this (its scores learn only from the task's gradient, which a "
+                        "collapsed model no longer has): magnitude and soft movement can" if movement else ""), "warning")
+        elif self.collapsed and not collapsed:
+            self.log(f"step {self.step}: the model answers by its input again (the most common answer {100 * share:.1f} % of {n})")
+        self.collapsed = collapsed
 
     def eval_due(self) -> bool:
         """Every ``eval_every`` steps, and when a method asks (IMP at each round's end)."""

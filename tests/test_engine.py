@@ -153,3 +153,21 @@ def test_export_writes_only_a_new_file_unless_confirmed_and_keeps_the_mode(make_
     engine.boundary()
     assert acks[-1]["ok"] and load_policy(new) == engine.replayable_policy()
     engine.close()
+
+
+def test_an_evaluation_giving_every_example_one_answer_is_called_a_collapse_once_and_its_end_is_said(make_engine):
+    engine = make_engine()
+    logs: list[dict] = []
+    engine.sinks.append(lambda _line, ev: logs.append(ev) if ev["type"] == "log" else None)
+    with torch.no_grad():  # the head answers class 0 whatever it reads
+        engine.model.classifier.weight.zero_()
+        engine.model.classifier.bias.copy_(torch.tensor([5.0, -5.0]))
+    metrics = engine.evaluate()
+    gold = [f["labels"] for f in engine.task.eval]
+    assert metrics["top_answer_share"] == 1.0 and metrics["accuracy"] == gold.count(0) / len(gold)
+    engine.evaluate()  # still collapsed: said once, not at every evaluation
+    warnings = [ev["message"] for ev in logs if ev["level"] == "warning"]
+    assert len(warnings) == 1 and f"{len(gold)} of the {len(gold)} evaluated examples got the same answer" in warnings[0]
+    assert "collapsed to one class" in warnings[0] and "movement" not in warnings[0]  # movement's own advice only under movement
+    engine._say_if_collapsed({"top_answer_share": 0.7, "accuracy": 0.8, "eval_samples": 64})
+    assert "answers by its input again (the most common answer 70.0 % of 64)" in logs[-1]["message"] and not engine.collapsed

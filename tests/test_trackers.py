@@ -100,7 +100,7 @@ def test_a_tracker_that_raises_mid_run_is_switched_off_with_one_warning_and_trai
     engine.close()
     events = read_events(run_dir)
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 9))
-    warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning" and "collapsed" not in e["message"]]
     assert warnings == ["tracker tensorboard failed (OSError: [Errno 28] No space left on device); it is switched off, training goes on"]
     assert len(calls) == 3  # nothing more was sent to it
 

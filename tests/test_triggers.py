@@ -153,7 +153,7 @@ def test_a_trigger_that_changes_nothing_and_a_metric_the_task_lacks_are_refused(
     with pytest.raises(PolicyError, match=r"timeline\[1\].set.pruning.method: Input should be"):
         parse_policy({"timeline": [{"step": 1, "freeze": ALL_BUT_LAST}, {"when": {"metric": "accuracy", "above": 0.8}, "set": {"pruning": {"method": "x"}}}]})
     f1 = parse_policy({"timeline": [{"when": {"metric": "f1", "at_least": 80}, "freeze": ALL_BUT_LAST}]})
-    with pytest.raises(PolicyError, match=r"'f1' is not a field of the classification task's evaluation \(it gives eval_loss, accuracy, eval_samples\)"):
+    with pytest.raises(PolicyError, match=r"'f1' is not a field of the classification task's evaluation \(it gives eval_loss, accuracy, top_answer_share, eval_samples\)"):
         make_engine("bert", f1)
 
 

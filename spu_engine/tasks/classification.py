@@ -89,7 +89,7 @@ class ClassificationTask(Task):
     @property
     def eval_fields(self) -> tuple[str, ...]:  # type: ignore[override]
         """Accuracy always, and the headline metric when it is another (F1, Matthews correlation)."""
-        return ("eval_loss", "accuracy", *(() if self.metric == "accuracy" else (self.metric,)), "eval_samples")
+        return ("eval_loss", "accuracy", *(() if self.metric == "accuracy" else (self.metric,)), "top_answer_share", "eval_samples")
 
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> "ClassificationTask":
@@ -150,7 +150,8 @@ class ClassificationTask(Task):
             gold.append(batch["labels"].cpu())
         cm = confusion(torch.cat(predicted), torch.cat(gold), self.num_labels) if gold else torch.zeros(self.num_labels, self.num_labels)
         n = int(cm.sum())
-        metrics = {"eval_loss": total_loss / max(n, 1), "accuracy": float(cm.trace()) / max(n, 1)}
+        metrics = {"eval_loss": total_loss / max(n, 1), "accuracy": float(cm.trace()) / max(n, 1),
+                   "top_answer_share": float(cm.sum(0).max()) / max(n, 1)}  # 1.0: one answer for everything, a collapsed model
         if self.metric == "f1":
             metrics["f1"] = f1_positive(cm)
         elif self.metric == "mcc":
