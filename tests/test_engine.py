@@ -155,13 +155,19 @@ def test_export_writes_only_a_new_file_unless_confirmed_and_keeps_the_mode(make_
     engine.close()
 
 
-def test_an_evaluation_giving_every_example_one_answer_is_called_a_collapse_once_and_its_end_is_said(make_engine):
-    engine = make_engine()
+def collapse_to_class_0(engine) -> list[dict]:
+    """Make the head answer class 0 whatever it reads; returns the list the engine's log events will go to."""
     logs: list[dict] = []
     engine.sinks.append(lambda _line, ev: logs.append(ev) if ev["type"] == "log" else None)
-    with torch.no_grad():  # the head answers class 0 whatever it reads
+    with torch.no_grad():
         engine.model.classifier.weight.zero_()
         engine.model.classifier.bias.copy_(torch.tensor([5.0, -5.0]))
+    return logs
+
+
+def test_an_evaluation_giving_every_example_one_answer_is_called_a_collapse_once_and_its_end_is_said(make_engine):
+    engine = make_engine()
+    logs = collapse_to_class_0(engine)
     metrics = engine.evaluate()
     gold = [f["labels"] for f in engine.task.eval]
     assert metrics["top_answer_share"] == 1.0 and metrics["accuracy"] == gold.count(0) / len(gold)

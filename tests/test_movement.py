@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import collapse_to_class_0
 from test_pruning import method_of, pruning_policy, run_steps
 
 
@@ -79,11 +80,7 @@ def test_soft_movement_l1_grows_along_the_ramp(make_engine):
 
 def test_a_collapse_under_movement_pruning_says_movement_does_not_come_back(make_engine):
     engine = make_engine(policy=pruning_policy("movement", schedule={"start_step": 0, "end_step": 10, "every": 1, "final_sparsity": 0.5}))
-    logs: list[dict] = []
-    engine.sinks.append(lambda _line, ev: logs.append(ev) if ev["type"] == "log" else None)
-    with torch.no_grad():  # the head answers class 0 whatever it reads
-        engine.model.classifier.weight.zero_()
-        engine.model.classifier.bias.copy_(torch.tensor([5.0, -5.0]))
+    logs = collapse_to_class_0(engine)
     engine.evaluate()
     warning = next(ev["message"] for ev in logs if ev["level"] == "warning")
     assert "collapsed to one class" in warning and "movement pruning does not come back from this" in warning
