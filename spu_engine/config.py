@@ -30,38 +30,48 @@ class RunSettings(BaseModel):
     data: str = Field("glue/sst2", description="hub dataset or local file / folder with train and dev files")
     task: str = Field("auto", validate_default=True, description="classification | qa | lm; auto: inferred from the data and model")
     steps: int = Field(1000, ge=1, description="optimizer steps; the LR schedule is laid over them")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    max_length: int = Field(128, ge=8)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(32, ge=1, description="training examples per optimizer step")
+    eval_batch_size: int = Field(128, ge=1, description="examples per forward pass in evaluation")
+    max_length: int = Field(128, ge=8, description="tokens per example (lm: a block; qa: a window of a long context)")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup: float = Field(0.06, ge=0, description="warmup steps, or a fraction of steps when < 1; then linear decay to 0 at the last step")
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    eval_every: int = Field(100, ge=0, description="0: evaluate only at the end")
+    grad_clip: float = Field(1.0, ge=0, description="largest gradient norm (clipped to it); 0 disables clipping")
+    eval_every: int = Field(100, ge=0, description="evaluate every N steps; 0: only at the end")
     stats_every: int = Field(10, ge=1, description="per-unit statistics every N steps")
-    checkpoint_every: int = Field(0, ge=0, description="0: checkpoint only on request and at the end")
-    keep_checkpoints: int = Field(3, ge=1)
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0: only on request and at the end")
+    keep_checkpoints: int = Field(3, ge=1, description="the newest N checkpoints are kept, older ones deleted")
+    max_train_samples: int | None = Field(None, description="train on at most N examples (default: all)")
+    max_eval_samples: int | None = Field(None, description="evaluate on at most N examples (default: all)")
     text_column: str | None = Field(
-        None, description="classification: the text column, or two comma-separated (sentence1,sentence2) for sentence pairs; default: inferred"
+        None,
+        description="classification: the text column, or two separated by a comma for sentence pairs "
+        "(sentence1,sentence2) (default: the first pair the table has: sentence1/sentence2, question/sentence, "
+        "'#1 String'/'#2 String', question1/question2, premise/hypothesis; else one of sentence, text, review, ...)",
     )
-    label_column: str | None = None
+    label_column: str | None = Field(
+        None, description="classification: the label column (default: label, labels, target, class or Quality)"
+    )
     metric: str | None = Field(
         None, pattern="^(accuracy|f1|mcc)$",
-        description="classification: the headline eval metric (f1: of the positive class, label 1; mcc: Matthews correlation); "
-        "default: GLUE's for data named like a GLUE task (f1 for mrpc and qqp, mcc for cola), else accuracy",
+        description="classification: the headline eval metric, accuracy | f1 (of the positive class, label 1) "
+        "| mcc (Matthews correlation); default: GLUE's for data named like a GLUE task (f1 for mrpc and qqp, "
+        "mcc for cola), else accuracy",
     )
     doc_stride: int | None = Field(None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)")
     eval_split: float | None = Field(
         None, ge=0, lt=1, description="share of the training data held out for eval when the data has no eval split (default 0.1; 0: eval on train)"
     )
-    seed: int = 0
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16|fp16)$", description="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere")
+    seed: int = Field(0, description="random seed")
+    precision: str = Field(
+        "auto", pattern="^(auto|fp32|bf16|fp16)$",
+        description="auto | fp32 | bf16 | fp16; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere",
+    )
     report_to: list[str] = Field(
         default_factory=list,
-        description="experiment trackers that mirror every metric and policy change: tensorboard, wandb, mlflow, trackio "
-        "(a list, or one comma-separated string; none: no tracker)",
+        description="experiment trackers that mirror every metric and policy change: "
+        "tensorboard (into <run>/tensorboard), wandb, mlflow, trackio; "
+        "a list, or one comma-separated string (tensorboard,wandb); none: no tracker",
     )
 
     @field_validator("report_to", mode="before")
@@ -127,8 +137,8 @@ class RunSettings(BaseModel):
 class EngineConfig(RunSettings):
     """Everything about a run that is not the policy: its ``RunSettings`` and where it runs."""
 
-    device: str = "auto"
-    threads: int | None = None
+    device: str = Field("auto", description="where the engine runs: auto, cpu, cuda, cuda:1")
+    threads: int | None = Field(None, description="CPU threads for the engine (default: torch's choice)")
     system_every: float = Field(10.0, ge=0, description="seconds between two system events (GPU, CPU, RAM, throughput); 0: none")
 
     def run_settings(self) -> RunSettings:

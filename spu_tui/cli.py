@@ -17,10 +17,7 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli import (
-    METRIC_HELP,
-    REPORT_TO_HELP,
-    TEXT_COLUMN_HELP,
+from spu_engine.cli.common import (
     build_config,
     check_trackers,
     config_from_policy,
@@ -28,16 +25,21 @@ from spu_engine.cli import (
     fail,
     read_policy,
     read_run_config,
-    report_to_list,
     resume_policy,
 )
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model_source import resolve_model_name
+from spu_engine.run_options import run_options
 from spu_engine.runs import CHECKPOINTS, CONFIG, ENGINE_LOG, EVENTS, is_live, newest_live_run, read_history, run_folders, run_info
 
 from .frames import DEFAULT_SHARE
 
-app = typer.Typer(add_completion=False, help="SPU console: steer which parameters learn while a model trains.")
+app = typer.Typer(
+    add_completion=False,
+    help="SPU console: steer which parameters learn while a model trains.\n\n"
+    "Without --data (or run: data in the --policy), a new run trains on glue/sst2 when the Hugging Face hub is "
+    "reachable, else on $SPU_DATA.",
+)
 
 HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
@@ -92,29 +94,16 @@ def check_model(model: str) -> None:
 
 
 @app.callback(invoke_without_command=True)
+@run_options
 def main(
     ctx: typer.Context,
-    model: Optional[str] = typer.Option(None, help="hub id, local HF folder, or 'minilm' (the offline package) (default: the policy's run: model, else minilm)"),
-    data: Optional[str] = typer.Option(None, help="hub dataset or local file / folder with train and dev files (default: the policy's run: data, else glue/sst2 when online, else $SPU_DATA)"),
-    policy: Optional[Path] = typer.Option(None, help="policy YAML to start from (its timeline is replayed at its steps; its run: settings are the defaults, flags override)"),
+    flags: dict,
+    policy: Optional[Path] = typer.Option(
+        None,
+        help="policy YAML to start from (its timeline is replayed at its steps; "
+        "its run: settings are the defaults of the run setting flags, flags override)",
+    ),
     run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
-    task: Optional[str] = typer.Option(None, help="classification, qa or lm; auto infers it from the data and the model (default: auto)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000)"),
-    batch_size: Optional[int] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    eval_every: Optional[int] = typer.Option(None),
-    stats_every: Optional[int] = typer.Option(None, help="per-unit statistics every N steps"),
-    checkpoint_every: Optional[int] = typer.Option(None),
-    max_train_samples: Optional[int] = typer.Option(None),
-    max_eval_samples: Optional[int] = typer.Option(None),
-    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
-    label_column: Optional[str] = typer.Option(None),
-    metric: Optional[str] = typer.Option(None, help=METRIC_HELP),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for the engine"),
-    report_to: Optional[str] = typer.Option(None, help=REPORT_TO_HELP),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
     compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
 ) -> None:
@@ -128,14 +117,10 @@ def main(
 
     pol = read_policy(policy)
     from_file = pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}  # an exported policy replays alone
-    model = model or from_file.get("model") or "minilm"
-    check_model(model)
-    config = config_from_policy(
-        pol, policy, model=model, data=resolve_data(data or from_file.get("data")), task=task, steps=steps, batch_size=batch_size,
-        max_length=max_length, lr=lr, eval_every=eval_every, stats_every=stats_every, checkpoint_every=checkpoint_every,
-        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, text_column=text_column, label_column=label_column,
-        metric=metric, seed=seed, device=device, threads=threads, report_to=report_to_list(report_to),
-    )
+    flags["model"] = flags.get("model") or from_file.get("model") or "minilm"
+    check_model(flags["model"])
+    flags["data"] = resolve_data(flags.get("data") or from_file.get("data"))
+    config = config_from_policy(pol, policy, **flags)
     check_trackers(config)
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):

@@ -1,0 +1,14 @@
+"""``spu``: the headless command line (train, engine, runs, report, export, eval, ablate, policy).
+
+The commands live in ``train`` (train, engine), ``tools`` (runs, ablate, report, export, eval) and ``policy``
+(policy validate, policy schema); importing this package registers them all on ``app``, the ``spu`` entry point.
+"""
+
+from __future__ import annotations
+
+from . import train  # noqa: F401  # the modules register their commands; in this order, the order of `spu --help`
+from . import tools  # noqa: F401
+from . import policy  # noqa: F401
+from .common import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,259 @@
+"""The ``spu`` commands around runs: runs (list them), ablate, report, export and eval."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from ..model_source import ModelLoadError
+from ..policy import FreezeRule, PolicyError
+from ..validation import error_text
+from .common import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP, app, err, fail, out, read_run_config
+
+RUN_STATE_STYLE = {"live": "bold green", "finished": "blue", "stopped": "yellow", "error": "red", "crashed": "bold red"}
+
+
+@app.command()
+def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, or one run folder")) -> None:
+    """List runs: state (live, finished, stopped, error, crashed), step, last loss and eval metric."""
+    from rich.table import Table
+
+    from ..runs import list_runs
+
+    if not root.is_dir():
+        fail(f"{root}: no such folder (runs are written under ./runs by default)")
+    found = list_runs(root)
+    if not found:
+        out.print(f"no runs under {root}")
+        return
+    table = Table(title=f"runs under {root}", title_justify="left")
+    for column in ("run", "state", "step", "loss", "eval", "last event", "note"):
+        table.add_column(column, justify="right" if column in ("step", "loss") else "left")
+    for info in found:
+        state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
+        metric = f"{info.metric} {info.metric_value:.4f} @{info.eval_step}" if info.metric_value is not None else "-"
+        table.add_row(
+            info.name,
+            f"[{RUN_STATE_STYLE[info.state]}]{state}[/]",
+            f"{info.step}/{info.total_steps or '?'}",
+            f"{info.loss:.4f}" if info.loss is not None else "-",
+            metric,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified)),
+            info.message if info.state in ("stopped", "error") else "",
+        )
+    out.print(table)
+    resumable = [i for i in found if i.state in ("crashed", "stopped")]
+    if resumable:
+        out.print(
+            f"continue a crashed or stopped run from its newest checkpoint: spu train --resume {resumable[0].path}",
+            highlight=False,
+        )
+
+
+@app.command()
+def ablate(
+    run: Path = typer.Option(
+        ..., "--run", help="run folder of a run trained with Houlsby adapters (peft.method: adapter)"
+    ),
+    blocks: Optional[str] = typer.Option(
+        None, help="blocks whose adapters to remove, e.g. '0-5' or '0,2,4' [default: every block with adapters]"
+    ),
+    spans: bool = typer.Option(
+        True, "--spans/--singles",
+        help="also every span of consecutive blocks (the paper's heat map), or single blocks only",
+    ),
+    max_eval_samples: Optional[int] = typer.Option(
+        None, help="score on the first N dev examples only (faster, noisier)"
+    ),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+) -> None:
+    """Evaluate a run's newest checkpoint with the adapters of each block (and span of blocks) removed.
+
+    Houlsby et al. (2019), Fig. 6: the drop in the task's metric shows which blocks' adapters matter.
+    Nothing of the run changes: the checkpoint is read, never written."""
+    from ..ablation import AblationError, ablate as run_ablation, engine_for_run
+    from ..ablation_view import ablation_views
+    from ..checkpoint import CheckpointError
+    from ..scoring import ScoreError
+
+    read_run_config(run)  # a folder that is no run is said plainly
+    chosen = None
+    if blocks is not None:
+        try:
+            chosen = FreezeRule(layers=[part.strip() for part in blocks.split(",")], trainable=False).layers
+        except ValidationError as exc:
+            fail(f"--blocks {blocks!r}: {error_text(exc.errors()[0])}")
+    try:
+        engine = engine_for_run(run, max_eval_samples=max_eval_samples, device=device)
+        with err.status("evaluating") as status:
+            def progress(done: int, total: int) -> None:
+                status.update(f"evaluating {done}/{total}")
+
+            result = run_ablation(engine, chosen, spans, progress=progress)
+    except (AblationError, CheckpointError, ModelLoadError, PolicyError, ScoreError) as exc:
+        fail(str(exc))
+    report = result.as_dict()
+    if as_json:
+        out.print_json(data=report)
+        return
+    for view in ablation_views(report):
+        out.print(view)
+
+
+@app.command()
+def report(
+    run: Path = typer.Option(..., "--run", help="run folder"),
+    format: Optional[str] = typer.Option(
+        None, "--format", help="table (rich tables and terminal plots) | md | csv [default: table]"
+    ),
+    table: str = typer.Option(
+        "summary", "--table", help="with --format csv: summary | changes | rounds (the IMP round table)"
+    ),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot",
+        help="write the loss and sparsity plots to this .svg or .png file "
+        "(PNG needs matplotlib: pip install 'spu[plots]')",
+    ),
+    plot_engine: str = typer.Option(
+        "auto", "--plot-engine",
+        help="auto (matplotlib when installed) | matplotlib | plotext (terminal plots as SVG)",
+    ),
+) -> None:
+    """What a run did: a summary (model, task, steps, final and best metrics, trainable share, sparsity), the policy
+    changes with their steps and, for IMP, the round table; --plot writes the loss and sparsity plots as an image."""
+    from ..report import TABLES, ReportError, load_run_report, plot_file, print_run_rich, run_to_csv, run_to_markdown
+    from rich.markup import escape
+
+    from ..writes import WriteError
+
+    if format not in (None, "table", "md", "csv"):
+        fail(f"--format: {format!r} is not one of table, md, csv")
+    if table not in TABLES:
+        fail(f"--table: {table!r} is not one of {', '.join(TABLES)}")
+    try:
+        found = load_run_report(run)
+        if plot is not None:
+            drawn = plot_file(found, plot, plot_engine)
+            err.print(f"wrote {plot}: {drawn}", highlight=False, markup=False)
+            if format is None:
+                return
+        if format in (None, "table"):
+            print_run_rich(found, out)
+            return
+        sys.stdout.write(run_to_markdown(found) if format == "md" else run_to_csv(found, table))
+    except (ReportError, WriteError) as exc:
+        fail(escape(str(exc)))  # the message names pip extras in brackets: not markup
+    for note in found.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@app.command("export")
+def export_model(
+    run: Path = typer.Option(..., "--run", help="run folder (config.json and checkpoints/)"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write: a Hugging Face model folder"),
+    compact: bool = typer.Option(
+        False,
+        help="also remove the FFN neurons, attention heads and (GPT-2) whole blocks pruning killed, outputs unchanged",
+    ),
+    force: bool = typer.Option(False, help="write into a non-empty --out folder"),
+) -> None:
+    """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
+    from ..checkpoint import CheckpointError
+    from ..export import ExportError, export_run
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        fail(f"--out {out_dir} exists and is not empty; choose another folder or pass --force")
+    try:
+        report = export_run(run, out_dir, compact=compact)
+    except (ExportError, CheckpointError, ModelLoadError, OSError) as exc:
+        fail(str(exc))
+    for note in report.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(f"exported {report.checkpoint.name} of {run} to {report.out_dir}", highlight=False)
+    out.print(f"masked tensors: {report.masked_tensors}, zeros among them: {report.sparsity:.1%}")
+    if report.ffn_width is None:
+        out.print(f"parameters: {report.params:,}")
+        return
+    old, new = report.ffn_width
+    out.print(f"FFN width: {old} -> {new} (every block)")
+    if report.blocks is not None:
+        out.print(f"blocks: {report.blocks[0]} -> {report.blocks[1]}")
+    if report.heads is not None:
+        out.print(f"attention heads: {report.heads[0]} -> {report.heads[1]} (all blocks)")
+    share = report.params / report.dense_params
+    out.print(f"parameters: dense {report.dense_params:,} -> compact {report.params:,} ({share:.1%})")
+    out.print(
+        f"CPU forward, batch 8 x 128 tokens: dense {report.dense_seconds * 1e3:.1f} ms "
+        f"-> compact {report.compact_seconds * 1e3:.1f} ms "
+        f"(x{report.dense_seconds / report.compact_seconds:.2f}); max |difference| of outputs {report.max_abs_diff:.2e}"
+    )
+
+
+@app.command("eval")
+def eval_model(
+    model: str = typer.Option(
+        ...,
+        help="a run folder (its newest checkpoint whose weights verify), a model folder from `spu export`, "
+        "or a hub id with a trained head",
+    ),
+    data: str = typer.Option(..., help="hub dataset or local file / folder, labelled"),
+    split: Optional[str] = typer.Option(None, help="train, dev or test of --data, or a file (default: dev, else test)"),
+    metric: Optional[str] = typer.Option(
+        None,
+        help="classification: accuracy | f1 | mcc "
+        "(default: GLUE's for data named like a GLUE task, else the run's, else accuracy)",
+    ),
+    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
+    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
+    max_length: Optional[int] = typer.Option(None, min=8, help="tokens per example (default: the run's, else 128)"),
+    batch_size: int = typer.Option(128, min=1),
+    max_samples: Optional[int] = typer.Option(None, min=1, help="score only the first N examples"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1"),
+    as_json: bool = typer.Option(
+        False, "--json",
+        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics) instead of the table",
+    ),
+) -> None:
+    """Score a trained model on labelled data with the task's metric: a policy on data it never trained on.
+
+    A run folder is scored as it trained (PEFT adapters, pruning masks): the engine resumes its newest checkpoint
+    and evaluates.
+
+    Labels are matched to the model's classes by name; --json prints one object for scripts.
+    """
+    from ..checkpoint import CheckpointError
+    from ..data import DataError
+    from ..scoring import ScoreError, ScoreOptions, score
+    from ..tasks.classification import METRICS
+
+    if metric is not None and metric not in METRICS:
+        fail(f"--metric {metric}: one of {', '.join(METRICS)}")
+    options = ScoreOptions(split, metric, text_column, label_column, max_length, batch_size, max_samples, device)
+    try:
+        result = score(model, data, options)
+    except (ScoreError, DataError, CheckpointError, ModelLoadError, PolicyError, OSError) as exc:
+        fail(str(exc))
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_json()) + "\n")
+        return
+    from rich.table import Table
+
+    scored = f"{result.model} ({Path(result.checkpoint).name})" if result.checkpoint else result.model
+    out.print(f"{scored} on {result.data}", highlight=False)
+    table = Table(show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row(f"[bold]{result.metric}[/]", f"[bold]{result.metrics.get(result.metric, float('nan')):.4f}[/]")
+    for key, value in result.metrics.items():
+        if key != result.metric:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
