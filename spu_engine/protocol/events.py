@@ -12,27 +12,30 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class Event(BaseModel):
-    """Fields every event has; an event may carry more than its model names (a newer engine's), and keeps them."""
+class Open(BaseModel):
+    """Keeps the fields it does not name (a newer engine's): every event and everything an event carries is one."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class Event(Open):
+    """Fields every event has."""
+
     type: str
     t: float = 0.0
     step: int = 0
 
 
-class TensorInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TensorInfo(Open):
     name: str
     numel: int = 0
     shape: list[int] = Field(default_factory=list)
     trainable: bool = True
 
 
-class UnitInfo(BaseModel):
+class UnitInfo(Open):
     """A unit (embeddings, blockN, head) and its tensors, by stable name."""
 
-    model_config = ConfigDict(extra="allow")
     name: str
     numel: int = 0
     params: list[TensorInfo] = Field(default_factory=list)
@@ -107,16 +110,14 @@ class ImpRoundEvent(Event):
     kept_by_unit: dict[str, float] = Field(default_factory=dict)
 
 
-class UnitStats(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class UnitStats(Open):
     trainable: float = 1.0
     grad_norm: float = 0.0
     update_ratio: float = 0.0
     sparsity: float = 0.0
 
 
-class TensorStats(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TensorStats(Open):
     trainable: bool = True
     sparsity: float = 0.0
 
@@ -210,12 +211,11 @@ class ResumedEvent(Event):
     message: str = ""
 
 
-class GpuStats(BaseModel):
+class GpuStats(Open):
     """One CUDA device.  ``utilization`` (percent) and ``memory_used`` (the whole device, every process) come from
     NVML when it is installed (``memory_used`` otherwise from the driver's free memory); ``allocated``,
     ``reserved`` and ``max_allocated`` are this process's tensors as the torch allocator counts them.  Bytes."""
 
-    model_config = ConfigDict(extra="allow")
     name: str | None = None
     utilization: float | None = None
     memory_used: int | None = None
