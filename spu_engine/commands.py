@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from .policy import Change, Policy, PolicyError, TimelineEntry
-from .protocol import (
+from .protocol.commands import (
     ChangeCmd,
     CheckpointCmd,
     EvaluateCmd,

@@ -14,7 +14,7 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 - ``read_history(run_dir)``: the events of ``events.jsonl`` as one consistent
   history: what a killed engine wrote after the checkpoint its successor
   resumed from is dropped (the ``resumed`` event marks the cut); ``spu report``
-  reads a run's IMP rounds from it (``report.py``).
+  reads a run's IMP rounds from it (``report/history.py``).
 
 A run is "live" while its lock is held (an flock, so a killed engine never
 looks live); otherwise its last ``state`` event says finished, stopped or

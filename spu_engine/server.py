@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .policy import PolicyError
-from .protocol import PreviewCmd, encode, event
+from .protocol.codec import encode, event
+from .protocol.commands import PreviewCmd
 from .runs import (
     CHECKPOINTS,
     ENGINE_LOG,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..protocol import encode, event
+from ..protocol.codec import encode, event
 
 MAX_SOCKET_PATH = 100  # AF_UNIX addresses hold 107 bytes on Linux
 

@@ -31,7 +31,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
-from ..protocol import MAX_LINE_BYTES, ProtocolError, encode, event, parse_command
+from ..protocol.codec import MAX_LINE_BYTES, ProtocolError, encode, event, parse_command
 from .client import socket_address
 
 CLIENT_BUFFER_BYTES = 4 << 20

@@ -1,182 +1,41 @@
-"""Commands (client -> engine) and events (engine -> clients) as JSON lines.
+"""Events, engine -> clients: one pydantic model an event type, named in ``EVENTS``.
 
-Every message is one JSON object on one line.  Commands are validated here;
-an invalid one becomes an ``error`` event for the client that sent it, never
-an exception in the engine.  Events are typed models too (``EVENTS``): the
-engine builds every event through them, so a wrong shape fails where it is
-made, and a console reads them back with ``read_event``, which takes what it
-knows from an event of any engine version (extra fields are kept, missing ones
-get defaults) and answers None for one it cannot read, rather than raising.
+The engine builds every event through its model (``codec.event``), so a wrong shape fails where it is made.  The
+models are open (``extra="allow"``) and every field but ``type`` has a default: a console reads an event of any
+engine version (``codec.read_event``), keeping the fields it does not know and filling in those it misses.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
-from .policy import Change, Policy, TimelineEntry
-from .validation import error_text
-
-MAX_LINE_BYTES = 1 << 20  # a command larger than this is refused unread
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Cmd(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str | int | None = Field(None, description="echoed in the ack so a client can match replies")
-
-
-class ChangeCmd(_Cmd):
-    """Append freeze rules and/or merge policy sections at the next step boundary."""
-
-    cmd: Literal["change"]
-    change: Change
-
-
-class SetPolicyCmd(_Cmd):
-    """Replace the current sections whole (its timeline, if any, is ignored)."""
-
-    cmd: Literal["set_policy"]
-    policy: Policy
-
-
-class PreviewCmd(_Cmd):
-    """What would ``change`` do?  Answered at once with a ``preview`` event to this client only; nothing changes."""
-
-    cmd: Literal["preview"]
-    change: Change
-
-
-class UndoCmd(_Cmd):
-    """Undo the last change a client made, as a new change that restores the sections before it (so replay stays exact)."""
-
-    cmd: Literal["undo"]
-
-
-class ScheduleCmd(_Cmd):
-    """Add a timeline entry or a trigger (at a step or epoch still to come, or when a metric meets a condition)."""
-
-    cmd: Literal["schedule"]
-    entry: TimelineEntry
-
-
-class UnscheduleCmd(_Cmd):
-    """Remove a pending timeline entry or a trigger, given as the ``scheduled`` event lists it."""
-
-    cmd: Literal["unschedule"]
-    entry: TimelineEntry
-
-
-class PauseCmd(_Cmd):
-    cmd: Literal["pause"]
-
-
-class ResumeCmd(_Cmd):
-    cmd: Literal["resume"]
-
-
-class StopCmd(_Cmd):
-    cmd: Literal["stop"]
-    checkpoint: bool = True
-
-
-class CheckpointCmd(_Cmd):
-    cmd: Literal["checkpoint"]
-
-
-class EvaluateCmd(_Cmd):
-    cmd: Literal["evaluate"]
-
-
-class ExportCmd(_Cmd):
-    """Write the replayable policy (state at step 0 + timeline) to ``path``: a new file, or with ``overwrite``
-    (which the console sends only after asking) an existing one, whose mode is kept."""
-
-    cmd: Literal["export"]
-    path: str
-    overwrite: bool = False
-
-
-class HelloCmd(_Cmd):
-    """Ask for a fresh ``hello`` snapshot (sent automatically on connect)."""
-
-    cmd: Literal["hello"]
-
-
-Command = Annotated[
-    Union[ChangeCmd, SetPolicyCmd, PreviewCmd, UndoCmd, ScheduleCmd, UnscheduleCmd, PauseCmd, ResumeCmd, StopCmd, CheckpointCmd, EvaluateCmd, ExportCmd, HelloCmd],
-    Field(discriminator="cmd"),
-]
-_COMMAND = TypeAdapter(Command)
-COMMAND_NAMES = ("change", "set_policy", "preview", "undo", "schedule", "unschedule", "pause", "resume", "stop", "checkpoint", "evaluate", "export", "hello")
-
-
-class ProtocolError(ValueError):
-    """A message that is not a valid command; the text says why."""
-
-
-def parse_command(line: bytes | str) -> Any:
-    if isinstance(line, bytes):
-        if len(line) > MAX_LINE_BYTES:
-            raise ProtocolError(f"message of {len(line)} bytes exceeds the {MAX_LINE_BYTES} byte limit")
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("message is not UTF-8") from None
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"message is not JSON: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"message must be a JSON object, got {type(data).__name__}")
-    if data.get("cmd") not in COMMAND_NAMES:
-        raise ProtocolError(f"unknown cmd {data.get('cmd')!r}; commands are {', '.join(COMMAND_NAMES)}")
-    try:
-        return _COMMAND.validate_python(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"][1:]) or "message"
-        raise ProtocolError(f"{data['cmd']}: {where}: {error_text(first)}") from None
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return (json.dumps(message, separators=(",", ":"), default=_default) + "\n").encode("utf-8")
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json", exclude_none=True)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-# --------------------------------------------------------------------------- events
-
-
-class Event(BaseModel):
-    """Fields every event has; an event may carry more than its model names (a newer engine's), and keeps them."""
+class Open(BaseModel):
+    """Keeps the fields it does not name (a newer engine's): every event and everything an event carries is one."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class Event(Open):
+    """Fields every event has."""
+
     type: str
     t: float = 0.0
     step: int = 0
 
 
-class TensorInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TensorInfo(Open):
     name: str
     numel: int = 0
     shape: list[int] = Field(default_factory=list)
     trainable: bool = True
 
 
-class UnitInfo(BaseModel):
+class UnitInfo(Open):
     """A unit (embeddings, blockN, head) and its tensors, by stable name."""
 
-    model_config = ConfigDict(extra="allow")
     name: str
     numel: int = 0
     params: list[TensorInfo] = Field(default_factory=list)
@@ -251,16 +110,14 @@ class ImpRoundEvent(Event):
     kept_by_unit: dict[str, float] = Field(default_factory=dict)
 
 
-class UnitStats(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class UnitStats(Open):
     trainable: float = 1.0
     grad_norm: float = 0.0
     update_ratio: float = 0.0
     sparsity: float = 0.0
 
 
-class TensorStats(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TensorStats(Open):
     trainable: bool = True
     sparsity: float = 0.0
 
@@ -285,7 +142,8 @@ class EvalEvent(Event):
 
 
 class PolicyEvent(Event):
-    """A change was applied.  ``units`` is set when the model's tensors changed (a PEFT method added or removed some)."""
+    """A change was applied.  ``units`` is set when the model's tensors changed (a PEFT method added or removed
+    some)."""
 
     source: str = "?"
     change: dict[str, Any] = Field(default_factory=dict)
@@ -320,7 +178,8 @@ class AckEvent(Event):
 
 
 class PreviewEvent(Event):
-    """The answer to a ``preview`` command (see ``PolicyRuntime.preview``); ``error`` when the change would be refused."""
+    """The answer to a ``preview`` command (see ``PolicyRuntime.preview``); ``error`` when the change would be
+    refused."""
 
     id: str | int | None = None
     trainable: int | None = None
@@ -352,12 +211,11 @@ class ResumedEvent(Event):
     message: str = ""
 
 
-class GpuStats(BaseModel):
+class GpuStats(Open):
     """One CUDA device.  ``utilization`` (percent) and ``memory_used`` (the whole device, every process) come from
     NVML when it is installed (``memory_used`` otherwise from the driver's free memory); ``allocated``,
     ``reserved`` and ``max_allocated`` are this process's tensors as the torch allocator counts them.  Bytes."""
 
-    model_config = ConfigDict(extra="allow")
     name: str | None = None
     utilization: float | None = None
     memory_used: int | None = None
@@ -418,23 +276,3 @@ EVENTS: dict[str, type[Event]] = {
     "log": LogEvent,
     "disconnected": DisconnectedEvent,
 }
-
-
-def event(type_: str, **fields: Any) -> dict[str, Any]:
-    """An event as a plain dict, checked against its model (a wrong shape raises here, where it is made)."""
-    ev = {"type": type_, "t": round(time.time(), 4), **fields}
-    EVENTS[type_].model_validate(ev)
-    return ev
-
-
-def read_event(data: Any) -> Event | None:
-    """The typed event in ``data``, or None when it is not one this console can read (unknown type, wrong shape)."""
-    if not isinstance(data, dict):
-        return None
-    model = EVENTS.get(data.get("type"))  # type: ignore[arg-type]
-    if model is None:
-        return None
-    try:
-        return model.model_validate(data)
-    except ValidationError:
-        return None
