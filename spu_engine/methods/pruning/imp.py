@@ -149,6 +149,8 @@ class IMPPruner(Pruner):
             t.steps += 1
             t.loss_sum += loss
             t.train_seconds += seconds
+            if t.started is not None:  # the step began before before_step started the clock: the round holds it whole
+                t.started = min(t.started, time.perf_counter() - seconds)
 
     def eval_due(self, step: int) -> bool:
         return self.tally is not None and step == self.next_round
