@@ -1,6 +1,6 @@
 """The console: a ``RunScreen`` over what it knows of one run, steering that run's engine process.
 
-The app only holds the run: its ``RunState`` (with the history already drawn
+The app only holds the run: its ``RunModel`` (with the history already drawn
 from ``events.jsonl``), the link to the engine, the commands on their way, and
 the frame budget.  The screen does the rest.
 """
@@ -20,7 +20,7 @@ from .compare import ComparedRun
 from .frames import DEFAULT_SHARE, FrameBudget
 from .latency import RoundTrips
 from .link import EngineLink, Link
-from .run_state import RunState
+from .run_model import RunModel
 from .screens.run import STOPPED, RunScreen
 from .screens.runs import RunsChoice, RunsScreen
 
@@ -54,7 +54,7 @@ class SpuApp(App[str]):
         self.run_dir = run_dir
         self.history = [ev for ev in history if isinstance(ev, dict)]
         self.history_t = max((t for ev in self.history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
-        self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
+        self.state = RunModel(run=self.run_dir.name, run_dir=str(self.run_dir))
         self.state.metrics.name = self.run_dir.name  # the folder, as the run browser and the compared runs name it
         for ev in self.history:
             self.state.apply(ev)

@@ -1,6 +1,6 @@
 """The run screen: the unit tree beside the panels, steering an engine process.
 
-Data flows one way: engine events -> ``RunState.apply`` -> revised aspects of
+Data flows one way: engine events -> ``RunModel.apply`` -> revised aspects of
 the run -> one frame that draws every visible view watching one of them,
 spaced by ``FrameBudget`` (at most ~4 Hz, and slower when frames are costly, so
 that watching a run takes little CPU from it).  User actions flow the other
@@ -38,9 +38,9 @@ from ..compare import ComparedRun
 from ..frames import FrameBudget
 from ..latency import RoundTrips
 from ..link import EventsArrived, Link
-from ..run_state import Aspect, RunState
+from ..run_model import Aspect, RunModel
 from ..widgets.controls import ControlsPanel
-from ..widgets.event_log import EventLog
+from ..widgets.log_panel import LogPanel
 from ..widgets.key_bar import KeyBar
 from ..widgets.learning_view import LearningView
 from ..widgets.panel_bar import PanelBar
@@ -61,7 +61,7 @@ class Console(Protocol):
     run_dir: Path
     engine: subprocess.Popen | None
     history: list[dict[str, Any]]
-    state: RunState
+    state: RunModel
     link: Link | None
     commands: CommandTracker
     frames: FrameBudget
@@ -83,15 +83,15 @@ ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user
 ADVICE = "advice"  # the commands of the learning view's freeze advice (its previews are drawn there)
 STOPPED = "stopped"  # the app's result when the engine acknowledged a stop from this console
 
-Panel = LossChart | SparsityChart | LearningView | ControlsPanel | EventLog | SystemView
+Panel = LossChart | SparsityChart | LearningView | ControlsPanel | LogPanel | SystemView
 
 
 class RunView(Protocol):
-    """A widget that draws part of the ``RunState``: again whenever an aspect it watches is revised."""
+    """A widget that draws part of the ``RunModel``: again whenever an aspect it watches is revised."""
 
     WATCHES: ClassVar[tuple[Aspect, ...]]
 
-    def show(self, state: RunState) -> None: ...
+    def show(self, state: RunModel) -> None: ...
 
 
 class CompareEvents(Message):
@@ -137,7 +137,7 @@ class RunScreen(Screen[None]):
         self.unit_tree = UnitTree(id="tree")
         self.panel_bar = PanelBar(PANELS, id="panel-bar")
         self.controls = ControlsPanel(id="controls")
-        self.log_view = EventLog(id="log")
+        self.log_view = LogPanel(id="log")
         self.panels: dict[str, Panel] = {
             "loss": LossChart(id="loss"),
             "sparsity": SparsityChart(id="sparsity"),
@@ -160,7 +160,7 @@ class RunScreen(Screen[None]):
         return cast(Console, self.app)
 
     @property
-    def state(self) -> RunState:
+    def state(self) -> RunModel:
         return self.console.state
 
     # ------------------------------------------------------------------ layout

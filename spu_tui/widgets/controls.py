@@ -27,7 +27,7 @@ from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError,
 from spu_engine.policy_files import entry_from_text, scale_rule_from_text
 from spu_engine.protocol import PreviewEvent
 
-from ..run_state import Aspect, RunState, describe_change
+from ..run_model import Aspect, RunModel, describe_change
 from .control_fields import FIELD_BY_ID, FIELDS, TITLES, ControlField, fields_of, section_problem, section_values
 from .unit_tree import short_count
 
@@ -192,7 +192,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     # -- down: the screen tells us what the engine says --------------------------
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         if state.policy:
             self.load(state.policy)
         self._show_scheduled(state.scheduled)
