@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spu_engine.policy import Policy, Pruning
-from spu_tui.commands import CommandTracker
+from spu_tui.session import CommandTracker
 from spu_tui.run_model import Aspect, RunModel
 from spu_tui.widgets.control_fields import FIELD_BY_ID, FIELDS, section_problem, section_values
 
