@@ -10,6 +10,7 @@ to the engine's values.  The freeze rules in force are listed, and any one can
 be removed; so are the learning-rate rules (a rule typed as one YAML mapping is
 added, previewed first), the timeline entries still to come and the triggers (each
 with the steps it fired at), and a trigger typed as one YAML mapping is added.
+Each method is a ``MethodSection``; each list a ``RemovableList``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from textual.message import Message
 from textual.widgets import Label, ListItem, ListView
 
 
-class Entry(ListItem):
+class RemovableItem(ListItem):
     """One line that can be removed (the line saying the list is empty is a plain ``ListItem``)."""
 
     def __init__(self, text: str) -> None:
@@ -42,11 +42,11 @@ class RemovableList(ListView):
         self.lines = lines
         self.clear()
         if lines:
-            self.extend(Entry(line) for line in lines)
+            self.extend(RemovableItem(line) for line in lines)
             self.call_after_refresh(setattr, self, "index", min(self.index or 0, len(lines) - 1))
         else:
             self.append(ListItem(Label(self.empty)))
 
     def action_remove(self) -> None:
-        if self.index is not None and isinstance(self.highlighted_child, Entry):
+        if self.index is not None and isinstance(self.highlighted_child, RemovableItem):
             self.post_message(self.RemoveRequested(self, self.index))
