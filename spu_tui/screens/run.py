@@ -144,6 +144,7 @@ class RunScreen(PanelsScreen):
             timer.stop()
             self._ablation_wait = None
             self._ablate(run_dir, step)
+
     # ------------------------------------------------------------------ user actions
 
     def _send(self, cmd: str, rows: list[Row] | None = None, section: str | None = None, **fields: Any) -> bool:
@@ -234,11 +235,11 @@ class RunScreen(PanelsScreen):
         if checkpoint and not self._send("checkpoint"):
             return
         self._say("ablate: evaluating without each block's adapters, then each span of blocks (the run is unchanged)")
-        run_dir, step = Path(self.state.run_dir or self.console.run_dir), self.state.step if live else None
-        if step is not None and checkpoint:
-            self._await_checkpoint(run_dir, step)
+        run_dir = Path(self.state.run_dir or self.console.run_dir)
+        if checkpoint:
+            self._await_checkpoint(run_dir, self.state.step)
         else:
-            self._ablate(run_dir, step)
+            self._ablate(run_dir, self.state.step if live else None)
 
     def _await_checkpoint(self, run_dir: Path, step: int) -> None:
         """The ablation starts when the checkpoint of ``step`` is written (``checkpoint_written``), or gives up."""
