@@ -1,8 +1,8 @@
 """The console: a ``RunScreen`` over what it knows of one run, steering that run's engine process.
 
-The app only holds the run: its ``RunState`` (with the history already drawn
-from ``events.jsonl``), the link to the engine, the commands on their way, and
-the frame budget.  The screen does the rest.
+The app only holds the run: its ``RunModel`` (with the history already drawn
+from ``events.jsonl``), the ``EngineSession`` with the run's engine (the link,
+the commands on their way), and the frame budget.  The screen does the rest.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from textual.app import App
 
 from spu_engine.runs import is_live, read_history
 
-from .commands import CommandTracker
 from .compare import ComparedRun
 from .frames import DEFAULT_SHARE, FrameBudget
 from .latency import RoundTrips
-from .link import EngineLink, Link
-from .run_state import RunState
+from .link import EngineLink
+from .run_model import RunModel
 from .screens.run import STOPPED, RunScreen
 from .screens.runs import RunsChoice, RunsScreen
+from .session import CommandTracker, EngineSession, Link
 
 
 class SpuApp(App[str]):
@@ -53,20 +53,27 @@ class SpuApp(App[str]):
     def _take_run(self, run_dir: Path, history: list[dict[str, Any]], link: Link | None) -> None:
         self.run_dir = run_dir
         self.history = [ev for ev in history if isinstance(ev, dict)]
-        self.history_t = max((t for ev in self.history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
-        self.state = RunState(run=self.run_dir.name, run_dir=str(self.run_dir))
+        self.state = RunModel(run=self.run_dir.name, run_dir=str(self.run_dir))
         self.state.metrics.name = self.run_dir.name  # the folder, as the run browser and the compared runs name it
         for ev in self.history:
             self.state.apply(ev)
-        self.link: Link | None = link
-        self.commands = CommandTracker()
+        self.session = EngineSession(self.state, link, self.history)
+
+    @property
+    def link(self) -> Link | None:
+        """The session's link to the engine (None: the run is shown from its history)."""
+        return self.session.link
+
+    @property
+    def commands(self) -> CommandTracker:
+        """The session's commands on their way to the engine."""
+        return self.session.commands
 
     def open_run(self, run_dir: Path, compare: list[Path]) -> None:
         """Show another run instead (the run browser's enter): a live one attached, any other read-only from its history.
 
         Nothing of the run left behind changes; an engine this console started trains on."""
-        if self.link is not None:
-            self.link.close()
+        self.session.close()
         if self.engine is not None and self.run_dir.resolve() != Path(run_dir).resolve():
             self.engine = None  # it trains on in its own session; its run can be attached again
         live = is_live(run_dir)
@@ -82,19 +89,13 @@ class SpuApp(App[str]):
     def get_default_screen(self) -> RunScreen:
         return RunScreen()
 
-    def seen_in_history(self, ev: dict[str, Any]) -> bool:
-        """A live event already drawn from events.jsonl (a hello is a fresh snapshot, never one of those)."""
-        t = ev.get("t")
-        return ev.get("type") != "hello" and isinstance(t, (int, float)) and t <= self.history_t
-
     @property
     def stopped_engine(self) -> bool:
         """The engine acknowledged a stop from this console."""
         return self.return_value == STOPPED
 
     def on_unmount(self) -> None:
-        if self.link is not None:
-            self.link.close()
+        self.session.close()
 
 
 class RunsApp(App[RunsChoice | None]):

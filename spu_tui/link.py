@@ -5,6 +5,7 @@ run one handler per event when the engine emits hundreds a second.  So the
 reader thread only puts events in an ``Inbox``, which posts one
 ``EventsArrived`` wake-up message when none is outstanding (``post_message`` is
 non-blocking); the UI drains everything that has piled up in one go.
+``EngineLink`` is the session's ``Link`` over the engine's socket.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from textual.message import Message
-from textual.message_pump import MessagePump
 
 from spu_engine.runs import SOCKET
 from spu_engine.transport import EngineClient
+
+from .session import Link, Wakeable
 
 
 class EventsArrived(Message):
@@ -28,28 +30,10 @@ class EventsArrived(Message):
         return isinstance(message, EventsArrived)
 
 
-class Link(Protocol):
-    """What the console needs of an engine connection (``EngineLink``; tests script one)."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    def connect(self, target: MessagePump, timeout: float = 60.0) -> None:
-        """Blocking (run it in a worker thread); from then on ``target`` gets an ``EventsArrived`` when events wait."""
-
-    def drain(self) -> list[dict[str, Any]]:
-        """Everything received since the last drain (UI thread)."""
-
-    def send(self, cmd: str, **fields: Any) -> str | None:
-        """Send a command; its id, or None when the engine is gone (the caller reports it)."""
-
-    def close(self) -> None: ...
-
-
 class Inbox:
     """Events from another thread, with at most one wake-up message outstanding at ``target``."""
 
-    def __init__(self, target: MessagePump) -> None:
+    def __init__(self, target: Wakeable) -> None:
         self.target = target
         self._events: deque[dict[str, Any]] = deque()
         self._wake_posted = False
@@ -85,7 +69,7 @@ class EngineLink(Link):
     def connected(self) -> bool:
         return self.client.connected
 
-    def connect(self, target: MessagePump, timeout: float = 60.0) -> None:
+    def connect(self, target: Wakeable, timeout: float = 60.0) -> None:
         """Retries while the engine starts."""
         self.inbox = Inbox(target)
         self.client.connect(timeout=timeout)

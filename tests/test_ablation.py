@@ -132,3 +132,57 @@ def test_the_ablation_reports_the_tasks_own_metric(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["ablate", "--run", str(run), "--singles", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["metric"] == "f1"
+
+
+async def test_a_paused_runs_ablation_starts_when_the_engine_says_its_checkpoint_is_written(tmp_path, monkeypatch):
+    """`a` on a paused run asks for a checkpoint; the ablation starts on the engine's checkpoint event, not before."""
+    import spu_tui.screens.run as run_screen
+    from spu_tui.app import SpuApp
+    from spu_tui.link import Inbox
+    from spu_tui.screens.ablation import AblationFailed
+
+    started = []
+
+    def ablate(run_dir):
+        started.append(run_dir)
+        raise AblationFailed("measured elsewhere")
+
+    monkeypatch.setattr(run_screen, "ablate", ablate)
+
+    class ScriptedLink:
+        connected = True
+
+        def __init__(self) -> None:
+            self.sent, self.inbox = [], None
+
+        def connect(self, target, timeout: float = 60.0) -> None:
+            self.inbox = Inbox(target)
+
+        def send(self, cmd: str, **fields) -> str:
+            self.sent.append((cmd, fields))
+            return f"c{len(self.sent)}"
+
+        def drain(self) -> list[dict]:
+            return self.inbox.drain() if self.inbox is not None else []
+
+        def close(self) -> None:
+            pass
+
+    link = ScriptedLink()
+    app = SpuApp(tmp_path, history=[], link=link)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.2)
+        hello = {"type": "hello", "t": 1.0, "run": "r", "run_dir": str(tmp_path), "state": "paused", "step": 5,
+                 "current": {"peft": {"method": "adapter"}}}
+        link.inbox.put(hello)
+        await pilot.pause(0.2)
+        await pilot.press("a")
+        await pilot.pause(0.5)
+        assert link.sent == [("checkpoint", {})] and started == []
+        link.inbox.put({"type": "checkpoint", "t": 2.0, "step": 5, "path": "checkpoints/step5"})
+        for _ in range(50):
+            await pilot.pause(0.1)
+            if any("ablate: measured elsewhere" in line.text for line in app.state.log):
+                break
+        assert started == [tmp_path]
+        assert any("ablate: measured elsewhere" in line.text for line in app.state.log)

@@ -23,7 +23,7 @@ from spu_engine.runs import read_history
 from spu_engine.runs import SOCKET
 from spu_engine.transport import EngineClient, EngineServer
 from spu_tui.app import SpuApp
-from spu_tui.run_state import RunState
+from spu_tui.run_model import RunModel
 from spu_tui.widgets.unit_tree import UnitTree
 
 ONE_TENSOR = {"bert": "bert.encoder.layer.0.attention.self.query.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}
@@ -136,7 +136,7 @@ async def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
         assert trainable[B_AT] == trainable[B_AT + 1], f"{b} was refused but changed what trains"
 
     history = read_history(tmp_path / "live")
-    state = RunState()
+    state = RunModel()
     for ev in history:
         state.apply(ev)
     assert state.unreadable == 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from spu_engine.policy import Policy, Pruning
-from spu_tui.commands import CommandTracker
-from spu_tui.run_state import Aspect, RunState
+from spu_tui.session import CommandTracker
+from spu_tui.run_model import Aspect, RunModel
 from spu_tui.widgets.control_fields import FIELD_BY_ID, FIELDS, section_problem, section_values
 
 
@@ -28,7 +28,7 @@ def test_answers_to_commands_of_another_console_are_not_ours():
 
 
 def test_events_revise_the_aspects_they_change_and_no_other():
-    state = RunState()
+    state = RunModel()
     state.apply({"type": "step", "t": 1.0, "step": 1, "loss": 0.7})
     assert state.revisions == {Aspect.PROGRESS: 1, Aspect.RUN: 1, Aspect.METRICS: 1}, "the first step also ends the wait for it"
     before = state.stamp((Aspect.UNITS, Aspect.POLICY, Aspect.LOG))

@@ -18,7 +18,7 @@ from spu_engine.run_metrics import RunMetrics, flatten, matching
 from spu_engine.runs import EVENTS, read_history
 from spu_tui.app import RunsApp, SpuApp
 from spu_tui.compare import COLORS, ComparedRun
-from spu_tui.screens.run import FOLLOW_EVERY
+from spu_tui.screens.panels import FOLLOW_EVERY
 from spu_tui.screens.runs import RunsChoice, RunsScreen
 from spu_tui.widgets.run_charts import MAX_SERIES, LossChart
 

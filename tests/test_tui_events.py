@@ -82,7 +82,7 @@ async def test_history_of_unknown_and_malformed_events_draws_without_error(lora_
 def test_sparsity_bars_move_at_the_step_the_masks_change(make_engine):
     """The step event of a mask change carries per-unit sparsity, between the periodic unit statistics."""
     from spu_engine.policy_files import parse_policy
-    from spu_tui.run_state import RunState
+    from spu_tui.run_model import RunModel
 
     policy = parse_policy({"pruning": {"method": "magnitude", "schedule": {"start_step": 3, "end_step": 3, "every": 1, "final_sparsity": 0.5}}})
     engine = make_engine("bert", policy, stats_every=100)
@@ -93,16 +93,16 @@ def test_sparsity_bars_move_at_the_step_the_masks_change(make_engine):
     steps = [ev for ev in events if ev["type"] == "step"]
     with_units = [ev["step"] for ev in steps if "units" in ev.get("pruning", {})]
     assert with_units == [4]  # the step at which the masks went to 50 %, not every step
-    state = RunState()
+    state = RunModel()
     for ev in events:
         state.apply(ev)
     assert 0.3 < state.unit_stats["block0"].sparsity < 0.6 and state.unit_stats["embeddings"].sparsity == 0.0
 
 
 def test_the_header_says_what_the_engine_waits_for_until_the_first_step():
-    from spu_tui.run_state import RunState
+    from spu_tui.run_model import RunModel
 
-    state = RunState()
+    state = RunModel()
     state.apply({"type": "state", "t": 1.0, "state": "loading", "message": "reading and tokenizing data/sst2"})
     assert state.waiting == "reading and tokenizing data/sst2"
     state.apply({"type": "state", "t": 2.0, "state": "training", "message": "trainable 10 of 10"})

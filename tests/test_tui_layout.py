@@ -16,7 +16,7 @@ from spu_tui.app import SpuApp
 from spu_tui.frames import FASTEST, RECENT, SLOWEST, FrameBudget
 from spu_tui.link import Inbox, Link
 from spu_tui.screens.help import HelpScreen
-from spu_tui.screens.run import PANELS
+from spu_tui.screens.panels import PANELS
 from spu_tui.widgets.chart import CellPlot, Chart
 from spu_tui.widgets.controls import ControlsPanel
 from spu_tui.widgets.run_header import RunHeader

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from textual.app import ComposeResult
@@ -26,3 +30,17 @@ class AblationScreen(ModalScreen[None]):
             for view in ablation_views(self.report):
                 yield Static(view)
             yield Static("esc closes  ·  the run is unchanged: a copy of its checkpoint was evaluated", classes="hint")
+
+
+class AblationFailed(Exception):
+    """`spu ablate` failed; the message is the last line it said."""
+
+
+def ablate(run_dir: Path) -> dict[str, Any]:
+    """The ablation report of the run's newest checkpoint, from `spu ablate --json` in a process of its own."""
+    command = [sys.executable, "-m", "spu_engine.cli", "ablate", "--run", str(run_dir), "--json"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        said = proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}"
+        raise AblationFailed(said.splitlines()[-1])
+    return json.loads(proc.stdout)

@@ -1,1 +1,1 @@
-"""The console's widgets; each draws one view of a ``RunState``."""
+"""The console's widgets; each draws one view of a ``RunModel``."""

@@ -10,118 +10,48 @@ to the engine's values.  The freeze rules in force are listed, and any one can
 be removed; so are the learning-rate rules (a rule typed as one YAML mapping is
 added, previewed first), the timeline entries still to come and the triggers (each
 with the steps it fired at), and a trigger typed as one YAML mapping is added.
+Each method is a ``MethodSection``; each list a ``RemovableList``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.validation import ValidationResult, Validator
-from textual.widgets import Button, Input, Label, ListItem, ListView, Select, Static
+from textual.widget import Widget
+from textual.widgets import Input, Static
 
 from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError, ScaleRule, Selector, TimelineEntry
 from spu_engine.policy_files import entry_from_text, scale_rule_from_text
 from spu_engine.protocol import PreviewEvent
 
-from ..run_state import Aspect, RunState, describe_change
-from .control_fields import FIELD_BY_ID, FIELDS, TITLES, ControlField, fields_of, section_problem, section_values
-from .unit_tree import short_count
+from ..run_model import Aspect, RunModel, describe_change
+from .control_fields import TITLES
+from .method_section import ApplyRequested, MethodSection, PreviewRequested, set_status
+from .removable_list import RemovableList
+
+TRIGGER_FORMS = ("step: N | at: {epoch: N} (from 0) | when: {metric: eval_loss, below_best_by: 0.01}, once: false; "
+                 "then freeze: [...] and/or set: {...}")
 
 
-class FieldValidator(Validator):
-    """Check one numeric field with the pydantic model that the engine uses."""
+class ParsedBy(Validator):
+    """Check typed text with one of the engine's own parsers (an empty field is no error)."""
 
-    def __init__(self, field: ControlField) -> None:
+    def __init__(self, parse: Callable[[str], object]) -> None:
         super().__init__()
-        self.field = field
-
-    def validate(self, value: str) -> ValidationResult:
-        problem = self.field.problem(value)
-        return self.success() if problem is None else self.failure(problem)
-
-
-class RuleList(ListView):
-    """The freeze rules in force, last match wins; ``delete`` or ``x`` asks to remove the highlighted one."""
-
-    BINDINGS = [Binding("delete,x", "remove_rule", "remove rule")]
-
-    class RemoveRequested(Message):
-        def __init__(self, index: int) -> None:
-            super().__init__()
-            self.index = index
-
-    def action_remove_rule(self) -> None:
-        if self.index is not None and self.children and isinstance(self.highlighted_child, RuleItem):
-            self.post_message(self.RemoveRequested(self.index))
-
-
-class RuleItem(ListItem):
-    def __init__(self, text: str) -> None:
-        super().__init__(Label(text))
-
-
-class ScaleRuleList(RuleList):
-    """The learning-rate rules in force, last match wins; ``delete`` or ``x`` asks to remove the highlighted one."""
-
-    class RemoveRequested(RuleList.RemoveRequested):
-        pass
-
-
-class ScaleRuleValidator(Validator):
-    """Check a typed learning-rate rule with the engine's own parser."""
+        self.parse = parse
 
     def validate(self, value: str) -> ValidationResult:
         if not value.strip():
             return self.success()
         try:
-            scale_rule_from_text(value)
+            self.parse(value)
         except PolicyError as exc:
             return self.failure(str(exc))
         return self.success()
-
-
-class EntryValidator(Validator):
-    """Check a typed trigger with the engine's own parser: one line naming the key."""
-
-    def validate(self, value: str) -> ValidationResult:
-        if not value.strip():
-            return self.success()
-        try:
-            entry_from_text(value)
-        except PolicyError as exc:
-            return self.failure(str(exc))
-        return self.success()
-
-
-class ScheduleList(ListView):
-    """Timeline entries still to come and the triggers; ``delete`` or ``x`` asks to remove the highlighted one."""
-
-    BINDINGS = [Binding("delete,x", "remove_entry", "remove")]
-
-    class RemoveRequested(Message):
-        def __init__(self, index: int) -> None:
-            super().__init__()
-            self.index = index
-
-    def action_remove_entry(self) -> None:
-        if self.index is not None and isinstance(self.highlighted_child, RuleItem):
-            self.post_message(self.RemoveRequested(self.index))
-
-
-TRIGGER_FORMS = "step: N | at: {epoch: N} (from 0) | when: {metric: eval_loss, below_best_by: 0.01}, once: false; then freeze: [...] and/or set: {...}"
-
-
-class SectionChange(Message):
-    """A ``change`` made in controls section ``section`` (where its answer is shown)."""
-
-    def __init__(self, section: str, change: Change) -> None:
-        super().__init__()
-        self.section = section
-        self.change = change
 
 
 class EntryMessage(Message):
@@ -133,15 +63,10 @@ class EntryMessage(Message):
 
 
 class ControlsPanel(VerticalScroll, can_focus=False):
-    """The fields are focus stops; the panel itself is not (tab goes tree -> first field)."""
+    """The fields are focus stops; the panel itself is not (tab goes tree -> first field).  The sections post
+    ``ApplyRequested`` and ``PreviewRequested`` (so do the freeze and learning-rate rules); the triggers post these."""
 
     WATCHES = (Aspect.POLICY,)
-
-    class ApplyRequested(SectionChange):
-        """Apply the change at the next step boundary."""
-
-    class PreviewRequested(SectionChange):
-        """Ask the engine what the change would do; nothing changes."""
 
     class ScheduleRequested(EntryMessage):
         """Add a timeline entry or a trigger."""
@@ -151,119 +76,77 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.engine_values: dict[str, str] = {}  # widget id -> the value the engine has
         self.rules: list[FreezeRule] = []  # the freeze rules in force, as the engine last said
-        self.scale_rules: list[ScaleRule] | None = None  # the learning-rate rules in force, as the engine last said
+        self.scale_rules: list[ScaleRule] = []  # the learning-rate rules in force, as the engine last said
         self.scheduled: list[dict[str, Any]] = []  # pending entries and triggers, as the engine last said
 
     def compose(self) -> ComposeResult:
-        for section, title in TITLES.items():
-            with Vertical(classes="section", id=f"sec-{section}"):
-                yield Static(title, classes="section-title")
-                for f in fields_of(section):
-                    with Horizontal(classes="field"):
-                        yield Label(f.label)
-                        if f.choices is not None:
-                            yield Select([(o, o) for o in f.choices], value=f.default, allow_blank=False, compact=True, id=f.id)
-                        else:
-                            yield Input(f.default, validators=[FieldValidator(f)], validate_on=["changed", "submitted"], compact=True, id=f.id)
-                if section == "weight_update_skipping":
-                    yield Static("", classes="phase", id="wus-phase")
-                if section == "lr":
-                    yield ScaleRuleList(id="lr-rules")
-                    yield Input(placeholder="layers: 0-1, scale: 0.5", validators=[ScaleRuleValidator()], validate_on=["changed", "submitted"],
-                                compact=True, id="lr-rule-new")
-                yield Static("", classes="whatif", id=f"whatif-{section}")
-                yield Button("apply", compact=True, classes="apply", id=f"apply-{section}")
-                yield Static("", classes="status", id=f"status-{section}")
+        for section in TITLES:
+            yield MethodSection(section, *self._extra(section))
         with Vertical(classes="section", id="sec-freeze"):
             yield Static("Freeze rules (last match wins; x removes)", classes="section-title")
-            yield RuleList(id="rules")
+            yield RemovableList("none: every tensor trains (methods may gate)", id="rules")
             yield Static("", classes="status", id="status-freeze")
         with Vertical(classes="section", id="sec-triggers"):
             yield Static("Timeline and triggers (x removes; ✓ fired; enter adds)", classes="section-title")
-            yield ScheduleList(id="scheduled")
+            yield RemovableList("none: nothing scheduled", id="scheduled")
             yield Input(
-                placeholder="at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]", validators=[EntryValidator()],
-                validate_on=["changed", "submitted"], compact=True, id="trigger-new",
+                placeholder="at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]",
+                validators=[ParsedBy(entry_from_text)], validate_on=["changed", "submitted"], compact=True,
+                id="trigger-new",
             )
             yield Static(TRIGGER_FORMS, classes="whatif")
             yield Static("", classes="status", id="status-triggers")
 
+    @staticmethod
+    def _extra(section: str) -> list[Widget]:
+        """What a method section shows besides its fields: the phase skipping is in, the learning-rate rules."""
+        if section == "weight_update_skipping":
+            return [Static("", classes="phase", id="wus-phase")]
+        if section == "lr":
+            return [
+                RemovableList("no rule: every tensor at the decay's factor", id="lr-rules"),
+                Input(placeholder="layers: 0-1, scale: 0.5", validators=[ParsedBy(scale_rule_from_text)],
+                      validate_on=["changed", "submitted"], compact=True, id="lr-rule-new"),
+            ]
+        return []
+
+    def section(self, section: str) -> MethodSection:
+        return self.query_one(f"#sec-{section}", MethodSection)
+
+    @property
+    def engine_values(self) -> dict[str, str]:
+        """Widget id -> the value the engine has, for every method field."""
+        return {wid: value for s in self.query(MethodSection) for wid, value in s.engine_values.items()}
+
     # -- down: the screen tells us what the engine says --------------------------
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         if state.policy:
             self.load(state.policy)
-        self._show_scheduled(state.scheduled)
-
-    def _show_scheduled(self, entries: list[dict[str, Any]]) -> None:
-        if entries == self.scheduled and self.query_one(ScheduleList).children:
-            return
-        self.scheduled = entries
-        view = self.query_one(ScheduleList)
-        view.clear()
-        if entries:
-            view.extend(RuleItem(describe_entry(e)) for e in entries)
-            view.call_after_refresh(setattr, view, "index", min(view.index or 0, len(entries) - 1))
-        else:
-            view.append(ListItem(Label("none: nothing scheduled")))
+        self.scheduled = state.scheduled
+        self.query_one("#scheduled", RemovableList).show([describe_entry(e) for e in self.scheduled])
 
     def load(self, policy: dict[str, Any], force: bool = False) -> None:
         """Show the engine's current values (fields being edited are left alone unless ``force``: a refusal)."""
         pol = Policy.model_validate({k: v for k, v in policy.items() if k in SECTIONS})
-        self.engine_values = {f.id: f.value_in(pol) for f in FIELDS}
-        for wid, value in self.engine_values.items():
-            widget = self.query_one(f"#{wid}")
-            if not force and (widget.has_focus or getattr(widget, "expanded", False)):
-                continue
-            if isinstance(widget, (Select, Input)) and str(widget.value) != value:
-                widget.value = value
+        for section in self.query(MethodSection):
+            section.load(pol, force)
         wus = pol.weight_update_skipping
         phase = wus.phase or wus.start_phase
-        what = "every trainable tensor" if phase == "full" else "biases only" + (f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else "")
-        self.query_one("#wus-phase", Static).update(f"phase now: {phase}, trains {what}" if wus.enabled else f"off; first phase when on: {wus.start_phase}")
-        self._show_rules(list(pol.freeze))
-        self._show_scale_rules(list(pol.lr.scale))
-
-    def _show_scale_rules(self, rules: list[ScaleRule]) -> None:
-        if rules == self.scale_rules:
-            return
-        self.scale_rules = rules
-        view = self.query_one("#lr-rules", ScaleRuleList)
-        view.clear()
-        if rules:
-            view.extend(RuleItem(f"{i}: x{r.scale:g} {describe_selector(r)}") for i, r in enumerate(rules))
-            view.call_after_refresh(setattr, view, "index", min(view.index or 0, len(rules) - 1))
-        else:
-            view.append(ListItem(Label("no rule: every tensor at the decay's factor")))
-
-    def _show_rules(self, rules: list[FreezeRule]) -> None:
-        if rules == self.rules:
-            return
-        self.rules = rules
-        view = self.query_one("#rules", RuleList)
-        view.clear()
-        if rules:
-            view.extend(RuleItem(f"{i}: {describe_rule(r)}") for i, r in enumerate(rules))
-            view.call_after_refresh(setattr, view, "index", min(view.index or 0, len(rules) - 1))
-        else:
-            view.append(ListItem(Label("none: every tensor trains (methods may gate)")))
+        blocks = f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else ""
+        what = "every trainable tensor" if phase == "full" else f"biases only{blocks}"
+        said = f"phase now: {phase}, trains {what}" if wus.enabled else f"off; first phase when on: {wus.start_phase}"
+        self.query_one("#wus-phase", Static).update(said)
+        self.rules = list(pol.freeze)
+        self.query_one("#rules", RemovableList).show([f"{i}: {describe_rule(r)}" for i, r in enumerate(self.rules)])
+        self.scale_rules = list(pol.lr.scale)
+        lines = [f"{i}: x{r.scale:g} {describe_selector(r)}" for i, r in enumerate(self.scale_rules)]
+        self.query_one("#lr-rules", RemovableList).show(lines)
 
     def show_preview(self, section: str, preview: PreviewEvent) -> None:
         """The engine's answer to a preview: what applying the edited section would do."""
-        line = self.query_one(f"#whatif-{section}", Static)
-        if preview.error:
-            line.update(f"would be refused: {preview.error}")
-            line.set_classes("whatif -error")
-            return
-        share = preview.trainable / preview.total if preview.trainable is not None and preview.total else 0.0
-        parts = [f"→ trainable {short_count(preview.trainable_now or 0)} → {short_count(preview.trainable or 0)} ({share:.1%})"]
-        parts.append(f"backward ≈ {preview.backward:.0%}" if preview.backward is not None else f"backward ≤ {preview.frozen_prefix_backward:.0%}")
-        if preview.sparsity:
-            parts.append(f"sparsity → {preview.sparsity:.0%} (no compute saved)")
-        line.update("; ".join(parts) + "".join(f"\n  {note}" for note in preview.notes))
-        line.set_classes("whatif")
+        self.section(section).show_preview(preview)
 
     def change_sent(self, section: str) -> None:
         self._set_status(section, f"sent: {_title(section)}", "in-flight")
@@ -274,20 +157,15 @@ class ControlsPanel(VerticalScroll, can_focus=False):
     def acknowledged(self, section: str, ok: bool, step: int, message: str, policy: dict[str, Any]) -> None:
         """The engine answered a change of ``section``; a field still being edited keeps its own message."""
         self.load(policy, force=not ok)  # a refused change: every field shows what the engine has again
-        if section in TITLES:
-            self.query_one(f"#whatif-{section}", Static).update("")
-        if not ok:
-            self._set_status(section, f"refused: {message}", "error")
-            return
-        if section == "lr":  # a typed rule that applied: the field is free for the next
+        if ok and section == "lr":  # a typed rule that applied: the field is free for the next
             field = self.query_one("#lr-rule-new", Input)
             with field.prevent(Input.Changed):
                 field.value = ""
-        problem = self._field_problem(section)
-        if problem:
-            self._set_status(section, f"applied at step {step}; {problem}", "error")
+        if section in TITLES:
+            self.section(section).acknowledged(ok, step, message)
         else:
-            self._set_status(section, f"applied at step {step}", "ok")
+            said = f"applied at step {step}" if ok else f"refused: {message}"
+            self._set_status(section, said, "ok" if ok else "error")
 
     def schedule_answered(self, added: bool, ok: bool, message: str) -> None:
         """The engine's answer to adding or removing an entry; an added one leaves the field empty for the next."""
@@ -299,74 +177,44 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     def _set_status(self, section: str, text: str, kind: str) -> None:
         """kind: hint | in-flight | ok | error."""
-        status = self.query_one(f"#status-{section}", Static)
-        status.update(text)
-        status.set_classes(f"status -{kind}")
+        set_status(self.query_one(f"#status-{section}", Static), text, kind)
 
-    # -- up: the user asks for a change ----------------------------------------
-
-    def on_select_changed(self, event: Select.Changed) -> None:
-        engine_value = self.engine_values.get(event.select.id or "")
-        if engine_value is not None and str(event.value) != engine_value:
-            section = FIELD_BY_ID[event.select.id or ""].section
-            self._set_status(section, "edited: apply (or enter in a field) applies", "hint")
-            self._preview(section)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        event.stop()
-        if event.button.id and event.button.id.startswith("apply-"):
-            self._request(event.button.id.removeprefix("apply-"))
+    # -- up: the user asks for a change (the method sections' own fields ask for themselves) -------------
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         if event.input.id == "trigger-new":
             self._schedule(event.value)
-        elif event.input.id == "lr-rule-new":
-            change = self._scale_rule_change(event.value)
-            if change is not None:
-                self.post_message(self.ApplyRequested("lr", change))
-        elif event.input.id:
-            self._request(FIELD_BY_ID[event.input.id].section)
+        elif event.input.id == "lr-rule-new" and (change := self._scale_rule_change(event.value)) is not None:
+            self.post_message(ApplyRequested("lr", change))
 
     def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id not in ("trigger-new", "lr-rule-new"):
+            return
+        result = event.validation_result
+        problem = result is not None and not result.is_valid and result.failure_descriptions[0]
         if event.input.id == "trigger-new":
-            problem = event.validation_result and not event.validation_result.is_valid and event.validation_result.failure_descriptions[0]
-            self._set_status("triggers", problem or ("enter adds it" if event.value.strip() else ""), "error" if problem else "hint")
+            hint = "enter adds it" if event.value.strip() else ""
+            self._set_status("triggers", problem or hint, "error" if problem else "hint")
             return
-        if event.input.id == "lr-rule-new":
-            problem = event.validation_result and not event.validation_result.is_valid and event.validation_result.failure_descriptions[0]
-            self._set_status("lr", problem or ("enter adds it (it overrides earlier rules for what it selects)" if event.value.strip() else ""),
-                             "error" if problem else "hint")
-            if not problem and (change := self._scale_rule_change(event.value, quiet=True)) is not None:
-                self.post_message(self.PreviewRequested("lr", change))
-            return
-        if event.input.id is None:
-            return
-        section = FIELD_BY_ID[event.input.id].section
-        if event.validation_result and not event.validation_result.is_valid:
-            self._set_status(section, event.validation_result.failure_descriptions[0], "error")
-        elif event.value.strip() != self.engine_values.get(event.input.id, event.value.strip()):
-            self._set_status(section, "edited: enter applies", "hint")
-            self._preview(section)
-        else:  # valid and as the engine has it: whatever the last keystroke said is gone
-            self._set_status(section, "", "hint")
-            self.query_one(f"#whatif-{section}", Static).update("")
+        hint = "enter adds it (it overrides earlier rules for what it selects)" if event.value.strip() else ""
+        self._set_status("lr", problem or hint, "error" if problem else "hint")
+        if not problem and (change := self._scale_rule_change(event.value, quiet=True)) is not None:
+            self.post_message(PreviewRequested("lr", change))
 
-    def on_rule_list_remove_requested(self, message: RuleList.RemoveRequested) -> None:
+    def on_removable_list_remove_requested(self, message: RemovableList.RemoveRequested) -> None:
         message.stop()
-        if 0 <= message.index < len(self.rules):
-            kept = [r.model_dump(mode="json", exclude_none=True) for i, r in enumerate(self.rules) if i != message.index]
-            self.post_message(self.ApplyRequested("freeze", Change(set={"freeze": kept})))
-
-    def on_scale_rule_list_remove_requested(self, message: ScaleRuleList.RemoveRequested) -> None:
-        message.stop()
-        rules = self.scale_rules or []
-        if 0 <= message.index < len(rules):
-            kept = [r.model_dump(mode="json", exclude_none=True) for i, r in enumerate(rules) if i != message.index]
-            self.post_message(self.ApplyRequested("lr", Change(set={"lr": {"scale": kept}})))
+        which, index = message.removable_list.id, message.index
+        if which == "rules" and 0 <= index < len(self.rules):
+            self.post_message(ApplyRequested("freeze", Change(set={"freeze": _without(self.rules, index)})))
+        elif which == "lr-rules" and 0 <= index < len(self.scale_rules):
+            self.post_message(ApplyRequested("lr", Change(set={"lr": {"scale": _without(self.scale_rules, index)}})))
+        elif which == "scheduled" and 0 <= index < len(self.scheduled):
+            self.post_message(self.UnscheduleRequested(self.scheduled[index]))
 
     def _scale_rule_change(self, text: str, quiet: bool = False) -> Change | None:
-        """The change that appends the typed rule to the learning-rate rules in force (None, said unless ``quiet``, if it is none)."""
+        """The change that appends the typed rule to the learning-rate rules in force (None, said unless ``quiet``,
+        if it is none)."""
         if not text.strip():
             return None
         try:
@@ -375,13 +223,8 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             if not quiet:
                 self._set_status("lr", str(exc), "error")
             return None
-        rules = [r.model_dump(mode="json", exclude_none=True) for r in [*(self.scale_rules or []), rule]]
+        rules = [r.model_dump(mode="json", exclude_none=True) for r in [*self.scale_rules, rule]]
         return Change(set={"lr": {"scale": rules}})
-
-    def on_schedule_list_remove_requested(self, message: ScheduleList.RemoveRequested) -> None:
-        message.stop()
-        if 0 <= message.index < len(self.scheduled):
-            self.post_message(self.UnscheduleRequested(self.scheduled[message.index]))
 
     def _schedule(self, text: str) -> None:
         if not text.strip():
@@ -392,28 +235,13 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         except PolicyError as exc:
             self._set_status("triggers", str(exc), "error")
             return
-        self.post_message(self.ScheduleRequested(entry.model_dump(mode="json", exclude_none=True, exclude_defaults=True)))
+        self.post_message(self.ScheduleRequested(entry.model_dump(mode="json", exclude_none=True,
+                                                                  exclude_defaults=True)))
 
-    def _preview(self, section: str) -> None:
-        if self._field_problem(section) is None and section_problem(section, values := self._values(section)) is None:
-            self.post_message(self.PreviewRequested(section, Change(set={section: values})))
 
-    def _field_problem(self, section: str) -> str | None:
-        """The first invalid numeric field of ``section``, as the validator words it."""
-        for f in fields_of(section):
-            if f.choices is None and (problem := f.problem(self.query_one(f"#{f.id}", Input).value)):
-                return problem
-        return None
-
-    def _request(self, section: str) -> None:
-        problem = self._field_problem(section) or section_problem(section, self._values(section))
-        if problem:
-            self._set_status(section, problem, "error")
-            return
-        self.post_message(self.ApplyRequested(section, Change(set={section: self._values(section)})))
-
-    def _values(self, section: str) -> dict[str, Any]:
-        return section_values(section, lambda f: str(self.query_one(f"#{f.id}").value))  # type: ignore[attr-defined]
+def _without(rules: list[FreezeRule] | list[ScaleRule], index: int) -> list[dict[str, Any]]:
+    """The rules in force but the one at ``index``, as the policy carries them."""
+    return [r.model_dump(mode="json", exclude_none=True) for i, r in enumerate(rules) if i != index]
 
 
 def _title(section: str) -> str:

@@ -24,7 +24,7 @@ from spu_engine.freeze_advice import Advice, advise, trends
 from spu_engine.policy import Change, FreezeRule
 from spu_engine.protocol import PreviewEvent
 
-from ..run_state import Aspect, RunState
+from ..run_model import Aspect, RunModel
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
 BAR_FROM = 56  # columns from which the table has room for the update-ratio bar and whole unit names
@@ -48,7 +48,7 @@ class LearningView(Widget):
         self.proposed: Change | None = None  # the advice previewed by a first `v`, applied by the next while it stands
         self._embeddings_train = False
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         units = [u.name for u in state.units]
         self.rows = tuple(
             (t.unit, t.grad_norm, t.update_ratio, t.grad_trend, t.ratio_trend) for t in trends(list(state.unit_history), units)

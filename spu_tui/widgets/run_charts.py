@@ -18,7 +18,7 @@ from textual.widgets import Input, Static
 from spu_engine.run_metrics import Points, RunMetrics, matching
 
 from ..compare import COLORS, ComparedRun
-from ..run_state import Aspect, RunState
+from ..run_model import Aspect, RunModel
 from .chart import BarSpec, Chart, LineSpec, Series
 from .learning_view import short_unit
 
@@ -74,7 +74,7 @@ class LossChart(Chart):
         if legend != self._legend:
             self._legend = self.border_subtitle = legend
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         self.set_class(bool(self.pattern), "-filtered")
         runs = [(state.metrics, COLORS[0])] + [(c.metrics, COLORS[(i + 1) % len(COLORS)]) for i, c in enumerate(self.compared)]
         if self.pattern:
@@ -84,7 +84,7 @@ class LossChart(Chart):
         else:
             self._show_own(state)
 
-    def _show_own(self, state: RunState) -> None:
+    def _show_own(self, state: RunModel) -> None:
         self._set_legend((LOSS_LEGEND if self.size.width >= LEGEND_FROM else LOSS_LEGEND_SHORT).format(metric=state.metric))
         self.redraw(
             LineSpec(
@@ -98,7 +98,7 @@ class LossChart(Chart):
             )
         )
 
-    def _show_runs(self, state: RunState, runs: list[tuple[RunMetrics, str]]) -> None:
+    def _show_runs(self, state: RunModel, runs: list[tuple[RunMetrics, str]]) -> None:
         """Every run in its own colour: smoothed train loss, eval loss, the task's metric (right axis), its policy changes."""
         series, marks = [], []
         smoothed: dict[int, tuple] = {}
@@ -176,7 +176,7 @@ class SparsityChart(Chart):
         self.round: int | None = None  # index into the run's IMP rounds; None: live
         self._subtitle: str | None = None
 
-    def step_round(self, delta: int, state: RunState) -> None:
+    def step_round(self, delta: int, state: RunModel) -> None:
         """Move to the round before (-1) or after (+1); past the last round is live, and before the first wraps to it."""
         count = len(state.imp_rounds)
         if not count:
@@ -186,7 +186,7 @@ class SparsityChart(Chart):
         position = (position + delta) % (count + 1)
         self.round = None if position == count else position
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         names = [u.name for u in state.units] if state.unit_stats or state.imp_rounds else []
         chosen = state.imp_rounds[self.round] if self.round is not None and self.round < len(state.imp_rounds) else None
         if chosen is None:  # live: each unit's pruned share of all its parameters

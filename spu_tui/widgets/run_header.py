@@ -9,7 +9,7 @@ from textual.widget import Widget
 
 from spu_engine.protocol import SystemEvent
 
-from ..run_state import Aspect, RunState
+from ..run_model import Aspect, RunModel
 from .system_view import summary
 
 STATE_STYLE = {
@@ -38,7 +38,7 @@ class RunHeader(Widget):
     machine: reactive[str] = reactive("")  # the newest system sample, summed up
     tokens_per_s: reactive[float | None] = reactive(None)
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         self.run_name, self.model, self.state = state.run, state.model, state.state
         self.step, self.total, self.samples_per_s, self.eta_s = state.step, state.total_steps, state.samples_per_s, state.eta_s
         self.waiting = state.waiting

@@ -13,7 +13,7 @@ from textual.widget import Widget
 
 from spu_engine.protocol import SystemEvent
 
-from ..run_state import Aspect, RunState
+from ..run_model import Aspect, RunModel
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 LABEL = 12  # columns of a row's label
@@ -102,7 +102,7 @@ class SystemView(Widget):
         self._rows: list[Row] = []
         self._ended = False
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         self._rows = rows(list(state.system))
         self._ended = state.state in ENDED
         self.refresh()

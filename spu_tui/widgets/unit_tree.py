@@ -18,7 +18,7 @@ from textual.widgets.tree import TreeNode
 
 from spu_engine.policy import Change, FreezeRule
 
-from ..run_state import Aspect, RunState
+from ..run_model import Aspect, RunModel
 
 NARROW_BELOW = 50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
 
@@ -53,17 +53,17 @@ class UnitTree(Tree[Row]):
         self.guide_depth = 2
         self.changing: set[Row] = set()  # rows with a change on its way: "·" once sent ...
         self.queued: set[Row] = set()  # ... and "…" once the engine has it, until it applies it
-        self._state: RunState | None = None
+        self._state: RunModel | None = None
         self._row_nodes: dict[Row, TreeNode[Row]] = {}
 
     # -- drawing (called by the screen) -------------------------------------
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         self._state = state
         self._sync_rows(state)
         self.relabel()
 
-    def _sync_rows(self, state: RunState) -> None:
+    def _sync_rows(self, state: RunModel) -> None:
         """Rows follow the units the engine last described: new tensors (a PEFT method's) appear, removed ones go."""
         wanted = {Row("unit", u.name): [Row("tensor", p.name) for p in u.params] for u in state.units}
         if list(wanted) == [r for r in self._row_nodes if r.kind == "unit"] and all(

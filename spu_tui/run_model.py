@@ -1,6 +1,6 @@
 """What the console knows about a run, rebuilt from engine events alone.
 
-The same ``RunState.apply`` consumes live events from the socket and the
+The same ``RunModel.apply`` consumes live events from the socket and the
 history in ``events.jsonl``, so attaching to a run late draws exactly what a
 console attached from the start would show.  The state knows nothing of the
 views: it counts revisions of each ``Aspect`` of the run, and every view draws
@@ -71,7 +71,7 @@ class LogLine:
 
 
 @dataclass
-class RunState:
+class RunModel:
     run: str = "?"
     run_dir: str = ""
     model: str = "?"

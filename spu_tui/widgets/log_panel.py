@@ -9,13 +9,13 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import RichLog
 
-from ..run_state import Aspect, LogLine, RunState
+from ..run_model import Aspect, LogLine, RunModel
 
 KIND_STYLE = {"policy": "magenta", "eval": "cyan", "state": "blue", "checkpoint": "green", "export": "green", "log": "white", "ui": "yellow"}
 MAX_LINES = 2000
 
 
-class EventLog(RichLog):
+class LogPanel(RichLog):
     WATCHES = (Aspect.LOG,)
 
     def __init__(self, **kwargs) -> None:
@@ -24,7 +24,7 @@ class EventLog(RichLog):
         self.shown = 0
         self._width = 0
 
-    def show(self, state: RunState) -> None:
+    def show(self, state: RunModel) -> None:
         self.lines_source = state.log
         self._write_new()
 

@@ -1,0 +1,52 @@
+"""A list of what the engine has in force (rules, scheduled entries), any one of which the user may ask to remove."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import Label, ListItem, ListView
+
+
+class RemovableItem(ListItem):
+    """One line that can be removed (the line saying the list is empty is a plain ``ListItem``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(Label(text))
+
+
+class RemovableList(ListView):
+    """Lines in the engine's order; ``delete`` or ``x`` asks to remove the highlighted one, ``empty`` says there are
+    none."""
+
+    BINDINGS = [Binding("delete,x", "remove", "remove")]
+
+    class RemoveRequested(Message):
+        def __init__(self, removable_list: RemovableList, index: int) -> None:
+            super().__init__()
+            self.removable_list = removable_list
+            self.index = index
+
+        @property
+        def control(self) -> RemovableList:
+            return self.removable_list
+
+    def __init__(self, empty: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.empty = empty
+        self.lines: list[str] | None = None  # as last shown (None: not yet)
+
+    def show(self, lines: list[str]) -> None:
+        """List ``lines`` (again only when they changed), keeping the highlight where it was as far as they reach."""
+        if lines == self.lines:
+            return
+        self.lines = lines
+        self.clear()
+        if lines:
+            self.extend(RemovableItem(line) for line in lines)
+            self.call_after_refresh(setattr, self, "index", min(self.index or 0, len(lines) - 1))
+        else:
+            self.append(ListItem(Label(self.empty)))
+
+    def action_remove(self) -> None:
+        if self.index is not None and isinstance(self.highlighted_child, RemovableItem):
+            self.post_message(self.RemoveRequested(self, self.index))
