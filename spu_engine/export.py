@@ -51,9 +51,9 @@ from . import compact_heads
 from .checkpoint import latest_checkpoint, load_method_tensors
 from .compact_heads import dead_heads, head_count, keep_heads, slice_layer
 from .methods.pruning.layout import ffn_layers
-from .methods.lora import lora_config
-from .methods.adalora import inject_adalora
-from .methods.peft_inject import eject, inject
+from .methods.peft.lora import lora_config
+from .methods.peft.adalora import inject_adalora
+from .methods.peft.inject import eject, inject
 from .model import AUTO_CLASSES, count_params, find_block_list, load_model, load_tokenizer, name_classes, stable_name
 from .policy import Peft, Policy
 from .runs import CHECKPOINTS, CONFIG
