@@ -86,8 +86,8 @@ class AutoFreeze(Method):
                      "(the count above is before the first draw)")]
         if auto.method == "autofreeze":
             bound = f"{auto.threshold:.0%}" if auto.threshold is not None else f"the {auto.percentile:g}th percentile"
-            return [f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is "
-                    f"below {bound} freeze"]
+            return [(f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is "
+                     f"below {bound} freeze")]
         return []
 
     def exported(self, initial: Policy) -> Policy:

@@ -168,8 +168,8 @@ class PruningMethod(Method):
             return []
         outside = self.outside_blocks(self.resolve_targets(after.pruning))
         if outside:
-            return [f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): "
-                    "the head may collapse"]
+            return [(f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): "
+                     "the head may collapse")]
         return []
 
     def collapse_note(self) -> str | None:
