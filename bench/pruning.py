@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.export import export_run
-from spu_engine.methods.pruning import PruningMethod
+from spu_engine.methods.pruning.method import PruningMethod
 from spu_engine.model import load_model, load_tokenizer
 from spu_engine.model_source import offline_model_dir
 from spu_engine.policy_files import parse_policy

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from common import DATA, minilm_sst2
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.training import NO_DECAY
-from spu_engine.methods.selective_backprop import SelectiveBackprop
+from spu_engine.methods.selective_backprop.method import SelectiveBackprop
 from spu_engine.model_source import offline_model_dir
 from spu_engine.policy_files import parse_policy
 

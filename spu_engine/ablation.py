@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .methods.adapter import BottleneckAdapter
+from .methods.peft.adapter import BottleneckAdapter
 from .model import find_block_list
 
 

@@ -35,7 +35,7 @@ from .distributed import Distributed
 from .event_log import EventLog
 from .faults import UnwrittenState
 from .lifecycle import RunControl, RunState, Stop
-from .methods import METHODS
+from .methods import method_classes
 from .model import count_params, load_model, load_tokenizer, name_classes
 from .model_source import ModelLoadError, resolve_model_name
 from .policy import Change, Policy, PolicyError, TimelineEntry, undo_change
@@ -99,7 +99,7 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         self.stream = BatchStream(len(self.task.train), seed=config.seed)
         # an epoch in optimizer steps, as the HF Trainer counts it (selective backprop draws more samples a step)
         self.steps_per_epoch = max(1, len(self.task.train) // (config.batch_size * (dist.world_size if dist else 1)))
-        self.methods = [m(self) for m in METHODS]
+        self.methods = [m(self) for m in method_classes()]
         self.optimizer = build_optimizer(self.model, config)
         self.warm_from: dict[str, int] = {}
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -158,13 +158,13 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
         try:
             return self._load_model(self.config.model)
         except ModelLoadError as exc:
-            raise PolicyError(f"distillation.teacher: {exc}") from None
+            raise PolicyError(str(exc)) from None
 
     def load_teacher(self, source: str) -> torch.nn.Module:
         try:
             return load_model(source, type(self.task).model_kind, num_labels=None, tokenizer=self.tokenizer, trained=True)
         except ModelLoadError as exc:
-            raise PolicyError(f"distillation.teacher: {exc}") from None
+            raise PolicyError(str(exc)) from None
 
     def _setup_policy(self, policy: Policy) -> None:
         check_policy_against_model(policy, self.model, self.units, self.names_under)
@@ -244,14 +244,11 @@ class Engine(StepLoop, RunControl, PolicyRuntime):
     def replayable_policy(self) -> Policy:
         """Run settings + state at step 0 + every change applied so far + changes still scheduled + the triggers, each
         with the steps it fired at (its firings are among the changes applied, so a replay does not decide them again),
-        and automatic freezing marked as decided up to its last decision (recorded too)."""
+        and each method that decides by itself marked as decided up to its last decision (``Method.exported``)."""
         timeline = [*self.recorded, *self.pending, *self.triggers]
         initial = self.initial_policy
-        decided = next(m.last_decided for m in self.methods if m.section == "auto_freeze")
-        if decided is not None:
-            auto = initial.auto_freeze
-            through = max(decided, auto.decided_through or 0)
-            initial = initial.model_copy(update={"auto_freeze": auto.model_copy(update={"decided_through": through})})
+        for m in self.methods:
+            initial = m.exported(initial)
         return initial.model_copy(update={"run": self.config.run_settings(), "timeline": timeline})
 
     def scheduled(self) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods import METHODS
+from .methods import method_classes
 from .policy import Change, LearningRates, Policy, PolicyError
 from .runtime import PolicyRuntime
 from .selection import check_policy_against_model
@@ -61,8 +61,8 @@ class LoopConfig:
     stats_every: int = 10
 
 
-DISTILLATION_HERE = ("distillation: your loop computes its own loss, so the policy cannot mix in the teacher's KL; "
-                     "train with `spu train`, or add the KL in your loss and leave distillation off")
+NO_TEACHER_HERE = ("your loop computes its own loss, so the policy cannot mix in a teacher's; "
+                   "train with `spu train`, or add the teacher's term to your loss and leave this section off")
 
 
 class PolicyController(PolicyRuntime):
@@ -93,7 +93,7 @@ class PolicyController(PolicyRuntime):
         self.refresh_parameters()
         self.loaded_names = list(self.param_names)
         self._check_optimizer()
-        self.methods = [m(self) for m in METHODS]
+        self.methods = [m(self) for m in method_classes()]
         check_policy_against_model(policy, model, self.units, self.names_under)
         self.current = policy.state()
         self.split_timeline(policy)
@@ -132,13 +132,13 @@ class PolicyController(PolicyRuntime):
         """``loss_fn(batch)`` gives per-sample losses [B] (``per_sample_loss`` below does it for classification,
         QA and LM batches).  With selective backprop on, the batch is scored without a graph and only the
         kept samples get a second, grad-enabled forward; with none kept the loss is a graph-less zero."""
-        sb = self.method("selective_backprop")
-        if sb is None or not sb.active:
+        select = next((f for m in self.methods if (f := m.sample_selector()) is not None), None)
+        if select is None:
             loss = loss_fn(batch)
             return loss.mean(), loss.detach().mean()
         with torch.no_grad():
             scores = loss_fn(batch).detach().float()
-        keep = sb.select(scores.cpu()).nonzero().flatten().tolist()  # the engine's selection rule and its random stream
+        keep = select(scores.cpu()).nonzero().flatten().tolist()  # the engine's selection rule and its random stream
         if not keep:
             return torch.zeros((), device=scores.device, requires_grad=True), scores.mean()
         rows = torch.tensor(keep)
@@ -166,10 +166,10 @@ class PolicyController(PolicyRuntime):
         self.history.append({"step": self.step_count, "source": source, "trainable": self.trainable_count()})
 
     def initial_model(self) -> nn.Module:
-        raise PolicyError(DISTILLATION_HERE)
+        raise PolicyError(NO_TEACHER_HERE)
 
     def load_teacher(self, source: str) -> nn.Module:
-        raise PolicyError(DISTILLATION_HERE)
+        raise PolicyError(NO_TEACHER_HERE)
 
     def log(self, message: str, level: str = "info") -> None:
         log.log(getattr(logging, level.upper(), logging.INFO), message)
@@ -182,8 +182,9 @@ class PolicyController(PolicyRuntime):
     # ------------------------------------------------------------------ internals
 
     def _configure_methods(self, policy: Policy) -> None:
-        if policy.lr != LearningRates() or policy.peft.lr_ratio != 1.0:
-            key = "lr" if policy.lr != LearningRates() else "peft.lr_ratio"
+        keys = ["lr"] if policy.lr != LearningRates() else [k for m in self.methods if (k := m.lr_setting(policy))]
+        key = keys[0] if keys else None
+        if key is not None:
             raise PolicyError(f"{key}: per-unit learning rates need the engine's optimizer groups (spu train); in your own loop give "
                               "your optimizer's param groups their lr, and leave this section out")
         for m in self.configure_order(policy):
@@ -310,9 +311,10 @@ class SPUCallback(TrainerCallback):
         self.controller = PolicyController(
             model, self.policy, optimizer, scheduler, steps=state.max_steps or None, seed=self.seed, steps_per_epoch=per_epoch
         )
-        if self.policy.selective_backprop.mode != "off" or any("selective_backprop" in e.set for e in self.policy.timeline):
-            log.warning("SPUCallback: Trainer backpropagates its own mean loss; for selective backprop return "
-                        "callback.controller.selective_loss(...) from compute_loss (see examples/hf_trainer.py)")
+        for m in self.controller.methods:
+            missed = m.own_loss_warning(self.policy)
+            if missed is not None:
+                log.warning("SPUCallback: Trainer backpropagates its own mean loss; " + missed)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.step(state.global_step)

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from .methods.base import HostConfig
-from .methods.peft_base import AddedTensorsMethod
 from .model import Units, count_params, find_units, stable_parameters
 from .policy import Change, Policy, PolicyError, TimelineEntry
 from .selection import check_policy_against_model, freeze_mask, lr_scales
@@ -160,13 +159,12 @@ class PolicyRuntime:
 
     def lr_multipliers(self, policy: Policy | None = None) -> dict[str, float]:
         """Stable name -> learning-rate multiplier under ``policy`` (default: the one in force): the ``lr`` section's
-        decay and scale rules, times LoRA+'s ratio for LoRA's B factors."""
+        decay and scale rules, times the factors the methods put on their tensors (LoRA+'s on LoRA's B factors)."""
         policy = policy or self.current
         scales = lr_scales(policy.lr, self.param_names, self.units)
-        if policy.peft.method in ("lora", "adalora") and policy.peft.lr_ratio != 1.0:
-            for n in scales:
-                if ".lora_B." in n or n.endswith(".lora_B"):  # LoRA's lora_B.weight, AdaLoRA's lora_B
-                    scales[n] *= policy.peft.lr_ratio
+        for m in self.methods:
+            for n, factor in m.lr_multipliers(policy, list(scales)).items():
+                scales[n] *= factor
         return scales
 
     def optimizer_state(self, param: torch.nn.Parameter) -> dict[str, Any]:
@@ -182,17 +180,16 @@ class PolicyRuntime:
     # ------------------------------------------------------------------ what trains
 
     def configure_order(self, policy: Policy) -> list:
-        """The methods, those that ``policy`` switches off first: a PEFT method that must go (or refuses to, having
+        """The methods, those that ``policy`` switches off first: a method that must go (or refuses to, having
         trained) does so before another adds its tensors, so a refused switch never leaves two half-installed."""
-        leaving = [m for m in self.methods if m.active and m.section == "peft" and getattr(m, "name", None) != policy.peft.method]
+        leaving = [m for m in self.methods if m.leaves_under(policy)]
         return leaving + [m for m in self.methods if m not in leaving]
 
     def names_under(self, policy: Policy) -> list[str]:
-        """Parameter names (stable) the model has under ``policy``: as loaded, plus what its PEFT method adds."""
+        """Parameter names (stable) the model has under ``policy``: as loaded, plus what its methods add."""
         added: dict[str, int] = {}
         for m in self.methods:
-            if isinstance(m, AddedTensorsMethod) and m.name == policy.peft.method:
-                added = m.planned(policy.peft)
+            added.update(m.added_under(policy))
         return [*self.loaded_names, *added]
 
     def refresh_parameters(self) -> None:
@@ -219,17 +216,16 @@ class PolicyRuntime:
     def preview(self, change: Change) -> dict[str, Any]:
         """What ``change`` would do, without doing it (the console shows this before a change is applied).
 
-        Trainable parameters and their share, with the tensors a PEFT switch would add; an estimate of the
-        backward compute kept: the blocks from the first trainable one to the end (a frozen prefix needs no
-        backward) times selective backprop's kept share; the pruning target, which saves no compute with dense
-        kernels; and notes on what a setting trains that its name does not say.
+        Trainable parameters and their share, with the tensors a method would add; an estimate of the backward
+        compute kept: the blocks from the first trainable one to the end (a frozen prefix needs no backward) times
+        the share of samples the methods keep; the pruning target, which saves no compute with dense kernels; and
+        each method's notes on what a setting does that its name does not say.
         """
         new = self.current.apply(change)  # PolicyError, naming the key, for a value the policy does not allow
         names = self.names_under(new)
         sizes = {n: p.numel() for n, p in self.params.items()}
         for m in self.methods:
-            if isinstance(m, AddedTensorsMethod) and m.name == new.peft.method:
-                sizes.update(m.planned(new.peft))
+            sizes.update(m.added_under(new))
         mask = self.trainable_mask(new, names)
         trainable = sum(sizes.get(n, 0) for n, trains in mask.items() if trains)
         total = sum(sizes.get(n, 0) for n in names)
@@ -237,43 +233,17 @@ class PolicyRuntime:
         blocks = [u.name for u in self.units if u.name.startswith("block")]
         first = next((i for i, b in enumerate(blocks) if b in training_units), None)
         depth = 1.0 if "embeddings" in training_units else (len(blocks) - first) / len(blocks) if first is not None and blocks else 0.0
-        sb = new.selective_backprop
-        keep = {"off": 1.0, "percentile": sb.keep, "threshold": None}[sb.mode]
-        notes = []
-        wus = new.weight_update_skipping
-        if wus.enabled:
-            phase = wus.phase or wus.start_phase
-            what = "every trainable tensor" if phase == "full" else "biases only" + (f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else "")
-            notes.append(f"weight-update skipping: phase {phase} trains {what}")
+        shares = [m.backward_share(new) for m in self.methods]
+        keep = None if None in shares else math.prod(shares)
+        notes = [note for m in self.methods for note in m.preview_notes(self.current, new)]
         if trainable == 0:
             notes.append("nothing would train: the freeze rules and the methods together leave no parameter (steps would change nothing)")
-        if sb.mode == "threshold":
-            notes.append("selective backprop (threshold): the kept share depends on the losses")
-        kd = new.distillation
-        if kd.enabled:
-            teacher = "the model as loaded at step 0" if kd.teacher == "initial" else kd.teacher
-            notes.append(f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
-                         f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}")
-        if new.lr != self.current.lr or new.peft.lr_ratio != self.current.peft.lr_ratio or new.lr.decay != 1.0 or new.lr.scale:
+        multipliers_move = self.lr_multipliers(new) != self.lr_multipliers()  # a method's factor changed (LoRA+)
+        if new.lr != self.current.lr or multipliers_move or new.lr.decay != 1.0 or new.lr.scale:
             notes.append("lr multipliers: " + self._describe_multipliers(new))
         if new.lr.warm_in:
             notes.append(f"warm-in: a tensor that starts training from now on ramps its lr in over {new.lr.warm_in} steps")
-        auto = new.auto_freeze
-        if auto.method == "lisa":
-            notes.append(f"lisa: from the next step, every {auto.interval} steps {auto.n_layers} of the blocks train, drawn at random; "
-                         f"embeddings {'train' if auto.embeddings else 'frozen'}, head {'trains' if auto.head else 'frozen'} "
-                         "(the count above is before the first draw)")
-        elif auto.method == "autofreeze":
-            bound = f"{auto.threshold:.0%}" if auto.threshold is not None else f"the {auto.percentile:g}th percentile"
-            notes.append(f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is below {bound} freeze")
-        sparsity = None
-        if new.pruning.method != "none":
-            sparsity = new.pruning.schedule.final_sparsity
-            pruning = next((m for m in self.methods if m.section == "pruning"), None)
-            if pruning is not None:
-                outside = pruning.outside_blocks(pruning.resolve_targets(new.pruning))
-                if outside:
-                    notes.append(f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): the head may collapse")
+        sparsity = next((s for m in self.methods if (s := m.target_sparsity(new)) is not None), None)
         return {
             "trainable": trainable,
             "total": total,

@@ -13,6 +13,7 @@ from typing import Callable
 
 from torch import nn
 
+from .methods.registry import section_specs
 from .model import Units, stable_parameters
 from .policy import FreezeRule, LearningRates, Policy, PolicyError, ScaleRule, Selector
 
@@ -132,8 +133,9 @@ def check_policy_against_model(
     names = names_of(in_force)
     check_rules(in_force.freeze, names, units)
     check_rules(in_force.lr.scale, names, units, where="lr.scale")
-    if in_force.pruning.method != "none" and in_force.pruning.targets is not None:
-        check_patterns(in_force.pruning.targets, names, "pruning.targets")
+    for section in section_specs():
+        for key, patterns in getattr(in_force, section).name_globs().items():
+            check_patterns(patterns, names, f"{section}.{key}")
     for t, entry in enumerate(policy.timeline):
         in_force = in_force.apply(entry)
         names = names_of(in_force)
@@ -143,8 +145,10 @@ def check_policy_against_model(
             check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
         if isinstance(entry.set.get("lr"), dict) and "scale" in entry.set["lr"]:
             check_rules(in_force.lr.scale, names, units, where=f"timeline[{t}].set.lr.scale")
-        if "pruning" in entry.set and in_force.pruning.method != "none" and in_force.pruning.targets is not None:
-            check_patterns(in_force.pruning.targets, names, f"timeline[{t}].set.pruning.targets")
+        for section in section_specs():
+            if section in entry.set:
+                for key, patterns in getattr(in_force, section).name_globs().items():
+                    check_patterns(patterns, names, f"timeline[{t}].set.{section}.{key}")
 
 
 def close_matches(pattern: str, names: list[str], n: int = 3) -> list[str]:

@@ -5,8 +5,8 @@
 selective backprop needs, backward with the AMP scaler, the warm-up and linear
 decay of the learning rate, clipping, the optimizer step, and the ``step`` and
 ``units`` events.  Methods hook in at fixed points (``before_step``,
-``after_backward``, ``on_gradients``, ``after_optimizer_step``); a method with
-``forward_backward`` (selective backprop) replaces the plain one.
+``after_backward``, ``on_gradients``, ``after_optimizer_step``); a method whose
+``forward_backward`` gives one (selective backprop) replaces the plain one.
 """
 
 from __future__ import annotations
@@ -137,8 +137,9 @@ class StepLoop:
         """The loss training minimises: the task's, or what a method makes of it (distillation mixes in a KL)."""
         with self._autocast():
             for m in self.methods:
-                if m.active and hasattr(m, "per_sample_loss"):
-                    return m.per_sample_loss(self, batch)
+                loss = m.per_sample_loss(self, batch) if m.active else None
+                if loss is not None:
+                    return loss
             return self.task.per_sample_loss(self.model, batch)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -164,8 +165,9 @@ class StepLoop:
     def _forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
         """Loss (detached), samples consumed, extra stats.  Selective backprop replaces this."""
         for m in self.methods:
-            if m.active and hasattr(m, "forward_backward"):
-                return m.forward_backward(self)
+            done = m.forward_backward(self) if m.active else None
+            if done is not None:
+                return done
         batch = self.next_batch()
         loss = self.per_sample_loss(batch).mean()
         self.backward(loss)
@@ -274,12 +276,9 @@ class StepLoop:
             return
         collapsed = share >= COLLAPSED_SHARE
         if collapsed and not self.collapsed:
-            pruning = next((m for m in self.methods if m.section == "pruning" and m.active), None)
-            movement = pruning is not None and pruning.settings.method == "movement"
+            said = "".join(f"; {note}" for m in self.methods if (note := m.collapse_note()) is not None)
             self.log(f"step {self.step}: {round(share * n)} of the {n} evaluated examples got the same answer; the model has collapsed "
-                     f"to one class (its accuracy {metrics['accuracy']:.4f} is that class's share)"
-                     + ("; movement pruning does not come back from this (its scores learn only from the task's gradient, which a "
-                        "collapsed model no longer has): magnitude and soft movement can" if movement else ""), "warning")
+                     f"to one class (its accuracy {metrics['accuracy']:.4f} is that class's share)" + said, "warning")
         elif self.collapsed and not collapsed:
             self.log(f"step {self.step}: the model answers by its input again (the most common answer {100 * share:.1f} % of {n})")
         self.collapsed = collapsed

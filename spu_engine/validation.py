@@ -1,8 +1,11 @@
-"""pydantic's validation errors, said as SPU says every error: which key, what is wrong, in one line."""
+"""pydantic's validation errors, said as SPU says every error (which key, what is wrong, in one line), and the strict
+base every policy section validates with."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 
 def error_text(error: dict[str, Any]) -> str:
@@ -19,3 +22,16 @@ def key_path(loc: tuple[Any, ...]) -> str:
         else:
             path += ("." if path else "") + str(part)
     return path or "(top level)"
+
+
+class Section(BaseModel):
+    """The base of every policy section (the policy's own and each method's): an unknown key, a non-finite number or
+    an invalid assignment is an error.  It lives here, outside ``policy``, so a method's settings module can build on
+    it without importing the policy, which is assembled from those modules."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def name_globs(self) -> dict[str, list[str]]:
+        """Key -> globs over parameter names that must each select something in the model (checked at load and
+        at each timeline entry); none by default."""
+        return {}

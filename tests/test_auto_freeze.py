@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spu_engine.methods import auto_freeze as auto_freeze_module
+from spu_engine.methods.auto_freeze import method as auto_freeze_module
 from spu_engine.policy import PolicyError
 from spu_engine.policy_files import parse_policy
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny, tiny_config
 
-from spu_engine.methods.distillation import Distillation
+from spu_engine.methods.distillation.method import Distillation
 from spu_engine.policy import Change, PolicyError
 from spu_engine.policy_files import parse_policy
 from spu_engine.tasks.lm import LMTask

@@ -13,7 +13,7 @@ from spu_engine.engine import Engine, EngineConfig
 from spu_engine.compact_heads import attention_layout, head_count
 from spu_engine.export import compact_attention, compact_ffn, export_run, probe_batch, remove_blocks, save_model
 from spu_engine.export.ffn import ffn_modules as _ffn_modules, neuron_rows as _neuron_rows
-from spu_engine.methods.pruning import PruningMethod
+from spu_engine.methods.pruning.method import PruningMethod
 from spu_engine.model import count_params, find_block_list
 from spu_engine.policy_files import parse_policy
 

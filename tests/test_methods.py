@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from spu_engine.methods.adapter import SLOTS, BottleneckAdapter
+from spu_engine.methods.peft.adapter import SLOTS, BottleneckAdapter
 from spu_engine.methods.targets import is_bias, norm_names, task_head_names
 from spu_engine.policy import Change, PolicyError
 from spu_engine.policy_files import parse_policy

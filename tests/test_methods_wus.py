@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spu_engine.methods.targets import is_bias
-from spu_engine.methods.weight_update_skipping import WeightUpdateSkipping
+from spu_engine.methods.weight_update_skipping.method import WeightUpdateSkipping
 from spu_engine.policy import Change, PolicyError
 from spu_engine.policy_files import parse_policy
 

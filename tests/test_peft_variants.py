@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from spu_engine.engine import Engine, EngineConfig
 from spu_engine.export import export_run, probe_batch
-from spu_engine.methods.adalora import AdaLoRA
+from spu_engine.methods.peft.adalora import AdaLoRA
 from spu_engine.policy import Change, Policy, PolicyError
 from spu_engine.policy_files import parse_policy
 

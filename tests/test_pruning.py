@@ -10,7 +10,7 @@ from conftest import build_tiny
 from safetensors.torch import load_file
 from torch.nn.utils import prune
 
-from spu_engine.methods.pruning import PruningMethod
+from spu_engine.methods.pruning.method import PruningMethod
 from spu_engine.methods.pruning.layout import sublayer
 from spu_engine.methods.pruning.masks import MaskedWeights
 from spu_engine.policy import Change, PolicyError

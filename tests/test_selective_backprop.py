@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import DATA, build_tiny
 from spu_engine.batching import BatchStream
 from spu_engine.engine import Engine, EngineConfig
-from spu_engine.methods.selective_backprop import SelectiveBackprop
+from spu_engine.methods.selective_backprop.method import SelectiveBackprop
 from spu_engine.policy import Change
 from spu_engine.policy_files import parse_policy
 from spu_engine.tasks import TaskOptions

@@ -7,9 +7,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..methods.adalora import inject_adalora
-from ..methods.lora import lora_config
-from ..methods.peft_inject import eject, inject
+from ..methods.peft.adalora import inject_adalora
+from ..methods.peft.lora import lora_config
+from ..methods.peft.inject import eject, inject
 from ..model import load_model, stable_name
 from ..policy import Peft
 from .errors import ExportError

@@ -1,35 +1,15 @@
-"""Selective-update methods, registered in one place.
+"""Selective-update methods, one package each, registered in ``registry.py``.
 
 Each method reads one policy section.  A section whose settings are not the
 defaults but that no registered method implements is refused by the engine
 with a clear message rather than silently ignored.
+
+This package stays torch-free (the policy and the console import it): the
+registry holds specs, and an implementation is imported when a host builds it.
 """
 
 from __future__ import annotations
 
-from .adalora import AdaLoRA
-from .adapter import Adapter
-from .auto_freeze import AutoFreeze
-from .base import Method
-from .bitfit import BitFit
-from .distillation import Distillation
-from .ia3 import IA3
-from .lora import LoRA
-from .pruning import PruningMethod
-from .selective_backprop import SelectiveBackprop
-from .weight_update_skipping import WeightUpdateSkipping
+from .registry import METHODS, SPECS, method_classes, section_specs
 
-METHODS: list[type[Method]] = [
-    AutoFreeze,  # first: its decisions change what trains, which the others read in their own before_step (movement's hooks)
-    BitFit,
-    Adapter,
-    IA3,
-    LoRA,
-    AdaLoRA,
-    SelectiveBackprop,
-    WeightUpdateSkipping,
-    PruningMethod,
-    Distillation,
-]
-
-__all__ = ["METHODS", "Method"]
+__all__ = ["METHODS", "SPECS", "method_classes", "section_specs"]

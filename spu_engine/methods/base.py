@@ -6,6 +6,11 @@ hooks below at fixed points.  ``configure`` is called at a step boundary
 whenever the policy changes (and once at start); it may raise ``PolicyError``
 to refuse a change, which then leaves the host untouched.
 
+What a method changes of the host's own work (the loss, the forward and
+backward, learning-rate factors, tensors it adds, what-if notes, ...) is a
+declared hook too, with a default that changes nothing: a host calls every
+method's hook and never asks for a method by name or looks a hook up.
+
 Methods see their host only through ``Host``: a protocol, so the engine and the
 controller implement it without a common base a method could reach past, and
 no method imports the engine.
@@ -74,11 +79,12 @@ class Host(Protocol):
 
     def initial_model(self) -> nn.Module:
         """A fresh copy of the model as the run loaded it at step 0, before any method changed it (distillation's
-        default teacher); PolicyError where the host keeps none."""
+        default teacher); PolicyError where the host keeps none (its message names no key: the method adds its own)."""
         ...
 
     def load_teacher(self, source: str) -> nn.Module:
-        """The model in folder (or hub id) ``source`` with the run's task head; PolicyError naming it if it does not load."""
+        """The model in folder (or hub id) ``source`` with the run's task head; PolicyError saying why if it does not
+        load (no key named: the method adds its own)."""
         ...
 
     def apply_change(self, change: Change, source: str) -> None:
@@ -178,3 +184,67 @@ class Method(Checkpointed):
     def stats(self, step: int) -> dict[str, Any]:
         """Extra fields for the event of ``step`` (the count of steps taken, as the event says)."""
         return {}
+
+    # -- what a method changes of the host's own work (each returns None / nothing when it changes nothing) -----
+
+    def per_sample_loss(self, loop: TrainingLoop, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """While active: the per-sample loss training minimises, when this method makes it (distillation); None: the
+        task's.  The first active method that gives one decides."""
+        return None
+
+    def forward_backward(self, loop: TrainingLoop) -> tuple[torch.Tensor, int, dict[str, Any]] | None:
+        """While active: one step's forward and backward in place of the plain one (selective backprop), as the loss
+        (detached), the samples consumed and extra stats; None: the plain one.  The first that gives one decides."""
+        return None
+
+    def sample_selector(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For a loop that computes its own loss: per-sample losses -> a mask of the samples to backpropagate
+        (selective backprop, while active); None: every sample."""
+        return None
+
+    def own_loss_warning(self, policy: Policy) -> str | None:
+        """What a loop that backpropagates its own mean loss misses of this method under ``policy`` (its timeline
+        included); said once when such a loop attaches."""
+        return None
+
+    def lr_multipliers(self, policy: Policy, names: list[str]) -> dict[str, float]:
+        """Stable name -> a factor this method puts on the learning rate of that tensor under ``policy`` (LoRA+ on
+        the B factors), on top of the ``lr`` section's; names it does not scale are left out."""
+        return {}
+
+    def lr_setting(self, policy: Policy) -> str | None:
+        """The key of a setting of ``policy`` that needs per-tensor learning rates (the engine's optimizer groups),
+        for a host that has none to refuse it; None: none."""
+        return None
+
+    def leaves_under(self, policy: Policy) -> bool:
+        """Whether ``policy`` switches this method off while it has changed the model: it is configured before the
+        others, so one that must go (or refuses to) does so before another adds its tensors."""
+        return False
+
+    def added_under(self, policy: Policy) -> dict[str, int]:
+        """Stable name -> size of each tensor this method would add to the model under ``policy`` (what a change
+        would train, previewed before it is made)."""
+        return {}
+
+    def backward_share(self, policy: Policy) -> float | None:
+        """The expected share of the samples that get a backward under ``policy`` (1: all); None: it depends on
+        the losses."""
+        return 1.0
+
+    def target_sparsity(self, policy: Policy) -> float | None:
+        """The share of the weights ``policy`` removes in the end; None: it prunes nothing."""
+        return None
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        """What-if notes on changing ``before`` to ``after``: what a setting does that its name does not say."""
+        return []
+
+    def collapse_note(self) -> str | None:
+        """Said with the warning that the model answers every example alike: what this method means for that."""
+        return None
+
+    def exported(self, initial: Policy) -> Policy:
+        """The policy at step 0 as an export writes it: a method that decides by itself marks how far its decisions
+        are recorded in the timeline (auto-freeze), so a replay does not decide them again."""
+        return initial

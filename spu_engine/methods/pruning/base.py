@@ -20,7 +20,7 @@ from .structure import Family, families, select_groups
 
 if TYPE_CHECKING:
     from ..base import Host
-    from ...policy import Pruning
+    from .settings import Pruning
 
 
 def lowest(flat: torch.Tensor, n_prune: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...policy import PolicyError, Pruning
+from ...policy import PolicyError
 from ...selection import globbed
 from ..base import Host, Method
 from .base import Pruner, ScheduledPruner
@@ -25,6 +25,7 @@ from .magnitude import MagnitudePruner
 from .masks import MaskedWeights
 from .movement import MovementPruner
 from .schedule import Ramp
+from .settings import Pruning
 from .soft_movement import SoftMovementPruner
 from .structure import families
 
@@ -158,6 +159,24 @@ class PruningMethod(Method):
     def outside_blocks(self, targets: list[str]) -> list[str]:
         """Targets in the embeddings or the head (pooler, classifier): pruned only when a pattern names them."""
         return [n for n in targets if not self.host.units.unit_for(n).startswith("block")]
+
+    def target_sparsity(self, policy: Policy) -> float | None:
+        return policy.pruning.schedule.final_sparsity if policy.pruning.method != "none" else None
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        if after.pruning.method == "none":
+            return []
+        outside = self.outside_blocks(self.resolve_targets(after.pruning))
+        if outside:
+            return [(f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): "
+                     "the head may collapse")]
+        return []
+
+    def collapse_note(self) -> str | None:
+        if self.active and self.settings.method == "movement":
+            return ("movement pruning does not come back from this (its scores learn only from the task's gradient, "
+                    "which a collapsed model no longer has): magnitude and soft movement can")
+        return None
 
     def _switch_off(self) -> None:
         if self.pruner is None:

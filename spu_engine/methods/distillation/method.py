@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..policy import Distillation as Settings
-from ..policy import Policy, PolicyError
-from .base import Host, Method, TrainingLoop
+from ...policy import Policy, PolicyError
+from ..base import Host, Method, TrainingLoop
+from .settings import Distillation as Settings
 
 
 class Distillation(Method):
@@ -51,8 +51,19 @@ class Distillation(Method):
                           f"(alpha {new.alpha:g}, temperature {new.temperature:g})")
         self.settings = new
 
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        kd = after.distillation
+        if not kd.enabled:
+            return []
+        teacher = "the model as loaded at step 0" if kd.teacher == "initial" else kd.teacher
+        return [(f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
+                 f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}")]
+
     def _load(self, source: str) -> nn.Module:
-        teacher = self.host.initial_model() if source == "initial" else self.host.load_teacher(source)
+        try:
+            teacher = self.host.initial_model() if source == "initial" else self.host.load_teacher(source)
+        except PolicyError as exc:
+            raise PolicyError(f"distillation.teacher: {exc}") from None
         student = self.host.model.get_base_model() if hasattr(self.host.model, "get_base_model") else self.host.model
         # the same vocabulary (the student's token ids mean the same words) and, for classification, the same classes
         keys = ("vocab_size", "num_labels") if type(student).__name__.endswith("ForSequenceClassification") else ("vocab_size",)

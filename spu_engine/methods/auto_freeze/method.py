@@ -28,12 +28,12 @@ import math
 import random
 from typing import Any
 
-from ..freeze_advice import block_span, relative_change, settled_blocks
-from ..policy import AutoFreeze as Settings
-from ..policy import Change, FreezeRule, Policy, PolicyError
-from ..selection import rule_selects
-from ..unit_stats import grad_norms_by_unit
-from .base import Host, Method
+from ...freeze_advice import block_span, relative_change, settled_blocks
+from ...policy import Change, FreezeRule, Policy, PolicyError
+from ...selection import rule_selects
+from ...unit_stats import grad_norms_by_unit
+from ..base import Host, Method
+from .settings import AutoFreeze as Settings
 
 SOURCE = "auto_freeze"
 
@@ -76,6 +76,27 @@ class AutoFreeze(Method):
             self.host.log(f"auto_freeze: {', '.join(taken)} {'follows' if len(taken) == 1 else 'follow'} your freeze rules from now on "
                           f"({new.method} leaves {'it' if len(taken) == 1 else 'them'} as you set {'it' if len(taken) == 1 else 'them'})")
         self.pinned = pinned
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        auto = after.auto_freeze
+        if auto.method == "lisa":
+            embeddings, head = "train" if auto.embeddings else "frozen", "trains" if auto.head else "frozen"
+            return [(f"lisa: from the next step, every {auto.interval} steps {auto.n_layers} of the blocks train, "
+                     f"drawn at random; embeddings {embeddings}, head {head} "
+                     "(the count above is before the first draw)")]
+        if auto.method == "autofreeze":
+            bound = f"{auto.threshold:.0%}" if auto.threshold is not None else f"the {auto.percentile:g}th percentile"
+            return [(f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is "
+                     f"below {bound} freeze")]
+        return []
+
+    def exported(self, initial: Policy) -> Policy:
+        """Marked as decided up to its last decision (the decisions are recorded as freeze entries)."""
+        if self.last_decided is None:
+            return initial
+        auto = initial.auto_freeze
+        through = max(self.last_decided, auto.decided_through or 0)
+        return initial.model_copy(update={"auto_freeze": auto.model_copy(update={"decided_through": through})})
 
     def _pinned(self, rules: list[FreezeRule]) -> set[str]:
         """The units a rule without ``by: auto_freeze`` selects, among the rules after the first one with it."""

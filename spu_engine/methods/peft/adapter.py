@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..model import find_block_list
-from ..policy import Peft, PolicyError
-from .base import Host
-from .peft_base import AddedTensorsMethod
-from .targets import NameSets, norm_names, task_head_names
+from ...model import find_block_list
+from ...policy import PolicyError
+from ..base import Host
+from ..targets import NameSets, norm_names, task_head_names
+from .base import AddedTensorsMethod
+from .settings import Peft
 
 INIT_STD = 1e-2
 SLOTS = ("attn_adapter", "ffn_adapter")

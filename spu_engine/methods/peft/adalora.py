@@ -19,13 +19,14 @@ from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
-from ..model import stable_name
-from ..policy import Peft, PolicyError
-from .base import Host
+from ...model import stable_name
+from ...policy import PolicyError
+from ..base import Host
+from ..targets import NameSets, task_head_names
+from .base import AddedTensorsMethod, LoRAPlus
+from .inject import eject, has_conv1d, inject_tuner
 from .lora import lora_targets
-from .peft_base import AddedTensorsMethod
-from .peft_inject import eject, has_conv1d, inject_tuner
-from .targets import NameSets, task_head_names
+from .settings import Peft
 
 
 def inject_adalora(model: nn.Module, settings: Peft, steps: int | None) -> tuple[list[nn.Parameter], AdaLoraModel]:
@@ -44,7 +45,7 @@ def inject_adalora(model: nn.Module, settings: Peft, steps: int | None) -> tuple
     return inject_tuner(model, config, "peft.target_modules", lambda: AdaLoraModel(model, config, "default"))
 
 
-class AdaLoRA(AddedTensorsMethod):
+class AdaLoRA(LoRAPlus, AddedTensorsMethod):
     name = "adalora"
     fixed = ("init_r", "target_r", "alpha", "dropout", "target_modules", "tinit", "tfinal", "delta_t", "total_step")
 

@@ -16,7 +16,7 @@ from peft import PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..policy import PolicyError
+from ...policy import PolicyError
 
 
 def inject(model: nn.Module, config: PeftConfig, key: str) -> list[nn.Parameter]:

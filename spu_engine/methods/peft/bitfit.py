@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Host
-from .peft_base import PeftMethod
-from .targets import NameSets, is_bias, task_head_names
+from ..base import Host
+from ..targets import NameSets, is_bias, task_head_names
+from .base import PeftMethod
 
 
 class BitFit(PeftMethod):

@@ -27,13 +27,13 @@ gradient empty, so the optimizer does not step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..policy import Policy
-from ..policy import SelectiveBackprop as Settings
-from .base import Host, Method, TrainingLoop
+from ...policy import Policy
+from ..base import Host, Method, TrainingLoop
+from .settings import SelectiveBackprop as Settings
 
 
 class SelectiveBackprop(Method):
@@ -59,6 +59,24 @@ class SelectiveBackprop(Method):
             self.pool = []
         self.history = self.history[-new.history :]
         self.settings = new
+
+    def sample_selector(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.select if self.active else None
+
+    def own_loss_warning(self, policy: Policy) -> str | None:
+        if policy.selective_backprop.mode != "off" or any(self.section in e.set for e in policy.timeline):
+            return ("for selective backprop return callback.controller.selective_loss(...) from compute_loss "
+                    "(see examples/hf_trainer.py)")
+        return None
+
+    def backward_share(self, policy: Policy) -> float | None:
+        settings = policy.selective_backprop
+        return {"off": 1.0, "percentile": settings.keep, "threshold": None}[settings.mode]
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        if after.selective_backprop.mode == "threshold":
+            return ["selective backprop (threshold): the kept share depends on the losses"]
+        return []
 
     # ------------------------------------------------------------------ the step
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..model import Units
-from ..policy import Change, Policy, PolicyError
-from ..policy import WeightUpdateSkipping as Settings
-from .base import Host, Method
-from .targets import is_bias
+from ...model import Units
+from ...policy import Change, Policy, PolicyError
+from ..base import Host, Method
+from ..targets import is_bias
+from .settings import WeightUpdateSkipping as Settings
 
 SOURCE = "weight_update_skipping"
 
@@ -55,6 +55,10 @@ class WeightUpdateSkipping(Method):
         if phase != self.phase:
             self.best, self.bad_evals = math.inf, 0
         self.settings, self.phase = new, phase
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        wus = after.weight_update_skipping
+        return [f"weight-update skipping: phase {wus.phase or wus.start_phase} trains {wus.trains()}"] if wus.enabled else []
 
     def gate_under(self, policy: Policy):
         settings = policy.weight_update_skipping

@@ -13,11 +13,12 @@ from peft.utils import (
 )
 from torch import nn
 
-from ..policy import Peft, PolicyError
-from .base import Host
-from .peft_base import AddedTensorsMethod
-from .peft_inject import eject, inject, model_type
-from .targets import NameSets, task_head_names
+from ...policy import PolicyError
+from ..base import Host
+from ..targets import NameSets, task_head_names
+from .base import AddedTensorsMethod
+from .inject import eject, inject, model_type
+from .settings import Peft
 
 # peft's defaults target every module named "output.dense" in BERT-like models, which also catches the
 # attention output; the paper rescales keys, values and the feed-forward activation only.

@@ -17,9 +17,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..model import stable_parameters
-from ..policy import Peft, Policy, PolicyError
-from .base import Host, Method
+from ...model import stable_parameters
+from ...policy import Policy, PolicyError
+from ..base import Host, Method
+from .settings import Peft
 
 
 class PeftMethod(Method):
@@ -43,6 +44,9 @@ class PeftMethod(Method):
     def gate(self, name: str) -> bool:
         """May parameter ``name`` train while this method is selected?"""
         raise NotImplementedError
+
+    def leaves_under(self, policy: Policy) -> bool:
+        return self.active and policy.peft.method != self.name
 
 
 class AddedTensorsMethod(PeftMethod):
@@ -84,6 +88,9 @@ class AddedTensorsMethod(PeftMethod):
                 self.add_to(copy, settings)
             self._planned[key] = {n: p.numel() for n, p in stable_parameters(copy).items() if n not in before}
         return self._planned[key]
+
+    def added_under(self, policy: Policy) -> dict[str, int]:
+        return self.planned(policy.peft) if policy.peft.method == self.name else {}
 
     def configure(self, policy: Policy, step: int) -> None:
         settings = policy.peft
@@ -132,6 +139,21 @@ class AddedTensorsMethod(PeftMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trained = bool(state.get("trained", self.trained))
+
+
+class LoRAPlus:
+    """LoRA+ (Hayou et al. 2024) for the methods with LoRA's factors: B learns ``lr_ratio`` times as fast as A."""
+
+    name: ClassVar[str]
+
+    def lr_multipliers(self, policy: Policy, names: list[str]) -> dict[str, float]:
+        if policy.peft.method != self.name or policy.peft.lr_ratio == 1.0:
+            return {}
+        # LoRA's lora_B.weight, AdaLoRA's lora_B
+        return {n: policy.peft.lr_ratio for n in names if ".lora_B." in n or n.endswith(".lora_B")}
+
+    def lr_setting(self, policy: Policy) -> str | None:
+        return "peft.lr_ratio" if policy.peft.lr_ratio != 1.0 else None
 
 
 def shape_only_copy(model: nn.Module) -> nn.Module | None:

@@ -15,11 +15,12 @@ from peft import LoraConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ..policy import Peft, PolicyError
-from .base import Host
-from .peft_base import AddedTensorsMethod
-from .peft_inject import eject, has_conv1d, inject, model_type
-from .targets import NameSets, task_head_names
+from ...policy import PolicyError
+from ..base import Host
+from ..targets import NameSets, task_head_names
+from .base import AddedTensorsMethod, LoRAPlus
+from .inject import eject, has_conv1d, inject, model_type
+from .settings import Peft
 
 DEFAULT_TARGETS = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "distilbert": ["q_lin", "v_lin"]}
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_niter_4": "pissa_niter_4"}
@@ -50,7 +51,7 @@ def lora_config(model: nn.Module, settings: Peft, init: bool | str | None = None
     )
 
 
-class LoRA(AddedTensorsMethod):
+class LoRA(LoRAPlus, AddedTensorsMethod):
     name = "lora"
     fixed = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "init", "rank_pattern", "alpha_pattern")
 

@@ -1,0 +1,31 @@
+"""PEFT methods: BitFit, bottleneck adapters, IA3, LoRA (with its variants) and AdaLoRA, one module each.
+
+All read the one ``peft`` section (its ``method`` picks which); each registers as a method of its own.
+"""
+
+from ..spec import ConsoleField, MethodSpec, SectionSpec, Stage
+from .settings import Peft
+
+SECTION = SectionSpec(
+    "peft", Peft, title="PEFT",
+    fields=(
+        ConsoleField("method", "peft-method", "method"),
+        ConsoleField("use_dora", "peft-dora", "DoRA"),
+        ConsoleField("use_rslora", "peft-rslora", "rsLoRA"),
+        ConsoleField("init", "peft-init", "init"),
+        ConsoleField("lr_ratio", "peft-ratio", "LoRA+ B/A lr"),
+        ConsoleField("init_r", "peft-init-r", "AdaLoRA init r"),
+        ConsoleField("target_r", "peft-target-r", "AdaLoRA target r"),
+    ),
+)
+
+
+def _peft(name: str, implementation: str) -> MethodSpec:
+    return MethodSpec(name, SECTION, f"spu_engine.methods.peft.{implementation}", stage=Stage.CHANGES_MODULES)
+
+
+BITFIT = _peft("bitfit", "bitfit:BitFit")
+ADAPTER = _peft("adapter", "adapter:Adapter")
+IA3 = _peft("ia3", "ia3:IA3")
+LORA = _peft("lora", "lora:LoRA")
+ADALORA = _peft("adalora", "adalora:AdaLoRA")

@@ -1,0 +1,17 @@
+"""Selective backprop (Jiang et al. 2019): backward only on the samples with a high loss."""
+
+from ..spec import ConsoleField, MethodSpec, SectionSpec
+from .settings import SelectiveBackprop
+
+SPEC = MethodSpec(
+    "selective_backprop",
+    SectionSpec(
+        "selective_backprop", SelectiveBackprop, title="Selective backprop",
+        fields=(
+            ConsoleField("mode", "sb-mode", "mode"),
+            ConsoleField("threshold", "sb-threshold", "threshold"),
+            ConsoleField("keep", "sb-keep", "keep"),
+        ),
+    ),
+    "spu_engine.methods.selective_backprop.method:SelectiveBackprop",
+)
