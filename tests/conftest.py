@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,27 @@ def make_engine(tokenizer, tmp_path):
         return Engine(config, policy, run_dir, model=model or build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task_cache["task"], dist=dist)
 
     return make
+
+
+def _starts_an_engine(args) -> bool:
+    """``python -m spu_engine...`` (the engine, spu train) or torchrun: what the ``process`` marker is for."""
+    argv = [str(a) for a in (args if isinstance(args, (list, tuple)) else str(args).split())]
+    module = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-m"]
+    return any(m.startswith(("spu_engine", "torch.distributed")) for m in module) or any("torchrun" in a for a in argv)
+
+
+@pytest.fixture(autouse=True)
+def _engine_processes_are_marked(request, monkeypatch):
+    """A test that starts an engine process carries ``@pytest.mark.process``: the quick default run leaves them out,
+    so an unmarked one would slow it silently."""
+    if request.node.get_closest_marker("process"):
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        if _starts_an_engine(args):
+            raise AssertionError(f"{request.node.nodeid} starts an engine process: mark it @pytest.mark.process")
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+

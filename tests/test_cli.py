@@ -19,6 +19,7 @@ def spu(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "spu_engine.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.process
 def test_train_reports_trainable_count_and_writes_run_folder(tiny_model_dir, tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text("freeze:\n  - {units: [embeddings], trainable: false}\n  - {layers: '0-1', trainable: false}\n"
@@ -39,6 +40,7 @@ def test_train_reports_trainable_count_and_writes_run_folder(tiny_model_dir, tmp
     assert (run / "checkpoints" / "step-0000006" / "manifest.json").exists()
 
 
+@pytest.mark.process
 def test_train_takes_the_policy_run_settings_and_flags_override_them(tiny_model_dir, tmp_path):
     policy = tmp_path / "p.yaml"
     policy.write_text(f"run:\n  model: {tiny_model_dir}\n  data: {SST2}\n  steps: 5\n  batch_size: 4\n  max_length: 24\n"
@@ -56,6 +58,7 @@ def test_train_takes_the_policy_run_settings_and_flags_override_them(tiny_model_
     assert load_policy(run / "policy.yaml").run.steps == 3  # the run's own policy says what it ran
 
 
+@pytest.mark.process
 def test_train_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("freeze:\n  - {layers: [12], trainable: false}\n")
@@ -75,6 +78,7 @@ def test_train_bad_inputs_are_one_line_errors(tiny_model_dir, tmp_path):
         assert "Traceback" not in r.stderr
 
 
+@pytest.mark.process
 def test_policy_validate_and_schema(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("freeze:\n  - {match: '*', trainable: false}\n")
@@ -88,6 +92,7 @@ def test_policy_validate_and_schema(tmp_path):
     assert schema["title"] == "SPU policy" and "freeze" in schema["properties"]
 
 
+@pytest.mark.process
 def test_every_example_policy_validates_against_a_bert_model(tiny_model_dir):
     from pathlib import Path
 
@@ -123,6 +128,7 @@ def _events(run):
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.process
 def test_resume_without_optimizer_state_stops_naming_the_flag_and_keeps_every_checkpoint(trained_run, tmp_path):
     run = _copy(trained_run, tmp_path)
     for checkpoint in (run / "checkpoints").iterdir():
@@ -141,6 +147,7 @@ def test_resume_without_optimizer_state_stops_naming_the_flag_and_keeps_every_ch
     assert any(e["type"] == "log" and "optimizer state not used" in e["message"] for e in events)
 
 
+@pytest.mark.process
 def test_resume_with_no_usable_checkpoint_is_an_error_and_keeps_them_aside(trained_run, tmp_path):
     run = _copy(trained_run, tmp_path)
     for checkpoint in (run / "checkpoints").iterdir():
@@ -155,6 +162,7 @@ def test_resume_with_no_usable_checkpoint_is_an_error_and_keeps_them_aside(train
     assert not any(e["type"] == "step" and e["step"] == 1 for e in _events(run)[len(_events(trained_run)) :])
 
 
+@pytest.mark.process
 def test_a_folder_that_holds_a_run_is_refused_unless_overwrite(trained_run, tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 
@@ -173,6 +181,7 @@ def test_a_folder_that_holds_a_run_is_refused_unless_overwrite(trained_run, tmp_
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]
 
 
+@pytest.mark.process
 def test_a_corrupt_policy_yaml_does_not_block_a_resume(trained_run, tmp_path):
     run = _copy(trained_run, tmp_path)
     (run / "policy.yaml").write_text("freeze: [{match: '*', trainable: false}\n")
@@ -185,6 +194,7 @@ def test_a_corrupt_policy_yaml_does_not_block_a_resume(trained_run, tmp_path):
     assert "policy: the one stored in step-0000004 (state at step 0 and its timeline); policy.yaml was unreadable and is kept as policy.yaml.unreadable" in said
 
 
+@pytest.mark.process
 def test_a_timeline_entry_the_model_cannot_take_fails_the_start_and_leaves_no_folder(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("timeline:\n  - {step: 3, set: {pruning: {method: magnitude, targets: ['*.atention.*']}}}\n")

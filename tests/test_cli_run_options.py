@@ -121,6 +121,7 @@ def test_a_setting_without_a_command_line_form_or_a_command_option_named_like_on
         run_options(clashing)
 
 
+@pytest.mark.process
 def test_a_setting_added_to_the_settings_is_a_flag_of_both_commands(tmp_path):
     """A new field in spu_engine/config.py, nothing else: both commands list it, and what it is given reaches the
     settings (checked by a value the field refuses, so nothing loads)."""

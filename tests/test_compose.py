@@ -156,6 +156,7 @@ async def check_pair(arch, a, b, task, tokenizer, tmp_path) -> str:
     return "applied" if ack_b["ok"] else ack_b["message"]
 
 
+@pytest.mark.matrix  # the quick default run keeps test_pairs_that_broke_once; CI runs every pair
 @pytest.mark.parametrize("a, b", QUICK, ids=[f"{a}-then-{b}" for a, b in QUICK])
 async def test_pairs_on_tiny_bert(a, b, sst2_task, tokenizer, tmp_path):
     await check_pair("bert", a, b, sst2_task, tokenizer, tmp_path)

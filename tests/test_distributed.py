@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import SST2, build_tiny
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+
+pytestmark = [pytest.mark.process, pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")]
 
 
 @pytest.fixture(scope="module")

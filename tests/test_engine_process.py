@@ -14,6 +14,8 @@ from spu_engine.policy import Policy
 from spu_engine.server import spawn_engine
 from spu_engine.transport import EngineClient
 
+pytestmark = pytest.mark.process  # every test here starts an engine process
+
 
 @pytest.fixture
 def live_engine(tiny_model_dir, tmp_path):

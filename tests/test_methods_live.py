@@ -14,6 +14,7 @@ from spu_engine.server import spawn_engine
 from spu_engine.transport import EngineClient
 
 
+@pytest.mark.process
 def test_add_adapters_and_selective_backprop_over_the_socket(tiny_model_dir, tmp_path):
     config = EngineConfig(
         model=str(tiny_model_dir), data=str(SST2), steps=5000, batch_size=8, max_length=32, lr=1e-3, warmup=0,

@@ -12,6 +12,8 @@ from spu_engine.policy_files import load_policy, parse_policy
 from spu_engine.server import spawn_engine
 from spu_engine.transport import EngineClient
 
+pytestmark = pytest.mark.process  # every test here starts an engine process
+
 
 @pytest.fixture
 def pruning_engine(tiny_model_dir, tmp_path):

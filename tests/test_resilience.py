@@ -417,6 +417,7 @@ def test_headless_with_nobody_there_it_retries_by_itself_and_sigterm_still_ends_
     assert final["message"].endswith("the newest complete checkpoint is step-0000004")
 
 
+@pytest.mark.process
 def test_under_torchrun_a_failed_write_stops_every_rank_at_one_boundary(make_engine, tmp_path, monkeypatch):
     """Other ranks cannot wait in step with rank 0's retries, so there a failed write is a stop every rank takes
     at the next boundary: rank 0 makes exactly one collective call per boundary, as the others do."""

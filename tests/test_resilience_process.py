@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import random
@@ -21,6 +23,8 @@ from spu_engine.runs import read_history, run_info
 from spu_engine.runs import SOCKET
 from spu_engine.server import spawn_engine
 from spu_engine.transport import EngineClient
+
+pytestmark = pytest.mark.process  # every test here starts an engine process
 
 
 def _config(model_dir: Path, **overrides) -> EngineConfig:

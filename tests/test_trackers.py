@@ -105,6 +105,7 @@ def test_a_tracker_that_raises_mid_run_is_switched_off_with_one_warning_and_trai
     assert len(calls) == 3  # nothing more was sent to it
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_under_torchrun_only_rank_0_reports(tiny_model_dir, tmp_path):
     """Two ranks (gloo on CPU): one TensorBoard writer, one series of steps, and the system event's throughput counts

@@ -24,6 +24,8 @@ from spu_tui.app import SpuApp
 from spu_tui.screens.export import ExportScreen
 from spu_tui.screens.quit import QuitScreen
 
+pytestmark = pytest.mark.process  # every test here starts an engine process
+
 TRAIN_ARGS = {"batch_size": 8, "max_length": 32, "eval_every": 0, "stats_every": 2, "lr": 1e-3, "warmup": 0, "max_eval_samples": 16, "threads": 1}
 
 

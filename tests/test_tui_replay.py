@@ -26,6 +26,8 @@ from spu_tui.app import SpuApp
 from spu_tui.screens.export import ExportScreen
 from test_tui_live import events_of, wait_for
 
+pytestmark = pytest.mark.process  # every test here starts an engine process
+
 STEPS = 60
 # every setting off its default, so a replay that fell back to a default would differ
 LIVE = dict(
