@@ -43,7 +43,7 @@ from timing import StepEvents, joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import FreezeRule, Policy  # noqa: E402
 from spu_engine.runs import SOCKET  # noqa: E402
-from spu_engine.server import spawn_engine  # noqa: E402
+from spu_engine.spawn import spawn_engine  # noqa: E402
 
 SETTLE = 2  # steps after the load starts that are not counted
 HELLO = b'{"cmd": "hello"}\n'

@@ -46,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from timing import StepEvents, joined_sst2  # noqa: E402
 from spu_engine.engine import EngineConfig  # noqa: E402
 from spu_engine.policy import Policy  # noqa: E402
-from spu_engine.server import spawn_engine  # noqa: E402
+from spu_engine.spawn import spawn_engine  # noqa: E402
 from spu_tui.app import SpuApp  # noqa: E402
 from spu_tui.widgets.unit_tree import Row, UnitTree  # noqa: E402
 

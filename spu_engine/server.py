@@ -25,17 +25,12 @@ from .protocol.codec import encode, event
 from .protocol.commands import PreviewCmd
 from .runs import (
     CHECKPOINTS,
-    ENGINE_LOG,
     POLICY,
     SOCKET,
-    RunInUseError,
     RunLock,
     clear_run,
-    is_live,
     open_events,
     prepare_run_dir,
-    write_config,
-    write_policy,
 )
 from .transport import EngineServer
 
@@ -261,25 +256,3 @@ def serve(
         if user_error:  # nothing was trained in the folder this call made: leave nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"nothing was trained; removed {run_dir}", file=sys.stderr)
-
-
-def spawn_engine(config, policy, run_dir: Path, resume: bool = False):
-    """Start ``spu engine`` as its own process in its own session (survives SSH hangups and UI crashes)."""
-    import subprocess
-
-    if is_live(run_dir):
-        raise RunInUseError(f"run folder {run_dir} is in use by a live engine; attach to it with `spu-tui attach {run_dir}`")
-    prepare_run_dir(run_dir)
-    write_config(run_dir, config)
-    if policy is not None:  # None: resuming with an unreadable policy.yaml (the checkpoint's policy is used)
-        write_policy(run_dir, policy.model_copy(update={"run": config.run_settings()}))  # this run's settings, not the file's
-    log_fd = os.open(run_dir / ENGINE_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    cmd = [sys.executable, "-m", "spu_engine.cli", "engine", "--run-dir", str(run_dir)]
-    if resume:
-        cmd.append("--resume")
-    try:
-        return subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, umask=0o077
-        )
-    finally:
-        os.close(log_fd)

@@ -17,16 +17,7 @@ from typing import Optional
 
 import typer
 
-from spu_engine.cli.common import (
-    build_config,
-    check_trackers,
-    config_from_policy,
-    default_run_dir,
-    fail,
-    read_policy,
-    read_run_config,
-    resume_policy,
-)
+from spu_engine.run_setup import build_config, check_trackers, config_from_policy, default_run_dir, fail, read_policy, read_run_config, resume_policy
 from spu_engine.data import DataError, is_local, split_files
 from spu_engine.model_source import resolve_model_name
 from spu_engine.run_options import run_options
@@ -111,7 +102,7 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     check_compared(compare)
-    from spu_engine.server import spawn_engine
+    from spu_engine.spawn import spawn_engine
 
     from .app import SpuApp
 
@@ -188,7 +179,7 @@ def check_compared(compare: list[Path]) -> None:
 def _open(run: Path, compare: list[Path], ui_cpu: float, resume_crashed: bool) -> None:
     """The console on ``run``: live, attached; crashed, resumed from its newest checkpoint when ``resume_crashed``
     (``attach``), else shown read-only like a finished run (the run browser)."""
-    from spu_engine.server import spawn_engine
+    from spu_engine.spawn import spawn_engine
 
     from .app import SpuApp
 

@@ -25,7 +25,7 @@ import typer
 from spu_engine.config import EngineConfig
 from spu_engine.policy import Policy
 from spu_engine.runs import EVENTS
-from spu_engine.server import spawn_engine
+from spu_engine.spawn import spawn_engine
 
 from spu_engine.runs import read_history
 

@@ -171,6 +171,7 @@ def test_a_setting_added_to_the_settings_is_a_flag_of_both_commands(tmp_path):
 
 def test_spu_train_takes_the_run_flags_spu_tui_had(monkeypatch, tmp_path):
     import spu_engine.server
+    import spu_engine.spawn
 
     started = []
     monkeypatch.setattr(spu_engine.server, "serve", lambda config, *a, **k: started.append(config) or 0)
@@ -200,7 +201,7 @@ def test_a_resume_takes_where_and_how_long_and_says_which_flags_it_ignores(monke
 def test_spu_tui_takes_the_run_flags_spu_train_had(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    import spu_engine.server
+    import spu_engine.spawn
     import spu_tui.app
 
     model = tmp_path / "model"
@@ -211,7 +212,7 @@ def test_spu_tui_takes_the_run_flags_spu_train_had(monkeypatch, tmp_path):
         started.update(config=config)
         return SimpleNamespace(poll=lambda: None)
 
-    monkeypatch.setattr(spu_engine.server, "spawn_engine", spawn)
+    monkeypatch.setattr(spu_engine.spawn, "spawn_engine", spawn)
     monkeypatch.setattr(spu_tui.app.SpuApp, "run", lambda self: None)
     args = ["--model", str(model), "--data", str(SST2), "--task", "qa", "--run-dir", str(tmp_path / "run")]
     result = CliRunner().invoke(console, [*args, "--doc-stride", "16", "--eval-split", "0.2", "--precision", "fp32"])

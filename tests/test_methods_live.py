@@ -10,7 +10,7 @@ from spu_engine.engine import EngineConfig
 from spu_engine.methods.peft.adapter import BottleneckAdapter
 from spu_engine.methods.selective_backprop.method import SelectiveBackprop
 from spu_engine.policy import Change, Policy, PolicyError
-from spu_engine.server import spawn_engine
+from spu_engine.spawn import spawn_engine
 from spu_engine.transport import EngineClient
 
 

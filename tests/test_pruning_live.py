@@ -9,7 +9,7 @@ from conftest import SST2
 
 from spu_engine.engine import EngineConfig
 from spu_engine.policy_files import load_policy, parse_policy
-from spu_engine.server import spawn_engine
+from spu_engine.spawn import spawn_engine
 from spu_engine.transport import EngineClient
 
 pytestmark = pytest.mark.process  # every test here starts an engine process

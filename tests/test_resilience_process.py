@@ -21,7 +21,7 @@ from spu_engine.engine import EngineConfig
 from spu_engine.policy import FreezeRule, Policy, TimelineEntry
 from spu_engine.runs import read_history, run_info
 from spu_engine.runs import SOCKET
-from spu_engine.server import spawn_engine
+from spu_engine.spawn import spawn_engine
 from spu_engine.transport import EngineClient
 
 pytestmark = pytest.mark.process  # every test here starts an engine process

@@ -476,12 +476,12 @@ def test_spu_tui_starts_an_exported_policy_with_its_run_settings(monkeypatch, tm
     """`spu-tui --policy export.yaml` alone: the run: section gives model, data and settings; a flag overrides one."""
     from types import SimpleNamespace
 
-    import spu_engine.server
+    import spu_engine.spawn
     import spu_tui.app
     from spu_tui.cli import app
 
     started = {}
-    monkeypatch.setattr(spu_engine.server, "spawn_engine", lambda config, policy, run_dir: started.update(config=config) or SimpleNamespace(poll=lambda: None))
+    monkeypatch.setattr(spu_engine.spawn, "spawn_engine", lambda config, policy, run_dir: started.update(config=config) or SimpleNamespace(poll=lambda: None))
     monkeypatch.setattr(spu_tui.app.SpuApp, "run", lambda self: None)
     policy = tmp_path / "export.yaml"
     policy.write_text(f"run: {{model: {tiny_model_dir}, data: {SST2}, steps: 77, lr: 0.001, seed: 5}}\n")

@@ -19,7 +19,7 @@ from spu_engine.methods import METHODS
 from spu_engine.policy import Policy
 from spu_engine.policy_files import load_policy
 from spu_engine.runs import is_live, read_history
-from spu_engine.server import spawn_engine
+from spu_engine.spawn import spawn_engine
 from spu_tui.app import SpuApp
 from spu_tui.screens.export import ExportScreen
 from spu_tui.screens.quit import QuitScreen

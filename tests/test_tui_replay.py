@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from spu_engine.engine import EngineConfig
 from spu_engine.policy import Policy
 from spu_engine.policy_files import load_policy
-from spu_engine.server import spawn_engine
+from spu_engine.spawn import spawn_engine
 from spu_tui.app import SpuApp
 from spu_tui.screens.export import ExportScreen
 from test_tui_live import events_of, wait_for

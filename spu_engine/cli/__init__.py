@@ -9,6 +9,6 @@ from __future__ import annotations
 from . import train  # noqa: F401  # the modules register their commands; in this order, the order of `spu --help`
 from . import tools  # noqa: F401
 from . import policy  # noqa: F401
-from .common import app, main
+from .app import app, main
 
 __all__ = ["app", "main"]

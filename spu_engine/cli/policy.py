@@ -12,7 +12,8 @@ import typer
 from ..model_source import ModelLoadError
 from ..policy import PolicyError
 from ..policy_files import json_schema
-from .common import fail, out, policy_app, read_policy
+from ..run_setup import fail, out, read_policy
+from .app import policy_app
 
 
 @policy_app.command("validate")

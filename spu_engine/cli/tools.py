@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from ..model_source import ModelLoadError
 from ..policy import FreezeRule, PolicyError
 from ..validation import error_text
-from .common import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP, app, err, fail, out, read_run_config
+from ..run_setup import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP, err, fail, out, read_run_config
+from .app import app
 
 RUN_STATE_STYLE = {"live": "bold green", "finished": "blue", "stopped": "yellow", "error": "red", "crashed": "bold red"}
 

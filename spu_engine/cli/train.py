@@ -10,19 +10,8 @@ import typer
 
 from ..run_options import run_options
 from ..runs import POLICY
-from .common import (
-    app,
-    build_config,
-    check_trackers,
-    config_from_policy,
-    default_run_dir,
-    err,
-    fail,
-    out,
-    read_policy,
-    read_run_config,
-    resume_policy,
-)
+from ..run_setup import build_config, check_trackers, config_from_policy, default_run_dir, err, fail, out, read_policy, read_run_config, resume_policy
+from .app import app
 
 # The run flags a --resume takes over the run's config.json: how long and how often, and where it runs.
 RESUME_OVERRIDES = (

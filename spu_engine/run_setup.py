@@ -1,10 +1,9 @@
-"""What the ``spu`` commands (and ``spu-tui``) share: the apps, one-line errors, reading policies, run folders and
-settings, and building a run's config from the flags given."""
+"""What both command lines (``spu`` and ``spu-tui``) share before a run starts: one-line errors, reading policies,
+run folders and settings, and a run's config built from the flags given. No torch: the console imports it."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,15 +11,12 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .. import config as settings
-from ..policy import Policy, PolicyError
-from ..policy_files import load_policy
-from ..runs import CONFIG, POLICY
-from ..validation import error_text
+from . import config as settings
+from .policy import Policy, PolicyError
+from .policy_files import load_policy
+from .runs import CONFIG, POLICY
+from .validation import error_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPU: selective parameter updating, headless.")
-policy_app = typer.Typer(no_args_is_help=True, help="Validate policies and print their JSON schema.")
-app.add_typer(policy_app, name="policy")
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
 
@@ -42,7 +38,7 @@ def default_run_dir(model: str, task: str) -> Path:
 
 def check_trackers(config) -> None:
     """A tracker whose package is missing: one line and exit 2, before anything loads."""
-    from ..trackers import unavailable
+    from .trackers import unavailable
 
     problem = unavailable(config.report_to)
     if problem:
@@ -125,8 +121,3 @@ def read_run_config(run: Path) -> dict:
     if not isinstance(data, dict):
         fail(f"{path} is not a JSON object")
     return data
-
-
-def main() -> None:  # pragma: no cover - entry point for python -m
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
