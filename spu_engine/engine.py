@@ -54,15 +54,17 @@ from .training import Progress, Trainer, build_optimizer, pick_device
 from .unit_stats import describe_units
 
 
+# what the commands (commands.CommandHost), the server, tools, benchmarks and tests use of the engine, each
+# attribute owned by one component
 @forwards(
-    runtime="model optimizer methods params units param_names loaded_names current pending triggers metric_range "
-            "steps_per_epoch apply_change apply_due preview trainable_count",
-    record="initial_policy recorded undoable replayable_policy scheduled add_scheduled remove_scheduled undo",
-    trainer="step samples_seen evaluated_at collapsed task train_step evaluate per_sample_loss backward next_batch batch_of "
+    runtime="model optimizer methods params units param_names current pending triggers metric_range steps_per_epoch "
+            "apply_change apply_due preview trainable_count",
+    record="recorded undoable replayable_policy scheduled add_scheduled remove_scheduled undo",
+    trainer="step samples_seen collapsed task train_step evaluate per_sample_loss backward next_batch batch_of "
             "survive_oom _say_if_collapsed _lr_factor _autocast",
     control="state stop set_state submit boundary pause resume request_stop request_stop_now write_checkpoint_now "
-            "checkpoint_now save_or_pause write_retry_s",
-    lr_groups="warm_from regroup",
+            "checkpoint_now write_retry_s",
+    lr_groups="warm_from",
     events="emit log event_log",
 )
 class Engine:

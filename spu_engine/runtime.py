@@ -90,10 +90,7 @@ class PolicyRuntime:
         steps_per_epoch: int | None,
         hooks: RuntimeHooks | None = None,
     ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.config = config
-        self.reporter = reporter
+        self.model, self.optimizer, self.config, self.reporter = model, optimizer, config, reporter
         self.clock = clock  # the owner's optimizer steps taken: the step a method configures at
         self.steps_per_epoch = steps_per_epoch  # None: the owner cannot say; epoch triggers are refused
         self.hooks = hooks or RuntimeHooks()
