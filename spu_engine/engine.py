@@ -237,7 +237,8 @@ class Engine:
         if not self.run_dir:
             return None
         state = {
-            "policy": self.record.initial_policy.model_copy(update={"timeline": self.record.recorded}).model_dump(mode="json", exclude_none=True),
+            "policy": self.record.initial_policy.model_copy(update={"timeline": self.record.recorded}).model_dump(
+                mode="json", exclude_none=True),
             "pending": [e.model_dump(mode="json", exclude_none=True) for e in self.pending],
             "triggers": [e.model_dump(mode="json", exclude_none=True) for e in self.triggers],
             "metric_range": self.metric_range,
@@ -270,7 +271,8 @@ class Engine:
         self.record.initial_policy = policy.state()
         self.record.recorded = list(policy.timeline)
         rt.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
-        rt.triggers = [TimelineEntry.model_validate(e) for e in state.get("triggers", [])]  # with the steps they fired at
+        # the triggers with the steps they fired at
+        rt.triggers = [TimelineEntry.model_validate(e) for e in state.get("triggers", [])]
         rt.metric_range = state.get("metric_range", {})
         self.progress.step = state["step"]
         rt.current = policy.at_step(self.step)
@@ -318,7 +320,8 @@ class Engine:
         connected while loading and for events.jsonl (history of a dead run)."""
         self.record.save_policy()
         self._save_config()
-        self.control.set_state(RunState.TRAINING, f"trainable {self.trainable_count():,} of {count_params(self.model):,}")
+        trainable = f"trainable {self.trainable_count():,} of {count_params(self.model):,}"
+        self.control.set_state(RunState.TRAINING, trainable)
         self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
 
     def _one_step(self) -> None:

@@ -196,7 +196,8 @@ class RunControl:
                     f"the newest complete checkpoint is {newest.name if newest else 'none'}"
                 )
             else:
-                self.stop.reason = f"{self.stop_signal}: stopped at step {self.step} after a checkpoint; not written: {missing}"
+                self.stop.reason = (f"{self.stop_signal}: stopped at step {self.step} after a checkpoint; "
+                                    f"not written: {missing}")
             self.stop.fault = True
 
     # ------------------------------------------------------------------ faults

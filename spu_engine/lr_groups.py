@@ -54,7 +54,7 @@ class LrGroups:
         self.warm_from: dict[str, int] = {}  # stable name -> the step its warm-in (lr.warm_in) began, while it ramps
 
     def regroup(self) -> None:
-        """One optimizer group per method group and (lr multiplier, warm-in start); AdamW state stays with its tensor."""
+        """One group per method group and (lr multiplier, warm-in start); AdamW state stays with each tensor."""
         scales = self.runtime.lr_multipliers()
         params = self.runtime.params
         key_of = {id(p): (scales.get(n, 1.0), self.warm_from.get(n)) for n, p in params.items()}

@@ -109,16 +109,18 @@ class PolicyRecord:
         rt = self.runtime
         if entry.step is not None and entry.step < self.step:
             raise PolicyError(f"add: step {entry.step} has passed (the run is at step {self.step}); make the change now instead")
-        if entry.at is not None and rt.epoch_start(entry.at.epoch or 0) < self.step:
+        began = rt.epoch_start(entry.at.epoch or 0) if entry.at is not None else None
+        if began is not None and began < self.step:
             raise PolicyError(
-                f"add: epoch {entry.at.epoch} began at step {rt.epoch_start(entry.at.epoch or 0)} (the run is at step {self.step}, "
+                f"add: epoch {entry.at.epoch} began at step {began} (the run is at step {self.step}, "
                 f"{rt.steps_per_epoch} steps an epoch); make the change now instead"
             )
         if entry.when is not None:
             entry = entry.model_copy(update={"after_step": max(entry.after_step, self.step), "fired": []})
             self.check_trigger(entry)
         rt.current.apply(entry)  # PolicyError naming the key, for a change that makes no valid policy
-        check_policy_against_model(rt.current.model_copy(update={"timeline": [entry]}), rt.model, rt.units, rt.names_under)
+        as_policy = rt.current.model_copy(update={"timeline": [entry]})
+        check_policy_against_model(as_policy, rt.model, rt.units, rt.names_under)
         if entry.is_trigger:
             rt.triggers.append(entry)
         else:
@@ -145,7 +147,7 @@ class PolicyRecord:
 
     def changed(self, change: Change, source: str, before: Policy, names: list[str]) -> None:
         """A change the runtime took (``before``, ``names``: the sections and tensor names before it): recorded with
-        its step, saved, and said in a ``policy`` event; a change that changed nothing is neither recorded nor replayed."""
+        its step, saved, and said in a ``policy`` event; one that changed nothing is neither recorded nor replayed."""
         rt = self.runtime
         if rt.current == before:  # e.g. a field set back to the value in force: nothing to record or replay
             return
@@ -162,7 +164,8 @@ class PolicyRecord:
             trainable=rt.trainable_count(),
             trainable_by_unit=trainable_by_unit(rt.units, rt.params),
             frozen_tensors=[n for n, p in rt.params.items() if not p.requires_grad],
-            units=describe_units(rt.units, rt.params) if rt.param_names != names else None,  # a method added or removed tensors
+            # a method added or removed tensors
+            units=describe_units(rt.units, rt.params) if rt.param_names != names else None,
         )
         if rt.trainable_count() == 0:
             self.log("no parameter trains now: the freeze rules and the methods together leave none; steps change nothing", "warning")
