@@ -74,6 +74,10 @@ class Commands:
             ExportCmd: self.export,
         }
 
+    def submit(self, cmd: Any) -> None:
+        """Thread-safe: queue a parsed command for the next step boundary."""
+        self.inbox.put(cmd)
+
     def _drain(self, block: bool) -> list[Any]:
         cmds = []
         try:

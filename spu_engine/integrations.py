@@ -13,8 +13,8 @@ the same unit resolution (a frozen tensor gets ``requires_grad=False`` and no
 ``.grad``), a timeline entry with step ``s`` in force for the optimizer step that
 takes the count from ``s`` to ``s + 1``, and the engine's own method objects
 (pruning schedules, BitFit, adapters, LoRA / IA3, weight-update skipping, the
-selective-backprop rule) on the same policy runtime as the engine's
-(``runtime.PolicyRuntime``, the methods' ``Host``).  Their
+selective-backprop rule) on a policy runtime of its own, the same class as the
+engine's (``runtime.PolicyRuntime``, the methods' ``Host``).  Their
 ``after_backward`` / ``after_optimizer_step`` hooks run from optimizer hooks,
 so the loop needs no other call than ``ctl.step``.
 
@@ -40,10 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods import method_classes
+from .forwarding import forwards
 from .policy import Change, LearningRates, Policy, PolicyError
-from .runtime import PolicyRuntime
-from .selection import check_policy_against_model
+from .runtime import PolicyRuntime, RuntimeHooks
 
 log = logging.getLogger("spu_engine.integrations")
 
@@ -65,8 +64,10 @@ NO_TEACHER_HERE = ("your loop computes its own loss, so the policy cannot mix in
                    "train with `spu train`, or add the teacher's term to your loss and leave this section off")
 
 
-class PolicyController(PolicyRuntime):
-    """An exported policy applied to a model and optimizer you drive yourself."""
+@forwards(runtime="methods method units params param_names current pending triggers trainable_count apply_change")
+class PolicyController:
+    """An exported policy applied to a model and optimizer you drive yourself, through a ``PolicyRuntime`` (``runtime``,
+    its methods' host) whose step is this loop's ``step_count``."""
 
     def __init__(
         self,
@@ -80,7 +81,6 @@ class PolicyController(PolicyRuntime):
         steps_per_epoch: int | None = None,
     ) -> None:
         self.model = model
-        self.steps_per_epoch = steps_per_epoch
         self.optimizer = _unwrap(optimizer)
         self.scheduler = _unwrap(scheduler, torch.optim.lr_scheduler.LRScheduler, "scheduler")
         self._group_lambdas = {id(g): f for g, f in zip(self.optimizer.param_groups, getattr(self.scheduler, "lr_lambdas", []))} if self.scheduler else {}
@@ -90,15 +90,13 @@ class PolicyController(PolicyRuntime):
         self.step_count = 0
         self.history: list[dict[str, Any]] = []  # one entry per applied change: step, source, trainable count
         self.events: list[dict[str, Any]] = []  # what the methods report (prune rounds, phase switches)
-        self.refresh_parameters()
-        self.loaded_names = list(self.param_names)
+        hooks = RuntimeHooks(check=self._refuse_lr_sections, configured=self._sync_scheduler, applied=self._applied,
+                             initial_model=_no_teacher, load_teacher=_no_teacher)
+        self.runtime = PolicyRuntime(model, self.optimizer, self.config, reporter=self, clock=lambda: self.step_count,
+                                     steps_per_epoch=steps_per_epoch, hooks=hooks)
         self._check_optimizer()
-        self.methods = [m(self) for m in method_classes()]
-        check_policy_against_model(policy, model, self.units, self.names_under)
-        self.current = policy.state()
-        self.split_timeline(policy)
-        self._configure_methods(self.current)
-        self._apply_trainable()
+        self.runtime.adopt(policy)
+        self.runtime.put_in_force()
         self._hooks = []
         if self.optimizer is not None:
             self._hooks = [
@@ -115,7 +113,7 @@ class PolicyController(PolicyRuntime):
         """
         if step is not None:
             self.step_count = step
-        self.apply_due(self.step_count)
+        self.runtime.apply_due(self.step_count)
         self._each("before_step", self.step_count)
 
     def backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
@@ -147,7 +145,7 @@ class PolicyController(PolicyRuntime):
     def on_eval(self, metrics: dict[str, float]) -> None:
         """Report an evaluation (weight-update skipping switches phase on eval loss; when-triggers fire on it)."""
         self._each("on_eval", self.step_count, metrics)
-        self.on_evaluation(self.step_count, metrics)
+        self.runtime.on_evaluation(self.step_count, metrics)
 
     def detach(self) -> None:
         """Remove the optimizer hooks (the model keeps its current trainable state)."""
@@ -155,21 +153,10 @@ class PolicyController(PolicyRuntime):
             h.remove()
         self._hooks = []
 
-    # ------------------------------------------------------------------ the rest of the methods' Host
+    # ------------------------------------------------------------------ what the runtime hears from this loop
 
-    def method(self, section: str):
-        """The method object of a policy section (``selective_backprop``, ``pruning``, ...)."""
-        return next((m for m in self.methods if m.section == section), None)
-
-    def apply_change(self, change: Change, source: str) -> None:
-        self._take_change(change)
-        self.history.append({"step": self.step_count, "source": source, "trainable": self.trainable_count()})
-
-    def initial_model(self) -> nn.Module:
-        raise PolicyError(NO_TEACHER_HERE)
-
-    def load_teacher(self, source: str) -> nn.Module:
-        raise PolicyError(NO_TEACHER_HERE)
+    def _applied(self, _change: Change, source: str, _before: Policy, _names: list[str]) -> None:
+        self.history.append({"step": self.step_count, "source": source, "trainable": self.runtime.trainable_count()})
 
     def log(self, message: str, level: str = "info") -> None:
         log.log(getattr(logging, level.upper(), logging.INFO), message)
@@ -181,15 +168,12 @@ class PolicyController(PolicyRuntime):
 
     # ------------------------------------------------------------------ internals
 
-    def _configure_methods(self, policy: Policy) -> None:
-        keys = ["lr"] if policy.lr != LearningRates() else [k for m in self.methods if (k := m.lr_setting(policy))]
-        key = keys[0] if keys else None
-        if key is not None:
-            raise PolicyError(f"{key}: per-unit learning rates need the engine's optimizer groups (spu train); in your own loop give "
-                              "your optimizer's param groups their lr, and leave this section out")
-        for m in self.configure_order(policy):
-            m.configure(policy, self.step_count)
-        self._sync_scheduler()
+    def _refuse_lr_sections(self, policy: Policy) -> None:
+        """Per-unit learning rates regroup the optimizer, which is the user's here."""
+        keys = ["lr"] if policy.lr != LearningRates() else [k for m in self.runtime.methods if (k := m.lr_setting(policy))]
+        if keys:
+            raise PolicyError(f"{keys[0]}: per-unit learning rates need the engine's optimizer groups (spu train); in your own "
+                              "loop give your optimizer's param groups their lr, and leave this section out")
 
     def _sync_scheduler(self) -> None:
         """Parameter groups a method added or removed join or leave the LR schedule (as in the engine, where
@@ -221,7 +205,7 @@ class PolicyController(PolicyRuntime):
     def _after_optimizer_step(self) -> None:
         """Method hooks, and cleared grads for optimizer tensors outside the model (movement scores), which a
         loop's ``model.zero_grad()`` (Trainer's) never reaches and which would otherwise accumulate."""
-        in_model = {id(p) for p in self.params.values()}
+        in_model = {id(p) for p in self.runtime.params.values()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in in_model:
@@ -235,7 +219,7 @@ class PolicyController(PolicyRuntime):
         if self.optimizer is None:
             return
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        missing = [n for n, p in self.params.items() if id(p) not in held]
+        missing = [n for n, p in self.runtime.params.items() if id(p) not in held]
         if missing:
             raise PolicyError(
                 f"the optimizer does not hold {len(missing)} parameters of the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
@@ -261,6 +245,10 @@ def attach(
     (movement's warm-up and final hold are fractions of it), ``steps_per_epoch`` for ``at: {epoch: N}`` triggers.
     """
     return PolicyController(model, policy, optimizer, scheduler, steps=steps, seed=seed, steps_per_epoch=steps_per_epoch)
+
+
+def _no_teacher(*_args: Any) -> nn.Module:
+    raise PolicyError(NO_TEACHER_HERE)
 
 
 def _unwrap(obj, kind=torch.optim.Optimizer, attribute: str = "optimizer"):

@@ -1,22 +1,24 @@
-"""The policy runtime the engine and the own-loop controller share: one implementation of ``methods.base.Host``.
+"""The policy runtime the engine and the own-loop controller share: the object methods see as their ``Host``.
 
-It holds what both hosts do alike: the timeline (pending entries applied when
-due, and triggers fired at their epoch or when an evaluation meets their
-condition, each firing recorded as a step entry), the methods' parameter groups, the trainable mask (the freeze rules ANDed
-with every active method's gate, functions of the policy, so a change can be
-previewed) and changes taken with rollback.  A host adds the model, the
-optimizer (None in a loop that passes none), ``config``, ``methods`` (one
-instance per registered method), the sections in force (``current``) and how it
-configures its methods and records a change.
+It holds what both do alike: the model, the optimizer (None in a loop that passes none), the run settings, one
+instance of every registered method, the sections in force (``current``), the timeline (pending entries applied
+when due, triggers fired at their epoch or when an evaluation meets their condition, each firing recorded as a step
+entry), the methods' parameter groups, the trainable mask (the freeze rules ANDed with every active method's gate,
+functions of the policy, so a change can be previewed) and changes taken with rollback.  What differs between its
+owners comes in explicitly: where messages go (``Reporter``), the step count (``clock``) and what the owner does
+around a change (``RuntimeHooks``); the runtime never reaches back into them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
+from .methods import method_classes
 from .methods.base import HostConfig
 from .model import Units, count_params, find_units, stable_parameters
 from .policy import Change, Policy, PolicyError, TimelineEntry
@@ -41,34 +43,107 @@ def metric_key(metrics: dict[str, Any], name: str) -> str | None:
     return None
 
 
-class PolicyRuntime:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None
-    config: HostConfig
-    methods: list
-    current: Policy
-    pending: list[TimelineEntry]  # timeline entries not applied yet, in step order
-    triggers: list[TimelineEntry]  # at-epoch and when entries, fired or not, each with the steps it fired at
-    steps_per_epoch: int | None  # None: the host cannot say (an own loop that did not); epoch triggers are refused
-    metric_range: dict[str, list[float]]  # eval metric -> [lowest, highest] over the evaluations so far
-    units: Units
-    param_names: list[str]  # stable names (model.stable_name): as loaded, whatever PEFT wrapped since
-    params: dict[str, torch.nn.Parameter]
-    loaded_names: list[str]  # the names before any method added tensors
+class Reporter(Protocol):
+    """Where events and messages go: the engine's event stream, or the controller's list and Python logging."""
 
-    def _configure_methods(self, policy: Policy) -> None:
-        """Every method's ``configure``, in ``configure_order``, at the host's step."""
-        raise NotImplementedError
+    def emit(self, type_: str, **fields: Any) -> Any: ...
+    def log(self, message: str, level: str = "info") -> None: ...
+
+
+def _nothing(*_args: Any) -> None:
+    return None
+
+
+def _no_teacher(*_args: Any) -> torch.nn.Module:
+    raise PolicyError("this host keeps no teacher model")
+
+
+@dataclass
+class RuntimeHooks:
+    """What the runtime's owner does around the runtime's work, one callable each (default: nothing).
+
+    The engine records a change and regroups its optimizer; the own-loop controller refuses what a foreign
+    optimizer cannot do and keeps the user's LR scheduler in step.  Mutable: an owner wires in what it builds on
+    the runtime."""
+
+    check: Callable[[Policy], None] = _nothing  # before the methods configure for a policy: PolicyError to refuse it
+    configured: Callable[[], None] = _nothing  # the methods configured (optimizer groups may have come or gone)
+    taken: Callable[[set[str] | None], None] = _nothing  # after a change: the names that trained before; None: refused
+    applied: Callable[[Change, str, Policy, list[str]], None] = _nothing  # change, source, policy and names before it
+    scheduled: Callable[[], None] = _nothing  # the pending entries or the triggers changed
+    initial_model: Callable[[], torch.nn.Module] = _no_teacher  # distillation's default teacher
+    load_teacher: Callable[[str], torch.nn.Module] = _no_teacher
+
+
+class PolicyRuntime:
+    """One model under one policy, as its methods' ``Host`` (``methods.base.Host``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: HostConfig,
+        *,
+        reporter: Reporter,
+        clock: Callable[[], int],
+        steps_per_epoch: int | None,
+        hooks: RuntimeHooks | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.config, self.reporter = model, optimizer, config, reporter
+        self.clock = clock  # the owner's optimizer steps taken: the step a method configures at
+        self.steps_per_epoch = steps_per_epoch  # None: the owner cannot say; epoch triggers are refused
+        self.hooks = hooks or RuntimeHooks()
+        self.refresh_parameters()
+        self.loaded_names: list[str] = list(self.param_names)  # the names before any method added tensors
+        self.methods: list = [m(self) for m in method_classes()]
+        self.current = Policy()
+        self.pending: list[TimelineEntry] = []  # timeline entries not applied yet, in step order
+        self.triggers: list[TimelineEntry] = []  # at-epoch and when entries, fired or not, each with its firing steps
+        self.metric_range: dict[str, list[float]] = {}  # eval metric -> [lowest, highest] over the evaluations so far
+
+    def adopt(self, policy: Policy) -> None:
+        """Take ``policy`` as the one in force and its timeline as this runtime's, checked against the model."""
+        check_policy_against_model(policy, self.model, self.units, self.names_under)
+        self.current = policy.state()
+        self.split_timeline(policy)
+
+    def put_in_force(self) -> None:
+        """The methods configured for the policy in force, and the trainable mask applied."""
+        self.configure_methods(self.current)
+        self.apply_trainable()
+
+    def configure_methods(self, policy: Policy) -> None:
+        """Every method's ``configure``, in ``configure_order``, at the owner's step (the owner may refuse first)."""
+        self.hooks.check(policy)
+        for m in self.configure_order(policy):
+            m.configure(policy, self.clock())
+        self.hooks.configured()
 
     def apply_change(self, change: Change, source: str) -> None:
-        """Take ``change`` (``_take_change``) and record it as the host records changes."""
-        raise NotImplementedError
-
-    def log(self, message: str, level: str = "info") -> None:
-        raise NotImplementedError
+        """Take ``change`` (``_take_change``; PolicyError leaves everything as it was) and let the owner record it."""
+        before, names = self.current, self.param_names
+        self._take_change(change)
+        self.hooks.applied(change, source, before, names)
 
     def schedule_changed(self) -> None:
         """The pending entries or the triggers changed (one applied or fired, one was added or removed)."""
+        self.hooks.scheduled()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.reporter.log(message, level)
+
+    def emit(self, type_: str, **fields: Any) -> Any:
+        return self.reporter.emit(type_, **fields)
+
+    def initial_model(self) -> torch.nn.Module:
+        return self.hooks.initial_model()
+
+    def load_teacher(self, source: str) -> torch.nn.Module:
+        return self.hooks.load_teacher(source)
+
+    def method(self, section: str):
+        """The method object of a policy section (``selective_backprop``, ``pruning``, ...)."""
+        return next((m for m in self.methods if m.section == section), None)
 
     # ------------------------------------------------------------------ timeline
 
@@ -194,9 +269,9 @@ class PolicyRuntime:
 
     def refresh_parameters(self) -> None:
         """Re-read the model's parameters and units after a method changed the module tree."""
-        self.units = find_units(self.model)
-        self.params = stable_parameters(self.model)
-        self.param_names = list(self.params)
+        self.units: Units = find_units(self.model)
+        self.params: dict[str, torch.nn.Parameter] = stable_parameters(self.model)  # by stable name (model.stable_name)
+        self.param_names = list(self.params)  # as loaded, whatever PEFT wrapped since
 
     def trainable_count(self) -> int:
         return count_params(self.model, trainable=True)
@@ -262,7 +337,7 @@ class PolicyRuntime:
             by_unit.setdefault(self.units.unit_for(n), []).append(scale)
         return ", ".join(f"{u} x{min(v):.3g}" + (f"-{max(v):.3g}" if max(v) != min(v) else "") for u, v in by_unit.items())
 
-    def _apply_trainable(self) -> None:
+    def apply_trainable(self) -> None:
         """Frozen tensors get requires_grad False and lose their gradient (so no optimizer update)."""
         for n, trainable in self.trainable_mask().items():
             p = self.params[n]
@@ -271,14 +346,22 @@ class PolicyRuntime:
                 p.grad = None
 
     def _take_change(self, change: Change) -> None:
-        """Put ``change`` in force; on PolicyError (or any refusal) everything stays as it was."""
-        new = self.current.apply(change)
-        old = self.current
+        """Put ``change`` in force; on PolicyError (or any refusal) everything stays as it was.  The owner hears of it
+        either way (``hooks.taken``: the engine's warm-in and optimizer groups follow)."""
+        before: set[str] | None = {n for n, p in self.params.items() if p.requires_grad}
         try:
-            self._configure_methods(new)
-            check_policy_against_model(new, self.model, self.units)  # against the names the methods left (PEFT adds some)
-        except Exception:
-            self._configure_methods(old)
+            new = self.current.apply(change)
+            old = self.current
+            try:
+                self.configure_methods(new)
+                check_policy_against_model(new, self.model, self.units)  # the names the methods left (PEFT adds some)
+            except Exception:
+                self.configure_methods(old)
+                raise
+            self.current = new
+            self.apply_trainable()
+        except BaseException:
+            before = None
             raise
-        self.current = new
-        self._apply_trainable()
+        finally:
+            self.hooks.taken(before)

@@ -1,29 +1,38 @@
 """One training step and one evaluation, computed: what the engine runs between two boundaries.
 
-``StepLoop`` is the engine's arithmetic: batches drawn from the data stream
+``Trainer`` is the engine's arithmetic, a component on the policy runtime
+(``runtime.PolicyRuntime``: model, optimizer, methods, what trains) that names
+in its constructor whatever else it uses: batches drawn from the data stream
 (the same global batch on every rank, each rank its share), the per-sample loss
 selective backprop needs, backward with the AMP scaler, the warm-up and linear
 decay of the learning rate, clipping, the optimizer step, and the ``step`` and
 ``units`` events.  Methods hook in at fixed points (``before_step``,
 ``after_backward``, ``on_gradients``, ``after_optimizer_step``); a method whose
-``forward_backward`` gives one (selective backprop) replaces the plain one.
+``forward_backward`` gives one (selective backprop) replaces the plain one, with
+the trainer as its ``methods.base.TrainingLoop``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import torch
 
+from .batching import BatchStream
 from .config import EngineConfig
 from .distributed import Distributed
 from .faults import MAX_NONFINITE_SKIPS, free_memory, is_out_of_memory, nonfinite_report, oom_advice
 from .lifecycle import Stop
+from .lr_groups import LrGroups, group_lr_scale
+from .runtime import PolicyRuntime, Reporter
 from .system_metrics import SystemSampler
+from .tasks import Task
 from .unit_stats import after_update, before_update
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
@@ -57,58 +66,86 @@ def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim
     return opt
 
 
-def regroup(optimizer: torch.optim.Optimizer, key_of: dict[int, tuple[float, int | None]], order: dict[int, int]) -> None:
-    """Split every named group into one group per (lr multiplier, warm-in start) of its tensors, in place.
+@dataclass
+class Progress:
+    """Optimizer steps taken: the one count the engine's components read, moved on by the trainer alone."""
 
-    Groups keep their name, base lr and weight decay; a tensor's AdamW state is keyed by the tensor, so moving it
-    between groups keeps its moments.  Tensors sit in model order (``order``) and groups in a fixed order, so the
-    same multipliers always give the same groups (a checkpoint's optimizer state loads into them).
-    """
-    families: dict[Any, tuple[dict[str, Any], list[torch.nn.Parameter]]] = {}
-    for g in optimizer.param_groups:
-        template = {k: v for k, v in g.items() if k not in ("params", "lr_scale", "warm_from")}
-        families.setdefault(g.get("name"), (template, []))[1].extend(g["params"])
-    groups = []
-    for template, params in families.values():
-        params.sort(key=lambda p: order.get(id(p), len(order)))
-        buckets: dict[tuple[float, int | None], list[torch.nn.Parameter]] = {}
-        for p in params:
-            buckets.setdefault(key_of.get(id(p), (1.0, None)), []).append(p)
-        for scale, warm in sorted(buckets, key=lambda k: (k != (1.0, None), k[0], -1 if k[1] is None else k[1])):
-            groups.append({**template, "params": buckets[(scale, warm)], "lr_scale": scale, "warm_from": warm})
-    optimizer.param_groups[:] = groups
+    step: int = 0
+
+    def now(self) -> int:
+        return self.step
 
 
-def group_lr_scale(group: dict[str, Any], step: int, warm_in: int) -> float:
-    """The group's multiplier, ramped in linearly over ``warm_in`` steps from its warm-in start: 1/warm_in at that step."""
-    scale = group.get("lr_scale", 1.0)
-    start = group.get("warm_from")
-    if start is not None and warm_in:
-        scale *= min(1.0, (step - start + 1) / warm_in)
-    return scale
+class RunSignals(Protocol):
+    """What a step or an evaluation asks of the run's control (``lifecycle.RunControl``)."""
 
-
-class StepLoop:
-    """The step and evaluation arithmetic of ``Engine``, and what it does when a batch or an evaluation fails."""
-
-    config: EngineConfig
-    dist: Distributed | None
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Any
-    step: int
-    evaluated_at: int | None  # the step of the last finished evaluation
-    samples_seen: int
-    _step_time_ema: float | None
-    system: SystemSampler | None
-    _stop_signal: str | None
-    _nonfinite_streak: int
-    run_dir: Path | None
     stop: Stop | None
-    warm_from: dict[str, int]  # stable name -> the step its warm-in ramp began (lr.warm_in), while it ramps
-    # and from the engine: task, stream, methods, units, params, current, emit(), log(), pause(), save_or_pause()
+    stop_signal: str | None  # a stop signal arrived: an evaluation is abandoned
+
+    def pause(self, message: str = "") -> None: ...
+    def save_or_pause(self) -> None: ...
+
+
+class Trainer:
+    """The step and evaluation arithmetic of ``Engine``, and what it does when a batch or an evaluation fails; the
+    ``methods.base.TrainingLoop`` of a method that replaces the forward and backward pass."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runtime: PolicyRuntime,
+        groups: LrGroups,
+        task: Task,
+        stream: BatchStream,
+        *,
+        progress: Progress,
+        reporter: Reporter,
+        control: RunSignals,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        scaler: Any,
+        dist: Distributed | None,
+        system: SystemSampler | None,
+        run_dir: Path | None,
+    ) -> None:
+        self.config, self.runtime, self.groups, self.task, self.stream = config, runtime, groups, task, stream
+        self.progress, self.reporter, self.control = progress, reporter, control
+        self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
+        self.dist, self.system, self.run_dir = dist, system, run_dir
+        self.model = runtime.model
+        self.optimizer: torch.optim.Optimizer = runtime.optimizer
+        self.methods = runtime.methods
+        self.samples_seen = 0
+        self.evaluated_at: int | None = None  # the step of the last finished evaluation
+        self.collapsed = False  # the last evaluation gave (nearly) every example one answer
+        self._nonfinite_streak = 0
+        self._step_time_ema: float | None = None
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return self.runtime.params
+
+    @property
+    def units(self):
+        return self.runtime.units
+
+    @property
+    def current(self):
+        return self.runtime.current
+
+    def emit(self, type_: str, **fields: Any) -> Any:
+        return self.reporter.emit(type_, **fields)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.reporter.log(message, level)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -147,15 +184,6 @@ class StepLoop:
             return
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def end_ramps(self, step: int) -> None:
-        """Tensors whose warm-in is over at ``step`` go back to their plain group."""
-        warm_in = self.current.lr.warm_in
-        done = [n for n, start in self.warm_from.items() if step - start >= warm_in or n not in self.params]
-        if done:
-            for n in done:
-                del self.warm_from[n]
-            self.regroup()
-
     def _lr_factor(self, step: int) -> float:
         warm = self.config.warmup_steps()
         if warm and step < warm:
@@ -178,7 +206,7 @@ class StepLoop:
         step = self.step
         for m in self.methods:
             m.before_step(step)
-        self.end_ramps(step)
+        self.groups.end_ramps(step)
         factor, warm_in = self._lr_factor(step), self.current.lr.warm_in
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor * group_lr_scale(g, step, warm_in)
@@ -249,7 +277,7 @@ class StepLoop:
 
         def batches():
             for i in range(0, len(feats), bs):
-                if self._stop_signal:  # SIGTERM: the checkpoint must not wait for a long evaluation
+                if self.control.stop_signal:  # SIGTERM: the checkpoint must not wait for a long evaluation
                     raise EvaluationInterrupted
                 yield self._to_device(self.task.collate(feats[i : i + bs]))
 
@@ -257,7 +285,7 @@ class StepLoop:
             with self._autocast():
                 metrics = self.task.evaluate(self.model, batches())
         except EvaluationInterrupted:
-            self.log(f"{self._stop_signal}: evaluation at step {self.step} abandoned", "warning")
+            self.log(f"{self.control.stop_signal}: evaluation at step {self.step} abandoned", "warning")
             return {}
         finally:
             self.model.train(was_training)
@@ -300,13 +328,13 @@ class StepLoop:
         message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
         self.emit("error", step=self.step, message=message, kind="nonfinite", loss=str(loss_value), units=report["units"], weights=report["weights"], action=action)
         if action == "pause":
-            self.pause(message)
+            self.control.pause(message)
         elif action == "stop":
-            self.stop = Stop(message, fault=True, owes_checkpoint=not report["weights"])
+            self.control.stop = Stop(message, fault=True, owes_checkpoint=not report["weights"])
             if report["weights"]:
                 self.log("not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning")
             else:
-                self.save_or_pause()
+                self.control.save_or_pause()
         return {"step": self.step, "loss": loss_value, "skipped": True}
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
@@ -323,7 +351,7 @@ class StepLoop:
         free_memory(self.device)
         message, suggested = oom_advice(what, self.step, detail, self.config, self.run_dir)
         self.emit("error", step=self.step, message=message, kind="oom", suggested=suggested)
-        self.pause(message)
+        self.control.pause(message)
         return None
 
 

@@ -105,7 +105,7 @@ def test_methods_import_neither_a_host_nor_the_console():
     assert not [m for m in graph if any(t.startswith("spu_tui") for t in graph[m])]
 
 
-def test_the_engine_and_the_own_loop_controller_are_hosts(make_engine, tokenizer):
+def test_the_runtime_is_the_host_and_the_trainer_the_training_loop(make_engine, tokenizer):
     from spu_engine.integrations import attach
     from spu_engine.methods.base import Host, TrainingLoop
     from spu_engine.policy import Policy
@@ -113,6 +113,7 @@ def test_the_engine_and_the_own_loop_controller_are_hosts(make_engine, tokenizer
     engine = make_engine()
     model = build_tiny("bert", tokenizer)
     controller = attach(Policy(), model, torch.optim.AdamW(model.parameters()))
-    assert isinstance(engine, Host) and isinstance(engine, TrainingLoop)
-    assert isinstance(controller, Host) and not isinstance(controller, TrainingLoop)  # it draws no data
-    assert all(m.host is engine for m in engine.methods) and all(m.host is controller for m in controller.methods)
+    assert isinstance(engine.runtime, Host) and isinstance(engine.trainer, TrainingLoop)
+    assert isinstance(controller.runtime, Host) and not isinstance(controller.runtime, TrainingLoop)  # it draws no data
+    assert all(m.host is engine.runtime for m in engine.methods)
+    assert all(m.host is controller.runtime for m in controller.methods)

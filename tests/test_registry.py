@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOSTS = ["engine.py", "training.py", "runtime.py", "integrations.py", "lifecycle.py"]
+HOSTS = ["engine.py", "training.py", "runtime.py", "integrations.py", "lifecycle.py", "policy_record.py", "lr_groups.py", "events.py", "commands.py"]
 
 
 def test_the_policy_and_the_registry_import_no_torch():

@@ -1,8 +1,9 @@
 """The interface every selective-update method implements, and the one it may ask of its host.
 
-A host (the engine, or ``integrations.PolicyController`` in a user's own loop)
-owns one instance of each registered method for the whole run and calls the
-hooks below at fixed points.  ``configure`` is called at a step boundary
+A host (``runtime.PolicyRuntime``: the engine's, or the one
+``integrations.PolicyController`` composes in a user's own loop) owns one
+instance of each registered method for the whole run; the loop that owns the
+runtime calls the hooks below at fixed points.  ``configure`` is called at a step boundary
 whenever the policy changes (and once at start); it may raise ``PolicyError``
 to refuse a change, which then leaves the host untouched.
 
@@ -11,9 +12,8 @@ backward, learning-rate factors, tensors it adds, what-if notes, ...) is a
 declared hook too, with a default that changes nothing: a host calls every
 method's hook and never asks for a method by name or looks a hook up.
 
-Methods see their host only through ``Host``: a protocol, so the engine and the
-controller implement it without a common base a method could reach past, and
-no method imports the engine.
+Methods see their host only through ``Host``: a protocol, so a method cannot
+reach past it into the engine or the controller, and no method imports them.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class IndexStream(Protocol):
 
 @runtime_checkable
 class TrainingLoop(Protocol):
-    """What a method that replaces the forward and backward pass needs (selective backprop); only the engine draws data."""
+    """What a method that replaces the forward and backward pass needs (selective backprop): the engine's
+    ``training.Trainer``, the only one that draws data."""
 
     config: HostConfig
     dist: Distributed | None
