@@ -14,7 +14,7 @@ shared in kind with the own-loop controller), ``policy_record.PolicyRecord``
 (the policy as ``policy.yaml`` replays it), ``training.Trainer`` (the step and
 evaluation arithmetic), ``lifecycle.RunControl`` (pause, stop, the boundary,
 waiting for writes), ``commands.Commands``, ``lr_groups.LrGroups`` and
-``events.Events``.  Here: setup, the wiring, checkpoints and the run's recipe.
+``emitter.Emitter``.  Here: setup, the wiring, checkpoints and the run's recipe.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .commands import Commands
 from .config import EngineConfig
 from .distributed import Distributed
 from .event_log import EventLog
-from .events import Events
+from .events import Emitter
 from .faults import UnwrittenState
 from .forwarding import forwards
 from .lifecycle import RunControl, RunState
@@ -96,7 +96,7 @@ class Engine:
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         event_log = EventLog(self.run_dir / EVENTS) if self.run_dir else None
-        self.events = Events(self.sinks, event_log, self.unwritten, self.progress.now)
+        self.events = Emitter(self.sinks, event_log, self.unwritten, self.progress.now)
         self._setup_device()
         self.system = SystemSampler([self.device], config.system_every, dist.world_size if dist else 1) if reports else None
         self.tokenizer = tokenizer

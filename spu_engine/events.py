@@ -17,7 +17,7 @@ from .runs import EVENTS
 Sink = Callable[[bytes, dict], None]
 
 
-class Events:
+class Emitter:
     """Each event encoded once, added to the event log and handed to every sink in order."""
 
     def __init__(
