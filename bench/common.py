@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from spu_engine.model import load_model, load_tokenizer
-from spu_engine.model_source import offline_model_dir
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.model.loading import load_model, load_tokenizer
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
 
-DATA = Path(os.environ.get("SPU_SST2") or Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2")  # SPU_SST2: a copy elsewhere (a GPU machine)
+DATA = Path(
+    os.environ.get("SPU_SST2") or Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+)  # SPU_SST2: a copy elsewhere (a GPU machine)
 
 
 def minilm_sst2(max_length: int):

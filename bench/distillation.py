@@ -20,12 +20,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from common import DATA, minilm_sst2  # noqa: E402
+import torch
+from common import DATA, minilm_sst2
 
-from spu_engine.engine import Engine, EngineConfig  # noqa: E402
-from spu_engine.model_source import offline_model_dir  # noqa: E402
-from spu_engine.policy_files import parse_policy  # noqa: E402
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
 
 
 def main() -> int:
@@ -38,11 +38,26 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = ap.parse_args()
     _, tokenizer, task, base = minilm_sst2(args.max_length)
-    config = EngineConfig(model=str(offline_model_dir()), data=str(DATA), steps=1000, batch_size=args.batch_size, max_length=args.max_length,
-                          eval_every=0, stats_every=10**6, device=args.device, precision=args.precision)
+    config = EngineConfig(
+        model=str(offline_model_dir()),
+        data=str(DATA),
+        steps=1000,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        eval_every=0,
+        stats_every=10**6,
+        device=args.device,
+        precision=args.precision,
+    )
     plain = Engine(config, parse_policy({}), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
-    distilled = Engine(config, parse_policy({"distillation": {"enabled": True, "alpha": 0.9, "temperature": 2.0}}), None,
-                       model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
+    distilled = Engine(
+        config,
+        parse_policy({"distillation": {"enabled": True, "alpha": 0.9, "temperature": 2.0}}),
+        None,
+        model=copy.deepcopy(base),
+        tokenizer=tokenizer,
+        task=task,
+    )
     teacher = copy.deepcopy(base).to(plain.device).eval()
     batch = {k: v.to(plain.device) for k, v in task.collate(task.train[: args.batch_size]).items() if k != "labels"}
 
@@ -58,7 +73,7 @@ def main() -> int:
     jobs = [("with", lambda: train(distilled)), ("without", lambda: train(plain)), ("forward", forward)]
     wall: dict[str, list[float]] = {name: [] for name, _ in jobs}
     for i in range(args.warmup + args.steps):
-        for name, job in jobs[i % 3:] + jobs[: i % 3]:
+        for name, job in jobs[i % 3 :] + jobs[: i % 3]:
             t0 = time.perf_counter()
             job()
             if plain.device.type == "cuda":
@@ -68,7 +83,9 @@ def main() -> int:
     distilled.close()
     plain.close()
     w, wo, f = (statistics.median(wall[k]) for k in ("with", "without", "forward"))
-    print(f"MiniLM, SST-2, batch {args.batch_size}, max length {args.max_length}, {args.device} {args.precision}, median of {args.steps} rotated rounds")
+    print(
+        f"MiniLM, SST-2, batch {args.batch_size}, max length {args.max_length}, {args.device} {args.precision}, median of {args.steps} rotated rounds"
+    )
     print(f"step with distillation {w:.3f} s, without {wo:.3f} s: ratio {w / wo:.3f}")
     print(f"bare teacher forward {f:.3f} s: the teacher adds {(w - wo) / f:.2f} x its forward")
     return 0

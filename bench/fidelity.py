@@ -43,13 +43,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from common import DATA, minilm_sst2  # noqa: E402
+import torch
+from common import DATA, minilm_sst2
 
-from spu_engine.engine import Engine, EngineConfig  # noqa: E402
-from spu_engine.model import count_params  # noqa: E402
-from spu_engine.model_source import offline_model_dir  # noqa: E402
-from spu_engine.policy_files import parse_policy  # noqa: E402
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.model.loading import count_params
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -59,7 +59,10 @@ CACHE = RESULTS / "cache"
 
 FROZEN_EMBEDDINGS = {"units": ["embeddings"], "trainable": False}
 SCHEDULE = {"start_step": 100, "end_step": 900, "every": 10}
-MOONSHOT = {"freeze": [{"layers": [0, 1, 2], "trainable": False}], "selective_backprop": {"mode": "percentile", "keep": 0.5}}  # examples/policies/moonshot.yaml
+MOONSHOT = {
+    "freeze": [{"layers": [0, 1, 2], "trainable": False}],
+    "selective_backprop": {"mode": "percentile", "keep": 0.5},
+}  # examples/policies/moonshot.yaml
 DISTILL = {"enabled": True, "alpha": 0.9, "temperature": 2.0}  # teacher: the full row's model
 
 
@@ -78,51 +81,127 @@ def pruning(method: str, sparsity: float, **movement) -> dict:
     """As the reference ranks: magnitude and movement keep the top of each matrix (its TopK and magnitude binarizers work
     per weight matrix); soft movement's one threshold on sigmoid(score) holds for all of them."""
     scope = "global" if method == "soft_movement" else "per_layer"
-    return {"pruning": {"method": method, "scope": scope, "schedule": {**SCHEDULE, "final_sparsity": sparsity},
-                        "movement": {"score_lr": 1e-2, **movement}}}
+    return {
+        "pruning": {
+            "method": method,
+            "scope": scope,
+            "schedule": {**SCHEDULE, "final_sparsity": sparsity},
+            "movement": {"score_lr": 1e-2, **movement},
+        }
+    }
 
 
 ROW_LIST = [
     Row("full", "full fine-tuning", {}, 1e-4, "the reference every claim compares with"),
-    Row("prefix", "frozen prefix (blocks 0-2)", {"freeze": [{"layers": [0, 1, 2], "trainable": False}]}, 1e-4,
-        "freezing the lower half of the blocks costs little accuracy (Lee et al. 2019)"),
-    Row("bitfit", "BitFit", {"peft": {"method": "bitfit"}}, 1e-3, "biases alone come close to full fine-tuning (Ben Zaken et al. 2022)"),
-    Row("adapter", "Houlsby adapters (64)", {"peft": {"method": "adapter", "size": 64}}, 1e-3,
-        "adapters come within 0.4 points of full fine-tuning on GLUE (Houlsby et al. 2019)"),
-    Row("ia3", "(IA)^3", {"peft": {"method": "ia3"}}, 3e-3, "rescaling vectors alone compete with full fine-tuning (Liu et al. 2022)"),
-    Row("lora", "LoRA (r 8, alpha 16)", {"peft": {"method": "lora", "r": 8, "alpha": 16}}, 5e-4,
-        "LoRA matches full fine-tuning on GLUE (Hu et al. 2021)"),
-    Row("sb", "selective backprop (keep 0.5)", {"selective_backprop": {"mode": "percentile", "keep": 0.5}}, 1e-4,
-        "reaches the baseline's accuracy in less wall time (Jiang et al. 2019)"),
-    Row("lisa", "LISA (2 of 6 blocks, resampled every 50 steps)",
-        {"auto_freeze": {"method": "lisa", "interval": 50, "n_layers": 2, "embeddings": False, "head": True}}, 1e-4,
-        "training a few blocks sampled at random matches full fine-tuning at lower cost (Pan et al. 2024)"),
-    Row("autofreeze", "AutoFreeze (checked every 100 steps)", {"auto_freeze": {"method": "autofreeze", "interval": 100}}, 1e-4,
-        "freezing the front blocks once their gradient norm settles keeps accuracy and saves time (Liu et al. 2021)", extra={"stats_every": 10}),
-    Row("dora", "DoRA (r 8, alpha 16)", {"peft": {"method": "lora", "r": 8, "alpha": 16, "use_dora": True}}, 5e-4,
-        "DoRA matches or beats LoRA at the same rank (Liu et al. 2024)"),
-    Row("adalora", "AdaLoRA (rank 12 to 8)", {"peft": {"method": "adalora", "init_r": 12, "target_r": 8, "tinit": 100, "tfinal": 200}}, 5e-4,
-        "AdaLoRA's budgeted ranks match LoRA at the same budget (Zhang et al. 2023)"),
-    Row("moonshot", "moonshot: blocks 0-2 frozen + selective backprop keep 0.5", MOONSHOT, 1e-4,
-        "within 0.5 point of full fine-tuning in at most half its wall time (issue 16's moonshot)"),
-    Row("wus", "weight-update skipping", {"weight_update_skipping": {"enabled": True, "start_phase": "full", "patience": 1}}, 1e-4,
-        "switching to bias-only updates once eval loss stalls keeps accuracy at lower cost"),
-    *(Row(f"{m}{int(s * 100)}{'-kd' if kd else ''}", f"{name} {int(s * 100)} %{' + distillation' if kd else ''}",
-          pruning(m, s, **({"l1": 400.0} if m == "soft_movement" else {})), 1e-4,
-          claim, distill=kd)
-      for s in (0.9, 0.97)
-      for m, name, claim in (
-          ("magnitude", "magnitude", "the baseline movement pruning is measured against (Sanh et al. 2020)"),
-          ("movement", "movement", "movement beats magnitude at high sparsity (Sanh et al. 2020)"),
-          ("soft_movement", "soft movement", "soft movement beats movement at high sparsity (Sanh et al. 2020)"),
-      )
-      for kd in (False, True)),
+    Row(
+        "prefix",
+        "frozen prefix (blocks 0-2)",
+        {"freeze": [{"layers": [0, 1, 2], "trainable": False}]},
+        1e-4,
+        "freezing the lower half of the blocks costs little accuracy (Lee et al. 2019)",
+    ),
+    Row(
+        "bitfit",
+        "BitFit",
+        {"peft": {"method": "bitfit"}},
+        1e-3,
+        "biases alone come close to full fine-tuning (Ben Zaken et al. 2022)",
+    ),
+    Row(
+        "adapter",
+        "Houlsby adapters (64)",
+        {"peft": {"method": "adapter", "size": 64}},
+        1e-3,
+        "adapters come within 0.4 points of full fine-tuning on GLUE (Houlsby et al. 2019)",
+    ),
+    Row(
+        "ia3",
+        "(IA)^3",
+        {"peft": {"method": "ia3"}},
+        3e-3,
+        "rescaling vectors alone compete with full fine-tuning (Liu et al. 2022)",
+    ),
+    Row(
+        "lora",
+        "LoRA (r 8, alpha 16)",
+        {"peft": {"method": "lora", "r": 8, "alpha": 16}},
+        5e-4,
+        "LoRA matches full fine-tuning on GLUE (Hu et al. 2021)",
+    ),
+    Row(
+        "sb",
+        "selective backprop (keep 0.5)",
+        {"selective_backprop": {"mode": "percentile", "keep": 0.5}},
+        1e-4,
+        "reaches the baseline's accuracy in less wall time (Jiang et al. 2019)",
+    ),
+    Row(
+        "lisa",
+        "LISA (2 of 6 blocks, resampled every 50 steps)",
+        {"auto_freeze": {"method": "lisa", "interval": 50, "n_layers": 2, "embeddings": False, "head": True}},
+        1e-4,
+        "training a few blocks sampled at random matches full fine-tuning at lower cost (Pan et al. 2024)",
+    ),
+    Row(
+        "autofreeze",
+        "AutoFreeze (checked every 100 steps)",
+        {"auto_freeze": {"method": "autofreeze", "interval": 100}},
+        1e-4,
+        "freezing the front blocks once their gradient norm settles keeps accuracy and saves time (Liu et al. 2021)",
+        extra={"stats_every": 10},
+    ),
+    Row(
+        "dora",
+        "DoRA (r 8, alpha 16)",
+        {"peft": {"method": "lora", "r": 8, "alpha": 16, "use_dora": True}},
+        5e-4,
+        "DoRA matches or beats LoRA at the same rank (Liu et al. 2024)",
+    ),
+    Row(
+        "adalora",
+        "AdaLoRA (rank 12 to 8)",
+        {"peft": {"method": "adalora", "init_r": 12, "target_r": 8, "tinit": 100, "tfinal": 200}},
+        5e-4,
+        "AdaLoRA's budgeted ranks match LoRA at the same budget (Zhang et al. 2023)",
+    ),
+    Row(
+        "moonshot",
+        "moonshot: blocks 0-2 frozen + selective backprop keep 0.5",
+        MOONSHOT,
+        1e-4,
+        "within 0.5 point of full fine-tuning in at most half its wall time (issue 16's moonshot)",
+    ),
+    Row(
+        "wus",
+        "weight-update skipping",
+        {"weight_update_skipping": {"enabled": True, "start_phase": "full", "patience": 1}},
+        1e-4,
+        "switching to bias-only updates once eval loss stalls keeps accuracy at lower cost",
+    ),
+    *(
+        Row(
+            f"{m}{int(s * 100)}{'-kd' if kd else ''}",
+            f"{name} {int(s * 100)} %{' + distillation' if kd else ''}",
+            pruning(m, s, **({"l1": 400.0} if m == "soft_movement" else {})),
+            1e-4,
+            claim,
+            distill=kd,
+        )
+        for s in (0.9, 0.97)
+        for m, name, claim in (
+            ("magnitude", "magnitude", "the baseline movement pruning is measured against (Sanh et al. 2020)"),
+            ("movement", "movement", "movement beats magnitude at high sparsity (Sanh et al. 2020)"),
+            ("soft_movement", "soft movement", "soft movement beats movement at high sparsity (Sanh et al. 2020)"),
+        )
+        for kd in (False, True)
+    ),
 ]
 ROW_BY_KEY = {r.key: r for r in ROW_LIST}
 
 
 def code_version() -> str:
     """The git tree of spu_engine (what the rows measure), marked when the working copy differs from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
 
@@ -164,7 +243,9 @@ def scaled(policy: dict, steps: int) -> dict:
     """At another ``--steps`` the pruning ramp (100 to 900 of 1,000) and AdaLoRA's phases keep their place in the run."""
     schedule = policy.get("pruning", {}).get("schedule")
     if schedule:
-        schedule.update(start_step=SCHEDULE["start_step"] * steps // 1000, end_step=SCHEDULE["end_step"] * steps // 1000)
+        schedule.update(
+            start_step=SCHEDULE["start_step"] * steps // 1000, end_step=SCHEDULE["end_step"] * steps // 1000
+        )
     peft = policy.get("peft", {})
     if peft.get("method") == "adalora":
         peft.update(tinit=peft["tinit"] * steps // 1000, tfinal=peft["tfinal"] * steps // 1000)
@@ -177,8 +258,17 @@ def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
     if row.distill:
         policy["distillation"] = {**DISTILL, "teacher": str(teacher_dir(args))}
     config = EngineConfig(
-        model=str(offline_model_dir()), data=str(DATA), steps=args.steps, batch_size=32, max_length=64, lr=row.lr, warmup=0.1,
-        eval_every=args.eval_every or max(1, args.steps // 5), device=args.device, precision=args.precision, **{"stats_every": 10**6, **row.extra},
+        model=str(offline_model_dir()),
+        data=str(DATA),
+        steps=args.steps,
+        batch_size=32,
+        max_length=64,
+        lr=row.lr,
+        warmup=0.1,
+        eval_every=args.eval_every or max(1, args.steps // 5),
+        device=args.device,
+        precision=args.precision,
+        **{"stats_every": 10**6, **row.extra},
     )
     engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
     steps: list[dict] = []
@@ -189,11 +279,20 @@ def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
         if ev["type"] == "step":
             steps.append(ev)
             if ev["step"] % 100 == 0:
-                print(f"  step {ev['step']}  loss {ev['loss']:.4f}  train {sum(s['step_time'] for s in steps):.0f} s", flush=True)
+                print(
+                    f"  step {ev['step']}  loss {ev['loss']:.4f}  train {sum(s['step_time'] for s in steps):.0f} s",
+                    flush=True,
+                )
             paused[0] += wait_while_paused()  # between two steps: the next step's clock has not started
         elif ev["type"] == "eval":
-            evals.append({"step": ev["step"], "train_s": round(sum(s["step_time"] for s in steps), 1), "accuracy": ev["accuracy"],
-                          **score_statistics(engine)})
+            evals.append(
+                {
+                    "step": ev["step"],
+                    "train_s": round(sum(s["step_time"] for s in steps), 1),
+                    "accuracy": ev["accuracy"],
+                    **score_statistics(engine),
+                }
+            )
 
     engine.sinks.append(sink)
     total_params = count_params(engine.model)
@@ -217,7 +316,8 @@ def run_row(row: Row, base, task, tokenizer, args, version: str) -> dict:
         "distill_kl": steps[-1].get("distill_kl"),
         "evals": evals,
         "steps": args.steps,
-        "device": (f"{args.device} {args.precision}" if args.device != "cpu" else f"cpu x{torch.get_num_threads()}") + (f", {args.note}" if args.note else ""),
+        "device": (f"{args.device} {args.precision}" if args.device != "cpu" else f"cpu x{torch.get_num_threads()}")
+        + (f", {args.note}" if args.note else ""),
         "version": version,
         "finished": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -233,7 +333,14 @@ def score_statistics(engine) -> dict:
         return {}
     flat = torch.cat([s.detach().flatten() for s in scores.values()])
     out = {"score_abs_mean": float(flat.abs().mean()), "score_positive": float((flat > 0).float().mean())}
-    keep = torch.cat([pm.masks.keep(n).flatten() if n in pm.masks.masks else torch.ones(scores[n].numel(), dtype=torch.bool, device=scores[n].device) for n in scores])
+    keep = torch.cat(
+        [
+            pm.masks.keep(n).flatten()
+            if n in pm.masks.masks
+            else torch.ones(scores[n].numel(), dtype=torch.bool, device=scores[n].device)
+            for n in scores
+        ]
+    )
     kept = int(keep.sum())
     if 0 < kept < keep.numel():
         magnitude = torch.cat([pm.masks.dense(n).abs().flatten() for n in scores])
@@ -262,9 +369,19 @@ def beats(claim: str, first: tuple[str, dict], second: tuple[str, dict], why_not
     if max(a["accuracy"], b["accuracy"]) <= MAJORITY + 0.005:
         return claim, measured, "not reproduced", "both at chance (the majority class): nothing to compare"
     if b["accuracy"] <= MAJORITY + 0.005:
-        return claim, measured, "not shown", f"{b_name} ended at chance (the majority class): beating it says nothing of {a_name}"
+        return (
+            claim,
+            measured,
+            "not shown",
+            f"{b_name} ended at chance (the majority class): beating it says nothing of {a_name}",
+        )
     if a["accuracy"] <= MAJORITY + 0.005:
-        return claim, measured, "not reproduced", f"{a_name} ended at chance (the majority class): see the note on movement at this budget"
+        return (
+            claim,
+            measured,
+            "not reproduced",
+            f"{a_name} ended at chance (the majority class): see the note on movement at this budget",
+        )
     if abs(a["accuracy"] - b["accuracy"]) < 0.005:
         return claim, measured, "not shown", "within 0.5 point: one run of each cannot tell them apart"
     ok = a["accuracy"] > b["accuracy"]
@@ -301,67 +418,128 @@ def claim_verdicts(rows: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             if r:
                 gap = 100 * (full["accuracy"] - r["accuracy"])
                 ok = gap <= 1.0
-                out.append((ROW_BY_KEY[key].checks, f"{pct(r)} vs full {pct(full)} ({behind(gap)}) with {100 * r['trainable']:.2f} % trainable",
-                            "reproduced" if ok else "not reproduced",
-                            "" if ok else "more than 1 point behind full fine-tuning at this budget"))
+                out.append(
+                    (
+                        ROW_BY_KEY[key].checks,
+                        f"{pct(r)} vs full {pct(full)} ({behind(gap)}) with {100 * r['trainable']:.2f} % trainable",
+                        "reproduced" if ok else "not reproduced",
+                        "" if ok else "more than 1 point behind full fine-tuning at this budget",
+                    )
+                )
         sb = rows.get("sb")
         if sb:
             reached = time_to(sb, full["accuracy"])
             full_time = full["train_s"]
-            measured = (f"full fine-tuning's {pct(full)} reached after {reached:.0f} s of training, full fine-tuning took {full_time:.0f} s"
-                        if reached is not None else f"never reached full fine-tuning's {pct(full)} (ended at {pct(sb)}) in {sb['train_s']:.0f} s")
+            measured = (
+                f"full fine-tuning's {pct(full)} reached after {reached:.0f} s of training, full fine-tuning took {full_time:.0f} s"
+                if reached is not None
+                else f"never reached full fine-tuning's {pct(full)} (ended at {pct(sb)}) in {sb['train_s']:.0f} s"
+            )
             ok = reached is not None and reached < full_time
-            out.append((ROW_BY_KEY["sb"].checks, measured, "reproduced" if ok else "not reproduced",
-                        "" if ok else "evaluated every 200 steps: the accuracy was not reached sooner on this grid"))
+            out.append(
+                (
+                    ROW_BY_KEY["sb"].checks,
+                    measured,
+                    "reproduced" if ok else "not reproduced",
+                    "" if ok else "evaluated every 200 steps: the accuracy was not reached sooner on this grid",
+                )
+            )
         for key in ("lisa", "autofreeze"):
             r = rows.get(key)
             if r:
                 gap = 100 * (full["accuracy"] - r["accuracy"])
                 cheaper = r["train_s"] < full["train_s"]
                 ok = gap <= 1.0 and cheaper
-                out.append((ROW_BY_KEY[key].checks, f"{pct(r)} vs {pct(full)} in {r['train_s']:.0f} s vs {full['train_s']:.0f} s",
-                            "reproduced" if ok else "not reproduced",
-                            "" if ok else ("more than 1 point behind" if gap > 1.0 else "no cheaper than full fine-tuning")))
+                out.append(
+                    (
+                        ROW_BY_KEY[key].checks,
+                        f"{pct(r)} vs {pct(full)} in {r['train_s']:.0f} s vs {full['train_s']:.0f} s",
+                        "reproduced" if ok else "not reproduced",
+                        "" if ok else ("more than 1 point behind" if gap > 1.0 else "no cheaper than full fine-tuning"),
+                    )
+                )
         moon = rows.get("moonshot")
         if moon:
             goal = full["accuracy"] - 0.005
             reached = time_to(moon, goal)
             ok = reached is not None and reached <= full["train_s"] / 2
-            measured = (f"{100 * goal:.1f} reached after {reached:.0f} s of training; full fine-tuning took {full['train_s']:.0f} s"
-                        if reached is not None else f"never within 0.5 point of {pct(full)} (best {100 * max(e['accuracy'] for e in moon['evals']):.1f})")
-            out.append((ROW_BY_KEY["moonshot"].checks, measured, "reached" if ok else "not reached",
-                        "" if ok else "evaluated every 200 steps; the closest policy found so far"))
+            measured = (
+                f"{100 * goal:.1f} reached after {reached:.0f} s of training; full fine-tuning took {full['train_s']:.0f} s"
+                if reached is not None
+                else f"never within 0.5 point of {pct(full)} (best {100 * max(e['accuracy'] for e in moon['evals']):.1f})"
+            )
+            out.append(
+                (
+                    ROW_BY_KEY["moonshot"].checks,
+                    measured,
+                    "reached" if ok else "not reached",
+                    "" if ok else "evaluated every 200 steps; the closest policy found so far",
+                )
+            )
         wus = rows.get("wus")
         if wus:
             gap = 100 * (full["accuracy"] - wus["accuracy"])
             cheaper = wus["train_s"] < full["train_s"]
             ok = gap <= 1.0 and cheaper
-            out.append((ROW_BY_KEY["wus"].checks, f"{pct(wus)} vs {pct(full)} in {wus['train_s']:.0f} s vs {full['train_s']:.0f} s",
-                        "reproduced" if ok else "not reproduced",
-                        "" if ok else ("more than 1 point behind" if gap > 1.0 else "no cheaper than full fine-tuning")))
+            out.append(
+                (
+                    ROW_BY_KEY["wus"].checks,
+                    f"{pct(wus)} vs {pct(full)} in {wus['train_s']:.0f} s vs {full['train_s']:.0f} s",
+                    "reproduced" if ok else "not reproduced",
+                    "" if ok else ("more than 1 point behind" if gap > 1.0 else "no cheaper than full fine-tuning"),
+                )
+            )
     lora = rows.get("lora")
     for key in ("dora", "adalora"):
         r = rows.get(key)
         if lora and r:
             gap = 100 * (lora["accuracy"] - r["accuracy"])
             ok = gap <= 0.5
-            out.append((ROW_BY_KEY[key].checks, f"{pct(r)} vs LoRA {pct(lora)} with {100 * r['trainable']:.2f} % vs {100 * lora['trainable']:.2f} % trainable",
-                        "reproduced" if ok else "not reproduced", "" if ok else "more than 0.5 point behind LoRA at this budget"))
+            out.append(
+                (
+                    ROW_BY_KEY[key].checks,
+                    f"{pct(r)} vs LoRA {pct(lora)} with {100 * r['trainable']:.2f} % vs {100 * lora['trainable']:.2f} % trainable",
+                    "reproduced" if ok else "not reproduced",
+                    "" if ok else "more than 0.5 point behind LoRA at this budget",
+                )
+            )
     for s in (90, 97):
         for kd in ("", "-kd"):
-            mag, mov, soft = rows.get(f"magnitude{s}{kd}"), rows.get(f"movement{s}{kd}"), rows.get(f"soft_movement{s}{kd}")
+            mag, mov, soft = (
+                rows.get(f"magnitude{s}{kd}"),
+                rows.get(f"movement{s}{kd}"),
+                rows.get(f"soft_movement{s}{kd}"),
+            )
             with_kd = " with distillation" if kd else ""
             if mag and mov:
-                out.append(beats(f"movement beats magnitude at {s} % sparsity{with_kd} (Sanh et al. 2020)", ("movement", mov), ("magnitude", mag),
-                                 "see the note on movement at this budget"))
+                out.append(
+                    beats(
+                        f"movement beats magnitude at {s} % sparsity{with_kd} (Sanh et al. 2020)",
+                        ("movement", mov),
+                        ("magnitude", mag),
+                        "see the note on movement at this budget",
+                    )
+                )
             if mov and soft:
-                out.append(beats(f"soft movement beats movement at {s} % sparsity{with_kd} (Sanh et al. 2020)", ("soft", soft), ("movement", mov),
-                                 "see the note on movement at this budget"))
+                out.append(
+                    beats(
+                        f"soft movement beats movement at {s} % sparsity{with_kd} (Sanh et al. 2020)",
+                        ("soft", soft),
+                        ("movement", mov),
+                        "see the note on movement at this budget",
+                    )
+                )
         for method in ("magnitude", "movement", "soft_movement"):
             plain, kd_row = rows.get(f"{method}{s}"), rows.get(f"{method}{s}-kd")
             if plain and kd_row:
-                out.append(beats(f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)", ("with distillation", kd_row), ("without", plain),
-                                 "the teacher's KL did not help at this budget"))
+                out.append(
+                    beats(
+                        f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)",
+                        ("with distillation", kd_row),
+                        ("without", plain),
+                        "the teacher's KL did not help at this budget",
+                    )
+                )
     return out
 
 
@@ -372,9 +550,13 @@ def markdown(rows: dict[str, dict]) -> str:
         "# Fidelity: the papers' comparisons on MiniLM / SST-2",
         "",
         "Written by `bench/fidelity.py` (its docstring has the setup: 1,000 steps of batch 32, max length 64, word embeddings "
-        "frozen, all 872 dev sentences).  Code version(s): " + ", ".join(versions)
+        "frozen, all 872 dev sentences).  Code version(s): "
+        + ", ".join(versions)
         + ("" if len(versions) <= 1 else "  **(rows from different versions: rerun with --rerun-stale)**")
-        + ".  Ran on: " + "; ".join(devices) + ("" if len(devices) <= 1 else "  **(rows ran under different conditions: compare their times with care)**") + ".",
+        + ".  Ran on: "
+        + "; ".join(devices)
+        + ("" if len(devices) <= 1 else "  **(rows ran under different conditions: compare their times with care)**")
+        + ".",
         "",
         "| row | dev accuracy | trainable % | sparsity | train s | wall s | accuracy every 200 steps | checks | version |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -386,8 +568,10 @@ def markdown(rows: dict[str, dict]) -> str:
             continue
         curve = " ".join(f"{100 * e['accuracy']:.1f}" for e in r["evals"])
         sparsity = f"{100 * r['sparsity']:.1f} %" if r.get("sparsity") is not None else ""
-        lines.append(f"| {spec.label} | {r['accuracy']:.4f} | {100 * r['trainable']:.3f} | {sparsity} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
-                     f"{curve} | {spec.checks} | {r['version']} |")
+        lines.append(
+            f"| {spec.label} | {r['accuracy']:.4f} | {100 * r['trainable']:.3f} | {sparsity} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
+            f"{curve} | {spec.checks} | {r['version']} |"
+        )
     lines += ["", "## Claims", "", "| claim | measured here | verdict | why not |", "|---|---|---|---|"]
     lines += [f"| {c} | {m} | {v} | {w} |" for c, m, v, w in claim_verdicts(rows)]
     return "\n".join(lines) + "\n"
@@ -401,10 +585,23 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
     ap.add_argument("--rerun-stale", action="store_true", help="rerun rows recorded by another code version")
     ap.add_argument("--table", action="store_true", help="only rewrite fidelity.md from the rows recorded")
-    ap.add_argument("--out", type=Path, help="write rows here instead (a GPU check, another budget); the table is not touched")
-    ap.add_argument("--teacher", type=Path, help="the full row's model for the distillation rows (default: beside --out, or the cache)")
-    ap.add_argument("--eval-every", type=int, default=0, help="evaluate every this many steps (default: five times a run), e.g. to time a crossing finer")
-    ap.add_argument("--note", default="", help="said beside the device in each row (e.g. how many runs shared the machine)")
+    ap.add_argument(
+        "--out", type=Path, help="write rows here instead (a GPU check, another budget); the table is not touched"
+    )
+    ap.add_argument(
+        "--teacher",
+        type=Path,
+        help="the full row's model for the distillation rows (default: beside --out, or the cache)",
+    )
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="evaluate every this many steps (default: five times a run), e.g. to time a crossing finer",
+    )
+    ap.add_argument(
+        "--note", default="", help="said beside the device in each row (e.g. how many runs shared the machine)"
+    )
     args = ap.parse_args()
     path = args.out or ROWS
     if args.table:
@@ -416,24 +613,33 @@ def main() -> int:
     _, tokenizer, task, base = minilm_sst2(64)
     version = code_version()
     todo = []
-    for spec in [ROW_BY_KEY[k] for k in dict.fromkeys(args.only)] if args.only else ROW_LIST:  # --only: in the order given
+    for spec in (
+        [ROW_BY_KEY[k] for k in dict.fromkeys(args.only)] if args.only else ROW_LIST
+    ):  # --only: in the order given
         row = read_rows(path).get(spec.key)
         if row is None or (args.rerun_stale and row["version"] != version):
             todo.append(spec)
-    if any(spec.distill for spec in todo) and not (teacher_dir(args) / "config.json").exists() and ROW_BY_KEY["full"] not in todo:
+    if (
+        any(spec.distill for spec in todo)
+        and not (teacher_dir(args) / "config.json").exists()
+        and ROW_BY_KEY["full"] not in todo
+    ):
         todo.insert(0, ROW_BY_KEY["full"])  # its model is the teacher (a fresh checkout has the row but not the model)
     failed: list[str] = []
     for spec in todo:
         print(f"{spec.key}: {spec.label} ({args.steps} steps) ...", flush=True)
         try:
             row = run_row(spec, base, task, tokenizer, args, version)
-        except Exception:  # noqa: BLE001  (one row's failure is reported and the others still run)
+        except Exception:
             traceback.print_exc()
             failed.append(spec.key)
             continue
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"  accuracy {row['accuracy']:.4f}  trainable {100 * row['trainable']:.3f} %  train {row['train_s']:.0f} s  wall {row['wall_s']:.0f} s", flush=True)
+        print(
+            f"  accuracy {row['accuracy']:.4f}  trainable {100 * row['trainable']:.3f} %  train {row['train_s']:.0f} s  wall {row['wall_s']:.0f} s",
+            flush=True,
+        )
         if not args.out:
             TABLE.write_text(markdown(read_rows(ROWS)))
     if failed:

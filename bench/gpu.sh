@@ -32,7 +32,7 @@ SPU_TEST_DEVICE=cuda timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not 
 echo "== system metrics on the GPU (NVML or the allocator)"
 timeout 60 "$PY" - <<'SAMPLE' 2>&1 | tee "$OUT/system.log" || status=1
 import json, torch
-from spu_engine.system_metrics import SystemSampler
+from spu_engine.loop.system_metrics import SystemSampler
 sampler = SystemSampler([torch.device("cuda", 0)], every=0.0)
 x = torch.randn(4096, 4096, device="cuda") @ torch.randn(4096, 4096, device="cuda")
 torch.cuda.synchronize()

@@ -46,8 +46,8 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 DEVICE=$DEVICE "$PY" - <<'CHECK' || exit 2
 import os, sys, torch, transformers, peft, pydantic
-import spu_engine.engine  # noqa: F401  (every import the rows need, before four lanes start)
-from spu_engine.model_source import offline_model_dir
+import spu_engine.loop.engine  # noqa: F401  (every import the rows need, before four lanes start)
+from spu_engine.core.model_source import offline_model_dir
 if os.environ["DEVICE"].startswith("cuda") and not torch.cuda.is_available():
     sys.exit("bench/gpu_session.sh: no CUDA device here")
 print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}  torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}  "

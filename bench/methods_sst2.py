@@ -27,23 +27,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import DATA, minilm_sst2
-from spu_engine.engine import Engine, EngineConfig
-from spu_engine.model import count_params
-from spu_engine.model_source import offline_model_dir
-from spu_engine.policy_files import parse_policy
+
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.model.loading import count_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "methods_sst2.md"
 
 # key, label, policy, learning rate
 METHODS = [
     ("full", "full fine-tuning", {}, 1e-4),
-    ("top2", "top-2 blocks (+ head)", {"freeze": [{"match": "*", "trainable": False}, {"layers": [-2, -1], "trainable": True}, {"units": ["head"], "trainable": True}]}, 1e-4),
+    (
+        "top2",
+        "top-2 blocks (+ head)",
+        {
+            "freeze": [
+                {"match": "*", "trainable": False},
+                {"layers": [-2, -1], "trainable": True},
+                {"units": ["head"], "trainable": True},
+            ]
+        },
+        1e-4,
+    ),
     ("bitfit", "BitFit", {"peft": {"method": "bitfit"}}, 1e-3),
     ("adapter", "Houlsby adapters (64)", {"peft": {"method": "adapter", "size": 64}}, 1e-3),
     ("ia3", "(IA)^3", {"peft": {"method": "ia3"}}, 3e-3),
     ("lora", "LoRA (r=8, alpha 16)", {"peft": {"method": "lora", "r": 8, "alpha": 16}}, 5e-4),
     ("sb", "selective backprop (keep 0.5)", {"selective_backprop": {"mode": "percentile", "keep": 0.5}}, 1e-4),
-    ("wus", "weight-update skipping", {"weight_update_skipping": {"enabled": True, "start_phase": "full", "patience": 1}}, 1e-4),
+    (
+        "wus",
+        "weight-update skipping",
+        {"weight_update_skipping": {"enabled": True, "start_phase": "full", "patience": 1}},
+        1e-4,
+    ),
 ]
 
 
@@ -69,7 +86,11 @@ def run(key: str, label: str, policy: dict, lr: float, base_model, task, tokeniz
     engine.close()
     steps = [e for e in events if e["type"] == "step"]
     final = [e for e in events if e["type"] == "eval"][-1]
-    switches = [f"{e['step']}:{e['change']['set']['weight_update_skipping']['phase']}" for e in events if e["type"] == "policy" and e.get("source") == "weight_update_skipping"]
+    switches = [
+        f"{e['step']}:{e['change']['set']['weight_update_skipping']['phase']}"
+        for e in events
+        if e["type"] == "policy" and e.get("source") == "weight_update_skipping"
+    ]
     row = {
         "label": label,
         "lr": lr,
@@ -77,9 +98,15 @@ def run(key: str, label: str, policy: dict, lr: float, base_model, task, tokeniz
         "trainable": statistics.mean(e["trainable"] for e in steps) / total,
         "wall": wall,
         "samples": steps[-1]["samples"],
-        "note": ("phase switches " + ", ".join(switches)) if key == "wus" and switches else ("no phase switch" if key == "wus" else ""),
+        "note": ("phase switches " + ", ".join(switches))
+        if key == "wus" and switches
+        else ("no phase switch" if key == "wus" else ""),
     }
-    print(f"{label:<32} acc {row['accuracy']:.4f}  trainable {100 * row['trainable']:7.3f} %  wall {wall:6.1f} s  samples {row['samples']}  {row['note']}", flush=True)
+    print(
+        f"{label:<32} acc {row['accuracy']:.4f}  trainable {100 * row['trainable']:7.3f} "
+        f"%  wall {wall:6.1f} s  samples {row['samples']}  {row['note']}",
+        flush=True,
+    )
     return row
 
 
@@ -92,7 +119,9 @@ def table(rows: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['lr']:g} | {r['accuracy']:.4f} | {100 * r['trainable']:.3f} | {r['wall']:.1f} | {r['samples']} | {r['note']} |")
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {r['accuracy']:.4f} | {100 * r['trainable']:.3f} | {r['wall']:.1f} | {r['samples']} | {r['note']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +133,7 @@ def main() -> int:
     ap.add_argument("--wus-eval-every", type=int, default=10)
     ap.add_argument("--only", nargs="*", choices=[k for k, *_ in METHODS], help="run only these rows")
     args = ap.parse_args()
-    folder, tokenizer, task, base = minilm_sst2(args.max_length)
+    _folder, tokenizer, task, base = minilm_sst2(args.max_length)
     rows = [run(*m, base, task, tokenizer, args) for m in METHODS if not args.only or m[0] in args.only]
     text = table(rows, args)
     print()

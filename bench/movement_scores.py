@@ -24,12 +24,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from common import DATA, minilm_sst2  # noqa: E402
+import torch
+from common import DATA, minilm_sst2
 
-from spu_engine.engine import Engine, EngineConfig  # noqa: E402
-from spu_engine.model_source import offline_model_dir  # noqa: E402
-from spu_engine.policy_files import parse_policy  # noqa: E402
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
 
 SPARSITIES = (0.1, 0.3, 0.5, 0.9)
 
@@ -38,12 +38,12 @@ def keep_top(values: dict[str, torch.Tensor], sparsity: float, per_tensor: bool)
     """Bool masks keeping the largest ``1 - sparsity`` of ``values``, per tensor or over all of them."""
     if not per_tensor:
         flat = torch.cat([v.flatten() for v in values.values()])
-        threshold = flat.topk(int(round(flat.numel() * (1 - sparsity)))).values.min()
+        threshold = flat.topk(round(flat.numel() * (1 - sparsity))).values.min()
         return {n: v >= threshold for n, v in values.items()}
     out = {}
     for n, v in values.items():
         keep = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
-        keep[v.flatten().topk(int(round(v.numel() * (1 - sparsity)))).indices] = True
+        keep[v.flatten().topk(round(v.numel() * (1 - sparsity))).indices] = True
         out[n] = keep.view_as(v)
     return out
 
@@ -54,8 +54,13 @@ def layer_inputs(engine, scores: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     pm = next(m for m in engine.methods if m.section == "pruning")
     owner = {id(pm.masks.param(n)): n for n in scores}
     seen: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_pre_hook(lambda _mod, args, name=owner[id(module.weight)]: seen.__setitem__(name, args[0].detach()))
-             for module in engine.model.modules() if isinstance(getattr(module, "weight", None), torch.Tensor) and id(module.weight) in owner]
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _mod, args, name=owner[id(module.weight)]: seen.__setitem__(name, args[0].detach())
+        )
+        for module in engine.model.modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and id(module.weight) in owner
+    ]
     batch = engine.task.collate(engine.task.eval[:64])
     engine.model.eval()
     engine.model(**{k: v.to(engine.device) for k, v in batch.items() if k != "labels"})
@@ -85,18 +90,35 @@ def gradient_norm(engine, scores: dict[str, torch.Tensor]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--warmup", type=int, default=216, help="dense steps with the scores learning (216: one epoch of SST-2)")
+    ap.add_argument(
+        "--warmup", type=int, default=216, help="dense steps with the scores learning (216: one epoch of SST-2)"
+    )
     ap.add_argument("--lr", type=float, default=1e-4, help="the model's peak learning rate (scores: 1e-2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "movement_scores.md")
     args = ap.parse_args()
     _, tokenizer, task, base = minilm_sst2(64)
-    policy = {"freeze": [{"units": ["embeddings"], "trainable": False}],
-              "pruning": {"method": "movement", "scope": "per_layer",
-                          "schedule": {"start_step": 10**6, "end_step": 10**6, "final_sparsity": 0.9},  # nothing pruned in this run
-                          "movement": {"score_lr": 1e-2, "warmup": 0.0, "final_hold": 0.0}}}
-    config = EngineConfig(model=str(offline_model_dir()), data=str(DATA), steps=args.warmup, batch_size=32, max_length=64, lr=args.lr,
-                          warmup=0.1, eval_every=10**6, stats_every=10**6, device=args.device)
+    policy = {
+        "freeze": [{"units": ["embeddings"], "trainable": False}],
+        "pruning": {
+            "method": "movement",
+            "scope": "per_layer",
+            "schedule": {"start_step": 10**6, "end_step": 10**6, "final_sparsity": 0.9},  # nothing pruned in this run
+            "movement": {"score_lr": 1e-2, "warmup": 0.0, "final_hold": 0.0},
+        },
+    }
+    config = EngineConfig(
+        model=str(offline_model_dir()),
+        data=str(DATA),
+        steps=args.warmup,
+        batch_size=32,
+        max_length=64,
+        lr=args.lr,
+        warmup=0.1,
+        eval_every=10**6,
+        stats_every=10**6,
+        device=args.device,
+    )
     engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
     pm = next(m for m in engine.methods if m.section == "pruning")
     start = {n: pm.masks.dense(n).clone() for n in pm.pruner.score_params}
@@ -107,14 +129,19 @@ def main() -> int:
     flat = torch.cat([s.flatten() for s in scores.values()])
     moved = torch.cat([(dense[n] - start[n]).abs().flatten() for n in scores])
     size = torch.cat([start[n].abs().flatten() for n in scores])
-    travel = (f"Weights moved a median {moved.median():.4f} (their median size {size.median():.4f}); "
-              f"{100 * (moved > size).float().mean():.1f} % moved further than their own size.")
+    travel = (
+        f"Weights moved a median {moved.median():.4f} (their median size {size.median():.4f}); "
+        f"{100 * (moved > size).float().mean():.1f} % moved further than their own size."
+    )
     generator = torch.Generator().manual_seed(0)
     rankings = {
         "magnitude, per tensor": ({n: d.abs() for n, d in dense.items()}, True),
         "movement, per tensor": (scores, True),
         "movement, all targets": (scores, False),
-        "random, per tensor": ({n: torch.rand(d.shape, generator=generator).to(d.device) for n, d in dense.items()}, True),
+        "random, per tensor": (
+            {n: torch.rand(d.shape, generator=generator).to(d.device) for n, d in dense.items()},
+            True,
+        ),
     }
     lines = [
         f"# Movement scores after {args.warmup} dense steps at lr {args.lr:g} (MiniLM / SST-2), pruned once, no retraining",
@@ -140,7 +167,9 @@ def main() -> int:
             accuracy = engine.evaluate()["accuracy"]
             overlap = sum(int((keep[n] & largest[n]).sum()) for n in scores) / sum(int(keep[n].sum()) for n in scores)
             cells.append(f"{accuracy:.4f} (overlap {overlap:.2f})")
-            shifts.setdefault(label, []).append(f"{own_shift(inputs, dense, keep):.3f} / {gradient_norm(engine, scores) / dense_grad:.2g}")
+            shifts.setdefault(label, []).append(
+                f"{own_shift(inputs, dense, keep):.3f} / {gradient_norm(engine, scores) / dense_grad:.2g}"
+            )
         with torch.no_grad():
             for n in scores:
                 pm.masks.param(n).copy_(dense[n])

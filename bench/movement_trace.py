@@ -21,14 +21,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from common import DATA, minilm_sst2  # noqa: E402
-from fidelity import FROZEN_EMBEDDINGS, ROW_BY_KEY, scaled  # noqa: E402
+import torch
+from common import DATA, minilm_sst2
+from fidelity import FROZEN_EMBEDDINGS, ROW_BY_KEY, scaled
 
-from spu_engine.engine import Engine, EngineConfig  # noqa: E402
-from spu_engine.lifecycle import Stop  # noqa: E402
-from spu_engine.model_source import offline_model_dir  # noqa: E402
-from spu_engine.policy_files import parse_policy  # noqa: E402
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.loop.lifecycle import Stop
 
 RUN_STEPS = 1000  # the schedule of the fidelity rows, which this run follows until --until
 
@@ -46,25 +46,42 @@ def probe(engine, batch: dict) -> dict:
     for hidden in out.hidden_states[1:]:
         cls = hidden[:, 0].float()
         spreads.append(round(float((cls - cls.mean(0)).norm(dim=-1).mean() / cls.norm(dim=-1).mean()), 4))
-    return {"dev64_accuracy": round(float((predicted == batch["labels"]).float().mean()), 4),
-            "dev64_top_answer_share": round(float(predicted.bincount(minlength=2).max()) / len(predicted), 4),
-            "cls_spread_per_block": spreads}
+    return {
+        "dev64_accuracy": round(float((predicted == batch["labels"]).float().mean()), 4),
+        "dev64_top_answer_share": round(float(predicted.bincount(minlength=2).max()) / len(predicted), 4),
+        "cls_spread_per_block": spreads,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--row", default="movement90", choices=[k for k, r in ROW_BY_KEY.items() if "pruning" in r.policy and not r.distill])
+    parser.add_argument(
+        "--row",
+        default="movement90",
+        choices=[k for k, r in ROW_BY_KEY.items() if "pruning" in r.policy and not r.distill],
+    )
     parser.add_argument("--until", type=int, default=350)
     parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "movement_trace.jsonl")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "movement_trace.jsonl"
+    )
     args = parser.parse_args()
 
     row = ROW_BY_KEY[args.row]
     _folder, tokenizer, task, base = minilm_sst2(64)
     policy = scaled(copy.deepcopy(row.policy), RUN_STEPS)
     policy["freeze"] = [FROZEN_EMBEDDINGS, *policy.get("freeze", [])]
-    config = EngineConfig(model=str(offline_model_dir()), data=str(DATA), steps=RUN_STEPS, batch_size=32, max_length=64, lr=row.lr,
-                          warmup=0.1, eval_every=10**6, stats_every=10**6)
+    config = EngineConfig(
+        model=str(offline_model_dir()),
+        data=str(DATA),
+        steps=RUN_STEPS,
+        batch_size=32,
+        max_length=64,
+        lr=row.lr,
+        warmup=0.1,
+        eval_every=10**6,
+        stats_every=10**6,
+    )
     engine = Engine(config, parse_policy(policy), None, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
     pruning = next(m for m in engine.methods if m.section == "pruning")
     scores = getattr(pruning.pruner, "score_params", {})
@@ -76,17 +93,28 @@ def main() -> None:
     def sink(_line, ev):
         if ev["type"] != "step" or ev["step"] % args.every:
             return
-        moved = sum(float((s.detach() - last[n]).abs().sum()) for n, s in scores.items()) / max(1, sum(s.numel() for s in scores.values()))
+        moved = sum(float((s.detach() - last[n]).abs().sum()) for n, s in scores.items()) / max(
+            1, sum(s.numel() for s in scores.values())
+        )
         for n, s in scores.items():
             last[n].copy_(s.detach())
-        line = {"step": ev["step"], "loss": round(ev["loss"], 4), "sparsity": round(pruning.sparsity(), 4),
-                "score_moved_per_step": moved / args.every,
-                "score_abs_mean": float(torch.cat([s.detach().abs().flatten() for s in scores.values()]).mean()) if scores else None,
-                **probe(engine, batch)}
+        line = {
+            "step": ev["step"],
+            "loss": round(ev["loss"], 4),
+            "sparsity": round(pruning.sparsity(), 4),
+            "score_moved_per_step": moved / args.every,
+            "score_abs_mean": float(torch.cat([s.detach().abs().flatten() for s in scores.values()]).mean())
+            if scores
+            else None,
+            **probe(engine, batch),
+        }
         out.write(json.dumps(line) + "\n")
         out.flush()
-        print(f"step {line['step']:4d}  loss {line['loss']:.3f}  sparsity {line['sparsity']:.3f}  dev64 {line['dev64_accuracy']:.3f}  "
-              f"top answer {line['dev64_top_answer_share']:.2f}  spread {line['cls_spread_per_block']}  scores moved {moved / args.every:.2e}", flush=True)
+        print(
+            f"step {line['step']:4d}  loss {line['loss']:.3f}  sparsity {line['sparsity']:.3f}  dev64 {line['dev64_accuracy']:.3f}  "
+            f"top answer {line['dev64_top_answer_share']:.2f}  spread {line['cls_spread_per_block']}  scores moved {moved / args.every:.2e}",
+            flush=True,
+        )
         if ev["step"] >= args.until:
             engine.stop = Stop(reason=f"traced to step {args.until}")
 

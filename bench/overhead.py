@@ -31,18 +31,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import DATA, minilm_sst2
-from spu_engine.batching import BatchStream
-from spu_engine.engine import Engine, EngineConfig
-from spu_engine.training import NO_DECAY
-from spu_engine.model_source import offline_model_dir
-from spu_engine.policy import FreezeRule, Policy
 
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy import FreezeRule, Policy
+from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.loop.trainer import NO_DECAY
 
 
 class PlainLoop:
     """What a researcher would write by hand: freeze by requires_grad, AdamW over what trains."""
 
-    def __init__(self, model, task, config: EngineConfig, frozen_prefix: int | None, device: torch.device, amp: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        model,
+        task,
+        config: EngineConfig,
+        frozen_prefix: int | None,
+        device: torch.device,
+        amp: torch.dtype | None,
+    ) -> None:
         self.model, self.task, self.config, self.device, self.amp = model.to(device), task, config, device, amp
         if frozen_prefix is not None:
             for p in model.bert.embeddings.parameters():
@@ -54,7 +62,10 @@ class PlainLoop:
         self.trainable = [p for _, p in named]
         self.opt = torch.optim.AdamW(
             [
-                {"params": [p for n, p in named if not any(k in n for k in NO_DECAY)], "weight_decay": config.weight_decay},
+                {
+                    "params": [p for n, p in named if not any(k in n for k in NO_DECAY)],
+                    "weight_decay": config.weight_decay,
+                },
                 {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
             ],
             lr=config.lr,
@@ -65,7 +76,11 @@ class PlainLoop:
 
     def step(self) -> float:
         warm = self.config.warmup_steps()
-        factor = (self.step_no + 1) / warm if self.step_no < warm else (self.config.steps - self.step_no) / (self.config.steps - warm)
+        factor = (
+            (self.step_no + 1) / warm
+            if self.step_no < warm
+            else (self.config.steps - self.step_no) / (self.config.steps - warm)
+        )
         for g in self.opt.param_groups:
             g["lr"] = self.config.lr * factor
         batch = self.task.collate([self.task.train[i] for i in self.stream.take(self.config.batch_size)])
@@ -80,10 +95,18 @@ class PlainLoop:
         return loss.item()
 
 
-def measure(name: str, policy: Policy, frozen_prefix: int | None, base_model, task, tokenizer, args) -> tuple[float, float]:
+def measure(
+    name: str, policy: Policy, frozen_prefix: int | None, base_model, task, tokenizer, args
+) -> tuple[float, float]:
     config = EngineConfig(
-        model=str(offline_model_dir()), data=str(DATA), steps=1000, batch_size=args.batch_size, max_length=args.max_length, eval_every=0,
-        device=args.device, precision=args.precision,
+        model=str(offline_model_dir()),
+        data=str(DATA),
+        steps=1000,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        eval_every=0,
+        device=args.device,
+        precision=args.precision,
     )
     with tempfile.TemporaryDirectory() as run_dir:
         engine = Engine(config, policy, run_dir, model=copy.deepcopy(base_model), tokenizer=tokenizer, task=task)
@@ -108,7 +131,10 @@ def measure(name: str, policy: Policy, frozen_prefix: int | None, base_model, ta
         engine.close()
     me, mp = statistics.median(wall["engine"]), statistics.median(wall["plain"])
     total = sum(wall["engine"]) / sum(wall["plain"])
-    print(f"{name:<28} engine {me:7.3f} s/step   plain {mp:7.3f} s/step   ratio {me / mp:.3f}   (all steps {total:.3f})", flush=True)
+    print(
+        f"{name:<28} engine {me:7.3f} s/step   plain {mp:7.3f} s/step   ratio {me / mp:.3f}   (all steps {total:.3f})",
+        flush=True,
+    )
     return me, mp
 
 
@@ -120,17 +146,30 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (the plain loop runs there too)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on a GPU (fp16 skips the scaler in the plain loop: use bf16)")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast dtype on a GPU (fp16 skips the scaler in the plain loop: use bf16)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder, tokenizer, task, base = minilm_sst2(args.max_length)
-    print(f"MiniLM, SST-2, batch {args.batch_size}, max length {args.max_length}, {torch.get_num_threads()} threads, median of {args.steps} interleaved steps")
+    _folder, tokenizer, task, base = minilm_sst2(args.max_length)
+    print(
+        f"MiniLM, SST-2, batch {args.batch_size}, max length {args.max_length}, "
+        f"{torch.get_num_threads()} threads, median of {args.steps} interleaved steps"
+    )
     rows = [
         measure("full fine-tuning", Policy(), None, base, task, tokenizer, args),
         measure(
             "frozen prefix (emb + 0-3)",
-            Policy(freeze=[FreezeRule(units=["embeddings"], trainable=False), FreezeRule(layers=[0, 1, 2, 3], trainable=False)]),
+            Policy(
+                freeze=[
+                    FreezeRule(units=["embeddings"], trainable=False),
+                    FreezeRule(layers=[0, 1, 2, 3], trainable=False),
+                ]
+            ),
             4,
             base,
             task,

@@ -38,14 +38,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from spu_engine.engine import Engine, EngineConfig
-from spu_engine.export import export_run
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
 from spu_engine.methods.pruning.method import PruningMethod
-from spu_engine.model import load_model, load_tokenizer
-from spu_engine.model_source import offline_model_dir
-from spu_engine.policy_files import parse_policy
+from spu_engine.model.loading import load_model, load_tokenizer
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
+from spu_engine.tools.export import export_run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 TARGETS = ["*.attention.*.weight", "*.intermediate.dense.weight", "*.output.dense.weight"]
@@ -65,10 +65,22 @@ def policy_for(method: str, sparsity: float, steps: int):
     return parse_policy({"freeze": FROZEN_EMBEDDINGS, "pruning": pruning if method != "none" else {"method": "none"}})
 
 
-def make_engine(args, task, tokenizer, policy, steps: int, run_dir: Path | None = None, weights: dict | None = None) -> Engine:
+def make_engine(
+    args, task, tokenizer, policy, steps: int, run_dir: Path | None = None, weights: dict | None = None
+) -> Engine:
     config = EngineConfig(
-        model="minilm", data=str(DATA), task="classification", steps=steps, batch_size=args.batch_size, max_length=args.max_length,
-        lr=args.lr, warmup=0.1, eval_every=0, stats_every=10**6, eval_batch_size=128, seed=0,
+        model="minilm",
+        data=str(DATA),
+        task="classification",
+        steps=steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lr=args.lr,
+        warmup=0.1,
+        eval_every=0,
+        stats_every=10**6,
+        eval_batch_size=128,
+        seed=0,
     )
     model = None
     if weights is not None:
@@ -77,7 +89,9 @@ def make_engine(args, task, tokenizer, policy, steps: int, run_dir: Path | None 
     return Engine(config, policy, run_dir, model=model, tokenizer=tokenizer, task=task)
 
 
-def accuracy_run(args, task, tokenizer, method: str, sparsity: float, steps: int, weights=None, run_dir: Path | None = None) -> dict:
+def accuracy_run(
+    args, task, tokenizer, method: str, sparsity: float, steps: int, weights=None, run_dir: Path | None = None
+) -> dict:
     engine = make_engine(args, task, tokenizer, policy_for(method, sparsity, steps), steps, run_dir, weights)
     evals = []
     engine.sinks.append(lambda _line, ev: evals.append(ev) if ev["type"] == "eval" else None)
@@ -94,10 +108,38 @@ def step_costs(args, task, tokenizer) -> dict[str, float]:
     steps = 3 * args.cost_steps + 10
     engines = {
         "none": make_engine(args, task, tokenizer, policy_for("none", 0.0, steps), steps),
-        "masks (magnitude 50%)": make_engine(args, task, tokenizer, parse_policy({"freeze": FROZEN_EMBEDDINGS, "pruning": {
-            "method": "magnitude", "targets": TARGETS, "schedule": {"kind": "constant", "final_sparsity": 0.5}}}), steps),
-        "movement 50%": make_engine(args, task, tokenizer, parse_policy({"freeze": FROZEN_EMBEDDINGS, "pruning": {
-            "method": "movement", "targets": TARGETS, "schedule": {"kind": "constant", "every": 10**6, "final_sparsity": 0.5}}}), steps),
+        "masks (magnitude 50%)": make_engine(
+            args,
+            task,
+            tokenizer,
+            parse_policy(
+                {
+                    "freeze": FROZEN_EMBEDDINGS,
+                    "pruning": {
+                        "method": "magnitude",
+                        "targets": TARGETS,
+                        "schedule": {"kind": "constant", "final_sparsity": 0.5},
+                    },
+                }
+            ),
+            steps,
+        ),
+        "movement 50%": make_engine(
+            args,
+            task,
+            tokenizer,
+            parse_policy(
+                {
+                    "freeze": FROZEN_EMBEDDINGS,
+                    "pruning": {
+                        "method": "movement",
+                        "targets": TARGETS,
+                        "schedule": {"kind": "constant", "every": 10**6, "final_sparsity": 0.5},
+                    },
+                }
+            ),
+            steps,
+        ),
     }
     times: dict[str, list[float]] = {k: [] for k in engines}
     for e in engines.values():  # warm-up, and the one-off mask computation at step 0
@@ -140,10 +182,17 @@ def accuracy_table(args, task, tokenizer) -> list[str]:
             for method in args.methods:
                 keep_run = Path(tmp) / f"{method}-{sparsity}" if method.startswith("magnitude") else None
                 r = accuracy_run(args, task, tokenizer, method, sparsity, args.steps, weights, keep_run)
-                lines.append(f"| {method} | {sparsity:.0%} | {r['sparsity']:.1%} | {r['accuracy']:.4f} | {r['seconds']:.0f} s |")
+                lines.append(
+                    f"| {method} | {sparsity:.0%} | {r['sparsity']:.1%} | {r['accuracy']:.4f} | {r['seconds']:.0f} s |"
+                )
                 print(lines[-1], flush=True)
-        export_lines = ["", "Compact export (`spu export --compact`), CPU forward of batch 8 x 128 tokens:", "",
-                        "| run | FFN width | attention heads | parameters | forward ms | max abs diff |", "|---|---|---|---|---|---|"]
+        export_lines = [
+            "",
+            "Compact export (`spu export --compact`), CPU forward of batch 8 x 128 tokens:",
+            "",
+            "| run | FFN width | attention heads | parameters | forward ms | max abs diff |",
+            "|---|---|---|---|---|---|",
+        ]
         for run in sorted(Path(tmp).iterdir()):
             if not run.name.startswith("magnitude") or run.name.endswith("compact"):
                 continue
@@ -179,7 +228,13 @@ def main() -> None:
     if args.cost_steps:
         costs = step_costs(args, task, tokenizer)
         base = costs["none"]
-        cost_lines = ["", f"Per-step cost (median of {args.cost_steps} interleaved steps each):", "", "| pruning | s/step | vs none |", "|---|---|---|"]
+        cost_lines = [
+            "",
+            f"Per-step cost (median of {args.cost_steps} interleaved steps each):",
+            "",
+            "| pruning | s/step | vs none |",
+            "|---|---|---|",
+        ]
         cost_lines += [f"| {k} | {v:.3f} | {v / base:.3f} |" for k, v in costs.items()]
         print("\n".join(cost_lines), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from common import DATA, minilm_sst2
-from spu_engine.engine import Engine, EngineConfig
-from spu_engine.training import NO_DECAY
-from spu_engine.methods.selective_backprop.method import SelectiveBackprop
-from spu_engine.model_source import offline_model_dir
-from spu_engine.policy_files import parse_policy
 
+from spu_engine.core.model_source import offline_model_dir
+from spu_engine.core.policy_files import parse_policy
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.loop.trainer import NO_DECAY
+from spu_engine.methods.selective_backprop.method import SelectiveBackprop
 
 
 class IdealLoop:
@@ -43,7 +43,10 @@ class IdealLoop:
         self.params = [p for _, p in named]
         self.opt = torch.optim.AdamW(
             [
-                {"params": [p for n, p in named if not any(k in n for k in NO_DECAY)], "weight_decay": config.weight_decay},
+                {
+                    "params": [p for n, p in named if not any(k in n for k in NO_DECAY)],
+                    "weight_decay": config.weight_decay,
+                },
                 {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
             ],
             lr=config.lr,
@@ -66,7 +69,13 @@ class IdealLoop:
 
 def measure(keep: float, base_model, task, tokenizer, args) -> tuple[float, float, float]:
     config = EngineConfig(
-        model=str(offline_model_dir()), data=str(DATA), steps=1000, batch_size=args.batch_size, max_length=args.max_length, eval_every=0, warmup=0
+        model=str(offline_model_dir()),
+        data=str(DATA),
+        steps=1000,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        eval_every=0,
+        warmup=0,
     )
     policy = parse_policy({"selective_backprop": {"mode": "percentile", "keep": keep, "floor": 0.0}})
     engine = Engine(config, policy, None, model=copy.deepcopy(base_model), tokenizer=tokenizer, task=task)
@@ -106,7 +115,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     args = ap.parse_args()
-    folder, tokenizer, task, base = minilm_sst2(args.max_length)
+    _folder, tokenizer, task, base = minilm_sst2(args.max_length)
     print(
         f"MiniLM, SST-2, backward batch {args.batch_size}, max length {args.max_length}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} interleaved steps after {args.warmup} warm-up"

@@ -39,11 +39,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from timing import StepEvents, joined_sst2  # noqa: E402
-from spu_engine.engine import EngineConfig  # noqa: E402
-from spu_engine.policy import FreezeRule, Policy  # noqa: E402
-from spu_engine.runs import SOCKET  # noqa: E402
-from spu_engine.spawn import spawn_engine  # noqa: E402
+from timing import StepEvents, joined_sst2
+
+from spu_engine.core.policy import FreezeRule, Policy
+from spu_engine.core.runs import SOCKET
+from spu_engine.core.spawn import spawn_engine
+from spu_engine.loop.engine import EngineConfig
 
 SETTLE = 2  # steps after the load starts that are not counted
 HELLO = b'{"cmd": "hello"}\n'
@@ -129,10 +130,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="spu-socket-load-"))
     run_dir = tmp / "run"
     config = EngineConfig(
-        model="minilm", data=str(joined_sst2(tmp / "data")), steps=100_000, batch_size=32, max_length=64,
-        eval_every=0, stats_every=10, max_eval_samples=64, threads=os.cpu_count(),
+        model="minilm",
+        data=str(joined_sst2(tmp / "data")),
+        steps=100_000,
+        batch_size=32,
+        max_length=64,
+        eval_every=0,
+        stats_every=10,
+        max_eval_samples=64,
+        threads=os.cpu_count(),
     )
-    frozen = Policy(freeze=[FreezeRule(units=["embeddings"], trainable=False), FreezeRule(layers=[0, 1, 2, 3], trainable=False)])
+    frozen = Policy(
+        freeze=[FreezeRule(units=["embeddings"], trainable=False), FreezeRule(layers=[0, 1, 2, 3], trainable=False)]
+    )
     proc = spawn_engine(config, frozen, run_dir)
     steps = Steps(run_dir / "events.jsonl")
     quiet: list[list[float]] = []
@@ -141,7 +151,10 @@ def main() -> None:
     cpu_per_step: dict[str, list[float]] = {"quiet": [], "loaded": []}
     load_cpu = load_wall = 0.0
     try:
-        print(f"engine pid {proc.pid}, MiniLM (embeddings + blocks 0-3 frozen), batch 32, length 64, {os.cpu_count()} cores", flush=True)
+        print(
+            f"engine pid {proc.pid}, MiniLM (embeddings + blocks 0-3 frozen), batch 32, length 64, {os.cpu_count()} cores",
+            flush=True,
+        )
         wait_for(steps, args.warmup)
         for r in range(args.rounds):
             first = steps.last() + 2  # the next whole interval
@@ -155,9 +168,9 @@ def main() -> None:
             cpu, wall = time.process_time(), time.monotonic()
             start = steps.last()
             first = start + SETTLE + 1
-            load.run_until(lambda: steps.last() >= first - 1)
+            load.run_until(lambda first=first: steps.last() >= first - 1)
             engine_cpu = cpu_seconds(proc.pid)
-            load.run_until(lambda: steps.last() >= first + args.window - 1)
+            load.run_until(lambda first=first: steps.last() >= first + args.window - 1)
             cpu_per_step["loaded"].append((cpu_seconds(proc.pid) - engine_cpu) / (steps.last() - first + 1))
             seconds = time.monotonic() - wall
             load_cpu += time.process_time() - cpu
@@ -177,23 +190,34 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def ratio(rounds: list[int]) -> float:
-        return statistics.median(t for i in rounds for t in loaded[i]) / statistics.median(t for i in rounds for t in quiet[i])
+        return statistics.median(t for i in rounds for t in loaded[i]) / statistics.median(
+            t for i in rounds for t in quiet[i]
+        )
 
     everything = list(range(args.rounds))
     rng = random.Random(0)
     draws = sorted(ratio(rng.choices(everything, k=len(everything))) for _ in range(2000))
     per_round = [statistics.median(loaded[i]) / statistics.median(quiet[i]) for i in everything]
     attempts, sent, answered, seconds = (sum(f[k] for f in flood) for k in range(4))
-    print(f"step time, median: quiet {statistics.median(t for w in quiet for t in w):.3f} s, loaded {statistics.median(t for w in loaded for t in w):.3f} s")
-    print(f"loaded / quiet: {ratio(everything):.3f}  (90 % interval over rounds {draws[100]:.3f} .. {draws[-100]:.3f}; budget <= 1.05)")
+    print(
+        f"step time, median: quiet {statistics.median(t for w in quiet for t in w):.3f} "
+        f"s, loaded {statistics.median(t for w in loaded for t in w):.3f} s"
+    )
+    print(
+        f"loaded / quiet: {ratio(everything):.3f}  (90 % interval over rounds {draws[100]:.3f} .. {draws[-100]:.3f}; budget <= 1.05)"
+    )
     print("  per round: " + " ".join(f"{x:.3f}" for x in per_round))
-    q, l = statistics.mean(cpu_per_step["quiet"]), statistics.mean(cpu_per_step["loaded"])
-    print(f"engine CPU per step: quiet {q:.3f} s, loaded {l:.3f} s: loaded / quiet {l / q:.3f}")
+    quiet_cpu, loaded_cpu = statistics.mean(cpu_per_step["quiet"]), statistics.mean(cpu_per_step["loaded"])
+    print(
+        f"engine CPU per step: quiet {quiet_cpu:.3f} s, loaded {loaded_cpu:.3f} s: loaded / quiet {loaded_cpu / quiet_cpu:.3f}"
+    )
     print(
         f"flooding client: tried {attempts / seconds:.0f} hello/s, {sent / seconds:.0f}/s got onto the socket (the server stops reading "
         f"past its limit), {answered / seconds:.1f}/s answered"
     )
-    print(f"this script's CPU while loading (all {args.readers + args.silent + 1} clients): {load_cpu / load_wall:.3f} cores")
+    print(
+        f"this script's CPU while loading (all {args.readers + args.silent + 1} clients): {load_cpu / load_wall:.3f} cores"
+    )
 
 
 if __name__ == "__main__":

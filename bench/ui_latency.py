@@ -43,12 +43,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from timing import StepEvents, joined_sst2  # noqa: E402
-from spu_engine.engine import EngineConfig  # noqa: E402
-from spu_engine.policy import Policy  # noqa: E402
-from spu_engine.spawn import spawn_engine  # noqa: E402
-from spu_tui.app import SpuApp  # noqa: E402
-from spu_tui.widgets.unit_tree import Row, UnitTree  # noqa: E402
+from timing import StepEvents, joined_sst2
+
+from spu_engine.core.policy import Policy
+from spu_engine.core.spawn import spawn_engine
+from spu_engine.loop.engine import EngineConfig
+from spu_tui.app import SpuApp
+from spu_tui.widgets.unit_tree import Row, UnitTree
 
 SETTLE = 2  # steps after attaching that are not counted (start-up, first full paint)
 POLL = 0.5  # seconds between looks at events.jsonl
@@ -76,7 +77,9 @@ async def detached(log: StepLog, window: int) -> Window:
     return Window("detached", steps, (time.process_time() - cpu) / (time.monotonic() - wall))
 
 
-async def attached(log: StepLog, run_dir: Path, window: int, toggles: int, share: float, app_out: list[SpuApp]) -> Window:
+async def attached(
+    log: StepLog, run_dir: Path, window: int, toggles: int, share: float, app_out: list[SpuApp]
+) -> Window:
     """The app attached for ``window`` steps after it settled; with ``toggles``, the space key on one tensor meanwhile."""
     app = SpuApp(run_dir, cpu_share=share)
     async with app.run_test(size=(200, 50)) as pilot:
@@ -102,6 +105,7 @@ async def attached(log: StepLog, run_dir: Path, window: int, toggles: int, share
 
 def ratio(windows: list[Window], kind: str) -> float:
     """Median step time of all ``kind`` steps over that of all detached steps."""
+
     def median(k: str) -> float:
         return statistics.median(t for w in windows if w.kind == k for t in w.steps)
 
@@ -141,9 +145,13 @@ async def measure(run_dir: Path, args: argparse.Namespace) -> tuple[list[Window]
             if kind == "detached":
                 w = await detached(log, args.window)
             else:
-                w = await attached(log, run_dir, args.window, args.toggles if kind == "toggling" else 0, args.ui_cpu / 100, apps)
+                w = await attached(
+                    log, run_dir, args.window, args.toggles if kind == "toggling" else 0, args.ui_cpu / 100, apps
+                )
             windows.append(w)
-            print(f"round {r + 1} {w.kind:9} median {statistics.median(w.steps):.3f} s  cores {w.cores:.3f}", flush=True)
+            print(
+                f"round {r + 1} {w.kind:9} median {statistics.median(w.steps):.3f} s  cores {w.cores:.3f}", flush=True
+            )
     return windows, apps
 
 
@@ -153,7 +161,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8, help="steps per window")
     parser.add_argument("--toggles", type=int, default=8, help="space-key toggles per toggling window")
     parser.add_argument("--warmup", type=int, default=10, help="steps before the first window")
-    parser.add_argument("--ui-cpu", type=float, default=1.5, help="the console's CPU budget while watching, %% of one core")
+    parser.add_argument(
+        "--ui-cpu", type=float, default=1.5, help="the console's CPU budget while watching, %% of one core"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
     args = parser.parse_args()
@@ -161,12 +171,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="spu-ui-latency-"))
     run_dir = tmp / "run"
     config = EngineConfig(
-        model="minilm", data=str(joined_sst2(tmp / "data")), steps=100_000, batch_size=args.batch_size, max_length=args.max_length,
-        eval_every=0, stats_every=10, max_eval_samples=64, threads=os.cpu_count(),
+        model="minilm",
+        data=str(joined_sst2(tmp / "data")),
+        steps=100_000,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        eval_every=0,
+        stats_every=10,
+        max_eval_samples=64,
+        threads=os.cpu_count(),
     )
     proc = spawn_engine(config, Policy(), run_dir)
     try:
-        print(f"engine pid {proc.pid}, MiniLM, batch {args.batch_size}, length {args.max_length} (every batch full), {os.cpu_count()} cores", flush=True)
+        print(
+            f"engine pid {proc.pid}, MiniLM, batch {args.batch_size}, length {args.max_length} (every batch full), {os.cpu_count()} cores",
+            flush=True,
+        )
         windows, apps = asyncio.run(measure(run_dir, args))
     finally:
         proc.kill()
@@ -185,8 +205,13 @@ def main() -> None:
     ui_ms = [1000 * a for _, a in roundtrips]
     base = statistics.median(steps("detached"))
     print(f"toggles: {len(roundtrips)}")
-    print(f"key -> engine received -> redraw: p50 {pct(received_ms, 0.5):7.1f} ms  p95 {pct(received_ms, 0.95):7.1f} ms  (budget p95 < 200 ms)")
-    print(f"key -> engine ack -> redraw:      p50 {pct(key_ms, 0.5):7.1f} ms  p95 {pct(key_ms, 0.95):7.1f} ms  (includes waiting for the running step to end)")
+    print(
+        f"key -> engine received -> redraw: p50 {pct(received_ms, 0.5):7.1f} ms  p95 {pct(received_ms, 0.95):7.1f} ms  (budget p95 < 200 ms)"
+    )
+    print(
+        f"key -> engine ack -> redraw:      p50 {pct(key_ms, 0.5):7.1f} ms  p95 "
+        f"{pct(key_ms, 0.95):7.1f} ms  (includes waiting for the running step to end)"
+    )
     print(f"engine ack -> redraw:             p50 {pct(ui_ms, 0.5):7.1f} ms  p95 {pct(ui_ms, 0.95):7.1f} ms")
     print(f"step time, median: detached {base:.3f} s ({len(steps('detached'))} steps)", end="")
     for kind in ("watching", "toggling"):
@@ -194,14 +219,22 @@ def main() -> None:
     print()
     for kind, note in (("watching", "budget <= 1.02"), ("toggling", "a change applied at almost every step boundary")):
         low, high = interval(windows, kind)
-        print(f"{kind} / detached: {ratio(windows, kind):.3f}  (90 % interval over rounds {low:.3f} .. {high:.3f}; {note})")
-        print(f"  per round, {kind} / the round's detached windows: " + " ".join(f"{r:.3f}" for r in per_round(windows, kind)))
+        print(
+            f"{kind} / detached: {ratio(windows, kind):.3f}  (90 % interval over rounds {low:.3f} .. {high:.3f}; {note})"
+        )
+        print(
+            f"  per round, {kind} / the round's detached windows: "
+            + " ".join(f"{r:.3f}" for r in per_round(windows, kind))
+        )
     print(
         f"bench process CPU (cores of {os.cpu_count()}): watching {cores('watching'):.4f} (console budget {args.ui_cpu / 100:.4f}), "
         f"toggling {cores('toggling'):.4f}, detached {cores('detached'):.4f} (polling events.jsonl only)"
     )
     intervals = [w.frame_interval for w in windows if w.kind == "watching"]
-    print(f"seconds between frames at the end of the watching windows: {statistics.median(intervals):.2f} (median; {min(intervals):.2f} .. {max(intervals):.2f})")
+    print(
+        "seconds between frames at the end of the watching windows: "
+        f"{statistics.median(intervals):.2f} (median; {min(intervals):.2f} .. {max(intervals):.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from spu_engine.core.policy_files import load_policy
 from spu_engine.integrations import SPUCallback, per_sample_loss
-from spu_engine.model import load_model, load_tokenizer, set_seed
-from spu_engine.policy_files import load_policy
+from spu_engine.model.loading import load_model, load_tokenizer, set_seed
 from spu_engine.tasks import TaskOptions, get_task, infer_task
 
 HERE = Path(__file__).resolve().parent
@@ -63,17 +63,32 @@ def main(argv=None) -> dict[str, float]:
     spu = SPUCallback(load_policy(args.policy), seed=args.seed)
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-            lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=10, save_strategy="no", report_to="none",
-            remove_unused_columns=False, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, seed=args.seed,
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            disable_tqdm=True,
+            seed=args.seed,
         )
-        trainer = SelectiveBackpropTrainer(model=model, args=training, train_dataset=task.train, data_collator=task.collate, spu=spu)
+        trainer = SelectiveBackpropTrainer(
+            model=model, args=training, train_dataset=task.train, data_collator=task.collate, spu=spu
+        )
         trainer.train()
-    print(f"trainable at the end: {spu.controller.trainable_count():,} of {sum(p.numel() for p in model.parameters()):,}")
+    print(
+        f"trainable at the end: {spu.controller.trainable_count():,} of {sum(p.numel() for p in model.parameters()):,}"
+    )
 
     model.eval()
     eval_batches = (
-        {k: v.to(model.device) for k, v in task.collate(task.eval[i : i + 64]).items()} for i in range(0, len(task.eval), 64)
+        {k: v.to(model.device) for k, v in task.collate(task.eval[i : i + 64]).items()}
+        for i in range(0, len(task.eval), 64)
     )
     with torch.no_grad():
         metrics = task.evaluate(model, eval_batches)

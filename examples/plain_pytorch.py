@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from spu_engine.core.policy_files import load_policy
 from spu_engine.integrations import attach, per_sample_loss
-from spu_engine.model import load_model, load_tokenizer, set_seed
-from spu_engine.policy_files import load_policy
+from spu_engine.model.loading import load_model, load_tokenizer, set_seed
 from spu_engine.tasks import TaskOptions, get_task, infer_task
 
 HERE = Path(__file__).resolve().parent

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .forwarding import forwards
-from .policy import Change, LearningRates, Policy, PolicyError
-from .runtime import PolicyRuntime, RuntimeHooks
+from spu_engine.core.policy import Change, LearningRates, Policy, PolicyError
+from spu_engine.loop.forwarding import forwards
+from spu_engine.runtime.policy_runtime import PolicyRuntime, RuntimeHooks
 
 log = logging.getLogger("spu_engine.integrations")
 
@@ -60,8 +60,10 @@ class LoopConfig:
     stats_every: int = 10
 
 
-NO_TEACHER_HERE = ("your loop computes its own loss, so the policy cannot mix in a teacher's; "
-                   "train with `spu train`, or add the teacher's term to your loss and leave this section off")
+NO_TEACHER_HERE = (
+    "your loop computes its own loss, so the policy cannot mix in a teacher's; "
+    "train with `spu train`, or add the teacher's term to your loss and leave this section off"
+)
 
 
 @forwards(runtime="methods method units params param_names current pending triggers trainable_count apply_change")
@@ -83,17 +85,33 @@ class PolicyController:
         self.model = model
         self.optimizer = _unwrap(optimizer)
         self.scheduler = _unwrap(scheduler, torch.optim.lr_scheduler.LRScheduler, "scheduler")
-        self._group_lambdas = {id(g): f for g, f in zip(self.optimizer.param_groups, getattr(self.scheduler, "lr_lambdas", []))} if self.scheduler else {}
+        self._group_lambdas = (
+            {id(g): f for g, f in zip(self.optimizer.param_groups, getattr(self.scheduler, "lr_lambdas", []))}
+            if self.scheduler
+            else {}
+        )
         first = self.optimizer.param_groups[0] if self.optimizer is not None else {}
         lr = first.get("initial_lr", first.get("lr", LoopConfig.lr))  # a scheduler keeps the unscaled lr in initial_lr
         self.config = LoopConfig(steps=steps or None, lr=lr, seed=seed)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []  # one entry per applied change: step, source, trainable count
         self.events: list[dict[str, Any]] = []  # what the methods report (prune rounds, phase switches)
-        hooks = RuntimeHooks(check=self._refuse_lr_sections, configured=self._sync_scheduler, applied=self._applied,
-                             initial_model=_no_teacher, load_teacher=_no_teacher)
-        self.runtime = PolicyRuntime(model, self.optimizer, self.config, reporter=self, clock=lambda: self.step_count,
-                                     steps_per_epoch=steps_per_epoch, hooks=hooks)
+        hooks = RuntimeHooks(
+            check=self._refuse_lr_sections,
+            configured=self._sync_scheduler,
+            applied=self._applied,
+            initial_model=_no_teacher,
+            load_teacher=_no_teacher,
+        )
+        self.runtime = PolicyRuntime(
+            model,
+            self.optimizer,
+            self.config,
+            reporter=self,
+            clock=lambda: self.step_count,
+            steps_per_epoch=steps_per_epoch,
+            hooks=hooks,
+        )
         self._check_optimizer()
         self.runtime.adopt(policy)
         self.runtime.put_in_force()
@@ -170,10 +188,14 @@ class PolicyController:
 
     def _refuse_lr_sections(self, policy: Policy) -> None:
         """Per-unit learning rates regroup the optimizer, which is the user's here."""
-        keys = ["lr"] if policy.lr != LearningRates() else [k for m in self.runtime.methods if (k := m.lr_setting(policy))]
+        keys = (
+            ["lr"] if policy.lr != LearningRates() else [k for m in self.runtime.methods if (k := m.lr_setting(policy))]
+        )
         if keys:
-            raise PolicyError(f"{keys[0]}: per-unit learning rates need the engine's optimizer groups (spu train); in your own "
-                              "loop give your optimizer's param groups their lr, and leave this section out")
+            raise PolicyError(
+                f"{keys[0]}: per-unit learning rates need the engine's optimizer groups (spu train); in your own "
+                "loop give your optimizer's param groups their lr, and leave this section out"
+            )
 
     def _sync_scheduler(self) -> None:
         """Parameter groups a method added or removed join or leave the LR schedule (as in the engine, where
@@ -222,7 +244,8 @@ class PolicyController:
         missing = [n for n, p in self.runtime.params.items() if id(p) not in held]
         if missing:
             raise PolicyError(
-                f"the optimizer does not hold {len(missing)} parameters of the model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                f"the optimizer does not hold {len(missing)} parameters of the model "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                 "build it over all parameters (the policy decides which of them train) before attach()"
             )
 
@@ -244,7 +267,9 @@ def attach(
     scheduler so those follow it, ``steps`` (the run's length) when pruning should know whether it can finish
     (movement's warm-up and final hold are fractions of it), ``steps_per_epoch`` for ``at: {epoch: N}`` triggers.
     """
-    return PolicyController(model, policy, optimizer, scheduler, steps=steps, seed=seed, steps_per_epoch=steps_per_epoch)
+    return PolicyController(
+        model, policy, optimizer, scheduler, steps=steps, seed=seed, steps_per_epoch=steps_per_epoch
+    )
 
 
 def _no_teacher(*_args: Any) -> nn.Module:
@@ -260,7 +285,7 @@ def _unwrap(obj, kind=torch.optim.Optimizer, attribute: str = "optimizer"):
 
 def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-sample loss [B] of a classification, QA (start/end positions) or causal-LM (token labels) batch."""
-    from .tasks import ClassificationTask, LMTask, QATask
+    from spu_engine.tasks import ClassificationTask, LMTask, QATask
 
     if "start_positions" in batch:
         kind = QATask
@@ -269,7 +294,9 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     elif "labels" in batch:
         kind = ClassificationTask
     else:
-        raise ValueError(f"cannot tell the task of a batch with keys {', '.join(batch)}: need labels or start_positions/end_positions")
+        raise ValueError(
+            f"cannot tell the task of a batch with keys {', '.join(batch)}: need labels or start_positions/end_positions"
+        )
     return kind.per_sample_loss(kind.__new__(kind), model, batch)  # these losses read nothing from the task's data
 
 
@@ -285,7 +312,7 @@ class SPUCallback(TrainerCallback):
     """Apply an exported SPU policy inside ``transformers.Trainer`` (freeze timeline, methods, pruning)."""
 
     def __init__(self, policy: Policy | str | os.PathLike, *, seed: int = 0) -> None:
-        from .policy_files import load_policy
+        from spu_engine.core.policy_files import load_policy
 
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.seed = seed
@@ -295,9 +322,19 @@ class SPUCallback(TrainerCallback):
         scheduler = kwargs.get("lr_scheduler")
         loader = kwargs.get("train_dataloader")
         # the Trainer's own count: optimizer steps per pass over the loader
-        per_epoch = max(1, len(loader) // args.gradient_accumulation_steps) if loader is not None and hasattr(loader, "__len__") else None
+        per_epoch = (
+            max(1, len(loader) // args.gradient_accumulation_steps)
+            if loader is not None and hasattr(loader, "__len__")
+            else None
+        )
         self.controller = PolicyController(
-            model, self.policy, optimizer, scheduler, steps=state.max_steps or None, seed=self.seed, steps_per_epoch=per_epoch
+            model,
+            self.policy,
+            optimizer,
+            scheduler,
+            steps=state.max_steps or None,
+            seed=self.seed,
+            steps_per_epoch=per_epoch,
         )
         for m in self.controller.methods:
             missed = m.own_loss_warning(self.policy)

@@ -13,16 +13,15 @@ from typing import Any
 
 from textual.app import App
 
-from spu_engine.runs import is_live, read_history
-
-from .compare import ComparedRun
-from .frames import DEFAULT_SHARE, FrameBudget
-from .latency import RoundTrips
-from .link import EngineLink
-from .run_model import RunModel
-from .screens.run import STOPPED, RunScreen
-from .screens.runs import RunsChoice, RunsScreen
-from .session import CommandTracker, EngineSession, Link
+from spu_engine.core.runs import is_live, read_history
+from spu_tui.compare import ComparedRun
+from spu_tui.frames import DEFAULT_SHARE, FrameBudget
+from spu_tui.latency import RoundTrips
+from spu_tui.link import EngineLink
+from spu_tui.run_model import RunModel
+from spu_tui.screens.run import STOPPED, RunScreen
+from spu_tui.screens.runs import RunsChoice, RunsScreen
+from spu_tui.session import CommandTracker, EngineSession, Link
 
 
 class SpuApp(App[str]):

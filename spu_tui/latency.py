@@ -11,7 +11,9 @@ class RoundTrips:
     """Seconds from the key press to the redraw that shows the engine's answer."""
 
     received: list[float] = field(default_factory=list)  # key -> engine received -> redraw
-    applied: list[tuple[float, float]] = field(default_factory=list)  # (key -> engine ack -> redraw, engine ack -> redraw)
+    applied: list[tuple[float, float]] = field(
+        default_factory=list
+    )  # (key -> engine ack -> redraw, engine ack -> redraw)
 
     def received_drawn(self, sent: float) -> None:
         """Call after the refresh that shows the engine has the change sent at ``sent`` (``time.perf_counter``)."""

@@ -17,10 +17,9 @@ from typing import Any
 
 from textual.message import Message
 
-from spu_engine.runs import SOCKET
-from spu_engine.transport import EngineClient
-
-from .session import Link, Wakeable
+from spu_engine.core.runs import SOCKET
+from spu_engine.core.transport import EngineClient
+from spu_tui.session import Link, Wakeable
 
 
 class EventsArrived(Message):

@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from spu_engine.protocol import (
+from spu_engine.core.protocol import (
     EVENTS,
     AckEvent,
     CheckpointEvent,
@@ -41,7 +41,8 @@ from spu_engine.protocol import (
     UnitStats,
     read_event,
 )
-from spu_engine.run_metrics import RunMetrics, describe_change
+from spu_engine.core.run_metrics import RunMetrics, describe_change
+from spu_engine.core.run_states import ENDED
 
 SMOOTHING = 0.9  # EMA factor of the smoothed train-loss curve
 RATE_WINDOW = 20  # steps over which samples/s and the ETA are measured: recent speed, not the average since start
@@ -85,12 +86,16 @@ class RunModel:
     unit_trainable: dict[str, float] = field(default_factory=dict)
     tensor_trainable: dict[str, bool] = field(default_factory=dict)
     unit_stats: dict[str, UnitStats] = field(default_factory=dict)
-    unit_history: deque[dict[str, tuple[float, float]]] = field(default_factory=lambda: deque(maxlen=UNIT_HISTORY))  # unit -> (grad norm, update ratio)
+    unit_history: deque[dict[str, tuple[float, float]]] = field(
+        default_factory=lambda: deque(maxlen=UNIT_HISTORY)
+    )  # unit -> (grad norm, update ratio)
     tensor_sparsity: dict[str, float] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)  # AdaLoRA: adapted module -> its rank now
     policy: dict[str, Any] = field(default_factory=dict)
     checkpoint_step: int | None = None  # the newest checkpoint the engine wrote while this console watched
-    scheduled: list[dict[str, Any]] = field(default_factory=list)  # pending timeline entries and triggers (with ``fired``)
+    scheduled: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # pending timeline entries and triggers (with ``fired``)
     loss_steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     loss_smooth: list[float] = field(default_factory=list)
@@ -106,7 +111,9 @@ class RunModel:
     waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
     metrics: RunMetrics = field(default_factory=RunMetrics)
     revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
-    _recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=RATE_WINDOW))  # (t, step, samples)
+    _recent: deque[tuple[float, int, int]] = field(
+        default_factory=lambda: deque(maxlen=RATE_WINDOW)
+    )  # (t, step, samples)
 
     @property
     def eta_s(self) -> float | None:
@@ -175,7 +182,9 @@ class RunModel:
             self.waiting = "the first step: allocating memory and warming up (slower than the rest)"
         else:
             self.waiting = ""
-        self.say(self.step, "state", f"{self.state}{': ' + ev.message if ev.message else ''}", error=self.state == "error")
+        self.say(
+            self.step, "state", f"{self.state}{': ' + ev.message if ev.message else ''}", error=self.state == "error"
+        )
         return {Aspect.RUN}
 
     def _on_step(self, ev: StepEvent) -> set[Aspect]:
@@ -226,7 +235,9 @@ class RunModel:
         return {Aspect.UNITS}
 
     def _on_eval(self, ev: EvalEvent) -> set[Aspect]:
-        metrics = {k: v for k, v in (ev.model_extra or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            k: v for k, v in (ev.model_extra or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self.eval_steps.append(ev.step)
         self.eval_loss.append(ev.eval_loss if ev.eval_loss is not None else math.nan)
         self.eval_metric.append(float(metrics.get(self.metric, math.nan)))
@@ -235,7 +246,11 @@ class RunModel:
         return {Aspect.EVALS}
 
     def _on_prune(self, ev: PruneEvent) -> set[Aspect]:
-        self.say(ev.step, "policy", f"{ev.method} round {ev.round}/{ev.rounds}: sparsity {ev.sparsity:.1%}, survivors reset ({ev.reset})")
+        self.say(
+            ev.step,
+            "policy",
+            f"{ev.method} round {ev.round}/{ev.rounds}: sparsity {ev.sparsity:.1%}, survivors reset ({ev.reset})",
+        )
         return set()
 
     def _on_imp_round(self, ev: ImpRoundEvent) -> set[Aspect]:
@@ -243,7 +258,11 @@ class RunModel:
         score = ev.eval.get(self.metric, ev.eval.get("eval_loss"))
         shown = f", {self.metric if self.metric in ev.eval else 'eval loss'} {score:.4g}" if score is not None else ""
         loss = f", train loss {ev.train_loss:.4g}" if ev.train_loss is not None else ""
-        self.say(ev.step, "eval", f"IMP round {ev.round}/{ev.rounds} ended: sparsity {ev.sparsity:.1%}{loss}{shown}, {ev.seconds:.0f} s")
+        self.say(
+            ev.step,
+            "eval",
+            f"IMP round {ev.round}/{ev.rounds} ended: sparsity {ev.sparsity:.1%}{loss}{shown}, {ev.seconds:.0f} s",
+        )
         return {Aspect.UNITS}
 
     def _on_policy(self, ev: PolicyEvent) -> set[Aspect]:
@@ -263,7 +282,9 @@ class RunModel:
     def _on_ranks(self, ev: RanksEvent) -> set[Aspect]:
         self.ranks = dict(ev.ranks)
         low, high = (min(ev.ranks.values()), max(ev.ranks.values())) if ev.ranks else (0, 0)
-        self.say(ev.step, "policy", f"adalora ranks: budget {ev.budget} over {len(ev.ranks)} modules, each {low}-{high}")
+        self.say(
+            ev.step, "policy", f"adalora ranks: budget {ev.budget} over {len(ev.ranks)} modules, each {low}-{high}"
+        )
         return {Aspect.UNITS}
 
     def _on_scheduled(self, ev: ScheduledEvent) -> set[Aspect]:
@@ -300,7 +321,7 @@ class RunModel:
         return set()
 
     def _on_disconnected(self, ev: DisconnectedEvent) -> set[Aspect]:
-        if self.state not in ("finished", "stopped", "error"):
+        if self.state not in ENDED:
             self.state = "detached"
             self.say(self.step, "state", "engine connection lost: " + ev.message, error=True)
             return {Aspect.RUN}

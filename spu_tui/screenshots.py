@@ -18,22 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from spu_engine.config import EngineConfig
-from spu_engine.policy import Policy
-from spu_engine.runs import EVENTS
-from spu_engine.spawn import spawn_engine
-
-from spu_engine.runs import read_history
-
-from .app import SpuApp
-from .screens.help import HelpScreen
-from .screens.quit import QuitScreen
-from .widgets.controls import ControlsPanel
-from .widgets.unit_tree import UnitTree
+from spu_engine.core.config import EngineConfig
+from spu_engine.core.policy import Policy
+from spu_engine.core.runs import EVENTS, read_history
+from spu_engine.core.spawn import spawn_engine
+from spu_tui.app import SpuApp
+from spu_tui.screens.help import HelpScreen
+from spu_tui.screens.quit import QuitScreen
+from spu_tui.widgets.controls import ControlsPanel
+from spu_tui.widgets.unit_tree import UnitTree
 
 
 async def _wait(pilot, predicate, timeout: float) -> None:
@@ -45,7 +41,9 @@ async def _wait(pilot, predicate, timeout: float) -> None:
 
 
 async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -> list[Path]:
-    app = SpuApp(run_dir, engine=proc, cpu_share=1.0)  # no CPU budget: every frame at the fastest rate, so a pause shows the latest step
+    app = SpuApp(
+        run_dir, engine=proc, cpu_share=1.0
+    )  # no CPU budget: every frame at the fastest rate, so a pause shows the latest step
     shots: list[Path] = []
 
     def save(name: str) -> None:
@@ -75,7 +73,11 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
         await pilot.pause(0.4)
         save("whatif-lora-80x24")
         app.query_one("#apply-peft").press()
-        await _wait(pilot, lambda: not app.commands.in_flight and any(".lora_" in row.name for row in app.query_one(UnitTree).rows), timeout)
+        await _wait(
+            pilot,
+            lambda: not app.commands.in_flight and any(".lora_" in row.name for row in app.query_one(UnitTree).rows),
+            timeout,
+        )
         await pilot.press("escape", "1", "down", "down", "down", "down", "right", "down", "down", "down")
         await pilot.pause(0.6)
         save("lora-rows-80x24")
@@ -124,7 +126,9 @@ def main(
     eval_every: int = typer.Option(10),
     freeze_at: int = typer.Option(8, help="step after which the lower layers are frozen from the tree"),
     timeout: float = typer.Option(600.0),
-    runs_of: Optional[Path] = typer.Option(None, help="instead: a finished run to draw with --compare-with runs overlaid, and the run browser"),
+    runs_of: Path | None = typer.Option(
+        None, help="instead: a finished run to draw with --compare-with runs overlaid, and the run browser"
+    ),
     compare_with: list[Path] = typer.Option([], help="with --runs-of: a run to compare (repeat for more)"),
 ) -> None:
     """Screenshots of the console steering a real run."""
@@ -136,8 +140,16 @@ def main(
     if (run_dir / EVENTS).exists():
         raise typer.BadParameter(f"{run_dir} already holds a run; remove it or pass --run-dir", param_hint="--run-dir")
     config = EngineConfig(
-        model=model, data=data, steps=steps, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
-        stats_every=2, max_train_samples=4000, max_eval_samples=200, system_every=2.0,
+        model=model,
+        data=data,
+        steps=steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        eval_every=eval_every,
+        stats_every=2,
+        max_train_samples=4000,
+        max_eval_samples=200,
+        system_every=2.0,
     )
     out.mkdir(parents=True, exist_ok=True)
     proc = spawn_engine(config, Policy(), run_dir)

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from spu_engine.policy import Change
-from spu_engine.protocol import CheckpointEvent, PreviewEvent, read_event
-from spu_engine.runs import ENDED, ENGINE_LOG
-
-from .run_model import RunModel
+from spu_engine.core.policy import Change
+from spu_engine.core.protocol import CheckpointEvent, PreviewEvent, read_event
+from spu_engine.core.run_states import ENDED
+from spu_engine.core.runs import ENGINE_LOG
+from spu_tui.run_model import RunModel
 
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
 
@@ -184,8 +184,9 @@ class EngineSession:
 
     # -- commands out
 
-    def send(self, cmd: str, rows: list[Any] | None = None, section: str | None = None,
-             **fields: Any) -> PendingCommand:
+    def send(
+        self, cmd: str, rows: list[Any] | None = None, section: str | None = None, **fields: Any
+    ) -> PendingCommand:
         """Send ``cmd`` and follow it until the engine answers; NotSent when no engine takes it."""
         if self.link is None or not self.link.connected:
             raise NotSent("no engine connected")

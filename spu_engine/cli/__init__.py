@@ -6,9 +6,11 @@ The commands live in ``train`` (train, engine), ``tools`` (runs, ablate, report,
 
 from __future__ import annotations
 
-from . import train  # noqa: F401  # the modules register their commands; in this order, the order of `spu --help`
-from . import tools  # noqa: F401
-from . import policy  # noqa: F401
-from .app import app, main
+from spu_engine.cli import (
+    policy,  # noqa: F401
+    tools,  # noqa: F401
+    train,  # noqa: F401  # the modules register their commands; in this order, the order of `spu --help`
+)
+from spu_engine.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -5,27 +5,26 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from ..model_source import ModelLoadError
-from ..policy import PolicyError
-from ..policy_files import json_schema
-from ..run_setup import fail, out, read_policy
-from .app import policy_app
+from spu_engine.cli.app import policy_app
+from spu_engine.core.model_source import ModelLoadError
+from spu_engine.core.policy import PolicyError
+from spu_engine.core.policy_files import json_schema
+from spu_engine.core.run_setup import fail, out, read_policy
 
 
 @policy_app.command("validate")
 def policy_validate(
     file: Path,
-    model: Optional[str] = typer.Option(None, help="also check every pattern and block index against this model"),
+    model: str | None = typer.Option(None, help="also check every pattern and block index against this model"),
 ) -> None:
     """Check a policy file; with --model, check its selectors against the model's parameters."""
     pol = read_policy(file)
     if model:
-        from ..model import find_units, load_model
-        from ..selection import check_policy_against_model
+        from spu_engine.model.loading import find_units, load_model
+        from spu_engine.runtime.selection import check_policy_against_model
 
         try:
             m = load_model(model)

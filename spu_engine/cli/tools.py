@@ -6,16 +6,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
 
-from ..model_source import ModelLoadError
-from ..policy import FreezeRule, PolicyError
-from ..validation import error_text
-from ..run_setup import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP, err, fail, out, read_run_config
-from .app import app
+from spu_engine.cli.app import app
+from spu_engine.core.model_source import ModelLoadError
+from spu_engine.core.policy import FreezeRule, PolicyError
+from spu_engine.core.run_setup import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP, err, fail, out, read_run_config
+from spu_engine.core.validation import error_text
 
 RUN_STATE_STYLE = {"live": "bold green", "finished": "blue", "stopped": "yellow", "error": "red", "crashed": "bold red"}
 
@@ -25,7 +24,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
     """List runs: state (live, finished, stopped, error, crashed), step, last loss and eval metric."""
     from rich.table import Table
 
-    from ..runs import list_runs
+    from spu_engine.core.runs import list_runs
 
     if not root.is_dir():
         fail(f"{root}: no such folder (runs are written under ./runs by default)")
@@ -62,27 +61,27 @@ def ablate(
     run: Path = typer.Option(
         ..., "--run", help="run folder of a run trained with Houlsby adapters (peft.method: adapter)"
     ),
-    blocks: Optional[str] = typer.Option(
+    blocks: str | None = typer.Option(
         None, help="blocks whose adapters to remove, e.g. '0-5' or '0,2,4' [default: every block with adapters]"
     ),
     spans: bool = typer.Option(
-        True, "--spans/--singles",
+        True,
+        "--spans/--singles",
         help="also every span of consecutive blocks (the paper's heat map), or single blocks only",
     ),
-    max_eval_samples: Optional[int] = typer.Option(
-        None, help="score on the first N dev examples only (faster, noisier)"
-    ),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
+    max_eval_samples: int | None = typer.Option(None, help="score on the first N dev examples only (faster, noisier)"),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
     """Evaluate a run's newest checkpoint with the adapters of each block (and span of blocks) removed.
 
     Houlsby et al. (2019), Fig. 6: the drop in the task's metric shows which blocks' adapters matter.
     Nothing of the run changes: the checkpoint is read, never written."""
-    from ..ablation import AblationError, ablate as run_ablation, engine_for_run
-    from ..ablation_view import ablation_views
-    from ..checkpoint import CheckpointError
-    from ..scoring import ScoreError
+    from spu_engine.core.ablation_view import ablation_views
+    from spu_engine.storage.checkpoint import CheckpointError
+    from spu_engine.tools.ablation import AblationError, engine_for_run
+    from spu_engine.tools.ablation import ablate as run_ablation
+    from spu_engine.tools.scoring import ScoreError
 
     read_run_config(run)  # a folder that is no run is said plainly
     chosen = None
@@ -94,6 +93,7 @@ def ablate(
     try:
         engine = engine_for_run(run, max_eval_samples=max_eval_samples, device=device)
         with err.status("evaluating") as status:
+
             def progress(done: int, total: int) -> None:
                 status.update(f"evaluating {done}/{total}")
 
@@ -111,28 +111,38 @@ def ablate(
 @app.command()
 def report(
     run: Path = typer.Option(..., "--run", help="run folder"),
-    format: Optional[str] = typer.Option(
+    format: str | None = typer.Option(
         None, "--format", help="table (rich tables and terminal plots) | md | csv [default: table]"
     ),
     table: str = typer.Option(
         "summary", "--table", help="with --format csv: summary | changes | rounds (the IMP round table)"
     ),
-    plot: Optional[Path] = typer.Option(
-        None, "--plot",
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
         help="write the loss and sparsity plots to this .svg or .png file "
         "(PNG needs matplotlib: pip install 'spu[plots]')",
     ),
     plot_engine: str = typer.Option(
-        "auto", "--plot-engine",
+        "auto",
+        "--plot-engine",
         help="auto (matplotlib when installed) | matplotlib | plotext (terminal plots as SVG)",
     ),
 ) -> None:
     """What a run did: a summary (model, task, steps, final and best metrics, trainable share, sparsity), the policy
     changes with their steps and, for IMP, the round table; --plot writes the loss and sparsity plots as an image."""
-    from ..report import TABLES, ReportError, load_run_report, plot_file, print_run_rich, run_to_csv, run_to_markdown
     from rich.markup import escape
 
-    from ..writes import WriteError
+    from spu_engine.core.writes import WriteError
+    from spu_engine.tools.report import (
+        TABLES,
+        ReportError,
+        load_run_report,
+        plot_file,
+        print_run_rich,
+        run_to_csv,
+        run_to_markdown,
+    )
 
     if format not in (None, "table", "md", "csv"):
         fail(f"--format: {format!r} is not one of table, md, csv")
@@ -166,8 +176,8 @@ def export_model(
     force: bool = typer.Option(False, help="write into a non-empty --out folder"),
 ) -> None:
     """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
-    from ..checkpoint import CheckpointError
-    from ..export import ExportError, export_run
+    from spu_engine.storage.checkpoint import CheckpointError
+    from spu_engine.tools.export import ExportError, export_run
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         fail(f"--out {out_dir} exists and is not empty; choose another folder or pass --force")
@@ -205,20 +215,21 @@ def eval_model(
         "or a hub id with a trained head",
     ),
     data: str = typer.Option(..., help="hub dataset or local file / folder, labelled"),
-    split: Optional[str] = typer.Option(None, help="train, dev or test of --data, or a file (default: dev, else test)"),
-    metric: Optional[str] = typer.Option(
+    split: str | None = typer.Option(None, help="train, dev or test of --data, or a file (default: dev, else test)"),
+    metric: str | None = typer.Option(
         None,
         help="classification: accuracy | f1 | mcc "
         "(default: GLUE's for data named like a GLUE task, else the run's, else accuracy)",
     ),
-    text_column: Optional[str] = typer.Option(None, help=TEXT_COLUMN_HELP),
-    label_column: Optional[str] = typer.Option(None, help=LABEL_COLUMN_HELP),
-    max_length: Optional[int] = typer.Option(None, min=8, help="tokens per example (default: the run's, else 128)"),
+    text_column: str | None = typer.Option(None, help=TEXT_COLUMN_HELP),
+    label_column: str | None = typer.Option(None, help=LABEL_COLUMN_HELP),
+    max_length: int | None = typer.Option(None, min=8, help="tokens per example (default: the run's, else 128)"),
     batch_size: int = typer.Option(128, min=1),
-    max_samples: Optional[int] = typer.Option(None, min=1, help="score only the first N examples"),
+    max_samples: int | None = typer.Option(None, min=1, help="score only the first N examples"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1"),
     as_json: bool = typer.Option(
-        False, "--json",
+        False,
+        "--json",
         help="print one JSON object (model, checkpoint, data, task, metric, value, metrics) instead of the table",
     ),
 ) -> None:
@@ -229,10 +240,10 @@ def eval_model(
 
     Labels are matched to the model's classes by name; --json prints one object for scripts.
     """
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
-    from ..scoring import ScoreError, ScoreOptions, score
-    from ..tasks.classification import METRICS
+    from spu_engine.core.data import DataError
+    from spu_engine.storage.checkpoint import CheckpointError
+    from spu_engine.tasks.classification import METRICS
+    from spu_engine.tools.scoring import ScoreError, ScoreOptions, score
 
     if metric is not None and metric not in METRICS:
         fail(f"--metric {metric}: one of {', '.join(METRICS)}")

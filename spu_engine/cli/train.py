@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from ..run_options import run_options
-from ..runs import POLICY
-from ..run_setup import build_config, check_trackers, config_from_policy, default_run_dir, err, fail, out, read_policy, read_run_config, resume_policy
-from .app import app
+from spu_engine.cli.app import app
+from spu_engine.core.run_options import run_options
+from spu_engine.core.run_setup import (
+    build_config,
+    check_trackers,
+    config_from_policy,
+    default_run_dir,
+    err,
+    fail,
+    out,
+    read_policy,
+    read_run_config,
+    resume_policy,
+)
+from spu_engine.core.runs import POLICY
 
 # The run flags a --resume takes over the run's config.json: how long and how often, and where it runs.
 RESUME_OVERRIDES = (
-    "steps", "batch_size", "eval_every", "checkpoint_every", "device", "threads", "system_every", "report_to",
+    "steps",
+    "batch_size",
+    "eval_every",
+    "checkpoint_every",
+    "device",
+    "threads",
+    "system_every",
+    "report_to",
 )
 
 
@@ -69,19 +86,18 @@ class ProgressSink:
 @run_options
 def train(
     flags: dict,
-    policy: Optional[Path] = typer.Option(
+    policy: Path | None = typer.Option(
         None,
         help="policy YAML: its run: settings are the defaults of every run setting flag, "
         "its timeline is replayed at its steps",
     ),
-    run_dir: Optional[Path] = typer.Option(
+    run_dir: Path | None = typer.Option(
         None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"
     ),
-    resume: Optional[Path] = typer.Option(
-        None, help="resume the run in this folder from its newest complete checkpoint"
-    ),
+    resume: Path | None = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
     overwrite: bool = typer.Option(
-        False, "--overwrite",
+        False,
+        "--overwrite",
         help="start the run in --run-dir again from step 0: its checkpoints and history are deleted",
     ),
     fresh_optimizer: bool = typer.Option(
@@ -102,8 +118,8 @@ def train(
     config.json (other run settings are the run's).  A --run-dir that already
     holds a run is refused unless --overwrite says to start it again.
     """
-    from ..runs import RunFolderError, holds_run, is_live
-    from ..server import serve
+    from spu_engine.core.runs import RunFolderError, holds_run, is_live
+    from spu_engine.loop.serve import serve
 
     if fresh_optimizer and resume is None:
         fail("--fresh-optimizer goes with --resume RUN")
@@ -132,7 +148,12 @@ def train(
         out.print(f"run folder: {run_dir}")
     try:
         code = serve(
-            config, pol, Path(run_dir), resume=resume is not None, sinks=[sink], fresh_optimizer=fresh_optimizer,
+            config,
+            pol,
+            Path(run_dir),
+            resume=resume is not None,
+            sinks=[sink],
+            fresh_optimizer=fresh_optimizer,
             overwrite=overwrite,
         )
     except RunFolderError as exc:
@@ -148,8 +169,8 @@ def engine(
     resume: bool = typer.Option(False, help="resume from the newest complete checkpoint"),
 ) -> None:
     """Run the engine process for a prepared run folder (started by spu-tui)."""
-    from ..runs import RunFolderError
-    from ..server import serve
+    from spu_engine.core.runs import RunFolderError
+    from spu_engine.loop.serve import serve
 
     config = build_config(**read_run_config(run_dir))
     pol = resume_policy(run_dir) if resume else read_policy(run_dir / POLICY)

@@ -18,23 +18,25 @@ reach past it into the engine or the controller, and no method imports them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..distributed import Distributed
-    from ..model import Units
-    from ..policy import Change, Policy, TimelineEntry
-    from ..tasks import Task
+    from spu_engine.core.policy import Change, Policy, TimelineEntry
+    from spu_engine.loop.distributed import Distributed
+    from spu_engine.model.loading import Units
+    from spu_engine.tasks import Task
 
 
 class HostConfig(Protocol):
     """The run settings a method reads."""
 
-    steps: int | None  # the run's length in optimizer steps, None if a loop does not say (pruning warns when it cannot finish; movement's warm-up is a fraction of it)
+    # the run's length in optimizer steps, None if a loop does not say (pruning warns when it cannot finish;
+    # movement's warm-up is a fraction of it)
+    steps: int | None
     lr: float  # default learning rate of the tensors a method adds
     seed: int
     batch_size: int  # per rank
@@ -57,7 +59,9 @@ class Host(Protocol):
         """Timeline entries still to come (a replayed policy scripts what a method would otherwise decide)."""
         ...
 
-    def add_parameters(self, params: list[nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra") -> None:
+    def add_parameters(
+        self, params: list[nn.Parameter], lr: float | None = None, weight_decay: float = 0.0, name: str = "extra"
+    ) -> None:
         """Train tensors the method added, as the optimizer group ``name`` (lr None: the run's)."""
         ...
 

@@ -13,13 +13,13 @@ then as listed here.
 
 from __future__ import annotations
 
-from .auto_freeze import SPEC as AUTO_FREEZE
-from .distillation import SPEC as DISTILLATION
-from .peft import ADALORA, ADAPTER, BITFIT, IA3, LORA
-from .pruning import SPEC as PRUNING
-from .selective_backprop import SPEC as SELECTIVE_BACKPROP
-from .spec import MethodSpec, SectionSpec
-from .weight_update_skipping import SPEC as WEIGHT_UPDATE_SKIPPING
+from spu_engine.methods.auto_freeze import SPEC as AUTO_FREEZE
+from spu_engine.methods.distillation import SPEC as DISTILLATION
+from spu_engine.methods.peft import ADALORA, ADAPTER, BITFIT, IA3, LORA
+from spu_engine.methods.pruning import SPEC as PRUNING
+from spu_engine.methods.selective_backprop import SPEC as SELECTIVE_BACKPROP
+from spu_engine.methods.spec import MethodSpec, SectionSpec
+from spu_engine.methods.weight_update_skipping import SPEC as WEIGHT_UPDATE_SKIPPING
 
 SPECS: tuple[MethodSpec, ...] = (
     SELECTIVE_BACKPROP,

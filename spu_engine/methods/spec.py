@@ -7,11 +7,12 @@ engine imports a method's implementation only when it builds its methods.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any
 
-from ..validation import Section
+from spu_engine.core.validation import Section
 
 
 class Stage(IntEnum):

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..model import stable_name, stable_parameters
+from spu_engine.model.loading import stable_name, stable_parameters
 
 if TYPE_CHECKING:
-    from .base import Host
+    from spu_engine.methods.base import Host
 
 
 def is_bias(name: str) -> bool:

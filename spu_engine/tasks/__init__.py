@@ -7,11 +7,11 @@ task), ``collate`` and ``evaluate``.
 
 from __future__ import annotations
 
-from .base import Task, TaskOptions
-from .classification import ClassificationTask
-from .infer import TaskUnclear, infer_task
-from .lm import LMTask
-from .qa import QATask
+from spu_engine.tasks.base import Task, TaskOptions
+from spu_engine.tasks.classification import ClassificationTask
+from spu_engine.tasks.infer import TaskUnclear, infer_task
+from spu_engine.tasks.lm import LMTask
+from spu_engine.tasks.qa import QATask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batching import pad_collate
-from ..data import DataError
+from spu_engine.core.data import DataError
+from spu_engine.loop.batching import pad_collate
 
 
 @dataclass
@@ -24,11 +24,13 @@ class TaskOptions:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     doc_stride: int | None = None  # qa: tokens shared by consecutive windows of a long context (None: max_length // 3)
-    eval_split: float | None = None  # share held out for eval when the data has no eval split (None: DEFAULT_EVAL_SPLIT; 0: eval on train)
+    eval_split: float | None = (
+        None  # share held out for eval when the data has no eval split (None: DEFAULT_EVAL_SPLIT; 0: eval on train)
+    )
     seed: int = 0  # which rows are held out
 
     @classmethod
-    def of(cls, settings: Any) -> "TaskOptions":
+    def of(cls, settings: Any) -> TaskOptions:
         """The options named alike in ``settings`` (an EngineConfig)."""
         return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
@@ -50,7 +52,7 @@ class Task(ABC):
 
     @classmethod
     @abstractmethod
-    def build(cls, source: str, tokenizer, options: TaskOptions) -> "Task":
+    def build(cls, source: str, tokenizer, options: TaskOptions) -> Task:
         """Read and tokenize ``source`` (hub name or local path)."""
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -69,7 +71,11 @@ class Task(ABC):
         return self.loss_from(self.outputs(model, batch), batch)
 
     def per_sample_kl(
-        self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor], temperature: float
+        self,
+        student: tuple[torch.Tensor, ...],
+        teacher: tuple[torch.Tensor, ...],
+        batch: dict[str, torch.Tensor],
+        temperature: float,
     ) -> torch.Tensor:
         """KL(teacher || student) of each sample at ``temperature``, shape [B]; QA averages its start and end."""
         return sum(kl_rows(s, t, temperature) for s, t in zip(student, teacher)) / len(student)
@@ -81,10 +87,19 @@ class Task(ABC):
     def check_fits(self, model: nn.Module) -> None:
         """A sequence longer than the model's position table fails deep inside its forward: say so before training."""
         config = getattr(model, "config", None)
-        limit = next((getattr(config, k) for k in ("n_positions", "max_position_embeddings") if isinstance(getattr(config, k, None), int)), None)
+        limit = next(
+            (
+                getattr(config, k)
+                for k in ("n_positions", "max_position_embeddings")
+                if isinstance(getattr(config, k, None), int)
+            ),
+            None,
+        )
         longest = max((len(f["input_ids"]) for f in (*self.train, *self.eval)), default=0)
         if limit is not None and longest > limit:
-            raise DataError(f"--max-length: sequences of {longest} tokens do not fit this model's {limit} positions; use --max-length {limit} or less")
+            raise DataError(
+                f"--max-length: sequences of {longest} tokens do not fit this model's {limit} positions; use --max-length {limit} or less"
+            )
 
 
 def kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import (
+from spu_engine.core.data import (
     GLUE_REGRESSION,
     DataError,
     data_metric,
@@ -27,12 +27,18 @@ from ..data import (
     require_columns,
     split_files,
 )
-from .base import Task, TaskOptions
-from .infer import LABEL_KEYS
+from spu_engine.tasks.base import Task, TaskOptions
+from spu_engine.tasks.infer import LABEL_KEYS
 
 TEXT_CANDIDATES = ("sentence", "text", "sentence1", "review", "content", "document")
 # sentence pairs by their GLUE column names: MRPC and RTE (hub), QNLI, MRPC (GLUE's own TSV), QQP, MNLI
-PAIR_CANDIDATES = (("sentence1", "sentence2"), ("question", "sentence"), ("#1 String", "#2 String"), ("question1", "question2"), ("premise", "hypothesis"))
+PAIR_CANDIDATES = (
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("#1 String", "#2 String"),
+    ("question1", "question2"),
+    ("premise", "hypothesis"),
+)
 METRICS = ("accuracy", "f1", "mcc")
 
 
@@ -44,7 +50,7 @@ class Columns:
     label: str
 
     @classmethod
-    def of(cls, rows: list[dict[str, Any]], options: TaskOptions, source: str) -> "Columns":
+    def of(cls, rows: list[dict[str, Any]], options: TaskOptions, source: str) -> Columns:
         """``--text-column`` (``a`` or ``a,b``) and ``--label-column``, else the first known pair or text column and label column."""
         existing = list(rows[0].keys()) if rows else []
         if options.text_column:
@@ -65,7 +71,9 @@ class Columns:
             require_columns(rows, {"--text-column": column}, source)
         require_columns(rows, {"--label-column": self.label}, source)
 
-    def encode(self, tokenizer, rows: list[dict[str, Any]], source: str, label_ids: dict[str, int], whose: str, max_length: int) -> list[dict[str, Any]]:
+    def encode(
+        self, tokenizer, rows: list[dict[str, Any]], source: str, label_ids: dict[str, int], whose: str, max_length: int
+    ) -> list[dict[str, Any]]:
         """Token ids (two texts as the tokenizer's text pair) and the label id of each row; an unknown label is an error naming the row."""
         texts = [[str(r[c]) for r in rows] for c in self.text]
         enc = tokenizer(*texts, truncation=True, max_length=max_length)
@@ -74,8 +82,10 @@ class Columns:
             key = str(r[self.label])
             if key not in label_ids:
                 hidden = " (-1 marks a hidden label, as in GLUE's test splits)" if key == "-1" else ""
-                raise DataError(f"{source}: row {i + 1} has label {r[self.label]!r}, not among {whose} {list(label_ids)}{hidden}")
-            feat = {k: enc[k][i] for k in enc.keys() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                raise DataError(
+                    f"{source}: row {i + 1} has label {r[self.label]!r}, not among {whose} {list(label_ids)}{hidden}"
+                )
+            feat = {k: enc[k][i] for k in enc if k in ("input_ids", "attention_mask", "token_type_ids")}
             feat["labels"] = label_ids[key]
             out.append(feat)
         return out
@@ -89,12 +99,20 @@ class ClassificationTask(Task):
     @property
     def eval_fields(self) -> tuple[str, ...]:  # type: ignore[override]
         """Accuracy always, and the headline metric when it is another (F1, Matthews correlation)."""
-        return ("eval_loss", "accuracy", *(() if self.metric == "accuracy" else (self.metric,)), "top_answer_share", "eval_samples")
+        return (
+            "eval_loss",
+            "accuracy",
+            *(() if self.metric == "accuracy" else (self.metric,)),
+            "top_answer_share",
+            "eval_samples",
+        )
 
     @classmethod
-    def build(cls, source: str, tokenizer, options: TaskOptions) -> "ClassificationTask":
+    def build(cls, source: str, tokenizer, options: TaskOptions) -> ClassificationTask:
         if glue_task(source) in GLUE_REGRESSION:
-            raise DataError(f"{source} is GLUE's STS-B: similarity scores (regression), not classes; classification cannot train it")
+            raise DataError(
+                f"{source} is GLUE's STS-B: similarity scores (regression), not classes; classification cannot train it"
+            )
         splits = read_splits(source)
         train_rows, train_src = splits["train"]
         if not train_rows:
@@ -110,22 +128,32 @@ class ClassificationTask(Task):
 
         def encode(split: str, limit: int | None) -> list[dict[str, Any]]:
             rows, src = splits[split]
-            return columns.encode(tokenizer, rows[:limit] if limit else rows, src, label_ids, "the train labels", options.max_length)
+            return columns.encode(
+                tokenizer, rows[:limit] if limit else rows, src, label_ids, "the train labels", options.max_length
+            )
 
-        task = cls(encode("train", options.max_train_samples), encode("eval", options.max_eval_samples), tokenizer.pad_token_id)
+        task = cls(
+            encode("train", options.max_train_samples), encode("eval", options.max_eval_samples), tokenizer.pad_token_id
+        )
         task.name_classes(label_ids, options.metric or data_metric(source), train_src)
         task.notes = [note] if note else []
         return task
 
     @classmethod
-    def scoring(cls, rows: list[dict[str, Any]], source: str, tokenizer, options: TaskOptions, label_ids: dict[str, int]) -> "ClassificationTask":
+    def scoring(
+        cls, rows: list[dict[str, Any]], source: str, tokenizer, options: TaskOptions, label_ids: dict[str, int]
+    ) -> ClassificationTask:
         """An eval set only, to score a trained model whose class ids ``label_ids`` names (``spu eval``); ``options.metric`` is the headline."""
         if not rows:
             raise DataError(f"{source}: no rows")
         columns = Columns.of(rows, options, source)
         columns.require(rows, source)
         rows = rows[: options.max_eval_samples] if options.max_eval_samples else rows
-        task = cls([], columns.encode(tokenizer, rows, source, label_ids, "the model's classes", options.max_length), tokenizer.pad_token_id)
+        task = cls(
+            [],
+            columns.encode(tokenizer, rows, source, label_ids, "the model's classes", options.max_length),
+            tokenizer.pad_token_id,
+        )
         task.name_classes(label_ids, options.metric or "accuracy", source)
         return task
 
@@ -134,7 +162,9 @@ class ClassificationTask(Task):
         self.label_names = sorted(label_ids, key=label_ids.get)
         self.num_labels = len(self.label_names)
         if metric == "f1" and self.num_labels != 2:
-            raise DataError(f"--metric f1 is the F1 of the positive class and needs two labels; {source} has {self.num_labels}: {self.label_names}")
+            raise DataError(
+                f"--metric f1 is the F1 of the positive class and needs two labels; {source} has {self.num_labels}: {self.label_names}"
+            )
         self.metric = metric
 
     def loss_from(self, outputs, batch):
@@ -148,10 +178,17 @@ class ClassificationTask(Task):
             total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             predicted.append(logits.argmax(-1).cpu())
             gold.append(batch["labels"].cpu())
-        cm = confusion(torch.cat(predicted), torch.cat(gold), self.num_labels) if gold else torch.zeros(self.num_labels, self.num_labels)
+        cm = (
+            confusion(torch.cat(predicted), torch.cat(gold), self.num_labels)
+            if gold
+            else torch.zeros(self.num_labels, self.num_labels)
+        )
         n = int(cm.sum())
-        metrics = {"eval_loss": total_loss / max(n, 1), "accuracy": float(cm.trace()) / max(n, 1),
-                   "top_answer_share": float(cm.sum(0).max()) / max(n, 1)}  # 1.0: one answer for everything, a collapsed model
+        metrics = {
+            "eval_loss": total_loss / max(n, 1),
+            "accuracy": float(cm.trace()) / max(n, 1),
+            "top_answer_share": float(cm.sum(0).max()) / max(n, 1),
+        }  # 1.0: one answer for everything, a collapsed model
         if self.metric == "f1":
             metrics["f1"] = f1_positive(cm)
         elif self.metric == "mcc":

@@ -13,12 +13,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data import TEXT_ENCODING, DataError, is_local, read_rows, split_files
+from spu_engine.core.data import TEXT_ENCODING, DataError, is_local, read_rows, split_files
 
 QA_KEYS = {"question", "context", "answers"}
 LABEL_KEYS = ("label", "labels", "target", "class", "Quality")  # Quality: the label of GLUE's own MRPC files
 QA_HUB = ("squad", "rajpurkar/squad", "adversarial_qa", "mrqa")
-LM_HUB = ("wikitext", "salesforce/wikitext", "ptb_text_only", "openwebtext", "tiny_shakespeare", "roneneldan/tinystories")
+LM_HUB = (
+    "wikitext",
+    "salesforce/wikitext",
+    "ptb_text_only",
+    "openwebtext",
+    "tiny_shakespeare",
+    "roneneldan/tinystories",
+)
 
 
 class TaskUnclear(DataError):
@@ -45,7 +52,7 @@ def infer_task(data: str, model: str | None = None, label_column: str | None = N
         return "qa"
     rows = read_rows(path)
     keys = set(rows[0]) if rows else set()
-    if QA_KEYS <= keys:
+    if keys >= QA_KEYS:
         return "qa"
     if keys & set(LABEL_KEYS) or (label_column is not None and label_column in keys):
         return "classification"
@@ -63,19 +70,21 @@ def _is_nested_squad(path: Path) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
     articles = data.get("data") if isinstance(data, dict) else None
-    return isinstance(articles, list) and bool(articles) and isinstance(articles[0], dict) and "paragraphs" in articles[0]
+    return (
+        isinstance(articles, list) and bool(articles) and isinstance(articles[0], dict) and "paragraphs" in articles[0]
+    )
 
 
 def is_decoder_only(model: str) -> bool:
     """True when the model's config describes a causal LM without an encoder (GPT-2, Llama, ...)."""
-    from ..model_source import resolve_model_name
+    from spu_engine.core.model_source import resolve_model_name
 
     name = resolve_model_name(model)
     try:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(name)
-    except Exception:  # noqa: BLE001 - an unloadable model is reported when the engine loads it
+    except Exception:
         return False
     if getattr(config, "is_encoder_decoder", False):
         return False
@@ -84,4 +93,7 @@ def is_decoder_only(model: str) -> bool:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import (
+from spu_engine.core.data import (
     TEXT_ENCODING,
     DataError,
     eval_share,
@@ -26,7 +26,7 @@ from ..data import (
     require_columns,
     split_files,
 )
-from .base import Task, TaskOptions, kl_rows
+from spu_engine.tasks.base import Task, TaskOptions, kl_rows
 
 TEXT_SUFFIXES = (".raw", ".txt")
 TEXT_CANDIDATES = ("text", "content", "sentence", "document")
@@ -48,7 +48,11 @@ class LMTask(Task):
         if same:  # no eval split: the tail of the text, so no eval token is inside a training block
             share = eval_share(options.eval_split)
             cut = int(len(train_ids) * (1 - share))
-            notes.append(no_eval_split_note(source, f"the last {share:.0%} of the text ({len(train_ids) - cut:,} tokens) is", options.eval_split))
+            notes.append(
+                no_eval_split_note(
+                    source, f"the last {share:.0%} of the text ({len(train_ids) - cut:,} tokens) is", options.eval_split
+                )
+            )
             train_ids, eval_ids = (train_ids[:cut], train_ids[cut:]) if share else (train_ids, train_ids)
         else:
             eval_ids = token_ids(eval_text, tokenizer)
@@ -77,7 +81,9 @@ class LMTask(Task):
     def _token_loss(self, logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token loss [B, T] and the mask of positions that have a label (never the last one)."""
         labels = self._next_labels(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none").view(labels.shape)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
         return loss, (labels != -100).to(loss.dtype)
 
     @torch.no_grad()
@@ -141,5 +147,7 @@ def token_ids(text: str, tokenizer) -> list[int]:
 def blocks(ids: list[int], size: int, split: str, source: str) -> list[dict[str, list[int]]]:
     n = len(ids) // size
     if n == 0:
-        raise DataError(f"{source}: the {split} text has {len(ids)} tokens, fewer than one block of --max-length {size}")
+        raise DataError(
+            f"{source}: the {split} text has {len(ids)} tokens, fewer than one block of --max-length {size}"
+        )
     return [{"input_ids": ids[i * size : (i + 1) * size], "labels": ids[i * size : (i + 1) * size]} for i in range(n)]

@@ -22,8 +22,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import TEXT_ENCODING, DataError, eval_share, is_local, load_hub_splits, no_eval_split_note, read_rows, split_files
-from .base import Task, TaskOptions, model_inputs
+from spu_engine.core.data import (
+    TEXT_ENCODING,
+    DataError,
+    eval_share,
+    is_local,
+    load_hub_splits,
+    no_eval_split_note,
+    read_rows,
+    split_files,
+)
+from spu_engine.tasks.base import Task, TaskOptions, model_inputs
 
 MAX_ANSWER_TOKENS = 30
 N_BEST = 20  # start and end candidates per window
@@ -53,10 +62,14 @@ class QATask(Task):
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> QATask:
         if not getattr(tokenizer, "is_fast", False):
-            raise DataError("the qa task needs a fast tokenizer (for offset mappings); this model ships only a slow one")
+            raise DataError(
+                "the qa task needs a fast tokenizer (for offset mappings); this model ships only a slow one"
+            )
         stride = options.doc_stride or options.max_length // 3
         if not 0 < stride < options.max_length:
-            raise DataError(f"--doc-stride must be between 1 and --max-length - 1 ({options.max_length - 1}); got {stride}")
+            raise DataError(
+                f"--doc-stride must be between 1 and --max-length - 1 ({options.max_length - 1}); got {stride}"
+            )
         options = replace(options, doc_stride=stride)
         train, evals, note = load_squad(source, options.eval_split)
         train = train[: options.max_train_samples] if options.max_train_samples else train
@@ -87,7 +100,10 @@ class QATask(Task):
         for batch in batches:
             out = model(**model_inputs(model, batch))
             s, e = out.start_logits.float(), out.end_logits.float()
-            loss = (F.cross_entropy(s, batch["start_positions"], reduction="sum") + F.cross_entropy(e, batch["end_positions"], reduction="sum")) / 2
+            loss = (
+                F.cross_entropy(s, batch["start_positions"], reduction="sum")
+                + F.cross_entropy(e, batch["end_positions"], reduction="sum")
+            ) / 2
             total_loss += loss.item()
             n_windows += s.shape[0]
             for row, index in enumerate(batch["feature_index"].tolist()):
@@ -99,7 +115,12 @@ class QATask(Task):
             em += max(exact_match(predictions.get(i, ""), ref) for ref in references)
             f1 += max(f1_score(predictions.get(i, ""), ref) for ref in references)
         n = max(len(self.eval_examples), 1)
-        return {"eval_loss": total_loss / max(n_windows, 1), "exact_match": 100 * em / n, "f1": 100 * f1 / n, "eval_samples": len(self.eval_examples)}
+        return {
+            "eval_loss": total_loss / max(n_windows, 1),
+            "exact_match": 100 * em / n,
+            "f1": 100 * f1 / n,
+            "eval_samples": len(self.eval_examples),
+        }
 
     def predict(self, starts: dict[int, torch.Tensor], ends: dict[int, torch.Tensor]) -> dict[int, str]:
         """Example index -> answer text: the best-scoring valid span over all windows of the question."""
@@ -140,7 +161,9 @@ def load_squad(source: str, eval_split: float | None = None) -> tuple[list[Examp
     return hold_out(train, eval_split, str(files["train"]))
 
 
-def hold_out(examples: list[Example], eval_split: float | None, source: str) -> tuple[list[Example], list[Example], str]:
+def hold_out(
+    examples: list[Example], eval_split: float | None, source: str
+) -> tuple[list[Example], list[Example], str]:
     """Split off the last share of the articles (whole articles, so no context is in both), and say so."""
     fraction = eval_share(eval_split)
     if fraction == 0:
@@ -148,7 +171,9 @@ def hold_out(examples: list[Example], eval_split: float | None, source: str) -> 
     groups = list(dict.fromkeys(e.group for e in examples))
     n_eval = round(len(groups) * fraction)
     if not 0 < n_eval < len(groups):
-        raise DataError(f"{source}: --eval-split {fraction} leaves no articles for {'eval' if n_eval == 0 else 'training'} ({len(groups)} articles)")
+        raise DataError(
+            f"{source}: --eval-split {fraction} leaves no articles for {'eval' if n_eval == 0 else 'training'} ({len(groups)} articles)"
+        )
     held = set(groups[len(groups) - n_eval :])
     note = no_eval_split_note(source, f"the last {n_eval} of {len(groups)} articles are", eval_split)
     return [e for e in examples if e.group not in held], [e for e in examples if e.group in held], note
@@ -185,12 +210,18 @@ def _examples(records: list[dict[str, Any]], source: str) -> list[Example]:
             )
         answers = _answers(r["answers"], source, i)
         if not answers:
-            raise DataError(f"{source}: question {i + 1} ({r.get('id', '?')}) has no answers; SQuAD v2 unanswerable questions are not supported")
+            raise DataError(
+                f"{source}: question {i + 1} ({r.get('id', '?')}) has no answers; SQuAD v2 unanswerable questions are not supported"
+            )
         context = str(r["context"])
         for start, text in answers:
             if context[start : start + len(text)] != text:
-                raise DataError(f"{source}: question {i + 1} ({r.get('id', '?')}): answer_start {start} does not point at the answer {text!r} in the context")
-        out.append(Example(str(r.get("id", i)), str(r["question"]).strip(), context, answers, str(r.get("title") or context)))
+                raise DataError(
+                    f"{source}: question {i + 1} ({r.get('id', '?')}): answer_start {start} does not point at the answer {text!r} in the context"
+                )
+        out.append(
+            Example(str(r.get("id", i)), str(r["question"]).strip(), context, answers, str(r.get("title") or context))
+        )
     return out
 
 
@@ -201,10 +232,14 @@ def _answers(value: Any, source: str, i: int) -> list[tuple[int, str]]:
             return [(int(s), str(t)) for s, t in zip(value["answer_start"], value["text"])]
         return [(int(a["answer_start"]), str(a["text"])) for a in value]
     except (KeyError, TypeError, ValueError):
-        raise DataError(f"{source}: question {i + 1}: answers must be a list of {{text, answer_start}}; got {str(value)[:80]}") from None
+        raise DataError(
+            f"{source}: question {i + 1}: answers must be a list of {{text, answer_start}}; got {str(value)[:80]}"
+        ) from None
 
 
-def _windows(examples: list[Example], tokenizer, options: TaskOptions) -> tuple[list[dict[str, Any]], list[tuple[int, list]], list[str]]:
+def _windows(
+    examples: list[Example], tokenizer, options: TaskOptions
+) -> tuple[list[dict[str, Any]], list[tuple[int, list]], list[str]]:
     """Tokenized windows with start/end labels, their context offsets, and the ids of unanswerable-in-window questions."""
     _check_room(examples, tokenizer, options)
     try:
@@ -217,9 +252,10 @@ def _windows(examples: list[Example], tokenizer, options: TaskOptions) -> tuple[
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
         )
-    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+    except Exception as exc:
         raise DataError(
-            f"cannot cut questions into windows of --max-length {options.max_length} with --doc-stride {options.doc_stride} ({str(exc).splitlines()[0][:200]}); "
+            f"cannot cut questions into windows of --max-length {options.max_length} with "
+            f"--doc-stride {options.doc_stride} ({str(exc).splitlines()[0][:200]}); "
             "use a larger --max-length or a smaller --doc-stride"
         ) from None
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]

@@ -14,7 +14,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from spu_engine.ablation_view import ablation_views
+from spu_engine.core.ablation_view import ablation_views
 
 
 class AblationScreen(ModalScreen[None]):
@@ -26,7 +26,9 @@ class AblationScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="ablation-box") as box:
-            box.border_title = f"Adapter ablation{f' (checkpoint of step {self.step})' if self.step is not None else ''}"
+            box.border_title = (
+                f"Adapter ablation{f' (checkpoint of step {self.step})' if self.step is not None else ''}"
+            )
             for view in ablation_views(self.report):
                 yield Static(view)
             yield Static("esc closes  ·  the run is unchanged: a copy of its checkpoint was evaluated", classes="hint")

@@ -23,23 +23,22 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 
-from spu_engine.writes import WriteError, atomic_write_text
-
-from ..compare import ComparedRun
-from ..frames import FrameBudget
-from ..latency import RoundTrips
-from ..run_model import Aspect, RunModel
-from ..session import EngineSession
-from ..widgets.controls import ControlsPanel
-from ..widgets.key_bar import KeyBar
-from ..widgets.learning_view import LearningView
-from ..widgets.log_panel import LogPanel
-from ..widgets.panel_bar import PanelBar
-from ..widgets.run_charts import LossChart, MetricFilter, SparsityChart
-from ..widgets.run_header import RunHeader
-from ..widgets.system_view import SystemView
-from ..widgets.unit_tree import UnitTree
-from .runs import RunsChoice, RunsScreen
+from spu_engine.core.writes import WriteError, atomic_write_text
+from spu_tui.compare import ComparedRun
+from spu_tui.frames import FrameBudget
+from spu_tui.latency import RoundTrips
+from spu_tui.run_model import Aspect, RunModel
+from spu_tui.screens.runs import RunsChoice, RunsScreen
+from spu_tui.session import EngineSession
+from spu_tui.widgets.controls import ControlsPanel
+from spu_tui.widgets.key_bar import KeyBar
+from spu_tui.widgets.learning_view import LearningView
+from spu_tui.widgets.log_panel import LogPanel
+from spu_tui.widgets.panel_bar import PanelBar
+from spu_tui.widgets.run_charts import LossChart, MetricFilter, SparsityChart
+from spu_tui.widgets.run_header import RunHeader
+from spu_tui.widgets.system_view import SystemView
+from spu_tui.widgets.unit_tree import UnitTree
 
 
 class Console(Protocol):
@@ -57,8 +56,14 @@ class Console(Protocol):
     def open_run(self, run_dir: Path, compare: list[Path]) -> None: ...
 
 
-PANELS = [("loss", "Loss"), ("sparsity", "Sparsity"), ("learning", "Learning"), ("controls", "Controls"),
-          ("log", "Log"), ("system", "System")]
+PANELS = [
+    ("loss", "Loss"),
+    ("sparsity", "Sparsity"),
+    ("learning", "Learning"),
+    ("controls", "Controls"),
+    ("log", "Log"),
+    ("system", "System"),
+]
 GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log", "system"]  # placement in the wide grid (app.tcss)
 WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
 ROOMY_FROM = 160  # columns from which the grid puts controls beside the plots (below: the loss plot spans them)
@@ -324,8 +329,7 @@ class PanelsScreen(Screen[None]):
             self._drawn[view] = self.state.stamp(view.WATCHES)
 
     def _say(self, text: str, error: bool = False, logged: bool = False) -> None:
-        """Tell the user: a log line (unless the engine's event already ``logged`` it), and a notification for errors.
-        """
+        """Tell the user: a log line (unless the engine's event already ``logged`` it), and a notification for errors."""
         if not logged:
             self.state.say(self.state.step, "ui", text, error)
             self._frame(measured=False)

@@ -37,7 +37,12 @@ class QuitScreen(ModalScreen[str]):
             if self.engine_alive:
                 yield Static("The engine runs in its own process. What should it do?")
                 for choice, key, label in CHOICES:
-                    yield Button(Text(f"{key:>3}  {label}"), id=choice, compact=True, variant="primary" if choice == "detach" else "default")
+                    yield Button(
+                        Text(f"{key:>3}  {label}"),
+                        id=choice,
+                        compact=True,
+                        variant="primary" if choice == "detach" else "default",
+                    )
             else:
                 yield Static("The engine is not running.")
                 yield Button(Text("  d  Quit"), id="detach", compact=True, variant="primary")

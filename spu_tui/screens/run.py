@@ -17,19 +17,19 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.timer import Timer
 
-from spu_engine.policy import Change
-from spu_engine.protocol import PreviewEvent
-
-from ..link import EventsArrived
-from ..session import EngineSession, NotSent, PendingCommand, unreachable, wire
-from ..widgets.controls import ControlsPanel
-from ..widgets.method_section import ApplyRequested, PreviewRequested
-from ..widgets.unit_tree import Row, UnitTree
-from .ablation import AblationFailed, AblationScreen, ablate
-from .export import ExportScreen
-from .help import HelpScreen
-from .panels import PanelsScreen
-from .quit import QuitScreen
+from spu_engine.core.policy import Change
+from spu_engine.core.protocol import PreviewEvent
+from spu_engine.core.run_states import RunState
+from spu_tui.link import EventsArrived
+from spu_tui.screens.ablation import AblationFailed, AblationScreen, ablate
+from spu_tui.screens.export import ExportScreen
+from spu_tui.screens.help import HelpScreen
+from spu_tui.screens.panels import PanelsScreen
+from spu_tui.screens.quit import QuitScreen
+from spu_tui.session import EngineSession, NotSent, PendingCommand, unreachable, wire
+from spu_tui.widgets.controls import ControlsPanel
+from spu_tui.widgets.method_section import ApplyRequested, PreviewRequested
+from spu_tui.widgets.unit_tree import Row, UnitTree
 
 ABLATE_CHECKPOINT_WAIT = 120.0  # seconds for a paused run's checkpoint before the ablation gives up
 STOP_TIMEOUT = 30.0  # seconds to wait for the engine's ack of a stop before leaving anyway
@@ -186,8 +186,9 @@ class RunScreen(PanelsScreen):
         view = self.learning
         change = view.advice_change()
         if change is None:
-            self._say("freeze advice: no front block has settled yet "
-                      "(the advisor reads the learning panel's statistics)")
+            self._say(
+                "freeze advice: no front block has settled yet (the advisor reads the learning panel's statistics)"
+            )
             return
         if view.proposed != change:
             if not self.session.connected:
@@ -208,7 +209,7 @@ class RunScreen(PanelsScreen):
             self._say("undo requested (applies at the next step boundary)")
 
     def action_pause_resume(self) -> None:
-        self._send("resume" if self.state.state == "paused" else "pause")
+        self._send("resume" if self.state.state == RunState.PAUSED else "pause")
 
     def action_checkpoint(self) -> None:
         if self._send("checkpoint"):
@@ -227,9 +228,11 @@ class RunScreen(PanelsScreen):
             self._say(f"ablate: removes Houlsby adapters, and this run has none (peft.method: {method})", error=True)
             return
         live = self.session.live
-        if live and self.state.state != "paused":
-            self._say("ablate: pause the run first (p): the ablation evaluates the model as it stands, "
-                      "from a checkpoint", error=True)
+        if live and self.state.state != RunState.PAUSED:
+            self._say(
+                "ablate: pause the run first (p): the ablation evaluates the model as it stands, from a checkpoint",
+                error=True,
+            )
             return
         checkpoint = live and self.state.checkpoint_step != self.state.step
         if checkpoint and not self._send("checkpoint"):

@@ -24,8 +24,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Static
 
-from spu_engine.run_metrics import describe_methods
-from spu_engine.runs import RunInfo, final_policy, list_runs
+from spu_engine.core.run_metrics import describe_methods
+from spu_engine.core.runs import RunInfo, final_policy, list_runs
 
 COLUMNS = ("", "run", "state", "steps", "loss", "eval", "methods", "last event")
 SORT_KEYS = {  # column -> the value it sorts by (numbers as numbers; missing values last)
@@ -120,7 +120,11 @@ class RunsScreen(Screen[RunsChoice | None]):
         for key, row in self.rows.items():
             self.table.add_row(*row.cells(Path(key) in self.marked, Path(key) == self.current), key=key)
         count = len(self.rows)
-        title = f"runs under {self.root}: {count}" if count else f"no runs under {self.root} (a run folder holds events.jsonl)"
+        title = (
+            f"runs under {self.root}: {count}"
+            if count
+            else f"no runs under {self.root} (a run folder holds events.jsonl)"
+        )
         self.query_one("#runs-title", Static).update(title + ("  [gray]▶ open now  ✓ compared[/]" if count else ""))
 
     def _cursor_key(self) -> str | None:
@@ -152,12 +156,19 @@ class RunsScreen(Screen[RunsChoice | None]):
 
     def action_sort_next(self) -> None:
         names = list(SORT_KEYS)
-        self._sort(names[(names.index(self.sort_column) + 1) % len(names)] if self.sort_column in names else names[0], toggle=False)
+        self._sort(
+            names[(names.index(self.sort_column) + 1) % len(names)] if self.sort_column in names else names[0],
+            toggle=False,
+        )
 
     def _sort(self, column: str, toggle: bool = True) -> None:
         if column not in SORT_KEYS or not self.rows:
             return
-        self.sort_reverse = (not self.sort_reverse) if toggle and column == self.sort_column else column in ("eval", "last event", "steps")
+        self.sort_reverse = (
+            (not self.sort_reverse)
+            if toggle and column == self.sort_column
+            else column in ("eval", "last event", "steps")
+        )
         self.sort_column = column
         by_name = {row.info.name: row for row in self.rows.values()}  # names are unique under one folder
         self.table.sort("run", key=lambda name: SORT_KEYS[column](by_name[name]), reverse=self.sort_reverse)

@@ -82,7 +82,13 @@ class CellPlot(PlotextPlot):
         from rich.console import Console
 
         self.render_line(0)  # paints when the data or size changed since the last paint
-        console = Console(record=True, width=max(1, self.size.width), file=io.StringIO(), force_terminal=True, color_system="truecolor")
+        console = Console(
+            record=True,
+            width=max(1, self.size.width),
+            file=io.StringIO(),
+            force_terminal=True,
+            color_system="truecolor",
+        )
         for strip in self._strips:
             console.print(Text.assemble(*((seg.text, seg.style) for seg in strip)), end="\n", no_wrap=True, crop=True)
         return console.export_svg(title=title)
@@ -175,4 +181,4 @@ def _thinned(s: Series, points: int) -> Series:
     if len(s.x) <= points:
         return Series(list(s.x), list(s.y), s.color, s.right_axis, s.marker)
     stride = -(-len(s.x) // points)
-    return Series(list(s.x[::stride]) + [s.x[-1]], list(s.y[::stride]) + [s.y[-1]], s.color, s.right_axis, s.marker)
+    return Series([*list(s.x[::stride]), s.x[-1]], [*list(s.y[::stride]), s.y[-1]], s.color, s.right_axis, s.marker)

@@ -9,14 +9,15 @@ with, so the console can never disagree with the engine about them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ValidationError
 
-from spu_engine.policy import Policy
-from spu_engine.validation import error_text
+from spu_engine.core.policy import Policy
+from spu_engine.core.validation import error_text
 
 TITLES = {
     "selective_backprop": "Selective backprop",

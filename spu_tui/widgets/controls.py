@@ -15,7 +15,8 @@ Each method is a ``MethodSection``; each list a ``RemovableList``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -24,17 +25,18 @@ from textual.validation import ValidationResult, Validator
 from textual.widget import Widget
 from textual.widgets import Input, Static
 
-from spu_engine.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError, ScaleRule, Selector, TimelineEntry
-from spu_engine.policy_files import entry_from_text, scale_rule_from_text
-from spu_engine.protocol import PreviewEvent
+from spu_engine.core.policy import SECTIONS, Change, FreezeRule, Policy, PolicyError, ScaleRule, Selector, TimelineEntry
+from spu_engine.core.policy_files import entry_from_text, scale_rule_from_text
+from spu_engine.core.protocol import PreviewEvent
+from spu_tui.run_model import Aspect, RunModel, describe_change
+from spu_tui.widgets.control_fields import TITLES
+from spu_tui.widgets.method_section import ApplyRequested, MethodSection, PreviewRequested, set_status
+from spu_tui.widgets.removable_list import RemovableList
 
-from ..run_model import Aspect, RunModel, describe_change
-from .control_fields import TITLES
-from .method_section import ApplyRequested, MethodSection, PreviewRequested, set_status
-from .removable_list import RemovableList
-
-TRIGGER_FORMS = ("step: N | at: {epoch: N} (from 0) | when: {metric: eval_loss, below_best_by: 0.01}, once: false; "
-                 "then freeze: [...] and/or set: {...}")
+TRIGGER_FORMS = (
+    "step: N | at: {epoch: N} (from 0) | when: {metric: eval_loss, below_best_by: 0.01}, once: false; "
+    "then freeze: [...] and/or set: {...}"
+)
 
 
 class ParsedBy(Validator):
@@ -92,7 +94,9 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             yield RemovableList("none: nothing scheduled", id="scheduled")
             yield Input(
                 placeholder="at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]",
-                validators=[ParsedBy(entry_from_text)], validate_on=["changed", "submitted"], compact=True,
+                validators=[ParsedBy(entry_from_text)],
+                validate_on=["changed", "submitted"],
+                compact=True,
                 id="trigger-new",
             )
             yield Static(TRIGGER_FORMS, classes="whatif")
@@ -106,8 +110,13 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         if section == "lr":
             return [
                 RemovableList("no rule: every tensor at the decay's factor", id="lr-rules"),
-                Input(placeholder="layers: 0-1, scale: 0.5", validators=[ParsedBy(scale_rule_from_text)],
-                      validate_on=["changed", "submitted"], compact=True, id="lr-rule-new"),
+                Input(
+                    placeholder="layers: 0-1, scale: 0.5",
+                    validators=[ParsedBy(scale_rule_from_text)],
+                    validate_on=["changed", "submitted"],
+                    compact=True,
+                    id="lr-rule-new",
+                ),
             ]
         return []
 
@@ -235,8 +244,9 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         except PolicyError as exc:
             self._set_status("triggers", str(exc), "error")
             return
-        self.post_message(self.ScheduleRequested(entry.model_dump(mode="json", exclude_none=True,
-                                                                  exclude_defaults=True)))
+        self.post_message(
+            self.ScheduleRequested(entry.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
+        )
 
 
 def _without(rules: list[FreezeRule] | list[ScaleRule], index: int) -> list[dict[str, Any]]:
@@ -251,7 +261,11 @@ def _title(section: str) -> str:
 def describe_entry(data: dict[str, Any]) -> str:
     """``epoch 2: freeze embeddings  ✓ fired at step 16``: when, what, and where it fired."""
     entry = TimelineEntry.model_validate(data)
-    fired = f"  ✓ fired at step{'s' if len(entry.fired) > 1 else ''} {', '.join(map(str, entry.fired))}" if entry.fired else ""
+    fired = (
+        f"  ✓ fired at step{'s' if len(entry.fired) > 1 else ''} {', '.join(map(str, entry.fired))}"
+        if entry.fired
+        else ""
+    )
     return f"{entry.moment()}: {describe_change(data)}{fired}"
 
 

@@ -5,7 +5,7 @@ and a frozen unit must read as exactly zero.  The bar is log-scaled on the
 update ratio (1e-7 .. 1e-2), where fine-tuning updates live.  Each number's
 trend is the slope of its last statistics relative to their level.  Below the
 table the advisor names the front blocks whose gradient norm has settled
-(``spu_engine.freeze_advice``, the criterion automatic freezing uses) and why;
+(``spu_engine.core.freeze_advice``, the criterion automatic freezing uses) and why;
 ``v`` previews freezing them, ``v`` again applies it as a console change
 (undone with ``z`` like any other).
 """
@@ -20,11 +20,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from spu_engine.freeze_advice import Advice, advise, trends
-from spu_engine.policy import Change, FreezeRule
-from spu_engine.protocol import PreviewEvent
-
-from ..run_model import Aspect, RunModel
+from spu_engine.core.freeze_advice import Advice, advise, trends
+from spu_engine.core.policy import Change, FreezeRule
+from spu_engine.core.protocol import PreviewEvent
+from spu_tui.run_model import Aspect, RunModel
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
 BAR_FROM = 56  # columns from which the table has room for the update-ratio bar and whole unit names
@@ -51,15 +50,21 @@ class LearningView(Widget):
     def show(self, state: RunModel) -> None:
         units = [u.name for u in state.units]
         self.rows = tuple(
-            (t.unit, t.grad_norm, t.update_ratio, t.grad_trend, t.ratio_trend) for t in trends(list(state.unit_history), units)
+            (t.unit, t.grad_norm, t.update_ratio, t.grad_trend, t.ratio_trend)
+            for t in trends(list(state.unit_history), units)
         )
         trains = {u for u in units if state.unit_trainable.get(u, 1.0) > 0}
         self._embeddings_train = "embeddings" in trains
         advice = advise(list(state.unit_history), [u for u in units if u.startswith("block")], trains)
         if (advice.blocks if advice else None) != (self.advice.blocks if self.advice else None):
-            self.proposed, self.whatif = None, ""  # a what-if of other blocks no longer stands (new numbers alone do not change it)
+            self.proposed, self.whatif = (
+                None,
+                "",
+            )  # a what-if of other blocks no longer stands (new numbers alone do not change it)
         self.advice = advice
-        self.advice_line = f"advice: freeze {advice.reason} (v: what if)" if advice else "advice: no front block has settled yet"
+        self.advice_line = (
+            f"advice: freeze {advice.reason} (v: what if)" if advice else "advice: no front block has settled yet"
+        )
 
     def advice_change(self) -> Change | None:
         """The advice as a freeze change: its blocks, and the embeddings with block 0 (a frozen prefix saves backward)."""
@@ -76,7 +81,9 @@ class LearningView(Widget):
             return
         share = preview.trainable / preview.total if preview.trainable is not None and preview.total else 0.0
         backward = preview.backward if preview.backward is not None else preview.frozen_prefix_backward
-        self.whatif = (f"→ trainable {preview.trainable or 0:,} ({share:.1%}), backward ≈ {backward or 0:.0%}; v again applies")
+        self.whatif = (
+            f"→ trainable {preview.trainable or 0:,} ({share:.1%}), backward ≈ {backward or 0:.0%}; v again applies"
+        )
 
     def render(self) -> Group:
         """Numbers are never cut: below BAR_FROM columns the bar goes, then unit names shorten (block3 -> b3)."""
@@ -92,7 +99,9 @@ class LearningView(Widget):
         bar_width = max(4, width - 44)
         for name, grad_norm, ratio, grad_trend, ratio_trend in self.rows or ():
             shown = name if width >= BAR_FROM else short_unit(name)
-            cells = [shown, "-", "-"] if grad_norm is None or ratio is None else [shown, f"{grad_norm:.1e}", f"{ratio:.1e}"]
+            cells = (
+                [shown, "-", "-"] if grad_norm is None or ratio is None else [shown, f"{grad_norm:.1e}", f"{ratio:.1e}"]
+            )
             cells.append(f"{_trend(grad_trend)} {_trend(ratio_trend)}")
             if with_bar:
                 cells.append(_bar(ratio, bar_width) if ratio is not None and grad_norm is not None else "")

@@ -9,9 +9,17 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import RichLog
 
-from ..run_model import Aspect, LogLine, RunModel
+from spu_tui.run_model import Aspect, LogLine, RunModel
 
-KIND_STYLE = {"policy": "magenta", "eval": "cyan", "state": "blue", "checkpoint": "green", "export": "green", "log": "white", "ui": "yellow"}
+KIND_STYLE = {
+    "policy": "magenta",
+    "eval": "cyan",
+    "state": "blue",
+    "checkpoint": "green",
+    "export": "green",
+    "log": "white",
+    "ui": "yellow",
+}
 MAX_LINES = 2000
 
 

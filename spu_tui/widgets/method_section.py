@@ -19,11 +19,10 @@ from textual.validation import ValidationResult, Validator
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Select, Static
 
-from spu_engine.policy import Change, Policy
-from spu_engine.protocol import PreviewEvent
-
-from .control_fields import FIELD_BY_ID, TITLES, ControlField, fields_of, section_problem, section_values
-from .unit_tree import short_count
+from spu_engine.core.policy import Change, Policy
+from spu_engine.core.protocol import PreviewEvent
+from spu_tui.widgets.control_fields import FIELD_BY_ID, TITLES, ControlField, fields_of, section_problem, section_values
+from spu_tui.widgets.unit_tree import short_count
 
 
 class SectionChange(Message):
@@ -80,8 +79,13 @@ class MethodSection(Vertical):
                 if f.choices is not None:
                     yield Select([(o, o) for o in f.choices], value=f.default, allow_blank=False, compact=True, id=f.id)
                 else:
-                    yield Input(f.default, validators=[FieldValidator(f)], validate_on=["changed", "submitted"],
-                                compact=True, id=f.id)
+                    yield Input(
+                        f.default,
+                        validators=[FieldValidator(f)],
+                        validate_on=["changed", "submitted"],
+                        compact=True,
+                        id=f.id,
+                    )
         yield from self.extra
         yield Static("", classes="whatif", id=f"whatif-{self.section}")
         yield Button("apply", compact=True, classes="apply", id=f"apply-{self.section}")
@@ -109,8 +113,11 @@ class MethodSection(Vertical):
         share = preview.trainable / preview.total if preview.trainable is not None and preview.total else 0.0
         trainable = f"{short_count(preview.trainable_now or 0)} → {short_count(preview.trainable or 0)} ({share:.1%})"
         parts = [f"→ trainable {trainable}"]
-        parts.append(f"backward ≈ {preview.backward:.0%}" if preview.backward is not None
-                     else f"backward ≤ {preview.frozen_prefix_backward:.0%}")
+        parts.append(
+            f"backward ≈ {preview.backward:.0%}"
+            if preview.backward is not None
+            else f"backward ≤ {preview.frozen_prefix_backward:.0%}"
+        )
         if preview.sparsity:
             parts.append(f"sparsity → {preview.sparsity:.0%} (no compute saved)")
         line.update("; ".join(parts) + "".join(f"\n  {note}" for note in preview.notes))

@@ -15,14 +15,15 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Input, Static
 
-from spu_engine.run_metrics import Points, RunMetrics, matching
+from spu_engine.core.run_metrics import Points, RunMetrics, matching
+from spu_tui.compare import COLORS, ComparedRun
+from spu_tui.run_model import Aspect, RunModel
+from spu_tui.widgets.chart import BarSpec, Chart, LineSpec, Series
+from spu_tui.widgets.learning_view import short_unit
 
-from ..compare import COLORS, ComparedRun
-from ..run_model import Aspect, RunModel
-from .chart import BarSpec, Chart, LineSpec, Series
-from .learning_view import short_unit
-
-LOSS_LEGEND = "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
+LOSS_LEGEND = (
+    "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
+)
 LOSS_LEGEND_SHORT = "[gray]loss[/] [cyan]smooth[/] [yellow]eval[/] [green]{metric:.3}→[/] [magenta]│chg[/]"
 COMPARE_KEY = "─ loss (smoothed) • eval loss ▞ {metric}→ │ change"
 LEGEND_FROM = 72  # columns from which the loss legend is written out (it takes about 62)
@@ -61,7 +62,10 @@ class LossChart(Chart):
         self.compared: list[ComparedRun] = []
         self.by_time = False
         self.pattern = ""
-        self.filter_input = MetricFilter(placeholder="metric glob: eval.*, grad_norm.block*, sparsity.*  (esc: back to the losses)", id="metric-filter")
+        self.filter_input = MetricFilter(
+            placeholder="metric glob: eval.*, grad_norm.block*, sparsity.*  (esc: back to the losses)",
+            id="metric-filter",
+        )
         self.matches = Static(id="metric-matches")
         self._smooth: dict[int, tuple] = {}  # id(Points) -> (it, its smoothed values so far, the raw value of the last)
 
@@ -76,7 +80,9 @@ class LossChart(Chart):
 
     def show(self, state: RunModel) -> None:
         self.set_class(bool(self.pattern), "-filtered")
-        runs = [(state.metrics, COLORS[0])] + [(c.metrics, COLORS[(i + 1) % len(COLORS)]) for i, c in enumerate(self.compared)]
+        runs = [(state.metrics, COLORS[0])] + [
+            (c.metrics, COLORS[(i + 1) % len(COLORS)]) for i, c in enumerate(self.compared)
+        ]
         if self.pattern:
             self._show_metrics(runs)
         elif self.compared or self.by_time:
@@ -85,7 +91,9 @@ class LossChart(Chart):
             self._show_own(state)
 
     def _show_own(self, state: RunModel) -> None:
-        self._set_legend((LOSS_LEGEND if self.size.width >= LEGEND_FROM else LOSS_LEGEND_SHORT).format(metric=state.metric))
+        self._set_legend(
+            (LOSS_LEGEND if self.size.width >= LEGEND_FROM else LOSS_LEGEND_SHORT).format(metric=state.metric)
+        )
         self.redraw(
             LineSpec(
                 series=[
@@ -108,7 +116,11 @@ class LossChart(Chart):
             if evals := metrics.series.get("eval.loss"):
                 series.append(Series(metrics.x_of(evals, self.by_time), list(evals.values), color=color, marker="•"))
             if score := metrics.series.get(f"eval.{metrics.metric}"):
-                series.append(Series(metrics.x_of(score, self.by_time), list(score.values), color=color, right_axis=True, marker="hd"))
+                series.append(
+                    Series(
+                        metrics.x_of(score, self.by_time), list(score.values), color=color, right_axis=True, marker="hd"
+                    )
+                )
             marks += [(x, color) for x in metrics.change_xs(self.by_time)]
         self._smooth = smoothed  # only the series on screen stay cached
         names = " ".join(f"[{color}]■ {metrics.name or state.run}[/]" for metrics, color in runs)
@@ -137,8 +149,12 @@ class LossChart(Chart):
             text = f"no metric matches [bold]{_escaped(self.pattern)}[/] (known: {known} …)"
         else:
             shown = f"showing {len(drawn)} of {len(pairs)}" if len(drawn) < len(pairs) else f"{len(pairs)} series"
-            text = (f"{len(names)} metric{'s' if len(names) > 1 else ''} match [bold]{_escaped(self.pattern)}[/] · {shown}"
-                    + (" · each scaled to its own range (mixed units)" if scaled else "") + ": " + "  ".join(legend))
+            text = (
+                f"{len(names)} metric{'s' if len(names) > 1 else ''} match [bold]{_escaped(self.pattern)}[/] · {shown}"
+                + (" · each scaled to its own range (mixed units)" if scaled else "")
+                + ": "
+                + "  ".join(legend)
+            )
         self.matches.update(text)
         self._set_legend(f"metrics matching {_escaped(self.pattern)} · [gray]esc: back to the losses[/]")
         self.redraw(LineSpec(series=series, xlabel=self._xlabel, empty="no metric matches"))
@@ -156,7 +172,7 @@ class LossChart(Chart):
         done = cached[1] if cached is not None and cached[0] is points else []
         if len(done) > len(points) or (done and cached is not None and points.values[len(done) - 1] != cached[2]):
             done = []
-        for v in points.values[len(done):]:
+        for v in points.values[len(done) :]:
             done.append(v if not done else SMOOTHING * done[-1] + (1 - SMOOTHING) * v)
         drawn[id(points)] = (points, done, points.values[len(done) - 1] if done else None)
         return list(done)

@@ -7,10 +7,9 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from spu_engine.protocol import SystemEvent
-
-from ..run_model import Aspect, RunModel
-from .system_view import summary
+from spu_engine.core.protocol import SystemEvent
+from spu_tui.run_model import Aspect, RunModel
+from spu_tui.widgets.system_view import summary
 
 STATE_STYLE = {
     "training": "bold green",
@@ -40,7 +39,12 @@ class RunHeader(Widget):
 
     def show(self, state: RunModel) -> None:
         self.run_name, self.model, self.state = state.run, state.model, state.state
-        self.step, self.total, self.samples_per_s, self.eta_s = state.step, state.total_steps, state.samples_per_s, state.eta_s
+        self.step, self.total, self.samples_per_s, self.eta_s = (
+            state.step,
+            state.total_steps,
+            state.samples_per_s,
+            state.eta_s,
+        )
         self.waiting = state.waiting
         sample = state.system[-1] if state.system else None
         self.machine = summary(sample)

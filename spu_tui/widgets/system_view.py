@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from rich.text import Text
 from textual.widget import Widget
 
-from spu_engine.protocol import SystemEvent
-
-from ..run_model import Aspect, RunModel
+from spu_engine.core.protocol import SystemEvent
+from spu_engine.core.run_states import ENDED
+from spu_tui.run_model import Aspect, RunModel
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 LABEL = 12  # columns of a row's label
-ENDED = ("finished", "stopped", "error")  # run states in which no sample will come
 VALUE = 13  # columns of its value now
 
 
@@ -39,26 +38,64 @@ def rows(samples: list[SystemEvent]) -> list[Row]:
     for index, gpu in (last.gpus or {}).items():
         history = [s.gpus[index] for s in samples if s.gpus and index in s.gpus]
         if gpu.utilization is not None:
-            out.append(Row(f"GPU{index} util", f"{gpu.utilization:.0f} %", [g.utilization or 0.0 for g in history], 100.0, "green"))
+            out.append(
+                Row(
+                    f"GPU{index} util",
+                    f"{gpu.utilization:.0f} %",
+                    [g.utilization or 0.0 for g in history],
+                    100.0,
+                    "green",
+                )
+            )
         if gpu.memory_used is not None:
             total = f"/{gib(gpu.memory_total)}" if gpu.memory_total else ""
-            out.append(Row(f"GPU{index} mem", f"{gib(gpu.memory_used)}{total}", [float(g.memory_used or 0) for g in history], gpu.memory_total, "green"))
+            out.append(
+                Row(
+                    f"GPU{index} mem",
+                    f"{gib(gpu.memory_used)}{total}",
+                    [float(g.memory_used or 0) for g in history],
+                    gpu.memory_total,
+                    "green",
+                )
+            )
         if gpu.allocated is not None:
-            out.append(Row(f"GPU{index} torch", gib(gpu.allocated), [float(g.allocated or 0) for g in history], gpu.memory_total, "green"))
+            out.append(
+                Row(
+                    f"GPU{index} torch",
+                    gib(gpu.allocated),
+                    [float(g.allocated or 0) for g in history],
+                    gpu.memory_total,
+                    "green",
+                )
+            )
     if last.tokens_per_s is not None:
         out.append(Row("tokens/s", f"{last.tokens_per_s:,.0f}", [s.tokens_per_s or 0.0 for s in samples], color="cyan"))
     if last.samples_per_s is not None:
-        out.append(Row("samples/s", f"{last.samples_per_s:,.1f}", [s.samples_per_s or 0.0 for s in samples], color="cyan"))
+        out.append(
+            Row("samples/s", f"{last.samples_per_s:,.1f}", [s.samples_per_s or 0.0 for s in samples], color="cyan")
+        )
     if last.cpu_process is not None:
         cores = (last.cpu_count or 1) * 100.0
-        out.append(Row("CPU engine", f"{last.cpu_process:.0f} %", [s.cpu_process or 0.0 for s in samples], cores, "yellow"))
+        out.append(
+            Row("CPU engine", f"{last.cpu_process:.0f} %", [s.cpu_process or 0.0 for s in samples], cores, "yellow")
+        )
     if last.cpu_machine is not None:
-        out.append(Row("CPU machine", f"{last.cpu_machine:.0f} %", [s.cpu_machine or 0.0 for s in samples], 100.0, "yellow"))
+        out.append(
+            Row("CPU machine", f"{last.cpu_machine:.0f} %", [s.cpu_machine or 0.0 for s in samples], 100.0, "yellow")
+        )
     if last.rss is not None:
         out.append(Row("RAM engine", gib(last.rss), [float(s.rss or 0) for s in samples], last.ram_total, "magenta"))
     if last.ram_used is not None:
         total = f"/{gib(last.ram_total)}" if last.ram_total else ""
-        out.append(Row("RAM machine", f"{gib(last.ram_used)}{total}", [float(s.ram_used or 0) for s in samples], last.ram_total, "magenta"))
+        out.append(
+            Row(
+                "RAM machine",
+                f"{gib(last.ram_used)}{total}",
+                [float(s.ram_used or 0) for s in samples],
+                last.ram_total,
+                "magenta",
+            )
+        )
     return out
 
 
@@ -69,7 +106,11 @@ def summary(sample: SystemEvent | None) -> str:
     parts = []
     for index, gpu in (sample.gpus or {}).items():
         util = f" {gpu.utilization:.0f}%" if gpu.utilization is not None else ""
-        memory = f" {gib(gpu.memory_used)}/{gib(gpu.memory_total)}" if gpu.memory_used is not None and gpu.memory_total else ""
+        memory = (
+            f" {gib(gpu.memory_used)}/{gib(gpu.memory_total)}"
+            if gpu.memory_used is not None and gpu.memory_total
+            else ""
+        )
         parts.append(f"GPU{index}{util}{memory}")
     if sample.cpu_process is not None:
         parts.append(f"CPU {sample.cpu_process:.0f}%")

@@ -16,11 +16,12 @@ from textual.message import Message
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from spu_engine.policy import Change, FreezeRule
+from spu_engine.core.policy import Change, FreezeRule
+from spu_tui.run_model import Aspect, RunModel
 
-from ..run_model import Aspect, RunModel
-
-NARROW_BELOW = 50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
+NARROW_BELOW = (
+    50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
+)
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,11 @@ class UnitTree(Tree[Row]):
             prefix = _common_prefix([p.name for p in u.params])
             for p in u.params:
                 row = Row("tensor", p.name)
-                shown = p.name[len(prefix):] or p.name
+                shown = p.name[len(prefix) :] or p.name
                 rank = self._state.ranks.get(p.name.removesuffix(".lora_E")) if p.name.endswith(".lora_E") else None
-                self._set_label(row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, width - 5, narrow))  # 2 for the guide, 1 for a scrollbar
+                self._set_label(
+                    row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, width - 5, narrow)
+                )  # 2 for the guide, 1 for a scrollbar
 
     def _set_label(self, row: Row, label: Text) -> None:
         node = self._row_nodes.get(row)
@@ -156,7 +159,11 @@ class UnitTree(Tree[Row]):
             mark, style = ("○", "frozen")[not narrow], "bright_black"
         else:
             mark, style = (f"{frac:>3.0%}" if narrow else f"{frac:>5.0%} "), "yellow"
-        tail = f" {mark} {short_count(numel):>5} {sparsity:>3.0%}" if narrow else f" {mark} {short_count(numel):>6} {sparsity:>4.0%}"
+        tail = (
+            f" {mark} {short_count(numel):>5} {sparsity:>3.0%}"
+            if narrow
+            else f" {mark} {short_count(numel):>6} {sparsity:>4.0%}"
+        )
         on_its_way = ("…" if row in self.queued else "·") if row in self.changing else " "
         room = max(6, width - len(tail) - 1)
         text = Text(f"{fit_name(shown, room):<{room}}", style="bold" if row.kind == "unit" else "")

@@ -1,12 +1,14 @@
 """Automatic freezing: LISA (Pan et al. 2024) or AutoFreeze (Liu et al. 2021) decide which blocks train."""
 
-from ..spec import ConsoleField, MethodSpec, SectionSpec, Stage
-from .settings import AutoFreeze
+from spu_engine.methods.auto_freeze.settings import AutoFreeze
+from spu_engine.methods.spec import ConsoleField, MethodSpec, SectionSpec, Stage
 
 SPEC = MethodSpec(
     "auto_freeze",
     SectionSpec(
-        "auto_freeze", AutoFreeze, title="Automatic freezing",
+        "auto_freeze",
+        AutoFreeze,
+        title="Automatic freezing",
         fields=(
             ConsoleField("method", "af-method", "method"),
             ConsoleField("interval", "af-interval", "interval"),

@@ -28,12 +28,12 @@ import math
 import random
 from typing import Any
 
-from ...freeze_advice import block_span, relative_change, settled_blocks
-from ...policy import Change, FreezeRule, Policy, PolicyError
-from ...selection import rule_selects
-from ...unit_stats import grad_norms_by_unit
-from ..base import Host, Method
-from .settings import AutoFreeze as Settings
+from spu_engine.core.freeze_advice import block_span, relative_change, settled_blocks
+from spu_engine.core.policy import Change, FreezeRule, Policy, PolicyError
+from spu_engine.methods.auto_freeze.settings import AutoFreeze as Settings
+from spu_engine.methods.base import Host, Method
+from spu_engine.runtime.selection import rule_selects
+from spu_engine.runtime.unit_stats import grad_norms_by_unit
 
 SOURCE = "auto_freeze"
 
@@ -59,13 +59,19 @@ class AutoFreeze(Method):
         new = policy.auto_freeze
         blocks = self.host.units.num_blocks
         if new.method != "none" and blocks == 0:
-            raise PolicyError(f"auto_freeze.method: {new.method} chooses blocks, and this model has none that SPU recognises")
+            raise PolicyError(
+                f"auto_freeze.method: {new.method} chooses blocks, and this model has none that SPU recognises"
+            )
         every = self.host.config.stats_every
         if new.method == "autofreeze" and new.interval < every:
-            raise PolicyError(f"auto_freeze.interval: {new.interval} is shorter than stats_every ({every}): autofreeze averages the gradient "
-                              f"norms sampled every stats_every steps over an interval (allowed: {every} or more; a few times it is better)")
+            raise PolicyError(
+                f"auto_freeze.interval: {new.interval} is shorter than stats_every ({every}): autofreeze averages the gradient "
+                f"norms sampled every stats_every steps over an interval (allowed: {every} or more; a few times it is better)"
+            )
         if new.method == "lisa" and new.n_layers > blocks:
-            raise PolicyError(f"auto_freeze.n_layers: {new.n_layers} is more than the model's {blocks} blocks (allowed: 1-{blocks})")
+            raise PolicyError(
+                f"auto_freeze.n_layers: {new.n_layers} is more than the model's {blocks} blocks (allowed: 1-{blocks})"
+            )
         if new.method != self.settings.method:
             self.started = step if new.method != "none" else None
             self.sums, self.previous = {}, {}
@@ -73,21 +79,31 @@ class AutoFreeze(Method):
         pinned = self._pinned(policy.freeze)
         if self.active and pinned - self.pinned:
             taken = sorted(pinned - self.pinned)
-            self.host.log(f"auto_freeze: {', '.join(taken)} {'follows' if len(taken) == 1 else 'follow'} your freeze rules from now on "
-                          f"({new.method} leaves {'it' if len(taken) == 1 else 'them'} as you set {'it' if len(taken) == 1 else 'them'})")
+            self.host.log(
+                f"auto_freeze: {', '.join(taken)} {'follows' if len(taken) == 1 else 'follow'} your freeze rules from now on "
+                f"({new.method} leaves {'it' if len(taken) == 1 else 'them'} as you set {'it' if len(taken) == 1 else 'them'})"
+            )
         self.pinned = pinned
 
     def preview_notes(self, before: Policy, after: Policy) -> list[str]:
         auto = after.auto_freeze
         if auto.method == "lisa":
             embeddings, head = "train" if auto.embeddings else "frozen", "trains" if auto.head else "frozen"
-            return [(f"lisa: from the next step, every {auto.interval} steps {auto.n_layers} of the blocks train, "
-                     f"drawn at random; embeddings {embeddings}, head {head} "
-                     "(the count above is before the first draw)")]
+            return [
+                (
+                    f"lisa: from the next step, every {auto.interval} steps {auto.n_layers} of the blocks train, "
+                    f"drawn at random; embeddings {embeddings}, head {head} "
+                    "(the count above is before the first draw)"
+                )
+            ]
         if auto.method == "autofreeze":
             bound = f"{auto.threshold:.0%}" if auto.threshold is not None else f"the {auto.percentile:g}th percentile"
-            return [(f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is "
-                     f"below {bound} freeze")]
+            return [
+                (
+                    f"autofreeze: every {auto.interval} steps, front blocks whose gradient-norm change is "
+                    f"below {bound} freeze"
+                )
+            ]
         return []
 
     def exported(self, initial: Policy) -> Policy:
@@ -104,7 +120,9 @@ class AutoFreeze(Method):
         if first is None:
             return set()
         units, names = self.host.units, self.host.param_names
-        return {units.unit_for(n) for r in rules[first + 1 :] if r.by is None for n in names if rule_selects(r, n, units)}
+        return {
+            units.unit_for(n) for r in rules[first + 1 :] if r.by is None for n in names if rule_selects(r, n, units)
+        }
 
     # ------------------------------------------------------------------ decisions
 
@@ -144,7 +162,9 @@ class AutoFreeze(Method):
                 rules.append(FreezeRule(units=[unit], trainable=trains, by=SOURCE))
         if rules:
             self.host.apply_change(Change(freeze=rules), source=SOURCE)
-            self.host.log(f"lisa: {block_span([f'block{i}' for i in chosen]) if chosen else 'no block'} train until step {step + s.interval}")
+            self.host.log(
+                f"lisa: {block_span([f'block{i}' for i in chosen]) if chosen else 'no block'} train until step {step + s.interval}"
+            )
 
     def _close_interval(self, step: int, apply: bool) -> None:
         """The interval's mean gradient norms against the interval before's; freeze the settled front blocks."""
@@ -156,17 +176,26 @@ class AutoFreeze(Method):
         s = self.settings
         blocks = self._blocks()
         trains = {b for b in blocks if self._trains(b)}
-        chosen, bound = settled_blocks(changes, blocks, trains, set(blocks) - self.pinned, s.threshold, s.percentile, s.allow_gaps)
+        chosen, bound = settled_blocks(
+            changes, blocks, trains, set(blocks) - self.pinned, s.threshold, s.percentile, s.allow_gaps
+        )
         if not chosen:
             return
         rules = [FreezeRule(layers=[int(b[5:]) for b in chosen], trainable=False, by=SOURCE)]
         prefix_frozen = "block0" in chosen or "block0" not in trains
-        if prefix_frozen and "embeddings" in self.host.units.names and "embeddings" not in self.pinned and self._trains("embeddings"):
+        if (
+            prefix_frozen
+            and "embeddings" in self.host.units.names
+            and "embeddings" not in self.pinned
+            and self._trains("embeddings")
+        ):
             rules.append(FreezeRule(units=["embeddings"], trainable=False, by=SOURCE))
         worst = max(changes[b] or 0.0 for b in chosen)
         self.host.apply_change(Change(freeze=rules), source=SOURCE)
-        self.host.log(f"autofreeze: {block_span(chosen)} frozen at step {step}: gradient-norm change at most {worst:.1%}, "
-                      f"below {bound:.1%}" + (" and the embeddings with block 0" if len(rules) > 1 else ""))
+        self.host.log(
+            f"autofreeze: {block_span(chosen)} frozen at step {step}: gradient-norm change at most {worst:.1%}, "
+            f"below {bound:.1%}" + (" and the embeddings with block 0" if len(rules) > 1 else "")
+        )
 
     def _trains(self, unit: str) -> bool:
         params = self.host.params
@@ -189,7 +218,9 @@ class AutoFreeze(Method):
         if self.settings.method != "autofreeze" or (step + 1) % self.host.config.stats_every:
             return
         for unit, norm in grad_norms_by_unit(self.host.units, self.host.params).items():
-            if unit.startswith("block") and math.isfinite(norm):  # fp16's scaler skips a step with inf gradients: not a sample
+            if unit.startswith("block") and math.isfinite(
+                norm
+            ):  # fp16's scaler skips a step with inf gradients: not a sample
                 total = self.sums.setdefault(unit, [0.0, 0])
                 total[0] += norm
                 total[1] += 1
@@ -197,7 +228,12 @@ class AutoFreeze(Method):
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"started": self.started, "last_decided": self.last_decided, "sums": self.sums, "previous": self.previous}
+        return {
+            "started": self.started,
+            "last_decided": self.last_decided,
+            "sums": self.sums,
+            "previous": self.previous,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...policy import Policy, PolicyError
-from ..base import Host, Method, TrainingLoop
-from .settings import Distillation as Settings
+from spu_engine.core.policy import Policy, PolicyError
+from spu_engine.methods.base import Host, Method, TrainingLoop
+from spu_engine.methods.distillation.settings import Distillation as Settings
 
 
 class Distillation(Method):
@@ -47,8 +47,10 @@ class Distillation(Method):
         elif self.teacher is None or new.teacher != self._teacher_of:
             teacher = self._load(new.teacher)  # may refuse: nothing has changed yet
             self.teacher, self._teacher_of = teacher, new.teacher
-            self.host.log(f"distillation: teacher {'the model as loaded at step 0' if new.teacher == 'initial' else new.teacher} "
-                          f"(alpha {new.alpha:g}, temperature {new.temperature:g})")
+            self.host.log(
+                f"distillation: teacher {'the model as loaded at step 0' if new.teacher == 'initial' else new.teacher} "
+                f"(alpha {new.alpha:g}, temperature {new.temperature:g})"
+            )
         self.settings = new
 
     def preview_notes(self, before: Policy, after: Policy) -> list[str]:
@@ -56,8 +58,12 @@ class Distillation(Method):
         if not kd.enabled:
             return []
         teacher = "the model as loaded at step 0" if kd.teacher == "initial" else kd.teacher
-        return [(f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
-                 f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}")]
+        return [
+            (
+                f"distillation: one more forward per step through the teacher ({teacher}), and its weights in memory; "
+                f"loss = {1 - kd.alpha:g} x task + {kd.alpha:g} x T^2 x KL at T = {kd.temperature:g}"
+            )
+        ]
 
     def _load(self, source: str) -> nn.Module:
         try:
@@ -66,12 +72,18 @@ class Distillation(Method):
             raise PolicyError(f"distillation.teacher: {exc}") from None
         student = self.host.model.get_base_model() if hasattr(self.host.model, "get_base_model") else self.host.model
         # the same vocabulary (the student's token ids mean the same words) and, for classification, the same classes
-        keys = ("vocab_size", "num_labels") if type(student).__name__.endswith("ForSequenceClassification") else ("vocab_size",)
+        keys = (
+            ("vocab_size", "num_labels")
+            if type(student).__name__.endswith("ForSequenceClassification")
+            else ("vocab_size",)
+        )
         for key in keys:
             mine, theirs = getattr(student.config, key, None), getattr(getattr(teacher, "config", None), key, None)
             if mine is not None and theirs is not None and mine != theirs:
-                raise PolicyError(f"distillation.teacher: {source!r} has {key} {theirs}, the model being trained has {mine}; "
-                                  "the teacher needs the same vocabulary and head")
+                raise PolicyError(
+                    f"distillation.teacher: {source!r} has {key} {theirs}, the model being trained has {mine}; "
+                    "the teacher needs the same vocabulary and head"
+                )
         device = next(self.host.model.parameters()).device
         teacher.to(device).eval().requires_grad_(False)
         return teacher

@@ -3,11 +3,13 @@
 All read the one ``peft`` section (its ``method`` picks which); each registers as a method of its own.
 """
 
-from ..spec import ConsoleField, MethodSpec, SectionSpec, Stage
-from .settings import Peft
+from spu_engine.methods.peft.settings import Peft
+from spu_engine.methods.spec import ConsoleField, MethodSpec, SectionSpec, Stage
 
 SECTION = SectionSpec(
-    "peft", Peft, title="PEFT",
+    "peft",
+    Peft,
+    title="PEFT",
     fields=(
         ConsoleField("method", "peft-method", "method"),
         ConsoleField("use_dora", "peft-dora", "DoRA"),

@@ -19,29 +19,41 @@ from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel
 from torch import nn
 
-from ...model import stable_name
-from ...policy import PolicyError
-from ..base import Host
-from ..targets import NameSets, task_head_names
-from .base import AddedTensorsMethod, LoRAPlus
-from .inject import eject, has_conv1d, inject_tuner
-from .lora import lora_targets
-from .settings import Peft
+from spu_engine.core.policy import PolicyError
+from spu_engine.methods.base import Host
+from spu_engine.methods.peft.base import AddedTensorsMethod, LoRAPlus
+from spu_engine.methods.peft.inject import eject, has_conv1d, inject_tuner
+from spu_engine.methods.peft.lora import lora_targets
+from spu_engine.methods.peft.settings import Peft
+from spu_engine.methods.targets import NameSets, task_head_names
+from spu_engine.model.loading import stable_name
 
 
 def inject_adalora(model: nn.Module, settings: Peft, steps: int | None) -> tuple[list[nn.Parameter], AdaLoraModel]:
     """Put AdaLoRA into ``model`` in place; the new parameters, and peft's tuner that holds the rank allocator."""
     total = settings.total_step or steps
     if total is None:
-        raise PolicyError("peft.total_step: AdaLoRA's budget schedule needs the run's length; give total_step, or attach(..., steps=N)")
+        raise PolicyError(
+            "peft.total_step: AdaLoRA's budget schedule needs the run's length; give total_step, or attach(..., steps=N)"
+        )
     try:
         config = AdaLoraConfig(
-            init_r=settings.init_r, target_r=settings.target_r, tinit=settings.tinit, tfinal=settings.tfinal, deltaT=settings.delta_t,
-            total_step=total, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=lora_targets(model, settings),
-            fan_in_fan_out=has_conv1d(model), bias="none",
+            init_r=settings.init_r,
+            target_r=settings.target_r,
+            tinit=settings.tinit,
+            tfinal=settings.tfinal,
+            deltaT=settings.delta_t,
+            total_step=total,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=lora_targets(model, settings),
+            fan_in_fan_out=has_conv1d(model),
+            bias="none",
         )
     except ValueError as exc:
-        raise PolicyError(f"peft.tinit: {exc} (tinit {settings.tinit}, tfinal {settings.tfinal}, total_step {total})") from None
+        raise PolicyError(
+            f"peft.tinit: {exc} (tinit {settings.tinit}, tfinal {settings.tfinal}, total_step {total})"
+        ) from None
     return inject_tuner(model, config, "peft.target_modules", lambda: AdaLoraModel(model, config, "default"))
 
 
@@ -88,9 +100,14 @@ class AdaLoRA(LoRAPlus, AddedTensorsMethod):
         else:
             unscored = any(p.grad is None for n, p in self.host.params.items() if ".lora_" in n)
         if unscored:
-            if not self.warned:  # the importance of a factor is |w x grad|: a frozen one (or a step that kept no sample) has none
-                self.host.log("adalora: ranks are reallocated only on steps where every AdaLoRA factor has a gradient; some have none "
-                              "(frozen by a rule, or selective backprop kept no sample), so the ranks stay as they are", "warning")
+            if (
+                not self.warned
+            ):  # the importance of a factor is |w x grad|: a frozen one (or a step that kept no sample) has none
+                self.host.log(
+                    "adalora: ranks are reallocated only on steps where every AdaLoRA factor has a gradient; some have none "
+                    "(frozen by a rule, or selective backprop kept no sample), so the ranks stay as they are",
+                    "warning",
+                )
                 self.warned = True
             return
         self.tuner.update_and_allocate(step)
@@ -123,7 +140,9 @@ class AdaLoRA(LoRAPlus, AddedTensorsMethod):
         super().load_state_dict(state)
         if self.tuner is not None and state.get("rank_pattern"):
             live = {stable_name(n): n for n, _ in self.host.model.named_parameters()}
-            self.tuner.peft_config["default"].rank_pattern = {live.get(k, k): v for k, v in state["rank_pattern"].items()}
+            self.tuner.peft_config["default"].rank_pattern = {
+                live.get(k, k): v for k, v in state["rank_pattern"].items()
+            }
             self.reported = self.ranks()
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
@@ -142,6 +161,8 @@ class AdaLoRA(LoRAPlus, AddedTensorsMethod):
         for live, p in self.host.model.named_parameters():
             name = stable_name(live)
             if f"ipt.{name}" in tensors:
-                allocator.ipt[live] = torch.zeros_like(p)  # recomputed each step; present, so the averages are not reset
+                allocator.ipt[live] = torch.zeros_like(
+                    p
+                )  # recomputed each step; present, so the averages are not reset
                 allocator.exp_avg_ipt[live] = tensors[f"ipt.{name}"].to(p.device)
                 allocator.exp_avg_unc[live] = tensors[f"unc.{name}"].to(p.device)

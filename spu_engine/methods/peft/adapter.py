@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...model import find_block_list
-from ...policy import PolicyError
-from ..base import Host
-from ..targets import NameSets, norm_names, task_head_names
-from .base import AddedTensorsMethod
-from .settings import Peft
+from spu_engine.core.policy import PolicyError
+from spu_engine.methods.base import Host
+from spu_engine.methods.peft.base import AddedTensorsMethod
+from spu_engine.methods.peft.settings import Peft
+from spu_engine.methods.targets import NameSets, norm_names, task_head_names
+from spu_engine.model.loading import find_block_list
 
 INIT_STD = 1e-2
 SLOTS = ("attn_adapter", "ffn_adapter")
@@ -93,7 +93,9 @@ def insert_adapters(model: nn.Module, size: int) -> tuple[list[nn.Parameter], li
     """Two adapters per block; returns their parameters, the forward hooks that apply them and where they are held."""
     d = getattr(getattr(model, "config", None), "hidden_size", None)
     if not d:
-        raise PolicyError(f"peft.method: adapter: {type(model).__name__} has no config.hidden_size to size the adapters by")
+        raise PolicyError(
+            f"peft.method: adapter: {type(model).__name__} has no config.hidden_size to size the adapters by"
+        )
     _, blocks = find_block_list(model)
     sites = [adapter_sites(model, block, d) for block in blocks]  # all found before anything changes
     params: list[nn.Parameter] = []

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...model import stable_parameters
-from ...policy import Policy, PolicyError
-from ..base import Host, Method
-from .settings import Peft
+from spu_engine.core.policy import Policy, PolicyError
+from spu_engine.methods.base import Host, Method
+from spu_engine.methods.peft.settings import Peft
+from spu_engine.model.loading import stable_parameters
 
 
 class PeftMethod(Method):
@@ -80,7 +80,9 @@ class AddedTensorsMethod(PeftMethod):
         """Stable name -> size of every tensor this method would add, found by adding them to a shape-only copy."""
         key = settings.model_dump_json()
         if key not in self._planned:
-            with torch.random.fork_rng(devices=[]):  # initialising the copy's tensors must not move the run's RNG (replays stay exact)
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # initialising the copy's tensors must not move the run's RNG (replays stay exact)
                 copy = shape_only_copy(self.host.model)
                 if copy is None:
                     return {}
@@ -165,5 +167,5 @@ def shape_only_copy(model: nn.Module) -> nn.Module | None:
     try:
         with torch.device("meta"):
             return from_config(config)
-    except Exception:  # noqa: BLE001 - a model class that cannot be rebuilt from its config: nothing is planned
+    except Exception:
         return None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..base import Host
-from ..targets import NameSets, is_bias, task_head_names
-from .base import PeftMethod
+from spu_engine.methods.base import Host
+from spu_engine.methods.peft.base import PeftMethod
+from spu_engine.methods.targets import NameSets, is_bias, task_head_names
 
 
 class BitFit(PeftMethod):

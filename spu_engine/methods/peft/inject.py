@@ -10,13 +10,14 @@ the same block prefix, so they land in the same unit.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from peft import PeftConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ...policy import PolicyError
+from spu_engine.core.policy import PolicyError
 
 
 def inject(model: nn.Module, config: PeftConfig, key: str) -> list[nn.Parameter]:
@@ -24,13 +25,17 @@ def inject(model: nn.Module, config: PeftConfig, key: str) -> list[nn.Parameter]
     return inject_tuner(model, config, key, lambda: inject_adapter_in_model(config, model))[0]
 
 
-def inject_tuner(model: nn.Module, config: PeftConfig, key: str, build: Callable[[], Any]) -> tuple[list[nn.Parameter], Any]:
+def inject_tuner(
+    model: nn.Module, config: PeftConfig, key: str, build: Callable[[], Any]
+) -> tuple[list[nn.Parameter], Any]:
     """``build()`` wraps the target modules in place (peft's ``inject_adapter_in_model``, or a tuner such as
     ``AdaLoraModel`` whose state the caller keeps); its result and the new parameters."""
     before = {id(p): p.requires_grad for p in model.parameters()}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # peft warns about fan_in_fan_out and unused configs; nothing the user can act on
+            warnings.simplefilter(
+                "ignore"
+            )  # peft warns about fan_in_fan_out and unused configs; nothing the user can act on
             built = build()
     except ValueError as exc:
         eject(model)

@@ -15,12 +15,12 @@ from peft import LoraConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from ...policy import PolicyError
-from ..base import Host
-from ..targets import NameSets, task_head_names
-from .base import AddedTensorsMethod, LoRAPlus
-from .inject import eject, has_conv1d, inject, model_type
-from .settings import Peft
+from spu_engine.core.policy import PolicyError
+from spu_engine.methods.base import Host
+from spu_engine.methods.peft.base import AddedTensorsMethod, LoRAPlus
+from spu_engine.methods.peft.inject import eject, has_conv1d, inject, model_type
+from spu_engine.methods.peft.settings import Peft
+from spu_engine.methods.targets import NameSets, task_head_names
 
 DEFAULT_TARGETS = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "distilbert": ["q_lin", "v_lin"]}
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_niter_4": "pissa_niter_4"}
@@ -29,7 +29,9 @@ INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_niter
 def lora_targets(model: nn.Module, settings: Peft) -> list[str]:
     targets = settings.target_modules or DEFAULT_TARGETS.get(model_type(model))
     if not targets:
-        raise PolicyError(f"peft.target_modules: no default LoRA targets for model type {model_type(model)!r}; name the projections to adapt, e.g. [q_proj, v_proj]")
+        raise PolicyError(
+            f"peft.target_modules: no default LoRA targets for model type {model_type(model)!r}; name the projections to adapt, e.g. [q_proj, v_proj]"
+        )
     return list(targets)
 
 
@@ -53,7 +55,17 @@ def lora_config(model: nn.Module, settings: Peft, init: bool | str | None = None
 
 class LoRA(LoRAPlus, AddedTensorsMethod):
     name = "lora"
-    fixed = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "init", "rank_pattern", "alpha_pattern")
+    fixed = (
+        "r",
+        "alpha",
+        "dropout",
+        "target_modules",
+        "use_dora",
+        "use_rslora",
+        "init",
+        "rank_pattern",
+        "alpha_pattern",
+    )
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)

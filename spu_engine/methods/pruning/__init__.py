@@ -6,13 +6,15 @@ host-facing ``PruningMethod`` (``method.py``) owns masks and ramp; its policy
 section is ``settings.py``.  This file stays torch-free: it only registers.
 """
 
-from ..spec import ConsoleField, MethodSpec, SectionSpec
-from .settings import Pruning
+from spu_engine.methods.pruning.settings import Pruning
+from spu_engine.methods.spec import ConsoleField, MethodSpec, SectionSpec
 
 SPEC = MethodSpec(
     "pruning",
     SectionSpec(
-        "pruning", Pruning, title="Pruning",
+        "pruning",
+        Pruning,
+        title="Pruning",
         fields=(
             ConsoleField("method", "pr-method", "method"),
             ConsoleField("scope", "pr-scope", "scope"),

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..base import Checkpointed
-from .masks import MaskedWeights
-from .schedule import Ramp
-from .structure import Family, families, select_groups
+from spu_engine.methods.base import Checkpointed
+from spu_engine.methods.pruning.masks import MaskedWeights
+from spu_engine.methods.pruning.schedule import Ramp
+from spu_engine.methods.pruning.structure import Family, families, select_groups
 
 if TYPE_CHECKING:
-    from ..base import Host
-    from .settings import Pruning
+    from spu_engine.methods.base import Host
+    from spu_engine.methods.pruning.settings import Pruning
 
 
 def lowest(flat: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -57,7 +57,9 @@ class Pruner(Checkpointed):
     """One pruning method: its scores and its clock.  The host-facing ``PruningMethod`` owns the masks."""
 
     name: ClassVar[str]
-    warm_up: ClassVar[bool] = False  # learned scores: the ramp holds initial_sparsity until it starts (see PruningMethod.window)
+    warm_up: ClassVar[bool] = (
+        False  # learned scores: the ramp holds initial_sparsity until it starts (see PruningMethod.window)
+    )
 
     def __init__(self, host: Host, masks: MaskedWeights, targets: list[str], settings: Pruning, step: int) -> None:
         self.host = host

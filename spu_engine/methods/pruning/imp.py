@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ...policy import PolicyError
-from .base import Pruner
+from spu_engine.core.policy import PolicyError
+from spu_engine.methods.pruning.base import Pruner
 
 
 @dataclass
@@ -50,7 +50,9 @@ class IMPPruner(Pruner):
         self.rounds_done = 0
         self.start_sparsity = self.sparsity() if masks.masks else 0.0
         self.next_round = max(settings.schedule.start_step, step) + settings.imp.round_steps
-        self.tally: RoundTally | None = RoundTally(max(settings.schedule.start_step, step))  # None: every round reported
+        self.tally: RoundTally | None = RoundTally(
+            max(settings.schedule.start_step, step)
+        )  # None: every round reported
         self.reference: dict[str, torch.Tensor] = {}
         self.reference_step: int | None = None
         if settings.imp.reset == "pretrained" or settings.imp.rewind_step is None:
@@ -123,7 +125,15 @@ class IMPPruner(Pruner):
         self.apply(sparsity)
         self._reset()
         what = "pretrained weights" if imp.reset == "pretrained" else f"weights of step {self.reference_step}"
-        self.host.emit("prune", step=step, method=self.name, round=self.rounds_done, rounds=imp.rounds, sparsity=round(self.sparsity(), 5), reset=imp.reset)
+        self.host.emit(
+            "prune",
+            step=step,
+            method=self.name,
+            round=self.rounds_done,
+            rounds=imp.rounds,
+            sparsity=round(self.sparsity(), 5),
+            reset=imp.reset,
+        )
         self.host.log(
             f"IMP round {self.rounds_done}/{imp.rounds}: removed {imp.fraction:.0%} of the remaining weights "
             f"(sparsity {self.sparsity():.1%}); survivors reset to the {what}"

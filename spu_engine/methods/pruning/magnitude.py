@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScheduledPruner
+from spu_engine.methods.pruning.base import ScheduledPruner
 
 
 class MagnitudePruner(ScheduledPruner):

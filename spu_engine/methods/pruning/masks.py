@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...model import stable_parameters
+from spu_engine.model.loading import stable_parameters
 
 
 class MaskedWeights:

@@ -15,22 +15,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...policy import PolicyError
-from ...selection import globbed
-from ..base import Host, Method
-from .base import Pruner, ScheduledPruner
-from .imp import IMPPruner
-from .layout import sublayer
-from .magnitude import MagnitudePruner
-from .masks import MaskedWeights
-from .movement import MovementPruner
-from .schedule import Ramp
-from .settings import Pruning
-from .soft_movement import SoftMovementPruner
-from .structure import families
+from spu_engine.core.policy import PolicyError
+from spu_engine.methods.base import Host, Method
+from spu_engine.methods.pruning.base import Pruner, ScheduledPruner
+from spu_engine.methods.pruning.imp import IMPPruner
+from spu_engine.methods.pruning.layout import sublayer
+from spu_engine.methods.pruning.magnitude import MagnitudePruner
+from spu_engine.methods.pruning.masks import MaskedWeights
+from spu_engine.methods.pruning.movement import MovementPruner
+from spu_engine.methods.pruning.schedule import Ramp
+from spu_engine.methods.pruning.settings import Pruning
+from spu_engine.methods.pruning.soft_movement import SoftMovementPruner
+from spu_engine.methods.pruning.structure import families
+from spu_engine.runtime.selection import globbed
 
 if TYPE_CHECKING:
-    from ...policy import Policy
+    from spu_engine.core.policy import Policy
 
 PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (MagnitudePruner, IMPPruner, MovementPruner, SoftMovementPruner)}
 
@@ -84,7 +84,9 @@ class PruningMethod(Method):
             anchored = step > start
             self.pruner.follow(self._ramp(new, step, anchored), anchored)
             if self.pruner.warm_up and (start, end) != (new.schedule.start_step, new.schedule.end_step):
-                self.host.log(f"{new.method}: scores learn from now, the ramp runs from step {start} to {end} (movement.warmup, movement.final_hold)")
+                self.host.log(
+                    f"{new.method}: scores learn from now, the ramp runs from step {start} to {end} (movement.warmup, movement.final_hold)"
+                )
         if isinstance(self.pruner, IMPPruner):  # the last round is trained round_steps too, then reported
             end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done) * new.imp.round_steps
         outside = self.outside_blocks(self.targets)
@@ -98,15 +100,23 @@ class PruningMethod(Method):
         if steps is not None and end > steps and isinstance(self.pruner, IMPPruner):
             self.host.log(
                 f"pruning.imp: the last round ends at step {end} (every round, the last included, trains round_steps), "
-                f"after the run's last step ({steps}): the rounds that do not end in time are not reported", "warning"
+                f"after the run's last step ({steps}): the rounds that do not end in time are not reported",
+                "warning",
             )
         elif steps is not None and end > steps:
-            self.host.log(f"pruning ends at step {end}, after the run's last step ({steps}): the final sparsity will not be reached", "warning")
+            self.host.log(
+                f"pruning ends at step {end}, after the run's last step ({steps}): the final sparsity will not be reached",
+                "warning",
+            )
 
     @staticmethod
     def _schedule_changed(old: Pruning, new: Pruning) -> bool:
         return (old.schedule, old.scope, old.structure, old.movement.warmup, old.movement.final_hold) != (
-            new.schedule, new.scope, new.structure, new.movement.warmup, new.movement.final_hold
+            new.schedule,
+            new.scope,
+            new.structure,
+            new.movement.warmup,
+            new.movement.final_hold,
         )
 
     def window(self, settings: Pruning) -> tuple[int, int]:
@@ -131,7 +141,9 @@ class PruningMethod(Method):
     def resolve_targets(self, settings: Pruning) -> list[str]:
         """Weight matrices selected by ``targets`` (unset: the blocks' own) and not by ``exclude``; PolicyError if none."""
         params = self.host.params
-        if settings.targets is None:  # the model's own weights inside the blocks: never the head, never a PEFT method's tensors
+        if (
+            settings.targets is None
+        ):  # the model's own weights inside the blocks: never the head, never a PEFT method's tensors
             selected = [n for n in self.host.loaded_names if self.host.units.unit_for(n).startswith("block")]
         else:
             selected = globbed(self.host.param_names, settings.targets)
@@ -139,7 +151,9 @@ class PruningMethod(Method):
         chosen = [n for n in selected if n not in excluded]
         if not chosen:
             what = "the blocks' weights" if settings.targets is None else str(settings.targets)
-            raise PolicyError(f"pruning.targets: {what} minus pruning.exclude {settings.exclude} leaves no parameter of this model to prune")
+            raise PolicyError(
+                f"pruning.targets: {what} minus pruning.exclude {settings.exclude} leaves no parameter of this model to prune"
+            )
         matrices = [n for n in chosen if params[n].dim() >= 2]
         if not matrices:
             raise PolicyError(
@@ -168,14 +182,20 @@ class PruningMethod(Method):
             return []
         outside = self.outside_blocks(self.resolve_targets(after.pruning))
         if outside:
-            return [(f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): "
-                     "the head may collapse")]
+            return [
+                (
+                    f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): "
+                    "the head may collapse"
+                )
+            ]
         return []
 
     def collapse_note(self) -> str | None:
         if self.active and self.settings.method == "movement":
-            return ("movement pruning does not come back from this (its scores learn only from the task's gradient, "
-                    "which a collapsed model no longer has): magnitude and soft movement can")
+            return (
+                "movement pruning does not come back from this (its scores learn only from the task's gradient, "
+                "which a collapsed model no longer has): magnitude and soft movement can"
+            )
         return None
 
     def _switch_off(self) -> None:
@@ -268,7 +288,11 @@ class PruningMethod(Method):
         if self.pruner is None:
             return {}
         ramp = getattr(self.pruner, "ramp", None)
-        return {"method": self.pruner.name, "ramp": ramp.state_dict() if ramp else None, "pruner": self.pruner.state_dict()}
+        return {
+            "method": self.pruner.name,
+            "ramp": ramp.state_dict() if ramp else None,
+            "pruner": self.pruner.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.pruner is None or state.get("method") != self.pruner.name:

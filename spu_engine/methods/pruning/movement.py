@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ScheduledPruner
+from spu_engine.methods.pruning.base import ScheduledPruner
 
 GROUP = "scores"  # the optimizer group of the scores
 TIE_BREAK = 1e-6  # far below one step of score (score_lr), far above float32 resolution of early scores
@@ -56,7 +56,9 @@ class MovementPruner(ScheduledPruner):
         self._hooks: dict[str, Any] = {}  # target -> its gradient hook, once the weight trains
         self._hook_scores()
         self._pruned: tuple[int, dict[str, torch.Tensor | None]] = (-1, {})  # (masks version, bool where pruned)
-        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (moment, where pruned, its copy before the step)
+        self._held: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []  # (moment, where pruned, its copy before the step)
         self._spare: dict[tuple[str, int], torch.Tensor] = {}  # the copies, kept: allocating them each step costs more
 
     def _hook_scores(self) -> None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ...validation import Section
+from spu_engine.core.validation import Section
 
 
 class PruningSchedule(Section):
@@ -15,10 +15,12 @@ class PruningSchedule(Section):
     end_step: int = Field(1000, ge=0)
     every: int = Field(10, ge=1)
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
-    final_sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of target weights removed at end_step; must be < 1")
+    final_sparsity: float = Field(
+        0.5, ge=0.0, lt=1.0, description="fraction of target weights removed at end_step; must be < 1"
+    )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "PruningSchedule":
+    def _ordered(self) -> PruningSchedule:
         if self.end_step < self.start_step:
             raise ValueError(f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
         return self
@@ -30,33 +32,49 @@ class IMPSettings(Section):
     round_steps: int = Field(200, ge=1, description="training steps per round")
     reset: Literal["pretrained", "rewind"] = "rewind"
     rewind_step: int | None = Field(
-        None, ge=0, description="rewind: the early step whose weights survivors return to; unset: the step IMP is switched on"
+        None,
+        ge=0,
+        description="rewind: the early step whose weights survivors return to; unset: the step IMP is switched on",
     )
 
 
 class MovementSettings(Section):
-    score_lr: float = Field(1e-2, gt=0.0, description="learning rate of the scores (their own AdamW group, no weight decay); the model's is the run's lr")
+    score_lr: float = Field(
+        1e-2,
+        gt=0.0,
+        description="learning rate of the scores (their own AdamW group, no weight decay); the model's is the run's lr",
+    )
     warmup: float = Field(
-        0.1, ge=0.0, lt=1.0,
+        0.1,
+        ge=0.0,
+        lt=1.0,
         description="with schedule.start_step 0: the ramp starts after this fraction of the run's steps, the scores learning from the first "
         "step while the sparsity holds at initial_sparsity (the reference's initial_warmup); 0: the ramp starts at step 0",
     )
     final_hold: float = Field(
-        0.1, ge=0.0, lt=1.0,
+        0.1,
+        ge=0.0,
+        lt=1.0,
         description="the ramp ends no later than this fraction of the run before its last step, so the run recovers at the final "
         "sparsity (the reference's final_warmup); 0: end_step alone",
     )
     l1: float = Field(
-        0.0, ge=0.0, description="soft movement: weight of the penalty l1 * mean(sigmoid(score)), scaled along the ramp (0 before it, l1 from its end)"
+        0.0,
+        ge=0.0,
+        description="soft movement: weight of the penalty l1 * mean(sigmoid(score)), scaled along the ramp (0 before it, l1 from its end)",
     )
     threshold: float = Field(
-        0.0, ge=0.0, lt=1.0, description="soft movement: starting threshold on sigmoid(score), in [0, 1); the schedule moves it to the target's"
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="soft movement: starting threshold on sigmoid(score), in [0, 1); the schedule moves it to the target's",
     )
 
 
 class Pruning(Section):
     method: Literal["none", "magnitude", "imp", "movement", "soft_movement"] = Field(
-        "none", description="none removes all masks; a change mid-run keeps the masks and continues from the current sparsity"
+        "none",
+        description="none removes all masks; a change mid-run keeps the masks and continues from the current sparsity",
     )
     scope: Literal["global", "per_unit", "per_layer"] = Field(
         "global",
@@ -68,7 +86,16 @@ class Pruning(Section):
         "(attention and FFN), so the head, pooler, classifier and embeddings are pruned only when a pattern names them",
     )
     exclude: list[str] = Field(
-        default_factory=lambda: ["*embeddings*", "*LayerNorm*", "*layer_norm*", "*ln_*", "*norm*", "*.wte.*", "*.wpe.*", "*embed_tokens*"],
+        default_factory=lambda: [
+            "*embeddings*",
+            "*LayerNorm*",
+            "*layer_norm*",
+            "*ln_*",
+            "*norm*",
+            "*.wte.*",
+            "*.wpe.*",
+            "*embed_tokens*",
+        ],
         description="globs removed from targets (embeddings and norms by default)",
     )
     structure: Literal["weights", "heads_neurons"] = Field(
@@ -83,7 +110,9 @@ class Pruning(Section):
         return {"targets": self.targets} if self.method != "none" and self.targets is not None else {}
 
     @model_validator(mode="after")
-    def _structure_fits_method(self) -> "Pruning":
+    def _structure_fits_method(self) -> Pruning:
         if self.structure == "heads_neurons" and self.method == "soft_movement":
-            raise ValueError("structure: heads_neurons works with magnitude, imp and movement; soft_movement thresholds single weights")
+            raise ValueError(
+                "structure: heads_neurons works with magnitude, imp and movement; soft_movement thresholds single weights"
+            )
         return self

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .base import select
-from .movement import MovementPruner
-from .schedule import Ramp
+from spu_engine.methods.pruning.base import select
+from spu_engine.methods.pruning.movement import MovementPruner
+from spu_engine.methods.pruning.schedule import Ramp
 
 
 class SoftMovementPruner(MovementPruner):

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...compact_heads import attention_layout, head_count
-from ...model import find_block_list
-from .layout import ffn_layers
+from spu_engine.methods.pruning.layout import ffn_layers
+from spu_engine.model.compact_heads import attention_layout, head_count
+from spu_engine.model.loading import find_block_list
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,10 @@ def families(model: nn.Module, targets: list[str]) -> list[Family]:
             for n in qkv:
                 module = getattr(attn, n)
                 thirds = 3 if len(qkv) == 1 else 1  # fused q|k|v: the same heads in each third
-                slabs += [Slab(f"{base}{attn_path}.{n}.weight", _axis(module, "out"), t * heads * size, size) for t in range(thirds)]
+                slabs += [
+                    Slab(f"{base}{attn_path}.{n}.weight", _axis(module, "out"), t * heads * size, size)
+                    for t in range(thirds)
+                ]
             slabs.append(Slab(f"{base}{out_path}.weight", _axis(block.get_submodule(out_path), "in"), 0, size))
             if all(s.name in chosen for s in slabs):
                 out.append(Family(i, "head", heads, tuple(slabs)))
@@ -102,8 +105,14 @@ def select_groups(
     (so every block keeps the same FFN width, which ``--compact`` turns into a stock config).
     """
     shapes = {n: s.shape for n, s in scores.items()}
-    keep = {s.name: torch.ones(shapes[s.name], dtype=torch.bool, device=scores[s.name].device) for f in fams for s in f.slabs}
-    pools = [fams] if scope == "global" else [[f for f in fams if f.block == b] for b in sorted({f.block for f in fams})]
+    keep = {
+        s.name: torch.ones(shapes[s.name], dtype=torch.bool, device=scores[s.name].device)
+        for f in fams
+        for s in f.slabs
+    }
+    pools = (
+        [fams] if scope == "global" else [[f for f in fams if f.block == b] for b in sorted({f.block for f in fams})]
+    )
     for pool in pools:
         means, sizes, owners = [], [], []
         for fi, f in enumerate(pool):
@@ -116,7 +125,10 @@ def select_groups(
         order = torch.argsort(mean, stable=True)
         removed = torch.cumsum(size[order], 0)
         n_groups = int(torch.searchsorted(removed, torch.tensor([budget], dtype=torch.float64), right=True)[0])
-        if n_groups < len(order) and budget - (float(removed[n_groups - 1]) if n_groups else 0.0) > float(size[order[n_groups]]) / 2:
+        if (
+            n_groups < len(order)
+            and budget - (float(removed[n_groups - 1]) if n_groups else 0.0) > float(size[order[n_groups]]) / 2
+        ):
             n_groups += 1  # the nearer of the two group boundaries around the target
         for idx in order[:n_groups].tolist():
             fi, g = owners[idx]

@@ -27,13 +27,14 @@ gradient empty, so the optimizer does not step.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ...policy import Policy
-from ..base import Host, Method, TrainingLoop
-from .settings import SelectiveBackprop as Settings
+from spu_engine.core.policy import Policy
+from spu_engine.methods.base import Host, Method, TrainingLoop
+from spu_engine.methods.selective_backprop.settings import SelectiveBackprop as Settings
 
 
 class SelectiveBackprop(Method):
@@ -65,8 +66,10 @@ class SelectiveBackprop(Method):
 
     def own_loss_warning(self, policy: Policy) -> str | None:
         if policy.selective_backprop.mode != "off" or any(self.section in e.set for e in policy.timeline):
-            return ("for selective backprop return callback.controller.selective_loss(...) from compute_loss "
-                    "(see examples/hf_trainer.py)")
+            return (
+                "for selective backprop return callback.controller.selective_loss(...) from compute_loss "
+                "(see examples/hf_trainer.py)"
+            )
         return None
 
     def backward_share(self, policy: Policy) -> float | None:
@@ -110,7 +113,11 @@ class SelectiveBackprop(Method):
             loop.backward(loss.sum() / (len(backward) / world))
         self.last_backward = backward
         drawn = torch.cat(losses)
-        extra = {"sb_kept_fraction": round(selected / len(drawn), 4), "sb_backward": len(backward), "sb_skipped": self.skipped}
+        extra = {
+            "sb_kept_fraction": round(selected / len(drawn), 4),
+            "sb_backward": len(backward),
+            "sb_skipped": self.skipped,
+        }
         return drawn.mean(), len(drawn) // world, extra
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ...validation import Section
+from spu_engine.core.validation import Section
 
 
 class SelectiveBackprop(Section):
@@ -14,6 +14,8 @@ class SelectiveBackprop(Section):
 
     mode: Literal["off", "threshold", "percentile"] = "off"
     threshold: float = Field(0.0, ge=0.0, description="threshold mode: backward only on samples with loss >= threshold")
-    keep: float = Field(0.5, gt=0.0, le=1.0, description="percentile mode: expected kept fraction; P(keep)=CDF(loss)^(1/keep-1)")
+    keep: float = Field(
+        0.5, gt=0.0, le=1.0, description="percentile mode: expected kept fraction; P(keep)=CDF(loss)^(1/keep-1)"
+    )
     floor: float = Field(0.05, ge=0.0, le=1.0, description="percentile mode: minimum keep probability of any sample")
     history: int = Field(1024, ge=16, description="percentile mode: number of recent losses the CDF is taken over")

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ...model import Units
-from ...policy import Change, Policy, PolicyError
-from ..base import Host, Method
-from ..targets import is_bias
-from .settings import WeightUpdateSkipping as Settings
+from spu_engine.core.policy import Change, Policy, PolicyError
+from spu_engine.methods.base import Host, Method
+from spu_engine.methods.targets import is_bias
+from spu_engine.methods.weight_update_skipping.settings import WeightUpdateSkipping as Settings
+from spu_engine.model.loading import Units
 
 SOURCE = "weight_update_skipping"
 
@@ -58,7 +58,11 @@ class WeightUpdateSkipping(Method):
 
     def preview_notes(self, before: Policy, after: Policy) -> list[str]:
         wus = after.weight_update_skipping
-        return [f"weight-update skipping: phase {wus.phase or wus.start_phase} trains {wus.trains()}"] if wus.enabled else []
+        return (
+            [f"weight-update skipping: phase {wus.phase or wus.start_phase} trains {wus.trains()}"]
+            if wus.enabled
+            else []
+        )
 
     def gate_under(self, policy: Policy):
         settings = policy.weight_update_skipping
@@ -88,7 +92,9 @@ class WeightUpdateSkipping(Method):
         if self.bad_evals < self.settings.patience or self._scripted():
             return
         other = "full" if self.phase == "bias_only" else "bias_only"
-        self.host.log(f"weight-update skipping: eval loss has not improved on {self.best:.4f} for {self.bad_evals} evals; phase {other}")
+        self.host.log(
+            f"weight-update skipping: eval loss has not improved on {self.best:.4f} for {self.bad_evals} evals; phase {other}"
+        )
         self.host.apply_change(Change(set={SOURCE: {"phase": other}}), source=SOURCE)
 
     def _scripted(self) -> bool:

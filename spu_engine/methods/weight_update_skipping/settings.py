@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ...validation import Section
+from spu_engine.core.validation import Section
 
 
 class WeightUpdateSkipping(Section):
@@ -19,7 +19,8 @@ class WeightUpdateSkipping(Section):
         "full", description="the first phase: full (every trainable tensor updates, as in the paper) or bias_only"
     )
     phase: Literal["full", "bias_only"] | None = Field(
-        None, description="the phase in force; every switch sets it and is recorded in the timeline (unset: start_phase)"
+        None,
+        description="the phase in force; every switch sets it and is recorded in the timeline (unset: start_phase)",
     )
 
     def trains(self) -> str:

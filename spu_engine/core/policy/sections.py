@@ -1,0 +1,39 @@
+"""The policy's own sections (no method reads them alone) and the list of every section a change may set."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from spu_engine.core.policy.selectors import ScaleRule
+from spu_engine.core.validation import Section
+from spu_engine.methods.registry import section_specs
+
+
+class LearningRates(Section):
+    """Learning-rate multipliers per unit (on top of the run's schedule), and the ramp of what starts training live."""
+
+    decay: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="layer-wise decay: the top block and the head get 1, each block below decay times the one above, embeddings the lowest (1: off)",
+    )
+    scale: list[ScaleRule] = Field(
+        default_factory=list,
+        description="multipliers by unit, block or name glob, as freeze rules select (last match wins); times the decay's factor",
+    )
+    warm_in: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="steps over which a tensor that starts training after step 0 (unfrozen or added live) ramps its lr in linearly (0: at once)",
+    )
+
+
+class Faults(Section):
+    on_nonfinite: Literal["pause", "skip", "stop"] = "skip"
+
+
+SECTIONS = ("freeze", *section_specs(), "faults", "lr")  # the policy's order; a method's sections from the registry

@@ -1,0 +1,100 @@
+"""Writes of run state fail in one way, whatever the library underneath raised.
+
+A full disk reaches us as ``OSError`` from a plain write, ``RuntimeError`` from
+``torch.save`` (``inline_container.cc ... unexpected pos``) or ``SafetensorError``
+from safetensors.  ``writing()`` turns any of them, raised inside its block, into
+one ``WriteError`` that says what was being written and how much space is free,
+so the engine can pause instead of dying.  Only the write itself goes inside
+the block: a bug in the code that prepares what to write is not a full disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class WriteError(OSError):
+    """Run state could not be written; the text says what, why, and the free space where it was going."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # the loop always returns
+
+
+def free_space(path: str | Path) -> str:
+    """'12.3 MB free of 40.0 MB at /mnt/runs', measured at the nearest existing folder of ``path``."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError as exc:
+        return f"free space at {where} unknown ({exc.strerror or exc})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} at {where}"
+
+
+def describe(exc: BaseException) -> str:
+    """The exception's type and the first line of its text (torch's messages run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+@contextmanager
+def writing(what: str, where: str | Path) -> Iterator[None]:
+    """Any exception inside the block becomes a ``WriteError`` naming ``what`` and the free space at ``where``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as exc:
+        raise WriteError(f"{what} failed ({describe(exc)}); {free_space(where)}") from exc
+
+
+def atomic_write_text(path: Path, text: str, keep_mode_of: Path | None = None) -> None:
+    """Write via a temporary file in the same folder, fsync, rename: readers never see half a file.
+
+    Any failure of the write is a ``WriteError`` saying what failed and the free space.  With
+    ``keep_mode_of``, the new file gets that file's permission bits.
+    """
+    atomic_write_bytes(path, text.encode("utf-8"), keep_mode_of)
+
+
+def atomic_write_bytes(path: Path, data: bytes, keep_mode_of: Path | None = None) -> None:
+    """``atomic_write_text`` for bytes (an image, say)."""
+    with writing(f"writing {path.name}", path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_mode_of is not None:
+                shutil.copymode(keep_mode_of, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_new_text(path: Path, text: str) -> None:
+    """Create ``path`` with ``text``; never replaces an existing file (FileExistsError), whatever races it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with writing(f"writing {path.name}", path.parent):
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise

@@ -1,0 +1,150 @@
+"""The commands a client sends, carried out at a step boundary and answered with an ``ack``.
+
+One handler per command type, found in one table; a handler returns the ack's
+message or raises: ``PolicyError`` and ``CommandRefused`` are refusals said as
+they are, an ``OSError`` (a write that failed) is said with the command's name.
+Read-only commands (``hello``, ``preview``) never get here: the socket thread
+answers them.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from spu_engine.core.policy import Change, Policy, PolicyError, TimelineEntry
+from spu_engine.core.protocol.commands import (
+    ChangeCmd,
+    CheckpointCmd,
+    EvaluateCmd,
+    ExportCmd,
+    HelloCmd,
+    PauseCmd,
+    ResumeCmd,
+    ScheduleCmd,
+    SetPolicyCmd,
+    StopCmd,
+    UndoCmd,
+    UnscheduleCmd,
+)
+from spu_engine.core.writes import WriteError, atomic_write_text, write_new_text
+from spu_engine.loop.lifecycle import CommandRefused
+
+
+class CommandHost(Protocol):
+    """What the commands act on: the engine."""
+
+    step: int
+    dist: Any
+    unwritten: Any
+
+    def emit(self, type_: str, **fields: Any) -> dict[str, Any]: ...
+    def apply_change(self, change: Change, source: str) -> None: ...
+    def undo(self) -> str: ...
+    def add_scheduled(self, entry: TimelineEntry) -> str: ...
+    def remove_scheduled(self, entry: TimelineEntry) -> str: ...
+    def pause(self, message: str = "") -> None: ...
+    def resume(self) -> None: ...
+    def request_stop_now(self) -> None: ...
+    def write_checkpoint_now(self) -> bool: ...
+    def checkpoint_now(self) -> str: ...
+    def survive_oom(self, fn: Callable[[], Any], what: str) -> Any: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def replayable_policy(self) -> Policy: ...
+
+
+class Commands:
+    """The engine's inbox and command table."""
+
+    def __init__(self, engine: CommandHost) -> None:
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()  # filled from any thread, emptied at step boundaries
+        self.table: dict[type, Callable[[Any], str | None]] = {
+            ChangeCmd: lambda cmd: engine.apply_change(cmd.change, source="client"),
+            UndoCmd: lambda cmd: engine.undo(),
+            ScheduleCmd: lambda cmd: engine.add_scheduled(cmd.entry),
+            UnscheduleCmd: lambda cmd: engine.remove_scheduled(cmd.entry),
+            SetPolicyCmd: self.set_policy,
+            PauseCmd: lambda cmd: engine.pause(),
+            ResumeCmd: lambda cmd: engine.resume(),
+            StopCmd: self.stop,
+            CheckpointCmd: lambda cmd: engine.checkpoint_now(),
+            EvaluateCmd: lambda cmd: engine.survive_oom(engine.evaluate, "evaluation") and None,
+            ExportCmd: self.export,
+        }
+
+    def submit(self, cmd: Any) -> None:
+        """Thread-safe: queue a parsed command for the next step boundary."""
+        self.inbox.put(cmd)
+
+    def _drain(self, block: bool) -> list[Any]:
+        cmds = []
+        try:
+            cmds.append(self.inbox.get(timeout=0.25) if block else self.inbox.get_nowait())
+            while True:
+                cmds.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return cmds
+
+    def take(self, block: bool, stop_signal: str | None) -> tuple[list[Any], str | None]:
+        """This boundary's commands and stop signal: rank 0's, broadcast so every rank applies the same ones."""
+        dist = self.engine.dist
+        if dist is None:
+            return self._drain(block), stop_signal
+        return dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal))
+
+    def handle(self, cmd: Any) -> None:
+        """Carry out one command and answer it with an ``ack`` (and an ``error`` when refused)."""
+        if isinstance(cmd, HelloCmd):  # read-only (the socket server answers it): nothing to apply, ack or log
+            return
+        name = getattr(cmd, "cmd", "?")
+        try:
+            ok, message = True, self.table[type(cmd)](cmd) or ""
+        except (PolicyError, CommandRefused) as exc:
+            ok, message = False, str(exc)
+        except OSError as exc:
+            ok, message = False, f"{name}: {exc}"
+        self.engine.emit("ack", id=getattr(cmd, "id", None), cmd=name, step=self.engine.step, ok=ok, message=message)
+        if not ok:
+            self.engine.emit("error", id=getattr(cmd, "id", None), step=self.engine.step, message=message)
+
+    def set_policy(self, cmd: SetPolicyCmd) -> None:
+        """A whole policy from a client: its sections become one change (its timeline is not the run's)."""
+        data = cmd.policy.state().model_dump(mode="json", exclude_none=True)
+        data.pop("spu_policy", None)
+        data.pop("timeline", None)
+        self.engine.apply_change(Change(set=data), source="client")
+
+    def stop(self, cmd: StopCmd) -> None:
+        if cmd.checkpoint and not self.engine.write_checkpoint_now():  # no stop: the run waits paused for space
+            raise WriteError(
+                "stop refused, the checkpoint could not be written: " + self.engine.unwritten.why["checkpoint"]
+            )
+        self.engine.request_stop_now()
+
+    def export(self, cmd: ExportCmd) -> str:
+        path = Path(cmd.path).expanduser()
+        if self.engine.dist is None or self.engine.dist.is_main:
+            self._export_to(path, cmd.overwrite)
+        return str(path)
+
+    def _export_to(self, path: Path, overwrite: bool) -> None:
+        """The replayable policy to a file the user named: a new file, or an existing one only when the console
+        confirmed (``overwrite``), keeping that file's mode."""
+        text = self.engine.replayable_policy().to_yaml()
+        if path.is_dir():
+            raise PolicyError(f"export: {path} is a folder; give a file name")
+        if not path.exists():
+            try:
+                write_new_text(path, text)
+                return
+            except FileExistsError:
+                pass  # created meanwhile: treated as the existing file it now is
+        if not overwrite:
+            raise PolicyError(
+                f"export: {path} exists; it is replaced only when you confirm (overwrite: true), or choose a new name"
+            )
+        atomic_write_text(path, text, keep_mode_of=path)

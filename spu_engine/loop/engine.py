@@ -1,0 +1,454 @@
+"""The training loop, controllable live at step boundaries.
+
+Commands from any thread go into an inbox (``commands``); the loop takes them
+only at a step boundary (``lifecycle.RunControl.boundary``, between two
+optimizer steps), so a change is in force from the next optimizer step on, and
+every rank of a multi-process run takes the same commands at the same step.
+Every applied change is appended to the policy timeline with its step, which
+makes the run replayable from its policy file; so is every trigger's change
+when it fires (at an epoch, or at an evaluation that meets its condition).
+
+``Engine`` composes one component a concept, each given what it uses:
+``runtime.PolicyRuntime`` (the policy applied to the model; the methods' host,
+shared in kind with the own-loop controller), ``policy_record.PolicyRecord``
+(the policy as ``policy.yaml`` replays it), ``training.Trainer`` (the step and
+evaluation arithmetic), ``lifecycle.RunControl`` (pause, stop, the boundary,
+waiting for writes), ``commands.Commands``, ``lr_groups.LrGroups`` and
+``emitter.Emitter``.  Here: setup, the wiring, checkpoints and the run's recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spu_engine.core.config import EngineConfig
+from spu_engine.core.model_source import ModelLoadError, resolve_model_name
+from spu_engine.core.policy import Policy, PolicyError, TimelineEntry
+from spu_engine.core.protocol import event
+from spu_engine.core.run_states import RunState
+from spu_engine.core.runs import CHECKPOINTS, CONFIG, EVENTS, write_config
+from spu_engine.core.trackers import Trackers, unavailable
+from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.commands import Commands
+from spu_engine.loop.distributed import Distributed
+from spu_engine.loop.emitter import Emitter
+from spu_engine.loop.faults import UnwrittenState
+from spu_engine.loop.forwarding import forwards
+from spu_engine.loop.lifecycle import RunControl
+from spu_engine.loop.lr_groups import LrGroups
+from spu_engine.loop.policy_record import PolicyRecord
+from spu_engine.loop.system_metrics import SystemSampler
+from spu_engine.loop.trainer import Progress, Trainer, build_optimizer, pick_device
+from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes
+from spu_engine.runtime.policy_runtime import PolicyRuntime, RuntimeHooks, TimelineRefused
+from spu_engine.runtime.unit_stats import describe_units
+from spu_engine.storage import checkpoint as ckpt
+from spu_engine.storage.event_log import EventLog
+from spu_engine.tasks import Task, TaskOptions, get_task
+
+
+# what the commands (commands.CommandHost), the server, tools, benchmarks and tests use of the engine, each
+# attribute owned by one component
+@forwards(
+    runtime="model optimizer methods params units param_names current pending triggers metric_range steps_per_epoch "
+    "apply_change apply_due preview trainable_count",
+    record="recorded undoable replayable_policy scheduled add_scheduled remove_scheduled undo",
+    trainer="step samples_seen collapsed task train_step evaluate per_sample_loss backward next_batch batch_of "
+    "survive_oom _say_if_collapsed _lr_factor _autocast",
+    control="state stop set_state submit boundary pause resume request_stop request_stop_now write_checkpoint_now "
+    "checkpoint_now write_retry_s",
+    lr_groups="warm_from",
+    events="emit log event_log",
+)
+class Engine:
+    """One model, one task, one policy; ``run()`` trains until the step budget or a stop."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        policy: Policy | None = None,
+        run_dir: str | Path | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer=None,
+        task: Task | None = None,
+        sinks: list[Callable[[bytes, dict], None]] | None = None,
+        dist: Distributed | None = None,
+    ) -> None:
+        self.config = config
+        self.dist = dist  # set for multi-process runs: rank 0 decides, every rank applies
+        reports = dist is None or dist.is_main  # rank 0 alone samples the machine and feeds trackers
+        missing = unavailable(config.report_to) if reports and run_dir else None
+        if missing:
+            raise ValueError(missing)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
+        self.unwritten = UnwrittenState()
+        self.progress = Progress()
+        self._saved_step: int | None = None  # step of the last checkpoint written by this process
+        if self.run_dir:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        event_log = EventLog(self.run_dir / EVENTS) if self.run_dir else None
+        self.events = Emitter(self.sinks, event_log, self.unwritten, self.progress.now)
+        self._setup_device()
+        self.system = (
+            SystemSampler([self.device], config.system_every, dist.world_size if dist else 1) if reports else None
+        )
+        self.tokenizer = tokenizer
+        task = task or self._setup_task()
+        self.stream = BatchStream(len(task.train), seed=config.seed)
+        self._setup_runtime(self._setup_model(model, task), task)
+        self._setup_control()
+        self._setup_trainer(task)
+        self._setup_policy(policy or Policy(), task)  # methods configure now: distillation's teacher needs the task
+        self.trackers = (
+            Trackers(config.report_to, self.run_dir) if reports and self.run_dir and config.report_to else None
+        )
+        if self.trackers is not None:
+            self.sinks.append(self.trackers)
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_device(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+        self.device, self.amp_dtype = pick_device(self.config, self.dist)
+
+    def _loading(self, message: str) -> None:
+        """A ``state`` event while loading (the run control, which owns the state from then on, comes later)."""
+        self.events.emit("state", state=RunState.LOADING.value, step=self.progress.step, message=message)
+
+    def _setup_task(self) -> Task:
+        config = self.config
+        self._loading(f"reading and tokenizing {config.data}")
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(config.model)
+        task = get_task(config.task).build(config.data, self.tokenizer, TaskOptions.of(config))
+        for note in task.notes:
+            self.events.log(note, "warning")
+        return task
+
+    def _setup_model(self, model: torch.nn.Module | None, task: Task) -> torch.nn.Module:
+        self._given_model: torch.nn.Module | None = None  # a model handed in (tests, benchmarks): its step-0 copy
+        if model is None:
+            self._loading(f"loading the model {self.config.model}")
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(self.config.model)
+            model = self._load_model(self.config.model, task)
+        else:
+            self._given_model = copy.deepcopy(model).cpu()
+        task.check_fits(model)
+        name_classes(model, getattr(task, "label_names", None))
+        model = model.to(self.device)
+        model.train()
+        return model
+
+    def _setup_runtime(self, model: torch.nn.Module, task: Task) -> None:
+        """The policy runtime on the model and a fresh optimizer; its hooks reach the record and the lr groups."""
+        world = self.dist.world_size if self.dist else 1
+        # an epoch in optimizer steps, as the HF Trainer counts it (selective backprop draws more samples a step)
+        steps_per_epoch = max(1, len(task.train) // (self.config.batch_size * world))
+        self.hooks = RuntimeHooks(initial_model=self.initial_model, load_teacher=self.load_teacher)
+        self.runtime = PolicyRuntime(
+            model,
+            build_optimizer(model, self.config),
+            self.config,
+            reporter=self.events,
+            clock=self.progress.now,
+            steps_per_epoch=steps_per_epoch,
+            hooks=self.hooks,
+        )
+        self.lr_groups = LrGroups(self.runtime, self.progress.now)
+        self.hooks.taken = self.lr_groups.taken
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def _setup_policy(self, policy: Policy, task: Task) -> None:
+        """The policy in force at step 0, checked against the model and the task, and the record that keeps it."""
+        self.runtime.adopt(policy)
+        self.record = PolicyRecord(
+            self.runtime,
+            policy,
+            config=self.config,
+            task=task,
+            reporter=self.events,
+            clock=self.progress.now,
+            unwritten=self.unwritten,
+            run_dir=self.run_dir,
+        )
+        self.record.check_triggers()
+        self.hooks.applied, self.hooks.scheduled = self.record.changed, self.record.schedule_changed
+        self.runtime.put_in_force()
+        self.lr_groups.regroup()
+
+    def _setup_control(self) -> None:
+        self.commands = Commands(self)
+        self.control = RunControl(
+            self.events,
+            self.progress.now,
+            self.commands,
+            self.unwritten,
+            apply_due=self.runtime.apply_due,
+            save_checkpoint=self.save_checkpoint,
+            dist=self.dist,
+            run_dir=self.run_dir,
+        )
+
+    def _setup_trainer(self, task: Task) -> None:
+        self.trainer = Trainer(
+            self.config,
+            self.runtime,
+            self.lr_groups,
+            task,
+            self.stream,
+            progress=self.progress,
+            reporter=self.events,
+            control=self.control,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            scaler=self.scaler,
+            dist=self.dist,
+            system=self.system,
+            run_dir=self.run_dir,
+        )
+
+    def _load_model(self, source: str, task: Task) -> torch.nn.Module:
+        """``source`` with the task's head, a new head drawn from the run's seed alone, so loading again gives the
+        same model (distillation's ``initial`` teacher)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return load_model(source, type(task).model_kind, num_labels=task.num_labels, tokenizer=self.tokenizer)
+
+    def initial_model(self) -> torch.nn.Module:
+        """The model as this run loaded it at step 0, a new copy."""
+        if self._given_model is not None:
+            return copy.deepcopy(self._given_model)
+        try:
+            return self._load_model(self.config.model, self.task)
+        except ModelLoadError as exc:
+            raise PolicyError(str(exc)) from None
+
+    def load_teacher(self, source: str) -> torch.nn.Module:
+        try:
+            return load_model(
+                source, type(self.task).model_kind, num_labels=None, tokenizer=self.tokenizer, trained=True
+            )
+        except ModelLoadError as exc:
+            raise PolicyError(str(exc)) from None
+
+    def hello(self) -> dict[str, Any]:
+        """Snapshot a client needs to draw everything from scratch."""
+        return event(
+            "hello",
+            run=self.run_dir.name if self.run_dir else None,
+            run_dir=str(self.run_dir) if self.run_dir else None,
+            pid=os.getpid(),
+            config=self.config.model_dump(),
+            model_path=resolve_model_name(self.config.model),
+            task=self.task.name,
+            metric=self.task.metric,
+            units=describe_units(self.units, self.params),
+            policy=self.replayable_policy().model_dump(mode="json", exclude_none=True),
+            current=self.current.model_dump(mode="json", exclude_none=True),
+            scheduled=self.scheduled(),
+            state=self.state.value,
+            step=self.step,
+            total_steps=self.config.steps,
+            trainable=self.trainable_count(),
+            total_params=count_params(self.model),
+            device=str(self.device),
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit code once ``run`` returned: 1 when a fault stopped the run."""
+        return 1 if self.stop is not None and self.stop.fault else 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.run_dir:
+            return None
+        state = {
+            "policy": self.record.initial_policy.model_copy(update={"timeline": self.record.recorded}).model_dump(
+                mode="json", exclude_none=True
+            ),
+            "pending": [e.model_dump(mode="json", exclude_none=True) for e in self.pending],
+            "triggers": [e.model_dump(mode="json", exclude_none=True) for e in self.triggers],
+            "metric_range": self.metric_range,
+            "stream": self.stream.state_dict(),
+            "samples_seen": self.samples_seen,
+            "config": self.config.model_dump(),
+            "label_names": getattr(
+                self.task, "label_names", None
+            ),  # the label of each class id: `spu eval` maps new data by it
+            "methods": {type(m).__name__: m.state_dict() for m in self.methods},
+            "warm_from": self.warm_from,
+            "rng": ckpt.rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+        path = ckpt.save_checkpoint(
+            self.run_dir / CHECKPOINTS,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            keep=self.config.keep_checkpoints,
+            method_tensors=ckpt.method_tensors(self.methods),
+        )
+        self._saved_step = self.step
+        self.emit("checkpoint", step=self.step, path=str(path))
+        return path
+
+    def resume_from(self, path: Path, fresh_optimizer: bool = False) -> None:
+        """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint.
+
+        ``fresh_optimizer``: the user accepts fresh optimizer state when the checkpoint's is missing or unusable
+        (the weights must verify all the same); without it such a checkpoint is a CheckpointError naming the flag.
+        """
+        state = ckpt.read_state(path, ignore=(ckpt.OPTIMIZER,) if fresh_optimizer else ())
+        policy = Policy.model_validate(state["policy"])
+        rt = self.runtime
+        self.record.initial_policy = policy.state()
+        self.record.recorded = list(policy.timeline)
+        rt.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
+        # the triggers with the steps they fired at
+        rt.triggers = [TimelineEntry.model_validate(e) for e in state.get("triggers", [])]
+        rt.metric_range = state.get("metric_range", {})
+        self.progress.step = state["step"]
+        rt.current = policy.at_step(self.step)
+        rt.configure_methods(rt.current)  # before the weights: a method may add tensors (adapters, LoRA)
+        for m in self.methods:
+            m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
+        rt.apply_trainable()
+        self.lr_groups.warm_from = dict(state.get("warm_from", {}))
+        self.lr_groups.regroup()  # the groups the checkpoint's optimizer state was saved with
+        ckpt.load_weights(path, self.model)
+        problem = ckpt.load_optimizer_or_fresh(
+            path, self.optimizer, fresh_optimizer, self.run_dir or path.parent.parent
+        )
+        if problem:
+            self.log(
+                f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning"
+            )
+        ckpt.restore_method_tensors(self.methods, ckpt.load_method_tensors(path))
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.stream.load_state_dict(state["stream"])
+        self.trainer.samples_seen = state.get("samples_seen", 0)
+        ckpt.restore_rng(state["rng"])
+        # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
+        self.emit(
+            "resumed", step=self.step, checkpoint=str(path), message=f"resumed from {path.name} at step {self.step}"
+        )
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> str:
+        """Train to ``config.steps`` or until stopped; returns the final state."""
+        self._begin()
+        try:
+            while self.step < self.config.steps:
+                self.control.boundary()
+                if self.control.stop is not None:
+                    break
+                self._one_step()
+            if (
+                self.system is not None and self.system.has_steps
+            ):  # the steps since the last sample, even in a short run
+                self.emit("system", step=self.step, **self.system.sample())
+            if self.control.stop is None:
+                self._last_evaluation_and_writes()
+            return self._end()
+        finally:
+            if self.events.event_log is not None and self.events.event_log.unwritten:
+                self.unwritten.write(EVENTS, self.events.event_log.flush)
+
+    def _begin(self) -> None:
+        """policy.yaml and config.json written, the state ``training``, and the full snapshot for clients that
+        connected while loading and for events.jsonl (history of a dead run)."""
+        self.record.save_policy()
+        self._save_config()
+        trainable = f"trainable {self.trainable_count():,} of {count_params(self.model):,}"
+        self.control.set_state(RunState.TRAINING, trainable)
+        self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
+
+    def _one_step(self) -> None:
+        """One optimizer step, then the evaluation and checkpoint it makes due."""
+        trainer, taken = self.trainer, self.step
+        fields = trainer.survive_oom(trainer.train_step, "training step")
+        self._after_step(fields if self.step > taken else None)
+        if self.step == taken:
+            return  # batch skipped (non-finite) or out of memory: nothing new to evaluate or save
+        if trainer.eval_due():
+            self._evaluated(trainer.survive_oom(trainer.evaluate, "evaluation"))
+        if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+            self.control.save_or_pause()
+
+    def _last_evaluation_and_writes(self) -> None:
+        """A run that was not stopped: evaluated and checkpointed at its last step, its policy saved."""
+        if self.trainer.evaluated_at != self.step:
+            self._evaluated(self.trainer.survive_oom(self.trainer.evaluate, "evaluation"))
+            self._saved_step = None  # evaluation hooks may have changed method state
+        if self._saved_step != self.step:
+            self.control.save_or_pause()
+        self.record.save_policy()
+        if self.unwritten:
+            self.control.boundary()  # the last writes wait for space like any other
+
+    def _end(self) -> str:
+        stop = self.control.stop
+        if stop is not None:
+            self.control.set_state(RunState.STOPPED, stop.reason or f"stopped at step {self.step}")
+            return RunState.STOPPED.value
+        self.control.set_state(RunState.FINISHED, f"{self.step} steps")
+        return RunState.FINISHED.value
+
+    def _save_config(self) -> None:
+        if self.run_dir:
+            self.unwritten.write(CONFIG, lambda: write_config(self.run_dir, self.config))
+
+    def _after_step(self, fields: dict[str, Any] | None) -> None:
+        """After a step (``fields`` None: none was taken): the system event when due, and what trackers had to say."""
+        if self.system is not None:
+            self.system.stepped(fields["step_time"] if fields else None)
+            if self.system.due():
+                self.emit("system", step=self.step, **self.system.sample())
+        if self.trackers is not None:
+            for message in self.trackers.problems():
+                self.log(message, "warning")
+
+    def _evaluated(self, metrics: dict[str, float] | None) -> None:
+        """An evaluation the run schedules (every ``eval_every`` steps, and the last): the when-triggers decide on it.
+        A replay repeats these; `r`'s evaluations do not count, so they cannot make a replay diverge."""
+        if self.dist is not None:  # every rank decides on rank 0's numbers, so all fire at the same step
+            metrics = self.dist.broadcast(metrics)
+        if not metrics:
+            return
+        try:
+            self.runtime.on_evaluation(self.step, metrics)
+        except TimelineRefused as exc:
+            self.control.timeline_failed(exc.entry, exc)
+
+    def close(self) -> None:
+        if (
+            self.trackers is not None
+        ):  # what they still hold is written first; a failure there is a warning like any other
+            self.sinks.remove(self.trackers)
+            for message in self.trackers.close():
+                self.log(message, "warning")
+            self.trackers = None
+        if self.events.event_log is not None:
+            left = self.events.event_log.close()
+            if left:
+                print(f"spu-engine: {left} last events could not be written to {EVENTS}", file=sys.stderr, flush=True)
+            self.events.event_log = None

@@ -1,0 +1,387 @@
+"""One training step and one evaluation, computed: what the engine runs between two boundaries.
+
+``Trainer`` is the engine's arithmetic, a component on the policy runtime
+(``runtime.PolicyRuntime``: model, optimizer, methods, what trains) that names
+in its constructor whatever else it uses: batches drawn from the data stream
+(the same global batch on every rank, each rank its share), the per-sample loss
+selective backprop needs, backward with the AMP scaler, the warm-up and linear
+decay of the learning rate, clipping, the optimizer step, and the ``step`` and
+``units`` events.  Methods hook in at fixed points (``before_step``,
+``after_backward``, ``on_gradients``, ``after_optimizer_step``); a method whose
+``forward_backward`` gives one (selective backprop) replaces the plain one, with
+the trainer as its ``methods.base.TrainingLoop``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from spu_engine.core.config import EngineConfig
+from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.distributed import Distributed
+from spu_engine.loop.faults import MAX_NONFINITE_SKIPS, free_memory, is_out_of_memory, nonfinite_report, oom_advice
+from spu_engine.loop.lifecycle import Stop
+from spu_engine.loop.lr_groups import LrGroups, group_lr_scale
+from spu_engine.loop.system_metrics import SystemSampler
+from spu_engine.runtime.policy_runtime import PolicyRuntime, Reporter
+from spu_engine.runtime.unit_stats import after_update, before_update
+from spu_engine.tasks import Task
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
+COLLAPSED_SHARE = 0.99  # of the evaluated examples given the most common answer: a classifier that has collapsed to it
+
+
+def pick_device(config: EngineConfig, dist: Distributed | None) -> tuple[torch.device, torch.dtype | None]:
+    """The device to train on and the autocast dtype (None: fp32); bf16 where the GPU has it, else fp16 with a scaler."""
+    if dist is not None:
+        device = dist.device
+    else:
+        device = torch.device(
+            config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+    if config.precision == "fp32" or device.type != "cuda":
+        return device, None
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_bf16_supported())
+    return device, torch.bfloat16 if bf16 else torch.float16
+
+
+def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim.Optimizer:
+    """AdamW over every parameter (frozen ones get no gradient, so no update), no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if any(k in n for k in NO_DECAY) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    for g in opt.param_groups:
+        g["base_lr"] = config.lr
+    return opt
+
+
+@dataclass
+class Progress:
+    """Optimizer steps taken: the one count the engine's components read, moved on by the trainer alone."""
+
+    step: int = 0
+
+    def now(self) -> int:
+        return self.step
+
+
+class RunSignals(Protocol):
+    """What a step or an evaluation asks of the run's control (``lifecycle.RunControl``)."""
+
+    stop: Stop | None
+    stop_signal: str | None  # a stop signal arrived: an evaluation is abandoned
+
+    def pause(self, message: str = "") -> None: ...
+    def save_or_pause(self) -> None: ...
+
+
+class Trainer:
+    """The step and evaluation arithmetic of ``Engine``, and what it does when a batch or an evaluation fails; the
+    ``methods.base.TrainingLoop`` of a method that replaces the forward and backward pass."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runtime: PolicyRuntime,
+        groups: LrGroups,
+        task: Task,
+        stream: BatchStream,
+        *,
+        progress: Progress,
+        reporter: Reporter,
+        control: RunSignals,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        scaler: Any,
+        dist: Distributed | None,
+        system: SystemSampler | None,
+        run_dir: Path | None,
+    ) -> None:
+        self.config, self.runtime, self.groups, self.task, self.stream = config, runtime, groups, task, stream
+        self.progress, self.reporter, self.control = progress, reporter, control
+        self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
+        self.dist, self.system, self.run_dir = dist, system, run_dir
+        self.model = runtime.model
+        self.optimizer: torch.optim.Optimizer = runtime.optimizer
+        self.methods = runtime.methods
+        self.samples_seen = 0
+        self.evaluated_at: int | None = None  # the step of the last finished evaluation
+        self.collapsed = False  # the last evaluation gave (nearly) every example one answer
+        self._nonfinite_streak = 0
+        self._step_time_ema: float | None = None
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        return self.runtime.params
+
+    @property
+    def units(self):
+        return self.runtime.units
+
+    @property
+    def current(self):
+        return self.runtime.current
+
+    def emit(self, type_: str, **fields: Any) -> Any:
+        return self.reporter.emit(type_, **fields)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.reporter.log(message, level)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def next_batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
+        """``n`` examples per rank: ranks draw the same global batch and each takes its share."""
+        n = n or self.config.batch_size
+        if self.dist is None:
+            return self.batch_of(self.stream.take(n))
+        return self.batch_of(self.dist.shard(self.stream.take(n * self.dist.world_size)))
+
+    def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """These training examples, collated (padded to their longest) and on the device; a batch that trains (its
+        forward builds a graph, not selective backprop's scoring) is counted for the system event, still on the CPU."""
+        batch = self.task.collate([self.task.train[i] for i in indices])
+        if self.system is not None and torch.is_grad_enabled():
+            self.system.count(batch)
+        return self._to_device(batch)
+
+    def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss training minimises: the task's, or what a method makes of it (distillation mixes in a KL)."""
+        with self._autocast():
+            for m in self.methods:
+                loss = m.per_sample_loss(self, batch) if m.active else None
+                if loss is not None:
+                    return loss
+            return self.task.per_sample_loss(self.model, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if (
+            not loss.requires_grad
+        ):  # nothing trains (e.g. bias-only skipping with LoRA on a model whose head has no bias)
+            return
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _lr_factor(self, step: int) -> float:
+        warm = self.config.warmup_steps()
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (self.config.steps - step) / max(1, self.config.steps - warm))
+
+    def _forward_backward(self) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        """Loss (detached), samples consumed, extra stats.  Selective backprop replaces this."""
+        for m in self.methods:
+            done = m.forward_backward(self) if m.active else None
+            if done is not None:
+                return done
+        batch = self.next_batch()
+        loss = self.per_sample_loss(batch).mean()
+        self.backward(loss)
+        return loss.detach(), self.config.batch_size, {}
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        step = self.step
+        for m in self.methods:
+            m.before_step(step)
+        self.groups.end_ramps(step)
+        factor, warm_in = self._lr_factor(step), self.current.lr.warm_in
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor * group_lr_scale(g, step, warm_in)
+        loss, n_samples, extra = self._forward_backward()
+        for m in self.methods:
+            m.after_backward(step)
+        if self.dist is not None:
+            loss = self.dist.average_gradients(
+                [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad], loss
+            )
+            n_samples *= self.dist.world_size
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            return self.on_nonfinite(loss_value)
+        trainable = [
+            p for p in self.params.values() if p.grad is not None
+        ]  # model order, as model.parameters(); no module walk
+        stats_due = (step + 1) % self.config.stats_every == 0
+        if self.scaler and trainable:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.config.grad_clip > 0 and trainable:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
+        elif trainable and not self.scaler:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
+        # a finite loss can still give an inf/nan gradient; never step on one (GradScaler handles its own)
+        if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
+            return self.on_nonfinite(loss_value)
+        self._nonfinite_streak = 0
+        for m in self.methods:
+            m.on_gradients(step)
+        before = before_update(self.units, self.params) if stats_due else None
+        if trainable and self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif trainable:  # with no gradient at all (selective backprop kept no sample) no parameter moves
+            self.optimizer.step()
+        for m in self.methods:
+            m.after_update(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.samples_seen += n_samples
+        for m in self.methods:
+            m.after_optimizer_step(step)
+        dt = time.perf_counter() - t0
+        for m in self.methods:
+            m.after_step(self.step, loss_value, dt)
+        self._step_time_ema = dt if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * dt
+        fields = dict(
+            step=self.step,
+            loss=round(loss_value, 6),
+            lr=self.optimizer.param_groups[0]["lr"],
+            step_time=round(dt, 5),
+            samples_per_s=round(
+                self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2
+            ),
+            samples=self.samples_seen,
+            trainable=sum(
+                p.numel() for p in self.params.values() if p.requires_grad
+            ),  # trainable_count() without the module walk
+            **extra,
+        )
+        for m in self.methods:
+            fields.update(m.stats(self.step))
+        self.emit("step", **fields)
+        if before is not None:
+            self.emit("units", step=self.step, **after_update(self.units, self.params, before))
+        return fields
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.config.eval_batch_size
+        feats = self.task.eval
+
+        def batches():
+            for i in range(0, len(feats), bs):
+                if self.control.stop_signal:  # SIGTERM: the checkpoint must not wait for a long evaluation
+                    raise EvaluationInterrupted
+                yield self._to_device(self.task.collate(feats[i : i + bs]))
+
+        try:
+            with self._autocast():
+                metrics = self.task.evaluate(self.model, batches())
+        except EvaluationInterrupted:
+            self.log(f"{self.control.stop_signal}: evaluation at step {self.step} abandoned", "warning")
+            return {}
+        finally:
+            self.model.train(was_training)
+        self.evaluated_at = self.step
+        for m in self.methods:
+            m.on_eval(self.step, metrics)
+        self.emit("eval", step=self.step, **metrics)
+        self._say_if_collapsed(metrics)
+        return metrics
+
+    def _say_if_collapsed(self, metrics: dict[str, float]) -> None:
+        """A classifier that gives (nearly) every evaluated example the same answer has stopped using its input:
+        said when it happens and when it ends, since an accuracy equal to one class's share looks like learning."""
+        share, n = metrics.get("top_answer_share"), int(metrics.get("eval_samples", 0))
+        if share is None or n < 20:
+            return
+        collapsed = share >= COLLAPSED_SHARE
+        if collapsed and not self.collapsed:
+            said = "".join(f"; {note}" for m in self.methods if (note := m.collapse_note()) is not None)
+            self.log(
+                f"step {self.step}: {round(share * n)} of the {n} evaluated examples got the same answer; the model has collapsed "
+                f"to one class (its accuracy {metrics['accuracy']:.4f} is that class's share)" + said,
+                "warning",
+            )
+        elif self.collapsed and not collapsed:
+            self.log(
+                f"step {self.step}: the model answers by its input again (the most common answer {100 * share:.1f} % of {n})"
+            )
+        self.collapsed = collapsed
+
+    def eval_due(self) -> bool:
+        """Every ``eval_every`` steps, and when a method asks (IMP at each round's end)."""
+        every = self.config.eval_every
+        return bool(every and self.step % every == 0) or any(m.eval_due(self.step) for m in self.methods)
+
+    def on_nonfinite(self, loss_value: float) -> dict[str, Any]:
+        """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""
+        report = nonfinite_report(self.params, self.units, loss_value, self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_streak += 1
+        action, message = self.current.faults.on_nonfinite, report["message"]
+        if action == "skip" and self._nonfinite_streak >= MAX_NONFINITE_SKIPS:
+            action = "stop"
+            message += f"; {self._nonfinite_streak} batches in a row, so skipping does not help"
+        message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
+        self.emit(
+            "error",
+            step=self.step,
+            message=message,
+            kind="nonfinite",
+            loss=str(loss_value),
+            units=report["units"],
+            weights=report["weights"],
+            action=action,
+        )
+        if action == "pause":
+            self.control.pause(message)
+        elif action == "stop":
+            self.control.stop = Stop(message, fault=True, owes_checkpoint=not report["weights"])
+            if report["weights"]:
+                self.log(
+                    "not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning"
+                )
+            else:
+                self.control.save_or_pause()
+        return {"step": self.step, "loss": loss_value, "skipped": True}
+
+    def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
+        try:
+            return fn()
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            detail = str(exc).strip().split("\n")[0][:300]
+        # outside the except block: the traceback and the tensors its frames held are gone
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        free_memory(self.device)
+        message, suggested = oom_advice(what, self.step, detail, self.config, self.run_dir)
+        self.emit("error", step=self.step, message=message, kind="oom", suggested=suggested)
+        self.control.pause(message)
+        return None
+
+
+class EvaluationInterrupted(Exception):
+    """A stop signal arrived during evaluation."""

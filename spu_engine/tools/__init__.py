@@ -1,0 +1,1 @@
+"""The commands that read a finished or running run: ``spu report``, ``spu export``, ``spu eval``, ``spu ablate``."""

@@ -1,0 +1,33 @@
+"""Export a run's model as a standard Hugging Face folder, pruning masks folded in (``spu export``).
+
+- ``run.py``: ``export_run``, the whole export, and its ``ExportReport``.
+- ``weights.py``: the checkpoint loaded into the run's architecture, LoRA merged, masks folded.
+- ``ffn.py``, ``blocks.py``, ``heads.py``: ``--compact``, removing the FFN neurons, GPT-2 blocks and attention
+  heads that pruning killed, so the saved model is physically smaller and faster.
+- ``save.py``: the folder, with the loading code when heads were removed.
+- ``probe.py``: a probe batch, to time the dense and compact models and compare their outputs.
+"""
+
+from spu_engine.tools.export.blocks import remove_blocks
+from spu_engine.tools.export.errors import ExportError
+from spu_engine.tools.export.ffn import compact_ffn, fold_constant_neurons
+from spu_engine.tools.export.heads import compact_attention
+from spu_engine.tools.export.probe import probe_batch, time_forward
+from spu_engine.tools.export.run import ExportReport, export_run
+from spu_engine.tools.export.save import save_model
+from spu_engine.tools.export.weights import fold_masks, merge_lora
+
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "compact_attention",
+    "compact_ffn",
+    "export_run",
+    "fold_constant_neurons",
+    "fold_masks",
+    "merge_lora",
+    "probe_batch",
+    "remove_blocks",
+    "save_model",
+    "time_forward",
+]

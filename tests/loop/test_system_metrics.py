@@ -1,0 +1,184 @@
+"""System metrics: the engine's sampler (CPU here; the GPU branch against a stand-in torch.cuda), the ``system``
+events of a real run, and the console's header and System panel drawing them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spu_engine.core.protocol import SystemEvent, event, read_event
+from spu_engine.loop.system_metrics import SystemSampler
+from spu_tui.app import SpuApp
+from spu_tui.widgets.run_header import RunHeader
+from spu_tui.widgets.system_view import SystemView
+from support import ScriptedLink, record_run, screen_lines
+
+CPU_FIELDS = ("cpu_process", "cpu_machine", "cpu_count", "rss", "ram_used", "ram_total")
+
+
+def test_the_sampler_on_cpu_counts_trained_tokens_and_reports_no_gpu():
+    sampler = SystemSampler([torch.device("cpu")], every=0.0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    sampler.count({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask})
+    sampler.stepped(None)  # a skipped step: its batch does not count
+    assert not sampler.has_steps
+    sampler.count({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask})
+    sampler.stepped(0.5)
+    assert not sampler.due()  # every 0: no event on its own
+    fields = sampler.sample()
+    assert fields["samples_per_s"] == 4.0 and fields["tokens_per_s"] == 10.0 and fields["seconds"] == 0.5
+    assert (
+        all(fields[k] is not None for k in CPU_FIELDS)
+        and fields["rss"] > 0
+        and fields["ram_total"] >= fields["ram_used"] > 0
+    )
+    assert "gpus" not in fields and not any("gpu" in k for k in fields)
+    assert isinstance(read_event(event("system", step=1, **fields)), SystemEvent)
+    assert "samples_per_s" not in sampler.sample()  # a new interval: no steps, no throughput
+
+
+def test_the_gpu_branch_reads_nvml_and_falls_back_to_the_allocator(monkeypatch):
+    """No GPU here: torch.cuda's readers stand in, so the fields a GPU run sends are checked all the same."""
+
+    class Props:
+        name, total_memory = "H200", 80 * 2**30
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setattr(cuda, "memory_allocated", lambda i: 3 * 2**30)
+    monkeypatch.setattr(cuda, "memory_reserved", lambda i: 4 * 2**30)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda i: 5 * 2**30)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda i: (70 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(cuda, "utilization", lambda i: 87)
+    monkeypatch.setattr(cuda, "device_memory_used", lambda i: 12 * 2**30)
+    sampler = SystemSampler([torch.device("cuda", 1)], every=10.0)
+    sampler.nvml = True
+    gpu = sampler.sample()["gpus"]["1"]
+    assert gpu == {
+        "name": "H200",
+        "memory_total": 80 * 2**30,
+        "allocated": 3 * 2**30,
+        "reserved": 4 * 2**30,
+        "max_allocated": 5 * 2**30,
+        "utilization": 87.0,
+        "memory_used": 12 * 2**30,
+    }
+
+    def no_driver(i):
+        raise RuntimeError("NVML: insufficient permissions")
+
+    monkeypatch.setattr(cuda, "utilization", no_driver)
+    gpu = sampler.sample()["gpus"]["1"]
+    assert "utilization" not in gpu and gpu["memory_used"] == 10 * 2**30  # the driver's free memory
+    assert sampler.nvml is False
+
+
+def test_a_short_run_writes_system_events_with_cpu_ram_and_throughput(make_engine, tmp_path):
+    run_dir = tmp_path / "run"
+    engine = make_engine(run_dir=run_dir, steps=6, system_every=0.001)
+    engine.run()
+    engine.close()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    system = [e for e in events if e["type"] == "system"]
+    assert [e["step"] for e in system] == [1, 2, 3, 4, 5, 6]  # every step here, as system_every is tiny
+    for e in system:
+        assert e["samples_per_s"] > 0 and e["tokens_per_s"] > e["samples_per_s"]  # sentences of more than one token
+        assert all(e[k] is not None for k in CPU_FIELDS)
+        if not torch.cuda.is_available():
+            assert "gpus" not in e
+    trained = sum(e["samples_per_s"] * e["seconds"] for e in system)
+    assert trained == pytest.approx(6 * 8, rel=0.02)  # every sample of the 6 batches of 8, and nothing else
+
+
+def test_selective_backprop_counts_the_samples_it_trains_not_those_it_only_scored(make_engine, tmp_path):
+    from spu_engine.core.policy import Policy
+
+    run_dir = tmp_path / "run"
+    policy = Policy.model_validate({"selective_backprop": {"mode": "percentile", "keep": 0.5}})
+    engine = make_engine(run_dir=run_dir, policy=policy, steps=4, system_every=0.001)
+    engine.run()
+    engine.close()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    system = [e for e in events if e["type"] == "system"]
+    assert engine.samples_seen > 4 * 8  # it drew more than it trained on
+    assert sum(e["samples_per_s"] * e["seconds"] for e in system) == pytest.approx(4 * 8, rel=0.02)
+
+
+def test_the_last_steps_get_a_system_event_even_in_a_run_shorter_than_the_interval(make_engine, tmp_path):
+    run_dir = tmp_path / "run"
+    engine = make_engine(run_dir=run_dir, steps=3, system_every=3600.0)
+    engine.run()
+    engine.close()
+    system = [
+        json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if '"type":"system"' in line
+    ]
+    assert [e["step"] for e in system] == [3]
+
+
+@pytest.fixture(scope="module")
+def system_run(tmp_path_factory, tokenizer):
+    return record_run(tmp_path_factory, tokenizer, "system", [], steps=8, eval_every=4, system_every=0.001)
+
+
+async def test_header_and_panel_show_the_system_metrics_and_no_gpu_on_cpu(system_run):
+    run_dir, history = system_run
+    last = [e for e in history if e["type"] == "system"][-1]
+    app = SpuApp(run_dir, history=history, connect=False)
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.5)
+        assert len(app.state.system) == 8
+        text = "\n".join(screen_lines(app))
+        header = str(app.query_one(RunHeader).render())
+        assert f"CPU {last['cpu_process']:.0f}%" in header and f"RAM {last['rss'] / 2**30:.1f}G" in header
+        tokens = app.state.samples_per_s * last["tokens_per_s"] / last["samples_per_s"]  # on the header's clock
+        assert f"{app.state.samples_per_s:,.1f} samples/s  {tokens:,.0f} tokens/s" in header
+        panel = str(app.query_one(SystemView).render())
+        for label in ("tokens/s", "samples/s", "CPU engine", "CPU machine", "RAM engine", "RAM machine"):
+            assert label in panel and label in text
+        assert "▁" in panel or "█" in panel or any(c in panel for c in "▂▃▄▅▆▇")  # the sparklines
+        assert "GPU" not in text  # nothing about a GPU this machine does not have
+        await pilot.resize_terminal(80, 24)
+        await pilot.press("6")
+        await pilot.pause(0.3)
+        text = "\n".join(screen_lines(app))
+        assert "tokens/s" in text and "CPU engine" in text and "GPU" not in text
+
+
+async def test_a_gpu_sample_shows_in_the_header_and_the_panel(system_run):
+    run_dir, history = system_run
+    link = ScriptedLink()
+    app = SpuApp(run_dir, history=history, link=link)
+    gpu = {
+        "name": "H200",
+        "utilization": 87.0,
+        "memory_used": 12 * 2**30,
+        "memory_total": 80 * 2**30,
+        "allocated": 9 * 2**30,
+    }
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.3)
+        link.deliver(
+            event(
+                "system",
+                step=9,
+                seconds=1.0,
+                samples_per_s=8.0,
+                tokens_per_s=120.0,
+                cpu_process=99.0,
+                rss=2**30,
+                gpus={"0": gpu},
+            )
+        )
+        await pilot.pause(1.5)
+        header = str(app.query_one(RunHeader).render())
+        assert "GPU0 87% 12.0G/80.0G" in header
+        panel = str(app.query_one(SystemView).render())
+        assert (
+            "GPU0 util" in panel
+            and "87 %" in panel
+            and "GPU0 mem" in panel
+            and "12.0G/80.0G" in panel
+            and "GPU0 torch" in panel
+        )
