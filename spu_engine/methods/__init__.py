@@ -10,6 +10,6 @@ registry holds specs, and an implementation is imported when a host builds it.
 
 from __future__ import annotations
 
-from spu_engine.methods.registry import METHODS, SPECS, method_classes, section_specs
+from spu_engine.methods.registry import METHODS, SPECS, ablated_method, method_classes, section_specs
 
-__all__ = ["METHODS", "SPECS", "method_classes", "section_specs"]
+__all__ = ["METHODS", "SPECS", "ablated_method", "method_classes", "section_specs"]

@@ -47,6 +47,11 @@ def section_specs() -> dict[str, SectionSpec]:
     return sections
 
 
+def ablated_method() -> MethodSpec | None:
+    """The method whose tensors `spu ablate` removes block by block, if one is registered (its spec's ``ablates``)."""
+    return next((spec for spec in SPECS if spec.ablates), None)
+
+
 def method_classes() -> list[type]:
     """The implementations (``methods.base.Method`` subclasses) in run order, importing them and so torch."""
     return [spec.load() for spec in METHODS]

@@ -7,7 +7,7 @@ engine imports a method's implementation only when it builds its methods.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -55,7 +55,13 @@ class MethodSpec:
     section_spec: SectionSpec
     implementation: str  # "spu_engine.methods.peft.lora:LoRA"
     stage: Stage = Stage.TRAINS
+    switch: str | None = None  # the setting that turns it on: a bool, or where methods share a section, its name
+    ablates: str | None = None  # what `spu ablate` removes of it block by block ("Houlsby adapters"); None: none
     _cls: list[type] = field(default_factory=list, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ablates and self.switch is None:
+            raise TypeError(f"{self.name}: an ablatable method says which setting turns it on (switch)")
 
     @property
     def section(self) -> str:
@@ -64,6 +70,21 @@ class MethodSpec:
     @property
     def settings(self) -> type[Section]:
         return self.section_spec.settings
+
+    def switch_value(self, values: Mapping[str, Any]) -> Any:
+        """The switch's value in ``values`` (the section as the policy carries it), its default if unset."""
+        if self.switch is None:
+            raise TypeError(f"{self.name} names no switch")
+        return values.get(self.switch, self.settings.model_fields[self.switch].get_default())
+
+    def in_use(self, values: Mapping[str, Any]) -> bool:
+        """Whether the section's ``values`` turn this method on (its switch is on, or names it)."""
+        value = self.switch_value(values)
+        return value if isinstance(value, bool) else value == self.name
+
+    def switch_text(self, values: Mapping[str, Any]) -> str:
+        """The switch as the policy writes it: ``peft.method: none``."""
+        return f"{self.section}.{self.switch}: {self.switch_value(values)}"
 
     def load(self) -> type:
         """The implementation's class, a ``methods.base.Method`` (imports it, and so torch, the first time; not named

@@ -20,6 +20,7 @@ from textual.timer import Timer
 from spu_engine.core.policy import Change
 from spu_engine.core.protocol import PreviewEvent
 from spu_engine.core.run_states import RunState
+from spu_engine.methods import ablated_method
 from spu_tui.link import EventsArrived
 from spu_tui.screens.ablation import AblationFailed, AblationScreen, ablate
 from spu_tui.screens.export import ExportScreen
@@ -223,9 +224,13 @@ class RunScreen(PanelsScreen):
         """Houlsby et al.'s Fig. 6 on this run: its checkpoint evaluated without each block's adapters, in a process of
         its own (`spu ablate`), so neither the console nor the run waits; a paused run is checkpointed first, and the
         ablation starts when the engine says the checkpoint is written."""
-        method = self.state.policy.get("peft", {}).get("method", "none")
-        if method != "adapter":
-            self._say(f"ablate: removes Houlsby adapters, and this run has none (peft.method: {method})", error=True)
+        spec = ablated_method()
+        if spec is None:
+            self._say("ablate: no registered method has an ablation", error=True)
+            return
+        values = self.state.policy.get(spec.section, {})
+        if not spec.in_use(values):
+            self._say(f"ablate: removes {spec.ablates}, and this run has none ({spec.switch_text(values)})", error=True)
             return
         live = self.session.live
         if live and self.state.state != RunState.PAUSED:

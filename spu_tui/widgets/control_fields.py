@@ -1,10 +1,12 @@
-"""The method controls' one table of fields; all else about a field comes from the policy's own models.
+"""The console's sections and their fields: the methods' from the registry, the core ones (learning rates) here.
 
-A field names where its value lives in the policy (section and path), its
-widget id and its label.  Whether it is a choice (a ``Literal`` or a ``bool``)
-or a number (``int`` / ``float``), its default, its allowed range and the
-checks across fields are read from the pydantic models the engine validates
-with, so the console can never disagree with the engine about them.
+Each method's section (its title, fields and status line) is its ``SectionSpec`` in
+``spu_engine.methods.registry``; the console names no method.  A field names where
+its value lives in the policy (section and path), its widget id and its label.
+Whether it is a choice (a ``Literal`` or a ``bool``) or a number (``int`` /
+``float``), its default, its allowed range and the checks across fields are read
+from the pydantic models the engine validates with, so the console can never
+disagree with the engine about them.
 """
 
 from __future__ import annotations
@@ -16,22 +18,37 @@ from typing import Any, Literal, get_args, get_origin
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ValidationError
 
-from spu_engine.core.policy import Policy
+from spu_engine.core.policy import LearningRates, Policy
 from spu_engine.core.validation import error_text
+from spu_engine.methods import registry
+from spu_engine.methods.spec import ConsoleField, SectionSpec, Stage
 
-TITLES = {
-    "selective_backprop": "Selective backprop",
-    "weight_update_skipping": "Weight-update skipping",
-    "pruning": "Pruning",
-    "peft": "PEFT",
-    "distillation": "Distillation",
-    "lr": "Learning rates",
-    "auto_freeze": "Automatic freezing",
-}
+LEARNING_RATES = SectionSpec(
+    "lr",
+    LearningRates,
+    title="Learning rates",
+    fields=(ConsoleField("decay", "lr-decay", "layer decay"), ConsoleField("warm_in", "lr-warm-in", "warm-in steps")),
+)
+
+
+def console_sections() -> dict[str, SectionSpec]:
+    """The sections the controls show, in order: the registry's method sections in policy order, the learning rates
+    before the methods whose decisions change what trains (they write freeze rules, listed right after them)."""
+    deciding = {spec.section for spec in registry.SPECS if spec.stage is Stage.DECIDES_TRAINING}
+    methods = registry.section_specs()
+    return {
+        **{name: spec for name, spec in methods.items() if name not in deciding},
+        LEARNING_RATES.name: LEARNING_RATES,
+        **{name: spec for name, spec in methods.items() if name in deciding},
+    }
+
+
+CONSOLE_SECTIONS = console_sections()
+TITLES = {name: spec.title for name, spec in CONSOLE_SECTIONS.items()}
 
 
 def section_model(section: str) -> type[BaseModel]:
-    return Policy.model_fields[section].annotation  # type: ignore[return-value]
+    return CONSOLE_SECTIONS[section].settings
 
 
 @dataclass(frozen=True)
@@ -117,41 +134,12 @@ class ControlField:
         return None
 
 
-FIELDS = [
-    ControlField("selective_backprop", "mode", "sb-mode", "mode"),
-    ControlField("selective_backprop", "threshold", "sb-threshold", "threshold"),
-    ControlField("selective_backprop", "keep", "sb-keep", "keep"),
-    ControlField("weight_update_skipping", "enabled", "wus-enabled", "enabled"),
-    ControlField("weight_update_skipping", "start_phase", "wus-start", "start phase"),
-    ControlField("weight_update_skipping", "patience", "wus-patience", "patience"),
-    ControlField("pruning", "method", "pr-method", "method"),
-    ControlField("pruning", "scope", "pr-scope", "scope"),
-    ControlField("pruning", "structure", "pr-structure", "structure"),
-    ControlField("pruning", "schedule.final_sparsity", "pr-target", "target"),
-    ControlField("pruning", "schedule.start_step", "pr-start", "start step"),
-    ControlField("pruning", "schedule.end_step", "pr-end", "end step"),
-    ControlField("peft", "method", "peft-method", "method"),
-    ControlField("peft", "use_dora", "peft-dora", "DoRA"),
-    ControlField("peft", "use_rslora", "peft-rslora", "rsLoRA"),
-    ControlField("peft", "init", "peft-init", "init"),
-    ControlField("peft", "lr_ratio", "peft-ratio", "LoRA+ B/A lr"),
-    ControlField("peft", "init_r", "peft-init-r", "AdaLoRA init r"),
-    ControlField("peft", "target_r", "peft-target-r", "AdaLoRA target r"),
-    ControlField("distillation", "enabled", "kd-enabled", "enabled"),
-    ControlField("distillation", "teacher", "kd-teacher", "teacher"),
-    ControlField("distillation", "alpha", "kd-alpha", "alpha"),
-    ControlField("distillation", "temperature", "kd-temperature", "temperature"),
-    ControlField("lr", "decay", "lr-decay", "layer decay"),
-    ControlField("lr", "warm_in", "lr-warm-in", "warm-in steps"),
-    ControlField("auto_freeze", "method", "af-method", "method"),
-    ControlField("auto_freeze", "interval", "af-interval", "interval"),
-    ControlField("auto_freeze", "n_layers", "af-layers", "lisa layers"),
-    ControlField("auto_freeze", "embeddings", "af-embeddings", "lisa embeddings"),
-    ControlField("auto_freeze", "head", "af-head", "lisa head"),
-    ControlField("auto_freeze", "percentile", "af-percentile", "percentile"),
-    ControlField("auto_freeze", "allow_gaps", "af-gaps", "allow gaps"),
-    ControlField("auto_freeze", "optimizer_state", "af-optimizer", "AdamW state"),
-]
+def fields_from(sections: dict[str, SectionSpec]) -> list[ControlField]:
+    """Every section's fields, in order, as the controls show them."""
+    return [ControlField(name, f.path, f.id, f.label) for name, spec in sections.items() for f in spec.fields]
+
+
+FIELDS = fields_from(CONSOLE_SECTIONS)
 FIELD_BY_ID = {f.id: f for f in FIELDS}
 
 

@@ -1,4 +1,4 @@
-"""Method controls: selective backprop, weight-update skipping, pruning, PEFT, distillation, learning rates.
+"""Method controls: one section for each method section the registry lists, and the learning rates.
 
 Inputs validate as you type against the policy's own pydantic models, so the
 message names the field and its allowed range exactly as the engine would.
@@ -29,7 +29,7 @@ from spu_engine.core.policy import SECTIONS, Change, FreezeRule, Policy, PolicyE
 from spu_engine.core.policy_files import entry_from_text, scale_rule_from_text
 from spu_engine.core.protocol import PreviewEvent
 from spu_tui.run_model import Aspect, RunModel, describe_change
-from spu_tui.widgets.control_fields import TITLES
+from spu_tui.widgets.control_fields import CONSOLE_SECTIONS, TITLES
 from spu_tui.widgets.method_section import ApplyRequested, MethodSection, PreviewRequested, set_status
 from spu_tui.widgets.removable_list import RemovableList
 
@@ -104,11 +104,13 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     @staticmethod
     def _extra(section: str) -> list[Widget]:
-        """What a method section shows besides its fields: the phase skipping is in, the learning-rate rules."""
-        if section == "weight_update_skipping":
-            return [Static("", classes="phase", id="wus-phase")]
+        """What a section shows besides its fields: its status line if its spec has one (what its settings do now),
+        the learning-rate rules."""
+        extra: list[Widget] = []
+        if CONSOLE_SECTIONS[section].status is not None:
+            extra.append(Static("", classes="now", id=f"now-{section}"))
         if section == "lr":
-            return [
+            extra += [
                 RemovableList("no rule: every tensor at the decay's factor", id="lr-rules"),
                 Input(
                     placeholder="layers: 0-1, scale: 0.5",
@@ -118,7 +120,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
                     id="lr-rule-new",
                 ),
             ]
-        return []
+        return extra
 
     def section(self, section: str) -> MethodSection:
         return self.query_one(f"#sec-{section}", MethodSection)
@@ -141,12 +143,9 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         pol = Policy.model_validate({k: v for k, v in policy.items() if k in SECTIONS})
         for section in self.query(MethodSection):
             section.load(pol, force)
-        wus = pol.weight_update_skipping
-        phase = wus.phase or wus.start_phase
-        blocks = f" of the last {wus.last_k_blocks} blocks" if wus.last_k_blocks else ""
-        what = "every trainable tensor" if phase == "full" else f"biases only{blocks}"
-        said = f"phase now: {phase}, trains {what}" if wus.enabled else f"off; first phase when on: {wus.start_phase}"
-        self.query_one("#wus-phase", Static).update(said)
+        for name, spec in CONSOLE_SECTIONS.items():
+            if spec.status is not None:
+                self.query_one(f"#now-{name}", Static).update(spec.status(getattr(pol, name)))
         self.rules = list(pol.freeze)
         self.query_one("#rules", RemovableList).show([f"{i}: {describe_rule(r)}" for i, r in enumerate(self.rules)])
         self.scale_rules = list(pol.lr.scale)

@@ -1,4 +1,4 @@
-"""One method's controls, built from its policy section's pydantic fields (``control_fields``).
+"""One section's controls: the fields its spec lists (``control_fields``: the registry's, or the console's for lr).
 
 Each field is a choice or a number that validates as you type, with the
 message the engine's own model would give.  An edit first asks the engine what

@@ -367,6 +367,7 @@ async def test_rules_listed_and_removed_undo_key_and_errors_that_clear(recorded_
         await pilot.pause(0.2)
         rules = app.query_one("#rules")
         assert "0: freeze embeddings, block0" in str(rules.children[0].query_one("Label").render())
+        assert str(app.query_one("#now-weight_update_skipping").render()) == "off; first phase when on: full"
         rules.focus()
         await pilot.press("x")
         assert link.sent[-1] == ("change", {"change": {"set": {"freeze": []}}})

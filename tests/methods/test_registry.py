@@ -56,14 +56,77 @@ def test_the_methods_run_in_stage_order_and_each_reads_its_registered_section():
     assert [cls.section for cls in method_classes()] == [s.section for s in METHODS]
 
 
-def test_the_console_fields_are_the_registrys():
+def test_the_console_sections_are_the_registrys():
     from spu_engine.methods.registry import section_specs
-    from spu_tui.widgets.control_fields import FIELDS, TITLES
+    from spu_tui.widgets.control_fields import CONSOLE_SECTIONS, FIELDS, TITLES
 
-    for name, spec in section_specs().items():
-        assert TITLES[name] == spec.title
+    specs = section_specs()
+    assert list(TITLES) == [*(n for n in specs if n != "auto_freeze"), "lr", "auto_freeze"]  # the order as before
+    for name, spec in specs.items():
+        assert CONSOLE_SECTIONS[name] is spec and TITLES[name] == spec.title
         shown = [(f.path, f.id, f.label) for f in FIELDS if f.section == name]
         assert shown == [(f.path, f.id, f.label) for f in spec.fields]
+
+
+def test_a_method_added_to_the_registry_gets_its_section_in_the_console(monkeypatch):
+    """One registry line: its section, fields and status line reach the console; the learning rates keep their place."""
+    from pydantic import Field
+
+    from spu_engine.methods import registry
+    from spu_engine.methods.spec import ConsoleField, MethodSpec, SectionSpec
+    from spu_engine.validation import Section
+    from spu_tui.widgets import control_fields, controls
+    from spu_tui.widgets.control_fields import console_sections, fields_from
+
+    class Novel(Section):
+        strength: float = Field(0.5, gt=0.0, le=1.0)
+
+    spec = MethodSpec(
+        "novel",
+        SectionSpec(
+            "novel",
+            Novel,
+            title="Novel method",
+            fields=(ConsoleField("strength", "nv-strength", "strength"),),
+            status=lambda s: f"strength {s.strength}",
+        ),
+        "nowhere:Novel",
+    )
+    monkeypatch.setattr(registry, "SPECS", (*registry.SPECS, spec))
+    sections = console_sections()
+    assert sections["novel"] is spec.section_spec
+    assert list(sections).index("novel") < list(sections).index("lr"), "it does not decide what trains: before lr"
+    monkeypatch.setattr(control_fields, "CONSOLE_SECTIONS", sections)
+    [field] = [f for f in fields_from(sections) if f.section == "novel"]
+    assert (field.path, field.id, field.label, field.default, field.choices) == (
+        "strength",
+        "nv-strength",
+        "strength",
+        "0.5",
+        None,
+    )
+    assert field.problem("2") == "strength: 2.0 is out of range; allowed 0.0 < strength <= 1.0"
+    monkeypatch.setattr(controls, "CONSOLE_SECTIONS", sections)
+    assert [w.id for w in controls.ControlsPanel._extra("novel")] == ["now-novel"], "its status line"
+    assert sections["novel"].status(Novel()) == "strength 0.5"
+
+
+def test_the_console_names_no_method():
+    from spu_engine.methods.registry import SPECS
+
+    names = {s.name for s in SPECS} | {s.section for s in SPECS}
+    widgets = ROOT / "spu_tui" / "widgets"
+    for path in [*widgets.glob("control*.py"), widgets / "method_section.py", ROOT / "spu_tui" / "screens" / "run.py"]:
+        assert not (_code_words(path) & names), (path.name, _code_words(path) & names)
+
+
+def test_the_ablation_is_the_registered_methods():
+    from spu_engine.methods.registry import ablated_method
+
+    spec = ablated_method()
+    assert spec is not None and spec.name == "adapter" and spec.ablates == "Houlsby adapters"
+    assert spec.in_use({"method": "adapter"}) and not spec.in_use({}) and not spec.in_use({"method": "lora"})
+    assert spec.switch_text({}) == "peft.method: none"
 
 
 def _code_words(path: Path) -> set[str]:

@@ -22,12 +22,19 @@ SECTION = SectionSpec(
 )
 
 
-def _peft(name: str, implementation: str) -> MethodSpec:
-    return MethodSpec(name, SECTION, f"spu_engine.methods.peft.{implementation}", stage=Stage.CHANGES_MODULES)
+def _peft(name: str, implementation: str, ablates: str | None = None) -> MethodSpec:
+    return MethodSpec(
+        name,
+        SECTION,
+        f"spu_engine.methods.peft.{implementation}",
+        stage=Stage.CHANGES_MODULES,
+        switch="method",
+        ablates=ablates,
+    )
 
 
 BITFIT = _peft("bitfit", "bitfit:BitFit")
-ADAPTER = _peft("adapter", "adapter:Adapter")
+ADAPTER = _peft("adapter", "adapter:Adapter", ablates="Houlsby adapters")  # `spu ablate` (spu_engine.ablation)
 IA3 = _peft("ia3", "ia3:IA3")
 LORA = _peft("lora", "lora:LoRA")
 ADALORA = _peft("adalora", "adalora:AdaLoRA")
