@@ -31,10 +31,10 @@ import torch
 
 from spu_engine.core.config import EngineConfig
 from spu_engine.core.model_source import ModelLoadError, resolve_model_name
-from spu_engine.core.policy import Policy, PolicyError, TimelineEntry
+from spu_engine.core.policy import Policy, PolicyError
 from spu_engine.core.protocol import event
 from spu_engine.core.run_states import RunState
-from spu_engine.core.runs import CHECKPOINTS, CONFIG, EVENTS, write_config
+from spu_engine.core.runs import CONFIG, EVENTS, write_config
 from spu_engine.core.trackers import Trackers, unavailable
 from spu_engine.loop.batching import BatchStream
 from spu_engine.loop.commands import Commands
@@ -45,12 +45,12 @@ from spu_engine.loop.forwarding import forwards
 from spu_engine.loop.lifecycle import RunControl
 from spu_engine.loop.lr_groups import LrGroups
 from spu_engine.loop.policy_record import PolicyRecord
+from spu_engine.loop.run_checkpoint import resume_run, save_run
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.loop.trainer import Progress, Trainer, build_optimizer, pick_device
 from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes
 from spu_engine.runtime.policy_runtime import PolicyRuntime, RuntimeHooks, TimelineRefused
 from spu_engine.runtime.unit_stats import describe_units
-from spu_engine.storage import checkpoint as ckpt
 from spu_engine.storage.event_log import EventLog
 from spu_engine.tasks import Task, TaskOptions, get_task
 
@@ -276,80 +276,12 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        if not self.run_dir:
-            return None
-        state = {
-            "policy": self.record.initial_policy.model_copy(update={"timeline": self.record.recorded}).model_dump(
-                mode="json", exclude_none=True
-            ),
-            "pending": [e.model_dump(mode="json", exclude_none=True) for e in self.pending],
-            "triggers": [e.model_dump(mode="json", exclude_none=True) for e in self.triggers],
-            "metric_range": self.metric_range,
-            "stream": self.stream.state_dict(),
-            "samples_seen": self.samples_seen,
-            "config": self.config.model_dump(),
-            "label_names": getattr(
-                self.task, "label_names", None
-            ),  # the label of each class id: `spu eval` maps new data by it
-            "methods": {type(m).__name__: m.state_dict() for m in self.methods},
-            "warm_from": self.warm_from,
-            "rng": ckpt.rng_state(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-        }
-        path = ckpt.save_checkpoint(
-            self.run_dir / CHECKPOINTS,
-            self.step,
-            self.model,
-            self.optimizer,
-            state,
-            keep=self.config.keep_checkpoints,
-            method_tensors=ckpt.method_tensors(self.methods),
-        )
-        self._saved_step = self.step
-        self.emit("checkpoint", step=self.step, path=str(path))
-        return path
+        return save_run(self) if self.run_dir else None
 
     def resume_from(self, path: Path, fresh_optimizer: bool = False) -> None:
-        """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint.
-
-        ``fresh_optimizer``: the user accepts fresh optimizer state when the checkpoint's is missing or unusable
-        (the weights must verify all the same); without it such a checkpoint is a CheckpointError naming the flag.
-        """
-        state = ckpt.read_state(path, ignore=(ckpt.OPTIMIZER,) if fresh_optimizer else ())
-        policy = Policy.model_validate(state["policy"])
-        rt = self.runtime
-        self.record.initial_policy = policy.state()
-        self.record.recorded = list(policy.timeline)
-        rt.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
-        # the triggers with the steps they fired at
-        rt.triggers = [TimelineEntry.model_validate(e) for e in state.get("triggers", [])]
-        rt.metric_range = state.get("metric_range", {})
-        self.progress.step = state["step"]
-        rt.current = policy.at_step(self.step)
-        rt.configure_methods(rt.current)  # before the weights: a method may add tensors (adapters, LoRA)
-        for m in self.methods:
-            m.load_state_dict(state.get("methods", {}).get(type(m).__name__, {}))
-        rt.apply_trainable()
-        self.lr_groups.warm_from = dict(state.get("warm_from", {}))
-        self.lr_groups.regroup()  # the groups the checkpoint's optimizer state was saved with
-        ckpt.load_weights(path, self.model)
-        problem = ckpt.load_optimizer_or_fresh(
-            path, self.optimizer, fresh_optimizer, self.run_dir or path.parent.parent
-        )
-        if problem:
-            self.log(
-                f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning"
-            )
-        ckpt.restore_method_tensors(self.methods, ckpt.load_method_tensors(path))
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.stream.load_state_dict(state["stream"])
-        self.trainer.samples_seen = state.get("samples_seen", 0)
-        ckpt.restore_rng(state["rng"])
-        # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
-        self.emit(
-            "resumed", step=self.step, checkpoint=str(path), message=f"resumed from {path.name} at step {self.step}"
-        )
+        """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint;
+        ``fresh_optimizer``: the user accepts fresh optimizer state when the checkpoint's is missing or unusable."""
+        resume_run(self, path, fresh_optimizer)
 
     # ------------------------------------------------------------------ run
 

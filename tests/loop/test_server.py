@@ -162,7 +162,7 @@ def test_hello_is_answered_by_the_server_and_never_reaches_the_engine(server):
 
 
 def test_a_flooding_connection_is_held_to_its_rate_and_others_are_not(server):
-    from spu_engine.core.transport import server as srv_module
+    from spu_engine.core.transport import connection as srv_module
 
     srv, received = server
     flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -26,7 +26,6 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
@@ -34,49 +33,7 @@ from typing import Any
 
 from spu_engine.core.protocol.codec import MAX_LINE_BYTES, ProtocolError, encode, event, parse_command
 from spu_engine.core.transport.client import socket_address
-
-CLIENT_BUFFER_BYTES = 4 << 20
-MAX_CLIENTS = 128  # connections at once; each may hold CLIENT_BUFFER_BYTES of unsent events
-# per connection, sustained rate and burst: any line (parsed and answered here), bytes, commands the engine applies,
-# and hello (a full snapshot; a console needs one when it connects, which the server sends unasked)
-LINE_RATE, LINE_BURST = 50.0, 1000.0
-BYTE_RATE, BYTE_BURST = float(4 << 20), float(16 << 20)
-COMMAND_RATE, COMMAND_BURST = 10.0, 50.0
-HELLO_RATE, HELLO_BURST = 2.0, 10.0
-
-
-class _Bucket:
-    """Token bucket: ``rate`` per second, at most ``burst`` saved up; spending past zero is debt paid by waiting."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
-
-    def spend(self, n: float) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate) - n
-        self.at = now
-
-    def wait(self) -> float:
-        """Seconds until the bucket is out of debt (0 if it is not in debt)."""
-        return max(0.0, -(self.tokens + (time.monotonic() - self.at) * self.rate) / self.rate)
-
-
-class _Client:
-    def __init__(self, sock: socket.socket, cid: int) -> None:
-        self.sock = sock
-        self.id = cid
-        self.rbuf = bytearray()
-        self.wbuf: deque[bytes] = deque()
-        self.wbytes = 0
-        self.partial = False  # wbuf[0] is the rest of a line already half sent: it must go out whole
-        self.discarding = False  # inside an over-long line: skip to its newline
-        self.lines = _Bucket(LINE_RATE, LINE_BURST)
-        self.bytes = _Bucket(BYTE_RATE, BYTE_BURST)
-        self.commands = _Bucket(COMMAND_RATE, COMMAND_BURST)
-        self.hellos = _Bucket(HELLO_RATE, HELLO_BURST)
-        self.held_until = 0.0  # over its rate: not read until then (monotonic time)
-        self.blocked = False  # its socket buffer is full: flushed again when the selector says writable
-        self.interest = 0  # selector events registered for it
+from spu_engine.core.transport.connection import CLIENT_BUFFER_BYTES, MAX_CLIENTS, Connection
 
 
 class EngineServer:
@@ -93,7 +50,7 @@ class EngineServer:
         self.on_command = on_command
         self.hello = hello
         self.buffer_bytes = buffer_bytes
-        self._clients: dict[int, _Client] = {}
+        self._clients: dict[int, Connection] = {}
         self._snapshot: tuple[int, float, bytes] | None = (
             None  # (events generation, time, hello without its closing brace)
         )
@@ -153,7 +110,7 @@ class EngineServer:
                 self._queue(c, encode(message))
         self._wake()
 
-    def _queue(self, c: _Client, line: bytes) -> None:
+    def _queue(self, c: Connection, line: bytes) -> None:
         c.wbuf.append(line)
         c.wbytes += len(line)
         keep = 1 if c.partial else 0  # never drop a line that is half on the wire: the stream would break
@@ -185,7 +142,7 @@ class EngineServer:
                         self._watch(key.data)
                 except Exception as exc:  # one misbehaving client must never take the server down
                     self._complain(f"dropped a client after {type(exc).__name__}: {exc}")
-                    if isinstance(key.data, _Client):
+                    if isinstance(key.data, Connection):
                         self._drop(key.data)
             self._release_held()
             self._flush_all()
@@ -210,7 +167,7 @@ class EngineServer:
                 self._complain(f"dropped a client after {type(exc).__name__}: {exc}")
                 self._drop(c)
 
-    def _watch(self, c: _Client) -> None:
+    def _watch(self, c: Connection) -> None:
         """Register what the selector should tell about this client: readable unless held, writable while blocked."""
         if c.id not in self._clients:
             return
@@ -265,13 +222,13 @@ class EngineServer:
                 pass
             sock.close()
             return
-        c = _Client(sock, next(self._ids))
+        c = Connection(sock, next(self._ids))
         with self._lock:
             self._clients[c.id] = c
         self._send_hello(c)
         self._watch(c)
 
-    def _send_hello(self, c: _Client) -> None:
+    def _send_hello(self, c: Connection) -> None:
         """The snapshot a client draws from: on connect, and again on ``{"cmd": "hello"}``.
 
         Requests between two events share one snapshot (built at most every half second), so fifty consoles
@@ -299,7 +256,7 @@ class EngineServer:
         with self._lock:
             self._queue(c, body + b',"client":%d}\n' % c.id)
 
-    def _read(self, c: _Client) -> None:
+    def _read(self, c: Connection) -> None:
         try:
             data = c.sock.recv(65536)
         except BlockingIOError:
@@ -313,7 +270,7 @@ class EngineServer:
         c.rbuf += data
         self._process(c)
 
-    def _process(self, c: _Client) -> None:
+    def _process(self, c: Connection) -> None:
         """Handle the complete lines received, until the connection's rate limit says wait."""
         while not c.held_until and c.id in self._clients:
             nl = c.rbuf.find(b"\n")
@@ -343,7 +300,7 @@ class EngineServer:
             if wait > 0:
                 c.held_until = time.monotonic() + wait
 
-    def _handle_line(self, c: _Client, line: bytes) -> None:
+    def _handle_line(self, c: Connection, line: bytes) -> None:
         try:
             cmd = parse_command(line)
         except ProtocolError as exc:
@@ -367,7 +324,7 @@ class EngineServer:
         for c in clients:
             self._flush(c)
 
-    def _flush(self, c: _Client) -> None:
+    def _flush(self, c: Connection) -> None:
         while not c.blocked:
             with self._lock:
                 if not c.wbuf:
@@ -399,7 +356,7 @@ class EngineServer:
                 self._watch(c)
                 return
 
-    def _drop(self, c: _Client) -> None:
+    def _drop(self, c: Connection) -> None:
         with self._lock:
             self._clients.pop(c.id, None)
         if c.interest:
