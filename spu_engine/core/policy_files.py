@@ -56,7 +56,7 @@ def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
     ):  # the timeline is kept sorted (timeline_order); name entries as the file does
         parsed = [TimelineEntry.model_validate(e) for e in raw]
         order = sorted(order, key=lambda i: timeline_order(parsed[i]))
-    state = policy.state()
+    state = policy.sections()
     for position, entry in enumerate(policy.timeline):
         try:
             state = Policy.model_validate(state._merged(entry))

@@ -113,7 +113,7 @@ class Commands:
 
     def set_policy(self, cmd: SetPolicyCmd) -> None:
         """A whole policy from a client: its sections become one change (its timeline is not the run's)."""
-        data = cmd.policy.state().model_dump(mode="json", exclude_none=True)
+        data = cmd.policy.sections().model_dump(mode="json", exclude_none=True)
         data.pop("spu_policy", None)
         data.pop("timeline", None)
         self.engine.apply_change(Change(set=data), source="client")

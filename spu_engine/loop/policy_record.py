@@ -39,7 +39,7 @@ class PolicyRecord:
     ) -> None:
         self.runtime, self.config, self.task, self.reporter, self.clock = runtime, config, task, reporter, clock
         self.unwritten, self.run_dir = unwritten, run_dir
-        self.initial_policy = policy.state()
+        self.initial_policy = policy.sections()
         self.recorded: list[TimelineEntry] = []
         self.undoable: list[Policy] = []  # the sections before each client change, newest last (``undo``)
 

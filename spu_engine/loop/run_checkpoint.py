@@ -56,7 +56,7 @@ def resume_run(engine, path: Path, fresh_optimizer: bool = False) -> None:
     state = ckpt.read_state(path, ignore=(ckpt.OPTIMIZER,) if fresh_optimizer else ())
     policy = Policy.model_validate(state["policy"])
     rt = engine.runtime
-    engine.record.initial_policy = policy.state()
+    engine.record.initial_policy = policy.sections()
     engine.record.recorded = list(policy.timeline)
     rt.pending = [TimelineEntry.model_validate(e) for e in state["pending"]]
     # the triggers with the steps they fired at

@@ -104,7 +104,7 @@ class PolicyRuntime:
     def adopt(self, policy: Policy) -> None:
         """Take ``policy`` as the one in force and its timeline as this runtime's, checked against the model."""
         check_policy_against_model(policy, self.model, self.units, self.names_under)
-        self.current = policy.state()
+        self.current = policy.sections()
         self.split_timeline(policy)
 
     def put_in_force(self) -> None:

@@ -131,7 +131,7 @@ def check_policy_against_model(
     """
     now = list(stable_parameters(model))
     names_of = names_under or (lambda _policy: now)
-    in_force = policy.state()
+    in_force = policy.sections()
     names = names_of(in_force)
     check_rules(in_force.freeze, names, units)
     check_rules(in_force.lr.scale, names, units, where="lr.scale")

@@ -138,7 +138,7 @@ def test_run_section_is_written_in_full_and_is_not_part_of_the_state(tmp_path, m
     )  # a local path replays from anywhere
     assert written["task"] == "classification" and written["warmup"] == 0 and written["max_train_samples"] is None
     assert (
-        p.state().run is None and p.at_step(10).run is None
+        p.sections().run is None and p.at_step(10).run is None
     )  # the sections in force; run settings never change mid-run
 
 

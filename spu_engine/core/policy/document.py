@@ -29,7 +29,7 @@ class PolicyDocument(Section):
 
     # -- change algebra ------------------------------------------------------
 
-    def state(self) -> Policy:
+    def sections(self) -> Policy:
         """The current sections without the timeline (and without the run settings, which never change during a run)."""
         return self.model_copy(update={"timeline": [], "run": None}, deep=True)
 
@@ -57,7 +57,7 @@ class PolicyDocument(Section):
 
     def at_step(self, step: int) -> Policy:
         """The sections in force at ``step`` (all timeline entries with entry.step <= step applied)."""
-        p = self.state()
+        p = self.sections()
         for e in self.timeline:
             if e.step is not None and e.step <= step:
                 p = p.apply(e)
