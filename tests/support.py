@@ -107,7 +107,7 @@ def small_sst2(folder):
 def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, data=None, **config) -> tuple:
     """A finished tiny-BERT run on ``data`` (default: a slice of SST-2) with ``timeline`` changes (step, change): its folder and history,
     as attach reads them."""
-    from conftest import build_tiny
+    from support import build_tiny
 
     from spu_engine.loop.engine import Engine
     from spu_engine.tasks import TaskOptions

@@ -31,7 +31,7 @@ def recorded_run(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("glue, metric", [("cola", "mcc"), ("mrpc", "f1")])
 async def test_the_loss_plot_and_eval_lines_show_the_runs_own_metric(tmp_path_factory, tokenizer, glue, metric):
-    from conftest import DATA
+    from support import DATA
 
     data = tmp_path_factory.mktemp("data") / glue  # named like the GLUE task: its metric
     data.mkdir()

@@ -18,7 +18,7 @@ POLICY = {
 @pytest.fixture(scope="module")
 def adalora_run(tmp_path_factory, tokenizer):
     """A finished 8-step tiny-BERT AdaLoRA run with layer-wise decay and one multiplier rule."""
-    from conftest import build_tiny
+    from support import build_tiny
 
     from spu_engine.loop.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions

@@ -63,7 +63,7 @@ STEPS, A_AT, B_AT = 6, 1, 3
 
 @pytest.fixture(scope="module")
 def sst2_task(tokenizer):
-    from conftest import SST2
+    from support import SST2
 
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask

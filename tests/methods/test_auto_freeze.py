@@ -257,7 +257,7 @@ def test_lisa_switched_on_live_decides_at_that_boundary_is_previewed_and_undone_
 
 
 def test_lisa_in_your_own_loop_draws_what_the_engine_draws(make_engine, tokenizer):
-    from conftest import build_tiny
+    from support import build_tiny
 
     from spu_engine.integrations import attach
 

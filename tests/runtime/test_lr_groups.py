@@ -164,7 +164,7 @@ def test_a_scale_rule_that_selects_nothing_is_refused_against_the_model(make_eng
 
 
 def test_own_loop_refuses_per_unit_rates(tokenizer):
-    from conftest import build_tiny
+    from support import build_tiny
 
     model = build_tiny("bert", tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -229,7 +229,7 @@ def test_degenerate_predictions_score_zero_not_nan():
 
 
 def test_the_engine_reports_the_headline_metric_in_hello_eval_and_runs(tokenizer, tmp_path):
-    from conftest import build_tiny
+    from support import build_tiny
 
     data = slice_of(COLA, tmp_path / "cola", train=32, dev=16)
     task = ClassificationTask.build(str(data), tokenizer, TaskOptions(max_length=32))

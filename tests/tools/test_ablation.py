@@ -103,6 +103,7 @@ def test_a_run_without_adapters_or_checkpoint_is_told_so(tiny_model_dir, tmp_pat
     assert result.exit_code == 2 and "not a run folder" in result.output
 
 
+@pytest.mark.process  # the console runs `spu ablate` as a process
 async def test_the_console_shows_the_ablation_of_a_finished_run(adapter_run):
     """`a` on a finished adapter run: the ablation runs in its own process and its heat map opens over the run."""
     from spu_engine.core.runs import read_history
