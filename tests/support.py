@@ -107,8 +107,6 @@ def small_sst2(folder):
 def record_run(tmp_path_factory, tokenizer, name: str, timeline: list, data=None, **config) -> tuple:
     """A finished tiny-BERT run on ``data`` (default: a slice of SST-2) with ``timeline`` changes (step, change): its folder and history,
     as attach reads them."""
-    from support import build_tiny
-
     from spu_engine.loop.engine import Engine
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask

@@ -18,11 +18,10 @@ POLICY = {
 @pytest.fixture(scope="module")
 def adalora_run(tmp_path_factory, tokenizer):
     """A finished 8-step tiny-BERT AdaLoRA run with layer-wise decay and one multiplier rule."""
-    from support import build_tiny
-
     from spu_engine.loop.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
+    from support import build_tiny
 
     run_dir = tmp_path_factory.mktemp("adalora")
     data = small_sst2(tmp_path_factory.mktemp("sst2"))

@@ -16,11 +16,10 @@ NEVER = {"when": {"metric": "accuracy", "at_least": 2}, "freeze": [{"units": ["h
 @pytest.fixture(scope="module")
 def triggered_run(tmp_path_factory, tokenizer):
     """A finished 12-step tiny-BERT run of 8 steps an epoch whose epoch-1 trigger fired at step 8."""
-    from support import build_tiny
-
     from spu_engine.loop.engine import Engine, EngineConfig
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
+    from support import build_tiny
 
     run_dir = tmp_path_factory.mktemp("triggered")
     data = small_sst2(tmp_path_factory.mktemp("sst2"))

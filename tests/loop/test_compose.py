@@ -63,10 +63,9 @@ STEPS, A_AT, B_AT = 6, 1, 3
 
 @pytest.fixture(scope="module")
 def sst2_task(tokenizer):
-    from support import SST2
-
     from spu_engine.tasks import TaskOptions
     from spu_engine.tasks.classification import ClassificationTask
+    from support import SST2
 
     return ClassificationTask.build(
         str(SST2), tokenizer, TaskOptions(max_length=24, max_train_samples=128, max_eval_samples=16)

@@ -296,9 +296,8 @@ def test_a_console_adds_and_removes_triggers_live(make_engine):
 
 
 def test_an_own_loop_fires_epoch_and_when_triggers(tokenizer):
-    from support import build_tiny
-
     from spu_engine.integrations import attach
+    from support import build_tiny
 
     model = build_tiny("bert", tokenizer)
     policy = parse_policy(

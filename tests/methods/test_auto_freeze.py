@@ -257,9 +257,8 @@ def test_lisa_switched_on_live_decides_at_that_boundary_is_previewed_and_undone_
 
 
 def test_lisa_in_your_own_loop_draws_what_the_engine_draws(make_engine, tokenizer):
-    from support import build_tiny
-
     from spu_engine.integrations import attach
+    from support import build_tiny
 
     engine = make_engine("bert", lisa(interval=2, n_layers=1), steps=6, stats_every=100)
     in_engine = watch(engine)

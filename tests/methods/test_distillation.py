@@ -111,10 +111,10 @@ def test_a_teacher_folder_loads(make_engine, tiny_model_dir):
 
 def test_the_initial_teacher_of_a_model_loaded_by_name_has_the_same_new_head(tokenizer, tmp_path):
     """A base model without a classification head gets a new one: the teacher, loaded again, must get the same."""
-    from support import SST2
     from transformers import AutoModel
 
     from spu_engine.loop.engine import Engine, EngineConfig
+    from support import SST2
 
     base = AutoModel.from_config(tiny_config("bert", vocab_size=tokenizer.vocab_size))
     base.save_pretrained(tmp_path / "base")

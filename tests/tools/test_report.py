@@ -165,9 +165,8 @@ def test_a_round_interrupted_by_a_resume_is_reported_whole(make_engine, tmp_path
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, tokenizer):
     """A finished classification run without IMP: 16 steps, embeddings + block0 frozen at step 8."""
-    from support import record_run
-
     from spu_engine.core.policy import Change, FreezeRule
+    from support import record_run
 
     freeze = Change(freeze=[FreezeRule(units=["embeddings", "block0"], trainable=False)])
     run_dir, history = record_run(
