@@ -27,8 +27,8 @@ CHECK
 status=0
 echo "== engine tests on cuda"
 SPU_TEST_DEVICE=cuda timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
-  tests/test_engine.py tests/test_pruning.py tests/test_movement.py tests/test_distillation.py \
-  tests/test_methods.py tests/test_selective_backprop.py tests/test_checkpoint.py 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+  tests/loop/test_engine.py tests/methods/test_pruning.py tests/methods/test_movement.py tests/methods/test_distillation.py \
+  tests/methods/test_methods.py tests/methods/test_selective_backprop.py tests/loop/test_checkpoint.py 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
 echo "== system metrics on the GPU (NVML or the allocator)"
 timeout 60 "$PY" - <<'SAMPLE' 2>&1 | tee "$OUT/system.log" || status=1
 import json, torch
