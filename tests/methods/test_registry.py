@@ -72,9 +72,9 @@ def test_a_method_added_to_the_registry_gets_its_section_in_the_console(monkeypa
     """One registry line: its section, fields and status line reach the console; the learning rates keep their place."""
     from pydantic import Field
 
+    from spu_engine.core.validation import Section
     from spu_engine.methods import registry
     from spu_engine.methods.spec import ConsoleField, MethodSpec, SectionSpec
-    from spu_engine.validation import Section
     from spu_tui.widgets import control_fields, controls
     from spu_tui.widgets.control_fields import console_sections, fields_from
 

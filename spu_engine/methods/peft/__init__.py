@@ -34,7 +34,7 @@ def _peft(name: str, implementation: str, ablates: str | None = None) -> MethodS
 
 
 BITFIT = _peft("bitfit", "bitfit:BitFit")
-ADAPTER = _peft("adapter", "adapter:Adapter", ablates="Houlsby adapters")  # `spu ablate` (spu_engine.ablation)
+ADAPTER = _peft("adapter", "adapter:Adapter", ablates="Houlsby adapters")  # `spu ablate` (spu_engine.tools.ablation)
 IA3 = _peft("ia3", "ia3:IA3")
 LORA = _peft("lora", "lora:LoRA")
 ADALORA = _peft("adalora", "adalora:AdaLoRA")
