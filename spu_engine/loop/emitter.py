@@ -27,8 +27,10 @@ class Emitter:
         self.event_log = event_log
         self.unwritten = unwritten
         self.clock = clock  # the step a log message is said at
+        self.settle: Callable[[], None] = lambda: None  # sends a step event held for its values (step_readout)
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
+        self.settle()  # a held step goes first: events stay in the order things happened
         ev = event(type_, **fields)
         line = encode(ev)
         if self.event_log is not None:

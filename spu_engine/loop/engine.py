@@ -220,6 +220,7 @@ class Engine:
             system=self.system,
             run_dir=self.run_dir,
         )
+        self.events.settle = self.trainer.readout.settle
 
     def _load_model(self, source: str, task: Task) -> torch.nn.Module:
         """``source`` with the task's head, a new head drawn from the run's seed alone, so loading again gives the
@@ -276,6 +277,7 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
+        self.events.settle()  # the held step's loss reaches the methods first (an IMP round's tally)
         return save_run(self) if self.run_dir else None
 
     def resume_from(self, path: Path, fresh_optimizer: bool = False) -> None:
@@ -290,10 +292,13 @@ class Engine:
         self._begin()
         try:
             while self.step < self.config.steps:
+                self.trainer.act_on_fault()  # a non-finite step an evaluation or a change settled
                 self.control.boundary()
                 if self.control.stop is not None:
                     break
                 self._one_step()
+            self.events.settle()
+            self.trainer.act_on_fault()
             if (
                 self.system is not None and self.system.has_steps
             ):  # the steps since the last sample, even in a short run
@@ -317,10 +322,11 @@ class Engine:
     def _one_step(self) -> None:
         """One optimizer step, then the evaluation and checkpoint it makes due."""
         trainer, taken = self.trainer, self.step
-        fields = trainer.survive_oom(trainer.train_step, "training step")
+        fields = trainer.survive_oom(lambda: trainer.train_step(settled=False), "training step")
         self._after_step(fields if self.step > taken else None)
+        trainer.act_on_fault()
         if self.step == taken:
-            return  # batch skipped (non-finite) or out of memory: nothing new to evaluate or save
+            return  # out of memory: nothing new to evaluate or save
         if trainer.eval_due():
             self._evaluated(trainer.survive_oom(trainer.evaluate, "evaluation"))
         if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
@@ -372,6 +378,7 @@ class Engine:
             self.control.timeline_failed(exc.entry, exc)
 
     def close(self) -> None:
+        self.events.settle()
         if (
             self.trackers is not None
         ):  # what they still hold is written first; a failure there is a warning like any other

@@ -56,19 +56,18 @@ def oom_advice(what: str, step: int, detail: str, config: Any, run_dir: Path | N
 
 @torch.no_grad()
 def nonfinite_report(
-    params: dict[str, torch.nn.Parameter], units: Units, loss_value: float, step: int
+    params: dict[str, torch.nn.Parameter], units: Units, loss_value: float, step: int, bad_grads: list[str]
 ) -> dict[str, Any]:
-    """Where a non-finite batch shows: units with non-finite gradients and with non-finite weights."""
+    """Where the non-finite batch of step ``step`` showed: units with non-finite gradients (``bad_grads``, tensor
+    names) and with non-finite weights."""
     unit_of = units.unit_of
-    bad_grads = sorted(
-        {unit_of.get(n, n) for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()}
-    )
+    grads = sorted({unit_of.get(n, n) for n in bad_grads})
     bad_weights = sorted({unit_of.get(n, n) for n, p in params.items() if not torch.isfinite(p).all()})
     what = f"loss ({loss_value})" if not math.isfinite(loss_value) else f"gradient (loss {loss_value:.4g})"
-    message = f"non-finite {what} in the batch of step {step + 1}; non-finite gradients in: {', '.join(bad_grads) or 'no unit'}"
+    message = f"non-finite {what} in the batch of step {step}; non-finite gradients in: {', '.join(grads) or 'no unit'}"
     if bad_weights:
         message += f"; non-finite weights in: {', '.join(bad_weights)}"
-    return {"message": message, "units": bad_grads, "weights": bad_weights}
+    return {"message": message, "units": grads, "weights": bad_weights}
 
 
 class UnwrittenState:

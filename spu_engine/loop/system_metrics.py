@@ -36,12 +36,13 @@ class SystemSampler:
         self._interval = [0, 0]
         self._train_seconds = 0.0
 
-    def count(self, batch: dict[str, torch.Tensor]) -> None:
-        """A batch that trains (its forward builds a graph), still on the CPU: its samples and non-padding tokens."""
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        self._step[0] += ids.shape[0]
-        self._step[1] += int(mask.sum()) if mask is not None else ids.numel()
+    def count(self, features: list[dict[str, Any]]) -> None:
+        """The features of a batch that trains (its forward builds a graph): its samples and non-padding tokens,
+        counted in Python before they become tensors (no tensor is read)."""
+        self._step[0] += len(features)
+        self._step[1] += sum(
+            sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"]) for f in features
+        )
 
     def stepped(self, seconds: float | None) -> None:
         """The step ended after ``seconds``; None: it did not count (skipped batch, out of memory), nor do its batches."""

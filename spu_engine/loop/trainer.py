@@ -14,7 +14,6 @@ the trainer as its ``methods.base.TrainingLoop``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,12 +29,14 @@ from spu_engine.loop.distributed import Distributed
 from spu_engine.loop.faults import MAX_NONFINITE_SKIPS, free_memory, is_out_of_memory, nonfinite_report, oom_advice
 from spu_engine.loop.lifecycle import Stop
 from spu_engine.loop.lr_groups import LrGroups, group_lr_scale
+from spu_engine.loop.step_readout import HeldStep, StepReadout, check_gradients, hold
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.runtime.policy_runtime import PolicyRuntime, Reporter
 from spu_engine.runtime.unit_stats import after_update, before_update
 from spu_engine.tasks import Task
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
+FUSED_DEVICES = ("cuda", "cpu", "mps", "xpu")  # where torch has a fused AdamW
 COLLAPSED_SHARE = 0.99  # of the evaluated examples given the most common answer: a classifier that has collapsed to it
 
 
@@ -54,7 +55,8 @@ def pick_device(config: EngineConfig, dist: Distributed | None) -> tuple[torch.d
 
 
 def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim.Optimizer:
-    """AdamW over every parameter (frozen ones get no gradient, so no update), no weight decay on biases and norms."""
+    """AdamW over every parameter (frozen ones get no gradient, so no update), no weight decay on biases and norms;
+    fused, so a non-finite step is skipped on the device without asking the host (``Trainer._optimizer_step``)."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if any(k in n for k in NO_DECAY) else decay).append(p)
@@ -62,7 +64,8 @@ def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim
         {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    device = next(model.parameters()).device.type
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=device in FUSED_DEVICES)
     for g in opt.param_groups:
         g["base_lr"] = config.lr
     return opt
@@ -121,7 +124,11 @@ class Trainer:
         self.evaluated_at: int | None = None  # the step of the last finished evaluation
         self.collapsed = False  # the last evaluation gave (nearly) every example one answer
         self._nonfinite_streak = 0
+        self.fault: str | None = None  # "pause" or "stop": a non-finite step asks it of the run's control
+        self.fault_message = ""
         self._step_time_ema: float | None = None
+        self.readout = StepReadout(self._publish)
+        self.published: dict[str, Any] = {}  # the fields of the last step event sent
 
     @property
     def step(self) -> int:
@@ -166,11 +173,11 @@ class Trainer:
 
     def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """These training examples, collated (padded to their longest) and on the device; a batch that trains (its
-        forward builds a graph, not selective backprop's scoring) is counted for the system event, still on the CPU."""
-        batch = self.task.collate([self.task.train[i] for i in indices])
+        forward builds a graph, not selective backprop's scoring) is counted for the system event."""
+        features = [self.task.train[i] for i in indices]
         if self.system is not None and torch.is_grad_enabled():
-            self.system.count(batch)
-        return self._to_device(batch)
+            self.system.count(features)
+        return self._to_device(self.task.collate(features))
 
     def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The loss training minimises: the task's, or what a method makes of it (distillation mixes in a KL)."""
@@ -205,7 +212,9 @@ class Trainer:
         self.backward(loss)
         return loss.detach(), self.config.batch_size, {}
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self, settled: bool = True) -> dict[str, Any]:
+        """One optimizer step.  ``settled``: its event is out and the fields it returns hold its loss (a host sync);
+        the run's own loop passes False, and the event follows at the next step with no wait (``step_readout``)."""
         t0 = time.perf_counter()
         step = self.step
         for m in self.methods:
@@ -222,32 +231,16 @@ class Trainer:
                 [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad], loss
             )
             n_samples *= self.dist.world_size
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            return self.on_nonfinite(loss_value)
-        trainable = [
-            p for p in self.params.values() if p.grad is not None
-        ]  # model order, as model.parameters(); no module walk
+        named = [(n, p) for n, p in self.params.items() if p.grad is not None]  # model order; no module walk
         stats_due = (step + 1) % self.config.stats_every == 0
-        if self.scaler and trainable:
+        if self.scaler and named:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.config.grad_clip > 0 and trainable:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
-        elif trainable and not self.scaler:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable])
-        # a finite loss can still give an inf/nan gradient; never step on one (GradScaler handles its own)
-        if grad_norm is not None and not self.scaler and not math.isfinite(float(grad_norm)):
-            return self.on_nonfinite(loss_value)
-        self._nonfinite_streak = 0
+        check = check_gradients(loss, named, self.config.grad_clip, clip=self.config.grad_clip > 0)
         for m in self.methods:
             m.on_gradients(step)
         before = before_update(self.units, self.params) if stats_due else None
-        if trainable and self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif trainable:  # with no gradient at all (selective backprop kept no sample) no parameter moves
-            self.optimizer.step()
+        if named:  # with no gradient at all (selective backprop kept no sample) no parameter moves
+            self._optimizer_step(check.found_inf)
         for m in self.methods:
             m.after_update(step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,32 +249,73 @@ class Trainer:
         for m in self.methods:
             m.after_optimizer_step(step)
         dt = time.perf_counter() - t0
-        for m in self.methods:
-            m.after_step(self.step, loss_value, dt)
         self._step_time_ema = dt if self._step_time_ema is None else 0.9 * self._step_time_ema + 0.1 * dt
         fields = dict(
             step=self.step,
-            loss=round(loss_value, 6),
             lr=self.optimizer.param_groups[0]["lr"],
             step_time=round(dt, 5),
             samples_per_s=round(
                 self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2
             ),
             samples=self.samples_seen,
-            trainable=sum(
-                p.numel() for p in self.params.values() if p.requires_grad
-            ),  # trainable_count() without the module walk
+            trainable=sum(p.numel() for p in self.params.values() if p.requires_grad),  # no module walk
             **extra,
         )
         for m in self.methods:
             fields.update(m.stats(self.step))
-        self.emit("step", **fields)
+        self.readout.hold(hold(fields, t0, dt, check))  # the step before goes out now: its values are on the host
         if before is not None:
             self.emit("units", step=self.step, **after_update(self.units, self.params, before))
-        return fields
+        if not settled:
+            return fields
+        self.readout.settle()
+        return self.published
+
+    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
+        """Step, skipping the update on the device when ``found_inf`` (fused AdamW reads it, as under AMP's scaler);
+        an optimizer that cannot (one restored from an old checkpoint) asks the host instead."""
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif all(g.get("fused") for g in self.optimizer.param_groups):
+            self.optimizer.found_inf = found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not found_inf.item():
+            self.optimizer.step()
+
+    def _publish(self, held: HeldStep) -> None:
+        """A held step's event, now that its loss and gradient norm are on the host; a skipped one says why."""
+        loss, grad_norm, skipped = held.values()
+        step = held.fields["step"]
+        fields = {**held.fields, "loss": None if skipped else round(loss, 6)}
+        if grad_norm is not None:
+            fields["grad_norm"] = None if skipped else round(grad_norm, 6)
+        if skipped and not self.scaler:
+            fields["skipped"] = True
+        self.emit("step", **fields)
+        self.published = fields
+        if not skipped:
+            self._nonfinite_streak = 0
+            for m in self.methods:
+                m.after_step(step, loss, held.seconds, held.began)
+        elif not self.scaler:  # under AMP's scaler a skipped step is the scaler's business, not a fault
+            self._nonfinite(step, loss, self.readout.non_finite_names(held))
+
+    def act_on_fault(self) -> None:
+        """A non-finite step learned late (its update was skipped on the device): pause or stop now, as asked."""
+        fault, self.fault = self.fault, None
+        if fault == "pause":
+            self.control.pause(self.fault_message)
+        elif fault == "stop":
+            self.control.stop = Stop(self.fault_message, fault=True, owes_checkpoint=True)
+            self.control.save_or_pause()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        self.readout.settle()  # the last step's loss reaches the methods (an IMP round's tally) before they see metrics
         was_training = self.model.training
         self.model.eval()
         bs = self.config.eval_batch_size
@@ -333,10 +367,10 @@ class Trainer:
         every = self.config.eval_every
         return bool(every and self.step % every == 0) or any(m.eval_due(self.step) for m in self.methods)
 
-    def on_nonfinite(self, loss_value: float) -> dict[str, Any]:
-        """The batch gave a non-finite loss or gradient: the optimizer never steps on it; act as ``faults.on_nonfinite`` says."""
-        report = nonfinite_report(self.params, self.units, loss_value, self.step)
-        self.optimizer.zero_grad(set_to_none=True)
+    def _nonfinite(self, step: int, loss_value: float, bad_grads: list[str]) -> None:
+        """Step ``step`` had a non-finite loss or gradient and its update was skipped; say where, and decide (as
+        ``faults.on_nonfinite`` says) what the run does next; ``act_on_fault`` carries it out at the boundary."""
+        report = nonfinite_report(self.params, self.units, loss_value, step, bad_grads)
         self._nonfinite_streak += 1
         action, message = self.current.faults.on_nonfinite, report["message"]
         if action == "skip" and self._nonfinite_streak >= MAX_NONFINITE_SKIPS:
@@ -345,7 +379,7 @@ class Trainer:
         message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
         self.emit(
             "error",
-            step=self.step,
+            step=step,
             message=message,
             kind="nonfinite",
             loss=str(loss_value),
@@ -353,17 +387,8 @@ class Trainer:
             weights=report["weights"],
             action=action,
         )
-        if action == "pause":
-            self.control.pause(message)
-        elif action == "stop":
-            self.control.stop = Stop(message, fault=True, owes_checkpoint=not report["weights"])
-            if report["weights"]:
-                self.log(
-                    "not checkpointing non-finite weights; the newest checkpoint is the last good state", "warning"
-                )
-            else:
-                self.control.save_or_pause()
-        return {"step": self.step, "loss": loss_value, "skipped": True}
+        if action != "skip":
+            self.fault, self.fault_message = action, message
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
         """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""

@@ -176,8 +176,9 @@ class Method(Checkpointed):
     def after_optimizer_step(self, step: int) -> None:
         """The optimizer has stepped (``step`` is the step just taken)."""
 
-    def after_step(self, step: int, loss: float, seconds: float) -> None:
-        """Step ``step`` - 1 is done: its training loss and wall time (a host that does not know them never calls this)."""
+    def after_step(self, step: int, loss: float, seconds: float, began: float) -> None:
+        """Step ``step`` - 1 is done: its training loss, wall time and ``time.perf_counter()`` when it began (a host
+        that does not know them never calls this; the engine calls it a step late, when the loss reaches the host)."""
 
     def eval_due(self, step: int) -> bool:
         """Whether the host should evaluate now that ``step`` steps are taken (IMP: at each round's end)."""

@@ -122,6 +122,23 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     accepted = inspect.signature(base.forward).parameters
     inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS and k in accepted}
-    if "token_type_ids" in inputs and getattr(getattr(base, "config", None), "type_vocab_size", 0) < 2:
+    config = getattr(base, "config", None)
+    if "token_type_ids" in inputs and getattr(config, "type_vocab_size", 0) < 2:
         del inputs["token_type_ids"]
+    mask = inputs.get("attention_mask")
+    if config is not None and mask is not None and mask.dim() == 2:
+        _mask_without_host_checks(inputs, mask, config)
     return inputs
+
+
+def _mask_without_host_checks(inputs: dict[str, torch.Tensor], mask: torch.Tensor, config) -> None:
+    """The padding mask in a form transformers does not read on the host (its check whether a 2-D mask can be
+    skipped is a host-device sync every forward).  Batches are padded on the right: a causal decoder never attends
+    to what comes after a token, so it needs no mask at all (its padded positions have no label); an encoder on
+    SDPA gets the 4-D boolean mask transformers would build.  The outputs are the same to the bit."""
+    from spu_engine.tasks.infer import config_is_decoder_only
+
+    if config_is_decoder_only(config):
+        del inputs["attention_mask"]
+    elif getattr(config, "_attn_implementation", None) == "sdpa" and not getattr(config, "is_decoder", False):
+        inputs["attention_mask"] = mask[:, None, None, :].bool()

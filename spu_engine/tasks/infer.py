@@ -86,6 +86,11 @@ def is_decoder_only(model: str) -> bool:
         config = AutoConfig.from_pretrained(name)
     except Exception:
         return False
+    return config_is_decoder_only(config)
+
+
+def config_is_decoder_only(config) -> bool:
+    """A causal LM architecture without an encoder: its attention never looks right, so right padding is unseen."""
     if getattr(config, "is_encoder_decoder", False):
         return False
     from transformers.models.auto.modeling_auto import (

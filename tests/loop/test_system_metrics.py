@@ -20,11 +20,11 @@ CPU_FIELDS = ("cpu_process", "cpu_machine", "cpu_count", "rss", "ram_used", "ram
 
 def test_the_sampler_on_cpu_counts_trained_tokens_and_reports_no_gpu():
     sampler = SystemSampler([torch.device("cpu")], every=0.0)
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    sampler.count({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask})
-    sampler.stepped(None)  # a skipped step: its batch does not count
+    features = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, {"input_ids": [5, 6]}]  # unpadded
+    sampler.count(features)
+    sampler.stepped(None)  # a step that did not count (out of memory): nor does its batch
     assert not sampler.has_steps
-    sampler.count({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask})
+    sampler.count(features)
     sampler.stepped(0.5)
     assert not sampler.due()  # every 0: no event on its own
     fields = sampler.sample()

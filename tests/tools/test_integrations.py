@@ -47,12 +47,13 @@ def _config(task: str) -> EngineConfig:
 
 
 def _optimizer(model, config: EngineConfig):
-    """The engine's optimizer and schedule: AdamW, no decay on biases and norms, linear warmup then linear decay."""
+    """The engine's optimizer and schedule: fused AdamW, no decay on biases and norms, linear warmup then decay."""
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in NO_DECAY)]
     no_decay = [p for n, p in model.named_parameters() if any(k in n for k in NO_DECAY)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
+        fused=True,
     )
     warm = config.warmup_steps()
 

@@ -73,7 +73,9 @@ class StepEvent(Event):
     """One optimizer step.  Methods add their fields: sb_kept_fraction, sb_backward, sb_skipped (selective backprop),
     wus_phase (weight-update skipping), pruning {method, sparsity, target, layout on stats steps, ...}."""
 
-    loss: float | None = None
+    loss: float | None = None  # None: the step was skipped (a non-finite loss or gradient; ``skipped``)
+    grad_norm: float | None = None  # before clipping
+    skipped: bool | None = None
     lr: float | None = None
     step_time: float | None = None
     samples_per_s: float | None = None

@@ -89,7 +89,7 @@ class Pruner(Checkpointed):
     def after_optimizer_step(self, step: int) -> None:
         pass
 
-    def after_step(self, step: int, loss: float, seconds: float) -> None:
+    def after_step(self, step: int, loss: float, seconds: float, began: float) -> None:
         pass
 
     def eval_due(self, step: int) -> bool:

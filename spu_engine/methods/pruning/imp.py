@@ -153,14 +153,14 @@ class IMPPruner(Pruner):
 
     # -- the round report ---------------------------------------------------------
 
-    def after_step(self, step: int, loss: float, seconds: float) -> None:
+    def after_step(self, step: int, loss: float, seconds: float, began: float) -> None:
         t = self.tally
         if t is not None and t.start_step < step <= self.next_round:
             t.steps += 1
             t.loss_sum += loss
             t.train_seconds += seconds
             if t.started is not None:  # the step began before before_step started the clock: the round holds it whole
-                t.started = min(t.started, time.perf_counter() - seconds)
+                t.started = min(t.started, began)
 
     def eval_due(self, step: int) -> bool:
         return self.tally is not None and step == self.next_round

@@ -223,9 +223,9 @@ class PruningMethod(Method):
             self.masks.reapply()
             self.pruner.after_optimizer_step(step)
 
-    def after_step(self, step: int, loss: float, seconds: float) -> None:
+    def after_step(self, step: int, loss: float, seconds: float, began: float) -> None:
         if self.pruner is not None:
-            self.pruner.after_step(step, loss, seconds)
+            self.pruner.after_step(step, loss, seconds, began)
 
     def eval_due(self, step: int) -> bool:
         return self.pruner is not None and self.pruner.eval_due(step)
