@@ -30,6 +30,7 @@ from spu_engine.core.protocol.commands import (
     UnscheduleCmd,
 )
 from spu_engine.core.writes import WriteError, atomic_write_text, write_new_text
+from spu_engine.loop.faults import is_out_of_memory
 from spu_engine.loop.lifecycle import CommandRefused
 
 
@@ -51,6 +52,7 @@ class CommandHost(Protocol):
     def write_checkpoint_now(self) -> bool: ...
     def checkpoint_now(self) -> str: ...
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any: ...
+    def change_out_of_memory(self, name: str, change: Change | None, detail: str) -> str: ...
     def evaluate(self) -> dict[str, float]: ...
     def replayable_policy(self) -> Policy: ...
 
@@ -100,13 +102,19 @@ class Commands:
         """Carry out one command and answer it with an ``ack`` (and an ``error`` when refused)."""
         if isinstance(cmd, HelloCmd):  # read-only (the socket server answers it): nothing to apply, ack or log
             return
-        name = getattr(cmd, "cmd", "?")
+        name, out_of_memory = getattr(cmd, "cmd", "?"), None
         try:
             ok, message = True, self.table[type(cmd)](cmd) or ""
         except (PolicyError, CommandRefused) as exc:
             ok, message = False, str(exc)
         except OSError as exc:
             ok, message = False, f"{name}: {exc}"
+        except RuntimeError as exc:  # a change too big for the device: refused, and the run goes on
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = str(exc).strip().split("\n")[0][:300]
+        if out_of_memory is not None:  # outside the except block: the failed attempt's tensors are unreachable
+            ok, message = False, self.engine.change_out_of_memory(name, getattr(cmd, "change", None), out_of_memory)
         self.engine.emit("ack", id=getattr(cmd, "id", None), cmd=name, step=self.engine.step, ok=ok, message=message)
         if not ok:
             self.engine.emit("error", id=getattr(cmd, "id", None), step=self.engine.step, message=message)

@@ -37,6 +37,7 @@ from spu_engine.core.run_states import RunState
 from spu_engine.core.runs import CONFIG, EVENTS, write_config
 from spu_engine.core.trackers import Trackers, unavailable
 from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.change_rollback import ChangeRollback
 from spu_engine.loop.commands import Commands
 from spu_engine.loop.distributed import Distributed
 from spu_engine.loop.emitter import Emitter
@@ -66,6 +67,7 @@ from spu_engine.tasks import Task, TaskOptions, get_task
     control="state stop set_state submit boundary pause resume request_stop request_stop_now write_checkpoint_now "
     "checkpoint_now write_retry_s",
     lr_groups="warm_from",
+    rollback="change_out_of_memory",
     events="emit log event_log",
 )
 class Engine:
@@ -186,7 +188,10 @@ class Engine:
             run_dir=self.run_dir,
         )
         self.record.check_triggers()
-        self.hooks.applied, self.hooks.scheduled = self.record.changed, self.record.schedule_changed
+        self.rollback = ChangeRollback(
+            self.runtime, self.record, self.events, self.progress.now, self.device, multi_process=self.dist is not None
+        )
+        self.hooks.applied, self.hooks.scheduled = self.rollback.applied, self.record.schedule_changed
         self.runtime.put_in_force()
         self.lr_groups.regroup()
 
@@ -219,6 +224,7 @@ class Engine:
             dist=self.dist,
             system=self.system,
             run_dir=self.run_dir,
+            rolled_back=lambda detail: self.rollback.rolled_back(detail),  # the rollback comes with the policy
         )
         self.events.settle = self.trainer.readout.settle
 

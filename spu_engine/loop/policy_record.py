@@ -161,6 +161,11 @@ class PolicyRecord:
             self.undoable.append(before)
         self.recorded.append(TimelineEntry(step=self.step, **change.model_dump()))
         self.save_policy()
+        self.announce(change, source, names)
+
+    def announce(self, change: Change, source: str, names: list[str]) -> None:
+        """The ``policy`` event of a change now in force (``names``: the tensor names before it)."""
+        rt = self.runtime
         self.emit(
             "policy",
             step=self.step,
@@ -178,6 +183,13 @@ class PolicyRecord:
                 "no parameter trains now: the freeze rules and the methods together leave none; steps change nothing",
                 "warning",
             )
+
+    def forget(self, recorded: int, undoable: int) -> None:
+        """Drop what was recorded after the first ``recorded`` changes and ``undoable`` undo entries: those changes
+        were taken back (out of memory), so policy.yaml replays as if they had never been made."""
+        del self.recorded[recorded:]
+        del self.undoable[undoable:]
+        self.save_policy()
 
     def undo(self) -> str:
         """Put back the sections as they were before the last client change, as a change of its own (recorded, so replay stays exact)."""

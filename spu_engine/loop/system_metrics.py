@@ -3,7 +3,8 @@
 Nothing here runs per step but ``count`` (a sum over a CPU tensor the collate
 just made) and ``stepped``: the device is never synchronised for a sample.
 The rest is read once an interval (``every`` seconds): psutil for the
-process and the machine, the torch allocator for this process's GPU memory,
+process and the machine, the torch allocator for this process's GPU memory
+(its peak per interval: torch's counter is reset after each sample),
 and NVML (``nvidia-ml-py``, optional) for utilisation and the device's memory
 as ``nvidia-smi`` shows it.  A machine without a GPU reports no GPU field.
 """
@@ -16,6 +17,8 @@ from typing import Any
 
 import psutil
 import torch
+
+from spu_engine.runtime.activation_meter import PEAKS
 
 
 class SystemSampler:
@@ -92,7 +95,7 @@ class SystemSampler:
             "memory_total": props.total_memory,
             "allocated": torch.cuda.memory_allocated(index),
             "reserved": torch.cuda.memory_reserved(index),
-            "max_allocated": torch.cuda.max_memory_allocated(index),
+            "max_allocated": PEAKS.window_peak(index),  # the peak since the last sample
         }
         if self.nvml:
             try:  # torch maps its index to NVML's (CUDA_VISIBLE_DEVICES)

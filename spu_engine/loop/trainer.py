@@ -112,11 +112,12 @@ class Trainer:
         dist: Distributed | None,
         system: SystemSampler | None,
         run_dir: Path | None,
+        rolled_back: Callable[[str], bool] = lambda _detail: False,  # a console change just made, taken back
     ) -> None:
         self.config, self.runtime, self.groups, self.task, self.stream = config, runtime, groups, task, stream
         self.progress, self.reporter, self.control = progress, reporter, control
         self.device, self.amp_dtype, self.scaler = device, amp_dtype, scaler
-        self.dist, self.system, self.run_dir = dist, system, run_dir
+        self.dist, self.system, self.run_dir, self.rolled_back = dist, system, run_dir, rolled_back
         self.model = runtime.model
         self.optimizer: torch.optim.Optimizer = runtime.optimizer
         self.methods = runtime.methods
@@ -223,7 +224,9 @@ class Trainer:
         factor, warm_in = self._lr_factor(step), self.current.lr.warm_in
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor * group_lr_scale(g, step, warm_in)
-        loss, n_samples, extra = self._forward_backward()
+        stats_due = (step + 1) % self.config.stats_every == 0
+        with self.runtime.memory.measuring(step + 1, due=stats_due):  # the activations the what-if scales
+            loss, n_samples, extra = self._forward_backward()
         for m in self.methods:
             m.after_backward(step)
         if self.dist is not None:
@@ -232,7 +235,6 @@ class Trainer:
             )
             n_samples *= self.dist.world_size
         named = [(n, p) for n, p in self.params.items() if p.grad is not None]  # model order; no module walk
-        stats_due = (step + 1) % self.config.stats_every == 0
         if self.scaler and named:
             self.scaler.unscale_(self.optimizer)
         check = check_gradients(loss, named, self.config.grad_clip, clip=self.config.grad_clip > 0)
@@ -391,7 +393,8 @@ class Trainer:
             self.fault, self.fault_message = action, message
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost)."""
+        """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost),
+        unless the step was the first after a console's change, which is rolled back instead (``change_rollback``)."""
         try:
             return fn()
         except RuntimeError as exc:
@@ -402,6 +405,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
         free_memory(self.device)
+        if what == "training step" and self.rolled_back(detail):  # the change before it did not fit: no pause
+            return None
         message, suggested = oom_advice(what, self.step, detail, self.config, self.run_dir)
         self.emit("error", step=self.step, message=message, kind="oom", suggested=suggested)
         self.control.pause(message)

@@ -18,11 +18,12 @@ from typing import Any, Protocol
 
 import torch
 
-from spu_engine.core.policy import Change, Policy, PolicyError, TimelineEntry
+from spu_engine.core.policy import Change, Policy, PolicyError, TimelineEntry, undo_change
 from spu_engine.methods import method_classes
 from spu_engine.methods.base import HostConfig
 from spu_engine.model.loading import Units, count_params, find_units, stable_parameters
-from spu_engine.runtime.selection import check_policy_against_model, freeze_mask, lr_scales
+from spu_engine.runtime.memory_estimate import MemoryEstimate
+from spu_engine.runtime.selection import backward_depth, check_policy_against_model, freeze_mask, lr_scales
 
 
 class TimelineRefused(PolicyError):
@@ -100,6 +101,7 @@ class PolicyRuntime:
         self.pending: list[TimelineEntry] = []  # timeline entries not applied yet, in step order
         self.triggers: list[TimelineEntry] = []  # at-epoch and when entries, fired or not, each with its firing steps
         self.metric_range: dict[str, list[float]] = {}  # eval metric -> [lowest, highest] over the evaluations so far
+        self.memory = MemoryEstimate(self)  # what a policy costs in device memory, for the what-if
 
     def adopt(self, policy: Policy) -> None:
         """Take ``policy`` as the one in force and its timeline as this runtime's, checked against the model."""
@@ -124,6 +126,11 @@ class PolicyRuntime:
         before, names = self.current, self.param_names
         self._take_change(change)
         self.hooks.applied(change, source, before, names)
+
+    def restore(self, policy: Policy) -> None:
+        """Put ``policy``'s sections back in force, unrecorded: a change that ran out of memory is taken back as if
+        never made (its owner drops the record of it)."""
+        self._take_change(undo_change(policy, self.current))
 
     def schedule_changed(self) -> None:
         """The pending entries or the triggers changed (one applied or fired, one was added or removed)."""
@@ -303,8 +310,9 @@ class PolicyRuntime:
 
         Trainable parameters and their share, with the tensors a method would add; an estimate of the backward
         compute kept: the blocks from the first trainable one to the end (a frozen prefix needs no backward) times
-        the share of samples the methods keep; the pruning target, which saves no compute with dense kernels; and
-        each method's notes on what a setting does that its name does not say.
+        the share of samples the methods keep; the pruning target, which saves no compute with dense kernels;
+        each method's notes on what a setting does that its name does not say; and the device memory a step would
+        hold before and after (``memory_estimate``).
         """
         new = self.current.apply(change)  # PolicyError, naming the key, for a value the policy does not allow
         names = self.names_under(new)
@@ -314,18 +322,7 @@ class PolicyRuntime:
         mask = self.trainable_mask(new, names)
         trainable = sum(sizes.get(n, 0) for n, trains in mask.items() if trains)
         total = sum(sizes.get(n, 0) for n in names)
-        training_units = {self.units.unit_for(n) for n, trains in mask.items() if trains}
-        blocks = [u.name for u in self.units if u.name.startswith("block")]
-        first = next((i for i, b in enumerate(blocks) if b in training_units), None)
-        depth = (
-            1.0
-            if "embeddings" in training_units
-            else (len(blocks) - first) / len(blocks)
-            if first is not None and blocks
-            else 0.0
-        )
-        shares = [m.backward_share(new) for m in self.methods]
-        keep = None if None in shares else math.prod(shares)
+        depth, keep = backward_depth(mask, self.units), self.backward_keep(new)
         notes = [note for m in self.methods for note in m.preview_notes(self.current, new)]
         if trainable == 0:
             notes.append(
@@ -347,7 +344,13 @@ class PolicyRuntime:
             "frozen_prefix_backward": round(depth, 4),
             "sparsity": sparsity,
             "notes": notes,
+            "memory": self.memory.what_if(self.current, new),
         }
+
+    def backward_keep(self, policy: Policy) -> float | None:
+        """The share of the samples that get a backward under ``policy``; None: it depends on the losses."""
+        shares = [m.backward_share(policy) for m in self.methods]
+        return None if None in shares else math.prod(shares)
 
     def _describe_multipliers(self, policy: Policy) -> str:
         """Each unit's lr multiplier under ``policy`` ('0.5-1' where its tensors differ), in model order."""

@@ -55,6 +55,17 @@ def freeze_mask(rules: list[FreezeRule], names: list[str], units: Units) -> dict
     return out
 
 
+def backward_depth(mask: dict[str, bool], units: Units) -> float:
+    """The share of the blocks a backward runs through when the tensors of ``mask`` train: from the first block that
+    trains to the end (a frozen prefix needs no backward and keeps no activations), all when the embeddings train."""
+    training = {units.unit_for(n) for n, trains in mask.items() if trains}
+    if "embeddings" in training:
+        return 1.0
+    blocks = [u.name for u in units if u.name.startswith("block")]
+    first = next((i for i, b in enumerate(blocks) if b in training), None)
+    return (len(blocks) - first) / len(blocks) if first is not None else 0.0
+
+
 def decay_factor(unit: str, units: Units, decay: float) -> float:
     """Layer-wise decay: the head and the top block 1, each block below ``decay`` times the one above, embeddings one
     step below block 0."""

@@ -21,6 +21,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from spu_engine.core.freeze_advice import Advice, advise, trends
+from spu_engine.core.memory_view import short_memory
 from spu_engine.core.policy import Change, FreezeRule
 from spu_engine.core.protocol import PreviewEvent
 from spu_tui.run_model import Aspect, RunModel
@@ -81,8 +82,10 @@ class LearningView(Widget):
             return
         share = preview.trainable / preview.total if preview.trainable is not None and preview.total else 0.0
         backward = preview.backward if preview.backward is not None else preview.frozen_prefix_backward
+        memory = f", {short_memory(preview.memory)}" if preview.memory is not None else ""
         self.whatif = (
-            f"→ trainable {preview.trainable or 0:,} ({share:.1%}), backward ≈ {backward or 0:.0%}; v again applies"
+            f"→ trainable {preview.trainable or 0:,} ({share:.1%}), backward ≈ {backward or 0:.0%}{memory}; "
+            "v again applies"
         )
 
     def render(self) -> Group:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
@@ -19,6 +20,7 @@ from textual.validation import ValidationResult, Validator
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Select, Static
 
+from spu_engine.core.memory_view import memory_line
 from spu_engine.core.policy import Change, Policy
 from spu_engine.core.protocol import PreviewEvent
 from spu_tui.widgets.control_fields import FIELD_BY_ID, TITLES, ControlField, fields_of, section_problem, section_values
@@ -120,7 +122,15 @@ class MethodSection(Vertical):
         )
         if preview.sparsity:
             parts.append(f"sparsity → {preview.sparsity:.0%} (no compute saved)")
-        line.update("; ".join(parts) + "".join(f"\n  {note}" for note in preview.notes))
+        text = Text("; ".join(parts))
+        if preview.memory is not None:  # the memory a step would hold, and a flag when it would not fit
+            figures, _, flag = memory_line(preview.memory).partition("\n")
+            text.append(f"\n{figures}")
+            if flag:
+                text.append(f"\n{flag}", style="bold red")
+        for note in preview.notes:
+            text.append(f"\n  {note}")
+        line.update(text)
         line.set_classes("whatif")
 
     def clear_preview(self) -> None:

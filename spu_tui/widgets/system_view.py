@@ -68,6 +68,16 @@ def rows(samples: list[SystemEvent]) -> list[Row]:
                     "green",
                 )
             )
+        if gpu.max_allocated is not None:  # the highest allocation of each window: what a step really needs
+            out.append(
+                Row(
+                    f"GPU{index} peak",
+                    gib(gpu.max_allocated),
+                    [float(g.max_allocated or 0) for g in history],
+                    gpu.memory_total,
+                    "green",
+                )
+            )
     if last.tokens_per_s is not None:
         out.append(Row("tokens/s", f"{last.tokens_per_s:,.0f}", [s.tokens_per_s or 0.0 for s in samples], color="cyan"))
     if last.samples_per_s is not None:

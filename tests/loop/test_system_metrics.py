@@ -1,5 +1,5 @@
-"""System metrics: the engine's sampler (CPU here; the GPU branch against a stand-in torch.cuda), the ``system``
-events of a real run, and the console's header and System panel drawing them."""
+"""System metrics: the engine's sampler (CPU here; the GPU branch against a stand-in torch.cuda, its peak per window
+included), the ``system`` events of a real run, and the console's header and System panel drawing them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from spu_engine.core.protocol import SystemEvent, event, read_event
 from spu_engine.loop.system_metrics import SystemSampler
+from spu_engine.runtime.activation_meter import PEAKS
 from spu_tui.app import SpuApp
 from spu_tui.widgets.run_header import RunHeader
 from spu_tui.widgets.system_view import SystemView
@@ -49,7 +50,9 @@ def test_the_gpu_branch_reads_nvml_and_falls_back_to_the_allocator(monkeypatch):
     monkeypatch.setattr(cuda, "get_device_properties", lambda i: Props())
     monkeypatch.setattr(cuda, "memory_allocated", lambda i: 3 * 2**30)
     monkeypatch.setattr(cuda, "memory_reserved", lambda i: 4 * 2**30)
-    monkeypatch.setattr(cuda, "max_memory_allocated", lambda i: 5 * 2**30)
+    peak = {"now": 5 * 2**30}  # torch's peak counter; a reset starts it again from what is allocated (3 GiB)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda i: peak["now"])
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda i: peak.update(now=3 * 2**30))
     monkeypatch.setattr(cuda, "mem_get_info", lambda i: (70 * 2**30, 80 * 2**30))
     monkeypatch.setattr(cuda, "utilization", lambda i: 87)
     monkeypatch.setattr(cuda, "device_memory_used", lambda i: 12 * 2**30)
@@ -65,6 +68,12 @@ def test_the_gpu_branch_reads_nvml_and_falls_back_to_the_allocator(monkeypatch):
         "utilization": 87.0,
         "memory_used": 12 * 2**30,
     }
+
+    peak["now"] = 6 * 2**30  # a step of the next window peaks at 6 GiB, then a measured step resets the counter
+    PEAKS.begin_step(1)
+    peak["now"] = 4 * 2**30
+    assert sampler.sample()["gpus"]["1"]["max_allocated"] == 6 * 2**30  # the window's peak all the same
+    assert sampler.sample()["gpus"]["1"]["max_allocated"] == 3 * 2**30  # a new window: only what is allocated
 
     def no_driver(i):
         raise RuntimeError("NVML: insufficient permissions")
@@ -156,6 +165,7 @@ async def test_a_gpu_sample_shows_in_the_header_and_the_panel(system_run):
         "memory_used": 12 * 2**30,
         "memory_total": 80 * 2**30,
         "allocated": 9 * 2**30,
+        "max_allocated": 10 * 2**30,
     }
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.3)
@@ -181,4 +191,6 @@ async def test_a_gpu_sample_shows_in_the_header_and_the_panel(system_run):
             and "GPU0 mem" in panel
             and "12.0G/80.0G" in panel
             and "GPU0 torch" in panel
+            and "GPU0 peak" in panel
+            and "10.0G" in panel
         )

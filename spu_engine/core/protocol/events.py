@@ -179,6 +179,32 @@ class AckEvent(Event):
     message: str = ""
 
 
+class MemoryFigures(Open):
+    """Bytes one training step would hold (``runtime.memory_estimate``): weights (buffers included), gradients and
+    optimizer state by dtype name, activations (None: no step measured yet) and their sum."""
+
+    weights: dict[str, int] = Field(default_factory=dict)
+    gradients: dict[str, int] = Field(default_factory=dict)
+    optimizer: dict[str, int] = Field(default_factory=dict)
+    activations: int | None = None
+    total: int = 0
+
+
+class MemoryPreview(Open):
+    """A change's device memory, before -> after.  ``where``: ``device`` (CUDA) or ``RAM``; ``available``: the free
+    memory plus what this run holds now; ``fits``: the after figure is within it; ``measured_step``: the step the
+    activations were measured at; ``checkpointing``: the run recomputes activations (gradient checkpointing)."""
+
+    where: str = "device"
+    before: MemoryFigures = Field(default_factory=MemoryFigures)
+    after: MemoryFigures = Field(default_factory=MemoryFigures)
+    available: int | None = None
+    fits: bool | None = None
+    optimizer: str | None = None
+    measured_step: int | None = None
+    checkpointing: bool = False
+
+
 class PreviewEvent(Event):
     """The answer to a ``preview`` command (see ``PolicyRuntime.preview``); ``error`` when the change would be
     refused."""
@@ -191,6 +217,7 @@ class PreviewEvent(Event):
     frozen_prefix_backward: float | None = None
     sparsity: float | None = None
     notes: list[str] = Field(default_factory=list)
+    memory: MemoryPreview | None = None
     error: str | None = None
 
 
@@ -215,8 +242,9 @@ class ResumedEvent(Event):
 
 class GpuStats(Open):
     """One CUDA device.  ``utilization`` (percent) and ``memory_used`` (the whole device, every process) come from
-    NVML when it is installed (``memory_used`` otherwise from the driver's free memory); ``allocated``,
-    ``reserved`` and ``max_allocated`` are this process's tensors as the torch allocator counts them.  Bytes."""
+    NVML when it is installed (``memory_used`` otherwise from the driver's free memory); ``allocated``
+    and ``reserved`` are this process's tensors as the torch allocator counts them now, ``max_allocated`` the highest
+    ``allocated`` since the previous sample (the peak per window).  Bytes."""
 
     name: str | None = None
     utilization: float | None = None

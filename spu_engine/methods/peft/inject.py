@@ -41,6 +41,9 @@ def inject_tuner(
         eject(model)
         message = str(exc).strip().splitlines()[0]
         raise PolicyError(f"{key}: {message}") from None
+    except Exception:  # out of memory half-way: no half-wrapped model is left behind
+        eject(model)
+        raise
     finally:  # peft freezes every tensor it did not add; trainability is the engine's business
         for p in model.parameters():
             if id(p) in before:
