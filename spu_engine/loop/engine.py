@@ -298,13 +298,13 @@ class Engine:
         self._begin()
         try:
             while self.step < self.config.steps:
-                self.trainer.act_on_fault()  # a non-finite step an evaluation or a change settled
+                self.trainer.nonfinite.act()  # a non-finite step an evaluation or a change settled
                 self.control.boundary()
                 if self.control.stop is not None:
                     break
                 self._one_step()
             self.events.settle()
-            self.trainer.act_on_fault()
+            self.trainer.nonfinite.act()
             if (
                 self.system is not None and self.system.has_steps
             ):  # the steps since the last sample, even in a short run
@@ -330,7 +330,7 @@ class Engine:
         trainer, taken = self.trainer, self.step
         fields = trainer.survive_oom(lambda: trainer.train_step(settled=False), "training step")
         self._after_step(fields if self.step > taken else None)
-        trainer.act_on_fault()
+        trainer.nonfinite.act()
         if self.step == taken:
             return  # out of memory: nothing new to evaluate or save
         if trainer.eval_due():

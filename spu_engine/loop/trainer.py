@@ -26,9 +26,10 @@ import torch
 from spu_engine.core.config import EngineConfig
 from spu_engine.loop.batching import BatchStream
 from spu_engine.loop.distributed import Distributed
-from spu_engine.loop.faults import MAX_NONFINITE_SKIPS, free_memory, is_out_of_memory, nonfinite_report, oom_advice
+from spu_engine.loop.faults import free_memory, is_out_of_memory, oom_advice
 from spu_engine.loop.lifecycle import Stop
 from spu_engine.loop.lr_groups import LrGroups, group_lr_scale
+from spu_engine.loop.nonfinite import NonfiniteSteps
 from spu_engine.loop.step_readout import HeldStep, StepReadout, check_gradients, hold
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.runtime.policy_runtime import PolicyRuntime, Reporter
@@ -124,9 +125,7 @@ class Trainer:
         self.samples_seen = 0
         self.evaluated_at: int | None = None  # the step of the last finished evaluation
         self.collapsed = False  # the last evaluation gave (nearly) every example one answer
-        self._nonfinite_streak = 0
-        self.fault: str | None = None  # "pause" or "stop": a non-finite step asks it of the run's control
-        self.fault_message = ""
+        self.nonfinite = NonfiniteSteps(runtime, reporter, control)
         self._step_time_ema: float | None = None
         self.readout = StepReadout(self._publish)
         self.published: dict[str, Any] = {}  # the fields of the last step event sent
@@ -300,20 +299,11 @@ class Trainer:
         self.emit("step", **fields)
         self.published = fields
         if not skipped:
-            self._nonfinite_streak = 0
+            self.nonfinite.finite()
             for m in self.methods:
                 m.after_step(step, loss, held.seconds, held.began)
         elif not self.scaler:  # under AMP's scaler a skipped step is the scaler's business, not a fault
-            self._nonfinite(step, loss, self.readout.non_finite_names(held))
-
-    def act_on_fault(self) -> None:
-        """A non-finite step learned late (its update was skipped on the device): pause or stop now, as asked."""
-        fault, self.fault = self.fault, None
-        if fault == "pause":
-            self.control.pause(self.fault_message)
-        elif fault == "stop":
-            self.control.stop = Stop(self.fault_message, fault=True, owes_checkpoint=True)
-            self.control.save_or_pause()
+            self.nonfinite.skipped(step, loss, self.readout.non_finite_names(held))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -368,29 +358,6 @@ class Trainer:
         """Every ``eval_every`` steps, and when a method asks (IMP at each round's end)."""
         every = self.config.eval_every
         return bool(every and self.step % every == 0) or any(m.eval_due(self.step) for m in self.methods)
-
-    def _nonfinite(self, step: int, loss_value: float, bad_grads: list[str]) -> None:
-        """Step ``step`` had a non-finite loss or gradient and its update was skipped; say where, and decide (as
-        ``faults.on_nonfinite`` says) what the run does next; ``act_on_fault`` carries it out at the boundary."""
-        report = nonfinite_report(self.params, self.units, loss_value, step, bad_grads)
-        self._nonfinite_streak += 1
-        action, message = self.current.faults.on_nonfinite, report["message"]
-        if action == "skip" and self._nonfinite_streak >= MAX_NONFINITE_SKIPS:
-            action = "stop"
-            message += f"; {self._nonfinite_streak} batches in a row, so skipping does not help"
-        message += {"skip": "; batch skipped", "pause": "; paused", "stop": "; stopping"}[action]
-        self.emit(
-            "error",
-            step=step,
-            message=message,
-            kind="nonfinite",
-            loss=str(loss_value),
-            units=report["units"],
-            weights=report["weights"],
-            action=action,
-        )
-        if action != "skip":
-            self.fault, self.fault_message = action, message
 
     def survive_oom(self, fn: Callable[[], Any], what: str) -> Any:
         """Run ``fn``; on out-of-memory free what the attempt held and pause instead of dying (nothing trained is lost),
