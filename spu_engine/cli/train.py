@@ -68,7 +68,7 @@ class ProgressSink:
         elif kind == "policy":
             console.print(f"[magenta]policy[/] step {ev['step']} ({ev['source']}): trainable {ev['trainable']:,}")
         elif kind == "log" and ev.get("about") == "generation":
-            console.print(f"[cyan]generated[/] {escape(str(ev.get('message')))}", highlight=False)
+            console.print(f"  [cyan]{escape(str(ev.get('message')))}[/]", highlight=False)
         elif kind in ("error", "log") and (kind == "error" or ev.get("level") != "info"):
             console.print(f"[red]{kind}[/] {ev.get('message')}", highlight=False)
         elif kind == "state":

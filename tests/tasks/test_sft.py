@@ -3,12 +3,14 @@ dropping, the plain template for a tokenizer without one, and bad data in one li
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sft_support import SHAPES, write_jsonl
-from spu_engine.core.data import DataError
+from spu_engine.core.data import DataError, hub_args
 from spu_engine.loop.engine import Engine, EngineConfig
 from spu_engine.tasks import TaskOptions, TaskUnclear, infer_task
 from spu_engine.tasks.sft import SftTask
@@ -60,6 +62,13 @@ def test_the_task_is_inferred_from_each_shape_with_a_causal_lm(shape_files, llam
         assert infer_task(str(path), str(llama_dir)) == "sft", shape
         assert EngineConfig(data=str(path), model=str(llama_dir)).task == "sft"
     assert infer_task(str(DATA / "gsm8k"), str(llama_dir)) == "sft"
+    assert infer_task("openai/gsm8k/main", str(llama_dir)) == "sft" and hub_args("openai/gsm8k/main") == (
+        "openai/gsm8k",
+        "main",
+    )
+    assert (
+        infer_task("openai/gsm8k/main", str(tiny_model_dir)) == "classification"
+    )  # by name, as before, for an encoder
     assert infer_task(str(DATA / "squad"), str(llama_dir)) == "qa"  # SQuAD, even with a causal LM
     with_context = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "context": "c", "answer": "a"}])
     assert infer_task(str(with_context), str(llama_dir)) != "sft"  # a context: extractive QA's data, never sft
@@ -160,3 +169,17 @@ def test_a_tokenizer_without_a_chat_template_gets_the_plain_one_said_once(tokeni
     assert engine.run() == "finished"
     said = [e for e in events if e["type"] == "log" and "has no chat template" in e["message"]]
     assert len(said) == 1 and said[0]["level"] == "warning"
+
+
+def test_a_template_that_cannot_split_prompt_from_completion_is_refused(chat_tokenizer, shape_files):
+    odd = copy.deepcopy(chat_tokenizer)
+    odd.chat_template = (  # the generation prompt says <bot>, an assistant turn <assistant>: no common start
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<bot> {% endif %}"
+    )
+    with pytest.raises(
+        DataError, match="row 1: the chat template does not render the prompt .* as the start of the whole"
+    ):
+        SftTask.build(str(shape_files["question/answer"]), odd, ONE_FILE)
+    odd.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turn') }}{% endif %}x"
+    with pytest.raises(DataError, match="row 2: the chat template cannot render this conversation: no system turn"):
+        SftTask.build(str(shape_files["messages"]), odd, ONE_FILE)

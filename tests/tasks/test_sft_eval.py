@@ -17,6 +17,7 @@ from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.sft import SftTask
 from spu_engine.tasks.sft_generate import final_answer
 from spu_engine.tools.report import load_run_report
+from spu_tui.run_model import RunModel
 from support import build_tiny
 
 NEW = 6  # tokens a generation may add: enough for '#### 8' in WordPiece
@@ -116,6 +117,12 @@ def test_an_sft_run_logs_its_generations_and_reports_its_metrics(sft_run):
     assert all({"eval_loss", "perplexity", "exact_match"} <= set(e) for e in evals)
     shown = [e for e in events if e["type"] == "log" and e.get("about") == "generation"]
     assert [e["step"] for e in shown] == [2, 2, 4, 4] and shown[0]["message"].startswith("generation 1 of 2: ")
+    console = RunModel()  # the console's log panel shows them as they came
+    for ev in events:
+        console.apply(ev)
+    assert [line.text for line in console.log if line.kind == "log" and line.text.startswith("generation")] == [
+        e["message"] for e in shown
+    ]
     summary = {name: value for name, value, _ in load_run_report(run_dir).summary()}
     assert summary["task"] == "sft"
     assert summary["final eval.perplexity"] == pytest.approx(evals[-1]["perplexity"])
