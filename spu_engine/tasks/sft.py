@@ -33,16 +33,15 @@ class SftTask(LMTask):
         train: list[dict[str, Any]],
         eval: list[dict[str, Any]],
         pad_id: int,
-        rendered: Rendered | None = None,
-        tokenizer=None,
-        options: TaskOptions | None = None,
+        rendered: Rendered,
+        tokenizer,
+        options: TaskOptions,
     ) -> None:
         super().__init__(train, eval, pad_id)
-        options = options or TaskOptions()
-        self.prompts = rendered.prompts if rendered else []  # of each eval feature, in order
-        self.references = rendered.references if rendered else []
+        self.prompts = rendered.prompts  # of each eval feature, in order
+        self.references = rendered.references
         self.tokenizer = tokenizer
-        self.end = end_token(tokenizer) if tokenizer is not None else None
+        self.end = end_token(tokenizer)
         self.generate_eval = min(options.generate_eval, len(self.prompts))
         self.max_new_tokens = options.max_new_tokens
         self.scored = any(final_answer(r) is not None for r in self.references[: self.generate_eval])
@@ -50,7 +49,8 @@ class SftTask(LMTask):
 
     @property
     def eval_fields(self) -> tuple[str, ...]:  # type: ignore[override]
-        """The LM's, and exact match when generations are scored (the references have final answers)."""
+        """The LM's, and when generations are scored (the references have final answers) their exact match and
+        how many were scored."""
         return (*super().eval_fields, *(("exact_match", "eval_generated") if self.scored else ()))
 
     @classmethod
@@ -79,8 +79,11 @@ class SftTask(LMTask):
         )
         for split, rendered, src in (("train", train, train_src), ("eval", evals, eval_src)):
             said = rendered.note(split, options.max_length)
+            if not rendered.total:
+                raise DataError(f"{src}: no rows")
             if not rendered.features:
-                raise DataError(f"{src}: no {split} example left ({said or 'no rows'}); raise --max-length")
+                advice = "; raise --max-length" if rendered.too_long else ""
+                raise DataError(f"{src}: no {split} example left: {said}{advice}")
             if said:
                 notes.append(said)
         task = cls(train.features, evals.features, tokenizer.pad_token_id, evals, tokenizer, options)

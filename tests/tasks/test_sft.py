@@ -136,7 +136,7 @@ def test_truncation_keeps_prompts_whole_and_counts_cut_and_dropped(chat_tokenize
     assert "1 of 5 train examples dropped: their completion is empty" in said
     nothing_left = write_jsonl(tmp_path / "nothing.jsonl", rows[1:3])
     with pytest.raises(
-        DataError, match=r"no train example left \(.*prompt alone fills --max-length 24.*\); raise --max-length"
+        DataError, match=r"no train example left: .*prompt alone fills --max-length 24.*; raise --max-length"
     ):
         SftTask.build(str(nothing_left), chat_tokenizer, TaskOptions(max_length=24, eval_split=0))
 
