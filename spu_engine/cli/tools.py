@@ -227,10 +227,26 @@ def eval_model(
     batch_size: int = typer.Option(128, min=1),
     max_samples: int | None = typer.Option(None, min=1, help="score only the first N examples"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1"),
+    prompt_column: str | None = typer.Option(
+        None, help="sft: the prompt column (default: the run's, else the data's shape decides)"
+    ),
+    completion_column: str | None = typer.Option(
+        None, help="sft: the completion column (default: the run's, else the data's shape decides)"
+    ),
+    generate_eval: int | None = typer.Option(
+        None,
+        min=0,
+        help="sft: greedy generations for the first N prompts, scored by exact match of the final answer "
+        "('#### 72') where the data has one (default: the run's, else 0)",
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None, min=1, help="sft: the most tokens generated per prompt (default: the run's, else 256)"
+    ),
     as_json: bool = typer.Option(
         False,
         "--json",
-        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics) instead of the table",
+        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics, generations) "
+        "instead of the table",
     ),
 ) -> None:
     """Score a trained model on labelled data with the task's metric: a policy on data it never trained on.
@@ -247,7 +263,20 @@ def eval_model(
 
     if metric is not None and metric not in METRICS:
         fail(f"--metric {metric}: one of {', '.join(METRICS)}")
-    options = ScoreOptions(split, metric, text_column, label_column, max_length, batch_size, max_samples, device)
+    options = ScoreOptions(
+        split,
+        metric,
+        text_column,
+        label_column,
+        max_length,
+        batch_size,
+        max_samples,
+        device,
+        prompt_column,
+        completion_column,
+        generate_eval,
+        max_new_tokens,
+    )
     try:
         result = score(model, data, options)
     except (ScoreError, DataError, CheckpointError, ModelLoadError, PolicyError, OSError) as exc:
@@ -257,6 +286,7 @@ def eval_model(
     if as_json:
         sys.stdout.write(json.dumps(result.as_json()) + "\n")
         return
+    from rich.markup import escape
     from rich.table import Table
 
     scored = f"{result.model} ({Path(result.checkpoint).name})" if result.checkpoint else result.model
@@ -269,3 +299,5 @@ def eval_model(
         if key != result.metric:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
+    for i, generation in enumerate(result.generations):
+        out.print(escape(generation.line(i + 1, len(result.generations))), highlight=False)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from spu_engine.cli.app import app
 from spu_engine.core.run_options import run_options
@@ -66,6 +67,8 @@ class ProgressSink:
             console.print(f"[cyan]eval[/] step {ev['step']}: {metrics}")
         elif kind == "policy":
             console.print(f"[magenta]policy[/] step {ev['step']} ({ev['source']}): trainable {ev['trainable']:,}")
+        elif kind == "log" and ev.get("about") == "generation":
+            console.print(f"  [cyan]{escape(str(ev.get('message')))}[/]", highlight=False)
         elif kind in ("error", "log") and (kind == "error" or ev.get("level") != "info"):
             console.print(f"[red]{kind}[/] {ev.get('message')}", highlight=False)
         elif kind == "state":
@@ -146,6 +149,7 @@ def train(
     sink = ProgressSink(config.steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         out.print(f"run folder: {run_dir}")
+        out.print(f"task: {config.task}", highlight=False)
     try:
         code = serve(
             config,

@@ -29,7 +29,10 @@ class RunSettings(BaseModel):
     model: str = Field("minilm", description="hub id, local Hugging Face folder, or 'minilm' (the offline package)")
     data: str = Field("glue/sst2", description="hub dataset or local file / folder with train and dev files")
     task: str = Field(
-        "auto", validate_default=True, description="classification | qa | lm; auto: inferred from the data and model"
+        "auto",
+        validate_default=True,
+        description="classification | qa | lm | sft; auto: inferred from the data and model (sft: prompt/completion-shaped "
+        "data with a causal LM)",
     )
     steps: int = Field(1000, ge=1, description="optimizer steps; the LR schedule is laid over them")
     batch_size: int = Field(32, ge=1, description="training examples per optimizer step")
@@ -66,6 +69,21 @@ class RunSettings(BaseModel):
     doc_stride: int | None = Field(
         None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)"
     )
+    prompt_column: str | None = Field(
+        None,
+        description="sft: the prompt column, a string or a list of {role, content} messages (default: the data's "
+        "shape: messages, whose last assistant turn is the completion; prompt; instruction (+ input); question)",
+    )
+    completion_column: str | None = Field(
+        None, description="sft: the completion column, the answer the loss counts (default: completion, output, answer)"
+    )
+    generate_eval: int = Field(
+        0,
+        ge=0,
+        description="sft: at each evaluation, greedy generations for the first N eval prompts, scored by exact match "
+        "of the final answer where the references have one (GSM8K's '#### 72'), a few shown in the log; 0: none",
+    )
+    max_new_tokens: int = Field(256, ge=1, description="sft: the most tokens generated per prompt by --generate-eval")
     eval_split: float | None = Field(
         None,
         ge=0,
@@ -130,7 +148,13 @@ class RunSettings(BaseModel):
         if self.task != "auto":
             return self
         try:
-            self.task = infer_task(self.data, self.model, label_column=self.label_column)
+            self.task = infer_task(
+                self.data,
+                self.model,
+                label_column=self.label_column,
+                prompt_column=self.prompt_column,
+                completion_column=self.completion_column,
+            )
         except TaskUnclear as exc:
             raise ValueError(f"task: {exc}") from None
         except DataError as exc:
@@ -141,7 +165,25 @@ class RunSettings(BaseModel):
     def _metric_is_for_classification(self) -> RunSettings:
         if self.metric is not None and self.task != "classification":
             raise ValueError(
-                f"metric: --metric {self.metric} is for classification; {self.task} reports its own (qa: f1 and exact_match, lm: perplexity)"
+                f"metric: --metric {self.metric} is for classification; {self.task} reports its own (qa: f1 and exact_match, lm and sft: perplexity)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sft_settings_are_for_sft(self) -> RunSettings:
+        given = [
+            name
+            for name, value in (
+                ("prompt_column", self.prompt_column),
+                ("completion_column", self.completion_column),
+                ("generate_eval", self.generate_eval or None),
+            )
+            if value is not None
+        ]
+        if given and self.task != "sft":
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(
+                f"{given[0]}: {flag} is for supervised fine-tuning (--task sft); this run's task is {self.task}"
             )
         return self
 

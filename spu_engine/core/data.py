@@ -134,8 +134,11 @@ def data_metric(source: str) -> str:
 
 
 def hub_args(name: str) -> tuple[str, ...]:
-    """``load_dataset`` arguments for a hub name: ``glue/mrpc`` is the dataset ``glue`` with the config ``mrpc``."""
+    """``load_dataset`` arguments for a hub name: ``glue/mrpc`` is the dataset ``glue`` with the config ``mrpc``,
+    and ``owner/name/config`` the dataset ``owner/name`` with that config (``openai/gsm8k/main``)."""
     parts = name.split("/")
+    if len(parts) == 3 and all(parts):
+        return ("/".join(parts[:2]), parts[2])
     return (parts[0], parts[1]) if len(parts) == 2 and parts[0] in {"glue", "super_glue", "wikitext"} else (name,)
 
 

@@ -331,6 +331,8 @@ class Trainer:
         for m in self.methods:
             m.on_eval(self.step, metrics)
         self.emit("eval", step=self.step, **metrics)
+        for line in self.task.shown():
+            self.emit("log", step=self.step, level="info", message=line, about="generation")
         self._say_if_collapsed(metrics)
         return metrics
 

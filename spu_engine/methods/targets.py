@@ -20,12 +20,14 @@ def is_bias(name: str) -> bool:
 def task_head_names(model: nn.Module) -> set[str]:
     """Parameters outside ``model.base_model``: the newly initialised task head (classifier, score, qa_outputs).
 
-    A tied LM head shares its tensor with the embeddings and so is not a head parameter.
+    An LM's head (its output embeddings, tied to the input ones or not: GPT-2's, Llama's ``lm_head``) comes
+    pretrained, so it is not a new head: under PEFT it stays frozen, as peft's causal-LM setups keep it.
     """
     base = getattr(model, "base_model", model)
     if base is model:
         return set()
-    inside = {id(p) for p in base.parameters()}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inside = {id(p) for p in base.parameters()} | {id(p) for p in (output.parameters() if output is not None else ())}
     return {n for n, p in stable_parameters(model).items() if id(p) not in inside}
 
 

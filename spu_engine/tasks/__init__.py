@@ -12,11 +12,13 @@ from spu_engine.tasks.classification import ClassificationTask
 from spu_engine.tasks.infer import TaskUnclear, infer_task
 from spu_engine.tasks.lm import LMTask
 from spu_engine.tasks.qa import QATask
+from spu_engine.tasks.sft import SftTask
 
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     QATask.name: QATask,
     LMTask.name: LMTask,
+    SftTask.name: SftTask,
 }
 
 

@@ -1,4 +1,4 @@
-"""The task interface shared by classification, extractive QA and causal LM."""
+"""The task interface shared by classification, extractive QA, causal LM and supervised fine-tuning."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ class TaskOptions:
         None  # share held out for eval when the data has no eval split (None: DEFAULT_EVAL_SPLIT; 0: eval on train)
     )
     seed: int = 0  # which rows are held out
+    prompt_column: str | None = None  # sft: None: the data's shape decides (sft_shapes)
+    completion_column: str | None = None
+    generate_eval: int = 0  # sft: eval prompts answered by greedy generation at each evaluation
+    max_new_tokens: int = 256  # sft: the most tokens generated per prompt
 
     @classmethod
     def of(cls, settings: Any) -> TaskOptions:
@@ -83,6 +87,11 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """Metrics over an iterable of eval batches (already on the model's device)."""
+
+    def shown(self) -> list[str]:
+        """Readable lines about the last evaluation, logged after its eval event (SFT: what the model now answers,
+        as ``about: generation``)."""
+        return []
 
     def check_fits(self, model: nn.Module) -> None:
         """A sequence longer than the model's position table fails deep inside its forward: say so before training."""

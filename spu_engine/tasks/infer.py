@@ -2,10 +2,14 @@
 
 SQuAD-shaped data is ``qa``; plain text (``.raw`` / ``.txt``, or a table with a
 text column but no label column) is ``lm``; a table with a label column is
-``classification``.  A hub name is judged by its name (``squad*`` -> qa,
-``wikitext*`` -> lm, anything else classification, as before).  A text-only
-table is ``lm`` only for a decoder-only model; for an encoder the data is
-ambiguous and the message asks for ``--task``.
+``classification``.  A table in one of supervised fine-tuning's shapes (``messages``,
+``prompt`` / ``completion``, ``instruction`` / ``output``, ``question`` / ``answer``
+without a ``context``: see ``sft_shapes``) is ``sft`` for a decoder-only model, as is
+any table when ``--prompt-column`` or ``--completion-column`` is given.  A hub name is
+judged by its name (``squad*`` -> qa, ``wikitext*`` -> lm, a few well-known SFT sets
+-> sft with a decoder-only model, anything else classification).  A text-only table
+is ``lm`` only for a decoder-only model; for an encoder the data is ambiguous and the
+message asks for ``--task``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from pathlib import Path
 
 from spu_engine.core.data import TEXT_ENCODING, DataError, is_local, read_rows, split_files
+from spu_engine.tasks.sft_shapes import sft_shape
 
 QA_KEYS = {"question", "context", "answers"}
 LABEL_KEYS = ("label", "labels", "target", "class", "Quality")  # Quality: the label of GLUE's own MRPC files
@@ -26,23 +31,41 @@ LM_HUB = (
     "tiny_shakespeare",
     "roneneldan/tinystories",
 )
+SFT_HUB = ("gsm8k", "openai/gsm8k", "tatsu-lab/alpaca", "yahma/alpaca-cleaned", "huggingfaceh4/no_robots")
+TASK_NAMES = "classification, qa, lm or sft"
 
 
 class TaskUnclear(DataError):
     """The data reads fine but fits no task, or more than one: ``--task`` has to say."""
 
 
-def infer_task(data: str, model: str | None = None, label_column: str | None = None) -> str:
-    """'classification', 'qa' or 'lm' for ``data``; DataError when it cannot be read, TaskUnclear when it fits no task.
+def infer_task(
+    data: str,
+    model: str | None = None,
+    label_column: str | None = None,
+    prompt_column: str | None = None,
+    completion_column: str | None = None,
+) -> str:
+    """'classification', 'qa', 'lm' or 'sft' for ``data``; DataError when it cannot be read, TaskUnclear when it
+    fits no task.
 
-    A ``label_column`` the table has makes it classification (``--label-column`` needs no ``--task``).
+    A ``label_column`` the table has makes it classification (``--label-column`` needs no ``--task``); a
+    ``prompt_column`` or ``completion_column`` makes it sft.
     """
+    if prompt_column is not None or completion_column is not None:
+        return "sft"
+
+    def decoder() -> bool:
+        return model is not None and is_decoder_only(model)
+
     if not is_local(data):
         name = data.lower()
         if name.startswith(QA_HUB):
             return "qa"
         if name.startswith(LM_HUB):
             return "lm"
+        if name.startswith(SFT_HUB) and decoder():
+            return "sft"
         return "classification"
     path = split_files(data)["train"]
     suffix = path.suffix.lower()
@@ -54,13 +77,24 @@ def infer_task(data: str, model: str | None = None, label_column: str | None = N
     keys = set(rows[0]) if rows else set()
     if keys >= QA_KEYS:
         return "qa"
-    if keys & set(LABEL_KEYS) or (label_column is not None and label_column in keys):
+    if label_column is not None and label_column in keys:
         return "classification"
-    if model is not None and is_decoder_only(model):
+    shape = sft_shape(keys)
+    if shape is not None and decoder():
+        return "sft"
+    if keys & set(LABEL_KEYS):
+        return "classification"
+    if decoder():
         return "lm"
+    columns = ", ".join(sorted(map(str, keys))) or "none"
+    if shape is not None:
+        raise TaskUnclear(
+            f"{path} is supervised fine-tuning data ({shape} columns), which needs a causal LM "
+            f"(GPT-2, Llama, ...) as --model; or pass --task {TASK_NAMES}"
+        )
     raise TaskUnclear(
-        f"cannot tell the task of {path}: it has no label column ({', '.join(LABEL_KEYS)}) and no SQuAD fields "
-        f"(columns: {', '.join(sorted(keys)) or 'none'}); pass --task classification, qa or lm"
+        f"cannot tell the task of {path}: it has no label column ({', '.join(LABEL_KEYS)}), no SQuAD fields "
+        f"and no prompt/completion columns (columns: {columns}); pass --task {TASK_NAMES}"
     )
 
 

@@ -89,16 +89,28 @@ class LMTask(Task):
     @torch.no_grad()
     def evaluate(self, model, batches) -> dict[str, float]:
         total, tokens = 0.0, 0
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50_000
         for batch in batches:
-            rows = max(1, LOGITS_BUDGET // (batch["input_ids"].shape[1] * vocab))
-            for i in range(0, batch["input_ids"].shape[0], rows):
-                rows_batch = {k: v[i : i + rows] for k, v in batch.items()}
-                loss, mask = self._token_loss(self.outputs(model, rows_batch)[0], rows_batch)
-                total += float((loss * mask).sum())
-                tokens += int(mask.sum())
-        mean = total / max(tokens, 1)
-        return {"eval_loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": tokens}
+            loss, n = self.summed_loss(model, batch)
+            total, tokens = total + loss, tokens + n
+        return perplexity(total, tokens)
+
+    def summed_loss(self, model, batch) -> tuple[float, int]:
+        """Summed next-token loss of ``batch`` and the number of tokens it counts, a few rows per forward."""
+        total, tokens = 0.0, 0
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50_000
+        rows = max(1, LOGITS_BUDGET // (batch["input_ids"].shape[1] * vocab))
+        for i in range(0, batch["input_ids"].shape[0], rows):
+            rows_batch = {k: v[i : i + rows] for k, v in batch.items()}
+            loss, mask = self._token_loss(self.outputs(model, rows_batch)[0], rows_batch)
+            total += float((loss * mask).sum())
+            tokens += int(mask.sum())
+        return total, tokens
+
+
+def perplexity(total: float, tokens: int) -> dict[str, float]:
+    """The eval fields of a summed token loss: the mean, its exp and the token count."""
+    mean = total / max(tokens, 1)
+    return {"eval_loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": tokens}
 
 
 def load_text(source: str, text_column: str | None = None) -> tuple[str, str, bool]:

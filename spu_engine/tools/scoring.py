@@ -11,7 +11,7 @@ a model that names its classes otherwise (``NEGATIVE``/``POSITIVE``) takes integ
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from spu_engine.core.data import (
 from spu_engine.core.runs import CHECKPOINTS, CONFIG
 from spu_engine.model.loading import class_names, load_model, load_tokenizer
 from spu_engine.storage.checkpoint import OPTIMIZER, CheckpointError, list_checkpoints, read_state, verify
-from spu_engine.tasks import Task, TaskOptions, get_task
+from spu_engine.tasks import Task, TaskOptions, TaskUnclear, get_task, infer_task
 from spu_engine.tasks.classification import ClassificationTask, Columns, train_label_ids
+from spu_engine.tasks.sft_generate import Generation
 
 TASK_OF_HEAD = (
     ("ForSequenceClassification", "classification"),
@@ -57,6 +58,10 @@ class ScoreOptions:
     batch_size: int = 128
     max_samples: int | None = None
     device: str = "auto"
+    prompt_column: str | None = None  # sft: None: the run's, else the data's shape decides
+    completion_column: str | None = None
+    generate_eval: int | None = None  # sft: prompts answered by greedy generation (None: the run's, else none)
+    max_new_tokens: int | None = None  # None: the run's, else 256
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Score:
     metric: str  # the headline
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    generations: list[Generation] = field(default_factory=list)  # sft with generate_eval: what the model answered
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +85,7 @@ class Score:
             "value": self.metrics.get(self.metric),
             "metrics": self.metrics,
             "notes": self.notes,
+            "generations": [asdict(g) for g in self.generations],
         }
 
 
@@ -102,8 +109,8 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
             raise ScoreError(
                 f"--model {model}: neither a run folder (no checkpoints/) nor a model folder (no config.json)"
             )
-        kind = _task_of(model)
-        loaded = load_model(model, kind, num_labels=None, trained=True)
+        kind = _sft_or(_task_of(model), model, data, options)
+        loaded = load_model(model, get_task(kind).model_kind, num_labels=None, trained=True)
         tokenizer = load_tokenizer(model)
         names = class_names(loaded.config) if kind == "classification" else None
         checkpoint, trained_metric = None, "accuracy"
@@ -118,6 +125,10 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
         eval_split=0,
         max_train_samples=1,
         metric=options.metric or (data_metric(data) if glue_task(data) else trained_metric),
+        prompt_column=options.prompt_column or config.prompt_column,
+        completion_column=options.completion_column or config.completion_column,
+        generate_eval=config.generate_eval if options.generate_eval is None else options.generate_eval,
+        max_new_tokens=options.max_new_tokens or config.max_new_tokens,
     )
     task, source = _task(kind, data, options.split, tokenizer, task_options, names, notes)
     settings = config.model_copy(
@@ -131,7 +142,8 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
             checkpoint, fresh_optimizer=True
         )  # the optimizer plays no part in scoring: a damaged optimizer.pt does not stop it
     metrics = engine.evaluate()
-    return Score(model, str(checkpoint) if checkpoint else None, source, kind, task.metric, metrics, notes)
+    generations = getattr(task, "generations", [])
+    return Score(model, str(checkpoint) if checkpoint else None, source, kind, task.metric, metrics, notes, generations)
 
 
 def newest_weights(run: Path, notes: list[str]) -> tuple[EngineConfig, Path, dict[str, Any]]:
@@ -191,6 +203,19 @@ def _task_of(model: str) -> str:
             f"({', '.join(architectures) or 'no architectures'}); export a trained run with `spu export`"
         )
     return kind
+
+
+def _sft_or(kind: str, model: str, data: str, options: ScoreOptions) -> str:
+    """A causal LM scored on prompt / completion data (an SFT export) is scored as sft, else as ``kind``."""
+    if kind != "lm":
+        return kind
+    try:
+        inferred = infer_task(
+            data, model, prompt_column=options.prompt_column, completion_column=options.completion_column
+        )
+    except TaskUnclear:
+        return kind
+    return "sft" if inferred == "sft" else kind
 
 
 def _task(

@@ -39,7 +39,7 @@ def test_text_only_table_needs_a_decoder_or_an_explicit_task(tokenizer, tmp_path
     build_tiny("gpt2", tokenizer, "lm").save_pretrained(gpt2)
     build_tiny("bert", tokenizer).save_pretrained(bert)
     assert infer_task(str(table), str(gpt2)) == "lm"
-    with pytest.raises(DataError, match="no label column .* pass --task classification, qa or lm"):
+    with pytest.raises(DataError, match="no label column .* pass --task classification, qa, lm or sft"):
         infer_task(str(table), str(bert))
 
 
@@ -58,7 +58,7 @@ def test_cli_reports_an_ambiguous_source_without_traceback(tmp_path):
         app, ["train", "--data", str(table), "--model", "tiny", "--steps", "1", "--run-dir", str(tmp_path / "run")]
     )
     assert result.exit_code == 2
-    assert "--task:" in result.output and "pass --task classification, qa or lm" in result.output
+    assert "--task:" in result.output and "pass --task classification, qa, lm or sft" in result.output
     assert "Traceback" not in result.output
 
 

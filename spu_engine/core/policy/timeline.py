@@ -62,7 +62,8 @@ class MetricCondition(Section):
     """An evaluation metric compared with a number, or with the best value of the earlier evaluations."""
 
     metric: str = Field(
-        description="a numeric field of the eval events: eval_loss, accuracy (classification), f1 / exact_match (QA), perplexity (LM)"
+        description="a numeric field of the eval events: eval_loss, accuracy (classification), f1 / exact_match (QA), "
+        "perplexity (LM, SFT), exact_match (SFT with generate_eval)"
     )
     below: float | None = Field(None, description="holds when metric < below")
     at_most: float | None = Field(None, description="holds when metric <= at_most")

@@ -275,8 +275,12 @@ class SystemEvent(Event):
 
 
 class LogEvent(Event):
+    """A message; ``about`` names what some messages are, for a client that shows those alone: ``generation`` (an
+    SFT evaluation's generated answer)."""
+
     level: str = "info"
     message: str = ""
+    about: str = ""
 
 
 class DisconnectedEvent(Event):

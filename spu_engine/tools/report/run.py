@@ -17,7 +17,7 @@ from spu_engine.tools.report.history import ReportError, read_run_events
 from spu_engine.tools.report.imp_rounds import ImpReport, imp_report, load_imp_report, print_rich, to_csv, to_markdown
 
 TABLES = ("summary", "changes", "rounds")  # what --format csv can write, one table at a time
-COUNTS = (".samples", ".tokens")  # eval fields that count what was evaluated: no final or best to report
+COUNTS = (".samples", ".tokens", ".generated")  # eval fields that count what was evaluated: no final or best to report
 
 
 @dataclass
