@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ValidationError
 
-from spu_engine.core.policy import LearningRates, Policy
+from spu_engine.core.policy import LearningRates, Memory, Policy
 from spu_engine.core.validation import error_text
 from spu_engine.methods import registry
 from spu_engine.methods.spec import ConsoleField, SectionSpec, Stage
@@ -28,6 +28,16 @@ LEARNING_RATES = SectionSpec(
     LearningRates,
     title="Learning rates",
     fields=(ConsoleField("decay", "lr-decay", "layer decay"), ConsoleField("warm_in", "lr-warm-in", "warm-in steps")),
+)
+
+MEMORY = SectionSpec(
+    "memory",
+    Memory,
+    title="Memory",
+    fields=(
+        ConsoleField("grad_accum", "mem-grad-accum", "micro-batches"),
+        ConsoleField("gradient_checkpointing", "mem-checkpointing", "checkpointing"),
+    ),
 )
 
 
@@ -40,6 +50,7 @@ def console_sections() -> dict[str, SectionSpec]:
         **{name: spec for name, spec in methods.items() if name not in deciding},
         LEARNING_RATES.name: LEARNING_RATES,
         **{name: spec for name, spec in methods.items() if name in deciding},
+        MEMORY.name: MEMORY,
     }
 
 

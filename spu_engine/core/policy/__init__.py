@@ -32,7 +32,7 @@ from spu_engine.core.policy.document import (
     without_overridden_decisions,
 )
 from spu_engine.core.policy.errors import PolicyError, format_validation_error
-from spu_engine.core.policy.sections import SECTIONS, Faults, LearningRates
+from spu_engine.core.policy.sections import SECTIONS, Faults, LearningRates, Memory
 from spu_engine.core.policy.selectors import FreezeRule, ScaleRule, Selector
 from spu_engine.core.policy.timeline import COMPARISONS, At, Change, MetricCondition, TimelineEntry, timeline_order
 from spu_engine.methods.auto_freeze.settings import AutoFreeze
@@ -54,6 +54,7 @@ __all__ = [
     "FreezeRule",
     "IMPSettings",
     "LearningRates",
+    "Memory",
     "MetricCondition",
     "MovementSettings",
     "Peft",

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, create_model, field_validator
 
 from spu_engine.core.config import RunSettings
 from spu_engine.core.policy.errors import PolicyError, format_validation_error
-from spu_engine.core.policy.sections import SECTIONS, Faults, LearningRates
+from spu_engine.core.policy.sections import SECTIONS, Faults, LearningRates, Memory
 from spu_engine.core.policy.selectors import FreezeRule
 from spu_engine.core.policy.timeline import Change, TimelineEntry, _entry_data, timeline_order
 from spu_engine.core.validation import Section
@@ -102,6 +102,7 @@ Policy = create_model(
     **{name: (spec.settings, Field(default_factory=spec.settings)) for name, spec in section_specs().items()},
     faults=(Faults, Field(default_factory=Faults)),
     lr=(LearningRates, Field(default_factory=LearningRates)),
+    memory=(Memory, Field(default_factory=Memory)),
     timeline=(list[TimelineEntry], Field(default_factory=list)),
 )
 assert tuple(k for k in Policy.model_fields if k not in ("spu_policy", "run", "timeline")) == SECTIONS

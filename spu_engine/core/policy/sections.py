@@ -32,8 +32,25 @@ class LearningRates(Section):
     )
 
 
+class Memory(Section):
+    """How a step is computed to fit device memory; the arithmetic stays the same (switchable at any boundary)."""
+
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="micro-batches per optimizer step: the batch is cut into this many forward and backward passes "
+        "whose gradients add up to the whole batch's (the same update; activations for one micro-batch at a time)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in backward instead of storing them (non-reentrant; about "
+        "a third more compute); blocks below the first trainable tensor store none either way",
+    )
+
+
 class Faults(Section):
     on_nonfinite: Literal["pause", "skip", "stop"] = "skip"
 
 
-SECTIONS = ("freeze", *section_specs(), "faults", "lr")  # the policy's order; a method's sections from the registry
+SECTIONS = ("freeze", *section_specs(), "faults", "lr", "memory")  # the policy's order; a method's sections from the registry
