@@ -53,4 +53,10 @@ class Faults(Section):
     on_nonfinite: Literal["pause", "skip", "stop"] = "skip"
 
 
-SECTIONS = ("freeze", *section_specs(), "faults", "lr", "memory")  # the policy's order; a method's sections from the registry
+SECTIONS = (
+    "freeze",
+    *section_specs(),
+    "faults",
+    "lr",
+    "memory",
+)  # the policy's order; a method's sections from the registry
