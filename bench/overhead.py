@@ -36,7 +36,7 @@ from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy import FreezeRule, Policy
 from spu_engine.loop.batching import BatchStream
 from spu_engine.loop.engine import Engine, EngineConfig
-from spu_engine.loop.trainer import NO_DECAY
+from spu_engine.loop.optimizer import NO_DECAY
 
 
 class PlainLoop:

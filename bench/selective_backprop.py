@@ -30,7 +30,7 @@ from common import DATA, minilm_sst2
 from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy_files import parse_policy
 from spu_engine.loop.engine import Engine, EngineConfig
-from spu_engine.loop.trainer import NO_DECAY
+from spu_engine.loop.optimizer import NO_DECAY
 from spu_engine.methods.selective_backprop.method import SelectiveBackprop
 
 

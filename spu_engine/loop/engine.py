@@ -45,10 +45,11 @@ from spu_engine.loop.faults import UnwrittenState
 from spu_engine.loop.forwarding import forwards
 from spu_engine.loop.lifecycle import RunControl
 from spu_engine.loop.lr_groups import LrGroups
+from spu_engine.loop.optimizer import build_optimizer, pick_device
 from spu_engine.loop.policy_record import PolicyRecord
 from spu_engine.loop.run_checkpoint import resume_run, save_run
 from spu_engine.loop.system_metrics import SystemSampler
-from spu_engine.loop.trainer import Progress, Trainer, build_optimizer, pick_device
+from spu_engine.loop.trainer import Progress, Trainer
 from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes
 from spu_engine.runtime.policy_runtime import PolicyRuntime, RuntimeHooks, TimelineRefused
 from spu_engine.runtime.unit_stats import describe_units
@@ -62,7 +63,7 @@ from spu_engine.tasks import Task, TaskOptions, get_task
     runtime="model optimizer methods params units param_names current pending triggers metric_range steps_per_epoch "
     "apply_change apply_due preview trainable_count",
     record="recorded undoable replayable_policy scheduled add_scheduled remove_scheduled undo",
-    trainer="step samples_seen collapsed task train_step evaluate per_sample_loss backward next_batch batch_of "
+    trainer="step samples_seen collapsed task train_step evaluate per_sample_loss backward next_batch batch_of losses_of train_on "
     "survive_oom _say_if_collapsed _lr_factor _autocast",
     control="state stop set_state submit boundary pause resume request_stop request_stop_now write_checkpoint_now "
     "checkpoint_now write_retry_s",

@@ -29,47 +29,16 @@ from spu_engine.loop.distributed import Distributed
 from spu_engine.loop.faults import free_memory, is_out_of_memory, oom_advice
 from spu_engine.loop.lifecycle import Stop
 from spu_engine.loop.lr_groups import LrGroups, group_lr_scale
+from spu_engine.loop.micro_batches import micro_batch_size, micro_batches
 from spu_engine.loop.nonfinite import NonfiniteSteps
 from spu_engine.loop.step_readout import HeldStep, StepReadout, check_gradients, hold
 from spu_engine.loop.system_metrics import SystemSampler
+from spu_engine.model.checkpointing import Checkpointing
 from spu_engine.runtime.policy_runtime import PolicyRuntime, Reporter
 from spu_engine.runtime.unit_stats import after_update, before_update
 from spu_engine.tasks import Task
 
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "ln_", "norm.weight")
-FUSED_DEVICES = ("cuda", "cpu", "mps", "xpu")  # where torch has a fused AdamW
 COLLAPSED_SHARE = 0.99  # of the evaluated examples given the most common answer: a classifier that has collapsed to it
-
-
-def pick_device(config: EngineConfig, dist: Distributed | None) -> tuple[torch.device, torch.dtype | None]:
-    """The device to train on and the autocast dtype (None: fp32); bf16 where the GPU has it, else fp16 with a scaler."""
-    if dist is not None:
-        device = dist.device
-    else:
-        device = torch.device(
-            config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
-    if config.precision == "fp32" or device.type != "cuda":
-        return device, None
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_bf16_supported())
-    return device, torch.bfloat16 if bf16 else torch.float16
-
-
-def build_optimizer(model: torch.nn.Module, config: EngineConfig) -> torch.optim.Optimizer:
-    """AdamW over every parameter (frozen ones get no gradient, so no update), no weight decay on biases and norms;
-    fused, so a non-finite step is skipped on the device without asking the host (``Trainer._optimizer_step``)."""
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if any(k in n for k in NO_DECAY) else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    device = next(model.parameters()).device.type
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=device in FUSED_DEVICES)
-    for g in opt.param_groups:
-        g["base_lr"] = config.lr
-    return opt
 
 
 @dataclass
@@ -126,6 +95,7 @@ class Trainer:
         self.evaluated_at: int | None = None  # the step of the last finished evaluation
         self.collapsed = False  # the last evaluation gave (nearly) every example one answer
         self.nonfinite = NonfiniteSteps(runtime, reporter, control)
+        self.checkpointing = Checkpointing(self.model)
         self._step_time_ema: float | None = None
         self.readout = StepReadout(self._publish)
         self.published: dict[str, Any] = {}  # the fields of the last step event sent
@@ -207,16 +177,39 @@ class Trainer:
             done = m.forward_backward(self) if m.active else None
             if done is not None:
                 return done
-        batch = self.next_batch()
-        loss = self.per_sample_loss(batch).mean()
-        self.backward(loss)
-        return loss.detach(), self.config.batch_size, {}
+        n = self.config.batch_size
+        if self.current.memory.grad_accum == 1:
+            loss = self.per_sample_loss(self.next_batch()).mean()
+            self.backward(loss)
+            return loss.detach(), n, {}
+        indices = self.stream.take(n * self.dist.world_size) if self.dist else self.stream.take(n)
+        mine = self.dist.shard(indices) if self.dist else indices
+        return self.train_on(mine, len(mine)) / len(mine), n, {}
+
+    def train_on(self, indices: list[int], of: float) -> torch.Tensor:
+        """Forward and backward of these examples in the policy's micro-batches, each adding its share of a mean over
+        ``of`` examples to the gradients; their summed loss (detached)."""
+        total = torch.zeros((), device=self.device)
+        for part in micro_batches(indices, self.current.memory.grad_accum):
+            loss = self.per_sample_loss(self.batch_of(part))
+            self.backward(loss.sum() / of)
+            total = total + loss.detach().sum()
+        return total
+
+    @torch.no_grad()
+    def losses_of(self, indices: list[int]) -> torch.Tensor:
+        """Per-sample losses of these examples, no graph, in the policy's micro-batches (selective backprop scores)."""
+        parts = micro_batches(indices, self.current.memory.grad_accum)
+        return torch.cat([self.per_sample_loss(self.batch_of(part)).detach().float() for part in parts])
 
     def train_step(self, settled: bool = True) -> dict[str, Any]:
         """One optimizer step.  ``settled``: its event is out and the fields it returns hold its loss (a host sync);
         the run's own loop passes False, and the event follows at the next step with no wait (``step_readout``)."""
         t0 = time.perf_counter()
         step = self.step
+        memory = self.current.memory
+        if self.checkpointing.follow(memory.gradient_checkpointing):
+            self.log(f"step {step}: gradient checkpointing {'on' if memory.gradient_checkpointing else 'off'}")
         for m in self.methods:
             m.before_step(step)
         self.groups.end_ramps(step)
@@ -259,6 +252,7 @@ class Trainer:
                 self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2
             ),
             samples=self.samples_seen,
+            micro_batch=micro_batch_size(self.config.batch_size, memory.grad_accum),
             trainable=sum(p.numel() for p in self.params.values() if p.requires_grad),  # no module walk
             **extra,
         )

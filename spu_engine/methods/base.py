@@ -123,6 +123,14 @@ class TrainingLoop(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
+    def losses_of(self, indices: list[int]) -> torch.Tensor:
+        """Per-sample losses of these examples, no graph (in the run's micro-batches)."""
+        ...
+
+    def train_on(self, indices: list[int], of: float) -> torch.Tensor:
+        """Forward and backward of these examples (in the run's micro-batches), gradients of a mean over ``of``."""
+        ...
+
 
 class Checkpointed:
     """What survives a resume: plain data (``state_dict``) and tensors (``tensor_state``); nothing by default."""

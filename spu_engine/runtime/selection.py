@@ -15,6 +15,7 @@ from torch import nn
 
 from spu_engine.core.policy import FreezeRule, LearningRates, Policy, PolicyError, ScaleRule, Selector
 from spu_engine.methods.registry import section_specs
+from spu_engine.model.checkpointing import check_memory_settings
 from spu_engine.model.loading import Units, stable_parameters
 
 _BLOCK_RE = re.compile(r"^block(\d+)$")
@@ -144,6 +145,7 @@ def check_policy_against_model(
     names_of = names_under or (lambda _policy: now)
     in_force = policy.sections()
     names = names_of(in_force)
+    check_memory_settings(policy, model)
     check_rules(in_force.freeze, names, units)
     check_rules(in_force.lr.scale, names, units, where="lr.scale")
     for section in section_specs():

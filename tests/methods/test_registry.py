@@ -33,7 +33,7 @@ def test_the_policy_sections_come_from_the_registry():
     from spu_engine.methods.registry import section_specs
 
     fields = [k for k in Policy.model_fields if k not in ("spu_policy", "run", "timeline")]
-    assert fields == list(SECTIONS) == ["freeze", *section_specs(), "faults", "lr"]
+    assert fields == list(SECTIONS) == ["freeze", *section_specs(), "faults", "lr", "memory"]
     for name, spec in section_specs().items():
         assert Policy.model_fields[name].annotation is spec.settings
 
@@ -61,7 +61,12 @@ def test_the_console_sections_are_the_registrys():
     from spu_tui.widgets.control_fields import CONSOLE_SECTIONS, FIELDS, TITLES
 
     specs = section_specs()
-    assert list(TITLES) == [*(n for n in specs if n != "auto_freeze"), "lr", "auto_freeze"]  # the order as before
+    assert list(TITLES) == [
+        *(n for n in specs if n != "auto_freeze"),
+        "lr",
+        "auto_freeze",
+        "memory",
+    ]  # the order as before
     for name, spec in specs.items():
         assert CONSOLE_SECTIONS[name] is spec and TITLES[name] == spec.title
         shown = [(f.path, f.id, f.label) for f in FIELDS if f.section == name]

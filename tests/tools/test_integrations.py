@@ -11,7 +11,7 @@ from spu_engine.core.policy_files import parse_policy
 from spu_engine.integrations import SPUCallback, attach, per_sample_loss
 from spu_engine.loop.batching import BatchStream
 from spu_engine.loop.engine import Engine, EngineConfig
-from spu_engine.loop.trainer import NO_DECAY
+from spu_engine.loop.optimizer import NO_DECAY
 from spu_engine.tasks import TaskOptions, get_task
 from support import DATA, build_tiny
 

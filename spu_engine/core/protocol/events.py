@@ -80,6 +80,7 @@ class StepEvent(Event):
     step_time: float | None = None
     samples_per_s: float | None = None
     samples: int | None = None
+    micro_batch: int | None = None  # examples per forward and backward (the batch over memory.grad_accum)
     trainable: int | None = None
 
 

@@ -109,8 +109,7 @@ class SelectiveBackprop(Method):
                 break
         mine = dist.shard(backward) if dist else backward
         if mine:  # sum / (global count / world): after the ranks' average, the mean over the whole backward batch
-            loss = loop.per_sample_loss(loop.batch_of(mine))
-            loop.backward(loss.sum() / (len(backward) / world))
+            loop.train_on(mine, len(backward) / world)  # in the run's micro-batches
         self.last_backward = backward
         drawn = torch.cat(losses)
         extra = {
@@ -125,7 +124,7 @@ class SelectiveBackprop(Method):
         """Draw ``n`` samples (the global batch) and their losses, without building a graph; each rank scores its share."""
         dist = loop.dist
         indices = loop.stream.take(n)
-        loss = loop.per_sample_loss(loop.batch_of(dist.shard(indices) if dist else indices)).detach().float()
+        loss = loop.losses_of(dist.shard(indices) if dist else indices)  # the whole batch, in micro-batches
         if dist:
             loss = dist.gather_shards(loss)
         return indices, loss.cpu()
