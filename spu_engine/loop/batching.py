@@ -5,7 +5,7 @@ Apart from ``data.py`` (reading rows), which the console imports and which must 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,21 +25,36 @@ def pad_collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
     return batch
 
 
+GROUP_BATCHES = 50  # length grouping sorts within windows of this many batches (as transformers' LengthGroupedSampler)
+
+
 @dataclass
 class BatchStream:
-    """Seeded, resumable stream of training examples: a new permutation each epoch."""
+    """Seeded, resumable stream of training examples: a new permutation each epoch.
+
+    With ``lengths`` (and ``batch``, the examples a step draws), the permutation is grouped by length: cut into
+    windows of ``GROUP_BATCHES`` batches, each sorted longest first, so consecutive batches hold examples of
+    similar length and pad little, while the windows keep the epoch's random order."""
 
     size: int
     seed: int = 0
     epoch: int = 0
     position: int = 0
+    lengths: list[int] | None = field(default=None, repr=False)
+    batch: int = 1
 
     def __post_init__(self) -> None:
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(self.size, generator=g).tolist()
+        order = torch.randperm(self.size, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        lengths, window = self.lengths, max(1, self.batch * GROUP_BATCHES)
+        return [
+            i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: -lengths[i])
+        ]
 
     def take(self, n: int) -> list[int]:
         out: list[int] = []
@@ -59,3 +74,9 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._permutation()
+
+
+def stream_for(task: Any, seed: int, batch: int) -> BatchStream:
+    """The stream of a task's training examples, by length where the task's examples vary (``groups_by_length``)."""
+    lengths = [len(f["input_ids"]) for f in task.train] if task.groups_by_length else None
+    return BatchStream(len(task.train), seed=seed, lengths=lengths, batch=batch)

@@ -36,7 +36,7 @@ from spu_engine.core.protocol import event
 from spu_engine.core.run_states import RunState
 from spu_engine.core.runs import CONFIG, EVENTS, write_config
 from spu_engine.core.trackers import Trackers, unavailable
-from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.batching import stream_for
 from spu_engine.loop.change_rollback import ChangeRollback
 from spu_engine.loop.commands import Commands
 from spu_engine.loop.distributed import Distributed
@@ -107,7 +107,7 @@ class Engine:
         )
         self.tokenizer = tokenizer
         task = task or self._setup_task()
-        self.stream = BatchStream(len(task.train), seed=config.seed)
+        self.stream = stream_for(task, config.seed, config.batch_size * (dist.world_size if dist else 1))
         self._setup_runtime(self._setup_model(model, task), task)
         self._setup_control()
         self._setup_trainer(task)

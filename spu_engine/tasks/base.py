@@ -47,6 +47,7 @@ class Task(ABC):
     metric: str  # the headline eval metric: what the console plots, `spu runs` lists and `spu eval` reports
     eval_fields: tuple[str, ...]  # the numbers ``evaluate`` returns (what a when-trigger may watch)
     num_labels: int = 2
+    groups_by_length: ClassVar[bool] = False  # batches drawn by length, so they pad little (examples vary in length)
 
     def __init__(self, train: list[dict[str, Any]], eval: list[dict[str, Any]], pad_id: int) -> None:
         self.train = train

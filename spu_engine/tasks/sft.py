@@ -27,6 +27,7 @@ class SftTask(LMTask):
     name = "sft"
     model_kind = "lm"
     metric = "perplexity"
+    groups_by_length = True
 
     def __init__(
         self,
