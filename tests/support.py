@@ -24,6 +24,7 @@ DATA = SHARED / "data"
 
 
 SST2 = DATA / "sst2"
+GSM8K = DATA / "gsm8k"
 
 
 WIKI = DATA / "wikitext2" / "wiki.valid.raw"

@@ -1,10 +1,11 @@
 """Every method after every other: A applied live, then B, sent by a client over the engine's Unix socket.
 
-For each ordered pair (A, B) of seventeen live changes, on a tiny BERT and a tiny GPT-2:
+For each ordered pair (A, B) of eighteen live changes, on a tiny BERT and a tiny GPT-2 (and of the five an LLM
+fine-tune uses most, on a tiny Llama trained with ``sft`` on GSM8K):
 B is applied, or refused with a message and nothing changed; the run reattaches
 (its history replayed in the console app under Pilot, every tensor a row of the
 tree); and its exported policy, replayed headless, gives the same trainable set at
-every step and the same masks at the end.  The full 17 x 16 x 2 matrix is marked
+every step and the same masks at the end.  The full 18 x 17 x 2 matrix is marked
 slow (``pytest -m slow``); the default run covers every change as A and as B.
 """
 
@@ -25,12 +26,16 @@ from spu_tui.run_model import RunModel
 from spu_tui.widgets.unit_tree import UnitTree
 from support import build_tiny
 
-ONE_TENSOR = {"bert": "bert.encoder.layer.0.attention.self.query.weight", "gpt2": "transformer.h.0.attn.c_attn.weight"}
+ONE_TENSOR = {
+    "bert": "bert.encoder.layer.0.attention.self.query.weight",
+    "gpt2": "transformer.h.0.attn.c_attn.weight",
+    "llama": "model.layers.0.self_attn.q_proj.weight",
+}
 SCHEDULE = {"start_step": 0, "end_step": 4, "every": 1, "final_sparsity": 0.5}
 
 
 def changes(arch: str) -> dict[str, dict]:
-    """The seventeen live changes, as the console sends them."""
+    """The eighteen live changes, as the console sends them."""
     return {
         "freeze_block": {"freeze": [{"units": ["block1"], "trainable": False}]},
         "freeze_tensor": {"freeze": [{"match": ONE_TENSOR[arch], "trainable": False}]},
@@ -49,6 +54,7 @@ def changes(arch: str) -> dict[str, dict]:
         "lisa": {"set": {"auto_freeze": {"method": "lisa", "interval": 2, "n_layers": 1}}},
         "autofreeze": {"set": {"auto_freeze": {"method": "autofreeze", "interval": 2, "threshold": 0.5}}},
         "lr_decay": {"set": {"lr": {"decay": 0.8, "warm_in": 2}}},
+        "checkpointing": {"set": {"memory": {"gradient_checkpointing": True}}},
     }
 
 
@@ -59,6 +65,9 @@ QUICK = [(a, NAMES[(i + 1) % len(NAMES)]) for i, a in enumerate(NAMES)] + [
 ]
 FULL = [(a, b) for a, b in itertools.product(NAMES, NAMES) if a != b]
 STEPS, A_AT, B_AT = 6, 1, 3
+SFT_CHANGES = ["lora", "lisa", "freeze_tensor", "magnitude", "checkpointing"]
+SFT_PAIRS = [(a, b) for a, b in itertools.product(SFT_CHANGES, SFT_CHANGES) if a != b]
+SFT_QUICK = [(a, SFT_CHANGES[(i + 1) % len(SFT_CHANGES)]) for i, a in enumerate(SFT_CHANGES)]
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +81,21 @@ def sst2_task(tokenizer):
     )
 
 
+@pytest.fixture(scope="module")
+def gsm8k_task(tokenizer):
+    from spu_engine.tasks import TaskOptions
+    from spu_engine.tasks.sft import SftTask
+    from support import GSM8K
+
+    return SftTask.build(str(GSM8K), tokenizer, TaskOptions(max_length=96, max_train_samples=64, max_eval_samples=8))
+
+
 def _engine(arch, task, tokenizer, run_dir, policy=None) -> Engine:
     config = EngineConfig(
         model="tiny", data="sst2", steps=STEPS, batch_size=4, eval_every=0, stats_every=2, lr=1e-3, warmup=0, seed=3
     )
-    return Engine(config, policy, run_dir, model=build_tiny(arch, tokenizer), tokenizer=tokenizer, task=task)
+    model = build_tiny(arch, tokenizer, task=task.model_kind if task.model_kind == "lm" else "classification")
+    return Engine(config, policy, run_dir, model=model, tokenizer=tokenizer, task=task)
 
 
 def _run(engine: Engine, script: dict[int, dict]) -> tuple[list[dict], dict[int, dict[str, bool]]]:
@@ -182,6 +201,17 @@ BROKE_ONCE = [("freeze_block", "adalora", "gpt2"), ("lisa", "movement", "gpt2"),
 @pytest.mark.parametrize("a, b, arch", BROKE_ONCE, ids=[f"{a}-then-{b}-{arch}" for a, b, arch in BROKE_ONCE])
 async def test_pairs_that_broke_once(a, b, arch, sst2_task, tokenizer, tmp_path):
     await check_pair(arch, a, b, sst2_task, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("a, b", SFT_QUICK, ids=[f"{a}-then-{b}" for a, b in SFT_QUICK])
+async def test_sft_pairs_on_tiny_llama(a, b, gsm8k_task, tokenizer, tmp_path):
+    await check_pair("llama", a, b, gsm8k_task, tokenizer, tmp_path)
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("a, b", SFT_PAIRS, ids=[f"{a}-then-{b}" for a, b in SFT_PAIRS])
+async def test_every_sft_pair_on_tiny_llama(a, b, gsm8k_task, tokenizer, tmp_path):
+    await check_pair("llama", a, b, gsm8k_task, tokenizer, tmp_path)
 
 
 @pytest.mark.slow
