@@ -12,6 +12,9 @@ SECTION = SectionSpec(
     title="PEFT",
     fields=(
         ConsoleField("method", "peft-method", "method"),
+        ConsoleField("r", "peft-r", "LoRA rank"),
+        ConsoleField("alpha", "peft-alpha", "LoRA alpha"),
+        ConsoleField("size", "peft-size", "adapter size"),
         ConsoleField("use_dora", "peft-dora", "DoRA"),
         ConsoleField("use_rslora", "peft-rslora", "rsLoRA"),
         ConsoleField("init", "peft-init", "init"),
