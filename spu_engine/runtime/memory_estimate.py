@@ -88,6 +88,7 @@ class MemoryEstimate:
         self.host = host
         self.meter = ActivationMeter(host.model)
         self._measured_under: Policy | None = None
+        self._measured_memory = host.current.memory  # the memory settings the measured step ran under
 
     @property
     def device(self) -> torch.device:
@@ -100,6 +101,7 @@ class MemoryEstimate:
         if not due and self.meter.latest is not None and self._measured_under is host.current:
             return nullcontext()
         self._measured_under = host.current
+        self._measured_memory = host.current.memory
         depth = backward_depth({n: p.requires_grad for n, p in host.params.items()}, host.units)
         return self.meter.measuring(step, depth, host.backward_keep(host.current), self.device)
 
@@ -117,7 +119,7 @@ class MemoryEstimate:
             "fits": then.total <= available,
             "optimizer": type(self.host.optimizer).__name__ if self.host.optimizer is not None else None,
             "measured_step": measured.step if measured else None,
-            "checkpointing": bool(getattr(self.host.config, "gradient_checkpointing", False)),
+            "checkpointing": after.memory.gradient_checkpointing,
         }
 
     def figures(self, policy: Policy) -> Figures:
@@ -174,21 +176,28 @@ class MemoryEstimate:
             return None
         depth, keep = backward_depth(mask, self.host.units), self.host.backward_keep(policy)
         samples = keep / measured.keep if keep is not None and measured.keep else 1.0
-        if measured.depth > 0:
-            return round(measured.bytes * depth / measured.depth * samples)
-        blocks = depth * self.host.units.num_blocks
-        return round((measured.bytes + blocks * self.block_activations(measured.batch)) * samples)
+        was, then = self._measured_memory, policy.memory
+        # the whole batch's: saved tensors count every micro-batch's, the CUDA peak one micro-batch's; then held for
+        # one micro-batch of the new split at a time, stored whole or recomputed as the new setting says
+        whole = measured.bytes * (1 if measured.how == "saved tensors" else was.grad_accum)
+        block_was = self.block_activations(measured.batch, was.gradient_checkpointing) * was.grad_accum
+        block_then = self.block_activations(measured.batch, then.gradient_checkpointing) * was.grad_accum
+        blocks = self.host.units.num_blocks
+        in_blocks = min(whole, round(measured.depth * blocks * block_was))  # the rest (embeddings, head) stays
+        per_depth = in_blocks / measured.depth if measured.depth > 0 else blocks * block_was
+        stored = per_depth * (block_then / block_was if block_was else 1.0)
+        return round(((whole - in_blocks) + depth * stored) * samples / then.grad_accum)
 
-    def block_activations(self, batch: tuple[int, int] | None) -> int:
+    def block_activations(self, batch: tuple[int, int] | None, checkpointed: bool) -> int:
         """One block's activations for the measured batch (samples, tokens each), from the model's shape (0 where
-        its config does not say)."""
+        its config does not say); with checkpointing, only its input is kept (the rest is recomputed in backward)."""
         config = getattr(self.host.model, "config", None)
         hidden = getattr(config, "hidden_size", None)
         heads = getattr(config, "num_attention_heads", None)
         if not (hidden and heads and batch):
             return 0
         (samples, length), itemsize = batch, self.main_dtype().itemsize
-        if getattr(self.host.config, "gradient_checkpointing", False):  # its input; the rest is recomputed
+        if checkpointed:
             return samples * length * hidden * itemsize
         return round(samples * length * hidden * (34 + 5 * heads * length / hidden) * itemsize / 2)
 

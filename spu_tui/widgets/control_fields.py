@@ -27,7 +27,7 @@ LEARNING_RATES = SectionSpec(
     "lr",
     LearningRates,
     title="Learning rates",
-    fields=(ConsoleField("decay", "lr-decay", "layer decay"), ConsoleField("warm_in", "lr-warm-in", "warm-in steps")),
+    fields=(ConsoleField("decay", "lr-decay", "layer decay"), ConsoleField("warm_in", "lr-warm-in", "warm-in")),
 )
 
 MEMORY = SectionSpec(
@@ -35,8 +35,8 @@ MEMORY = SectionSpec(
     Memory,
     title="Memory",
     fields=(
-        ConsoleField("grad_accum", "mem-grad-accum", "micro-batches"),
-        ConsoleField("gradient_checkpointing", "mem-checkpointing", "checkpointing"),
+        ConsoleField("grad_accum", "mem-grad-accum", "grad accum"),
+        ConsoleField("gradient_checkpointing", "mem-checkpointing", "grad ckpt"),
     ),
 )
 

@@ -76,3 +76,11 @@ def test_control_fields_come_from_the_policy_models():
     assert section_problem("pruning", values) == "schedule: end_step (5) must be >= start_step (50)"
     values["schedule"]["end_step"] = 60
     assert section_problem("pruning", values) is None and Pruning.model_validate(values).schedule.end_step == 60
+
+
+def test_every_control_label_fits_its_column_with_a_space():
+    """The label column is 12 cells (app.tcss): a longer label runs into its value ("adapter size64")."""
+    from spu_tui.widgets.control_fields import CONSOLE_SECTIONS
+
+    long = [f.label for spec in CONSOLE_SECTIONS.values() for f in spec.fields if len(f.label) > 11]
+    assert long == []

@@ -88,11 +88,27 @@ def test_blocks_no_step_measured_are_estimated_from_the_models_shape(make_engine
     engine.apply_change(UNFREEZE, "test")
     engine.train_step()
     assert engine.runtime.memory.meter.latest.bytes == pytest.approx(estimate, rel=0.1)  # an estimate (1 % off here)
-    monkeypatch.setattr(type(engine.config), "gradient_checkpointing", True, raising=False)
     engine.apply_change(head_only, "test")
     engine.train_step()
-    checkpointed = engine.preview(UNFREEZE)["memory"]
+    with_checkpointing = Change(freeze=UNFREEZE.freeze, set={"memory": {"gradient_checkpointing": True}})
+    checkpointed = engine.preview(with_checkpointing)["memory"]
     assert checkpointed["checkpointing"] and checkpointed["after"]["activations"] < estimate / 4
+    engine.apply_change(with_checkpointing, "test")
+    engine.train_step()  # measured under checkpointing now: the shape's estimate was of the same order
+    measured = engine.runtime.memory.meter.latest.bytes
+    assert checkpointed["after"]["activations"] / 2 <= measured <= checkpointed["after"]["activations"] * 2
+
+
+def test_micro_batches_divide_the_activations_a_step_holds(make_engine):
+    engine = make_engine("bert", batch_size=16)
+    engine.train_step()
+    now = engine.preview(Change(set={"memory": {"grad_accum": 1}}))["memory"]["after"]["activations"]
+    four = engine.preview(Change(set={"memory": {"grad_accum": 4}}))["memory"]["after"]["activations"]
+    assert four == pytest.approx(now / 4, rel=0.01)
+    engine.apply_change(Change(set={"memory": {"grad_accum": 4}}), "test")
+    engine.train_step()  # measured in micro-batches: less, as each pads only to its own longest example
+    again = engine.preview(Change(set={"memory": {"grad_accum": 4}}))["memory"]["after"]["activations"]
+    assert four / 2 <= again <= four
 
 
 def test_a_lora_rank_increase_shows_a_larger_after_figure(make_engine):

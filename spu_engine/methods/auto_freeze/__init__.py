@@ -13,7 +13,7 @@ SPEC = MethodSpec(
             ConsoleField("method", "af-method", "method"),
             ConsoleField("interval", "af-interval", "interval"),
             ConsoleField("n_layers", "af-layers", "lisa layers"),
-            ConsoleField("embeddings", "af-embeddings", "lisa embeddings"),
+            ConsoleField("embeddings", "af-embeddings", "emb & head"),
             ConsoleField("head", "af-head", "lisa head"),
             ConsoleField("percentile", "af-percentile", "percentile"),
             ConsoleField("allow_gaps", "af-gaps", "allow gaps"),

@@ -14,13 +14,13 @@ SECTION = SectionSpec(
         ConsoleField("method", "peft-method", "method"),
         ConsoleField("r", "peft-r", "LoRA rank"),
         ConsoleField("alpha", "peft-alpha", "LoRA alpha"),
-        ConsoleField("size", "peft-size", "adapter size"),
+        ConsoleField("size", "peft-size", "adapter dim"),
         ConsoleField("use_dora", "peft-dora", "DoRA"),
         ConsoleField("use_rslora", "peft-rslora", "rsLoRA"),
         ConsoleField("init", "peft-init", "init"),
-        ConsoleField("lr_ratio", "peft-ratio", "LoRA+ B/A lr"),
-        ConsoleField("init_r", "peft-init-r", "AdaLoRA init r"),
-        ConsoleField("target_r", "peft-target-r", "AdaLoRA target r"),
+        ConsoleField("lr_ratio", "peft-ratio", "LoRA+ ratio"),
+        ConsoleField("init_r", "peft-init-r", "init rank"),
+        ConsoleField("target_r", "peft-target-r", "target rank"),
     ),
 )
 
