@@ -208,7 +208,7 @@ async def test_sft_pairs_on_tiny_llama(a, b, gsm8k_task, tokenizer, tmp_path):
     await check_pair("llama", a, b, gsm8k_task, tokenizer, tmp_path)
 
 
-@pytest.mark.matrix
+@pytest.mark.slow  # 20 pairs, 7 min on 2 busy cores; the five quick ones run by default
 @pytest.mark.parametrize("a, b", SFT_PAIRS, ids=[f"{a}-then-{b}" for a, b in SFT_PAIRS])
 async def test_every_sft_pair_on_tiny_llama(a, b, gsm8k_task, tokenizer, tmp_path):
     await check_pair("llama", a, b, gsm8k_task, tokenizer, tmp_path)
