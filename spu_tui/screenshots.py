@@ -94,6 +94,24 @@ async def take(run_dir: Path, proc, out: Path, freeze_at: int, timeout: float) -
     return shots
 
 
+async def take_llm(run_dir: Path, proc, out: Path, timeout: float) -> list[Path]:
+    """An SFT run on a decoder at 120x36: generations after an evaluation, then LoRA's rank 8 -> 64 in the controls
+    with its what-if (trainable share and the memory a step would hold) before it is applied."""
+    app = SpuApp(run_dir, engine=proc, cpu_share=1.0)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await _wait(pilot, lambda: app.state.units and len(app.state.eval_steps) >= 1, timeout)
+        app.query_one("#peft-r").value = "64"
+        await _wait(pilot, lambda: "→" in str(app.query_one("#whatif-peft").render()), timeout)
+        app.query_one(ControlsPanel).scroll_to_widget(app.query_one("#apply-peft"), animate=False)  # the what-if's end
+        await pilot.pause(0.6)
+        app.save_screenshot(filename="llm-sft-120x36.svg", path=str(out))
+        await pilot.press("q")
+        await _wait(pilot, lambda: isinstance(app.screen, QuitScreen), 10)
+        await pilot.press("n")
+        await _wait(pilot, lambda: not app.is_running, 60)
+    return [out / "llm-sft-120x36.svg"]
+
+
 async def take_compare(run: Path, others: list[Path], out: Path) -> list[Path]:
     app = SpuApp(run, history=read_history(run), connect=False, compare=others, cpu_share=1.0)
     shots: list[Path] = []
@@ -130,8 +148,26 @@ def main(
         None, help="instead: a finished run to draw with --compare-with runs overlaid, and the run browser"
     ),
     compare_with: list[Path] = typer.Option([], help="with --runs-of: a run to compare (repeat for more)"),
+    llm: Path | None = typer.Option(
+        None, help="instead: a causal LM folder fine-tuned with sft on --data (GSM8K) with LoRA r 8, at 120x36"
+    ),
 ) -> None:
     """Screenshots of the console steering a real run."""
+    if llm is not None:
+        config = EngineConfig(
+            model=str(llm), data=data, steps=steps, batch_size=8, max_length=192, eval_every=eval_every,
+            generate_eval=2, max_new_tokens=16, max_train_samples=1500, max_eval_samples=24, system_every=2.0,
+        )  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        proc = spawn_engine(config, Policy(peft={"method": "lora", "r": 8}), run_dir)
+        try:
+            for path in asyncio.run(take_llm(run_dir, proc, out, timeout)):
+                typer.echo(path)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(timeout=60)
+        return
     if runs_of is not None:
         out.mkdir(parents=True, exist_ok=True)
         for path in asyncio.run(take_compare(runs_of, compare_with, out)):
