@@ -81,6 +81,9 @@ class StepEvent(Event):
     samples_per_s: float | None = None
     samples: int | None = None
     trainable: int | None = None
+    compiled: str | None = None  # --compile, on a step whose model compiled: compiled | recompiled | limit (refused)
+    compiles: int | None = None  # with ``compiled``: the model's compiles so far, of ``compile_limit`` (torch's limit)
+    compile_limit: int | None = None
 
 
 class PruneEvent(Event):
