@@ -109,6 +109,7 @@ class RunModel:
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
     waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
+    compiled: bool = False  # --compile: the first step compiles the model
     metrics: RunMetrics = field(default_factory=RunMetrics)
     revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
     _recent: deque[tuple[float, int, int]] = field(
@@ -157,6 +158,9 @@ class RunModel:
         self.step = ev.step
         self.total_steps = ev.total_steps or int(ev.config.get("steps", self.total_steps) or 0)
         self.metric = ev.metric or self.metric
+        self.compiled = bool(ev.config.get("compile", self.compiled))
+        if self.waiting.startswith("the first step"):  # the state came first (a replayed history)
+            self.waiting = self._first_step()
         if ev.units:
             self._take_units(ev.units)
         if ev.current is not None:
@@ -164,6 +168,11 @@ class RunModel:
         if ev.scheduled is not None:
             self.scheduled = ev.scheduled
         return {Aspect.RUN, Aspect.PROGRESS, Aspect.UNITS, Aspect.POLICY}
+
+    def _first_step(self) -> str:
+        if self.compiled:
+            return "the first step: compiling the model (torch.compile; minutes on a CPU) and warming up"
+        return "the first step: allocating memory and warming up (slower than the rest)"
 
     def _take_units(self, units: list[UnitInfo]) -> None:
         """The model's units and tensors (new ones appear, removed ones go), with their trainable flags."""
@@ -179,7 +188,7 @@ class RunModel:
         if ev.state == "loading":
             self.waiting = ev.message
         elif ev.state == "training" and not self.loss_steps:
-            self.waiting = "the first step: allocating memory and warming up (slower than the rest)"
+            self.waiting = self._first_step()
         else:
             self.waiting = ""
         self.say(

@@ -96,6 +96,14 @@ class RunSettings(BaseModel):
         pattern="^(auto|fp32|bf16|fp16)$",
         description="auto | fp32 | bf16 | fp16; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 elsewhere",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model in place (nn.Module.compile; backend inductor, or $SPU_COMPILE_BACKEND): "
+        "faster steps after a slow first one; a live change to what trains or to the modules a method wraps recompiles "
+        "the model once, said in the step event and the log, and the what-if says it before, warning when a change "
+        "would pass torch's recompile limit (raised from 8 to 32; $SPU_RECOMPILE_LIMIT), past which new configurations "
+        "run uncompiled",
+    )
     report_to: list[str] = Field(
         default_factory=list,
         description="experiment trackers that mirror every metric and policy change: "

@@ -39,6 +39,7 @@ from spu_engine.core.trackers import Trackers, unavailable
 from spu_engine.loop.batching import stream_for
 from spu_engine.loop.change_rollback import ChangeRollback
 from spu_engine.loop.commands import Commands
+from spu_engine.loop.compiled import compile_run
 from spu_engine.loop.distributed import Distributed
 from spu_engine.loop.emitter import Emitter
 from spu_engine.loop.faults import UnwrittenState
@@ -112,6 +113,7 @@ class Engine:
         self._setup_control()
         self._setup_trainer(task)
         self._setup_policy(policy or Policy(), task)  # methods configure now: distillation's teacher needs the task
+        self.compiled = compile_run(self) if config.compile else None  # --compile: in place, its compiles said
         self.trackers = (
             Trackers(config.report_to, self.run_dir) if reports and self.run_dir and config.report_to else None
         )
@@ -306,9 +308,7 @@ class Engine:
                 self._one_step()
             self.events.settle()
             self.trainer.nonfinite.act()
-            if (
-                self.system is not None and self.system.has_steps
-            ):  # the steps since the last sample, even in a short run
+            if self.system is not None and self.system.has_steps:  # the steps since the last sample, even a short run's
                 self.emit("system", step=self.step, **self.system.sample())
             if self.control.stop is None:
                 self._last_evaluation_and_writes()
@@ -386,9 +386,7 @@ class Engine:
 
     def close(self) -> None:
         self.events.settle()
-        if (
-            self.trackers is not None
-        ):  # what they still hold is written first; a failure there is a warning like any other
+        if self.trackers is not None:  # what they still hold is written first; a failure there is a warning like others
             self.sinks.remove(self.trackers)
             for message in self.trackers.close():
                 self.log(message, "warning")

@@ -65,6 +65,8 @@ class Trainer:
     """The step and evaluation arithmetic of ``Engine``, and what it does when a batch or an evaluation fails; the
     ``methods.base.TrainingLoop`` of a method that replaces the forward and backward pass."""
 
+    compiled: Any = None  # --compile: the model's compiles, said after each step and evaluation (loop.compiled)
+
     def __init__(
         self,
         config: EngineConfig,
@@ -258,6 +260,8 @@ class Trainer:
         )
         for m in self.methods:
             fields.update(m.stats(self.step))
+        if self.compiled is not None:
+            fields.update(self.compiled.stepped(self.step))
         self.readout.hold(hold(fields, t0, dt, check))  # the step before goes out now: its values are on the host
         if before is not None:
             self.emit("units", step=self.step, **after_update(self.units, self.params, before))
@@ -322,6 +326,8 @@ class Trainer:
         finally:
             self.model.train(was_training)
         self.evaluated_at = self.step
+        if self.compiled is not None:
+            self.compiled.looked(self.step, "evaluation")
         for m in self.methods:
             m.on_eval(self.step, metrics)
         self.emit("eval", step=self.step, **metrics)

@@ -74,6 +74,7 @@ class RuntimeHooks:
     scheduled: Callable[[], None] = _nothing  # the pending entries or the triggers changed
     initial_model: Callable[[], torch.nn.Module] = _no_teacher  # distillation's default teacher
     load_teacher: Callable[[str], torch.nn.Module] = _no_teacher
+    compile_notes: Callable[..., list[str]] = lambda *_: []  # the what-if's word on recompiling (loop.compiled)
 
 
 class PolicyRuntime:
@@ -324,6 +325,7 @@ class PolicyRuntime:
         total = sum(sizes.get(n, 0) for n in names)
         depth, keep = backward_depth(mask, self.units), self.backward_keep(new)
         notes = [note for m in self.methods for note in m.preview_notes(self.current, new)]
+        notes += self.hooks.compile_notes(names, sizes, mask, new)
         if trainable == 0:
             notes.append(
                 "nothing would train: the freeze rules and the methods together leave no parameter (steps would change nothing)"

@@ -82,6 +82,9 @@ class StepEvent(Event):
     samples: int | None = None
     micro_batch: int | None = None  # examples per forward and backward (the batch over memory.grad_accum)
     trainable: int | None = None
+    compiled: str | None = None  # --compile, on a step whose model compiled: compiled | recompiled | limit (refused)
+    compiles: int | None = None  # with ``compiled``: the model's compiles so far, of ``compile_limit`` (torch's limit)
+    compile_limit: int | None = None
 
 
 class PruneEvent(Event):
