@@ -212,3 +212,16 @@ def test_inductor_trains_as_eager(engine, tokenizer, monkeypatch):
     fast = engine(model=build_tiny("bert", tokenizer, **no_dropout), compile=True)
     assert steps(fast, 6) == pytest.approx(expected, abs=TOLERANCE)
     assert said(fast, "step")[0]["compiled"] == "compiled"
+
+
+def test_gradient_checkpointing_switched_live_on_a_compiled_model(engine, tokenizer):
+    """The checkpointed blocks trace through torch.utils.checkpoint: the same losses, a recompile, no error."""
+    checkpointing = Change(set={"memory": {"gradient_checkpointing": True}})
+    model = build_tiny("llama", tokenizer, num_hidden_layers=2)
+    expected = uncompiled(engine, [2, checkpointing, 2], "llama", model=model)
+    fast = engine("llama", compile=True, model=build_tiny("llama", tokenizer, num_hidden_layers=2))
+    losses = steps(fast, 2)
+    fast.apply_change(checkpointing, "test")
+    losses += steps(fast, 2)
+    assert losses == pytest.approx(expected, abs=TOLERANCE)
+    assert fast.trainer.checkpointing.on
