@@ -16,8 +16,8 @@ lengths cancel, which a ratio of median step times (bench/overhead.py's, on batc
 The engine steps as its own loop does (``boundary()``, then ``train_step(settled=False)``: the loss read a step
 late); the plain loop never reads its loss on the host.  A right-padded causal decoder needs no attention mask
 (the engine drops it), so the plain loop passes input_ids and labels and takes the model's own loss.
-``--compile``: both models through ``model.compile()`` (the engine's in place after it is built, while
-EngineConfig has no ``compile`` setting; with one, the bench sets it instead); each LISA draw may recompile both.
+``--compile``: the engine by its ``compile`` setting, the plain model by ``compile_model`` (the same in-place
+``model.compile()``, with its own recompile count); each LISA draw may recompile both.
 
 Rows:
   full      every tensor trains.
@@ -76,8 +76,9 @@ from spu_engine.core.config import EngineConfig
 from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy import FreezeRule, Policy
 from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.compiled import compile_model
 from spu_engine.loop.engine import Engine
-from spu_engine.loop.trainer import NO_DECAY, pick_device
+from spu_engine.loop.optimizer import NO_DECAY, pick_device
 from spu_engine.model.loading import load_tokenizer
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.sft import SftTask
@@ -262,22 +263,22 @@ def measure(row: Row, base, task, tokenizer, args) -> dict:
         eval_every=0,
         device=args.device,
         precision=args.precision,
-        **({"compile": True} if args.compile and "compile" in EngineConfig.model_fields else {}),
+        compile=args.compile,
     )
     device, amp = pick_device(config, None)
     with tempfile.TemporaryDirectory() as run_dir:
         engine = None
         if row.control:
             other = PlainLoop(copy.deepcopy(base), task, config, row, args, device, amp)
+            if args.compile:
+                compile_model(other.model)
             first, first_model, first_opt = other.step, other.model, other.opt
         else:
             engine = Engine(config, row.policy, run_dir, model=copy.deepcopy(base), tokenizer=tokenizer, task=task)
-            if args.compile and "compile" not in EngineConfig.model_fields:
-                engine.model.compile()  # no engine setting yet: its model compiled in place, as the plain one
             first, first_model, first_opt = engine_step(engine), engine.model, engine.optimizer
         plain = PlainLoop(copy.deepcopy(base), task, config, row, args, device, amp)
         if args.compile:
-            plain.model.compile()
+            compile_model(plain.model)
         if engine is not None:
             assert trains(engine.model) == trains(plain.model), row.name
 
