@@ -8,14 +8,17 @@ The batches are SPU's ``task: sft`` on ../shared/data/gsm8k (question -> answer,
 tokens; SPU's plain template, the tokenizer having no chat template).
 
 As in bench/overhead.py, each row builds the engine and the plain loop on their own deep copy of the same
-model, with the same batches in the same order, the same fused AdamW (no decay on norms), warm-up and linear
+model, with the same batches in the same order (SPU's, grouped by length: a plain loop drawing at random pads
+more and ran 13-18 % slower per step on these batches), the same fused AdamW (no decay on norms), warm-up and linear
 decay and clipping, and autocast in the same dtype; steps are interleaved ABBA.  The ratio is the median of
 the per-step ratios engine / plain: step i of both loops ran the same batch back to back, so the batches' varying
 lengths cancel, which a ratio of median step times (bench/overhead.py's, on batches of one length) would not do;
 "all steps" is the ratio of the totals, which also counts the engine's statistics every ``stats_every`` steps.
 The engine steps as its own loop does (``boundary()``, then ``train_step(settled=False)``: the loss read a step
 late); the plain loop never reads its loss on the host.  A right-padded causal decoder needs no attention mask
-(the engine drops it), so the plain loop passes input_ids and labels and takes the model's own loss.
+(the engine drops it), so the plain loop passes input_ids alone and computes SPU's loss itself, written out (each
+sample's mean over its answer tokens, then the batch's mean, the labels shifted rather than the logits):
+transformers' own loss (``labels=``), which copies the shifted logits, made the plain loop 14-19 % slower.
 ``--compile``: the engine by its ``compile`` setting, the plain model by ``compile_model`` (the same in-place
 ``model.compile()``, with its own recompile count); each LISA draw may recompile both.
 
@@ -65,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,7 +79,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from spu_engine.core.config import EngineConfig
 from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy import FreezeRule, Policy
-from spu_engine.loop.batching import BatchStream
+from spu_engine.loop.batching import stream_for
 from spu_engine.loop.compiled import compile_model
 from spu_engine.loop.engine import Engine
 from spu_engine.loop.optimizer import NO_DECAY, pick_device
@@ -160,7 +164,7 @@ class PlainLoop:
             lr=config.lr,
             fused=True,  # the engine's: the same arithmetic and kernels
         )
-        self.stream = BatchStream(len(task.train), seed=config.seed)
+        self.stream = stream_for(task, config.seed, config.batch_size)  # the engine's batches: grouped by length
         self.step_no = 0
         self.loss = None  # the last step's, on the device (never read on the host while timing)
 
@@ -185,7 +189,13 @@ class PlainLoop:
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
-            loss = self.model(input_ids=input_ids, labels=labels).loss
+            logits = self.model(input_ids=input_ids).logits
+        # the same loss as SPU's: each sample's mean over its answer tokens, then the batch's mean; the labels move
+        # left, not the logits (transformers' own loss copies the [B, T, vocab] logits to shift them: 14-19 % slower)
+        target = F.pad(labels[:, 1:], (0, 1), value=-100)
+        token = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none").view(target.shape)
+        mask = (target != -100).float()
+        loss = ((token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable(), self.config.grad_clip)
         self.opt.step()
@@ -286,7 +296,7 @@ def measure(row: Row, base, task, tokenizer, args) -> dict:
         transient = {"engine": 0, "plain": 0}
         tokens, positions = [], []
         cuda = device.type == "cuda"
-        stream = BatchStream(len(task.train), seed=config.seed)  # the batches both loops draw, for counting
+        stream = stream_for(task, config.seed, args.batch_size)  # the batches both loops draw, for counting
         for i in range(args.warmup + args.steps):
             batch = task.collate([task.train[j] for j in stream.take(args.batch_size)])
             # alternate which loop goes first (ABBA), so whatever the first or second of a pair meets cancels out

@@ -254,6 +254,7 @@ class Trainer:
                 self.config.batch_size * (self.dist.world_size if self.dist else 1) / self._step_time_ema, 2
             ),
             samples=self.samples_seen,
+            batch_size=self.config.batch_size,
             micro_batch=micro_batch_size(self.config.batch_size, memory.grad_accum),
             trainable=sum(p.numel() for p in self.params.values() if p.requires_grad),  # no module walk
             **extra,

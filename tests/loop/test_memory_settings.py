@@ -25,9 +25,11 @@ def test_four_micro_batches_of_8_equal_one_batch_of_32(make_engine, tokenizer, a
         model = build_tiny(arch, tokenizer, **NO_DROPOUT[arch])
         engine = make_engine(arch, model=model, batch_size=32, policy=Policy(memory={"grad_accum": accum}))
         fields = [engine.train_step() for _ in range(5)]
-        runs.append(([f["loss"] for f in fields], _weights(engine), fields[-1]["micro_batch"]))
-    (losses1, weights1, micro1), (losses4, weights4, micro4) = runs
-    assert (micro1, micro4) == (32, 8)
+        runs.append(
+            ([f["loss"] for f in fields], _weights(engine), (fields[-1]["batch_size"], fields[-1]["micro_batch"]))
+        )
+    (losses1, weights1, sizes1), (losses4, weights4, sizes4) = runs
+    assert (sizes1, sizes4) == ((32, 32), (32, 8))  # the step event says both sizes
     assert losses1 == pytest.approx(losses4, abs=1e-5)
     for name, w in weights1.items():
         assert torch.allclose(w, weights4[name], atol=1e-5, rtol=0), name

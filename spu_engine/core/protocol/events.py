@@ -80,6 +80,7 @@ class StepEvent(Event):
     step_time: float | None = None
     samples_per_s: float | None = None
     samples: int | None = None
+    batch_size: int | None = None  # examples per optimizer step (per rank)
     micro_batch: int | None = None  # examples per forward and backward (the batch over memory.grad_accum)
     trainable: int | None = None
     compiled: str | None = None  # --compile, on a step whose model compiled: compiled | recompiled | limit (refused)
