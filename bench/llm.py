@@ -17,8 +17,8 @@ lengths cancel, which a ratio of median step times (bench/overhead.py's, on batc
 The engine steps as its own loop does (``boundary()``, then ``train_step(settled=False)``: the loss read a step
 late); the plain loop never reads its loss on the host.  A right-padded causal decoder needs no attention mask
 (the engine drops it), so the plain loop passes input_ids alone and computes SPU's loss itself, written out (each
-sample's mean over its answer tokens, then the batch's mean, the labels shifted rather than the logits):
-transformers' own loss (``labels=``), which copies the shifted logits, made the plain loop 14-19 % slower.
+sample's mean over its answer tokens, then the batch's mean, the labels shifted rather than the logits; the same
+arithmetic, so the ratio is the engine's overhead alone).
 ``--compile``: the engine by its ``compile`` setting, the plain model by ``compile_model`` (the same in-place
 ``model.compile()``, with its own recompile count); each LISA draw may recompile both.
 
