@@ -73,6 +73,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from common import plain_adamw
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -82,7 +83,7 @@ from spu_engine.core.policy import FreezeRule, Policy
 from spu_engine.loop.batching import stream_for
 from spu_engine.loop.compiled import compile_model
 from spu_engine.loop.engine import Engine
-from spu_engine.loop.optimizer import NO_DECAY, pick_device
+from spu_engine.loop.optimizer import pick_device
 from spu_engine.model.loading import load_tokenizer
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.sft import SftTask
@@ -153,17 +154,7 @@ class PlainLoop:
         model.to(device).train()
         # LISA changes what trains: its optimizer holds every tensor (a frozen one gets no gradient, no update)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or row.kind == "lisa"]
-        self.opt = torch.optim.AdamW(
-            [
-                {
-                    "params": [p for n, p in named if not any(k in n for k in NO_DECAY)],
-                    "weight_decay": config.weight_decay,
-                },
-                {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            fused=True,  # the engine's: the same arithmetic and kernels
-        )
+        self.opt = plain_adamw(named, config)
         self.stream = stream_for(task, config.seed, config.batch_size)  # the engine's batches: grouped by length
         self.step_no = 0
         self.loss = None  # the last step's, on the device (never read on the host while timing)

@@ -33,13 +33,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import DATA, minilm_sst2
+from common import DATA, minilm_sst2, plain_adamw
 
 from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy import FreezeRule, Policy
 from spu_engine.loop.batching import BatchStream
 from spu_engine.loop.engine import Engine, EngineConfig
-from spu_engine.loop.optimizer import NO_DECAY
 
 
 class PlainLoop:
@@ -63,17 +62,7 @@ class PlainLoop:
                     p.requires_grad_(False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.trainable = [p for _, p in named]
-        self.opt = torch.optim.AdamW(
-            [
-                {
-                    "params": [p for n, p in named if not any(k in n for k in NO_DECAY)],
-                    "weight_decay": config.weight_decay,
-                },
-                {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            fused=True,  # the engine's: the same arithmetic and kernels
-        )
+        self.opt = plain_adamw(named, config)
         self.stream = BatchStream(len(task.train), seed=config.seed)
         self.step_no = 0
         model.train()

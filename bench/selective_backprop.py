@@ -25,12 +25,11 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import DATA, minilm_sst2
+from common import DATA, minilm_sst2, plain_adamw
 
 from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy_files import parse_policy
 from spu_engine.loop.engine import Engine, EngineConfig
-from spu_engine.loop.optimizer import NO_DECAY
 from spu_engine.methods.selective_backprop.method import SelectiveBackprop
 
 
@@ -41,16 +40,7 @@ class IdealLoop:
         self.model, self.task, self.config = model.train(), task, config
         named = list(model.named_parameters())
         self.params = [p for _, p in named]
-        self.opt = torch.optim.AdamW(
-            [
-                {
-                    "params": [p for n, p in named if not any(k in n for k in NO_DECAY)],
-                    "weight_decay": config.weight_decay,
-                },
-                {"params": [p for n, p in named if any(k in n for k in NO_DECAY)], "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-        )
+        self.opt = plain_adamw(named, config)
 
     def batch(self, indices):
         return self.task.collate([self.task.train[i] for i in indices])
