@@ -137,11 +137,14 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def next_batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
-        """``n`` examples per rank: ranks draw the same global batch and each takes its share."""
-        n = n or self.config.batch_size
+        """``n`` examples per rank, collated: ranks draw the same global batch and each takes its share."""
+        return self.batch_of(self._draw(n or self.config.batch_size))
+
+    def _draw(self, n: int) -> list[int]:
+        """This rank's share of the next global batch of ``n`` examples per rank."""
         if self.dist is None:
-            return self.batch_of(self.stream.take(n))
-        return self.batch_of(self.dist.shard(self.stream.take(n * self.dist.world_size)))
+            return self.stream.take(n)
+        return self.dist.shard(self.stream.take(n * self.dist.world_size))
 
     def batch_of(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """These training examples, collated (padded to their longest) and on the device; a batch that trains (its
@@ -184,8 +187,7 @@ class Trainer:
             loss = self.per_sample_loss(self.next_batch()).mean()
             self.backward(loss)
             return loss.detach(), n, {}
-        indices = self.stream.take(n * self.dist.world_size) if self.dist else self.stream.take(n)
-        mine = self.dist.shard(indices) if self.dist else indices
+        mine = self._draw(n)
         return self.train_on(mine, len(mine)) / len(mine), n, {}
 
     def train_on(self, indices: list[int], of: float) -> torch.Tensor:

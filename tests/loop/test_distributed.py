@@ -89,6 +89,21 @@ def test_two_ranks_match_one_process_with_the_global_batch(no_dropout_model, tmp
             assert torch.equal(tensor, initial[name])
 
 
+def test_two_ranks_in_micro_batches_match_one_process_with_the_global_batch(no_dropout_model, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("memory: {grad_accum: 2}\ntimeline:\n  - {step: 3, set: {memory: {grad_accum: 4}}}\n")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = _train(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29533"], no_dropout_model, policy, tmp_path / "two", 4
+    )
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("spu_policy: 1\n")
+    one = _train([sys.executable], no_dropout_model, plain, tmp_path / "one", 8)
+    for name, tensor in one.items():
+        assert torch.allclose(tensor, two[name], atol=2e-5), name
+    assert [e["micro_batch"] for e in _steps(tmp_path / "two")] == [2, 2, 2, 1, 1, 1]
+
+
 def test_selective_backprop_selects_globally_and_a_step_nobody_kept_leaves_the_weights(no_dropout_model, tmp_path):
     """Percentile mode: the ranks draw the same batches (as one process with the global batch would); then a
     threshold no sample reaches: no rank has a gradient, and AdamW (decay, momentum) must not move anything."""
