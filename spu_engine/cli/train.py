@@ -33,6 +33,7 @@ RESUME_OVERRIDES = (
     "device",
     "threads",
     "system_every",
+    "sharding",
     "report_to",
 )
 

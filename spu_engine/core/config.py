@@ -207,6 +207,15 @@ class EngineConfig(RunSettings):
     system_every: float = Field(
         10.0, ge=0, description="seconds between two system events (GPU, CPU, RAM, throughput); 0: none"
     )
+    sharding: str = Field(
+        "full_shard",
+        pattern="^(full_shard|shard_grad_op|hybrid_shard)$",
+        description="under torchrun / accelerate launch, how FSDP2 spreads the model over the ranks: full_shard "
+        "(weights, gradients and optimizer state sharded; weights gathered per block for each pass), shard_grad_op "
+        "(gradients and optimizer state sharded, weights kept whole between forward and backward: faster, more "
+        "memory) or hybrid_shard (full_shard within a node, replicated across nodes: a 2-D mesh of nodes x "
+        "LOCAL_WORLD_SIZE); one process: no effect",
+    )
 
     def run_settings(self) -> RunSettings:
         """The settings a policy's ``run:`` section records (no device, no threads).

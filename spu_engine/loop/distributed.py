@@ -2,10 +2,12 @@
 
 Rank 0 owns the socket, the run folder and the command inbox.  At every step
 boundary it broadcasts the commands it took (and any stop signal) to all ranks,
-so each rank applies the same changes at the same step.  Gradients are averaged
-by an explicit all-reduce over the tensors that are trainable *now* rather than
-by DistributedDataParallel, whose buckets are fixed when it wraps the model and
-so cannot follow live freezing, unfreezing or adapters added mid-run.
+so each rank applies the same changes at the same step.  The model is sharded
+with FSDP2 (``loop.sharding``), which reduces gradients during backward and
+follows live freezing: ``requires_grad`` changes only at step boundaries, when
+every parameter is sharded.  (DistributedDataParallel cannot: its buckets are
+fixed when it wraps the model, and its reducer waits for gradients a frozen
+tensor never gets.)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Distributed:
     world_size: int
     local_rank: int
     device: torch.device
+    _mesh: tuple[str, DeviceMesh] | None = None
 
     @classmethod
     def from_env(cls) -> Distributed | None:
@@ -64,26 +68,36 @@ class Distributed:
             out[rank :: self.world_size] = part
         return out
 
-    def average_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-        """Mean gradient and mean loss over ranks; a rank that kept no sample contributes zeros.
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-rank scalar over the ranks, on the device (no host sync under NCCL)."""
+        total = value.detach().float().clone()
+        dist.all_reduce(total)
+        return total / self.world_size
 
-        When no rank has any gradient (selective backprop kept no sample anywhere), every
-        gradient stays empty: AdamW would otherwise still move the weights (decay, momentum).
-        """
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        has_grad = float(any(p.grad is not None for p in params))
-        tail = torch.tensor([float(loss), has_grad], device=self.device)
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [tail])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        if flat[-1] == 0:
-            return flat[-2]
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
-        return flat[-2]
+    def sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks that hold different shards of the model (all of them, or under
+        ``hybrid_shard`` the ranks of one node: the other nodes hold copies); in place, on the device."""
+        group = self._mesh[1]["shard"].get_group() if self._mesh is not None else None
+        dist.all_reduce(value, group=group)
+        return value
+
+    def mesh(self, sharding: str) -> DeviceMesh:
+        """The device mesh FSDP2 shards over: every rank in one dimension, or for ``hybrid_shard`` nodes x the ranks of
+        a node (replicated across nodes, sharded within one).  With gloo the mesh is a CPU one even where CUDA is."""
+        if self._mesh is None or self._mesh[0] != sharding:
+            kind = "cuda" if self.device.type == "cuda" else "cpu"
+            if sharding == "hybrid_shard":
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+                if local <= 0 or self.world_size % local:
+                    raise ValueError(
+                        f"sharding: hybrid_shard needs the world size ({self.world_size}) to be a multiple of the ranks "
+                        f"per node (LOCAL_WORLD_SIZE={local})"
+                    )
+                mesh = init_device_mesh(kind, (self.world_size // local, local), mesh_dim_names=("replicate", "shard"))
+            else:
+                mesh = init_device_mesh(kind, (self.world_size,), mesh_dim_names=("shard",))
+            self._mesh = (sharding, mesh)
+        return self._mesh[1]
 
     def barrier(self) -> None:
         dist.barrier()

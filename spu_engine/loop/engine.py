@@ -34,7 +34,7 @@ from spu_engine.core.model_source import ModelLoadError, resolve_model_name
 from spu_engine.core.policy import Policy, PolicyError
 from spu_engine.core.protocol import event
 from spu_engine.core.run_states import RunState
-from spu_engine.core.runs import CONFIG, EVENTS, write_config
+from spu_engine.core.runs import CHECKPOINTS, CONFIG, EVENTS, write_config
 from spu_engine.core.trackers import Trackers, unavailable
 from spu_engine.loop.batching import stream_for
 from spu_engine.loop.change_rollback import ChangeRollback
@@ -49,6 +49,7 @@ from spu_engine.loop.lr_groups import LrGroups
 from spu_engine.loop.optimizer import build_optimizer, pick_device
 from spu_engine.loop.policy_record import PolicyRecord
 from spu_engine.loop.run_checkpoint import resume_run, save_run
+from spu_engine.loop.sharding import shard_runtime
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.loop.trainer import Progress, Trainer
 from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes
@@ -94,6 +95,7 @@ class Engine:
         if missing:
             raise ValueError(missing)
         self.run_dir = Path(run_dir) if run_dir else None
+        self.checkpoints = self.run_dir / CHECKPOINTS if self.run_dir else None  # a sharded run's other ranks: set
         self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
         self.unwritten = UnwrittenState()
         self.progress = Progress()
@@ -195,6 +197,8 @@ class Engine:
             self.runtime, self.record, self.events, self.progress.now, self.device, multi_process=self.dist is not None
         )
         self.hooks.applied, self.hooks.scheduled = self.rollback.applied, self.record.schedule_changed
+        if self.dist is not None:  # FSDP2 over the ranks, with the tensors the timeline adds planned first
+            shard_runtime(self.runtime, self.dist, self.config.sharding, self.amp_dtype)
         self.runtime.put_in_force()
         self.lr_groups.regroup()
 
@@ -287,7 +291,7 @@ class Engine:
 
     def save_checkpoint(self) -> Path | None:
         self.events.settle()  # the held step's loss reaches the methods first (an IMP round's tally)
-        return save_run(self) if self.run_dir else None
+        return save_run(self) if self.checkpoints else None
 
     def resume_from(self, path: Path, fresh_optimizer: bool = False) -> None:
         """Policy (with timeline), method state, weights, optimizer, data position and RNG from a checkpoint;

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from spu_engine.core.policy import Policy, TimelineEntry
-from spu_engine.core.runs import CHECKPOINTS
 from spu_engine.storage import checkpoint as ckpt
+from spu_engine.storage.sharded_checkpoint import is_sharded, load_sharded, save_sharded
 
 
 def save_run(engine) -> Path:
@@ -33,15 +33,27 @@ def save_run(engine) -> Path:
         "rng": ckpt.rng_state(),
         "scaler": engine.scaler.state_dict() if engine.scaler else None,
     }
-    path = ckpt.save_checkpoint(
-        engine.run_dir / CHECKPOINTS,
-        engine.step,
-        engine.model,
-        engine.optimizer,
-        state,
-        keep=engine.config.keep_checkpoints,
-        method_tensors=ckpt.method_tensors(engine.methods),
-    )
+    if engine.dist is not None:  # every rank writes its shards; rank 0 the rest
+        path = save_sharded(
+            engine.checkpoints,
+            engine.step,
+            engine.model,
+            engine.optimizer,
+            state,
+            engine.config.keep_checkpoints,
+            ckpt.method_tensors(engine.methods),
+            engine.dist,
+        )
+    else:
+        path = ckpt.save_checkpoint(
+            engine.checkpoints,
+            engine.step,
+            engine.model,
+            engine.optimizer,
+            state,
+            keep=engine.config.keep_checkpoints,
+            method_tensors=ckpt.method_tensors(engine.methods),
+        )
     engine._saved_step = engine.step
     engine.emit("checkpoint", step=engine.step, path=str(path))
     return path
@@ -70,15 +82,10 @@ def resume_run(engine, path: Path, fresh_optimizer: bool = False) -> None:
     rt.apply_trainable()
     engine.lr_groups.warm_from = dict(state.get("warm_from", {}))
     engine.lr_groups.regroup()  # the groups the checkpoint's optimizer state was saved with
-    ckpt.load_weights(path, engine.model)
-    problem = ckpt.load_optimizer_or_fresh(
-        path, engine.optimizer, fresh_optimizer, engine.run_dir or path.parent.parent
-    )
-    if problem:
-        engine.log(
-            f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning"
-        )
-    ckpt.restore_method_tensors(engine.methods, ckpt.load_method_tensors(path))
+    if is_sharded(path):  # written by a sharded run, at any world size
+        ckpt.restore_method_tensors(engine.methods, load_sharded(path, engine.model, engine.optimizer))
+    else:
+        _load_whole(engine, path, fresh_optimizer)
     if engine.scaler and state.get("scaler"):
         engine.scaler.load_state_dict(state["scaler"])
     engine.stream.load_state_dict(state["stream"])
@@ -88,3 +95,16 @@ def resume_run(engine, path: Path, fresh_optimizer: bool = False) -> None:
     engine.emit(
         "resumed", step=engine.step, checkpoint=str(path), message=f"resumed from {path.name} at step {engine.step}"
     )
+
+
+def _load_whole(engine, path: Path, fresh_optimizer: bool) -> None:
+    """Weights, optimizer state and method tensors from a checkpoint a single process wrote."""
+    ckpt.load_weights(path, engine.model)
+    problem = ckpt.load_optimizer_or_fresh(
+        path, engine.optimizer, fresh_optimizer, engine.run_dir or path.parent.parent
+    )
+    if problem:
+        engine.log(
+            f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning"
+        )
+    ckpt.restore_method_tensors(engine.methods, ckpt.load_method_tensors(path))

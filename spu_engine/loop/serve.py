@@ -121,6 +121,7 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optim
     signals = StopSignals()
     signals.install()
     engine = Engine(config, policy, None, dist=dist)
+    engine.checkpoints = run_dir / CHECKPOINTS  # its shards of each checkpoint; rank 0 writes the rest
     step = dist.broadcast(None)
     if step is not None:
         path = next(p for p in list_checkpoints(run_dir / CHECKPOINTS) if p.name == f"step-{step:07d}")

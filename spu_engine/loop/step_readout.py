@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from spu_engine.model.sharded import local
+
 
 @dataclass
 class DeviceCheck:
@@ -29,21 +31,32 @@ class DeviceCheck:
 
 
 def check_gradients(
-    loss: torch.Tensor, named: list[tuple[str, torch.nn.Parameter]], max_norm: float, clip: bool
+    loss: torch.Tensor,
+    named: list[tuple[str, torch.nn.Parameter]],
+    max_norm: float,
+    clip: bool,
+    over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DeviceCheck:
     """Per-tensor and total norms of the gradients of ``named`` (tensors that have one), clipped to ``max_norm``
-    when ``clip``; no host sync."""
+    when ``clip``; no host sync.  Sharded gradients (FSDP2) are measured on each rank's shard, the squares summed
+    over the shards by ``over_shards`` in one collective, and clipped shard by shard with the same factor."""
     if not named:
         return DeviceCheck(loss, [], None, None, (~torch.isfinite(loss)).float())
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, p in named:
-        by_dtype.setdefault(p.grad.dtype, []).append((name, p.grad))
+        by_dtype.setdefault(p.grad.dtype, []).append((name, local(p.grad)))
     names = [name for group in by_dtype.values() for name, _ in group]
     parts = [torch.stack(torch._foreach_norm([g for _, g in group])).float() for group in by_dtype.values()]
     norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if over_shards is not None:
+        norms = over_shards(norms.square()).sqrt()
     total = torch.linalg.vector_norm(norms)
-    if clip:
+    if clip and over_shards is None:
         torch.nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, total)
+    elif clip:  # clip_grads_with_norm_'s arithmetic, on the shards
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for group in by_dtype.values():
+            torch._foreach_mul_([g for _, g in group], factor.to(group[0][1].dtype))
     return DeviceCheck(loss, names, norms, total, (~torch.isfinite(total + loss)).float())
 
 

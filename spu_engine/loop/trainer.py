@@ -14,6 +14,7 @@ the trainer as its ``methods.base.TrainingLoop``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -192,10 +193,20 @@ class Trainer:
 
     def train_on(self, indices: list[int], of: float) -> torch.Tensor:
         """Forward and backward of these examples in the policy's micro-batches, each adding its share of a mean over
-        ``of`` examples to the gradients; their summed loss (detached)."""
+        ``of`` examples to the gradients; their summed loss (detached).  On many ranks every rank runs as many passes
+        as the rank with the largest share (``ceil(of)`` examples; sharded weights are gathered by all ranks at
+        once): a rank with fewer examples adds passes that count nothing."""
+        grad_accum = self.current.memory.grad_accum
+        parts = list(micro_batches(indices, grad_accum))
+        if self.dist is not None:
+            passes = len(list(micro_batches(list(range(math.ceil(of))), grad_accum)))
+            parts += [[]] * (passes - len(parts))
         total = torch.zeros((), device=self.device)
-        for part in micro_batches(indices, self.current.memory.grad_accum):
-            loss = self.per_sample_loss(self.batch_of(part))
+        for part in parts:
+            loss = self.per_sample_loss(self.batch_of(part or [0]))
+            if not part:  # a pass that keeps the ranks in step: its gradients are zeros
+                self.backward(loss.sum() * 0.0)
+                continue
             self.backward(loss.sum() / of)
             total = total + loss.detach().sum()
         return total
@@ -225,15 +236,15 @@ class Trainer:
             loss, n_samples, extra = self._forward_backward()
         for m in self.methods:
             m.after_backward(step)
-        if self.dist is not None:
-            loss = self.dist.average_gradients(
-                [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad], loss
-            )
+        if self.dist is not None:  # FSDP2 averaged the gradients during backward; the loss is averaged here
+            loss = self.dist.mean(loss)
             n_samples *= self.dist.world_size
         named = [(n, p) for n, p in self.params.items() if p.grad is not None]  # model order; no module walk
         if self.scaler and named:
             self.scaler.unscale_(self.optimizer)
-        check = check_gradients(loss, named, self.config.grad_clip, clip=self.config.grad_clip > 0)
+        check = check_gradients(
+            loss, named, self.config.grad_clip, self.config.grad_clip > 0, self.dist and self.dist.sum_over_shards
+        )
         for m in self.methods:
             m.on_gradients(step)
         before = before_update(self.units, self.params) if stats_due else None

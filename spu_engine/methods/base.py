@@ -241,6 +241,10 @@ class Method(Checkpointed):
         would train, previewed before it is made)."""
         return {}
 
+    def plan(self, policies: list[Policy]) -> None:
+        """The model is about to be sharded over ranks and will take no new tensor: build now, switched off, what
+        any of ``policies`` (the one at step 0, then each the timeline reaches) would add."""
+
     def backward_share(self, policy: Policy) -> float | None:
         """The expected share of the samples that get a backward under ``policy`` (1: all); None: it depends on
         the losses."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spu_engine.model.sharded import local
+
 
 class DevicePeaks:
     """torch's peak-allocated counter, shared by two readers: the ``system`` event's peak per window and a measured
@@ -95,7 +97,7 @@ class ActivationMeter:
     @contextmanager
     def _saved(self) -> Iterator[Found]:
         """The bytes of the tensors autograd saved for backward, each storage once, the model's own left out."""
-        owned = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        owned = {local(t).untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
         saved: dict[int, int] = {}
         found = Found()
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from spu_engine.model.loading import Units
+from spu_engine.model.sharded import is_distributed, local
 
 
 def describe_units(units: Units, params: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
@@ -48,7 +49,7 @@ def trainable_by_unit(units: Units, params: dict[str, torch.nn.Parameter]) -> di
 def grad_norms_by_unit(units: Units, params: dict[str, torch.nn.Parameter]) -> dict[str, float]:
     """The gradient norm of each unit that has a gradient now (automatic freezing's AutoFreeze criterion)."""
     grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
-    grad_sq = dict(zip((n for n, _ in grads), _sums_of_squares([g for _, g in grads])))
+    grad_sq = dict(zip((n for n, _ in grads), sums_of_squares([g for _, g in grads])))
     return {
         u.name: math.sqrt(sum(grad_sq[n] for n in u.params if n in grad_sq))
         for u in units
@@ -62,8 +63,8 @@ def before_update(units: Units, params: dict[str, torch.nn.Parameter]) -> dict[s
     tensor the step can move (one with a gradient or that trains: a frozen one gets no update, and pruning re-applies
     masks only to trainable weights).  Norms without full-size temporaries, read back in one transfer each."""
     grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
-    grad_sq = dict(zip((n for n, _ in grads), _sums_of_squares([g for _, g in grads])))
-    weight_sq = dict(zip(params, _sums_of_squares(list(params.values()))))
+    grad_sq = dict(zip((n for n, _ in grads), sums_of_squares([g for _, g in grads])))
+    weight_sq = dict(zip(params, sums_of_squares(list(params.values()))))
     snapshot = {n: p.detach().clone() for n, p in params.items() if p.grad is not None or p.requires_grad}
     unit_grad_sq = {u.name: sum(grad_sq.get(n, 0.0) for n in u.params) for u in units}
     return {"grad_sq": unit_grad_sq, "weight_sq": weight_sq, "snapshot": snapshot}
@@ -74,9 +75,10 @@ def after_update(units: Units, params: dict[str, torch.nn.Parameter], before: di
     """The fields of a ``units`` event: per unit and per tensor, measured against ``before``."""
     snap, weight_sq = before["snapshot"], before["weight_sq"]
     moved = [n for n in snap if n in params]
-    upd_sq = dict(zip(moved, _sums_of_squares([params[n] for n in moved], minus=[snap[n] for n in moved])))
+    upd_sq = dict(zip(moved, sums_of_squares([params[n] for n in moved], minus=[snap[n] for n in moved])))
     names = list(params)
-    nonzero = torch.stack([torch.count_nonzero(p) for p in params.values()]).tolist() if names else []
+    nonzero = _over_shards(torch.stack([torch.count_nonzero(local(p)) for p in params.values()]), params.values())
+    nonzero = nonzero.tolist() if names else []
     zeros_of = {n: params[n].numel() - nz for n, nz in zip(names, nonzero)}
     per_unit: dict[str, dict[str, float]] = {}
     tensors: dict[str, dict[str, Any]] = {}
@@ -103,10 +105,22 @@ def after_update(units: Units, params: dict[str, torch.nn.Parameter], before: di
 _STATS_CHUNK = 1 << 20  # elements: a 4 MiB float32 scratch piece
 
 
-def _sums_of_squares(tensors: list[torch.Tensor], minus: list[torch.Tensor] | None = None) -> list[float]:
+def _over_shards(values: torch.Tensor, tensors) -> torch.Tensor:
+    """Per-shard sums, summed over the ranks holding the other shards when the tensors are sharded (FSDP2)."""
+    first = next(iter(tensors), None)
+    if first is not None and is_distributed(first):
+        torch.distributed.all_reduce(values, group=first.device_mesh.get_group(first.device_mesh.ndim - 1))
+    return values
+
+
+def sums_of_squares(tensors: list[torch.Tensor], minus: list[torch.Tensor] | None = None) -> list[float]:
     """sum(t ** 2) of each tensor (of ``t - minus[i]`` when given), as ``t.float().pow(2).sum()`` computes it, without
     its full-size temporaries: piece by piece through one small scratch buffer (which stays in cache on a CPU),
-    read back to the host in one transfer.  (``torch.linalg.vector_norm`` is off by ~8e-4 on 12 M CPU elements.)"""
+    read back to the host in one transfer.  (``torch.linalg.vector_norm`` is off by ~8e-4 on 12 M CPU elements.)
+    Sharded tensors are summed on each rank's shard, then over the ranks in one collective."""
+    shards = tensors
+    tensors = [local(t) for t in tensors]
+    minus = [local(t) for t in minus] if minus is not None else None
     partial: list[torch.Tensor] = []
     owner: list[int] = []
     scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -131,6 +145,7 @@ def _sums_of_squares(tensors: list[torch.Tensor], minus: list[torch.Tensor] | No
             owner.append(i)
     sums = [0.0] * len(tensors)
     if partial:
-        for i, value in zip(owner, torch.stack(partial).tolist()):
-            sums[i] += value
+        per_tensor = torch.zeros(len(tensors), device=partial[0].device, dtype=torch.float64)
+        per_tensor.index_add_(0, torch.tensor(owner, device=per_tensor.device), torch.stack(partial).double())
+        sums = _over_shards(per_tensor, shards).tolist()
     return sums

@@ -31,6 +31,7 @@ from spu_engine.model.loading import stable_name
 MANIFEST = "manifest.json"
 METHOD_TENSORS = "methods.safetensors"
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
+SHARDED_REQUIRED = ("shards/.metadata", "state.json")  # a sharded run's (``sharded_checkpoint``)
 OPTIMIZER = "optimizer.pt"
 PREFIX = "step-"
 UNUSABLE = "unusable"  # checkpoints a resume could not use, each with a reason.txt
@@ -183,7 +184,8 @@ def verify(path: Path, ignore: tuple[str, ...] = ()) -> str | None:
         }
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"unreadable manifest ({type(exc).__name__}: {exc})"
-    missing = [name for name in REQUIRED if name not in expected and name not in ignore]
+    required = SHARDED_REQUIRED if SHARDED_REQUIRED[0] in expected else REQUIRED
+    missing = [name for name in required if name not in expected and name not in ignore]
     if missing:
         return f"manifest does not list {', '.join(missing)}"
     for name, (size, digest) in expected.items():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spu_engine.storage.sharded_checkpoint import is_sharded, read_tensors
 from support import SST2, build_tiny
 
 pytestmark = [
@@ -62,7 +63,13 @@ def _train(cmd_prefix, model, policy, run_dir, batch_size, steps=6, *extra):
     ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    return load_file(str(run_dir / "checkpoints" / f"step-{steps:07d}" / "model.safetensors"))
+    return weights(run_dir, steps)
+
+
+def weights(run_dir, step):
+    """The model's tensors in the checkpoint of ``step``, whole, whichever way it was written (sharded or not)."""
+    path = run_dir / "checkpoints" / f"step-{step:07d}"
+    return read_tensors(path) if is_sharded(path) else load_file(str(path / "model.safetensors"))
 
 
 def _steps(run_dir):
@@ -136,6 +143,6 @@ def test_selective_backprop_selects_globally_and_a_step_nobody_kept_leaves_the_w
     assert [kept for _, _, kept, _ in counts[0][5:]] == [0, 0, 0]
     for name, tensor in one.items():
         assert torch.allclose(tensor, two[name], atol=2e-5), name
-    at_5 = load_file(str(tmp_path / "two" / "checkpoints" / "step-0000005" / "model.safetensors"))
+    at_5 = weights(tmp_path / "two", 5)
     for name, tensor in two.items():
         assert torch.equal(tensor, at_5[name]), f"{name} moved in a step where no rank kept a sample"

@@ -71,6 +71,12 @@ class AdaLoRA(LoRAPlus, AddedTensorsMethod):
     def gate(self, name: str) -> bool:
         return ".lora_" in name or name in self.head
 
+    def refuse_planned(self, settings: Peft, later: bool) -> None:
+        raise PolicyError(
+            "peft.method: adalora is not available in a sharded run: its rank allocator reads and masks whole "
+            "matrices, which FSDP keeps in shards; use lora (with rank_pattern for uneven ranks), or run on one process"
+        )
+
     def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
         return inject_adalora(model, settings, self.host.config.steps)[0]
 

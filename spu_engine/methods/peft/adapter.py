@@ -81,6 +81,10 @@ class Adapter(AddedTensorsMethod):
     def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
         return insert_adapters(model, settings.size)[0]
 
+    def switch(self, on: bool) -> None:
+        for parent, slot in self.slots:
+            getattr(parent, slot).enabled = on
+
     def uninstall(self) -> None:
         for handle in self.hooks:
             handle.remove()

@@ -12,9 +12,13 @@ an undo.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from spu_engine.core.policy import Policy, PolicyError
@@ -59,6 +63,9 @@ class AddedTensorsMethod(PeftMethod):
         self.installed: Peft | None = None  # the settings the current tensors were built with
         self.trained = False  # has an optimizer step run since they were added?
         self._planned: dict[str, dict[str, int]] = {}  # settings (JSON) -> what planned() found
+        self.sharded = False  # the model is sharded: it takes no new tensors, only the ones planned before
+        self.parked: Peft | None = None  # tensors built with these settings, in the model but switched off
+        self.parked_names: set[str] = set()  # their stable names
 
     @property
     def group(self) -> str:
@@ -94,6 +101,48 @@ class AddedTensorsMethod(PeftMethod):
     def added_under(self, policy: Policy) -> dict[str, int]:
         return self.planned(policy.peft) if policy.peft.method == self.name else {}
 
+    def gate_under(self, policy: Policy):
+        if policy.peft.method == self.name:
+            return self.gate
+        if self.parked_names:  # planned tensors waiting for their step: they stay as built (B = 0: no effect)
+            return lambda name: name not in self.parked_names
+        return None
+
+    def plan(self, policies: list[Policy]) -> None:
+        """Build, switched off, the tensors any of ``policies`` (the one at step 0, then the ones a sharded run's
+        timeline reaches) would add: once the model is sharded it takes no new tensor, so they must exist before."""
+        self.sharded = True
+        wanted = {
+            p.peft.model_dump_json(include=set(self.fixed)): p.peft for p in policies if p.peft.method == self.name
+        }
+        if not wanted:
+            return
+        if len(wanted) > 1:
+            first, second = [dict(json.loads(k)) for k in list(wanted)[:2]]
+            key = next(k for k in self.fixed if first.get(k) != second.get(k))
+            raise PolicyError(
+                f"peft.{key}: this sharded run's timeline builds {self.name} with {key} {first.get(key)!r} and later "
+                f"{second.get(key)!r}; a sharded model takes its added tensors once, before training: keep one {key}"
+            )
+        settings = next(iter(wanted.values()))
+        self.refuse_planned(settings, later=policies[0].peft.method != self.name)
+        before = set(self.host.params)
+        with seeded(self.host.config.seed):
+            self.install(settings)
+        self.switch(False)
+        self.parked = settings
+        self.parked_names = {n for n in stable_parameters(self.host.model) if n not in before}
+
+    def refuse_planned(self, settings: Peft, later: bool) -> None:
+        """PolicyError when ``settings`` cannot be built before training for a switch ``later`` than step 0 (an init
+        that reads the weights as they are at its step)."""
+
+    def switch(self, on: bool) -> None:
+        """Turn the added tensors' effect on or off (peft's tuner layers skip a disabled adapter)."""
+        for module in self.host.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(on)
+
     def configure(self, policy: Policy, step: int) -> None:
         settings = policy.peft
         wanted = settings.method == self.name
@@ -120,11 +169,42 @@ class AddedTensorsMethod(PeftMethod):
         self.selected = wanted
 
     def _add(self, policy: Policy) -> None:
-        params = self.install(policy.peft)
+        if self.parked is not None:
+            params = self._unpark(policy.peft)
+        elif self.sharded:
+            self.refuse_planned(policy.peft, later=True)
+            raise PolicyError(
+                f"peft.method: {self.name} was not planned for this sharded run: a model sharded over the ranks takes no "
+                f"new tensors, so the ones a method adds are built before training from the policy and its timeline; "
+                f"put the switch in the timeline (- {{step: N, set: {{peft: {{method: {self.name}}}}}}}) and start again"
+            )
+        else:
+            with seeded(self.host.config.seed):  # the same tensors whenever they are added: a replay plans them ahead
+                params = self.install(policy.peft)
         self.host.add_parameters(params, lr=policy.peft.lr, weight_decay=0.0, name=self.group)
         self.installed, self.trained = policy.peft, False
 
+    def _unpark(self, settings: Peft) -> list[torch.nn.Parameter]:
+        """The planned tensors, switched on, when ``settings`` build the same ones."""
+        key = next((k for k in self.fixed if getattr(settings, k) != getattr(self.parked, k)), None)
+        if key is not None:
+            raise PolicyError(
+                f"peft.{key}: this sharded run planned {self.name} with {key} {getattr(self.parked, key)!r}, not "
+                f"{getattr(settings, key)!r}: a sharded model takes its added tensors once, before training"
+            )
+        self.switch(True)
+        self.parked = None
+        params = stable_parameters(self.host.model)
+        names, self.parked_names = self.parked_names, set()
+        return [params[n] for n in params if n in names]
+
     def _remove(self) -> None:
+        if self.sharded:  # a sharded model keeps its tensors: switched off, as planned (nothing trained in them)
+            self.switch(False)
+            self.host.remove_parameters(self.group)
+            self.parked, self.installed = self.installed, None
+            self.parked_names = {n for n in self.host.param_names if n not in self.host.loaded_names}
+            return
         self.uninstall()
         self.host.remove_parameters(self.group)
         self.installed = None
@@ -156,6 +236,16 @@ class LoRAPlus:
 
     def lr_setting(self, policy: Policy) -> str | None:
         return "peft.lr_ratio" if policy.peft.lr_ratio != 1.0 else None
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """The random stream a method's new tensors are drawn from: the run's seed alone, so they are the same at
+    whichever step they are built (live, or planned ahead in a sharded run), and the run's own stream is untouched."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def shape_only_copy(model: nn.Module) -> nn.Module | None:

@@ -80,3 +80,12 @@ class LoRA(LoRAPlus, AddedTensorsMethod):
 
     def uninstall(self) -> None:
         eject(self.host.model)
+
+    def refuse_planned(self, settings: Peft, later: bool) -> None:
+        reads = "use_dora" if settings.use_dora else "init" if settings.init.startswith("pissa") else None
+        if later and reads:
+            raise PolicyError(
+                f"peft.{reads}: {'DoRA takes its magnitudes' if reads == 'use_dora' else 'PiSSA takes its factors'} from "
+                "the weights as they are at its step, and a sharded run builds its added tensors before training: "
+                "switch to it at step 0, or run on one process"
+            )

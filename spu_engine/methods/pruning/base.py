@@ -17,6 +17,7 @@ from spu_engine.methods.base import Checkpointed
 from spu_engine.methods.pruning.masks import MaskedWeights
 from spu_engine.methods.pruning.schedule import Ramp
 from spu_engine.methods.pruning.structure import Family, families, select_groups
+from spu_engine.model.sharded import whole
 
 if TYPE_CHECKING:
     from spu_engine.methods.base import Host
@@ -115,9 +116,10 @@ class Pruner(Checkpointed):
         if self.settings.structure == "heads_neurons":
             if self._families is None:
                 self._families = families(self.host.model, self.targets)
-            chosen = select_groups(self._families, self.scores(), sparsity, self.settings.scope)
-        else:
-            scores = self.scores()
+            scores = {n: whole(s) for n, s in self.scores().items()}
+            chosen = select_groups(self._families, scores, sparsity, self.settings.scope)
+        else:  # on sharded weights every rank ranks the whole scores alike: one threshold, as one process has it
+            scores = {n: whole(s) for n, s in self.scores().items()}
             chosen = select(scores, sparsity, self.partitions(list(scores)))
         for name, keep in chosen.items():
             self.masks.set(name, keep)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from spu_engine.model.loading import stable_parameters
+from spu_engine.model.sharded import laid_out_like
 
 
 class MaskedWeights:
@@ -67,15 +68,15 @@ class MaskedWeights:
         """Install or replace the mask of weight ``name`` (``keep``: a bool tensor of its shape)."""
         dense = self.dense(name).clone()
         p = self.param(name)
-        self.masks[name] = keep.to(device=p.device, dtype=p.dtype)
+        self.masks[name] = laid_out_like(keep.to(device=p.device, dtype=p.dtype), p)  # a shard's mask lives with it
         self._split(name, dense)
 
     @torch.no_grad()
     def load(self, name: str, dense: torch.Tensor, keep: torch.Tensor) -> None:
         """Weight ``name`` is ``dense`` under mask ``keep`` (a checkpoint): whatever was latent before is forgotten."""
         p = self.param(name)
-        self.masks[name] = keep.to(device=p.device, dtype=p.dtype)
-        self._split(name, dense.to(device=p.device, dtype=p.dtype))
+        self.masks[name] = laid_out_like(keep.to(device=p.device, dtype=p.dtype), p)
+        self._split(name, laid_out_like(dense.to(device=p.device, dtype=p.dtype), p))
 
     @torch.no_grad()
     def rebase(self, name: str) -> None:

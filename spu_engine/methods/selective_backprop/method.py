@@ -108,8 +108,8 @@ class SelectiveBackprop(Method):
                 backward, self.pool = self.pool[:bs], self.pool[bs:]
                 break
         mine = dist.shard(backward) if dist else backward
-        if mine:  # sum / (global count / world): after the ranks' average, the mean over the whole backward batch
-            loop.train_on(mine, len(backward) / world)  # in the run's micro-batches
+        if backward:  # sum / (global count / world): after the ranks' average, the mean over the whole backward batch
+            loop.train_on(mine, len(backward) / world)  # in the run's micro-batches; a rank with none keeps in step
         self.last_backward = backward
         drawn = torch.cat(losses)
         extra = {

@@ -21,6 +21,7 @@ from spu_engine.core.policy import Policy
 from spu_engine.core.runs import CHECKPOINTS, CONFIG
 from spu_engine.model.loading import count_params, load_tokenizer, name_classes
 from spu_engine.storage.checkpoint import latest_checkpoint, load_method_tensors
+from spu_engine.storage.sharded_checkpoint import is_sharded, read_tensors
 from spu_engine.tools.export.blocks import remove_blocks
 from spu_engine.tools.export.errors import ExportError
 from spu_engine.tools.export.ffn import compact_ffn
@@ -65,8 +66,10 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False) -> ExportRep
             f"{run_dir}/checkpoints has no complete checkpoint; save one (key 'c' in the console, or "
             "`checkpoint` command) and retry"
         )
-    tensors = load_file(str(path / "model.safetensors"))
-    masks = {k[len(MASK_PREFIX) :]: v for k, v in load_method_tensors(path).items() if k.startswith(MASK_PREFIX)}
+    sharded = is_sharded(path)  # written by a sharded run: its shards read whole, here, in one process
+    tensors = read_tensors(path) if sharded else load_file(str(path / "model.safetensors"))
+    method_tensors = read_tensors(path, "methods") if sharded else load_method_tensors(path)
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in method_tensors.items() if k.startswith(MASK_PREFIX)}
     state = json.loads((path / "state.json").read_text())
     peft = Policy.model_validate(state["policy"]).at_step(state["step"]).peft
     model = load_into(config.model, kind, tensors, peft, config.steps)

@@ -1,0 +1,173 @@
+"""Checkpoints of a sharded run (FSDP2): each rank writes its own shards, through ``torch.distributed.checkpoint``.
+
+Layout: ``checkpoints/step-0000200/`` with ``shards/`` (DCP's ``.metadata`` and one ``.distcp`` file per rank:
+model, optimizer and method tensors, by parameter name), ``state.json`` and ``manifest.json``, written as a
+single-process checkpoint is (``storage.checkpoint``): into a hidden folder, every file fsynced and listed with
+its sha256, then renamed into place by rank 0 once every rank has written.  DCP reshards on load, so a run resumes
+at any world size, one process included, and ``spu export`` reads it without a process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from spu_engine.core.writes import WriteError, describe, writing
+from spu_engine.model.loading import stable_name
+from spu_engine.storage.checkpoint import MANIFEST, PREFIX, CheckpointError, _fsync, _sha256, list_checkpoints
+
+SHARDS = "shards"
+METADATA = f"{SHARDS}/.metadata"
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / METADATA).is_file()
+
+
+def save_sharded(
+    folder: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    method_tensors: dict[str, torch.Tensor],
+    dist: Any,
+) -> Path:
+    """Every rank calls this at the same boundary; rank 0 finishes the folder.  A failure on any rank is a
+    ``WriteError`` on every rank (the temporary folder is removed, no complete checkpoint touched)."""
+    final = folder / f"{PREFIX}{step:07d}"
+    made: str | None = None
+    if dist.is_main:
+        try:
+            with writing(f"writing checkpoint {final.name}", folder):
+                folder.mkdir(parents=True, exist_ok=True)
+                made = tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder)
+        except WriteError as exc:
+            made = f"!{exc}"
+    made = dist.broadcast(made)
+    if made.startswith("!"):
+        raise WriteError(made[1:])
+    tmp = Path(made)
+    content = {
+        "model": _stable(get_model_state_dict(model)),
+        "optimizer": _stable_optimizer(get_optimizer_state_dict(model, optimizer)) if optimizer.state else {},
+        "methods": method_tensors,
+    }
+    problem = None
+    try:
+        dcp.save(content, checkpoint_id=str(tmp / SHARDS))
+    except Exception as exc:  # DCP gathers every rank's outcome: all ranks land here together
+        problem = f"writing checkpoint {final.name} failed ({describe(exc)})"
+    dist.barrier()
+    if dist.is_main and problem is None:
+        try:
+            with writing(f"writing checkpoint {final.name}", folder):
+                _finish(tmp, final, folder, json.dumps({**state, "step": step}, indent=1), step)
+        except WriteError as exc:
+            problem = str(exc)
+    problem = dist.broadcast(problem)
+    if problem is not None:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(problem)
+    if dist.is_main:
+        for stale in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _finish(tmp: Path, final: Path, folder: Path, state_text: str, step: int) -> None:
+    """state.json and the manifest beside the shards, everything fsynced, then the folder renamed into place."""
+    (tmp / "state.json").write_text(state_text)
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(f)
+        files[str(f.relative_to(tmp))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp / SHARDS)
+    _fsync(tmp)
+    if final.exists():  # the same step again: swap, never delete first
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(folder)
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Weights and optimizer state into ``model`` and ``optimizer`` (sharded or not, at any world size); returns the
+    method tensors in full, for the methods to take their part (``load_tensor_state``)."""
+    weights = get_model_state_dict(model)
+    live = {stable_name(k): k for k in weights}
+    content: dict[str, Any] = {"model": _stable(weights), "methods": _templates(path, "methods")}
+    saved_optimizer = any(k.startswith("optimizer.") for k in _metadata(path).state_dict_metadata)
+    if saved_optimizer:
+        content["optimizer"] = _stable_optimizer(get_optimizer_state_dict(model, optimizer))
+    try:  # tensors the checkpoint lacks keep their values: a method's planned tensors that had not been built then
+        dcp.load(content, checkpoint_id=str(path / SHARDS), planner=DefaultLoadPlanner(allow_partial_load=True))
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this run ({describe(exc)})") from None
+    set_model_state_dict(model, {live[k]: v for k, v in content["model"].items()})
+    if saved_optimizer:
+        set_optimizer_state_dict(model, optimizer, _stable_optimizer(content["optimizer"], live))
+    return content["methods"]
+
+
+def _stable(tensors: dict[str, Any]) -> dict[str, Any]:
+    """By stable name (as loaded, before PEFT wrapped a module), so a checkpoint fits whether or not a planned
+    method's wrappers were in the model that wrote it."""
+    return {stable_name(k): v for k, v in tensors.items()}
+
+
+def _stable_optimizer(state: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (DCP's), renamed by ``names`` (default: to stable names)."""
+    rename = (lambda k: names.get(k, k)) if names is not None else stable_name
+    return {
+        "state": {rename(k): v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [rename(k) for k in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def read_tensors(path: Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """The full tensors of ``part`` (``model``: by stable name; ``methods``), read in this process alone."""
+    tensors = _templates(path, part)
+    if tensors:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({part: tensors}, checkpoint_id=str(path / SHARDS), no_dist=True)
+    return {stable_name(k): v for k, v in tensors.items()} if part == "model" else tensors
+
+
+def _templates(path: Path, part: str) -> dict[str, torch.Tensor]:
+    """Empty full-size CPU tensors for every tensor of ``part`` the checkpoint holds, from its metadata."""
+    metadata = _metadata(path)
+    prefix = f"{part}."
+    out = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith(prefix) and hasattr(meta, "size"):
+            out[key[len(prefix) :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    return out
+
+
+def _metadata(path: Path):
+    return dcp.FileSystemReader(str(path / SHARDS)).read_metadata()
