@@ -143,11 +143,12 @@ class Pruner(Checkpointed):
         pruned, as with ``torch.nn.utils.prune``'s iterative pruning); lowering it
         regrows the pruned weights with the largest scores.
         """
+        magnitude = {n: whole(s) for n, s in magnitude.items()}  # sharded: ranked whole, on every rank alike
         top = max(float(s.max()) for s in magnitude.values()) + 1.0
         out = {}
         for n, s in magnitude.items():
             if n in self.masks.masks:
-                s = s + self.masks.keep(n).to(s.dtype) * top
+                s = s + whole(self.masks.keep(n)).to(s.dtype) * top
             out[n] = s
         return out
 

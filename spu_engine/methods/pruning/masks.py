@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from spu_engine.model.loading import stable_parameters
-from spu_engine.model.sharded import laid_out_like
+from spu_engine.model.sharded import laid_out_like, whole
 
 
 class MaskedWeights:
@@ -53,7 +53,7 @@ class MaskedWeights:
         return self.masks[name] > 0
 
     def pruned(self, name: str) -> int:
-        return self.masks[name].numel() - int(self.masks[name].sum()) if name in self.masks else 0
+        return self.masks[name].numel() - int(whole(self.masks[name].sum())) if name in self.masks else 0
 
     @torch.no_grad()
     def dense(self, name: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from spu_engine.methods.pruning.base import ScheduledPruner
+from spu_engine.model.sharded import whole
 
 GROUP = "scores"  # the optimizer group of the scores
 TIE_BREAK = 1e-6  # far below one step of score (score_lr), far above float32 resolution of early scores
@@ -131,7 +132,7 @@ class MovementPruner(ScheduledPruner):
     def scores(self) -> dict[str, torch.Tensor]:
         """The learned scores; ties (scores that have not moved yet, as at the start) go to the larger weight."""
         magnitude = {n: self.masks.dense(n).abs() for n in self.score_params}
-        scale = TIE_BREAK / max(float(m.max()) for m in magnitude.values())
+        scale = TIE_BREAK / max(float(whole(m.max())) for m in magnitude.values())
         return {n: s.detach() + magnitude[n] * scale for n, s in self.score_params.items()}
 
     def detach(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from spu_engine.methods.pruning.base import select
 from spu_engine.methods.pruning.movement import MovementPruner
 from spu_engine.methods.pruning.schedule import Ramp
+from spu_engine.model.sharded import whole
 
 
 class SoftMovementPruner(MovementPruner):
@@ -41,7 +42,7 @@ class SoftMovementPruner(MovementPruner):
             super().apply(target)  # hold the initial sparsity, or land exactly on the target
             self.tau = None
             return
-        probs = {n: torch.sigmoid(s) for n, s in self.scores().items()}
+        probs = {n: torch.sigmoid(whole(s)) for n, s in self.scores().items()}  # sharded: thresholds from the whole
         if self.tau_start is None:  # a threshold below every score would waste the first part of the ramp
             self.tau_start = max(self.settings.movement.threshold, min(float(p.min()) for p in probs.values()))
         parts = self.partitions(list(probs))

@@ -1,0 +1,182 @@
+"""FSDP2 on two ranks (gloo, CPU mesh): a policy that changes what trains at four steps, plus a live change through
+the socket, ends where one process trained on the concatenated batches ends; its sharded checkpoint resumes on one
+rank and on two with the same next losses, and exports to a folder plain ``from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sft_support import CHAT_TEMPLATE
+from spu_engine.core.transport import EngineClient
+from spu_engine.storage.sharded_checkpoint import is_sharded, read_tensors
+from support import GSM8K, SST2, build_tiny
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+pytestmark = [pytest.mark.process, pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")]
+
+# a tensor frozen at step 3, LoRA from step 5 (planned before sharding), magnitude pruning from step 6, LISA every 4
+POLICY = """
+auto_freeze: {method: lisa, interval: 4, n_layers: 2}
+timeline:
+  - {step: 3, freeze: [{match: "%s", trainable: false}]}
+  - {step: 5, set: {peft: {method: lora, r: 4, alpha: 8, target_modules: [%s]}}}
+  - {step: 6, set: {pruning: {method: magnitude, schedule: {start_step: 6, end_step: 9, every: 1, final_sparsity: 0.5}}}}
+"""
+ARCH = {  # the tensor frozen at step 3, LoRA's targets
+    "bert": ("*layer.1.output.dense.weight", "query, value"),
+    "llama": ("*layers.1.mlp.up_proj.weight", "q_proj, v_proj"),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """A tiny BERT classifier and a tiny Llama with a chat template, no dropout (so ranks and one process agree)."""
+    out = {}
+    for arch, task in (("bert", "classification"), ("llama", "lm")):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        drop = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if arch == "bert" else {}
+        build_tiny(arch, tokenizer, task, **drop).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if arch == "llama":
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+        out[arch] = folder
+    return out
+
+
+def _args(model, arch, run_dir, batch_size, steps, policy):
+    data = ["--data", str(SST2)] if arch == "bert" else ["--data", str(GSM8K), "--task", "sft"]
+    return [
+        "-m",
+        "spu_engine.cli",
+        "train",
+        "--model",
+        str(model),
+        *data,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch_size),
+        "--max-length",
+        "48",
+        "--max-train-samples",
+        "256",
+        "--max-eval-samples",
+        "8",
+        "--eval-every",
+        "0",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "0",
+        "--policy",
+        str(policy),
+        "--run-dir",
+        str(run_dir),
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _two_ranks(port: int) -> list[str]:
+    return [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+def _run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def _steps(run_dir) -> dict[int, float]:
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return read_tensors(path) if is_sharded(path) else load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_two_ranks_with_live_changes_match_one_process(models, arch, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % ARCH[arch])
+    two = tmp_path / "two"
+    proc = subprocess.Popen(
+        [*_two_ranks(29561 if arch == "bert" else 29562), *_args(models[arch], arch, two, 4, 14, policy)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = EngineClient(two / "control.sock").connect(timeout=120)
+        client.wait_for(lambda e: e["type"] == "step" and e["step"] >= 1, 120)
+        cid = client.send("change", change={"freeze": [{"units": ["head"], "trainable": False}]})  # live, on both
+        ack = client.wait_for(lambda e: e["type"] == "ack" and e["id"] == cid, 60)
+        assert ack["ok"], ack
+        client.close()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-6000:]
+    final = two / "checkpoints" / "step-0000014"
+    assert is_sharded(final)
+    # the one-process reference replays what the two ranks recorded (the live change at its step) with the global batch
+    one = tmp_path / "one"
+    _run([sys.executable, *_args(models[arch], arch, one, 8, 14, two / "policy.yaml")])
+    theirs, ours = weights(final), weights(one / "checkpoints" / "step-0000014")
+    assert set(theirs) == set(ours)
+    for name, tensor in ours.items():
+        assert torch.allclose(tensor, theirs[name], atol=3e-5), name
+    assert any(".lora_B." in n and theirs[n].abs().sum() > 0 for n in theirs), "LoRA trained"
+    pruned = [n for n in theirs if n.endswith("dense.weight") or n.endswith("proj.weight")]
+    assert any((theirs[n] == 0).float().mean() > 0.3 for n in pruned), "pruning masked weights"
+    assert _steps(two) == pytest.approx(_steps(one), abs=2e-5)
+
+
+def _sharded_run(models, tmp_path, port):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % ARCH["bert"])
+    run = tmp_path / "two"
+    _run([*_two_ranks(port), *_args(models["bert"], "bert", run, 4, 8, policy), "--checkpoint-every", "6"])
+    return run
+
+
+def test_a_sharded_checkpoint_resumes_on_one_and_two_ranks_and_exports(models, tmp_path):
+    run = _sharded_run(models, tmp_path, 29563)
+    losses = _steps(run)
+    for world, port in ((1, None), (2, 29564)):
+        again = tmp_path / f"again-{world}"
+        again.mkdir()
+        for name in ("config.json", "policy.yaml"):
+            (again / name).write_bytes((run / name).read_bytes())
+        (again / "checkpoints").mkdir()
+        step6 = run / "checkpoints" / "step-0000006"
+        subprocess.run(["cp", "-r", str(step6), str(again / "checkpoints")], check=True)
+        prefix = [sys.executable] if world == 1 else _two_ranks(port)
+        batch = "8" if world == 1 else "4"  # the same global batch
+        _run([*prefix, "-m", "spu_engine.cli", "train", "--resume", str(again), "--batch-size", batch])
+        resumed = _steps(again)
+        assert {s: resumed[s] for s in (7, 8)} == pytest.approx({s: losses[s] for s in (7, 8)}, abs=2e-5), world
+    exported = tmp_path / "export"
+    r = subprocess.run(
+        [sys.executable, "-m", "spu_engine.cli", "export", "--run", str(run), "--out", str(exported)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(exported)
+    assert not any("lora" in n for n, _ in model.named_parameters())
