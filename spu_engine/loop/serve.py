@@ -104,6 +104,8 @@ def _resume(engine, run_dir: Path, fresh_optimizer: bool, policy_note: str | Non
 
     remove_partial(folder, warn)
     path = checkpoint_to_resume(folder, fresh_optimizer, warn)  # CheckpointError: exit 2, every file kept
+    if engine.dist is not None:  # the other ranks load the same one, together (a sharded load is a collective)
+        engine.dist.broadcast(int(path.name.removeprefix("step-")))
     engine.resume_from(path, fresh_optimizer=fresh_optimizer)
     engine.log(
         f"policy: the one stored in {path.name} (state at step 0 and its timeline)"
@@ -240,8 +242,8 @@ def serve(
             engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])], dist=dist)
             if resume:
                 _resume(engine, run_dir, fresh_optimizer, policy_note)
-            if dist is not None:  # workers resume from the checkpoint rank 0 chose
-                dist.broadcast(engine.step if resume and engine.step > 0 else None)
+            elif dist is not None:  # the workers start from step 0 too
+                dist.broadcast(None)
             signals.engine = engine
         except StoppedWhileLoading as stop:
             since = " since the newest checkpoint" if resume else ""
