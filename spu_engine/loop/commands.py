@@ -40,6 +40,7 @@ class CommandHost(Protocol):
     step: int
     dist: Any
     unwritten: Any
+    system: Any  # the SystemSampler, told at each boundary whether to sample after the next step
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]: ...
     def apply_change(self, change: Change, source: str) -> None: ...
@@ -92,11 +93,16 @@ class Commands:
         return cmds
 
     def take(self, block: bool, stop_signal: str | None) -> tuple[list[Any], str | None]:
-        """This boundary's commands and stop signal: rank 0's, broadcast so every rank applies the same ones."""
-        dist = self.engine.dist
+        """This boundary's commands and stop signal: rank 0's, broadcast so every rank applies the same ones; with
+        them rank 0's word on the system sample, so every rank gathers its readings after the same step."""
+        dist, system = self.engine.dist, getattr(self.engine, "system", None)
         if dist is None:
             return self._drain(block), stop_signal
-        return dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal))
+        due = system is not None and system.proposal()
+        cmds, signal, due = dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal, due))
+        if system is not None:
+            system.agree(due)
+        return cmds, signal
 
     def handle(self, cmd: Any) -> None:
         """Carry out one command and answer it with an ``ack`` (and an ``error`` when refused)."""

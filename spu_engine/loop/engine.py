@@ -90,7 +90,7 @@ class Engine:
     ) -> None:
         self.config = config
         self.dist = dist  # set for multi-process runs: rank 0 decides, every rank applies
-        reports = dist is None or dist.is_main  # rank 0 alone samples the machine and feeds trackers
+        reports = dist is None or dist.is_main  # rank 0 alone feeds trackers
         missing = unavailable(config.report_to) if reports and run_dir else None
         if missing:
             raise ValueError(missing)
@@ -105,8 +105,8 @@ class Engine:
         event_log = EventLog(self.run_dir / EVENTS) if self.run_dir else None
         self.events = Emitter(self.sinks, event_log, self.unwritten, self.progress.now)
         self._setup_device()
-        self.system = (
-            SystemSampler([self.device], config.system_every, dist.world_size if dist else 1) if reports else None
+        self.system = SystemSampler(  # on every rank: each reads its own throughput and memory, rank 0 gathers them
+            [self.device], config.system_every, dist.world_size if dist else 1, dist.rank if dist else 0
         )
         self.tokenizer = tokenizer
         task = task or self._setup_task()
@@ -312,8 +312,8 @@ class Engine:
                 self._one_step()
             self.events.settle()
             self.trainer.nonfinite.act()
-            if self.system is not None and self.system.has_steps:  # the steps since the last sample, even a short run's
-                self.emit("system", step=self.step, **self.system.sample())
+            if self.system.has_steps and (sampled := self.system.sample()) is not None:  # even a short run's steps
+                self.emit("system", step=self.step, **sampled)
             if self.control.stop is None:
                 self._last_evaluation_and_writes()
             return self._end()
@@ -370,8 +370,8 @@ class Engine:
         """After a step (``fields`` None: none was taken): the system event when due, and what trackers had to say."""
         if self.system is not None:
             self.system.stepped(fields["step_time"] if fields else None)
-            if self.system.due():
-                self.emit("system", step=self.step, **self.system.sample())
+            if self.system.due() and (sampled := self.system.sample()) is not None:  # None on ranks other than 0
+                self.emit("system", step=self.step, **sampled)
         if self.trackers is not None:
             for message in self.trackers.problems():
                 self.log(message, "warning")

@@ -72,9 +72,9 @@ def weights(run_dir, step):
     return read_tensors(path) if is_sharded(path) else load_file(str(path / "model.safetensors"))
 
 
-def _steps(run_dir):
+def _steps(run_dir, kind="step"):
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    return [e for e in events if e["type"] == "step"]
+    return [e for e in events if e["type"] == kind]
 
 
 def test_two_ranks_match_one_process_with_the_global_batch(no_dropout_model, tmp_path):
@@ -84,9 +84,20 @@ def test_two_ranks_match_one_process_with_the_global_batch(no_dropout_model, tmp
     )
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     two = _train(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29531"], no_dropout_model, policy, tmp_path / "two", 4
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29531"],
+        no_dropout_model,
+        policy,
+        tmp_path / "two",
+        4,
+        6,
+        *("--system-every", "0.001"),  # rank 0 asks for a sample at (nearly) every boundary: every rank must gather
     )
     one = _train([sys.executable], no_dropout_model, policy, tmp_path / "one", 8)
+    system = _steps(tmp_path / "two", "system")
+    assert len(system) >= 2 and system[-1]["step"] == 6
+    for e in system:  # each rank's own reading, gathered on rank 0
+        assert e["world_size"] == 2 and [r["rank"] for r in e["ranks"]] == [0, 1]
+        assert all(r["samples_per_s"] > 0 and 0 < r["memory_gb"] <= r["peak_memory_gb"] for r in e["ranks"])
     initial = load_file(str(no_dropout_model / "model.safetensors"))
     for name, tensor in one.items():
         assert torch.allclose(tensor, two[name], atol=2e-5), name

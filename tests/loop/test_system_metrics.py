@@ -1,14 +1,19 @@
 """System metrics: the engine's sampler (CPU here; the GPU branch against a stand-in torch.cuda, its peak per window
-included), the ``system`` events of a real run, and the console's header and System panel drawing them."""
+included), ranks as threads agreeing on when to gather, the ``system`` events of a real run, and the console's header
+and System panel drawing them."""
 
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from spu_engine.core.protocol import SystemEvent, event, read_event
+from spu_engine.loop.commands import Commands
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.runtime.activation_meter import PEAKS
 from spu_tui.app import SpuApp
@@ -36,6 +41,10 @@ def test_the_sampler_on_cpu_counts_trained_tokens_and_reports_no_gpu():
         and fields["ram_total"] >= fields["ram_used"] > 0
     )
     assert "gpus" not in fields and not any("gpu" in k for k in fields)
+    assert fields["world_size"] == 1 and [r["rank"] for r in fields["ranks"]] == [0]
+    alone = fields["ranks"][0]
+    assert alone["samples_per_s"] == 4.0 and alone["tokens_per_s"] == 10.0  # one process: its counts are the totals
+    assert 0 < alone["memory_gb"] <= alone["peak_memory_gb"]  # the process's RSS, and its peak so far
     assert isinstance(read_event(event("system", step=1, **fields)), SystemEvent)
     assert "samples_per_s" not in sampler.sample()  # a new interval: no steps, no throughput
 
@@ -58,7 +67,9 @@ def test_the_gpu_branch_reads_nvml_and_falls_back_to_the_allocator(monkeypatch):
     monkeypatch.setattr(cuda, "device_memory_used", lambda i: 12 * 2**30)
     sampler = SystemSampler([torch.device("cuda", 1)], every=10.0)
     sampler.nvml = True
-    gpu = sampler.sample()["gpus"]["1"]
+    fields = sampler.sample()
+    gpu = fields["gpus"]["1"]
+    assert fields["ranks"] == [{"rank": 0, "memory_gb": 3.0, "peak_memory_gb": 5.0}]  # the allocator's, one peak read
     assert gpu == {
         "name": "H200",
         "memory_total": 80 * 2**30,
@@ -82,6 +93,70 @@ def test_the_gpu_branch_reads_nvml_and_falls_back_to_the_allocator(monkeypatch):
     gpu = sampler.sample()["gpus"]["1"]
     assert "utilization" not in gpu and gpu["memory_used"] == 10 * 2**30  # the driver's free memory
     assert sampler.nvml is False
+
+
+class World:
+    """Ranks as threads: a collective exchanges every rank's value at a barrier, and one that not every rank enters
+    times out (BrokenBarrierError) where torch.distributed would hang."""
+
+    def __init__(self, size: int) -> None:
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.slots: list = [None] * size
+
+    def exchange(self, rank: int, value):
+        self.slots[rank] = value
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+
+class RankDist:
+    """What ``Commands.take`` uses of ``Distributed``: rank 0's value on every rank."""
+
+    def __init__(self, world: World, rank: int) -> None:
+        self.world, self.rank, self.is_main = world, rank, rank == 0
+
+    def broadcast(self, value):
+        return self.world.exchange(self.rank, value)[0]
+
+
+def _rank(world: World, rank: int, every: float, batch: list[dict], steps: int = 3) -> list:
+    """One rank's loop as the engine runs it: the boundary's broadcast, a step, and a sample when due."""
+    sampler = SystemSampler([torch.device("cpu")], every, 2, rank, gather=lambda r: world.exchange(rank, r))
+    commands = Commands(SimpleNamespace(dist=RankDist(world, rank), system=sampler))  # type: ignore[arg-type]
+    sent = []
+    for step in range(1, steps + 1):
+        commands.take(block=False, stop_signal=None)
+        sampler.count(batch)
+        sampler.stepped(0.5)
+        if sampler.due():
+            sent.append((step, sampler.sample()))
+    if sampler.has_steps:  # the run's last sample
+        sent.append(("last", sampler.sample()))
+    return sent
+
+
+@pytest.mark.parametrize("zero_every, one_every", [(3600.0, 1e-9), (1e-9, 3600.0)])
+def test_rank_zero_decides_and_every_rank_gathers_after_the_same_step(zero_every, one_every):
+    """Rank 1's clock (either way) is never asked: rank 0's word rides the boundary's broadcast, so both ranks enter
+    each gather together; rank 0 gets every rank's own throughput and memory, totals as before."""
+    world = World(2)
+    two = [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 6]}]
+    with ThreadPoolExecutor(2) as pool:
+        zero = pool.submit(_rank, world, 0, zero_every, two)
+        one = pool.submit(_rank, world, 1, one_every, two[:1])
+        zero_sent, one_sent = zero.result(timeout=30), one.result(timeout=30)
+    when = ["last"] if zero_every > 1 else [1, 2, 3]
+    assert [s for s, _ in zero_sent] == when and [s for s, _ in one_sent] == when
+    assert all(fields is None for _, fields in one_sent)  # only rank 0 emits
+    for _, fields in zero_sent:
+        assert fields["world_size"] == 2 and fields["samples_per_s"] == 8.0  # rank 0's 2 samples a 0.5 s step, twice
+        zero_read, one_read = fields["ranks"]
+        assert (zero_read["rank"], zero_read["samples_per_s"], zero_read["tokens_per_s"]) == (0, 4.0, 10.0)
+        assert (one_read["rank"], one_read["samples_per_s"], one_read["tokens_per_s"]) == (1, 2.0, 6.0)
+        assert all(0 < r["memory_gb"] <= r["peak_memory_gb"] for r in fields["ranks"])
+        assert isinstance(read_event(event("system", step=3, **fields)), SystemEvent)
 
 
 def test_a_short_run_writes_system_events_with_cpu_ram_and_throughput(make_engine, tmp_path):

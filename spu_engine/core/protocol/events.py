@@ -260,12 +260,25 @@ class GpuStats(Open):
     max_allocated: int | None = None
 
 
+class RankReading(Open):
+    """One rank's own reading (``SystemEvent.ranks``): its throughput over its training time since the last sample,
+    and its memory in GiB: the torch allocator's on a GPU (``peak_memory_gb`` the highest since the last sample),
+    else the process's RSS (``peak_memory_gb`` the highest since the process began)."""
+
+    rank: int = 0
+    samples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    memory_gb: float | None = None
+    peak_memory_gb: float | None = None
+
+
 class SystemEvent(Event):
     """The machine and the run's speed, sampled every ``system_every`` seconds of the run.  ``samples_per_s`` and
     ``tokens_per_s`` (non-padding tokens of the batches trained) are over the training time of the steps since the
-    last sample (``seconds``); ``cpu_process`` is percent of one core (``top``'s), ``cpu_machine`` of all
-    ``cpu_count`` cores; ``rss`` and ``ram_*`` in bytes.  ``gpus`` (keyed by CUDA index) is absent on a machine
-    without one."""
+    last sample (``seconds``), rank 0's counts times ``world_size``; ``cpu_process`` is percent of one core
+    (``top``'s), ``cpu_machine`` of all ``cpu_count`` cores; ``rss`` and ``ram_*`` in bytes, all of rank 0's
+    process and machine.  ``gpus`` (keyed by CUDA index) is absent on a machine without one.  ``world_size`` and
+    ``ranks`` (one reading a rank, by rank) are absent from engines older than them."""
 
     seconds: float = 0.0
     samples_per_s: float | None = None
@@ -277,6 +290,8 @@ class SystemEvent(Event):
     ram_used: int | None = None
     ram_total: int | None = None
     gpus: dict[str, GpuStats] | None = None
+    world_size: int | None = None
+    ranks: list[RankReading] | None = None
 
 
 class LogEvent(Event):
