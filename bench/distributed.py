@@ -88,9 +88,10 @@ HEADER = """# Distributed: the engine against a plain FSDP2 loop
 `Engine` with `dist` set and a plain loop with `fully_shard` on each transformer block and the root, fused AdamW,
 the same clipping and schedule, each rank training on its share (`indices[r::world]`) of the same global batches.
 Steps interleaved ABBA, each after a barrier; ratio = the median over steps of engine / plain on rank 0 (beside it
-the ratio of the median step times, and each rank's median ratio).  Peak RSS per rank in MiB: each loop alone,
-built fresh and stepped a few times (VmHWM reset at the phase's start; the rise over the phase's starting RSS in
-brackets), and over the timed phase with both loops built.  Budget: ratio <= 1.03 as the median of three runs.
+the ratio of the median step times, and each rank's median ratio).  Peak RSS in MiB, rank 0 / rank 1 / ...: each
+loop alone, built fresh and stepped `--rss-steps` times (VmHWM reset at the phase's start; in brackets the rise over
+the RSS at the phase's start), and over the timed phase with both loops built.  Budget: ratio <= 1.03 as the median
+of three runs.
 
 """
 COLUMNS = [
@@ -109,7 +110,7 @@ COLUMNS = [
     "peak RSS plain alone",
     "peak RSS both",
 ]
-HEADER += "\n| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+HEADER += "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
 LLAMA = {
     "hidden_size": 256,
     "num_hidden_layers": 6,
