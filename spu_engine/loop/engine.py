@@ -20,7 +20,6 @@ waiting for writes), ``commands.Commands``, ``lr_groups.LrGroups`` and
 from __future__ import annotations
 
 import copy
-import os
 import random
 import sys
 from collections.abc import Callable
@@ -30,9 +29,8 @@ from typing import Any
 import torch
 
 from spu_engine.core.config import EngineConfig
-from spu_engine.core.model_source import ModelLoadError, resolve_model_name
+from spu_engine.core.model_source import ModelLoadError
 from spu_engine.core.policy import Policy, PolicyError
-from spu_engine.core.protocol import event
 from spu_engine.core.run_states import RunState
 from spu_engine.core.runs import CHECKPOINTS, CONFIG, EVENTS, write_config
 from spu_engine.core.trackers import Trackers, unavailable
@@ -48,13 +46,14 @@ from spu_engine.loop.lifecycle import RunControl
 from spu_engine.loop.lr_groups import LrGroups
 from spu_engine.loop.optimizer import build_optimizer, pick_device
 from spu_engine.loop.policy_record import PolicyRecord
+from spu_engine.loop.rank_digest import watch_ranks
 from spu_engine.loop.run_checkpoint import resume_run, save_run
 from spu_engine.loop.sharding import shard_runtime
+from spu_engine.loop.snapshot import hello_event
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.loop.trainer import Progress, Trainer
 from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes
 from spu_engine.runtime.policy_runtime import PolicyRuntime, RuntimeHooks, TimelineRefused
-from spu_engine.runtime.unit_stats import describe_units
 from spu_engine.storage.event_log import EventLog
 from spu_engine.tasks import Task, TaskOptions, get_task
 
@@ -197,8 +196,9 @@ class Engine:
             self.runtime, self.record, self.events, self.progress.now, self.device, multi_process=self.dist is not None
         )
         self.hooks.applied, self.hooks.scheduled = self.rollback.applied, self.record.schedule_changed
-        if self.dist is not None:  # FSDP2 over the ranks, with the tensors the timeline adds planned first
+        if self.dist is not None:  # FSDP2, the timeline's tensors planned first; the ranks compared after each change
             shard_runtime(self.runtime, self.dist, self.config.sharding, self.amp_dtype)
+            watch_ranks(self.runtime, self.dist, lambda problem: self.control.fault(problem, "ranks"))
         self.runtime.put_in_force()
         self.lr_groups.regroup()
 
@@ -261,26 +261,7 @@ class Engine:
 
     def hello(self) -> dict[str, Any]:
         """Snapshot a client needs to draw everything from scratch."""
-        return event(
-            "hello",
-            run=self.run_dir.name if self.run_dir else None,
-            run_dir=str(self.run_dir) if self.run_dir else None,
-            pid=os.getpid(),
-            config=self.config.model_dump(),
-            model_path=resolve_model_name(self.config.model),
-            task=self.task.name,
-            metric=self.task.metric,
-            units=describe_units(self.units, self.params),
-            policy=self.replayable_policy().model_dump(mode="json", exclude_none=True),
-            current=self.current.model_dump(mode="json", exclude_none=True),
-            scheduled=self.scheduled(),
-            state=self.state.value,
-            step=self.step,
-            total_steps=self.config.steps,
-            trainable=self.trainable_count(),
-            total_params=count_params(self.model),
-            device=str(self.device),
-        )
+        return hello_event(self)
 
     @property
     def exit_code(self) -> int:
@@ -368,10 +349,9 @@ class Engine:
 
     def _after_step(self, fields: dict[str, Any] | None) -> None:
         """After a step (``fields`` None: none was taken): the system event when due, and what trackers had to say."""
-        if self.system is not None:
-            self.system.stepped(fields["step_time"] if fields else None)
-            if self.system.due() and (sampled := self.system.sample()) is not None:  # None on ranks other than 0
-                self.emit("system", step=self.step, **sampled)
+        self.system.stepped(fields["step_time"] if fields else None)
+        if self.system.due() and (sampled := self.system.sample()) is not None:  # None on ranks other than 0
+            self.emit("system", step=self.step, **sampled)
         if self.trackers is not None:
             for message in self.trackers.problems():
                 self.log(message, "warning")

@@ -166,8 +166,11 @@ class RunControl:
         """A timeline entry the engine cannot apply at its step: a replay that skipped it would silently diverge,
         so the run stops (exit 1) after a checkpoint that keeps the entry pending."""
         what = f"timeline entry at {entry.moment()}" if entry.step is not None else f"trigger {entry.moment()}"
-        message = f"{what} cannot be applied: {exc}; stopping rather than diverge from the policy"
-        self.emit("error", step=self.step, message=message, kind="timeline")
+        self.fault(f"{what} cannot be applied: {exc}; stopping rather than diverge from the policy", "timeline")
+
+    def fault(self, message: str, kind: str) -> None:
+        """A fault the run must not train past: said, then the run stops (exit 1) after a checkpoint."""
+        self.emit("error", step=self.step, message=message, kind=kind)
         self.stop = Stop(message, fault=True, owes_checkpoint=True)
         self.save_or_pause()
 

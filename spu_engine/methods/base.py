@@ -241,6 +241,11 @@ class Method(Checkpointed):
         would train, previewed before it is made)."""
         return {}
 
+    def mask_fingerprints(self) -> dict[str, tuple[list[float], bool]]:
+        """Each mask this method keeps: the fingerprint of the whole mask decided, and whether this rank's part still
+        holds it (many ranks compare them after each change, ``loop.rank_digest``)."""
+        return {}
+
     def plan(self, policies: list[Policy]) -> None:
         """The model is about to be sharded over ranks and will take no new tensor: build now, switched off, what
         any of ``policies`` (the one at step 0, then each the timeline reaches) would add."""

@@ -180,3 +180,54 @@ def test_a_sharded_checkpoint_resumes_on_one_and_two_ranks_and_exports(models, t
 
     model = AutoModelForSequenceClassification.from_pretrained(exported)
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+# one rank's mask is changed behind the policy's back; the next change compares the ranks and stops the run
+PERTURB = """
+import sys
+from pathlib import Path
+from spu_engine.core.policy import Change, FreezeRule, Policy
+from spu_engine.loop.distributed import Distributed
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.model.sharded import local
+
+model, data, run = sys.argv[1:4]
+dist = Distributed.from_env()
+config = EngineConfig(model=model, data=data, steps=8, batch_size=4, max_length=32, max_train_samples=64,
+                      max_eval_samples=8, eval_every=0, lr=1e-3, warmup=0)
+policy = Policy.model_validate(
+    {"pruning": {"method": "magnitude", "schedule": {"start_step": 0, "end_step": 2, "every": 1, "final_sparsity": 0.5}}}
+)
+engine = Engine(config, policy, run if dist.is_main else None, dist=dist)
+engine.checkpoints = Path(run) / "checkpoints"
+for _ in range(3):
+    engine.trainer.train_step()
+masks = engine.runtime.method("pruning").masks
+name = sorted(masks.masks)[1]
+if dist.rank == 1:
+    shard = local(masks.masks[name]).view(-1)
+    shard[0] = 1 - shard[0]
+engine.apply_change(Change(freeze=[FreezeRule(units=["embeddings"], trainable=False)]), source="console")
+print("STOPPED:", engine.control.stop.reason if engine.control.stop else None, "| NAME:", name, flush=True)
+dist.close()
+"""
+
+
+def test_a_rank_whose_mask_drifted_stops_the_run_naming_the_tensor(models, tmp_path):
+    script = tmp_path / "perturb.py"
+    script.write_text(PERTURB)
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [*_two_ranks(29565), str(script), str(models["bert"]), str(SST2), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("STOPPED:"))
+    stopped, name = line.removeprefix("STOPPED: ").split(" | NAME: ")
+    assert f"the pruning mask of {name} on rank 1 is no longer the one every rank decided" in stopped
+    assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()), "checkpointed before stopping"
+    errors = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"error"' in x]
+    assert any(e.get("kind") == "ranks" and name in e["message"] for e in errors)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from spu_engine.model.loading import stable_parameters
-from spu_engine.model.sharded import laid_out_like, whole
+from spu_engine.model.sharded import laid_out_like, local, whole
 
 
 class MaskedWeights:
@@ -43,6 +43,8 @@ class MaskedWeights:
         self.latent: dict[str, torch.Tensor] = {}  # name -> the values pruned away (0 where kept)
         self._params: dict[str, nn.Parameter] = {}  # held once found: the tensor stays the same under any wrapper
         self.version = 0  # bumped on every mask change, so counts can be cached
+        self.decided: dict[str, torch.Tensor] = {}  # name -> fingerprint of the whole mask chosen (alike on all ranks)
+        self.held: dict[str, torch.Tensor] = {}  # name -> fingerprint of this rank's part of it, as installed
 
     def param(self, name: str) -> nn.Parameter:
         if name not in self._params:
@@ -70,6 +72,7 @@ class MaskedWeights:
         p = self.param(name)
         self.masks[name] = laid_out_like(keep.to(device=p.device, dtype=p.dtype), p)  # a shard's mask lives with it
         self._split(name, dense)
+        self._record(name, keep)
 
     @torch.no_grad()
     def load(self, name: str, dense: torch.Tensor, keep: torch.Tensor) -> None:
@@ -77,6 +80,7 @@ class MaskedWeights:
         p = self.param(name)
         self.masks[name] = laid_out_like(keep.to(device=p.device, dtype=p.dtype), p)
         self._split(name, laid_out_like(dense.to(device=p.device, dtype=p.dtype), p))
+        self._record(name, keep)
 
     @torch.no_grad()
     def rebase(self, name: str) -> None:
@@ -94,8 +98,20 @@ class MaskedWeights:
         """Remove a mask: the latent values come back."""
         if name in self.masks:
             self.param(name).add_(self.latent.pop(name))
-            del self.masks[name], self._params[name]
+            del self.masks[name], self._params[name], self.decided[name], self.held[name]
             self.version += 1
+
+    def _record(self, name: str, keep: torch.Tensor) -> None:
+        """Fingerprints of the whole mask decided and of this rank's part (``rank_digest`` compares them)."""
+        self.decided[name] = fingerprint(whole(keep))
+        self.held[name] = fingerprint(local(self.masks[name]))
+
+    def fingerprints(self) -> dict[str, tuple[list[float], bool]]:
+        """Each mask: the fingerprint of the whole mask decided, and whether this rank's part still holds it."""
+        return {
+            n: (self.decided[n].tolist(), torch.equal(fingerprint(local(self.masks[n])), self.held[n]))
+            for n in self.masks
+        }
 
     def clear(self) -> None:
         for name in list(self.masks):
@@ -109,3 +125,11 @@ class MaskedWeights:
             p = self.param(name)
             if p.requires_grad:  # a frozen weight cannot have moved
                 p.mul_(mask)
+
+
+def fingerprint(mask: torch.Tensor) -> torch.Tensor:
+    """Two numbers that change when any entry of ``mask`` does: its sum, and its entries weighted by position."""
+    flat = mask.detach().reshape(-1).double()
+    return torch.stack(
+        [flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)).sum()]
+    )

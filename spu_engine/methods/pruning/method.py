@@ -301,6 +301,9 @@ class PruningMethod(Method):
             self.pruner.ramp = Ramp(**state["ramp"])
         self.pruner.load_state_dict(state.get("pruner", {}))
 
+    def mask_fingerprints(self) -> dict[str, tuple[list[float], bool]]:
+        return self.masks.fingerprints()
+
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """Masks, the dense weights under them (for regrowth) and the pruner's own tensors."""
         out: dict[str, torch.Tensor] = {}
