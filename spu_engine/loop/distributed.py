@@ -31,9 +31,10 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> Distributed | None:
-        """Join the process group torchrun / accelerate set up in the environment; None when alone."""
+        """Join the process group torchrun / accelerate set up in the environment; None for a process started alone
+        (one started by a launcher, even a world of one, is sharded: the same path as on many GPUs)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        if world <= 1 and "LOCAL_RANK" not in os.environ:
             return None
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():

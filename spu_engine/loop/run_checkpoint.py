@@ -32,6 +32,7 @@ def save_run(engine) -> Path:
         "warm_from": engine.warm_from,
         "rng": ckpt.rng_state(),
         "scaler": engine.scaler.state_dict() if engine.scaler else None,
+        "world_size": engine.dist.world_size if engine.dist else 1,
     }
     if engine.dist is not None:  # every rank writes its shards; rank 0 the rest
         path = save_sharded(
@@ -89,6 +90,7 @@ def resume_run(engine, path: Path, fresh_optimizer: bool = False) -> None:
     if engine.scaler and state.get("scaler"):
         engine.scaler.load_state_dict(state["scaler"])
     engine.stream.load_state_dict(state["stream"])
+    _say_global_batch(engine, state)
     engine.trainer.samples_seen = state.get("samples_seen", 0)
     ckpt.restore_rng(state["rng"])
     # readers of events.jsonl drop the events after this step that the lost process wrote (runs.read_history)
@@ -108,3 +110,20 @@ def _load_whole(engine, path: Path, fresh_optimizer: bool) -> None:
             f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning"
         )
     ckpt.restore_method_tensors(engine.methods, ckpt.load_method_tensors(path))
+
+
+def _say_global_batch(engine, state: dict) -> None:
+    """A resume at another world size keeps the per-rank batch, so the global batch (what the arithmetic and the
+    learning rate were tuned for) changes unless --batch-size says otherwise: said, with the value that keeps it."""
+    before = int(state.get("world_size", 1))
+    now = engine.dist.world_size if engine.dist else 1
+    per_rank = int(state.get("config", {}).get("batch_size", engine.config.batch_size))
+    if before == now or per_rank * before == engine.config.batch_size * now:
+        return
+    keep = per_rank * before / now
+    hint = f"--batch-size {int(keep)} keeps it" if keep == int(keep) else "no whole --batch-size per rank keeps it"
+    engine.log(
+        f"resumed on {now} rank(s) from a checkpoint of {before}: the global batch is now "
+        f"{engine.config.batch_size * now} (it was {per_rank * before}); {hint}",
+        "warning",
+    )

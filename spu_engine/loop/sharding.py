@@ -12,13 +12,16 @@ gathered in the compute dtype, and gradients are reduced in fp32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from spu_engine.core.policy import Change, Policy, TimelineEntry
 from spu_engine.loop.distributed import Distributed
-from spu_engine.model.loading import Units
+from spu_engine.model.loading import Units, find_units
 from spu_engine.runtime.policy_runtime import PolicyRuntime
 
 
@@ -41,6 +44,18 @@ def shard_model(
         block = model.get_submodule(f"{units.block_prefix}.{index}")
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+def follow_trainable(model: nn.Module) -> None:
+    """After ``requires_grad`` changed: each FSDP unit re-reads which of its tensors train.  FSDP2 sets a unit's
+    gradient-reduction dtype from its trainable tensors at the first forward only; a unit that was wholly frozen then
+    reduces an unfrozen tensor's bf16 gradients into its fp32 gradient and fails (the mixed-precision unfreeze bug,
+    pytorch#186998, still in torch 2.13).  ``_init_mp_dtypes`` is the idempotent step FSDP2's lazy init runs."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                group._init_mp_dtypes()
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, before: dict[int, str], model: nn.Module) -> None:
@@ -75,3 +90,27 @@ def shard_runtime(runtime: PolicyRuntime, dist: Distributed, sharding: str, comp
     if runtime.optimizer is not None:
         rebind_optimizer(runtime.optimizer, before, runtime.model)
     runtime.refresh_parameters()
+    hooks = runtime.hooks
+    taken = hooks.taken
+
+    def taken_and_followed(before: set[str] | None) -> None:
+        follow_trainable(runtime.model)
+        taken(before)
+
+    hooks.taken = taken_and_followed
+    hooks.initial_model = sharded_teacher(hooks.initial_model, dist, sharding, compute_dtype)
+    hooks.load_teacher = sharded_teacher(hooks.load_teacher, dist, sharding, compute_dtype)
+
+
+def sharded_teacher(
+    load: Callable[..., nn.Module], dist: Distributed, sharding: str, compute_dtype: torch.dtype | None
+) -> Callable[..., nn.Module]:
+    """``load``, its model sharded like the student: a distillation teacher takes its share of memory on each rank
+    too (every rank loads it at the same boundary, and runs its forward with the student's)."""
+
+    def load_sharded(*args: Any) -> nn.Module:
+        teacher = load(*args).to(dist.device)
+        shard_model(teacher, find_units(teacher), dist, sharding, compute_dtype)
+        return teacher
+
+    return load_sharded

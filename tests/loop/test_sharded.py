@@ -231,3 +231,51 @@ def test_a_rank_whose_mask_drifted_stops_the_run_naming_the_tensor(models, tmp_p
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()), "checkpointed before stopping"
     errors = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"error"' in x]
     assert any(e.get("kind") == "ranks" and name in e["message"] for e in errors)
+
+
+# bf16 compute under FSDP2's MixedPrecisionPolicy: a block frozen for its first forwards, then unfrozen, trains
+MIXED = """
+import torch
+from transformers import AutoModelForSequenceClassification
+from spu_engine.loop.distributed import Distributed
+from spu_engine.loop.sharding import follow_trainable, shard_model
+from spu_engine.model.loading import find_units
+import sys
+
+dist = Distributed.from_env()
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1])
+block0 = model.bert.encoder.layer[0]
+block0.requires_grad_(False)
+shard_model(model, find_units(model), dist, "full_shard", torch.bfloat16)
+optimizer = torch.optim.AdamW([p for p in model.parameters()], lr=1e-2)
+before = {n: p.full_tensor().clone() for n, p in block0.named_parameters()}
+ids = torch.randint(5, 900, (4, 16), generator=torch.Generator().manual_seed(dist.rank))
+for step in range(4):
+    if step == 2:
+        block0.requires_grad_(True)  # at a boundary: every parameter sharded
+        follow_trainable(model)  # what the engine does after every change
+    out = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1]))
+    out.loss.backward()
+    if step < 2:
+        assert all(p.grad is None for p in block0.parameters())
+    else:
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in block0.parameters())
+    optimizer.step()
+    optimizer.zero_grad()
+    if step == 1:
+        assert all(torch.equal(p.full_tensor(), before[n]) for n, p in block0.named_parameters())
+assert all(p.dtype == torch.float32 for p in model.parameters()), "fp32 master weights"
+moved = [n for n, p in block0.named_parameters() if not torch.equal(p.full_tensor(), before[n])]
+assert len(moved) == len(before), moved
+print("OK", flush=True)
+dist.close()
+"""
+
+
+def test_bf16_compute_a_block_frozen_first_then_unfrozen_trains(models, tmp_path):
+    script = tmp_path / "mixed.py"
+    script.write_text(MIXED)
+    r = subprocess.run(
+        [*_two_ranks(29566), str(script), str(models["bert"])], capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
