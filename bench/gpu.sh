@@ -4,7 +4,9 @@
 #   2. one system-metrics sample on the GPU (NVML or the allocator), bench/overhead.py on the GPU in bf16 (engine / plain loop)
 #      and bench/distillation.py (what a teacher costs per step),
 #   3. one fidelity row (full fine-tuning, 1,000 steps of batch 32) in bf16,
-#   4. bench/llm.py on the 1 B Llama in bf16: engine / plain loop, tokens/s, peak memory and MFU per row.
+#   4. bench/llm.py on the 1 B Llama in bf16: engine / plain loop, tokens/s, peak memory and MFU per row,
+#   5. the FSDP2 path at world size 1 (torchrun, NCCL, bf16 mixed precision): a tiny Llama SFT run with a tensor frozen,
+#      LoRA planned in the timeline, magnitude pruning and LISA, against the same run in one plain process.
 # Output goes to $OUT (default bench/results/gpu/); copy the figures into the README with the GPU's name.
 # Packages the machine lacks (pydantic, textual, the offline MiniLM, ...) can come as wheels in .whl/;
 # SST-2 is read from ../shared/data/sst2, or from $SPU_SST2 where the machine has it elsewhere (GSM8K: gsm8k, $SPU_GSM8K).
@@ -51,4 +53,6 @@ timeout 180 "$PY" bench/fidelity.py --only full --device cuda --precision bf16 -
 echo "== llm: 1 B Llama, GSM8K SFT, bf16"
 rm -f "$OUT/llm.csv"
 timeout 420 "$PY" bench/llm.py --size gpu --device cuda --precision bf16 --steps 30 --out "$OUT/llm.csv" 2>&1 | tee "$OUT/llm.log" || status=1
+echo "== FSDP2 at world size 1: torchrun vs one process, live changes in the timeline"
+timeout 240 bash bench/fsdp_world1.sh "$PY" "$OUT" 2>&1 | tee "$OUT/fsdp.log" | tail -8 || status=1
 exit $status
