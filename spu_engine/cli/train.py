@@ -34,6 +34,7 @@ RESUME_OVERRIDES = (
     "threads",
     "system_every",
     "sharding",
+    "plan_peft",
     "report_to",
 )
 

@@ -207,6 +207,13 @@ class EngineConfig(RunSettings):
     system_every: float = Field(
         10.0, ge=0, description="seconds between two system events (GPU, CPU, RAM, throughput); 0: none"
     )
+    plan_peft: str | None = Field(
+        None,
+        pattern="^(lora|ia3|adapter)$",
+        description="under torchrun: build this PEFT method's tensors (with the policy's peft settings: r, alpha, "
+        "target_modules, size) before the model is sharded, switched off, so a live switch to it from the console "
+        "works; the policy's timeline plans its own switches without this",
+    )
     sharding: str = Field(
         "full_shard",
         pattern="^(full_shard|shard_grad_op|hybrid_shard)$",

@@ -197,7 +197,7 @@ class Engine:
         )
         self.hooks.applied, self.hooks.scheduled = self.rollback.applied, self.record.schedule_changed
         if self.dist is not None:  # FSDP2, the timeline's tensors planned first; the ranks compared after each change
-            shard_runtime(self.runtime, self.dist, self.config.sharding, self.amp_dtype)
+            shard_runtime(self.runtime, self.dist, self.config.sharding, self.amp_dtype, self.config.plan_peft)
             watch_ranks(self.runtime, self.dist, lambda problem: self.control.fault(problem, "ranks"))
         self.runtime.put_in_force()
         self.lr_groups.regroup()

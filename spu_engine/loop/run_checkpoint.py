@@ -44,6 +44,7 @@ def save_run(engine) -> Path:
             engine.config.keep_checkpoints,
             ckpt.method_tensors(engine.methods),
             engine.dist,
+            set().union(*(m.parked_tensors() for m in engine.methods)),
         )
     else:
         path = ckpt.save_checkpoint(

@@ -79,11 +79,20 @@ def reached_policies(policy: Policy, timeline: list[TimelineEntry]) -> list[Poli
     return reached
 
 
-def shard_runtime(runtime: PolicyRuntime, dist: Distributed, sharding: str, compute_dtype: torch.dtype | None) -> None:
+def shard_runtime(
+    runtime: PolicyRuntime,
+    dist: Distributed,
+    sharding: str,
+    compute_dtype: torch.dtype | None,
+    plan_peft: str | None = None,
+) -> None:
     """Plan the tensors the policy's timeline adds, shard the model, and point the runtime and its optimizer at the
     sharded parameters; before the methods configure, so what they build (masks, scores) takes the shards' layout."""
+    reached = reached_policies(runtime.current, runtime.pending + runtime.triggers)
+    if plan_peft is not None:  # --plan-peft: a live switch from the console, with the policy's peft settings
+        reached.append(runtime.current.apply(Change(set={"peft": {"method": plan_peft}})))
     for method in runtime.methods:
-        method.plan(reached_policies(runtime.current, runtime.pending + runtime.triggers))
+        method.plan(reached)
     named = dict(runtime.model.named_parameters(remove_duplicate=False))
     before = {id(p): n for n, p in named.items()}
     shard_model(runtime.model, runtime.units, dist, sharding, compute_dtype)

@@ -241,6 +241,11 @@ class Method(Checkpointed):
         would train, previewed before it is made)."""
         return {}
 
+    def parked_tensors(self) -> set[str]:
+        """Stable names of tensors in the model that are not part of it yet (planned before sharding, switched off):
+        checkpoints leave them out, so a checkpoint holds what one process's model would."""
+        return set()
+
     def mask_fingerprints(self) -> dict[str, tuple[list[float], bool]]:
         """Each mask this method keeps: the fingerprint of the whole mask decided, and whether this rank's part still
         holds it (many ranks compare them after each change, ``loop.rank_digest``)."""

@@ -48,9 +48,11 @@ def save_sharded(
     keep: int,
     method_tensors: dict[str, torch.Tensor],
     dist: Any,
+    parked: set[str] = frozenset(),
 ) -> Path:
     """Every rank calls this at the same boundary; rank 0 finishes the folder.  A failure on any rank is a
-    ``WriteError`` on every rank (the temporary folder is removed, no complete checkpoint touched)."""
+    ``WriteError`` on every rank (the temporary folder is removed, no complete checkpoint touched).  ``parked``:
+    planned tensors not switched on yet, left out (a resume builds them again from the seed)."""
     final = folder / f"{PREFIX}{step:07d}"
     made: str | None = None
     if dist.is_main:
@@ -65,7 +67,7 @@ def save_sharded(
         raise WriteError(made[1:])
     tmp = Path(made)
     content = {
-        "model": _stable(get_model_state_dict(model)),
+        "model": {k: v for k, v in _stable(get_model_state_dict(model)).items() if k not in parked},
         "optimizer": _stable_optimizer(get_optimizer_state_dict(model, optimizer)) if optimizer.state else {},
         "methods": method_tensors,
     }

@@ -5,21 +5,27 @@ rank and on two with the same next losses, and exports to a folder plain ``from_
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from ranks_support import (
+    ENV,
+    NO_TORCHRUN,
+    assert_same_model,
+    run,
+    step_losses,
+    tiny_folders,
+    train_args,
+    two_ranks,
+    weights,
+)
 
-from sft_support import CHAT_TEMPLATE
 from spu_engine.core.transport import EngineClient
-from spu_engine.storage.sharded_checkpoint import is_sharded, read_tensors
-from support import GSM8K, SST2, build_tiny
+from spu_engine.storage.sharded_checkpoint import is_sharded
+from support import SST2
 
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-pytestmark = [pytest.mark.process, pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")]
+pytestmark = [pytest.mark.process, NO_TORCHRUN]
 
 # a tensor frozen at step 3, LoRA from step 5 (planned before sharding), magnitude pruning from step 6, LISA every 4
 POLICY = """
@@ -37,71 +43,7 @@ ARCH = {  # the tensor frozen at step 3, LoRA's targets
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
-    """A tiny BERT classifier and a tiny Llama with a chat template, no dropout (so ranks and one process agree)."""
-    out = {}
-    for arch, task in (("bert", "classification"), ("llama", "lm")):
-        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
-        drop = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if arch == "bert" else {}
-        build_tiny(arch, tokenizer, task, **drop).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        if arch == "llama":
-            config = json.loads((folder / "tokenizer_config.json").read_text())
-            (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-        out[arch] = folder
-    return out
-
-
-def _args(model, arch, run_dir, batch_size, steps, policy):
-    data = ["--data", str(SST2)] if arch == "bert" else ["--data", str(GSM8K), "--task", "sft"]
-    return [
-        "-m",
-        "spu_engine.cli",
-        "train",
-        "--model",
-        str(model),
-        *data,
-        "--steps",
-        str(steps),
-        "--batch-size",
-        str(batch_size),
-        "--max-length",
-        "48",
-        "--max-train-samples",
-        "256",
-        "--max-eval-samples",
-        "8",
-        "--eval-every",
-        "0",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "0",
-        "--policy",
-        str(policy),
-        "--run-dir",
-        str(run_dir),
-    ]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def _two_ranks(port: int) -> list[str]:
-    return [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port)]
-
-
-def _run(cmd: list[str]) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-
-
-def _steps(run_dir) -> dict[int, float]:
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    return {e["step"]: e["loss"] for e in events if e["type"] == "step"}
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return read_tensors(path) if is_sharded(path) else load_file(str(path / "model.safetensors"))
+    return tiny_folders(tmp_path_factory, tokenizer)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -110,7 +52,7 @@ def test_two_ranks_with_live_changes_match_one_process(models, arch, tmp_path):
     policy.write_text(POLICY % ARCH[arch])
     two = tmp_path / "two"
     proc = subprocess.Popen(
-        [*_two_ranks(29561 if arch == "bert" else 29562), *_args(models[arch], arch, two, 4, 14, policy)],
+        [*two_ranks(29561 if arch == "bert" else 29562), *train_args(models[arch], arch, two, 4, 14, policy)],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -132,28 +74,26 @@ def test_two_ranks_with_live_changes_match_one_process(models, arch, tmp_path):
     assert is_sharded(final)
     # the one-process reference replays what the two ranks recorded (the live change at its step) with the global batch
     one = tmp_path / "one"
-    _run([sys.executable, *_args(models[arch], arch, one, 8, 14, two / "policy.yaml")])
+    run([sys.executable, *train_args(models[arch], arch, one, 8, 14, two / "policy.yaml")])
     theirs, ours = weights(final), weights(one / "checkpoints" / "step-0000014")
-    assert set(theirs) == set(ours)
-    for name, tensor in ours.items():
-        assert torch.allclose(tensor, theirs[name], atol=3e-5), name
+    assert_same_model(ours, theirs)
     assert any(".lora_B." in n and theirs[n].abs().sum() > 0 for n in theirs), "LoRA trained"
     pruned = [n for n in theirs if n.endswith("dense.weight") or n.endswith("proj.weight")]
     assert any((theirs[n] == 0).float().mean() > 0.3 for n in pruned), "pruning masked weights"
-    assert _steps(two) == pytest.approx(_steps(one), abs=2e-5)
+    assert step_losses(two) == pytest.approx(step_losses(one), abs=2e-5)
 
 
 def _sharded_run(models, tmp_path, port):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY % ARCH["bert"])
     run = tmp_path / "two"
-    _run([*_two_ranks(port), *_args(models["bert"], "bert", run, 4, 8, policy), "--checkpoint-every", "6"])
+    run([*two_ranks(port), *train_args(models["bert"], "bert", run, 4, 8, policy), "--checkpoint-every", "6"])
     return run
 
 
 def test_a_sharded_checkpoint_resumes_on_one_and_two_ranks_and_exports(models, tmp_path):
     run = _sharded_run(models, tmp_path, 29563)
-    losses = _steps(run)
+    losses = step_losses(run)
     for world, port in ((1, None), (2, 29564)):
         again = tmp_path / f"again-{world}"
         again.mkdir()
@@ -162,10 +102,10 @@ def test_a_sharded_checkpoint_resumes_on_one_and_two_ranks_and_exports(models, t
         (again / "checkpoints").mkdir()
         step6 = run / "checkpoints" / "step-0000006"
         subprocess.run(["cp", "-r", str(step6), str(again / "checkpoints")], check=True)
-        prefix = [sys.executable] if world == 1 else _two_ranks(port)
+        prefix = [sys.executable] if world == 1 else two_ranks(port)
         batch = "8" if world == 1 else "4"  # the same global batch
-        _run([*prefix, "-m", "spu_engine.cli", "train", "--resume", str(again), "--batch-size", batch])
-        resumed = _steps(again)
+        run([*prefix, "-m", "spu_engine.cli", "train", "--resume", str(again), "--batch-size", batch])
+        resumed = step_losses(again)
         assert {s: resumed[s] for s in (7, 8)} == pytest.approx({s: losses[s] for s in (7, 8)}, abs=2e-5), world
     exported = tmp_path / "export"
     r = subprocess.run(
@@ -218,7 +158,7 @@ def test_a_rank_whose_mask_drifted_stops_the_run_naming_the_tensor(models, tmp_p
     script.write_text(PERTURB)
     run = tmp_path / "run"
     r = subprocess.run(
-        [*_two_ranks(29565), str(script), str(models["bert"]), str(SST2), str(run)],
+        [*two_ranks(29565), str(script), str(models["bert"]), str(SST2), str(run)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -276,6 +216,6 @@ def test_bf16_compute_a_block_frozen_first_then_unfrozen_trains(models, tmp_path
     script = tmp_path / "mixed.py"
     script.write_text(MIXED)
     r = subprocess.run(
-        [*_two_ranks(29566), str(script), str(models["bert"])], capture_output=True, text=True, timeout=300, env=ENV
+        [*two_ranks(29566), str(script), str(models["bert"])], capture_output=True, text=True, timeout=300, env=ENV
     )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

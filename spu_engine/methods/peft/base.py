@@ -133,6 +133,20 @@ class AddedTensorsMethod(PeftMethod):
         self.parked = settings
         self.parked_names = {n for n in stable_parameters(self.host.model) if n not in before}
 
+    def parked_tensors(self) -> set[str]:
+        return set(self.parked_names)
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        """In a sharded run, a switch to this method says before it is made whether its tensors were planned."""
+        if not self.sharded or after.peft.method != self.name or self.installed is not None:
+            return []
+        if self.parked is None:
+            return [f"refused in this sharded run: {self.name} was not planned (start with --plan-peft {self.name})"]
+        key = next((k for k in self.fixed if getattr(after.peft, k) != getattr(self.parked, k)), None)
+        if key is not None:
+            return [f"refused in this sharded run: {self.name} was planned with {key} {getattr(self.parked, key)!r}"]
+        return [f"{self.name}'s tensors were planned before sharding: switching them on costs nothing"]
+
     def refuse_planned(self, settings: Peft, later: bool) -> None:
         """PolicyError when ``settings`` cannot be built before training for a switch ``later`` than step 0 (an init
         that reads the weights as they are at its step)."""
@@ -176,7 +190,8 @@ class AddedTensorsMethod(PeftMethod):
             raise PolicyError(
                 f"peft.method: {self.name} was not planned for this sharded run: a model sharded over the ranks takes no "
                 f"new tensors, so the ones a method adds are built before training from the policy and its timeline; "
-                f"put the switch in the timeline (- {{step: N, set: {{peft: {{method: {self.name}}}}}}}) and start again"
+                f"start the run with --plan-peft {self.name} (built with the policy's peft settings) or put the "
+                f"switch in the timeline (- {{step: N, set: {{peft: {{method: {self.name}}}}}}})"
             )
         else:
             with seeded(self.host.config.seed):  # the same tensors whenever they are added: a replay plans them ahead
