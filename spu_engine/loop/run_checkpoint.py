@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
 from spu_engine.core.policy import Policy, TimelineEntry
+from spu_engine.model.loading import stable_name
+from spu_engine.model.sharded import laid_out_like
 from spu_engine.storage import checkpoint as ckpt
 from spu_engine.storage.sharded_checkpoint import is_sharded, load_sharded, save_sharded
 
@@ -101,8 +107,15 @@ def resume_run(engine, path: Path, fresh_optimizer: bool = False) -> None:
 
 
 def _load_whole(engine, path: Path, fresh_optimizer: bool) -> None:
-    """Weights, optimizer state and method tensors from a checkpoint a single process wrote."""
-    ckpt.load_weights(path, engine.model)
+    """Weights, optimizer state and method tensors from a checkpoint a single process wrote (into a sharded model
+    too: each rank reads the file and keeps its shards)."""
+    if engine.dist is None:
+        ckpt.load_weights(path, engine.model)
+    else:
+        live = {stable_name(n): n for n in engine.model.state_dict()}
+        tensors = {live.get(n, n): t for n, t in load_file(str(path / "model.safetensors")).items()}
+        options = StateDictOptions(full_state_dict=True, strict=False)  # planned tensors are not in the file
+        set_model_state_dict(engine.model, tensors, options=options)
     problem = ckpt.load_optimizer_or_fresh(
         path, engine.optimizer, fresh_optimizer, engine.run_dir or path.parent.parent
     )
@@ -110,6 +123,10 @@ def _load_whole(engine, path: Path, fresh_optimizer: bool) -> None:
         engine.log(
             f"{path.name}: optimizer state not used ({problem}); AdamW starts afresh (--fresh-optimizer)", "warning"
         )
+    for param, state in engine.optimizer.state.items():  # whole moments, each rank keeping its parameter's shards
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim():
+                state[key] = laid_out_like(value.to(param.device), param)
     ckpt.restore_method_tensors(engine.methods, ckpt.load_method_tensors(path))
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from ranks_support import (
     ENV,
     NO_TORCHRUN,
@@ -83,33 +84,36 @@ def test_two_ranks_with_live_changes_match_one_process(models, arch, tmp_path):
     assert step_losses(two) == pytest.approx(step_losses(one), abs=2e-5)
 
 
-def _sharded_run(models, tmp_path, port):
+def _resumed_at_6(source, again, prefix: list[str], batch: str) -> dict[int, float]:
+    """The losses of a copy of run ``source`` resumed from its step-6 checkpoint by ``prefix`` (one process or two)."""
+    again.mkdir()
+    for name in ("config.json", "policy.yaml"):
+        (again / name).write_bytes((source / name).read_bytes())
+    (again / "checkpoints").mkdir()
+    subprocess.run(["cp", "-r", str(source / "checkpoints" / "step-0000006"), str(again / "checkpoints")], check=True)
+    run([*prefix, "-m", "spu_engine.cli", "train", "--resume", str(again), "--batch-size", batch])
+    return step_losses(again)
+
+
+def test_checkpoints_resume_across_world_sizes_and_a_sharded_one_exports(models, tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY % ARCH["bert"])
-    run = tmp_path / "two"
-    run([*two_ranks(port), *train_args(models["bert"], "bert", run, 4, 8, policy), "--checkpoint-every", "6"])
-    return run
-
-
-def test_a_sharded_checkpoint_resumes_on_one_and_two_ranks_and_exports(models, tmp_path):
-    run = _sharded_run(models, tmp_path, 29563)
-    losses = step_losses(run)
-    for world, port in ((1, None), (2, 29564)):
-        again = tmp_path / f"again-{world}"
-        again.mkdir()
-        for name in ("config.json", "policy.yaml"):
-            (again / name).write_bytes((run / name).read_bytes())
-        (again / "checkpoints").mkdir()
-        step6 = run / "checkpoints" / "step-0000006"
-        subprocess.run(["cp", "-r", str(step6), str(again / "checkpoints")], check=True)
-        prefix = [sys.executable] if world == 1 else two_ranks(port)
-        batch = "8" if world == 1 else "4"  # the same global batch
-        run([*prefix, "-m", "spu_engine.cli", "train", "--resume", str(again), "--batch-size", batch])
-        resumed = step_losses(again)
-        assert {s: resumed[s] for s in (7, 8)} == pytest.approx({s: losses[s] for s in (7, 8)}, abs=2e-5), world
+    sharded, whole = tmp_path / "two", tmp_path / "one"
+    run([*two_ranks(29563), *train_args(models["bert"], "bert", sharded, 4, 8, policy, "--checkpoint-every", "6")])
+    run([sys.executable, *train_args(models["bert"], "bert", whole, 8, 8, policy, "--checkpoint-every", "6")])
+    assert is_sharded(sharded / "checkpoints" / "step-0000006")
+    losses = step_losses(sharded)
+    cases = {  # 2 -> 1, 2 -> 2, 1 -> 2, each with the same global batch
+        "2-to-1": (sharded, [sys.executable], "8"),
+        "2-to-2": (sharded, two_ranks(29564), "4"),
+        "1-to-2": (whole, two_ranks(29568), "4"),
+    }
+    for case, (source, prefix, batch) in cases.items():
+        resumed = _resumed_at_6(source, tmp_path / case, prefix, batch)
+        assert {s: resumed[s] for s in (7, 8)} == pytest.approx({s: losses[s] for s in (7, 8)}, abs=2e-5), case
     exported = tmp_path / "export"
     r = subprocess.run(
-        [sys.executable, "-m", "spu_engine.cli", "export", "--run", str(run), "--out", str(exported)],
+        [sys.executable, "-m", "spu_engine.cli", "export", "--run", str(sharded), "--out", str(exported)],
         capture_output=True,
         text=True,
         env=ENV,
@@ -119,7 +123,9 @@ def test_a_sharded_checkpoint_resumes_on_one_and_two_ranks_and_exports(models, t
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(exported)
-    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert not any("lora" in n for n, _ in model.named_parameters())  # LoRA merged into the weights it adapts
+    final = weights(sharded / "checkpoints" / "step-0000008")
+    assert torch.equal(model.classifier.weight, final["classifier.weight"])
 
 
 # one rank's mask is changed behind the policy's back; the next change compares the ranks and stops the run

@@ -25,6 +25,7 @@ import torch
 
 from spu_engine.core.policy import PolicyError
 from spu_engine.methods.pruning.base import Pruner
+from spu_engine.model.sharded import is_distributed, laid_out_like
 
 
 @dataclass
@@ -88,10 +89,9 @@ class IMPPruner(Pruner):
 
     @torch.no_grad()
     def _snapshot(self, step: int) -> None:
-        self.reference = {
-            n: (self.masks.dense(n) if n in self.masks.masks else p.detach()).to("cpu", copy=True)
-            for n, p in self.host.params.items()
-        }
+        dense = {n: self.masks.dense(n) if n in self.masks.masks else p.detach() for n, p in self.host.params.items()}
+        # aside on the CPU; a shard stays where it is (each rank keeps its part of the reference)
+        self.reference = {n: t.clone() if is_distributed(t) else t.to("cpu", copy=True) for n, t in dense.items()}
         self.reference_step = step
 
     def final_sparsity(self) -> float:
@@ -145,7 +145,7 @@ class IMPPruner(Pruner):
         reset = []
         for n, p in self.host.params.items():
             if n in self.reference:
-                p.copy_(self.reference[n].to(p.device))
+                p.copy_(laid_out_like(self.reference[n].to(p.device), p))
                 reset.append(p)
                 if n in self.masks.masks:
                     self.masks.rebase(n)

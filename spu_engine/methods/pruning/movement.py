@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from spu_engine.methods.pruning.base import ScheduledPruner
-from spu_engine.model.sharded import whole
+from spu_engine.model.sharded import laid_out_like, whole
 
 GROUP = "scores"  # the optimizer group of the scores
 TIE_BREAK = 1e-6  # far below one step of score (score_lr), far above float32 resolution of early scores
@@ -148,4 +148,4 @@ class MovementPruner(ScheduledPruner):
     def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for n, s in self.score_params.items():
             if f"score.{n}" in tensors:
-                s.copy_(tensors[f"score.{n}"])
+                s.copy_(laid_out_like(tensors[f"score.{n}"].to(s.device), s))
