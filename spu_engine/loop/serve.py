@@ -120,14 +120,21 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optim
     from spu_engine.loop.engine import Engine
     from spu_engine.storage.checkpoint import list_checkpoints
 
+    from spu_engine.core.data import DataError
+    from spu_engine.core.model_source import ModelLoadError
+    from spu_engine.storage.checkpoint import CheckpointError
+
     signals = StopSignals()
     signals.install()
-    engine = Engine(config, policy, None, dist=dist)
-    engine.checkpoints = run_dir / CHECKPOINTS  # its shards of each checkpoint; rank 0 writes the rest
-    step = dist.broadcast(None)
-    if step is not None:
-        path = next(p for p in list_checkpoints(run_dir / CHECKPOINTS) if p.name == f"step-{step:07d}")
-        engine.resume_from(path, fresh_optimizer=fresh_optimizer)
+    try:
+        engine = Engine(config, policy, None, dist=dist)
+        engine.checkpoints = run_dir / CHECKPOINTS  # its shards of each checkpoint; rank 0 writes the rest
+        step = dist.broadcast(None)
+        if step is not None:
+            path = next(p for p in list_checkpoints(run_dir / CHECKPOINTS) if p.name == f"step-{step:07d}")
+            engine.resume_from(path, fresh_optimizer=fresh_optimizer)
+    except (PolicyError, ModelLoadError, DataError, CheckpointError, ValueError):
+        return 2  # the same user error stops rank 0, which says it; no second copy, no traceback
     signals.engine = engine
     try:
         engine.run()

@@ -26,6 +26,7 @@ import torch
 
 from spu_engine.core.policy import Policy
 from spu_engine.model.loading import Units
+from spu_engine.model.sharded import local
 from spu_engine.runtime.activation_meter import ActivationMeter
 from spu_engine.runtime.selection import backward_depth
 
@@ -139,11 +140,11 @@ class MemoryEstimate:
             if not exists and n not in added:
                 continue
             dtype = dtype_name(p.dtype if exists else main)
-            size = p.nbytes if exists else added[n] * main.itemsize
+            size = local(p).nbytes if exists else added[n] * main.itemsize  # sharded: this rank's part
             weights[dtype] += size
             state = self.optimizer_state(p) if exists else []
             for t in state:
-                optimizer[dtype_name(t.dtype)] += t.nbytes
+                optimizer[dtype_name(t.dtype)] += local(t).nbytes
             if mask.get(n):
                 gradients[dtype] += size
                 if not state:  # starts training: its moments are made at its first step

@@ -22,9 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
 from spu_engine.core.writes import WriteError, describe, writing
@@ -68,7 +66,7 @@ def save_sharded(
     tmp = Path(made)
     content = {
         "model": {k: v for k, v in _stable(get_model_state_dict(model)).items() if k not in parked},
-        "optimizer": _stable_optimizer(get_optimizer_state_dict(model, optimizer)) if optimizer.state else {},
+        "optimizer": optimizer_content(model, optimizer),
         "methods": method_tensors,
     }
     problem = None
@@ -122,16 +120,22 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     weights = get_model_state_dict(model)
     live = {stable_name(k): k for k in weights}
     content: dict[str, Any] = {"model": _stable(weights), "methods": _templates(path, "methods")}
-    saved_optimizer = any(k.startswith("optimizer.") for k in _metadata(path).state_dict_metadata)
-    if saved_optimizer:
-        content["optimizer"] = _stable_optimizer(get_optimizer_state_dict(model, optimizer))
+    prefix = "optimizer.state."  # then the parameter's key, then the state's own (exp_avg, step, ...)
+    saved = {k[len(prefix) :].rsplit(".", 1)[0] for k in _metadata(path).state_dict_metadata if k.startswith(prefix)}
+    _make_state(model, optimizer, saved)
+    content["optimizer"] = optimizer_content(model, optimizer)
     try:  # tensors the checkpoint lacks keep their values: a method's planned tensors that had not been built then
         dcp.load(content, checkpoint_id=str(path / SHARDS), planner=DefaultLoadPlanner(allow_partial_load=True))
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} does not fit this run ({describe(exc)})") from None
     set_model_state_dict(model, {live[k]: v for k, v in content["model"].items()})
-    if saved_optimizer:
-        set_optimizer_state_dict(model, optimizer, _stable_optimizer(content["optimizer"], live))
+    groups = content["optimizer"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"checkpoint {path}: its optimizer has {len(groups)} parameter groups, this run {len(optimizer.param_groups)}"
+        )
+    for group, loaded in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in loaded.items() if k != "params"})
     return content["methods"]
 
 
@@ -141,13 +145,42 @@ def _stable(tensors: dict[str, Any]) -> dict[str, Any]:
     return {stable_name(k): v for k, v in tensors.items()}
 
 
-def _stable_optimizer(state: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
-    """An optimizer state dict keyed by parameter name (DCP's), renamed by ``names`` (default: to stable names)."""
-    rename = (lambda k: names.get(k, k)) if names is not None else stable_name
-    return {
-        "state": {rename(k): v for k, v in state["state"].items()},
-        "param_groups": [{**g, "params": [rename(k) for k in g["params"]]} for g in state["param_groups"]],
-    }
+def optimizer_content(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state by parameter: a model's tensor by its stable name, one a method keeps outside the model
+    (movement's scores) by its group's name and place; its groups' settings.  (``get_optimizer_state_dict`` names
+    only the model's own parameters.)  The state tensors themselves, so a load writes into them."""
+    names = {id(p): stable_name(n) for n, p in model.named_parameters()}
+    state, groups = {}, []
+    for index, group in enumerate(optimizer.param_groups):
+        keys = [names.get(id(p), f"{group.get('name', index)}:{i}") for i, p in enumerate(group["params"])]
+        state.update({key: dict(optimizer.state[p]) for key, p in zip(keys, group["params"]) if p in optimizer.state})
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": keys})
+    return {"state": state, "param_groups": groups}
+
+
+def _make_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, keys: set[str]) -> None:
+    """AdamW state for the parameters a checkpoint has state for, so a load has tensors to write into: a step of
+    zero gradients at learning rate 0 (weights unchanged; the state's values are then overwritten)."""
+    content = optimizer_content(model, optimizer)
+    wanted = set()
+    for group, listed in zip(optimizer.param_groups, content["param_groups"]):
+        wanted |= {
+            id(p) for p, key in zip(group["params"], listed["params"]) if key in keys and p not in optimizer.state
+        }
+    if not wanted:
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    kept = {p: p.grad for group in optimizer.param_groups for p in group["params"]}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p) if id(p) in wanted else None
+    optimizer.step()
+    for p, grad in kept.items():
+        p.grad = grad
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
 
 
 def read_tensors(path: Path, part: str = "model") -> dict[str, torch.Tensor]:
