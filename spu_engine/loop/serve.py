@@ -117,12 +117,10 @@ def _resume(engine, run_dir: Path, fresh_optimizer: bool, policy_note: str | Non
 
 def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optimizer: bool = False) -> int:
     """A rank other than 0: no socket, no run-folder writes; commands arrive from rank 0 at each boundary."""
-    from spu_engine.loop.engine import Engine
-    from spu_engine.storage.checkpoint import list_checkpoints
-
     from spu_engine.core.data import DataError
     from spu_engine.core.model_source import ModelLoadError
-    from spu_engine.storage.checkpoint import CheckpointError
+    from spu_engine.loop.engine import Engine
+    from spu_engine.storage.checkpoint import CheckpointError, list_checkpoints
 
     signals = StopSignals()
     signals.install()
