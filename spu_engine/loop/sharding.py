@@ -4,7 +4,7 @@
 weights just before it runs, backward reduce-scatters its gradients as soon as they exist (overlapping the blocks
 still to go), and the optimizer steps on the shards.  A unit may mix frozen and trainable tensors, and
 ``requires_grad`` may change between steps: FSDP2 reads it at every backward.  What it cannot follow is a tensor
-added after sharding, so the tensors a policy's timeline adds are planned before (``runtime.plan``).
+added after sharding, so the tensors a policy's timeline adds are planned before (each method's ``plan``).
 
 Mixed precision is FSDP2's own: the shards stay fp32 (the master weights the optimizer steps), a block's weights are
 gathered in the compute dtype, and gradients are reduced in fp32.
@@ -23,10 +23,6 @@ from spu_engine.core.policy import Change, Policy, TimelineEntry
 from spu_engine.loop.distributed import Distributed
 from spu_engine.model.loading import Units, find_units
 from spu_engine.runtime.policy_runtime import PolicyRuntime
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def shard_model(

@@ -484,37 +484,6 @@ def test_headless_with_nobody_there_it_retries_by_itself_and_sigterm_still_ends_
     assert final["message"].endswith("the newest complete checkpoint is step-0000004")
 
 
-@pytest.mark.process
-def test_under_torchrun_a_failed_write_stops_every_rank_at_one_boundary(make_engine, tmp_path, monkeypatch):
-    """Other ranks cannot wait in step with rank 0's retries, so there a failed write is a stop every rank takes
-    at the next boundary: rank 0 makes exactly one collective call per boundary, as the others do."""
-
-    class RankZero:
-        rank, world_size, local_rank, is_main, device = 0, 2, 0, True, torch.device("cpu")
-        calls = 0
-
-        def broadcast(self, value):
-            self.calls += 1
-            return value
-
-        def shard(self, indices):
-            return indices[::2]
-
-        def average_gradients(self, params, loss):
-            return loss
-
-    dist = RankZero()
-    engine = make_engine(steps=10, run_dir=tmp_path / "run", checkpoint_every=2, dist=dist)
-    events = _recorder(engine)
-    _FullDisk(monkeypatch).checkpoints("safetensors")
-    assert engine.run() == "stopped" and engine.exit_code == 1 and engine.step == 3
-    assert dist.calls == engine.step + 1  # the boundaries before steps 1-3 and the one that stopped
-    assert any(e["type"] == "error" and e["message"].endswith("; stopping every rank") for e in events)
-    assert events[-1]["message"].startswith(
-        "write failure: stopped at step 3 without a checkpoint (writing checkpoint step-0000003 failed"
-    )
-
-
 def test_a_timeline_entry_the_engine_refuses_at_its_step_stops_the_run_instead_of_being_skipped(make_engine, tmp_path):
     """Validated at load, an entry can still be refused by the live state (removing adapters from a running model):
     a replay that skipped it would silently diverge, so the run stops after a checkpoint that keeps it pending."""

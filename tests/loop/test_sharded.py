@@ -13,6 +13,7 @@ import torch
 from ranks_support import (
     ENV,
     NO_TORCHRUN,
+    TORCHRUN,
     assert_same_model,
     run,
     step_losses,
@@ -130,6 +131,7 @@ def test_checkpoints_resume_across_world_sizes_and_a_sharded_one_exports(models,
 
 # one rank's mask is changed behind the policy's back; the next change compares the ranks and stops the run
 PERTURB = """
+import os
 import sys
 from pathlib import Path
 from spu_engine.core.policy import Change, FreezeRule, Policy
@@ -155,7 +157,9 @@ if dist.rank == 1:
     shard[0] = 1 - shard[0]
 engine.apply_change(Change(freeze=[FreezeRule(units=["embeddings"], trainable=False)]), source="console")
 print("STOPPED:", engine.control.stop.reason if engine.control.stop else None, "| NAME:", name, flush=True)
+engine.close()
 dist.close()
+os._exit(0)  # past gloo's teardown at interpreter exit, which a loaded machine once aborted ("terminate called")
 """
 
 
@@ -225,3 +229,90 @@ def test_bf16_compute_a_block_frozen_first_then_unfrozen_trains(models, tmp_path
         [*two_ranks(29566), str(script), str(models["bert"])], capture_output=True, text=True, timeout=300, env=ENV
     )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_hybrid_shard_on_two_simulated_nodes_matches_one_process(models, tmp_path):
+    """Two torchrun agents on this machine as two nodes of one rank: --sharding hybrid_shard builds the 2-D mesh
+    (2 nodes x 1 rank: replicated across nodes), and the run ends where one process with the global batch ends."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % ARCH["bert"])
+    run_dir = tmp_path / "hybrid"
+    args = [*train_args(models["bert"], "bert", run_dir, 4, 8, policy, "--sharding", "hybrid_shard")]
+    launch = [
+        TORCHRUN,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        "29569",
+    ]
+    nodes = [[*launch, "--node-rank", str(node), *args] for node in (1, 0)]
+    second = subprocess.Popen(nodes[0], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run(nodes[1])
+        assert second.wait(120) == 0, second.communicate()[0][-3000:]
+    finally:
+        if second.poll() is None:
+            second.kill()
+    one = tmp_path / "one"
+    run([sys.executable, *train_args(models["bert"], "bert", one, 8, 8, policy)])
+    final = "checkpoints/step-0000008"
+    assert_same_model(weights(one / final), weights(run_dir / final))
+
+
+# every rank's shards fail to write (a full disk): ranks cannot wait in step with rank 0's retries, so the failed
+# write is a stop every rank takes at the same boundary, exit 1, saying what was not written
+FULL_DISK = """
+import errno
+import os
+import sys
+from pathlib import Path
+from spu_engine.core.policy import Policy
+from spu_engine.loop.distributed import Distributed
+from spu_engine.loop.engine import Engine, EngineConfig
+from spu_engine.storage import sharded_checkpoint
+
+model, data, run = sys.argv[1:4]
+
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+sharded_checkpoint.dcp.save = full
+dist = Distributed.from_env()
+config = EngineConfig(model=model, data=data, steps=10, batch_size=4, max_length=32, max_train_samples=64,
+                      max_eval_samples=8, eval_every=0, lr=1e-3, warmup=0, checkpoint_every=2)
+engine = Engine(config, Policy(), run if dist.is_main else None, dist=dist)
+engine.checkpoints = Path(run) / "checkpoints"
+state = engine.run()
+reason = engine.control.stop.reason if engine.control.stop else None
+print(f"RANK {dist.rank}: {state} exit {engine.exit_code} step {engine.step} | {reason}", flush=True)
+engine.close()
+dist.close()
+os._exit(0)
+"""
+
+
+def test_a_failed_sharded_write_stops_every_rank_at_one_boundary(models, tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [*two_ranks(29570), str(script), str(models["bert"]), str(SST2), str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = sorted(x for x in r.stdout.splitlines() if x.startswith("RANK "))
+    assert len(lines) == 2
+    for line in lines:  # both ranks stopped at the same step, exit 1, after the checkpoint at step 2 failed
+        assert " stopped exit 1 step 3 | write failure: stopped at step 3 without a checkpoint" in line, line
+    errors = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if '"error"' in x]
+    assert any(e["message"].endswith("; stopping every rank") and "No space left" in e["message"] for e in errors)
