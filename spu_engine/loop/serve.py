@@ -136,11 +136,17 @@ def _serve_worker(config, policy, run_dir: Path, resume: bool, dist, fresh_optim
     signals.engine = engine
     try:
         engine.run()
-        return engine.exit_code
+        code = engine.exit_code
     finally:
         signals.restore()
         engine.close()
         dist.close()
+    # everything is written and the process group destroyed: leave without the interpreter's teardown, where gloo's
+    # worker threads can still free tensors and abort the process ("terminate called without an active exception",
+    # pytorch#179291) after a run that finished
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def preview(engine, cmd) -> dict[str, Any]:
