@@ -100,29 +100,37 @@ def save_checkpoint(
             if extra:  # masks, scores, references of methods that keep tensors outside the model
                 save_file(extra, str(tmp / METHOD_TENSORS))
             (tmp / "state.json").write_text(state_text)
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                _fsync(f)
-                files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-            manifest = tmp / MANIFEST
-            manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
-            _fsync(manifest)
-            _fsync(tmp)
-            if final.exists():  # same step again (a stop right after a periodic checkpoint): swap, never delete first
-                old = final.with_name(f".old-{final.name}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync(folder)
+            seal(tmp, final, step)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     for stale in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def seal(tmp: Path, final: Path, step: int) -> None:
+    """Finish a checkpoint written into ``tmp``: every file fsynced and listed in the manifest with its sha256, then
+    renamed to ``final`` (a checkpoint of the same step is swapped out, never deleted first)."""
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(f)
+        files[str(f.relative_to(tmp))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    manifest = tmp / MANIFEST
+    manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    _fsync(manifest)
+    for folder in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        _fsync(folder)
+    _fsync(tmp)
+    if final.exists():  # same step again (a stop right after a periodic checkpoint): swap, never delete first
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(final.parent)
 
 
 def _step_of(path: Path) -> int | None:

@@ -10,7 +10,6 @@ at any world size, one process included, and ``spu export`` reads it without a p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -27,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from spu_engine.core.writes import WriteError, describe, writing
 from spu_engine.model.loading import stable_name
-from spu_engine.storage.checkpoint import MANIFEST, PREFIX, CheckpointError, _fsync, _sha256, list_checkpoints
+from spu_engine.storage.checkpoint import PREFIX, CheckpointError, list_checkpoints, seal
 
 SHARDS = "shards"
 METADATA = f"{SHARDS}/.metadata"
@@ -78,7 +77,8 @@ def save_sharded(
     if dist.is_main and problem is None:
         try:
             with writing(f"writing checkpoint {final.name}", folder):
-                _finish(tmp, final, folder, json.dumps({**state, "step": step}, indent=1), step)
+                (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+                seal(tmp, final, step)
         except WriteError as exc:
             problem = str(exc)
     problem = dist.broadcast(problem)
@@ -90,28 +90,6 @@ def save_sharded(
         for stale in list_checkpoints(folder)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def _finish(tmp: Path, final: Path, folder: Path, state_text: str, step: int) -> None:
-    """state.json and the manifest beside the shards, everything fsynced, then the folder renamed into place."""
-    (tmp / "state.json").write_text(state_text)
-    files = {}
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(f)
-        files[str(f.relative_to(tmp))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp / SHARDS)
-    _fsync(tmp)
-    if final.exists():  # the same step again: swap, never delete first
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(folder)
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

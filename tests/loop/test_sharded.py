@@ -129,6 +129,16 @@ def test_checkpoints_resume_across_world_sizes_and_a_sharded_one_exports(models,
     assert torch.equal(model.classifier.weight, final["classifier.weight"])
 
 
+def _on_two_ranks(source: str, tmp_path, port: int, *args) -> str:
+    """Run the Python ``source`` as a script on two ranks with ``args``; its output, once it exited 0."""
+    script = tmp_path / "two_ranks_script.py"
+    script.write_text(source)
+    cmd = [*two_ranks(port), str(script), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
 # one rank's mask is changed behind the policy's back; the next change compares the ranks and stops the run
 PERTURB = """
 import os
@@ -164,18 +174,9 @@ os._exit(0)  # past gloo's teardown at interpreter exit, which a loaded machine 
 
 
 def test_a_rank_whose_mask_drifted_stops_the_run_naming_the_tensor(models, tmp_path):
-    script = tmp_path / "perturb.py"
-    script.write_text(PERTURB)
     run = tmp_path / "run"
-    r = subprocess.run(
-        [*two_ranks(29565), str(script), str(models["bert"]), str(SST2), str(run)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("STOPPED:"))
+    out = _on_two_ranks(PERTURB, tmp_path, 29565, models["bert"], SST2, run)
+    line = next(x for x in out.splitlines() if x.startswith("STOPPED:"))
     stopped, name = line.removeprefix("STOPPED: ").split(" | NAME: ")
     assert f"the pruning mask of {name} on rank 1 is no longer the one every rank decided" in stopped
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()), "checkpointed before stopping"
@@ -223,12 +224,7 @@ dist.close()
 
 
 def test_bf16_compute_a_block_frozen_first_then_unfrozen_trains(models, tmp_path):
-    script = tmp_path / "mixed.py"
-    script.write_text(MIXED)
-    r = subprocess.run(
-        [*two_ranks(29566), str(script), str(models["bert"])], capture_output=True, text=True, timeout=300, env=ENV
-    )
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "OK" in _on_two_ranks(MIXED, tmp_path, 29566, models["bert"])
 
 
 @pytest.mark.slow
@@ -299,18 +295,9 @@ os._exit(0)
 
 
 def test_a_failed_sharded_write_stops_every_rank_at_one_boundary(models, tmp_path):
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK)
     run_dir = tmp_path / "run"
-    r = subprocess.run(
-        [*two_ranks(29570), str(script), str(models["bert"]), str(SST2), str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = sorted(x for x in r.stdout.splitlines() if x.startswith("RANK "))
+    out = _on_two_ranks(FULL_DISK, tmp_path, 29570, models["bert"], SST2, run_dir)
+    lines = sorted(x for x in out.splitlines() if x.startswith("RANK "))
     assert len(lines) == 2
     for line in lines:  # both ranks stopped at the same step, exit 1, after the checkpoint at step 2 failed
         assert " stopped exit 1 step 3 | write failure: stopped at step 3 without a checkpoint" in line, line
