@@ -245,7 +245,7 @@ def eval_model(
     as_json: bool = typer.Option(
         False,
         "--json",
-        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics, generations) "
+        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics, collapsed, notes, generations) "
         "instead of the table",
     ),
 ) -> None:
@@ -297,7 +297,9 @@ def eval_model(
     table.add_row(f"[bold]{result.metric}[/]", f"[bold]{result.metrics.get(result.metric, float('nan')):.4f}[/]")
     for key, value in result.metrics.items():
         if key != result.metric:
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else escape(str(value)))
     out.print(table)
+    if result.collapsed:
+        out.print(f"[bold yellow]{escape(result.collapsed)}[/]", highlight=False)
     for i, generation in enumerate(result.generations):
         out.print(escape(generation.line(i + 1, len(result.generations))), highlight=False)
