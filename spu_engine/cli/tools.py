@@ -38,6 +38,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
     for info in found:
         state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
         metric = f"{info.metric} {info.metric_value:.4f} @{info.eval_step}" if info.metric_value is not None else "-"
+        metric += " [yellow]collapsed[/]" if info.collapsed else ""  # every answer one class: the value is its share
         table.add_row(
             info.name,
             f"[{RUN_STATE_STYLE[info.state]}]{state}[/]",

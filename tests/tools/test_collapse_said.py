@@ -111,8 +111,22 @@ async def test_the_console_says_it_in_the_log_the_loss_legend_and_the_ablation_s
         said = [line for line in console.state.log if line.kind == "eval" and line.text == SAID]
         assert [line.step for line in said] == [2, 4] and all(line.error for line in said)
         assert console.state.collapsed == SAID
-        assert str(console.query_one(LossChart).border_subtitle).startswith("[bold red]collapsed to one class[/bold red] ")
+        assert str(console.query_one(LossChart).border_subtitle).startswith(
+            "[bold red]collapsed to one class[/bold red] "
+        )
         console.push_screen(AblationScreen(report, 4))
         await pilot.pause(0.3)
         shown = " ".join(str(s.render()) for s in console.screen.query("Static"))
         assert f"with every adapter, {SAID}" in flat(shown)
+
+
+def test_spu_runs_and_the_run_browser_mark_a_collapsed_run(collapsed_run):
+    from spu_engine.core.runs import run_info
+    from spu_tui.screens.runs import RunRow
+
+    result = CliRunner().invoke(app, ["runs", str(collapsed_run.parent)])
+    assert result.exit_code == 0, result.output
+    table = result.stdout.split("\n", 1)[1]  # past the title, which names the folder collapsed-run...
+    assert "run" in table and "accuracy" in table and " collapsed" in table
+    info = run_info(collapsed_run)
+    assert info.collapsed and str(RunRow(info, "adapters 8").cells(False, False)[5]).endswith(" collapsed")
