@@ -572,7 +572,13 @@ def markdown(rows: dict[str, dict]) -> str:
             f"| {spec.label} | {r['accuracy']:.4f} | {100 * r['trainable']:.3f} | {sparsity} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
             f"{curve} | {spec.checks} | {r['version']} |"
         )
-    lines += ["", "## Claims", "", "| claim | measured here (accuracy in %, gaps in points) | verdict | why not |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Claims",
+        "",
+        "| claim | measured here (accuracy in %, gaps in points) | verdict | why not |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {c} | {m} | {v} | {w} |" for c, m, v, w in claim_verdicts(rows)]
     return "\n".join(lines) + "\n"
 

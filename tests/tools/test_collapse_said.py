@@ -130,3 +130,12 @@ def test_spu_runs_and_the_run_browser_mark_a_collapsed_run(collapsed_run):
     assert "run" in table and "accuracy" in table and " collapsed" in table
     info = run_info(collapsed_run)
     assert info.collapsed and str(RunRow(info, "adapters 8").cells(False, False)[5]).endswith(" collapsed")
+
+
+def test_spu_train_says_it_under_each_collapsed_evaluation(collapsed_dir, tmp_path):
+    args = ["train", "--model", str(collapsed_dir), "--data", str(SST2), "--task", "classification", "--steps", "2"]
+    args += ["--eval-every", "1", "--max-eval-samples", "24", "--max-train-samples", "32", "--batch-size", "4"]
+    args += ["--lr", "1e-9", "--device", "cpu", "--run-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert flat(result.output).count(SAID) == 2  # under the evaluations of steps 1 and 2
