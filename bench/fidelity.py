@@ -358,6 +358,7 @@ def time_to(row: dict, accuracy: float) -> float | None:
     return next((e["train_s"] for e in row["evals"] if e["accuracy"] >= accuracy), None)
 
 
+SCALES = "accuracy in %, gaps in points"  # the claims' wording; the rows' dev accuracy column is 0-1, as SPU reports it
 MAJORITY = 444 / 872  # SST-2 dev's larger class: a model at or below this has collapsed to one answer
 
 
@@ -558,7 +559,7 @@ def markdown(rows: dict[str, dict]) -> str:
         + ("" if len(devices) <= 1 else "  **(rows ran under different conditions: compare their times with care)**")
         + ".",
         "",
-        "| row | dev accuracy | trainable % | sparsity | train s | wall s | accuracy every 200 steps | checks | version |",
+        "| row | dev accuracy (0-1) | trainable % | sparsity | train s | wall s | accuracy every 200 steps (%) | checks | version |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in ROW_LIST:
@@ -572,7 +573,7 @@ def markdown(rows: dict[str, dict]) -> str:
             f"| {spec.label} | {r['accuracy']:.4f} | {100 * r['trainable']:.3f} | {sparsity} | {r['train_s']:.0f} | {r['wall_s']:.0f} | "
             f"{curve} | {spec.checks} | {r['version']} |"
         )
-    lines += ["", "## Claims", "", "| claim | measured here | verdict | why not |", "|---|---|---|---|"]
+    lines += ["", "## Claims", "", f"| claim | measured here ({SCALES}) | verdict | why not |", "|---|---|---|---|"]
     lines += [f"| {c} | {m} | {v} | {w} |" for c, m, v, w in claim_verdicts(rows)]
     return "\n".join(lines) + "\n"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from spu_engine.core.collapse import collapse_note
 from spu_engine.core.policy_files import load_policy
 from spu_engine.integrations import attach, per_sample_loss
 from spu_engine.model.loading import load_model, load_tokenizer, set_seed
@@ -72,7 +73,9 @@ def main(argv=None) -> dict[str, float]:
         {k: v.to(device) for k, v in task.collate(task.eval[i : i + 64]).items()} for i in range(0, len(task.eval), 64)
     )
     metrics = task.evaluate(model, eval_batches)
-    print("eval:", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print("eval:", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if (collapsed := collapse_note(metrics)) is not None:  # one class for every answer: the accuracy is its share
+        print(collapsed)
     return metrics
 
 

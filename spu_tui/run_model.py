@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from spu_engine.core.collapse import collapse_note
 from spu_engine.core.protocol import (
     EVENTS,
     AckEvent,
@@ -115,6 +116,11 @@ class RunModel:
     _recent: deque[tuple[float, int, int]] = field(
         default_factory=lambda: deque(maxlen=RATE_WINDOW)
     )  # (t, step, samples)
+
+    @property
+    def collapsed(self) -> str | None:
+        """The newest evaluation's collapse note: its answers were (nearly) all one class."""
+        return collapse_note(self.metrics.last_eval)
 
     @property
     def eta_s(self) -> float | None:
@@ -252,6 +258,8 @@ class RunModel:
         self.eval_metric.append(float(metrics.get(self.metric, math.nan)))
         shown = {"eval_loss": ev.eval_loss, **metrics} if ev.eval_loss is not None else metrics
         self.say(ev.step, "eval", ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        if (note := collapse_note(ev.model_extra or {})) is not None:
+            self.say(ev.step, "eval", note, error=True)
         return {Aspect.EVALS}
 
     def _on_prune(self, ev: PruneEvent) -> set[Aspect]:

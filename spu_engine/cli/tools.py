@@ -38,6 +38,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
     for info in found:
         state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
         metric = f"{info.metric} {info.metric_value:.4f} @{info.eval_step}" if info.metric_value is not None else "-"
+        metric += " [yellow]collapsed[/]" if info.collapsed else ""  # every answer one class: the value is its share
         table.add_row(
             info.name,
             f"[{RUN_STATE_STYLE[info.state]}]{state}[/]",
@@ -245,7 +246,7 @@ def eval_model(
     as_json: bool = typer.Option(
         False,
         "--json",
-        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics, generations) "
+        help="print one JSON object (model, checkpoint, data, task, metric, value, metrics, collapsed, notes, generations) "
         "instead of the table",
     ),
 ) -> None:
@@ -297,7 +298,9 @@ def eval_model(
     table.add_row(f"[bold]{result.metric}[/]", f"[bold]{result.metrics.get(result.metric, float('nan')):.4f}[/]")
     for key, value in result.metrics.items():
         if key != result.metric:
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else escape(str(value)))
     out.print(table)
+    if result.collapsed:
+        out.print(f"[bold yellow]{escape(result.collapsed)}[/]", highlight=False)
     for i, generation in enumerate(result.generations):
         out.print(escape(generation.line(i + 1, len(result.generations))), highlight=False)

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from spu_engine.cli.app import app
+from spu_engine.core.collapse import collapse_note
 from spu_engine.core.run_options import run_options
 from spu_engine.core.run_setup import (
     build_config,
@@ -67,6 +68,8 @@ class ProgressSink:
             skip = ("type", "t", "step")
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k not in skip and isinstance(v, float))
             console.print(f"[cyan]eval[/] step {ev['step']}: {metrics}")
+            if (collapsed := collapse_note(ev)) is not None:
+                console.print(f"  [yellow]{escape(collapsed)}[/]", highlight=False)
         elif kind == "policy":
             console.print(f"[magenta]policy[/] step {ev['step']} ({ev['source']}): trainable {ev['trainable']:,}")
         elif kind == "log" and ev.get("about") == "generation":

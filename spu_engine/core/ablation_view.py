@@ -8,25 +8,38 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 
-def ablation_views(report: dict[str, Any]) -> list[Table]:
-    """The table of drops, and the heat map when there are spans of more than one block."""
-    views = [drop_table(report)]
+def ablation_views(report: dict[str, Any]) -> list[Table | Text]:
+    """The table of drops, what a collapse means for them, and the heat map when there are spans of more than one block."""
+    views: list[Table | Text] = [drop_table(report)]
+    if report.get("collapsed"):
+        views.append(
+            Text(
+                f"with every adapter, {report['collapsed']}: a drop near 0 then says nothing about the adapters",
+                style="bold yellow",
+            )
+        )
     if any(s["first"] != s["last"] for s in report["spans"]):
         views.append(heat_map(report))
     return views
 
 
 def drop_table(report: dict[str, Any]) -> Table:
+    """One row per span removed; an ``answers`` column marks the spans whose answers collapsed to one class."""
     metric = report["metric"]
     table = Table(title=f"{metric} with every adapter: {report['baseline']:.4f}", title_justify="left")
     table.add_column("adapters removed")
     table.add_column(metric, justify="right")
     table.add_column("drop", justify="right")
+    marked = any(s.get("collapsed") for s in report["spans"])
+    if marked:
+        table.add_column("answers")
     for s in sorted(report["spans"], key=lambda s: (s["last"] - s["first"], s["first"])):
         where = f"block {s['first']}" if s["first"] == s["last"] else f"blocks {s['first']}-{s['last']}"
-        table.add_row(where, f"{s['value']:.4f}", f"{s['drop']:+.4f}")
+        answers = ("[yellow]collapsed to one class[/]" if s.get("collapsed") else "",) if marked else ()
+        table.add_row(where, f"{s['value']:.4f}", f"{s['drop']:+.4f}", *answers)
     return table
 
 

@@ -43,6 +43,7 @@ NOT_MEASURED = frozenset(
 NOT_FIELDS = frozenset({"type", "t", "step", "id"})
 GLOB_CHARS = frozenset("*?[")
 LOWER_IS_BETTER = ("loss", "perplexity")
+NOT_RANKED = ("top_answer_share",)  # a diagnostic, not a score: it has no best value
 
 
 @dataclass
@@ -142,6 +143,7 @@ class RunMetrics:
         self.total_params: int | None = None
         self.policy: dict[str, Any] = {}  # the sections in force after the last change
         self.units: list[str] = []  # the model's units in order (embeddings, block0, ..., head)
+        self.last_eval: dict[str, Any] = {}  # the newest eval event as it came, texts included (``top_answer``)
 
     def add(self, ev: Any) -> bool:
         """Take one event into account; True when a series or a change mark moved."""
@@ -164,6 +166,8 @@ class RunMetrics:
             for points in self.series.values():
                 points.cut_after(step)
             self.changes = [c for c in self.changes if c.step <= step]
+            if self.last_eval.get("step", 0) > step:
+                self.last_eval = {}
             self.step = step
             return True
         if kind == "policy":
@@ -174,6 +178,8 @@ class RunMetrics:
             return True
         if kind == "step" and step <= self.step and self.series:
             return False  # a step seen before (the live stream overlapping the history)
+        if kind == "eval":
+            self.last_eval = ev
         numbers = flatten(ev)
         for name, value in numbers.items():
             self.series.setdefault(name, Points()).add(step, t, value)
@@ -207,9 +213,10 @@ class RunMetrics:
         return points.values[-1] if points else None
 
     def best(self, name: str) -> tuple[float, int] | None:
-        """The best value of ``name`` and its step: the lowest for losses and perplexity, else the highest."""
+        """The best value of ``name`` and its step: the lowest for losses and perplexity, else the highest; None for
+        a figure that is no score (``top_answer_share``: high is a collapse, low is no better)."""
         points = self.series.get(name)
-        if not points:
+        if not points or name.endswith(NOT_RANKED):
             return None
         pick = min if any(word in name for word in LOWER_IS_BETTER) else max
         i = pick(range(len(points)), key=points.values.__getitem__)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spu_engine.core.collapse import is_collapsed
 from spu_engine.core.run_states import ENDED
 from spu_engine.core.writes import atomic_write_text
 
@@ -140,6 +141,7 @@ class RunInfo:
     metric: str | None = None  # headline eval metric of the task, e.g. accuracy
     metric_value: float | None = None
     eval_step: int | None = None
+    collapsed: bool = False  # the last evaluation gave (nearly) every example one class (core/collapse.py)
     modified: float = 0.0  # unix time of the last event
     pid: int | None = None  # the engine's pid while live
     message: str = ""  # the last state event's message (why it stopped or failed)
@@ -240,6 +242,7 @@ def run_info(run_dir: Path) -> RunInfo | None:
         if found:
             info.metric, info.metric_value = found
         info.eval_step = last_eval.get("step")
+        info.collapsed = is_collapsed(last_eval)
     if last_state is not None:
         info.message = last_state.get("message", "")
         if last_state.get("state") in ENDED:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
+from spu_engine.core.collapse import MIN_SAMPLES, is_collapsed, top_answer_share
 from spu_engine.core.config import EngineConfig
 from spu_engine.loop.batching import BatchStream
 from spu_engine.loop.distributed import Distributed
@@ -38,8 +39,6 @@ from spu_engine.model.checkpointing import Checkpointing
 from spu_engine.runtime.policy_runtime import PolicyRuntime, Reporter
 from spu_engine.runtime.unit_stats import after_update, before_update
 from spu_engine.tasks import Task
-
-COLLAPSED_SHARE = 0.99  # of the evaluated examples given the most common answer: a classifier that has collapsed to it
 
 
 @dataclass
@@ -353,10 +352,10 @@ class Trainer:
     def _say_if_collapsed(self, metrics: dict[str, float]) -> None:
         """A classifier that gives (nearly) every evaluated example the same answer has stopped using its input:
         said when it happens and when it ends, since an accuracy equal to one class's share looks like learning."""
-        share, n = metrics.get("top_answer_share"), int(metrics.get("eval_samples", 0))
-        if share is None or n < 20:
+        found = top_answer_share(metrics)
+        if found is None or found[1] < MIN_SAMPLES:
             return
-        collapsed = share >= COLLAPSED_SHARE
+        (share, n), collapsed = found, is_collapsed(metrics)
         if collapsed and not self.collapsed:
             said = "".join(f"; {note}" for m in self.methods if (note := m.collapse_note()) is not None)
             self.log(

@@ -183,17 +183,17 @@ class ClassificationTask(Task):
             if gold
             else torch.zeros(self.num_labels, self.num_labels)
         )
-        n = int(cm.sum())
+        n, answers = int(cm.sum()), cm.sum(0)
         metrics = {
             "eval_loss": total_loss / max(n, 1),
             "accuracy": float(cm.trace()) / max(n, 1),
-            "top_answer_share": float(cm.sum(0).max()) / max(n, 1),
-        }  # 1.0: one answer for everything, a collapsed model
+            "top_answer_share": float(answers.max()) / max(n, 1),
+        }  # 1.0: one answer for everything, a collapsed model (core/collapse.py says so wherever metrics are shown)
         if self.metric == "f1":
             metrics["f1"] = f1_positive(cm)
         elif self.metric == "mcc":
             metrics["mcc"] = matthews(cm)
-        return {**metrics, "eval_samples": n}
+        return {**metrics, "eval_samples": n, "top_answer": self.label_names[int(answers.argmax())]}
 
 
 def read_splits(source: str) -> dict[str, tuple[list[dict[str, Any]], str]]:

@@ -6,7 +6,8 @@ only the context is truncated, and consecutive windows of a long context share
 reference answer, or with position 0 (the CLS token) when the answer is not
 inside it.  At evaluation every window of a question proposes spans; the one
 with the highest start + end logit wins, and is scored against every
-reference answer with the official SQuAD normalisation.
+reference answer with the official SQuAD normalisation.  Exact match and F1 are fractions (0-1), the scale of every
+SPU score; SQuAD's own script and papers write them as percentages (88.5 there is 0.885 here).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class QATask(Task):
         n = max(len(self.eval_examples), 1)
         return {
             "eval_loss": total_loss / max(n_windows, 1),
-            "exact_match": 100 * em / n,
-            "f1": 100 * f1 / n,
+            "exact_match": em / n,  # 0-1, as every SPU score (SQuAD's evaluate script writes 0-100)
+            "f1": f1 / n,
             "eval_samples": len(self.eval_examples),
         }
 

@@ -108,7 +108,7 @@ class SftTask(LMTask):
         metrics = perplexity(total, tokens)
         scored = [g.correct for g in self.generations if g.correct is not None]
         if self.scored:
-            metrics["exact_match"] = 100 * sum(scored) / max(len(scored), 1)
+            metrics["exact_match"] = sum(scored) / max(len(scored), 1)  # 0-1, as every SPU score
             metrics["eval_generated"] = len(scored)
         return metrics
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from spu_engine.core.collapse import collapse_note
 from spu_engine.methods.peft.adapter import BottleneckAdapter
 from spu_engine.model.loading import find_block_list
 
@@ -52,6 +53,9 @@ class Ablation:
     baseline: float  # with every adapter
     blocks: list[int]
     spans: dict[tuple[int, int], float]  # (first, last) block ablated -> the metric without their adapters
+    collapsed: dict[tuple[int, int] | None, str] = field(
+        default_factory=dict
+    )  # None (every adapter) or a span -> its collapse note, where the answers were one class
 
     def drop(self, first: int, last: int) -> float:
         return self.baseline - self.spans[(first, last)]
@@ -60,9 +64,16 @@ class Ablation:
         return {
             "metric": self.metric,
             "baseline": self.baseline,
+            "collapsed": self.collapsed.get(None),
             "blocks": self.blocks,
             "spans": [
-                {"first": f, "last": last, "value": v, "drop": self.baseline - v}
+                {
+                    "first": f,
+                    "last": last,
+                    "value": v,
+                    "drop": self.baseline - v,
+                    "collapsed": self.collapsed.get((f, last)),
+                }
                 for (f, last), v in sorted(self.spans.items())
             ],
         }
@@ -88,14 +99,22 @@ def ablate(engine, blocks: list[int] | None = None, spans: bool = True, progress
         if last == first or (spans and last > first and chosen.issuperset(range(first, last + 1)))
     )
     total = len(todo) + 1
-    baseline = engine.evaluate()[metric]
+    collapsed: dict[tuple[int, int] | None, str] = {}
+
+    def evaluate(span: tuple[int, int] | None) -> float:
+        metrics = engine.evaluate()
+        if (note := collapse_note(metrics)) is not None:
+            collapsed[span] = note
+        return metrics[metric]
+
+    baseline = evaluate(None)
     progress(1, total)
     results: dict[tuple[int, int], float] = {}
     for n, (first, last) in enumerate(todo, start=2):
         with adapters_off(engine.model, list(range(first, last + 1))):
-            results[(first, last)] = engine.evaluate()[metric]
+            results[(first, last)] = evaluate((first, last))
         progress(n, total)
-    return Ablation(metric, baseline, blocks, results)
+    return Ablation(metric, baseline, blocks, results, collapsed)
 
 
 def engine_for_run(run: Path, **overrides: Any):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spu_engine.core.collapse import collapse_note
 from spu_engine.core.config import EngineConfig
 from spu_engine.core.data import (
     SPLIT_NAMES,
@@ -75,6 +76,11 @@ class Score:
     notes: list[str] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)  # sft with generate_eval: what the model answered
 
+    @property
+    def collapsed(self) -> str | None:
+        """What to say when the model gave (nearly) every example one class: its metrics are that class's share."""
+        return collapse_note(self.metrics)
+
     def as_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -84,6 +90,7 @@ class Score:
             "metric": self.metric,
             "value": self.metrics.get(self.metric),
             "metrics": self.metrics,
+            "collapsed": self.collapsed,
             "notes": self.notes,
             "generations": [asdict(g) for g in self.generations],
         }

@@ -56,6 +56,7 @@ class RunRow:
     def cells(self, marked: bool, current: bool) -> list[Any]:
         info = self.info
         metric = f"{info.metric} {info.metric_value:.4f}" if info.metric_value is not None else "-"
+        metric += " collapsed" if info.collapsed else ""  # one class for every answer: the value is that class's share
         return [
             Text("▶" if current else ("✓" if marked else " "), style="bold green"),
             info.name,

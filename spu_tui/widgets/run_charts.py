@@ -25,6 +25,7 @@ LOSS_LEGEND = (
     "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
 )
 LOSS_LEGEND_SHORT = "[gray]loss[/] [cyan]smooth[/] [yellow]eval[/] [green]{metric:.3}→[/] [magenta]│chg[/]"
+COLLAPSED_MARK = "[bold red]collapsed to one class[/] "  # the newest evaluation's answers were one class
 COMPARE_KEY = "─ loss (smoothed) • eval loss ▞ {metric}→ │ change"
 LEGEND_FROM = 72  # columns from which the loss legend is written out (it takes about 62)
 ONE_SCALE_SPREAD = 100.0  # metric filter: series whose largest values differ more than this get a 0-1 range each
@@ -91,9 +92,8 @@ class LossChart(Chart):
             self._show_own(state)
 
     def _show_own(self, state: RunModel) -> None:
-        self._set_legend(
-            (LOSS_LEGEND if self.size.width >= LEGEND_FROM else LOSS_LEGEND_SHORT).format(metric=state.metric)
-        )
+        legend = (LOSS_LEGEND if self.size.width >= LEGEND_FROM else LOSS_LEGEND_SHORT).format(metric=state.metric)
+        self._set_legend(COLLAPSED_MARK + legend if state.collapsed else legend)
         self.redraw(
             LineSpec(
                 series=[

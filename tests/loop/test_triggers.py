@@ -229,7 +229,7 @@ def test_a_trigger_that_changes_nothing_and_a_metric_the_task_lacks_are_refused(
                 ]
             }
         )
-    f1 = parse_policy({"timeline": [{"when": {"metric": "f1", "at_least": 80}, "freeze": ALL_BUT_LAST}]})
+    f1 = parse_policy({"timeline": [{"when": {"metric": "f1", "at_least": 0.8}, "freeze": ALL_BUT_LAST}]})
     with pytest.raises(
         PolicyError,
         match=r"'f1' is not a field of the classification task's evaluation \(it gives eval_loss, accuracy, top_answer_share, eval_samples\)",
@@ -261,6 +261,27 @@ def test_policy_validate_and_the_schema_show_the_trigger_forms(tmp_path):
     assert {"metric", "below", "at_most", "above", "at_least", "below_best_by", "above_best_by"} == set(
         defs["MetricCondition"]["properties"]
     )
+
+
+@pytest.mark.parametrize(
+    "when, said",
+    [
+        ({"metric": "f1", "at_least": 50}, "f1 is on a 0-1 scale; 50 looks like a percent: use 0.5"),
+        ({"metric": "eval_exact_match", "below": 80}, "eval_exact_match is on a 0-1 scale; 80 looks like a percent"),
+        ({"metric": "accuracy", "above_best_by": 2}, "accuracy is on a 0-1 scale; 2 looks like a percent: use 0.02"),
+        ({"metric": "mcc", "at_most": -40}, "mcc is on a -1 to 1 scale; -40 looks like a percent: use -0.4"),
+    ],
+)
+def test_a_percent_threshold_on_a_fraction_is_refused_with_its_fraction(tmp_path, when, said):
+    """Every score is 0-1 (SQuAD's F1 too): a bound above 1 would never hold (or always), whatever the task."""
+    policy = tmp_path / "percent.yaml"
+    policy.write_text(f"timeline:\n  - {{when: {when}, freeze: [{{units: [embeddings], trainable: false}}]}}\n")
+    result = CliRunner().invoke(spu, ["policy", "validate", str(policy)])
+    assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output
+    assert parse_policy(
+        {"timeline": [{"when": {**when, next(k for k in when if k != "metric"): 0.5}, "freeze": ALL_BUT_LAST}]}
+    )
+    assert parse_policy({"timeline": [{"when": {"metric": "eval_loss", "below": 50}, "freeze": ALL_BUT_LAST}]})
 
 
 def parse_command(data: dict):

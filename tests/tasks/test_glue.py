@@ -216,8 +216,8 @@ def test_f1_and_mcc_equal_the_hand_computation(metric):
     }[metric]
     assert got[metric] == pytest.approx(want) and want == pytest.approx({"f1": 2 / 3, "mcc": 1 / 6}[metric])
     assert got["accuracy"] == pytest.approx(0.6) and got["eval_samples"] == 10
-    assert got["top_answer_share"] == pytest.approx(0.6)  # 6 of the 10 predictions are 1
-    assert set(got) == {"eval_loss", "accuracy", "top_answer_share", metric, "eval_samples"}
+    assert got["top_answer_share"] == pytest.approx(0.6) and got["top_answer"] == "1"  # 6 of the 10 predictions are 1
+    assert set(got) == {"eval_loss", "accuracy", "top_answer_share", "top_answer", metric, "eval_samples"}
 
 
 def test_degenerate_predictions_score_zero_not_nan():

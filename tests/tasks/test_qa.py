@@ -147,8 +147,8 @@ def test_evaluate_scores_fixed_predictions(tokenizer, tmp_path):
         spans[tuple(feat["input_ids"])] = _token_span(task, feat, predicted[qid])
     metrics = task.evaluate(FixedSpanModel(spans), [task.collate(task.eval)])
     # q1: EM 0, F1 max(0.8 vs "Denver Broncos", 0.5 vs "Broncos") = 0.8; q2: EM 1, F1 1; q3: 0, 0
-    assert metrics["exact_match"] == pytest.approx(100 / 3)
-    assert metrics["f1"] == pytest.approx(100 * 1.8 / 3)
+    assert metrics["exact_match"] == pytest.approx(1 / 3)  # 0-1, as every SPU score (SQuAD's script: 33.3)
+    assert metrics["f1"] == pytest.approx(1.8 / 3)
     assert metrics["eval_samples"] == 3
 
 
@@ -241,4 +241,4 @@ def test_qa_trains_with_frozen_prefix(tokenizer, arch):
     changed = [n for n, p in engine.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(engine.units.unit_of[n] not in ("embeddings", "block0") for n in changed)
     metrics = engine.evaluate()
-    assert {"eval_loss", "exact_match", "f1"} <= metrics.keys() and 0 <= metrics["f1"] <= 100
+    assert {"eval_loss", "exact_match", "f1"} <= metrics.keys() and 0 <= metrics["f1"] <= 1

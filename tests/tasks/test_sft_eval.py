@@ -51,7 +51,7 @@ def test_generations_are_scored_by_exact_match(chat_tokenizer, gsm8k_like):
     metrics = task.evaluate(model, batches)
     assert len(new_tokens) == 2 and max(new_tokens) <= NEW  # prompts 0-1 in the first batch, 2 in the second
     assert set(metrics) == set(task.eval_fields) and metrics["eval_generated"] == 3
-    assert 0 <= metrics["exact_match"] <= 100 and math.isfinite(metrics["perplexity"])
+    assert 0 <= metrics["exact_match"] <= 1 and math.isfinite(metrics["perplexity"])
     assert len(task.generations) == 3 and all(g.correct is not None for g in task.generations)
     lines = task.shown()
     assert (
@@ -74,7 +74,7 @@ def test_generations_are_scored_by_exact_match(chat_tokenizer, gsm8k_like):
 
     model.generate = answers_with_the_reference
     right = task.evaluate(model, batches)
-    assert right["exact_match"] == 100 and right["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert right["exact_match"] == 1.0 and right["eval_loss"] == pytest.approx(metrics["eval_loss"])
     assert all(g.correct for g in task.generations) and "[right: expected" in task.shown()[0]
 
 
@@ -142,7 +142,7 @@ def test_spu_eval_scores_an_sft_run_on_held_out_data(sft_run, gsm8k_like, tmp_pa
     assert (
         scored["task"] == "sft" and scored["metric"] == "perplexity" and scored["checkpoint"].endswith("step-0000004")
     )
-    assert scored["metrics"]["eval_generated"] == 1 and scored["metrics"]["exact_match"] in (0, 100)
+    assert scored["metrics"]["eval_generated"] == 1 and scored["metrics"]["exact_match"] in (0, 1)
     assert len(scored["generations"]) == 1 and scored["generations"][0]["reference"].endswith("#### 18")
     # the run's own dev file gives the figures of the run's last evaluation
     dev = CliRunner().invoke(

@@ -56,6 +56,13 @@ COMPARISONS = {  # key -> how it reads; the value is a number, or a margin (>= 0
     "above_best_by": "> best +",
 }
 _METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
+FRACTIONS = {  # the scores SPU reports as fractions (SQuAD's F1 and exact match too), with their range
+    "accuracy": "0-1",
+    "f1": "0-1",
+    "exact_match": "0-1",
+    "top_answer_share": "0-1",
+    "mcc": "-1 to 1",
+}
 
 
 class MetricCondition(Section):
@@ -63,7 +70,7 @@ class MetricCondition(Section):
 
     metric: str = Field(
         description="a numeric field of the eval events: eval_loss, accuracy (classification), f1 / exact_match (QA), "
-        "perplexity (LM, SFT), exact_match (SFT with generate_eval)"
+        "perplexity (LM, SFT), exact_match (SFT with generate_eval); accuracy, f1 and exact_match are 0-1, never percent"
     )
     below: float | None = Field(None, description="holds when metric < below")
     at_most: float | None = Field(None, description="holds when metric <= at_most")
@@ -94,6 +101,11 @@ class MetricCondition(Section):
             raise ValueError(
                 f"give exactly one comparison of {self.metric!r}: one of {', '.join(COMPARISONS)}"
                 + (f" (got {', '.join(given)})" if given else "")
+            )
+        scale, bound = FRACTIONS.get(self.metric.removeprefix("eval_")), self.comparison[1]
+        if scale is not None and abs(bound) > 1:
+            raise ValueError(
+                f"{self.metric} is on a {scale} scale; {bound:g} looks like a percent: use {bound / 100:g}"
             )
         return self
 

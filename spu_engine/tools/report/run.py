@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spu_engine.core.collapse import collapse_note
 from spu_engine.core.run_metrics import RunMetrics, describe_methods
 from spu_engine.tools.report.cells import csv_text, number, percent, print_notes, rich_table
 from spu_engine.tools.report.history import ReportError, read_run_events
@@ -52,6 +53,9 @@ class RunReport:
             add(f"final {name}", final, f"{final:.4f} (step {points.steps[-1]})")
             if best is not None and len(points) > 1:
                 add(f"best {name}", best[0], f"{best[0]:.4f} (step {best[1]})")
+        collapsed = collapse_note(m.last_eval)
+        if collapsed is not None:
+            add("final answers", collapsed)
         trainable = m.last("train.trainable")
         if trainable is not None and m.total_params:
             share = trainable / m.total_params
