@@ -52,7 +52,10 @@ app = typer.Typer(
 HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
 STOP_WAIT = 15.0  # seconds to wait, after a stop from the console, for the engine to write its checkpoint and exit
-COMPARE_HELP = "another run folder whose loss and evaluations are drawn beside this run's (repeat for more); read-only, followed while it trains"
+COMPARE_HELP = (
+    "another run folder whose loss and evaluations are drawn beside this run's (repeat for more); read-only, "
+    "followed while it trains (default: none)"
+)
 UI_CPU_HELP = "the console's CPU while you watch, in percent of one core: plots redraw less often to stay under it (keys never wait)"
 
 

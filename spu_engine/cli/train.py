@@ -99,17 +99,20 @@ def train(
     run_dir: Path | None = typer.Option(
         None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"
     ),
-    resume: Path | None = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
+    resume: Path | None = typer.Option(
+        None, help="resume the run in this folder from its newest complete checkpoint (default: a new run)"
+    ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="start the run in --run-dir again from step 0: its checkpoints and history are deleted",
+        help="start the run in --run-dir again from step 0: its checkpoints and history are deleted "
+        "(default: off, a --run-dir that holds a run is refused)",
     ),
     fresh_optimizer: bool = typer.Option(
         False,
         "--fresh-optimizer",
         help="with --resume: continue from a checkpoint whose weights verify but whose optimizer state is missing "
-        "or unusable, with fresh optimizer state",
+        "or unusable, with fresh optimizer state (default: off, such a checkpoint is refused)",
     ),
 ) -> None:
     """Train in the foreground with a progress bar; writes a run folder and serves its socket.
