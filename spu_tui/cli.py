@@ -40,6 +40,7 @@ from spu_engine.core.runs import (
     run_folders,
     run_info,
 )
+from spu_engine.core.shorthands import FREEZE_HELP, PEFT_HELP, PRUNE_HELP, SHORTHANDS
 from spu_tui.frames import DEFAULT_SHARE
 
 app = typer.Typer(
@@ -119,6 +120,9 @@ def main(
     run_dir: Path | None = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
     compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
+    peft: str | None = typer.Option(None, help=PEFT_HELP, rich_help_panel=SHORTHANDS),
+    prune: str | None = typer.Option(None, help=PRUNE_HELP, rich_help_panel=SHORTHANDS),
+    freeze: str | None = typer.Option(None, help=FREEZE_HELP, rich_help_panel=SHORTHANDS),
 ) -> None:
     """Start an engine process for a new run and open the console on it."""
     if ctx.invoked_subcommand is not None:
@@ -127,7 +131,7 @@ def main(
     from spu_engine.core.spawn import spawn_engine
     from spu_tui.app import SpuApp
 
-    pol = read_policy(policy)
+    pol = read_policy(policy, peft=peft, prune=prune, freeze=freeze)
     from_file = (
         pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}
     )  # an exported policy replays alone
