@@ -126,3 +126,21 @@ def test_timeline_sets_are_checked_against_the_model_too(tokenizer):
         match=r"timeline\[0\]\.set\.pruning\.targets\[0\]: pattern '\*\.atention\.\*\.weight' matches no parameter",
     ):
         check_policy_against_model(policy, model, find_units(model))
+
+
+def test_policy_validate_with_a_model_lists_every_selector_error(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from spu_engine.cli import app
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "freeze:\n  - {match: '*attentoin*', trainable: false}\n  - {units: [embedding], trainable: false}\n"
+    )
+    result = CliRunner().invoke(app, ["policy", "validate", str(path), "--model", str(tiny_model_dir)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert (
+        "freeze[0].match: pattern '*attentoin*' matches no parameter of this model; did you mean '*attention*'" in text
+    )
+    assert "freeze[1].units[0]: unknown unit 'embedding'" in text and "did you mean 'embeddings'" in text
