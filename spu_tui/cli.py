@@ -40,6 +40,7 @@ from spu_engine.core.runs import (
     run_folders,
     run_info,
 )
+from spu_engine.core.shorthands import FREEZE_HELP, PEFT_HELP, PRUNE_HELP, SHORTHANDS
 from spu_tui.frames import DEFAULT_SHARE
 
 app = typer.Typer(
@@ -52,7 +53,10 @@ app = typer.Typer(
 HUB_DATA = "glue/sst2"
 RUNS = Path("runs")
 STOP_WAIT = 15.0  # seconds to wait, after a stop from the console, for the engine to write its checkpoint and exit
-COMPARE_HELP = "another run folder whose loss and evaluations are drawn beside this run's (repeat for more); read-only, followed while it trains"
+COMPARE_HELP = (
+    "another run folder whose loss and evaluations are drawn beside this run's (repeat for more); read-only, "
+    "followed while it trains (default: none)"
+)
 UI_CPU_HELP = "the console's CPU while you watch, in percent of one core: plots redraw less often to stay under it (keys never wait)"
 
 
@@ -116,6 +120,9 @@ def main(
     run_dir: Path | None = typer.Option(None, help="run folder (default runs/<model>-<task>-<time>)"),
     ui_cpu: float = typer.Option(DEFAULT_SHARE * 100, envvar="SPU_TUI_CPU", min=0.1, max=100.0, help=UI_CPU_HELP),
     compare: list[Path] = typer.Option([], "--compare", help=COMPARE_HELP),
+    peft: str | None = typer.Option(None, help=PEFT_HELP, rich_help_panel=SHORTHANDS),
+    prune: str | None = typer.Option(None, help=PRUNE_HELP, rich_help_panel=SHORTHANDS),
+    freeze: str | None = typer.Option(None, help=FREEZE_HELP, rich_help_panel=SHORTHANDS),
 ) -> None:
     """Start an engine process for a new run and open the console on it."""
     if ctx.invoked_subcommand is not None:
@@ -124,7 +131,7 @@ def main(
     from spu_engine.core.spawn import spawn_engine
     from spu_tui.app import SpuApp
 
-    pol = read_policy(policy)
+    pol = read_policy(policy, peft=peft, prune=prune, freeze=freeze)
     from_file = (
         pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}
     )  # an exported policy replays alone

@@ -18,7 +18,9 @@ from spu_engine.core.run_setup import fail, out, read_policy
 @policy_app.command("validate")
 def policy_validate(
     file: Path,
-    model: str | None = typer.Option(None, help="also check every pattern and block index against this model"),
+    model: str | None = typer.Option(
+        None, help="also check every pattern and block index against this model (default: the file alone is checked)"
+    ),
 ) -> None:
     """Check a policy file; with --model, check its selectors against the model's parameters."""
     pol = read_policy(file)

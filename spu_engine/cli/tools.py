@@ -70,9 +70,11 @@ def ablate(
         "--spans/--singles",
         help="also every span of consecutive blocks (the paper's heat map), or single blocks only",
     ),
-    max_eval_samples: int | None = typer.Option(None, help="score on the first N dev examples only (faster, noisier)"),
-    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1"),
-    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+    max_eval_samples: int | None = typer.Option(
+        None, help="score on the first N dev examples only (faster, noisier) (default: all)"
+    ),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 (default: the run's)"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON (default: tables)"),
 ) -> None:
     """Evaluate a run's newest checkpoint with the adapters of each block (and span of blocks) removed.
 
@@ -122,7 +124,7 @@ def report(
         None,
         "--plot",
         help="write the loss and sparsity plots to this .svg or .png file "
-        "(PNG needs matplotlib: pip install 'spu[plots]')",
+        "(PNG needs matplotlib: pip install 'spu[plots]') (default: no plot file)",
     ),
     plot_engine: str = typer.Option(
         "auto",
@@ -172,9 +174,12 @@ def export_model(
     out_dir: Path = typer.Option(..., "--out", help="folder to write: a Hugging Face model folder"),
     compact: bool = typer.Option(
         False,
-        help="also remove the FFN neurons, attention heads and (GPT-2) whole blocks pruning killed, outputs unchanged",
+        help="also remove the FFN neurons, attention heads and (GPT-2) whole blocks pruning killed, outputs unchanged "
+        "(default: off, pruned weights kept as zeros)",
     ),
-    force: bool = typer.Option(False, help="write into a non-empty --out folder"),
+    force: bool = typer.Option(
+        False, help="write into a non-empty --out folder (default: off, a non-empty one is refused)"
+    ),
 ) -> None:
     """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
     from spu_engine.storage.checkpoint import CheckpointError
@@ -226,7 +231,7 @@ def eval_model(
     label_column: str | None = typer.Option(None, help=LABEL_COLUMN_HELP),
     max_length: int | None = typer.Option(None, min=8, help="tokens per example (default: the run's, else 128)"),
     batch_size: int = typer.Option(128, min=1),
-    max_samples: int | None = typer.Option(None, min=1, help="score only the first N examples"),
+    max_samples: int | None = typer.Option(None, min=1, help="score only the first N examples (default: all)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1"),
     prompt_column: str | None = typer.Option(
         None, help="sft: the prompt column (default: the run's, else the data's shape decides)"
@@ -247,7 +252,7 @@ def eval_model(
         False,
         "--json",
         help="print one JSON object (model, checkpoint, data, task, metric, value, metrics, collapsed, notes, generations) "
-        "instead of the table",
+        "instead of the table (default: the table)",
     ),
 ) -> None:
     """Score a trained model on labelled data with the task's metric: a policy on data it never trained on.

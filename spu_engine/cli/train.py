@@ -24,6 +24,7 @@ from spu_engine.core.run_setup import (
     resume_policy,
 )
 from spu_engine.core.runs import POLICY
+from spu_engine.core.shorthands import FREEZE_HELP, PEFT_HELP, PRUNE_HELP, SHORTHANDS
 
 # The run flags a --resume takes over the run's config.json: how long and how often, and where it runs.
 RESUME_OVERRIDES = (
@@ -102,18 +103,24 @@ def train(
     run_dir: Path | None = typer.Option(
         None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"
     ),
-    resume: Path | None = typer.Option(None, help="resume the run in this folder from its newest complete checkpoint"),
+    resume: Path | None = typer.Option(
+        None, help="resume the run in this folder from its newest complete checkpoint (default: a new run)"
+    ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="start the run in --run-dir again from step 0: its checkpoints and history are deleted",
+        help="start the run in --run-dir again from step 0: its checkpoints and history are deleted "
+        "(default: off, a --run-dir that holds a run is refused)",
     ),
     fresh_optimizer: bool = typer.Option(
         False,
         "--fresh-optimizer",
         help="with --resume: continue from a checkpoint whose weights verify but whose optimizer state is missing "
-        "or unusable, with fresh optimizer state",
+        "or unusable, with fresh optimizer state (default: off, such a checkpoint is refused)",
     ),
+    peft: str | None = typer.Option(None, help=PEFT_HELP, rich_help_panel=SHORTHANDS),
+    prune: str | None = typer.Option(None, help=PRUNE_HELP, rich_help_panel=SHORTHANDS),
+    freeze: str | None = typer.Option(None, help=FREEZE_HELP, rich_help_panel=SHORTHANDS),
 ) -> None:
     """Train in the foreground with a progress bar; writes a run folder and serves its socket.
 
@@ -133,6 +140,9 @@ def train(
         fail("--fresh-optimizer goes with --resume RUN")
     if overwrite and resume is not None:
         fail("--overwrite starts a run again from step 0 and --resume continues it; choose one")
+    shorthands = {"peft": peft, "prune": prune, "freeze": freeze}
+    if resume is not None and any(shorthands.values()):
+        fail("--peft, --prune and --freeze set a new run's policy; a resumed run keeps its own")
     if resume is not None:
         run_dir = resume
         ignored = [f"--{k.replace('_', '-')}" for k in flags if k not in RESUME_OVERRIDES]
@@ -142,7 +152,7 @@ def train(
         config = build_config(**{**read_run_config(resume), **overrides})
         pol = resume_policy(resume)
     else:
-        pol = read_policy(policy)
+        pol = read_policy(policy, **shorthands)
         config = config_from_policy(pol, policy, **flags)
         run_dir = run_dir or default_run_dir(config.model, config.task)
         if holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it

@@ -41,7 +41,7 @@ def parse_policy(data: Any, source: str = "policy") -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as err:
-        raise PolicyError(format_validation_error(err, source)) from None
+        raise PolicyError(format_validation_error(err, source, model=Policy)) from None
     if policy.timeline:
         _check_timeline(policy, data.get("timeline"), source)
     return policy
@@ -62,7 +62,7 @@ def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
             state = Policy.model_validate(state._merged(entry))
         except ValidationError as err:
             raise PolicyError(
-                format_validation_error(err, source, prefix=f"timeline[{order[position]}].set.")
+                format_validation_error(err, source, prefix=f"timeline[{order[position]}].set.", model=Policy)
             ) from None
 
 
@@ -176,7 +176,7 @@ def _mapping_from_text(text: str, model: type[M], source: str, example: str, nam
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = format_validation_error(err, source).splitlines()[1].strip().removeprefix("(top level): ")
+        first = format_validation_error(err, source, model=model).splitlines()[1].strip().removeprefix("(top level): ")
         raise PolicyError(f"{source}: {first}" if name_source else first) from None
 
 

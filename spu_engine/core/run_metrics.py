@@ -24,6 +24,8 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from spu_engine.methods.registry import section_specs
+
 NOT_MEASURED = frozenset(
     {
         "hello",
@@ -252,7 +254,10 @@ def describe_change(change: dict[str, Any]) -> str:
             continue
         what = rule.get("match") or ", ".join(rule.get("units") or []) or f"layers {rule.get('layers')}"
         parts.append(f"{'unfreeze' if rule.get('trainable') else 'freeze'} {what}")
+    specs = section_specs()
     for section, values in (change.get("set") or {}).items():
+        if isinstance(values, dict) and section in specs:
+            values = specs[section].settings.applicable(values)
         shown = ", ".join(f"{k}={v}" for k, v in values.items()) if isinstance(values, dict) else str(values)
         parts.append(f"{section}: {shown}")
     return "; ".join(parts) or "no-op"

@@ -4,7 +4,8 @@ Every field of the settings (``RunSettings``, and where a run happens) is one op
 setting added to ``spu_engine/core/config.py`` is a flag of both at once:
 
 - the flag is the field's name, ``max_eval_samples`` -> ``--max-eval-samples`` (a bool one is ``--x/--no-x``);
-- its help is the field's description, followed by the field's default;
+- its help is the field's description, followed by the field's default (none: unset or empty, unless the
+  description says what happens by default);
 - its type is the field's annotation, None left out; a ``list[str]`` is given as one comma-separated string;
 - its value, when not given, is None: the policy's ``run:`` settings (or a resumed run's config.json) fill it,
   else the field's default does.
@@ -75,6 +76,8 @@ def _flag(name: str, field: FieldInfo) -> RunFlag:
     kind, listed = _command_line_type(name, field.annotation)
     default = _default_text(field)
     help_text = (field.description or "").strip()
+    if default is None and not field.is_required() and "default" not in help_text:
+        default = "none"  # an empty or unset setting whose description does not say what that means
     if default is not None:
         help_text = f"{help_text} (default: {default})".strip()
     return RunFlag(name, kind, listed, help_text)

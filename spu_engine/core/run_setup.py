@@ -14,6 +14,7 @@ from spu_engine.core import config as settings
 from spu_engine.core.policy import Policy, PolicyError
 from spu_engine.core.policy_files import load_policy
 from spu_engine.core.runs import CONFIG, POLICY
+from spu_engine.core.shorthands import with_shorthands
 from spu_engine.core.validation import error_text
 
 err = Console(stderr=True, soft_wrap=True)
@@ -82,11 +83,11 @@ def config_from_policy(pol: Policy, source: Path | None, **flags):
     return build_config(**{**base, **given})
 
 
-def read_policy(path: Path | None) -> Policy:
-    if path is None:
-        return Policy()
+def read_policy(path: Path | None, **shorthands: str | None) -> Policy:
+    """The policy file (none: the empty policy) with the sections the shorthand flags given write
+    (``--peft``, ``--prune``, ``--freeze``: ``core.shorthands``); a bad one is a one-line error."""
     try:
-        return load_policy(path)
+        return with_shorthands(load_policy(path) if path is not None else Policy(), path, **shorthands)
     except PolicyError as exc:
         fail(str(exc))
         raise  # unreachable

@@ -35,3 +35,9 @@ class Section(BaseModel):
         """Key -> globs over parameter names that must each select something in the model (checked at load and
         at each timeline entry); none by default."""
         return {}
+
+    @classmethod
+    def applicable(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The keys of (part of) this section that apply, given the values it holds: all, unless a section's fields
+        belong to some of its methods only (a change is then described by what it does, not by every field sent)."""
+        return values

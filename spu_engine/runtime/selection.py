@@ -17,6 +17,7 @@ from spu_engine.core.policy import FreezeRule, LearningRates, Policy, PolicyErro
 from spu_engine.methods.registry import section_specs
 from spu_engine.model.checkpointing import check_memory_settings
 from spu_engine.model.loading import Units, stable_parameters
+from spu_engine.runtime.name_hints import name_hint
 
 _BLOCK_RE = re.compile(r"^block(\d+)$")
 
@@ -90,47 +91,44 @@ def lr_scales(settings: LearningRates, names: list[str], units: Units) -> dict[s
     return out
 
 
-def check_rules(
+def rule_problems(
     rules: list[FreezeRule] | list[ScaleRule], names: list[str], units: Units, where: str = "freeze"
-) -> None:
-    """Raise PolicyError for a rule that selects nothing, naming the key and close matches."""
+) -> list[str]:
+    """Every rule that selects nothing, each naming its key and what was likely meant."""
     valid_units = [u.name for u in units.units]
+    problems = []
     for i, rule in enumerate(rules):
         key = f"{where}[{i}]"
-        if rule.layers is not None:
-            for j, idx in enumerate(rule.layers):
-                if not -units.num_blocks <= idx < units.num_blocks:
-                    raise PolicyError(
-                        f"{key}.layers[{j}]: block index {idx} is out of range; this model has "
-                        f"{units.num_blocks} blocks (0-{units.num_blocks - 1}, or negative from the end)"
-                    )
-        if rule.units is not None:
-            for j, u in enumerate(rule.units):
-                if u not in valid_units:
-                    hint = close_matches(u, valid_units)
-                    raise PolicyError(
-                        f"{key}.units[{j}]: unknown unit {u!r}; units are {', '.join(valid_units)}"
-                        + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-                    )
-        if not any(rule_selects(rule, n, units) for n in names):
-            if rule.match is not None and not globbed(names, [rule.match]):
-                hint = close_matches(rule.match, names)
-                raise PolicyError(
-                    f"{key}.match: pattern {rule.match!r} matches no parameter of this model"
-                    + (f"; close matches: {', '.join(hint)}" if hint else "")
+        found = len(problems)
+        for j, idx in enumerate(rule.layers or ()):
+            if not -units.num_blocks <= idx < units.num_blocks:
+                problems.append(
+                    f"{key}.layers[{j}]: block index {idx} is out of range; this model has "
+                    f"{units.num_blocks} blocks (0-{units.num_blocks - 1}, or negative from the end)"
                 )
-            raise PolicyError(f"{key}: the selectors of this rule together match no parameter of this model")
-
-
-def check_patterns(patterns: list[str], names: list[str], where: str) -> None:
-    """Raise PolicyError for a glob that matches no name, naming the key and close matches."""
-    for i, pattern in enumerate(patterns):
-        if not globbed(names, [pattern]):
-            hint = close_matches(pattern, names)
-            raise PolicyError(
-                f"{where}[{i}]: pattern {pattern!r} matches no parameter of this model"
-                + (f"; close matches: {', '.join(hint)}" if hint else "")
+        for j, u in enumerate(rule.units or ()):
+            if u not in valid_units:
+                hint = difflib.get_close_matches(u, valid_units, n=3, cutoff=0.3)
+                problems.append(
+                    f"{key}.units[{j}]: unknown unit {u!r}; units are {', '.join(valid_units)}"
+                    + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+                )
+        if rule.match is not None and not globbed(names, [rule.match]):
+            problems.append(
+                f"{key}.match: pattern {rule.match!r} matches no parameter of this model" + name_hint(rule.match, names)
             )
+        if len(problems) == found and not any(rule_selects(rule, n, units) for n in names):
+            problems.append(f"{key}: the selectors of this rule together match no parameter of this model")
+    return problems
+
+
+def pattern_problems(patterns: list[str], names: list[str], where: str) -> list[str]:
+    """Every glob that matches no name, each naming its key and what was likely meant."""
+    return [
+        f"{where}[{i}]: pattern {pattern!r} matches no parameter of this model" + name_hint(pattern, names)
+        for i, pattern in enumerate(patterns)
+        if not globbed(names, [pattern])
+    ]
 
 
 def check_policy_against_model(
@@ -146,30 +144,23 @@ def check_policy_against_model(
     in_force = policy.sections()
     names = names_of(in_force)
     check_memory_settings(policy, model)
-    check_rules(in_force.freeze, names, units)
-    check_rules(in_force.lr.scale, names, units, where="lr.scale")
+    problems = rule_problems(in_force.freeze, names, units)
+    problems += rule_problems(in_force.lr.scale, names, units, where="lr.scale")
     for section in section_specs():
         for key, patterns in getattr(in_force, section).name_globs().items():
-            check_patterns(patterns, names, f"{section}.{key}")
+            problems += pattern_problems(patterns, names, f"{section}.{key}")
     for t, entry in enumerate(policy.timeline):
         in_force = in_force.apply(entry)
         names = names_of(in_force)
-        check_rules(entry.freeze, names, units, where=f"timeline[{t}].freeze")
+        problems += rule_problems(entry.freeze, names, units, where=f"timeline[{t}].freeze")
         if "freeze" in entry.set:
             rules = [FreezeRule.model_validate(r) for r in entry.set["freeze"]]
-            check_rules(rules, names, units, where=f"timeline[{t}].set.freeze")
+            problems += rule_problems(rules, names, units, where=f"timeline[{t}].set.freeze")
         if isinstance(entry.set.get("lr"), dict) and "scale" in entry.set["lr"]:
-            check_rules(in_force.lr.scale, names, units, where=f"timeline[{t}].set.lr.scale")
+            problems += rule_problems(in_force.lr.scale, names, units, where=f"timeline[{t}].set.lr.scale")
         for section in section_specs():
             if section in entry.set:
                 for key, patterns in getattr(in_force, section).name_globs().items():
-                    check_patterns(patterns, names, f"timeline[{t}].set.{section}.{key}")
-
-
-def close_matches(pattern: str, names: list[str], n: int = 3) -> list[str]:
-    """Parameter names nearest to a glob that matched nothing."""
-    stripped = pattern.replace("*", "").replace("?", "")
-    ranked = difflib.get_close_matches(pattern, names, n=n, cutoff=0.3)
-    if not ranked and stripped:
-        ranked = difflib.get_close_matches(stripped, names, n=n, cutoff=0.2)
-    return ranked
+                    problems += pattern_problems(patterns, names, f"timeline[{t}].set.{section}.{key}")
+    if problems:
+        raise PolicyError("\n".join(problems))

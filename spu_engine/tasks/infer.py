@@ -136,3 +136,13 @@ def config_is_decoder_only(config) -> bool:
         config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
     )
+
+
+def config_is_encoder_only(config) -> bool:
+    """A bidirectional encoder (BERT, RoBERTa, MiniLM, ...): a masked-LM architecture not set up as a decoder, whose
+    attention sees the very token a causal LM is asked to predict."""
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES

@@ -27,6 +27,7 @@ from spu_engine.core.data import (
     split_files,
 )
 from spu_engine.tasks.base import Task, TaskOptions, kl_rows
+from spu_engine.tasks.infer import config_is_encoder_only
 
 TEXT_SUFFIXES = (".raw", ".txt")
 TEXT_CANDIDATES = ("text", "content", "sentence", "document")
@@ -61,6 +62,19 @@ class LMTask(Task):
         task = cls(train, evals, tokenizer.pad_token_id)
         task.notes = notes
         return task
+
+    def check_fits(self, model) -> None:
+        """An encoder trained as a causal LM sees the tokens it predicts and learns nothing usable (MiniLM ran to
+        perplexity 15,825 without a word): refused before training, naming what to use instead."""
+        super().check_fits(model)
+        config = getattr(model, "config", None)
+        if config is not None and config_is_encoder_only(config):
+            raise DataError(
+                f"--task {self.name}: the model is a {config.model_type}, an encoder-only (bidirectional) model, and "
+                f"{self.name} trains a causal (left-to-right) language model: an encoder sees the next token it is "
+                "asked to predict, so it cannot learn the task. Use a decoder-only model (GPT-2, Llama, Qwen, ...) "
+                f"for {self.name}, or --task classification or qa with this model"
+            )
 
     def loss_from(self, outputs, batch):
         token_loss, mask = self._token_loss(outputs[0], batch)

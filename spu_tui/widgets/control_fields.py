@@ -159,7 +159,8 @@ def fields_of(section: str) -> list[ControlField]:
 
 
 def section_values(section: str, text_of: Callable[[ControlField], str]) -> dict[str, Any]:
-    """The section's values as the policy nests them, from each field's text."""
+    """The section's values as the policy nests them, from each field's text; only those its method reads (a LoRA
+    change carries no AdaLoRA ranks, so its event, log line and exported timeline entry hold what it does)."""
     values: dict[str, Any] = {}
     for f in fields_of(section):
         *parents, name = f.path.split(".")
@@ -167,7 +168,7 @@ def section_values(section: str, text_of: Callable[[ControlField], str]) -> dict
         for key in parents:
             into = into.setdefault(key, {})
         into[name] = f.parsed(text_of(f))
-    return values
+    return section_model(section).applicable(values)
 
 
 def section_problem(section: str, values: dict[str, Any]) -> str | None:

@@ -78,6 +78,15 @@ def test_control_fields_come_from_the_policy_models():
     assert section_problem("pruning", values) is None and Pruning.model_validate(values).schedule.end_step == 60
 
 
+def test_a_peft_change_from_the_controls_carries_only_its_method_s_fields():
+    shown = {f.id: f.value_in(Policy()) for f in FIELDS}
+    lora = section_values("peft", lambda f: "lora" if f.id == "peft-method" else shown[f.id])
+    assert lora["method"] == "lora" and "r" in lora and "alpha" in lora
+    assert not {"init_r", "target_r", "size"} & set(lora), lora
+    adapter = section_values("peft", lambda f: "adapter" if f.id == "peft-method" else shown[f.id])
+    assert adapter == {"method": "adapter", "size": 64}
+
+
 def test_every_control_label_fits_its_column_with_a_space():
     """The label column is 12 cells (app.tcss): a longer label runs into its value ("adapter size64")."""
     from spu_tui.widgets.control_fields import CONSOLE_SECTIONS

@@ -191,7 +191,7 @@ def test_at_step_is_the_plain_step_entry():
         ),
         (
             {"when": {"metric": "eval_loss", "bellow": 1}},
-            "timeline[0].when.bellow: unknown key (not allowed in timeline[0].when)",
+            "unknown key 'bellow' in timeline[0].when; did you mean 'below'? Allowed: metric, below, at_most, above",
         ),
         (
             {"when": {"metric": "eval_loss", "below": 1}, "once": "sometimes"},
@@ -252,7 +252,7 @@ def test_policy_validate_and_the_schema_show_the_trigger_forms(tmp_path):
     result = CliRunner().invoke(spu, ["policy", "validate", str(bad)])
     assert (
         result.exit_code == 2
-        and "timeline[0].when.under: unknown key" in result.output
+        and "unknown key 'under' in timeline[0].when; Allowed: metric, below" in result.output
         and "Traceback" not in result.output
     )
     defs = json_schema()["$defs"]

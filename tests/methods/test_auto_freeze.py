@@ -203,7 +203,7 @@ def test_with_lora_a_frozen_block_freezes_its_lora_tensors(make_engine):
     [
         ({"method": "lisa", "n_layers": 0}, "auto_freeze.n_layers: Input should be greater than or equal to 1"),
         ({"method": "sometimes"}, "auto_freeze.method: Input should be 'none', 'lisa' or 'autofreeze'"),
-        ({"method": "lisa", "every": 5}, "auto_freeze.every: unknown key"),
+        ({"method": "lisa", "every": 5}, "unknown key 'every' in auto_freeze"),
         ({"method": "autofreeze", "percentile": 0}, "auto_freeze.percentile: Input should be greater than 0"),
         (
             {"method": "lisa", "optimizer_state": "free"},

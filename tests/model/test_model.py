@@ -57,13 +57,41 @@ def test_block_index_out_of_range(tokenizer):
         _check(tokenizer, [FreezeRule(layers=[1, 7], trainable=False)])
 
 
-def test_pattern_matching_nothing_lists_close_matches(tokenizer):
+def test_pattern_matching_nothing_names_the_name_meant(tokenizer):
     with pytest.raises(
         PolicyError,
         match=r"freeze\[0\].match: pattern 'bert.encoder.layer.0.atention.self.query.weight' matches no parameter of this "
-        r"model; close matches: bert.encoder.layer.0.attention.self.query.weight",
+        r"model; did you mean 'bert.encoder.layer.0.attention.self.query.weight'\?$",
     ):
         _check(tokenizer, [FreezeRule(match="bert.encoder.layer.0.atention.self.query.weight", trainable=False)])
+
+
+def test_a_misspelt_glob_is_answered_with_the_glob_meant_and_real_names_it_selects(tokenizer):
+    with pytest.raises(PolicyError) as err:
+        _check(tokenizer, [FreezeRule(match="*attentoin*", trainable=False)])
+    assert str(err.value) == (
+        "freeze[0].match: pattern '*attentoin*' matches no parameter of this model; did you mean '*attention*' "
+        "(40 parameters, e.g. bert.encoder.layer.0.attention.self.query.weight)?"
+    )
+
+
+def test_every_selector_error_is_reported_not_only_the_first(tokenizer):
+    model = build_tiny("bert", tokenizer)
+    policy = policy_from_yaml(
+        "freeze:\n  - {match: '*LayerNorn*', trainable: false}\n  - {units: [embedding], trainable: false}\n"
+        "  - {layers: [9], trainable: false}\n"
+        "pruning: {method: magnitude, targets: ['*.qurey.weight']}\n"
+    )
+    with pytest.raises(PolicyError) as err:
+        check_policy_against_model(policy, model, find_units(model))
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "freeze[0].match",
+        "freeze[1].units[0]",
+        "freeze[2].layers[0]",
+        "pruning.targets[0]",
+    ]
+    assert "did you mean '*LayerNorm*'" in lines[0] and "did you mean '*.query.weight'" in lines[3]
 
 
 def test_unknown_unit_is_named(tokenizer):
@@ -98,3 +126,21 @@ def test_timeline_sets_are_checked_against_the_model_too(tokenizer):
         match=r"timeline\[0\]\.set\.pruning\.targets\[0\]: pattern '\*\.atention\.\*\.weight' matches no parameter",
     ):
         check_policy_against_model(policy, model, find_units(model))
+
+
+def test_policy_validate_with_a_model_lists_every_selector_error(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from spu_engine.cli import app
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "freeze:\n  - {match: '*attentoin*', trainable: false}\n  - {units: [embedding], trainable: false}\n"
+    )
+    result = CliRunner().invoke(app, ["policy", "validate", str(path), "--model", str(tiny_model_dir)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in text
+    assert (
+        "freeze[0].match: pattern '*attentoin*' matches no parameter of this model; did you mean '*attention*'" in text
+    )
+    assert "freeze[1].units[0]: unknown unit 'embedding'" in text and "did you mean 'embeddings'" in text

@@ -143,7 +143,7 @@ def test_an_exported_run_replays_its_multipliers_exactly(make_engine, tmp_path):
         ({"warm_in": -1}, "lr.warm_in: Input should be greater than or equal to 0"),
         ({"scale": [{"layers": [0], "scale": 0}]}, "lr.scale[0].scale: Input should be greater than 0"),
         ({"scale": [{"scale": 2}]}, "a scale rule needs at least one of 'match', 'layers', 'units'"),
-        ({"rate": 2}, "lr.rate: unknown key"),
+        ({"rate": 2}, "unknown key 'rate' in lr; Allowed: decay, scale, warm_in"),
     ],
 )
 def test_bad_lr_settings_are_refused_naming_the_key(section, message):

@@ -122,3 +122,12 @@ def test_blocks_longer_than_the_model_positions_are_refused_before_training(toke
         DataError, match="sequences of 256 tokens do not fit this model's 128 positions; use --max-length 128 or less"
     ):
         Engine(config, model=build_tiny("gpt2", tokenizer, "lm"), tokenizer=tokenizer)
+
+
+def test_an_encoder_only_model_is_refused_for_lm_naming_its_type_and_what_to_use(tokenizer):
+    config = EngineConfig(model="tiny", data=str(WIKI), steps=1, max_length=32, max_train_samples=4, max_eval_samples=2)
+    with pytest.raises(DataError) as refused:
+        Engine(config, model=build_tiny("bert", tokenizer, "lm"), tokenizer=tokenizer)
+    message = str(refused.value)
+    assert message.startswith("--task lm: the model is a bert, an encoder-only (bidirectional) model")
+    assert "Use a decoder-only model (GPT-2, Llama" in message and "--task classification or qa" in message

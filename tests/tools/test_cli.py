@@ -266,3 +266,19 @@ def test_lr_must_be_a_finite_number(value, tmp_path):
 
     r = CliRunner().invoke(app, ["train", "--data", str(SST2), "--lr", value, "--run-dir", str(tmp_path / "run")])
     assert r.exit_code == 2 and "--lr: Input should be a finite number" in r.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.process
+def test_shorthand_flags_train_the_policy_their_yaml_would_and_the_run_exports_it(tiny_model_dir, tmp_path):
+    from spu_engine.core.policy_files import policy_from_yaml
+
+    run = tmp_path / "run"
+    flags = ("--peft", "lora:r=4", "--prune", "magnitude:0.5", "--freeze", "embeddings")
+    r = spu("train", "--model", tiny_model_dir, *TRAIN, "--steps", 2, "--run-dir", run, *flags)
+    assert r.returncode == 0, r.stderr
+    same = policy_from_yaml(
+        "peft: {method: lora, r: 4}\npruning: {method: magnitude, schedule: {final_sparsity: 0.5}}\n"
+        "freeze: [{units: [embeddings], trainable: false}]\n"
+    )
+    exported = load_policy(run / "policy.yaml")
+    assert exported.sections() == same.sections()

@@ -38,7 +38,7 @@ class PolicyDocument(Section):
         try:
             merged = type(self).model_validate(self._merged(change))
         except ValidationError as err:
-            raise PolicyError(format_validation_error(err, "change")) from None
+            raise PolicyError(format_validation_error(err, "change", model=type(self))) from None
         return merged.model_copy(update={"timeline": self.timeline})
 
     def _merged(self, change: Change) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any
 
@@ -23,7 +24,9 @@ class Change(Section):
     def _known_sections(cls, v: dict[str, Any]) -> dict[str, Any]:
         for key in v:
             if key not in SECTIONS:
-                raise ValueError(f"unknown section {key!r}; sections are {', '.join(SECTIONS)}")
+                guess = difflib.get_close_matches(str(key), SECTIONS, n=1, cutoff=0.6)
+                hint = f"; did you mean {guess[0]!r}? Sections" if guess else "; sections"
+                raise ValueError(f"unknown section {key!r}{hint}: {', '.join(SECTIONS)}")
         return v
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,6 +13,28 @@ _MODULE_PATTERN = re.compile(r"^[A-Za-z0-9_.*^$|()\\\[\]+?-]{1,200}$")
 
 
 class Peft(Section):
+    # the methods each field applies to (a field not named applies to all)
+    ONLY_FOR: ClassVar[dict[str, tuple[str, ...]]] = {
+        "size": ("adapter",),
+        "r": ("lora",),
+        "alpha": ("lora", "adalora"),
+        "dropout": ("lora", "adalora"),
+        "target_modules": ("ia3", "lora", "adalora"),
+        "lr": ("adapter", "ia3", "lora", "adalora"),  # the tensors a method adds
+        "use_dora": ("lora",),
+        "use_rslora": ("lora",),
+        "init": ("lora",),
+        "lr_ratio": ("lora", "adalora"),
+        "rank_pattern": ("lora",),
+        "alpha_pattern": ("lora",),
+        "init_r": ("adalora",),
+        "target_r": ("adalora",),
+        "tinit": ("adalora",),
+        "tfinal": ("adalora",),
+        "delta_t": ("adalora",),
+        "total_step": ("adalora",),
+    }
+
     method: Literal["none", "bitfit", "adapter", "ia3", "lora", "adalora"] = "none"
     size: int = Field(64, ge=1, description="adapter bottleneck size")
     r: int = Field(8, ge=1, description="LoRA rank")
@@ -55,6 +77,14 @@ class Peft(Section):
     total_step: int | None = Field(
         None, ge=1, description="adalora: the step count the budget schedule spans; default: the run's steps"
     )
+
+    @classmethod
+    def applicable(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """With a ``method``, only the fields that method reads (a LoRA change does not list AdaLoRA's ranks)."""
+        method = values.get("method")
+        if not isinstance(method, str):
+            return values
+        return {k: v for k, v in values.items() if method in cls.ONLY_FOR.get(k, (method,))}
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
