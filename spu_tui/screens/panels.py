@@ -145,7 +145,6 @@ class PanelsScreen(Screen[None]):
         yield self.header
         with Horizontal(id="main"):
             with Vertical(id="tree-column"):
-                self.unit_tree.border_title = "units"
                 yield self.unit_tree
                 yield self.unit_tree.full_name
             with Vertical(id="right"):

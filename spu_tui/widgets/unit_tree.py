@@ -103,6 +103,7 @@ class UnitTree(Tree[Row]):
             return
         width = max(24, self.size.width - 1 if self.size.width else 34)  # 1 for a scrollbar
         narrow = width < NARROW_BELOW
+        self.border_title = "units ● trains ○ frozen" if narrow else "units"
         tail = len(self._tail(1.0, 0, 0.0, narrow))
         for u in self._state.units:
             unit = Row("unit", u.name)
