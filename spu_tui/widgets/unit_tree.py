@@ -23,9 +23,7 @@ from spu_engine.core.policy import Change, FreezeRule
 from spu_tui.names import shorten, shorten_all
 from spu_tui.run_model import Aspect, RunModel
 
-NARROW_BELOW = (
-    50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
-)
+NARROW_BELOW = 50  # tree widths (columns) below which rows mark ● trains / ○ frozen (the title says so), not words
 INDENT = 2  # columns before a row's name: a unit's expand arrow, a tensor's guide
 
 
