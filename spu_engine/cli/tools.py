@@ -19,12 +19,36 @@ from spu_engine.core.validation import error_text
 RUN_STATE_STYLE = {"live": "bold green", "finished": "blue", "stopped": "yellow", "error": "red", "crashed": "bold red"}
 
 
+RUN_COLUMNS = ("run", "state", "step", "loss", "eval", "methods", "last event", "note")
+
+
+def _run_row(info, methods: str) -> list[str]:
+    """A run's cells under RUN_COLUMNS."""
+    state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
+    metric = f"{info.metric} {info.metric_value:.4f} @{info.eval_step}" if info.metric_value is not None else "-"
+    metric += " [yellow]collapsed[/]" if info.collapsed else ""  # every answer one class: the value is its share
+    return [
+        info.name,
+        f"[{RUN_STATE_STYLE[info.state]}]{state}[/]",
+        f"{info.step}/{info.total_steps or '?'}",
+        f"{info.loss:.4f}" if info.loss is not None else "-",
+        metric,
+        methods,
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified)),
+        info.message if info.state in ("stopped", "error") else "",
+    ]
+
+
 @app.command()
 def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, or one run folder")) -> None:
-    """List runs: state (live, finished, stopped, error, crashed), step, last loss and eval metric."""
+    """List runs: state (live, finished, stopped, error, crashed), step, last loss, eval metric and the methods on.
+
+    The run's name is never cut (``spu-tui attach`` takes it): where a row a run does not fit, a few lines each."""
+    from rich.measure import Measurement
     from rich.table import Table
 
-    from spu_engine.core.runs import list_runs
+    from spu_engine.core.run_metrics import describe_methods
+    from spu_engine.core.runs import final_policy, list_runs
 
     if not root.is_dir():
         fail(f"{root}: no such folder (runs are written under ./runs by default)")
@@ -32,23 +56,20 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
     if not found:
         out.print(f"no runs under {root}")
         return
+    rows = [_run_row(info, describe_methods(final_policy(info.path))) for info in found]
     table = Table(title=f"runs under {root}", title_justify="left")
-    for column in ("run", "state", "step", "loss", "eval", "last event", "note"):
-        table.add_column(column, justify="right" if column in ("step", "loss") else "left")
-    for info in found:
-        state = f"live (pid {info.pid})" if info.state == "live" and info.pid else info.state
-        metric = f"{info.metric} {info.metric_value:.4f} @{info.eval_step}" if info.metric_value is not None else "-"
-        metric += " [yellow]collapsed[/]" if info.collapsed else ""  # every answer one class: the value is its share
-        table.add_row(
-            info.name,
-            f"[{RUN_STATE_STYLE[info.state]}]{state}[/]",
-            f"{info.step}/{info.total_steps or '?'}",
-            f"{info.loss:.4f}" if info.loss is not None else "-",
-            metric,
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified)),
-            info.message if info.state in ("stopped", "error") else "",
-        )
-    out.print(table)
+    for column in RUN_COLUMNS:
+        table.add_column(column, justify="right" if column in ("step", "loss") else "left", no_wrap=column == "run")
+    for row in rows:
+        table.add_row(*row)
+    if Measurement.get(out, out.options.update_width(10_000), table).maximum <= out.width:
+        out.print(table)
+    else:  # too narrow for a row a run: a few lines each, the name on its own (never cut: attach takes it)
+        out.print(f"runs under {root}", highlight=False)
+        for run, *cells in rows:
+            out.print(f"[bold]{run}[/]", soft_wrap=True, highlight=False)
+            described = dict(zip(RUN_COLUMNS[1:], cells, strict=True))
+            out.print("  " + "  ".join(f"{k} {v}" for k, v in described.items() if v and v != "-"), highlight=False)
     resumable = [i for i in found if i.state in ("crashed", "stopped")]
     if resumable:
         out.print(

@@ -57,7 +57,8 @@ BINDINGS_HELP = [
         [
             (
                 "1 … 6",
-                "small terminals: show loss, sparsity, learning, controls, log, system (GPU, CPU, RAM, throughput)",
+                "below 160x45 (80x24, 120x36): the panel beside the tree: loss, sparsity, learning, controls, log, "
+                "system (GPU, CPU, RAM, throughput); from 160x45 all are shown",
             ),
             (
                 "v",

@@ -65,8 +65,8 @@ PANELS = [
     ("system", "System"),
 ]
 GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log", "system"]  # placement in the wide grid (app.tcss)
-WIDE_AT = (120, 36)  # columns, rows from which every panel is shown at once
-ROOMY_FROM = 160  # columns from which the grid puts controls beside the plots (below: the loss plot spans them)
+WIDE_AT = (160, 45)  # columns, rows from which every panel is shown at once (below: one at a time, keys 1-6)
+ROOMY_FROM = 120  # columns from which the tree, with one panel beside it, is wide enough for whole tensor names
 FOLLOW_EVERY = 2.0  # seconds between looks at the compared runs' events.jsonl (a stat each while none grows)
 
 Panel = LossChart | SparsityChart | LearningView | ControlsPanel | LogPanel | SystemView
@@ -144,8 +144,9 @@ class PanelsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield self.header
         with Horizontal(id="main"):
-            self.unit_tree.border_title = "units"
-            yield self.unit_tree
+            with Vertical(id="tree-column"):
+                yield self.unit_tree
+                yield self.unit_tree.full_name
             with Vertical(id="right"):
                 yield self.panel_bar
                 with Container(id="panels"):
@@ -171,8 +172,8 @@ class PanelsScreen(Screen[None]):
     def _layout_for(self, width: int, height: int) -> None:
         wide = width >= WIDE_AT[0] and height >= WIDE_AT[1]
         self.set_class(wide, "-wide")
-        self.set_class(wide and width < ROOMY_FROM, "-medium")
         self.set_class(not wide, "-narrow")
+        self.set_class(not wide and width >= ROOMY_FROM, "-roomy")
         self._show_active_panel()
         for pid in ("loss", "sparsity"):
             self._drawn.pop(self.panels[pid], None)  # plots are drawn for their size: redraw at the new one
@@ -289,7 +290,7 @@ class PanelsScreen(Screen[None]):
         run = self.console.run_dir.name
         path = Path.cwd() / f"{run}-{what}-step{self.state.step}.svg"
         try:
-            atomic_write_text(path, chart.plot.export_svg(f"{run}: {what} at step {self.state.step}"))
+            atomic_write_text(path, chart.export_svg(f"{run}: {what} at step {self.state.step}"))
         except WriteError as exc:
             self._say(f"save plot: {exc}", error=True)
             return

@@ -6,7 +6,9 @@ last step.  Reading the folders happens in a worker thread; nothing in them is
 written or locked.  Enter opens the highlighted run (a live run is attached, any
 other read-only from its history), space marks runs to overlay on the loss
 plot, esc goes back with the marks.  A click on a column's header, or ``o``,
-sorts by it.
+sorts by it.  The run's name is never cut (``spu-tui attach`` takes it): the
+other columns give way, two lines a row (state over steps, eval over loss, the
+date over the time), and the methods wrap in the width that is left.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from textual.widgets import DataTable, Static
 from spu_engine.core.run_metrics import describe_methods
 from spu_engine.core.runs import RunInfo, final_policy, list_runs
 
-COLUMNS = ("", "run", "state", "steps", "loss", "eval", "methods", "last event")
+COLUMNS = ("", "run", "state", "eval", "methods", "when")  # state over steps, eval over loss, in one column each
+MIN_METHODS = 12  # columns the methods wrap in at the least (a wider window gives them the rest)
 SORT_KEYS = {  # column -> the value it sorts by (numbers as numbers; missing values last)
     "run": lambda r: r.info.name,
     "state": lambda r: r.info.state,
@@ -35,7 +38,7 @@ SORT_KEYS = {  # column -> the value it sorts by (numbers as numbers; missing va
     "loss": lambda r: r.info.loss if r.info.loss is not None else float("inf"),
     "eval": lambda r: r.info.metric_value if r.info.metric_value is not None else float("-inf"),
     "methods": lambda r: r.methods,
-    "last event": lambda r: r.info.modified,
+    "when": lambda r: r.info.modified,
 }
 STATE_STYLE = {"live": "bold green", "finished": "cyan", "stopped": "yellow", "error": "bold red", "crashed": "red"}
 
@@ -57,16 +60,20 @@ class RunRow:
         info = self.info
         metric = f"{info.metric} {info.metric_value:.4f}" if info.metric_value is not None else "-"
         metric += " collapsed" if info.collapsed else ""  # one class for every answer: the value is that class's share
+        loss = f"loss {info.loss:.4f}" if info.loss is not None else "loss -"
+        state = Text(info.state, style=STATE_STYLE.get(info.state, ""))
         return [
             Text("▶" if current else ("✓" if marked else " "), style="bold green"),
             info.name,
-            Text(info.state, style=STATE_STYLE.get(info.state, "")),
-            f"{info.step}/{info.total_steps or '?'}",
-            f"{info.loss:.4f}" if info.loss is not None else "-",
-            metric,
+            Text.assemble(state, f"\n{info.step}/{info.total_steps or '?'}"),
+            Text.assemble(metric, (f"\n{loss}", "bright_black")),
             self.methods,
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(info.modified)),
+            time.strftime("%Y-%m-%d\n%H:%M", time.localtime(info.modified)),
         ]
+
+    def widths(self) -> list[int]:
+        """The columns each cell needs (its longest line; the methods wrap)."""
+        return [max((c.cell_len for c in Text(str(cell)).split()), default=0) for cell in self.cells(False, False)]
 
 
 def read_runs(root: Path) -> list[RunRow]:
@@ -107,10 +114,29 @@ class RunsScreen(Screen[RunsChoice | None]):
         )
 
     def on_mount(self) -> None:
-        for column in COLUMNS:
-            self.table.add_column(column, key=column or "mark")
         self.table.focus()
         self._read()
+
+    def on_resize(self) -> None:
+        if self.rows:
+            self._fill(list(self.rows))
+
+    def _fill(self, keys: list[str]) -> None:
+        """The table afresh, rows in the order of ``keys``, its columns sized for this width: every column but the
+        methods as wide as its longest line, the methods the rest (at least MIN_METHODS), so no name is cut."""
+        cursor = self._cursor_key()
+        self.table.clear(columns=True)
+        needed = [max(len(c), *(row.widths()[i] for row in self.rows.values())) for i, c in enumerate(COLUMNS)]
+        padding = 2 * self.table.cell_padding * len(COLUMNS) + 2  # and the vertical scrollbar
+        rest = self.size.width - padding - sum(w for c, w in zip(COLUMNS, needed, strict=True) if c != "methods")
+        for column, width in zip(COLUMNS, needed, strict=True):
+            fitted = min(width, max(MIN_METHODS, rest)) if column == "methods" else width
+            self.table.add_column(column, key=column or "mark", width=fitted)
+        for key in keys:
+            path = Path(key)
+            self.table.add_row(*self.rows[key].cells(path in self.marked, path == self.current), key=key, height=None)
+        if cursor in self.rows:
+            self.table.move_cursor(row=keys.index(cursor))
 
     @work(thread=True, exclusive=True, group="runs")
     def _read(self) -> None:
@@ -118,8 +144,7 @@ class RunsScreen(Screen[RunsChoice | None]):
 
     def on_runs_loaded(self, message: RunsLoaded) -> None:
         self.rows = {str(row.info.path.resolve()): row for row in message.rows}
-        for key, row in self.rows.items():
-            self.table.add_row(*row.cells(Path(key) in self.marked, Path(key) == self.current), key=key)
+        self._fill(list(self.rows))
         count = len(self.rows)
         title = (
             f"runs under {self.root}: {count}"
@@ -129,7 +154,7 @@ class RunsScreen(Screen[RunsChoice | None]):
         self.query_one("#runs-title", Static).update(title + ("  [gray]▶ open now  ✓ compared[/]" if count else ""))
 
     def _cursor_key(self) -> str | None:
-        if not self.rows or self.table.cursor_row < 0:
+        if not self.rows or self.table.cursor_row < 0 or self.table.row_count == 0:
             return None
         key = self.table.coordinate_to_cell_key((self.table.cursor_row, 0)).row_key.value
         return key
@@ -166,13 +191,10 @@ class RunsScreen(Screen[RunsChoice | None]):
         if column not in SORT_KEYS or not self.rows:
             return
         self.sort_reverse = (
-            (not self.sort_reverse)
-            if toggle and column == self.sort_column
-            else column in ("eval", "last event", "steps")
+            (not self.sort_reverse) if toggle and column == self.sort_column else column in ("eval", "when", "steps")
         )
         self.sort_column = column
-        by_name = {row.info.name: row for row in self.rows.values()}  # names are unique under one folder
-        self.table.sort("run", key=lambda name: SORT_KEYS[column](by_name[name]), reverse=self.sort_reverse)
+        self._fill(sorted(self.rows, key=lambda key: SORT_KEYS[column](self.rows[key]), reverse=self.sort_reverse))
         self.query_one("#runs-title", Static).update(
             f"runs under {self.root}: {len(self.rows)}, by {column}{' (descending)' if self.sort_reverse else ''}  [gray]▶ open now  ✓ compared[/]"
         )

@@ -2,7 +2,10 @@
 
 Everything else hands ``Chart`` plain lists (titles and legends live in the
 panel border, where they cost no plot rows); swapping textual-plotext for
-another plot widget means rewriting this file only.  Drawing is deferred until
+another plot widget means rewriting this file only.  Bars are drawn as text,
+one row a bar with its whole label and value: plotext's bar chart drops x
+labels that do not fit beside each other (six bars under five labels at 40
+columns) and picks y ticks such as 0.17 / 0.67.  Drawing is deferred until
 the chart is painted and only happens when the app calls ``redraw`` with data
 that differs from what is on screen.
 """
@@ -21,6 +24,7 @@ from textual.app import ComposeResult
 from textual.geometry import Size
 from textual.strip import Strip
 from textual.widget import Widget
+from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 MIN_POINTS = 50  # series are thinned to two points per column (a braille cell is 2 dots wide), never below this
@@ -45,10 +49,12 @@ class LineSpec:
 
 @dataclass
 class BarSpec:
+    """Bars of values in 0..1, shown as percentages."""
+
     labels: list[str] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
-    ylim: tuple[float, float] | None = None
-    color: str = "orange"
+    color: str = "dark_orange"
+    empty: str = "waiting for unit statistics"
 
 
 class CellPlot(PlotextPlot):
@@ -120,16 +126,66 @@ def _style(fullground, style, background) -> Style:
     return text.spans[0].style if text.spans else Style.null()
 
 
+class BarRows(Static):
+    """Bars as text: a row each, its label whole, its bar, its value (a panel too short for them scrolls)."""
+
+    DEFAULT_CSS = "BarRows { height: auto; }"
+
+    def draw(self, spec: BarSpec) -> None:
+        self.spec = spec
+        self.update(self._text(spec, self.size.width))
+
+    def on_resize(self) -> None:
+        if hasattr(self, "spec"):
+            self.update(self._text(self.spec, self.size.width))
+
+    @staticmethod
+    def _text(spec: BarSpec, width: int) -> Text:
+        if not spec.labels:
+            return Text(spec.empty, style="bright_black")
+        label = max(len(name) for name in spec.labels)
+        room = max(4, width - label - 7)  # label, space, bar, space, "100%"
+        text = Text()
+        for i, (name, value) in enumerate(zip(spec.labels, spec.values, strict=True)):
+            filled = round(min(1.0, max(0.0, value)) * room)
+            text.append(f"{name:<{label}} ")
+            text.append("█" * filled, style=spec.color)
+            text.append("░" * (room - filled), style="bright_black")
+            text.append(f" {value:>4.0%}" + ("\n" if i < len(spec.labels) - 1 else ""))
+        return text
+
+
 class Chart(Widget):
-    DEFAULT_CSS = "Chart { height: 1fr; } Chart > CellPlot { height: 1fr; }"
+    DEFAULT_CSS = """
+    Chart { height: 1fr; }
+    Chart.-bars { overflow-y: auto; scrollbar-size-vertical: 1; }
+    Chart > CellPlot { height: 1fr; }
+    Chart.-bars > CellPlot { display: none; }
+    Chart > BarRows { display: none; }
+    Chart.-bars > BarRows { display: block; }
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.plot = CellPlot()
+        self.bars = BarRows()
         self._shown: LineSpec | BarSpec | None = None
 
     def compose(self) -> ComposeResult:
         yield self.plot
+        yield self.bars
+
+    def export_svg(self, title: str) -> str:
+        """What the chart shows, as an SVG (what ``g`` saves)."""
+        if isinstance(self._shown, BarSpec):
+            import io
+
+            from rich.console import Console
+
+            console = Console(record=True, width=max(20, self.size.width), file=io.StringIO(), force_terminal=True)
+            console.print(BarRows._text(self._shown, max(20, self.size.width)))
+            return console.export_svg(title=title)
+        return self.plot.export_svg(title)
 
     def redraw(self, spec: LineSpec | BarSpec) -> None:
         """Hand plotext the data; nothing happens when it is what the chart already shows."""
@@ -139,13 +195,14 @@ class Chart(Widget):
         if spec == self._shown:
             return  # a new size alone repaints by itself (CellPlot.render_line)
         self._shown = spec
+        self.set_class(isinstance(spec, BarSpec), "-bars")
+        if isinstance(spec, BarSpec):
+            self.bars.draw(spec)
+            return
         plt = self.plot.plt
         plt.clear_data()
         plt.clear_figure()
-        if isinstance(spec, LineSpec):
-            self._lines(plt, spec)
-        else:
-            self._bars(plt, spec)
+        self._lines(plt, spec)
         self.plot.invalidate()
 
     @staticmethod
@@ -163,17 +220,6 @@ class Chart(Widget):
             plt.xlim(0, 1)
             plt.ylim(0, 1)
         plt.xlabel(spec.xlabel)
-
-    @staticmethod
-    def _bars(plt, spec: BarSpec) -> None:
-        if not spec.labels:
-            plt.text("waiting for unit statistics", 0.5, 0.5, alignment="center")
-            plt.xlim(0, 1)
-            plt.ylim(0, 1)
-            return
-        plt.bar(spec.labels, spec.values, color=spec.color, width=0.6)
-        if spec.ylim:
-            plt.ylim(*spec.ylim)
 
 
 def _thinned(s: Series, points: int) -> Series:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
@@ -188,6 +189,12 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         set_status(self.query_one(f"#status-{section}", Static), text, kind)
 
     # -- up: the user asks for a change (the method sections' own fields ask for themselves) -------------
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        """A field's whole section comes into view with it (its title, what-if and apply), where the panel has room."""
+        section = next((a for a in event.widget.ancestors if isinstance(a, Widget) and a.has_class("section")), None)
+        if section is not None and section.outer_size.height <= self.scrollable_content_region.height:
+            self.call_after_refresh(self.scroll_to_widget, section, animate=False)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()

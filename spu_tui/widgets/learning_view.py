@@ -7,7 +7,9 @@ trend is the slope of its last statistics relative to their level.  Below the
 table the advisor names the front blocks whose gradient norm has settled
 (``spu_engine.core.freeze_advice``, the criterion automatic freezing uses) and why;
 ``v`` previews freezing them, ``v`` again applies it as a console change
-(undone with ``z`` like any other).
+(undone with ``z`` like any other).  Where the panel is too short for a row a
+unit, the frozen units fold into one line above the table, so the rows that
+train (the end of a frozen prefix) are the ones on screen.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from spu_engine.core.protocol import PreviewEvent
 from spu_tui.run_model import Aspect, RunModel
 
 LOG_LOW, LOG_HIGH = -7.0, -2.0
-BAR_FROM = 56  # columns from which the table has room for the update-ratio bar and whole unit names
+BAR_FROM = 56  # columns from which the table has room for the update-ratio bar
 
 # unit, grad norm, update ratio (None: no statistics yet), and their trends (None: too few statistics)
 Rows = tuple[tuple[str, float | None, float | None, float | None, float | None], ...]
@@ -47,6 +49,7 @@ class LearningView(Widget):
         self.advice: Advice | None = None
         self.proposed: Change | None = None  # the advice previewed by a first `v`, applied by the next while it stands
         self._embeddings_train = False
+        self._frozen: frozenset[str] = frozenset()  # units that train nothing now
 
     def show(self, state: RunModel) -> None:
         units = [u.name for u in state.units]
@@ -56,6 +59,7 @@ class LearningView(Widget):
         )
         trains = {u for u in units if state.unit_trainable.get(u, 1.0) > 0}
         self._embeddings_train = "embeddings" in trains
+        self._frozen = frozenset(u for u in units if u not in trains)
         advice = advise(list(state.unit_history), [u for u in units if u.startswith("block")], trains)
         if (advice.blocks if advice else None) != (self.advice.blocks if self.advice else None):
             self.proposed, self.whatif = (
@@ -89,10 +93,11 @@ class LearningView(Widget):
         )
 
     def render(self) -> Group:
-        """Numbers are never cut: below BAR_FROM columns the bar goes, then unit names shorten (block3 -> b3)."""
+        """Numbers and unit names are never cut: below BAR_FROM columns the bar goes; where rows are too many for the
+        height, the frozen units fold into one line."""
         width = self.size.width
         table = Table(box=None, expand=True, padding=(0, 1), header_style="bold")
-        table.add_column("unit", no_wrap=True, overflow="ellipsis")
+        table.add_column("unit", no_wrap=True)
         table.add_column("‖grad‖", justify="right", no_wrap=True, min_width=7)
         table.add_column("upd/w", justify="right", no_wrap=True, min_width=7)
         table.add_column("trend", justify="right", no_wrap=True, min_width=9)
@@ -100,10 +105,17 @@ class LearningView(Widget):
         if with_bar:
             table.add_column("", ratio=1, no_wrap=True)
         bar_width = max(4, width - 44)
-        for name, grad_norm, ratio, grad_trend, ratio_trend in self.rows or ():
-            shown = name if width >= BAR_FROM else short_unit(name)
+        lines = [Text(self.advice_line, style="yellow" if self.advice else "bright_black")] if self.advice_line else []
+        if self.whatif:
+            lines.append(Text(self.whatif))
+        rows = list(self.rows or ())
+        folded: list[str] = []
+        if self.size.height and 1 + len(rows) + len(lines) > self.size.height:
+            folded = [row[0] for row in rows if row[0] in self._frozen]
+            rows = [row for row in rows if row[0] not in self._frozen]
+        for name, grad_norm, ratio, grad_trend, ratio_trend in rows:
             cells = (
-                [shown, "-", "-"] if grad_norm is None or ratio is None else [shown, f"{grad_norm:.1e}", f"{ratio:.1e}"]
+                [name, "-", "-"] if grad_norm is None or ratio is None else [name, f"{grad_norm:.1e}", f"{ratio:.1e}"]
             )
             cells.append(f"{_trend(grad_trend)} {_trend(ratio_trend)}")
             if with_bar:
@@ -111,15 +123,32 @@ class LearningView(Widget):
             table.add_row(*cells)
         if not self.rows:
             table.add_row("waiting for the engine", "", "", "", *([""] if with_bar else []))
-        lines = [Text(self.advice_line, style="yellow" if self.advice else "bright_black")] if self.advice_line else []
-        if self.whatif:
-            lines.append(Text(self.whatif))
-        return Group(table, *lines)
+        head = [Text(f"frozen: {unit_span(folded)} (folded for room)", style="bright_black")] if folded else []
+        return Group(*head, table, *lines)
 
 
-def short_unit(name: str) -> str:
-    """block3 -> b3, embeddings -> emb: unit names where columns are few."""
-    return "b" + name[5:] if name.startswith("block") else {"embeddings": "emb"}.get(name, name)
+def unit_span(units: list[str]) -> str:
+    """embeddings, block0 .. block7, head -> 'embeddings, block0-7, head': runs of consecutive blocks as ranges."""
+    parts: list[str] = []
+    run: list[int] = []
+
+    def close() -> None:
+        if run:
+            parts.append(f"block{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else ""))
+            run.clear()
+
+    for unit in units:
+        index = int(unit[5:]) if unit.startswith("block") and unit[5:].isdigit() else None
+        if index is not None and (not run or index == run[-1] + 1):
+            run.append(index)
+            continue
+        close()
+        if index is not None:
+            run.append(index)
+        else:
+            parts.append(unit)
+    close()
+    return ", ".join(parts)
 
 
 def _trend(slope: float | None) -> str:

@@ -8,7 +8,10 @@ from textual.widgets import Label, ListItem, ListView
 
 
 class RemovableItem(ListItem):
-    """One line that can be removed (the line saying the list is empty is a plain ``ListItem``)."""
+    """One entry that can be removed (the line saying the list is empty is a plain ``ListItem``); a long one wraps
+    rather than losing its end (a trigger's ``✓ fired at step 8``)."""
+
+    DEFAULT_CSS = "RemovableItem { height: auto; } RemovableItem > Label { width: 1fr; }"
 
     def __init__(self, text: str) -> None:
         super().__init__(Label(text))

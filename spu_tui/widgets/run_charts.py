@@ -19,7 +19,6 @@ from spu_engine.core.run_metrics import Points, RunMetrics, matching
 from spu_tui.compare import COLORS, ComparedRun
 from spu_tui.run_model import Aspect, RunModel
 from spu_tui.widgets.chart import BarSpec, Chart, LineSpec, Series
-from spu_tui.widgets.learning_view import short_unit
 
 LOSS_LEGEND = (
     "[gray]loss[/] [cyan]smoothed[/] [yellow]eval loss[/] [green]{metric} (right axis)[/] [magenta]│ policy change[/]"
@@ -213,7 +212,7 @@ class SparsityChart(Chart):
             subtitle = f"IMP round {chosen.round}/{chosen.rounds} · {chosen.sparsity:.1%} [gray]\\[ ][/]"
         if subtitle != self._subtitle:
             self._subtitle = self.border_subtitle = subtitle
-        self.redraw(BarSpec(labels=[short_unit(n) for n in names], values=values, ylim=(0.0, 1.0)))
+        self.redraw(BarSpec(labels=names, values=values))
 
 
 def _one_scale(values: list[list[float]]) -> bool:

@@ -3,7 +3,10 @@
 Rows show trainable / frozen, parameter count and sparsity as the engine last
 reported them.  Keys here only *ask* for a change (a message up to the screen);
 a row marks a change on its way ("·" sent, "…" the engine has it) until the
-engine answers.
+engine answers.  Tensor names are shortened by the console's one rule
+(``spu_tui.names``), kept apart from their siblings; the line under the tree
+holds the cursor's full name, wrapped.  Every row's marks sit in the same
+columns: each has a fixed width.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ from dataclasses import dataclass
 from rich.text import Text
 from textual.binding import Binding
 from textual.message import Message
-from textual.widgets import Tree
+from textual.widgets import Static, Tree
 from textual.widgets.tree import TreeNode
 
 from spu_engine.core.policy import Change, FreezeRule
+from spu_tui.names import shorten, shorten_all
 from spu_tui.run_model import Aspect, RunModel
 
-NARROW_BELOW = (
-    50  # tree widths (columns) below which tensor rows use compact marks (● trains, ○ frozen) to leave room for names
-)
+NARROW_BELOW = 50  # tree widths (columns) below which rows mark ● trains / ○ frozen (the title says so), not words
+INDENT = 2  # columns before a row's name: a unit's expand arrow, a tensor's guide
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class UnitTree(Tree[Row]):
         self.queued: set[Row] = set()  # ... and "…" once the engine has it, until it applies it
         self._state: RunModel | None = None
         self._row_nodes: dict[Row, TreeNode[Row]] = {}
+        self.full_name = Static("", id="tree-name")  # the cursor's row by its full name (the screen places it)
 
     # -- drawing (called by the screen) -------------------------------------
 
@@ -95,19 +99,23 @@ class UnitTree(Tree[Row]):
         """Relabel the rows whose text changed (each new label costs the tree a repaint of its line)."""
         if self._state is None:
             return
-        width = max(24, self.size.width - 2 if self.size.width else 34)
+        width = max(24, self.size.width - 1 if self.size.width else 34)  # 1 for a scrollbar
         narrow = width < NARROW_BELOW
+        self.border_title = "units ● trains ○ frozen" if narrow else "units"
+        tail = len(self._tail(1.0, 0, 0.0, narrow))
         for u in self._state.units:
             unit = Row("unit", u.name)
-            self._set_label(unit, self._label(unit, u.name, u.numel, width - 4, narrow=False))
+            self._set_label(unit, self._label(unit, shorten(u.name, width - INDENT - tail - 1), u.numel, narrow))
             prefix = _common_prefix([p.name for p in u.params])
-            for p in u.params:
+            ranks = [
+                self._state.ranks.get(p.name.removesuffix(".lora_E")) if p.name.endswith(".lora_E") else None
+                for p in u.params
+            ]
+            room = width - INDENT - tail - 1 - max((len(f" r{r}") for r in ranks if r is not None), default=0)
+            names = shorten_all([p.name[len(prefix) :] or p.name for p in u.params], room)
+            for p, shown, rank in zip(u.params, names, ranks, strict=True):
                 row = Row("tensor", p.name)
-                shown = p.name[len(prefix) :] or p.name
-                rank = self._state.ranks.get(p.name.removesuffix(".lora_E")) if p.name.endswith(".lora_E") else None
-                self._set_label(
-                    row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, width - 5, narrow)
-                )  # 2 for the guide, 1 for a scrollbar
+                self._set_label(row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, narrow))
 
     def _set_label(self, row: Row, label: Text) -> None:
         node = self._row_nodes.get(row)
@@ -143,7 +151,8 @@ class UnitTree(Tree[Row]):
         self.queued.difference_update(rows)
         self.relabel()
 
-    def _label(self, row: Row, shown: str, numel: int, width: int, narrow: bool) -> Text:
+    def _label(self, row: Row, shown: str, numel: int, narrow: bool) -> Text:
+        """The name padded to the room the tree leaves its level, then the marks: every row's marks line up."""
         state = self._state
         assert state is not None
         if row.kind == "unit":
@@ -153,30 +162,37 @@ class UnitTree(Tree[Row]):
         else:
             frac = 1.0 if state.tensor_trainable.get(row.name, True) else 0.0
             sparsity = state.tensor_sparsity.get(row.name, 0.0)
-        if frac >= 0.9999:
-            mark, style = ("●", "train ")[not narrow], "green"
-        elif frac <= 0.0001:
-            mark, style = ("○", "frozen")[not narrow], "bright_black"
-        else:
-            mark, style = (f"{frac:>3.0%}" if narrow else f"{frac:>5.0%} "), "yellow"
-        tail = (
-            f" {mark} {short_count(numel):>5} {sparsity:>3.0%}"
-            if narrow
-            else f" {mark} {short_count(numel):>6} {sparsity:>4.0%}"
-        )
+        style = "green" if frac >= 0.9999 else "bright_black" if frac <= 0.0001 else "yellow"
+        width = max(24, self.size.width - 1 if self.size.width else 34)
+        tail = self._tail(frac, numel, sparsity, narrow)
+        room = max(1, width - INDENT - len(tail) - 1)
         on_its_way = ("…" if row in self.queued else "·") if row in self.changing else " "
-        room = max(6, width - len(tail) - 1)
-        text = Text(f"{fit_name(shown, room):<{room}}", style="bold" if row.kind == "unit" else "")
+        text = Text(f"{shown:<{room}}", style="bold" if row.kind == "unit" else "")
         text.append(on_its_way, style="bold yellow")
         text.append(tail, style=style)
         return text
 
+    @staticmethod
+    def _tail(frac: float, numel: int, sparsity: float, narrow: bool) -> str:
+        """Trainable (● / ○ or train / frozen, a share when partly), parameters, sparsity: fixed widths."""
+        if frac >= 0.9999:
+            mark = "●" if narrow else "train"
+        elif frac <= 0.0001:
+            mark = "○" if narrow else "frozen"
+        else:
+            mark = f"{frac:.0%}"
+        return (
+            f" {mark:>4} {short_count(numel):>5} {sparsity:>4.0%}"
+            if narrow
+            else f" {mark:>6} {short_count(numel):>5} {sparsity:>4.0%}"
+        )
+
     # -- keys ---------------------------------------------------------------
 
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
-        """The cursor's tensor by its full name: rows may show it shortened."""
+        """The cursor's row by its full name on the line under the tree (it wraps): rows may show it shortened."""
         row = event.node.data
-        self.border_subtitle = row.name if row is not None and row.kind == "tensor" else ""
+        self.full_name.update(row.name if row is not None else "")
 
     def _cursor_row(self) -> Row | None:
         node = self.cursor_node
@@ -241,38 +257,12 @@ class UnitTree(Tree[Row]):
 
 
 def short_count(n: int) -> str:
+    """A count in at most five columns: 980.9k, 147k, 23.1M."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
-            return f"{n / size:.1f}{unit}"
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 99.95 else f"{value:.0f}{unit}"
     return str(n)
-
-
-SHORT_LEAF = {"weight": "w", "bias": "b"}
-
-
-def fit_name(name: str, room: int) -> str:
-    """``name`` in ``room`` columns, keeping the parts that tell tensors apart: its start and its end, never cut off.
-
-    Leading parts shrink to initials (``a.s.query.weight``); then the middle goes, the last two parts staying whole
-    (``atte…lora_A.weight``); then the leaf shortens too (``a.o.LayerNorm.w``, ``att…lora_A.w``); at last the middle
-    of the name goes whatever its parts.  The cursor row's full name is on the tree's border.
-    """
-    if len(name) <= room:
-        return name
-    parts = name.split(".")
-    keep = min(2, len(parts))
-    for i in range(len(parts) - keep):
-        parts[i] = parts[i][:1]
-        if len(candidate := ".".join(parts)) <= room:
-            return candidate
-    for leaf in (parts[-1], SHORT_LEAF.get(parts[-1], parts[-1])):
-        if len(candidate := ".".join([*parts[:-1], leaf])) <= room:
-            return candidate
-        tail = ".".join([*name.split(".")[-keep:-1], leaf])
-        if len(tail) + 3 <= room:  # at least two characters of the start, then "…"
-            return name[: room - len(tail) - 1] + "…" + tail
-    end = (room - 1) // 2
-    return name[: room - 1 - end] + "…" + (name[-end:] if end else "")
 
 
 def _common_prefix(names: list[str]) -> str:

@@ -143,7 +143,7 @@ async def test_the_compare_overlay_draws_both_runs_with_a_legend_and_saves_the_p
         legend = str(chart.border_subtitle)
         assert "alpha" in legend and "beta" in legend
         assert chart.plot.size.width >= 70, f"the loss plot at 120x36 is {chart.plot.size.width} columns"
-        assert_inside(app, "#tree", "#loss", "#sparsity", "#learning", "#controls", "#log", "#keys")
+        assert_inside(app, "#tree", "#loss", "#keys")  # below 160x45 the panels show one at a time
         await pilot.press("w")  # wall time on the x axis
         await pilot.pause(0.3)
         assert chart._shown.xlabel.startswith("minutes") and max(max(s.x) for s in chart._shown.series if s.x) < 10

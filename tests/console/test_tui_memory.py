@@ -58,6 +58,7 @@ async def test_a_peft_preview_shows_the_memory_line_and_flags_what_would_not_fit
     link = ScriptedLink()
     app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")  # the controls (below 160x45 the panels show one at a time)
         await pilot.pause(0.3)
         app.query_one("#peft-method").value = "lora"
         await pilot.pause(0.2)

@@ -77,7 +77,7 @@ async def test_a_single_process_shows_no_rank_lines_and_two_ranks_a_line_each(on
 
 @pytest.mark.parametrize(
     "size, each",  # each: a line a rank without a GPU, and with one (its four rows leave less room)
-    [((80, 24), (True, False)), ((120, 36), (False, False)), ((200, 50), (False, False))],
+    [((80, 24), (True, False)), ((120, 36), (True, True)), ((200, 50), (False, False))],
 )
 async def test_eight_ranks_fit_or_are_summed_up_naming_the_slowest(one_process_run, size, each):
     run_dir, history = one_process_run

@@ -143,3 +143,26 @@ def test_spu_runs_prints_a_table_and_a_resume_hint(tmp_path):
     assert f"spu train --resume {tmp_path / 'mini-sst2'}" in result.output
     empty = CliRunner().invoke(app, ["runs", str(tmp_path / "mini-sst2" / "nope")])
     assert empty.exit_code == 2 and "no such folder" in empty.output
+
+
+def test_spu_runs_at_80_columns_keeps_the_name_whole_and_lists_the_methods(tmp_path):
+    """The name is what `spu-tui attach` takes: never cut; the other columns wrap instead."""
+    name = "minilm-sst2-lora-frozen-prefix-20261207-143201"
+    policy = {"peft": {"method": "lora", "r": 8}, "freeze": [{"units": ["embeddings"], "trainable": False}]}
+    _run(
+        tmp_path,
+        name,
+        [
+            ("state", {"state": "training", "step": 0}),
+            ("policy", {"step": 0, "policy": policy}),
+            *_trained(40),
+            ("eval", {"step": 40, "eval_loss": 0.5, "accuracy": 0.75}),
+            ("state", {"state": "finished", "step": 40}),
+        ],
+    )
+    result = CliRunner().invoke(app, ["runs", str(tmp_path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert any(name in line for line in lines), result.output
+    assert "methods" in result.output and "LoRA r8" in " ".join(" ".join(lines).split())
