@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spu_engine.model.loading import AUTO_CLASSES
+from spu_engine.tools.export.errors import ExportError
 
 INFO = "spu_export.json"
 FORMATS = ("model", "peft", "houlsby")
@@ -15,7 +16,6 @@ FORMATS = ("model", "peft", "houlsby")
 _LOAD = {
     "model": "model = {auto}.from_pretrained(folder{remote})",
     "peft": (
-        "from peft import PeftModel\n\n"
         'base = {auto}.from_pretrained("{reference}"{labels})\n'
         "model = PeftModel.from_pretrained(base, folder)  # model.merge_and_unload() gives a plain model"
     ),
@@ -82,7 +82,10 @@ def read_info(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / INFO
     if not path.is_file():
         return None
-    info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("format") not in FORMATS:
-        raise ValueError(f"{path}: format {info.get('format')!r} is not one of {', '.join(FORMATS)}")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ExportError(f"{path} is not JSON ({exc}); export the run again") from None
+    if not isinstance(info, dict) or info.get("format") not in FORMATS:
+        raise ExportError(f"{path}: no format among {', '.join(FORMATS)}; export the run again")
     return info

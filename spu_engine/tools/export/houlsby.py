@@ -1,7 +1,8 @@
-"""Load a Houlsby-adapter export without its remote code: the stock model from the folder, then the adapters.
+"""Load an adapter export the way ``spu eval`` does, running no code from the folder.
 
-``load(folder)`` is the one call the folder's README names for people with SPU installed (``spu eval`` uses it too):
-it runs no code from the folder, unlike ``from_pretrained(folder, trust_remote_code=True)``.
+``load(folder)`` is the one call a Houlsby folder's README names for people with SPU installed: the stock model
+from the folder, then the adapters, unlike ``from_pretrained(folder, trust_remote_code=True)``.  ``load_export``
+also loads a peft folder onto its base model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from spu_engine.model.houlsby import attach_adapters
-from spu_engine.model.loading import AUTO_CLASSES
+from spu_engine.model.loading import AUTO_CLASSES, load_model, name_classes
 from spu_engine.tools.export.card import read_info
 from spu_engine.tools.export.errors import ExportError
 
@@ -27,8 +28,15 @@ def load(folder: str | Path, kind: str | None = None) -> nn.Module:
     kind = kind or (read_info(folder) or {}).get("model_kind")
     if kind not in AUTO_CLASSES:
         raise ExportError(f"{folder}: no spu_export.json naming the task; pass kind= one of {', '.join(AUTO_CLASSES)}")
+    from transformers.utils import logging as hf_logging
+
     auto = getattr(transformers, AUTO_CLASSES[kind])
-    model = auto.from_pretrained(folder, trust_remote_code=False)  # the stock class: the adapter tensors wait
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the stock class lists the adapter tensors as unexpected: they come next
+    try:
+        model = auto.from_pretrained(folder, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     spec = getattr(model.config, "spu_houlsby", None)
     if not spec:
         raise ExportError(f"{folder}: config.json has no spu_houlsby (where the adapters go): not an adapter export")
@@ -42,4 +50,19 @@ def load(folder: str | Path, kind: str | None = None) -> nn.Module:
         raise ExportError(f"{folder}: the adapter tensors {sorted(own - set(tensors))[:3]} are missing")
     with torch.no_grad():
         model.load_state_dict(tensors, strict=False)
+    return model.eval()
+
+
+def load_export(folder: Path, info: dict) -> nn.Module:
+    """An adapter export as the run computed it (``spu eval``): a peft folder on its base model with peft's layers
+    left in place, as they were in training; a Houlsby folder with its adapters."""
+    from peft import PeftModel
+
+    kind = info["model_kind"]
+    if info["format"] == "houlsby":
+        return load(folder, kind)
+    labels = info.get("labels")
+    base = load_model(info["base_model"], kind, num_labels=len(labels) if labels else None)
+    model = PeftModel.from_pretrained(base, folder).get_base_model()
+    name_classes(model, labels)
     return model.eval()
