@@ -109,7 +109,7 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
         loaded = None
     elif (info := read_info(path) if path.is_dir() else None) and info["format"] != "model":
         kind = _sft_or(info["task"], model, data, options)  # an adapter export: no stock config.json says the head
-        loaded, tokenizer = load_export(path, info), load_tokenizer(model)
+        loaded, tokenizer = load_export(path, info), load_tokenizer(info["base_model"])
         names = class_names(loaded.config) if kind == "classification" else None
         checkpoint, trained_metric = None, info.get("metric") or "accuracy"
         config = EngineConfig(model=model, data=data, task=kind, max_length=info["max_length"])

@@ -112,14 +112,15 @@ def eval_json(model, data) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "peft",
     [
         {"method": "adapter", "size": 8},
-        {"method": "lora", "r": 4},
-        {"method": "ia3"},
-        {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1},
+        pytest.param({"method": "lora", "r": 4}, marks=pytest.mark.slow),
+        pytest.param({"method": "ia3"}, marks=pytest.mark.slow),
+        pytest.param(
+            {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1}, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_spu_eval_scores_each_export_on_mrpc_dev_like_the_run(peft, tiny_model_dir, tmp_path):
@@ -137,7 +138,6 @@ def test_spu_eval_scores_each_export_on_mrpc_dev_like_the_run(peft, tiny_model_d
         assert exported["metrics"][key] == pytest.approx(run["metrics"][key], abs=1e-6), key
 
 
-@pytest.mark.slow
 def test_ia3_and_adalora_folders_say_what_peft_reads(tiny_model_dir, tmp_path):
     want = train(tmp_path / "ia3", tiny_model_dir, {"method": "ia3"})
     export_run(tmp_path / "ia3", tmp_path / "ia3-out")
