@@ -39,7 +39,9 @@ def lora_tensors(engine: Engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}, {"init": "pissa"}, {"lr_ratio": 16.0}])
-def test_lora_variant_exports_a_peft_folder_and_merged_weights_equal_to_the_adapted_model(variant, tiny_model_dir, tmp_path):
+def test_lora_variant_exports_a_peft_folder_and_merged_weights_equal_to_the_adapted_model(
+    variant, tiny_model_dir, tmp_path
+):
     run_dir = tmp_path / "run"
     engine = Engine(run_config(tiny_model_dir), parse_policy({"peft": {"method": "lora", "r": 4, **variant}}), run_dir)
     start = lora_tensors(engine)
