@@ -17,6 +17,7 @@ from spu_engine.core.policy_files import parse_policy
 from spu_engine.loop.engine import Engine, EngineConfig
 from spu_engine.tools.export import ExportError, export_run, probe_batch
 from spu_engine.tools.export.houlsby import load
+from spu_engine.tools.export.run import _reference
 from support import DATA, SST2
 
 MRPC = DATA / "mrpc"
@@ -180,3 +181,8 @@ def test_a_lora_target_pruned_underneath_needs_merge(tiny_model_dir, tmp_path):
     with pytest.raises(ExportError, match=r"query.weight differs from the base model's .*export with --merge"):
         export_run(tmp_path / "run", tmp_path / "out")
     assert export_run(tmp_path / "run", tmp_path / "merged", merge=True).sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_offline_minilm_is_named_by_its_hub_id_in_adapter_folders(minilm_dir, tiny_model_dir):
+    assert _reference(str(minilm_dir)) == _reference("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert _reference(str(tiny_model_dir)) == str(tiny_model_dir)

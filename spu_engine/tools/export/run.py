@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from spu_engine.core.model_source import resolve_model_name
+from spu_engine.core.model_source import MINILM_ALIASES, MINILM_HUB_ID, offline_model_dir
 from spu_engine.core.policy import Policy
 from spu_engine.core.runs import CHECKPOINTS, CONFIG
 from spu_engine.model.loading import AUTO_CLASSES, count_params, load_tokenizer, name_classes
@@ -173,10 +173,10 @@ def _format(method: str, compact: bool, merge: bool) -> str:
 
 
 def _reference(name: str) -> str:
-    """The base model as the adapter folder names it for people elsewhere: the hub id behind SPU's alias."""
-    resolved = resolve_model_name(name)
-    if resolved != name and Path(resolved).exists():
-        return "sentence-transformers/all-MiniLM-L6-v2"
+    """The base model as the adapter folder names it for people elsewhere: the hub id behind SPU's offline MiniLM."""
+    offline = offline_model_dir()
+    if name.lower() in MINILM_ALIASES or (offline is not None and Path(name).resolve() == Path(offline).resolve()):
+        return MINILM_HUB_ID
     return name
 
 
