@@ -63,7 +63,7 @@ def write_card(out_dir: Path, info: dict[str, Any], remote: bool = False) -> Non
         f"# {info['run']} at step {info['step']}, exported by `spu export`\n\n"
         f"This folder is {what}\n\n"
         f"- task: {info['task']}; labels (class ids in order): {labels or '-'}\n"
-        f"- base model: `{info['base_model']}`; trained at {info['max_length']} tokens per example\n"
+        f"- base model: `{info['base_reference']}`; trained at {info['max_length']} tokens per example\n"
         f"- checkpoint: `{info['checkpoint']}`\n\n"
         "## Load it\n\n"
         "```python\n"

@@ -105,6 +105,10 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False, merge: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     if form == "peft":
         report.loaded_diff = write_peft_folder(model, name, reference, kind, out_dir)
+        if report.loaded_diff > 1e-3:
+            notes.append(
+                f"the adapter folder does not reproduce the run (difference {report.loaded_diff:.1e}): use --merge"
+            )
         notes.append(
             f"a peft adapter folder for {reference}: PeftModel.from_pretrained(base, folder) loads it; its outputs "
             f"differ from the run's model by at most {report.loaded_diff:.1e} on a probe batch (--merge writes a plain model)"
