@@ -192,30 +192,44 @@ def report(
 @app.command("export")
 def export_model(
     run: Path = typer.Option(..., "--run", help="run folder (config.json and checkpoints/)"),
-    out_dir: Path = typer.Option(..., "--out", help="folder to write: a Hugging Face model folder"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write (the run folder is never written)"),
+    merge: bool = typer.Option(
+        False,
+        help="lora, adalora, ia3: fold the adapters into the weights (peft's merge) and write a plain model folder "
+        "[default: a peft adapter folder for the base model, PeftModel.from_pretrained(base, folder)]",
+    ),
     compact: bool = typer.Option(
         False,
         help="also remove the FFN neurons, attention heads and (GPT-2) whole blocks pruning killed, outputs unchanged "
-        "(default: off, pruned weights kept as zeros)",
+        "(default: off, pruned weights kept as zeros; a model folder: with --merge for lora, adalora, ia3)",
     ),
     force: bool = typer.Option(
         False, help="write into a non-empty --out folder (default: off, a non-empty one is refused)"
     ),
 ) -> None:
-    """Write a run's newest checkpoint as a from_pretrained-loadable folder, pruning masks folded in."""
+    """Write a run's newest checkpoint as a folder the ecosystem loads, pruning masks folded in.
+
+    By the run's peft.method: none or bitfit, a Hugging Face model folder (from_pretrained); lora (DoRA, rsLoRA,
+    PiSSA ...), adalora and ia3, a peft adapter folder (adapter_config.json + adapter_model.safetensors; --merge for a
+    model folder); adapter (Houlsby), a model folder plus spu_houlsby.py (from_pretrained(folder,
+    trust_remote_code=True), or spu_engine.tools.export.houlsby.load(folder)).  Every folder has a README.md saying
+    how to load it and spu_export.json (base model, task, labels) for `spu eval`."""
     from spu_engine.storage.checkpoint import CheckpointError
     from spu_engine.tools.export import ExportError, export_run
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         fail(f"--out {out_dir} exists and is not empty; choose another folder or pass --force")
     try:
-        report = export_run(run, out_dir, compact=compact)
+        report = export_run(run, out_dir, compact=compact, merge=merge)
     except (ExportError, CheckpointError, ModelLoadError, OSError) as exc:
         fail(str(exc))
     for note in report.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     out.print(f"exported {report.checkpoint.name} of {run} to {report.out_dir}", highlight=False)
     out.print(f"masked tensors: {report.masked_tensors}, zeros among them: {report.sparsity:.1%}")
+    if report.format == "peft":
+        out.print(f"peft adapter folder: {report.params:,} parameters (adapters and modules_to_save)")
+        return
     if report.ffn_width is None:
         out.print(f"parameters: {report.params:,}")
         return
@@ -238,7 +252,8 @@ def export_model(
 def eval_model(
     model: str = typer.Option(
         ...,
-        help="a run folder (its newest checkpoint whose weights verify), a model folder from `spu export`, "
+        help="a run folder (its newest checkpoint whose weights verify), a folder from `spu export` (model, peft "
+        "adapter or Houlsby adapter), "
         "or a hub id with a trained head",
     ),
     data: str = typer.Option(..., help="hub dataset or local file / folder, labelled"),
@@ -286,6 +301,7 @@ def eval_model(
     from spu_engine.core.data import DataError
     from spu_engine.storage.checkpoint import CheckpointError
     from spu_engine.tasks.classification import METRICS
+    from spu_engine.tools.export import ExportError
     from spu_engine.tools.scoring import ScoreError, ScoreOptions, score
 
     if metric is not None and metric not in METRICS:
@@ -306,7 +322,7 @@ def eval_model(
     )
     try:
         result = score(model, data, options)
-    except (ScoreError, DataError, CheckpointError, ModelLoadError, PolicyError, OSError) as exc:
+    except (ScoreError, DataError, CheckpointError, ExportError, ModelLoadError, PolicyError, OSError) as exc:
         fail(str(exc))
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)

@@ -23,13 +23,17 @@ def offline_model_dir() -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+MINILM_ALIASES = ("minilm", "offline-minilm", "all-minilm-l6-v2")
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the offline package holds
+
+
 def resolve_model_name(name: str) -> str:
     """Map the alias ``minilm`` to the offline folder; leave hub ids and paths alone."""
-    if name.lower() in {"minilm", "offline-minilm", "all-minilm-l6-v2"}:
+    if name.lower() in MINILM_ALIASES:
         folder = offline_model_dir()
         if folder is not None:
             return str(folder)
-        return "sentence-transformers/all-MiniLM-L6-v2"
+        return MINILM_HUB_ID
     return name
 
 

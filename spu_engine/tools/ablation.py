@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from spu_engine.core.collapse import collapse_note
-from spu_engine.methods.peft.adapter import BottleneckAdapter
+from spu_engine.model.houlsby import BottleneckAdapter
 from spu_engine.model.loading import find_block_list
 
 

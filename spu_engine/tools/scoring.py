@@ -1,6 +1,7 @@
 """``spu eval``: score a trained model on labelled data, with the task's metric, e.g. a policy on data it never trained on.
 
-The model is a run folder or a model folder (``spu export``, or any HF folder or hub id with a trained head).
+The model is a run folder or a model folder (``spu export``: a model, a peft adapter folder or a Houlsby-adapter
+folder, which ``spu_export.json`` names; or any HF folder or hub id with a trained head).
 A run is scored at its newest checkpoint whose weights verify, loaded by the engine's own resume path, so PEFT
 adapters, pruning masks and every method's state count exactly as they trained; a model folder is handed to
 an engine as it is.  Either way the engine's ``evaluate`` computes the figures.  Classification labels are
@@ -34,6 +35,8 @@ from spu_engine.storage.checkpoint import OPTIMIZER, CheckpointError, list_check
 from spu_engine.tasks import Task, TaskOptions, TaskUnclear, get_task, infer_task
 from spu_engine.tasks.classification import ClassificationTask, Columns, train_label_ids
 from spu_engine.tasks.sft_generate import Generation
+from spu_engine.tools.export.card import read_info
+from spu_engine.tools.export.houlsby import load_export
 
 TASK_OF_HEAD = (
     ("ForSequenceClassification", "classification"),
@@ -111,6 +114,12 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
         names = (state.get("label_names") or _trained_labels(config)) if kind == "classification" else None
         trained_metric = config.metric or data_metric(config.data)
         loaded = None
+    elif (info := read_info(path) if path.is_dir() else None) and info["format"] != "model":
+        kind = _sft_or(info["task"], model, data, options)  # an adapter export: no stock config.json says the head
+        loaded, tokenizer = load_export(path, info), load_tokenizer(info["base_model"])
+        names = class_names(loaded.config) if kind == "classification" else None
+        checkpoint, trained_metric = None, info.get("metric") or "accuracy"
+        config = EngineConfig(model=model, data=data, task=kind, max_length=info["max_length"])
     else:
         if path.is_dir() and not (path / "config.json").is_file():
             raise ScoreError(

@@ -114,7 +114,7 @@ def test_checkpoints_resume_across_world_sizes_and_a_sharded_one_exports(models,
         assert {s: resumed[s] for s in (7, 8)} == pytest.approx({s: losses[s] for s in (7, 8)}, abs=2e-5), case
     exported = tmp_path / "export"
     r = subprocess.run(
-        [sys.executable, "-m", "spu_engine.cli", "export", "--run", str(sharded), "--out", str(exported)],
+        [sys.executable, "-m", "spu_engine.cli", "export", "--run", str(sharded), "--out", str(exported), "--merge"],
         capture_output=True,
         text=True,
         env=ENV,

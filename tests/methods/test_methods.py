@@ -7,8 +7,9 @@ import torch
 
 from spu_engine.core.policy import Change, PolicyError
 from spu_engine.core.policy_files import parse_policy
-from spu_engine.methods.peft.adapter import SLOTS, BottleneckAdapter
+from spu_engine.methods.peft.adapter import SLOTS
 from spu_engine.methods.targets import is_bias, norm_names, task_head_names
+from spu_engine.model.houlsby import BottleneckAdapter
 from support import build_tiny
 
 

@@ -9,8 +9,8 @@ from spu_engine.core.policy import Change, Policy, PolicyError
 from spu_engine.core.spawn import spawn_engine
 from spu_engine.core.transport import EngineClient
 from spu_engine.loop.engine import EngineConfig
-from spu_engine.methods.peft.adapter import BottleneckAdapter
 from spu_engine.methods.selective_backprop.method import SelectiveBackprop
+from spu_engine.model.houlsby import BottleneckAdapter
 from support import SST2
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from spu_engine.core.policy import Change, Policy, PolicyError
@@ -36,7 +39,9 @@ def lora_tensors(engine: Engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}, {"init": "pissa"}, {"lr_ratio": 16.0}])
-def test_lora_variant_trains_and_exports_merged_weights_equal_to_the_adapted_model(variant, tiny_model_dir, tmp_path):
+def test_lora_variant_exports_a_peft_folder_and_merged_weights_equal_to_the_adapted_model(
+    variant, tiny_model_dir, tmp_path
+):
     run_dir = tmp_path / "run"
     engine = Engine(run_config(tiny_model_dir), parse_policy({"peft": {"method": "lora", "r": 4, **variant}}), run_dir)
     start = lora_tensors(engine)
@@ -49,12 +54,26 @@ def test_lora_variant_trains_and_exports_merged_weights_equal_to_the_adapted_mod
     with torch.no_grad():
         adapted = engine.model(**batch).logits
     engine.close()
-    report = export_run(run_dir, tmp_path / "out")
+    report = export_run(run_dir, tmp_path / "out", merge=True)
     assert report.merged_diff is not None and report.merged_diff < 1e-4
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).logits, adapted, atol=1e-4)
+    folder = export_run(run_dir, tmp_path / "peft")  # the default: a peft folder onto the unchanged base model
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["use_dora"], config["use_rslora"]) == (
+        variant.get("use_dora", False),
+        variant.get("use_rslora", False),
+    )
+    if variant.get("init") == "pissa":  # the residual left in the base weight travels as extra rank
+        assert set(config["rank_pattern"].values()) == {8} and config["init_lora_weights"] is True
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        assert torch.allclose(
+            PeftModel.from_pretrained(base, tmp_path / "peft").eval()(**batch).logits, adapted, atol=1e-4
+        )
+    assert folder.loaded_diff < 1e-4
 
 
 def test_pissa_moves_the_top_singular_part_out_of_the_base_weight(make_engine):
@@ -109,7 +128,7 @@ def test_adalora_cuts_ranks_reports_them_and_exports_merged(tiny_model_dir, tmp_
     with torch.no_grad():
         adapted = engine.model(**batch).logits
     engine.close()
-    report = export_run(run_dir, tmp_path / "out")
+    report = export_run(run_dir, tmp_path / "out", merge=True)
     assert report.merged_diff < 1e-4
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():

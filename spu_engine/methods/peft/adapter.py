@@ -22,9 +22,9 @@ from spu_engine.methods.base import Host
 from spu_engine.methods.peft.base import AddedTensorsMethod
 from spu_engine.methods.peft.settings import Peft
 from spu_engine.methods.targets import NameSets, norm_names, task_head_names
+from spu_engine.model.houlsby import attach_adapters
 from spu_engine.model.loading import find_block_list
 
-INIT_STD = 1e-2
 SLOTS = ("attn_adapter", "ffn_adapter")
 
 # model_type -> (attention output, feed-forward output): the module inside a block the adapter follows
@@ -36,29 +36,6 @@ SITES = {
     "distilbert": ("attention.out_lin", "ffn.dropout"),
     "gpt2": ("attn.resid_dropout", "mlp.dropout"),
 }
-
-
-class BottleneckAdapter(nn.Module):
-    def __init__(self, d: int, m: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(d, m)
-        self.act = nn.GELU()
-        self.up = nn.Linear(m, d)
-        self.enabled = True  # off: the sublayer output passes through (adapter ablation, ``ablation.py``)
-        for layer in (self.down, self.up):
-            nn.init.trunc_normal_(layer.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, h):
-        return h + self.up(self.act(self.down(h)))
-
-    def after(self, module, args, output):
-        """Forward hook: the sublayer output passes through the adapter."""
-        if not self.enabled:
-            return output
-        if isinstance(output, tuple):
-            return (self(output[0]), *output[1:])
-        return self(output)
 
 
 class Adapter(AddedTensorsMethod):
@@ -95,33 +72,32 @@ class Adapter(AddedTensorsMethod):
 
 def insert_adapters(model: nn.Module, size: int) -> tuple[list[nn.Parameter], list, list[tuple[nn.Module, str]]]:
     """Two adapters per block; returns their parameters, the forward hooks that apply them and where they are held."""
+    hooks, slots = attach_adapters(model, adapter_spec(model, size))
+    return [p for parent, slot in slots for p in getattr(parent, slot).parameters()], hooks, slots
+
+
+def adapter_spec(model: nn.Module, size: int) -> dict:
+    """Where the adapters of ``model`` go (``houlsby.attach_adapters``'s spec): after the attention and the
+    feed-forward output of every block, found before anything changes."""
     d = getattr(getattr(model, "config", None), "hidden_size", None)
     if not d:
         raise PolicyError(
             f"peft.method: adapter: {type(model).__name__} has no config.hidden_size to size the adapters by"
         )
-    _, blocks = find_block_list(model)
-    sites = [adapter_sites(model, block, d) for block in blocks]  # all found before anything changes
-    params: list[nn.Parameter] = []
-    hooks: list = []
-    slots: list[tuple[nn.Module, str]] = []
-    for block, block_sites in zip(blocks, sites):
-        ref = next(block.parameters())
-        for slot, (output_module, parent) in zip(SLOTS, block_sites):
-            adapter = BottleneckAdapter(d, size).to(device=ref.device, dtype=ref.dtype)
-            parent.add_module(slot, adapter)
-            slots.append((parent, slot))
-            hooks.append(output_module.register_forward_hook(adapter.after))
-            params.extend(adapter.parameters())
-    return params, hooks, slots
+    path, blocks = find_block_list(model)
+    sites = []
+    for i, block in enumerate(blocks):
+        for slot, site in zip(SLOTS, adapter_sites(model, block, d)):
+            sites.append([f"{path}.{i}.{site}", slot])
+    return {"size": size, "sites": sites}
 
 
-def adapter_sites(model: nn.Module, block: nn.Module, d: int) -> list[tuple[nn.Module, nn.Module]]:
-    """(output module, parent to hold the adapter) for the attention and the feed-forward sublayer of a block."""
+def adapter_sites(model: nn.Module, block: nn.Module, d: int) -> tuple[str, str]:
+    """The paths (in the block) of the attention and the feed-forward sublayer's output module."""
     paths = SITES.get(getattr(model.config, "model_type", ""))
     if paths is None or not all(_has(block, p) for p in paths):
         paths = _projection_paths(block, d)
-    return [(block.get_submodule(p), block.get_submodule(p.rpartition(".")[0])) for p in paths]
+    return paths
 
 
 def _has(block: nn.Module, path: str) -> bool:

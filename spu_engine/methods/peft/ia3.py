@@ -55,20 +55,24 @@ class IA3(AddedTensorsMethod):
         return name.endswith(".ia3_l") or name in self.head  # the stable name of peft's ia3_l.default
 
     def add_to(self, model: nn.Module, settings: Peft) -> list[nn.Parameter]:
-        if settings.target_modules:
-            targets, feedforward = (
-                list(settings.target_modules),
-                [t for t in settings.target_modules if t in FEEDFORWARD_NAMES],
-            )
-        elif model_type(model) in DEFAULTS:
-            targets, feedforward = DEFAULTS[model_type(model)]
-        else:
-            raise PolicyError(
-                f"peft.target_modules: no default IA3 targets for model type {model_type(model)!r}; "
-                "name the modules to rescale, e.g. [k_proj, v_proj, down_proj]"
-            )
-        config = IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=True)
-        return inject(model, config, "peft.target_modules")
+        return inject(model, ia3_config(model, settings), "peft.target_modules")
 
     def uninstall(self) -> None:
         eject(self.host.model)
+
+
+def ia3_config(model: nn.Module, settings: Peft) -> IA3Config:
+    """peft's config for ``settings``: the modules to rescale, and which of them are feed-forward (input rescaled)."""
+    if settings.target_modules:
+        targets, feedforward = (
+            list(settings.target_modules),
+            [t for t in settings.target_modules if t in FEEDFORWARD_NAMES],
+        )
+    elif model_type(model) in DEFAULTS:
+        targets, feedforward = DEFAULTS[model_type(model)]
+    else:
+        raise PolicyError(
+            f"peft.target_modules: no default IA3 targets for model type {model_type(model)!r}; "
+            "name the modules to rescale, e.g. [k_proj, v_proj, down_proj]"
+        )
+    return IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=True)
