@@ -53,6 +53,7 @@ class Host(Protocol):
     params: dict[str, nn.Parameter]  # by stable name (model.stable_name)
     param_names: list[str]  # a new list whenever the module tree changed (methods cache by its identity)
     loaded_names: list[str]  # the names before any method added tensors
+    clock: Callable[[], int]  # the optimizer steps taken: the step a change would apply at (what-if notes)
 
     @property
     def pending(self) -> Sequence[TimelineEntry]:
