@@ -30,6 +30,7 @@ RESUME_OVERRIDES = (
     "batch_size",
     "eval_every",
     "checkpoint_every",
+    "checkpoint_minutes",
     "device",
     "threads",
     "system_every",
