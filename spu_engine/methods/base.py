@@ -232,6 +232,12 @@ class Method(Checkpointed):
         for a host that has none to refuse it; None: none."""
         return None
 
+    def keeps_frozen_state(self, policy: Policy) -> set[str]:
+        """Stable names of tensors whose optimizer state this method keeps while they are frozen under ``policy``, for
+        when they train again (automatic freezing's ``optimizer_state: keep``); every other frozen tensor's state is
+        dropped by the engine, so memory and checkpoints hold none for what does not train."""
+        return set()
+
     def leaves_under(self, policy: Policy) -> bool:
         """Whether ``policy`` switches this method off while it has changed the model: it is configured before the
         others, so one that must go (or refuses to) does so before another adds its tensors."""
