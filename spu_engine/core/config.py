@@ -214,7 +214,11 @@ class EngineConfig(RunSettings):
     """Everything about a run that is not the policy: its ``RunSettings`` and where it runs."""
 
     device: str = Field("auto", description="where the engine runs: auto, cpu, cuda, cuda:1")
-    threads: int | None = Field(None, description="CPU threads for the engine (default: torch's choice)")
+    threads: int | None = Field(
+        None,
+        description="CPU threads for the engine (default: torch's choice; a replayed policy's machine: threads, when "
+        "this machine has that many cores)",
+    )
     system_every: float = Field(
         10.0, ge=0, description="seconds between two system events (GPU, CPU, RAM, throughput); 0: none"
     )

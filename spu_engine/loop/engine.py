@@ -194,6 +194,7 @@ class Engine:
             run_dir=self.run_dir,
         )
         self.record.check_triggers()
+        self.record.check_machine(policy.machine)
         self.rollback = ChangeRollback(
             self.runtime, self.record, self.events, self.progress.now, self.device, multi_process=self.dist is not None
         )
