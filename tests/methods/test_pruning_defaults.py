@@ -35,10 +35,13 @@ def test_a_change_mid_run_ends_with_the_run(make_engine):
 
 def test_the_what_if_says_what_the_run_reaches_by_its_end(make_engine):
     engine = make_engine(steps=600, batch_size=2)
-    notes = engine.preview(Change(set=default_schedule()))["notes"]
-    assert "magnitude pruning: sparsity → 50% at step 599 (the run's last)" in notes
+    preview = engine.preview(Change(set=default_schedule()))
+    assert "magnitude pruning: sparsity → 50% at step 599 (the run's last)" in preview["notes"]
+    assert preview["sparsity"] == 0.5
     late = default_schedule(schedule={"final_sparsity": 0.5, "end_step": 1000})
-    note = next(n for n in engine.preview(Change(set=late))["notes"] if "pruning" in n)
+    preview = engine.preview(Change(set=late))
+    assert preview["sparsity"] == pytest.approx(0.4655, abs=1e-4)  # what the run's end reaches, not the target
+    note = next(n for n in preview["notes"] if "pruning" in n)
     assert "reaches 46.6% by the run's end (step 599), not 50%: the schedule ends at step 1000" in note
 
 

@@ -23,7 +23,7 @@ from spu_engine.methods.pruning.layout import sublayer
 from spu_engine.methods.pruning.magnitude import MagnitudePruner
 from spu_engine.methods.pruning.masks import MaskedWeights
 from spu_engine.methods.pruning.movement import MovementPruner
-from spu_engine.methods.pruning.reach import reach_note
+from spu_engine.methods.pruning.reach import reach_note, reached_by
 from spu_engine.methods.pruning.schedule import Ramp
 from spu_engine.methods.pruning.settings import Pruning
 from spu_engine.methods.pruning.soft_movement import SoftMovementPruner
@@ -178,14 +178,22 @@ class PruningMethod(Method):
         return [n for n in targets if not self.host.units.unit_for(n).startswith("block")]
 
     def target_sparsity(self, policy: Policy) -> float | None:
-        return policy.pruning.schedule.final_sparsity if policy.pruning.method != "none" else None
+        """What the run's end reaches under ``policy`` (the what-if's ``sparsity → ...``): the final sparsity, or less
+        where the schedule ends after the run's last step."""
+        if policy.pruning.method == "none":
+            return None
+        ramp, steps = self._preview_ramp(policy.pruning), self.host.config.steps
+        if ramp is None or steps is None:
+            return policy.pruning.schedule.final_sparsity
+        return reached_by(ramp, steps - 1) or 0.0
 
     def preview_notes(self, before: Policy, after: Policy) -> list[str]:
         if after.pruning.method == "none":
             return []
         notes = []
-        if after.pruning != before.pruning and (reach := self._reach(after.pruning)) is not None:
-            notes.append(reach)
+        ramp, steps = self._preview_ramp(after.pruning), self.host.config.steps
+        if after.pruning != before.pruning and ramp is not None and steps is not None:
+            notes.append(reach_note(ramp, steps - 1, f"{after.pruning.method} pruning"))
         outside = self.outside_blocks(self.resolve_targets(after.pruning))
         if outside:
             notes.append(
@@ -193,15 +201,15 @@ class PruningMethod(Method):
             )
         return notes
 
-    def _reach(self, settings: Pruning) -> str | None:
-        """What ``settings``' ramp, taken at the step now, reaches by the run's end (scheduled methods; IMP's rounds
-        say their own end when configured)."""
-        steps = self.host.config.steps
-        if steps is None or not issubclass(PRUNERS[settings.method], ScheduledPruner):
+    def _preview_ramp(self, settings: Pruning) -> Ramp | None:
+        """The ramp ``settings`` would follow from the step now: the one in force if they are unchanged, else a new
+        one as ``configure`` would start it; None for IMP (its rounds say their own end when configured)."""
+        if not issubclass(PRUNERS[settings.method], ScheduledPruner):
             return None
+        if settings == self.settings and isinstance(self.pruner, ScheduledPruner) and self.pruner.ramp is not None:
+            return self.pruner.ramp
         step = self.host.clock()
-        anchored = step > self.window(settings)[0]
-        return reach_note(self._ramp(settings, step, anchored), steps - 1, f"{settings.method} pruning")
+        return self._ramp(settings, step, step > self.window(settings)[0])
 
     def collapse_note(self) -> str | None:
         if self.active and self.settings.method == "movement":
