@@ -49,8 +49,8 @@ class RunSettings(BaseModel):
     checkpoint_every: int | None = Field(
         None,
         ge=0,
-        description="checkpoint every N steps; unset: every checkpoint_minutes of training time; 0: no checkpoint "
-        "but on request and at the end (a crash loses the run)",
+        description="checkpoint every N steps (default: unset, every checkpoint_minutes of training time); 0: no "
+        "checkpoint but on request and at the end (a crash loses the run)",
     )
     checkpoint_minutes: float = Field(
         10.0,
