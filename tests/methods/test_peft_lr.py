@@ -65,6 +65,7 @@ def test_the_console_field_is_empty_for_the_run_s_lr():
     assert field.value_in(parse_policy({"peft": {"method": "lora", "lr": 2e-4}})) == "0.0002"
     values = section_values("peft", lambda f: "2e-4" if f.id == "peft-lr" else f.value_in(Policy()))
     assert values["lr"] == 2e-4
+    assert "lr" not in section_values("peft", lambda f: f.value_in(Policy()))  # empty: the run's, nothing sent
     assert "out of range" in field.problem("-1")
 
 
