@@ -180,14 +180,13 @@ def section_values(section: str, text_of: Callable[[ControlField], str]) -> dict
     """The section's values as the policy nests them, from each field's text."""
     values: dict[str, Any] = {}
     for f in fields_of(section):
-        value = f.parsed(text_of(f))
-        if value is None:  # an optional number left empty: the engine's own default (the run's end, the run's lr)
+        if f.optional and not text_of(f).strip():  # left empty: the engine's own default (the run's end, its lr)
             continue
         *parents, name = f.path.split(".")
         into = values
         for key in parents:
             into = into.setdefault(key, {})
-        into[name] = value
+        into[name] = f.parsed(text_of(f))
     return values
 
 
