@@ -66,6 +66,8 @@ def test_the_console_field_is_empty_for_the_run_s_lr():
     values = section_values("peft", lambda f: "2e-4" if f.id == "peft-lr" else f.value_in(Policy()))
     assert values["lr"] == 2e-4
     assert "lr" not in section_values("peft", lambda f: f.value_in(Policy()))  # empty: the run's, nothing sent
+    typed = {"peft-method": "bitfit", "peft-lr": "5e-4"}
+    assert section_values("peft", lambda f: typed.get(f.id, f.value_in(Policy())))["lr"] == 5e-4  # BitFit reads it
     assert "out of range" in field.problem("-1")
 
 
