@@ -63,9 +63,10 @@ def test_the_console_field_is_empty_for_the_run_s_lr():
     field = FIELD_BY_ID["peft-lr"]
     assert field.value_in(Policy()) == "" and field.unset == "run's lr"
     assert field.value_in(parse_policy({"peft": {"method": "lora", "lr": 2e-4}})) == "0.0002"
-    values = section_values("peft", lambda f: "2e-4" if f.id == "peft-lr" else f.value_in(Policy()))
-    assert values["lr"] == 2e-4
-    assert "lr" not in section_values("peft", lambda f: f.value_in(Policy()))  # empty: the run's, nothing sent
+    typed = {"peft-method": "lora", "peft-lr": "2e-4"}
+    assert section_values("peft", lambda f: typed.get(f.id, f.value_in(Policy())))["lr"] == 2e-4
+    typed = {"peft-method": "lora"}
+    assert "lr" not in section_values("peft", lambda f: typed.get(f.id, f.value_in(Policy())))  # empty: the run's
     typed = {"peft-method": "bitfit", "peft-lr": "5e-4"}
     assert section_values("peft", lambda f: typed.get(f.id, f.value_in(Policy())))["lr"] == 5e-4  # BitFit reads it
     assert "out of range" in field.problem("-1")
@@ -83,7 +84,7 @@ async def test_the_console_s_peft_section_sends_its_lr(plain_run):
     run_dir, history = plain_run
     link = ScriptedLink()
     app = SpuApp(run_dir, history=history, link=link)
-    async with app.run_test(size=(120, 36)) as pilot:
+    async with app.run_test(size=(200, 50)) as pilot:  # every panel at once
         await pilot.pause(0.3)
         app.query_one("#peft-method").value = "lora"
         await pilot.pause(0.2)
