@@ -32,6 +32,7 @@ RESUME_OVERRIDES = (
     "batch_size",
     "eval_every",
     "checkpoint_every",
+    "checkpoint_minutes",
     "device",
     "threads",
     "system_every",
@@ -128,8 +129,8 @@ def train(
     holds the settings); flags given with it override those settings.
     Ctrl-C or SIGTERM: checkpoint, then stop (a second Ctrl-C stops at once).
     --resume RUN continues from its newest complete checkpoint; --steps,
-    --batch-size, --eval-every, --checkpoint-every, --device, --threads,
-    --system-every and --report-to given with it override the run's
+    --batch-size, --eval-every, --checkpoint-every, --checkpoint-minutes, --device,
+    --threads, --system-every and --report-to given with it override the run's
     config.json (other run settings are the run's).  A --run-dir that already
     holds a run is refused unless --overwrite says to start it again.
     """

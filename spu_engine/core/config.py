@@ -46,7 +46,18 @@ class RunSettings(BaseModel):
     grad_clip: float = Field(1.0, ge=0, description="largest gradient norm (clipped to it); 0 disables clipping")
     eval_every: int = Field(100, ge=0, description="evaluate every N steps; 0: only at the end")
     stats_every: int = Field(10, ge=1, description="per-unit statistics every N steps")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps; 0: only on request and at the end")
+    checkpoint_every: int | None = Field(
+        None,
+        ge=0,
+        description="checkpoint every N steps (default: unset, every checkpoint_minutes of training time); 0: no "
+        "checkpoint but on request and at the end (a crash loses the run)",
+    )
+    checkpoint_minutes: float = Field(
+        10.0,
+        ge=0,
+        description="with checkpoint_every unset: checkpoint after every this many minutes of training (steps only, not "
+        "evaluations or pauses), so a crash loses at most that; the newest keep_checkpoints stay on disk; 0: off",
+    )
     keep_checkpoints: int = Field(3, ge=1, description="the newest N checkpoints are kept, older ones deleted")
     max_train_samples: int | None = Field(None, description="train on at most N examples (default: all)")
     max_eval_samples: int | None = Field(None, description="evaluate on at most N examples (default: all)")
@@ -203,7 +214,11 @@ class EngineConfig(RunSettings):
     """Everything about a run that is not the policy: its ``RunSettings`` and where it runs."""
 
     device: str = Field("auto", description="where the engine runs: auto, cpu, cuda, cuda:1")
-    threads: int | None = Field(None, description="CPU threads for the engine (default: torch's choice)")
+    threads: int | None = Field(
+        None,
+        description="CPU threads for the engine (default: torch's choice; a replayed policy's machine: threads, when "
+        "this machine has that many cores)",
+    )
     system_every: float = Field(
         10.0, ge=0, description="seconds between two system events (GPU, CPU, RAM, throughput); 0: none"
     )

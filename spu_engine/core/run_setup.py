@@ -4,6 +4,7 @@ run folders and settings, and a run's config built from the flags given. No torc
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -68,13 +69,16 @@ def _option_error(error: dict) -> str:
 
 
 def config_from_policy(pol: Policy, source: Path | None, **flags):
-    """The policy's ``run:`` settings, with the flags given on the command line taking precedence.
+    """The policy's ``run:`` settings (and its ``machine:``'s threads), with the flags given on the command line
+    taking precedence.
 
     A flag that changes a value the file sets is said on stderr (one line): a replay with a
     different --steps or --lr has a different LR schedule, so different losses.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     base = pol.run.model_dump(include=pol.run.model_fields_set) if pol.run else {}
+    if pol.machine is not None and pol.machine.threads <= (os.cpu_count() or 1):  # CPU sums depend on them
+        base["threads"] = pol.machine.threads  # (more than this machine has would only oversubscribe it)
     changed = [f"--{k.replace('_', '-')} {base[k]} -> {v}" for k, v in given.items() if k in base and base[k] != v]
     if changed:
         err.print(

@@ -94,14 +94,19 @@ class Commands:
 
     def take(self, block: bool, stop_signal: str | None) -> tuple[list[Any], str | None]:
         """This boundary's commands and stop signal: rank 0's, broadcast so every rank applies the same ones; with
-        them rank 0's word on the system sample, so every rank gathers its readings after the same step."""
+        them rank 0's word on the system sample and a timed checkpoint, so every rank gathers its readings and writes its
+        checkpoint after the same step."""
         dist, system = self.engine.dist, getattr(self.engine, "system", None)
+        cadence = getattr(self.engine, "cadence", None)
         if dist is None:
             return self._drain(block), stop_signal
         due = system is not None and system.proposal()
-        cmds, signal, due = dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal, due))
+        save = cadence is not None and cadence.proposal()
+        cmds, signal, due, save = dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal, due, save))
         if system is not None:
             system.agree(due)
+        if cadence is not None:
+            cadence.agree(save)
         return cmds, signal
 
     def handle(self, cmd: Any) -> None:

@@ -36,6 +36,7 @@ from spu_engine.core.runs import CHECKPOINTS, CONFIG, EVENTS, write_config
 from spu_engine.core.trackers import Trackers, unavailable
 from spu_engine.loop.batching import stream_for
 from spu_engine.loop.change_rollback import ChangeRollback
+from spu_engine.loop.checkpoint_cadence import CheckpointCadence
 from spu_engine.loop.commands import Commands
 from spu_engine.loop.compiled import compile_run
 from spu_engine.loop.distributed import Distributed
@@ -99,6 +100,7 @@ class Engine:
         self.unwritten = UnwrittenState()
         self.progress = Progress()
         self._saved_step: int | None = None  # step of the last checkpoint written by this process
+        self.cadence = CheckpointCadence(config)  # when a checkpoint is due on its own
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         event_log = EventLog(self.run_dir / EVENTS) if self.run_dir else None
@@ -192,6 +194,7 @@ class Engine:
             run_dir=self.run_dir,
         )
         self.record.check_triggers()
+        self.record.check_machine(policy.machine)
         self.rollback = ChangeRollback(
             self.runtime, self.record, self.events, self.progress.now, self.device, multi_process=self.dist is not None
         )
@@ -309,6 +312,7 @@ class Engine:
         self._save_config()
         trainable = f"trainable {self.trainable_count():,} of {count_params(self.model):,}"
         self.control.set_state(RunState.TRAINING, trainable)
+        self.log(self.cadence.describe(), "info" if self.cadence.every != 0 else "warning")
         self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
 
     def _one_step(self) -> None:
@@ -321,7 +325,7 @@ class Engine:
             return  # out of memory: nothing new to evaluate or save
         if trainer.eval_due():
             self._evaluated(trainer.survive_oom(trainer.evaluate, "evaluation"))
-        if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+        if self.cadence.due(self.step):
             self.control.save_or_pause()
 
     def _last_evaluation_and_writes(self) -> None:
@@ -350,6 +354,7 @@ class Engine:
     def _after_step(self, fields: dict[str, Any] | None) -> None:
         """After a step (``fields`` None: none was taken): the system event when due, and what trackers had to say."""
         self.system.stepped(fields["step_time"] if fields else None)
+        self.cadence.stepped(fields["step_time"] if fields else 0.0)
         if self.system.due() and (sampled := self.system.sample()) is not None:  # None on ranks other than 0
             self.emit("system", step=self.step, **sampled)
         if self.trackers is not None:

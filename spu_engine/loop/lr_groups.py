@@ -54,6 +54,9 @@ class LrGroups:
         self.runtime = runtime
         self.clock = clock
         self.warm_from: dict[str, int] = {}  # stable name -> the step its warm-in (lr.warm_in) began, while it ramps
+        # the boundary of the last change that froze tensors (-1: before the first step, a resumed run's included);
+        # None: nothing to drop
+        self.frozen_at: int | None = -1
 
     def regroup(self) -> None:
         """One group per method group and (lr multiplier, warm-in start); AdamW state stays with each tensor."""
@@ -69,10 +72,30 @@ class LrGroups:
         step, params = self.clock(), self.runtime.params
         if before is not None and step > 0 and self.runtime.current.lr.warm_in:
             self.warm_from.update({n: step for n, p in params.items() if p.requires_grad and n not in before})
+        if before is not None and any(not params[n].requires_grad for n in before if n in params):
+            self.frozen_at = step
         self.regroup()
 
+    def drop_frozen_state(self, step: int) -> None:
+        """Frozen tensors lose their AdamW state (moments and step count), so neither memory nor a checkpoint holds it
+        for what does not train (a live LoRA switch froze the whole base model); one that trains again starts with
+        fresh moments, as a new tensor does.  Not at the boundary of the change that froze them: if the step after it
+        runs out of memory, the change is taken back (``change_rollback``) with the state as it was.  A resumed run
+        drops at its first step what its checkpoint still held, which changes nothing it computes: a frozen tensor's
+        state is never read.  Methods may keep some (automatic freezing's ``optimizer_state: keep``)."""
+        if self.frozen_at is None or step <= self.frozen_at:
+            return
+        optimizer, current = self.runtime.optimizer, self.runtime.current
+        kept = {n for m in self.runtime.methods for n in m.keeps_frozen_state(current)}
+        stale = [
+            p for n, p in self.runtime.params.items() if not p.requires_grad and p in optimizer.state and n not in kept
+        ]
+        self.runtime.forget_optimizer_state(stale)
+        self.frozen_at = None
+
     def end_ramps(self, step: int) -> None:
-        """Tensors whose warm-in is over at ``step`` go back to their plain group."""
+        """Tensors whose warm-in is over at ``step`` go back to their plain group; frozen tensors lose their state."""
+        self.drop_frozen_state(step)
         warm_in = self.runtime.current.lr.warm_in
         done = [n for n, start in self.warm_from.items() if step - start >= warm_in or n not in self.runtime.params]
         if done:

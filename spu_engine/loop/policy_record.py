@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from spu_engine.core.config import EngineConfig
+from spu_engine.core.machine import Machine, replay_note
 from spu_engine.core.policy import Change, Policy, PolicyError, TimelineEntry, undo_change
 from spu_engine.core.runs import POLICY, write_policy
 from spu_engine.loop.faults import UnwrittenState
+from spu_engine.loop.machine_here import machine_here
 from spu_engine.runtime.policy_runtime import PolicyRuntime, Reporter, TimelineRefused
 from spu_engine.runtime.selection import check_policy_against_model
 from spu_engine.runtime.unit_stats import describe_units, trainable_by_unit
@@ -42,6 +44,7 @@ class PolicyRecord:
         self.initial_policy = policy.sections()
         self.recorded: list[TimelineEntry] = []
         self.undoable: list[Policy] = []  # the sections before each client change, newest last (``undo``)
+        self._machine: Machine | None = None
 
     @property
     def step(self) -> int:
@@ -93,7 +96,20 @@ class PolicyRecord:
         initial = self.initial_policy
         for m in self.methods:
             initial = m.exported(initial)
-        return initial.model_copy(update={"run": self.config.run_settings(), "timeline": timeline})
+        update = {"run": self.config.run_settings(), "machine": self.machine(), "timeline": timeline}
+        return initial.model_copy(update=update)
+
+    def machine(self) -> Machine:
+        """Where this run trains, read once (exports record it)."""
+        if self._machine is None:
+            self._machine = machine_here(next(self.runtime.model.parameters()).device)
+        return self._machine
+
+    def check_machine(self, recorded: Machine | None) -> None:
+        """A policy recorded on another machine (``machine:``) replays to float precision only: said at the start."""
+        note = replay_note(recorded, self.machine())
+        if note:
+            self.reporter.log(note, "warning")
 
     def scheduled(self) -> list[dict[str, Any]]:
         """What is still to come, as the console lists it: the pending step entries and every trigger (fired ones too)."""

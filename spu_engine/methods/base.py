@@ -53,6 +53,7 @@ class Host(Protocol):
     params: dict[str, nn.Parameter]  # by stable name (model.stable_name)
     param_names: list[str]  # a new list whenever the module tree changed (methods cache by its identity)
     loaded_names: list[str]  # the names before any method added tensors
+    clock: Callable[[], int]  # the optimizer steps taken: the step a change would apply at (what-if notes)
 
     @property
     def pending(self) -> Sequence[TimelineEntry]:
@@ -230,6 +231,12 @@ class Method(Checkpointed):
         """The key of a setting of ``policy`` that needs per-tensor learning rates (the engine's optimizer groups),
         for a host that has none to refuse it; None: none."""
         return None
+
+    def keeps_frozen_state(self, policy: Policy) -> set[str]:
+        """Stable names of tensors whose optimizer state this method keeps while they are frozen under ``policy``, for
+        when they train again (automatic freezing's ``optimizer_state: keep``); every other frozen tensor's state is
+        dropped by the engine, so memory and checkpoints hold none for what does not train."""
+        return set()
 
     def leaves_under(self, policy: Policy) -> bool:
         """Whether ``policy`` switches this method off while it has changed the model: it is configured before the

@@ -30,6 +30,7 @@ class ConsoleField:
     path: str
     id: str
     label: str
+    unset: str = ""  # an optional number's placeholder: what leaving it empty means ("run's end")
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,7 @@ class MemoryEstimate:
         for m in host.methods:
             added.update(m.added_under(policy))
         mask = host.trainable_mask(policy, names)
+        kept = {n for m in host.methods for n in m.keeps_frozen_state(policy)}  # others' state goes when frozen
         main = self.main_dtype()
         step_count = STEP_COUNT_BYTES if self.device.type == "cpu" else 0
         weights, gradients, optimizer = Counter(), Counter(), Counter()
@@ -142,7 +143,7 @@ class MemoryEstimate:
             dtype = dtype_name(p.dtype if exists else main)
             size = local(p).nbytes if exists else added[n] * main.itemsize  # sharded: this rank's part
             weights[dtype] += size
-            state = self.optimizer_state(p) if exists else []
+            state = self.optimizer_state(p) if exists and (mask.get(n) or n in kept) else []
             for t in state:
                 optimizer[dtype_name(t.dtype)] += local(t).nbytes
             if mask.get(n):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import NoneType, UnionType
 from typing import Any, Literal, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -64,10 +65,14 @@ def section_model(section: str) -> type[BaseModel]:
 
 @dataclass(frozen=True)
 class ControlField:
+    """One field; a number the policy may leave unset (``int | None``) shows empty, with ``unset`` as its placeholder
+    (what the engine does then: "run's end", "run's lr")."""
+
     section: str  # the policy section
     path: str  # where in the section, dotted: "schedule.final_sparsity"
     id: str  # the widget's id
     label: str
+    unset: str = ""
 
     @property
     def name(self) -> str:
@@ -83,7 +88,16 @@ class ControlField:
 
     @property
     def annotation(self) -> Any:
-        return self.owner.model_fields[self.name].annotation
+        """The field's type; ``int`` for ``int | None`` (``optional`` says it may be left empty)."""
+        annotation = self.owner.model_fields[self.name].annotation
+        if get_origin(annotation) is UnionType:
+            return next(a for a in get_args(annotation) if a is not NoneType)
+        return annotation
+
+    @property
+    def optional(self) -> bool:
+        annotation = self.owner.model_fields[self.name].annotation
+        return get_origin(annotation) is UnionType and NoneType in get_args(annotation)
 
     @property
     def choices(self) -> list[str] | None:
@@ -99,6 +113,8 @@ class ControlField:
         return self.shown(self.owner.model_fields[self.name].default)
 
     def shown(self, value: Any) -> str:
+        if value is None:
+            return ""
         if self.annotation is bool:
             return "on" if value else "off"
         return str(value)
@@ -107,6 +123,8 @@ class ControlField:
         """The policy's value from the widget's text (ValueError for a number that is not one)."""
         if self.annotation is bool:
             return text == "on"
+        if self.optional and not text.strip():
+            return None
         if self.annotation in (int, float):
             return self.annotation(text.strip())
         return text
@@ -147,7 +165,7 @@ class ControlField:
 
 def fields_from(sections: dict[str, SectionSpec]) -> list[ControlField]:
     """Every section's fields, in order, as the controls show them."""
-    return [ControlField(name, f.path, f.id, f.label) for name, spec in sections.items() for f in spec.fields]
+    return [ControlField(name, f.path, f.id, f.label, f.unset) for name, spec in sections.items() for f in spec.fields]
 
 
 FIELDS = fields_from(CONSOLE_SECTIONS)
@@ -163,6 +181,8 @@ def section_values(section: str, text_of: Callable[[ControlField], str]) -> dict
     change carries no AdaLoRA ranks, so its event, log line and exported timeline entry hold what it does)."""
     values: dict[str, Any] = {}
     for f in fields_of(section):
+        if f.optional and not text_of(f).strip():  # left empty: the engine's own default (the run's end, its lr)
+            continue
         *parents, name = f.path.split(".")
         into = values
         for key in parents:

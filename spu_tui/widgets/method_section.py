@@ -83,6 +83,7 @@ class MethodSection(Vertical):
                 else:
                     yield Input(
                         f.default,
+                        placeholder=f.unset,
                         validators=[FieldValidator(f)],
                         validate_on=["changed", "submitted"],
                         compact=True,

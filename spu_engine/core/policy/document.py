@@ -8,6 +8,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator
 
 from spu_engine.core.config import RunSettings
+from spu_engine.core.machine import Machine
 from spu_engine.core.policy.errors import PolicyError, format_validation_error
 from spu_engine.core.policy.sections import SECTIONS, Faults, LearningRates, Memory
 from spu_engine.core.policy.selectors import FreezeRule
@@ -31,7 +32,7 @@ class PolicyDocument(Section):
 
     def sections(self) -> Policy:
         """The current sections without the timeline (and without the run settings, which never change during a run)."""
-        return self.model_copy(update={"timeline": [], "run": None}, deep=True)
+        return self.model_copy(update={"timeline": [], "run": None, "machine": None}, deep=True)
 
     def apply(self, change: Change) -> Policy:
         """Return a new policy (timeline untouched) with ``change`` applied."""
@@ -68,12 +69,17 @@ class PolicyDocument(Section):
     def to_yaml(self) -> str:
         """Sections: only what differs from the defaults, so a file says what the user chose.
 
-        ``run:`` is written in full, so a replay does not depend on the defaults of a later version.
+        ``run:`` is written in full, so a replay does not depend on the defaults of a later version; ``machine:``, where
+        it was recorded, so a replay can say when it runs elsewhere.
         """
         head: dict[str, Any] = {"spu_policy": POLICY_VERSION}
         if self.run is not None:
             head["run"] = self.run.model_dump(mode="json")
-        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=True, exclude={"run", "spu_policy"})
+        if self.machine is not None:
+            head["machine"] = self.machine.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(
+            mode="json", exclude_none=True, exclude_defaults=True, exclude={"run", "machine", "spu_policy"}
+        )
         data["timeline"] = [_entry_data(e) for e in self.timeline]
         if not data["timeline"]:
             del data["timeline"]
@@ -95,6 +101,14 @@ Policy = create_model(
             "flags override",
         ),
     ),
+    machine=(
+        Machine | None,
+        Field(
+            None,
+            description="where the run was recorded (device, threads, versions), written by exports: a replay takes its "
+            "threads (--threads overrides) and says when its machine differs, its losses then equal to float precision",
+        ),
+    ),
     freeze=(
         list[FreezeRule],
         Field(default_factory=list, description="rules in order; last match wins; default trainable"),
@@ -105,7 +119,7 @@ Policy = create_model(
     memory=(Memory, Field(default_factory=Memory)),
     timeline=(list[TimelineEntry], Field(default_factory=list)),
 )
-assert tuple(k for k in Policy.model_fields if k not in ("spu_policy", "run", "timeline")) == SECTIONS
+assert tuple(k for k in Policy.model_fields if k not in ("spu_policy", "run", "machine", "timeline")) == SECTIONS
 
 
 def without_overridden_decisions(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -206,6 +206,13 @@ class AutoFreeze(Method):
         present = set(self.host.units.names)
         return [u for u in units if u in present and u not in self.pinned]
 
+    def keeps_frozen_state(self, policy: Policy) -> set[str]:
+        """``optimizer_state: keep``: the units this method manages keep their AdamW state while frozen."""
+        s = policy.auto_freeze
+        if s.method == "none" or s.optimizer_state != "keep":
+            return set()
+        return {n for u in self._managed() for n in self.host.units[u].params}
+
     def _drop_frozen_state(self) -> None:
         """``optimizer_state: drop``: a tensor of a unit automatic freezing manages that is frozen holds no AdamW state."""
         params = self.host.params

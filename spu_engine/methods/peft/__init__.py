@@ -12,6 +12,7 @@ SECTION = SectionSpec(
     title="PEFT",
     fields=(
         ConsoleField("method", "peft-method", "method"),
+        ConsoleField("lr", "peft-lr", "tensor lr", unset="run's lr"),
         ConsoleField("r", "peft-r", "LoRA rank"),
         ConsoleField("alpha", "peft-alpha", "LoRA alpha"),
         ConsoleField("size", "peft-size", "adapter dim"),

@@ -23,6 +23,7 @@ from torch import nn
 
 from spu_engine.core.policy import Policy, PolicyError
 from spu_engine.methods.base import Host, Method
+from spu_engine.methods.peft.lr_range import lr_note
 from spu_engine.methods.peft.settings import Peft
 from spu_engine.model.loading import stable_parameters
 
@@ -51,6 +52,13 @@ class PeftMethod(Method):
 
     def leaves_under(self, policy: Policy) -> bool:
         return self.active and policy.peft.method != self.name
+
+    def preview_notes(self, before: Policy, after: Policy) -> list[str]:
+        """A switch to this method, or a new ``peft.lr``, says the lr its tensors get and the method's usual range."""
+        if after.peft.method != self.name or (before.peft.method, before.peft.lr) == (self.name, after.peft.lr):
+            return []
+        note = lr_note(self.name, after.peft.lr, self.host.config.lr)
+        return [note] if note else []
 
 
 class AddedTensorsMethod(PeftMethod):
@@ -137,15 +145,23 @@ class AddedTensorsMethod(PeftMethod):
         return set(self.parked_names)
 
     def preview_notes(self, before: Policy, after: Policy) -> list[str]:
-        """In a sharded run, a switch to this method says before it is made whether its tensors were planned."""
+        """The lr note; in a sharded run, a switch to this method says before it is made whether its tensors were
+        planned."""
+        notes = super().preview_notes(before, after)
         if not self.sharded or after.peft.method != self.name or self.installed is not None:
-            return []
+            return notes
         if self.parked is None:
-            return [f"refused in this sharded run: {self.name} was not planned (start with --plan-peft {self.name})"]
+            return [
+                *notes,
+                f"refused in this sharded run: {self.name} was not planned (start with --plan-peft {self.name})",
+            ]
         key = next((k for k in self.fixed if getattr(after.peft, k) != getattr(self.parked, k)), None)
         if key is not None:
-            return [f"refused in this sharded run: {self.name} was planned with {key} {getattr(self.parked, key)!r}"]
-        return [f"{self.name}'s tensors were planned before sharding: switching them on costs nothing"]
+            return [
+                *notes,
+                f"refused in this sharded run: {self.name} was planned with {key} {getattr(self.parked, key)!r}",
+            ]
+        return [*notes, f"{self.name}'s tensors were planned before sharding: switching them on costs nothing"]
 
     def refuse_planned(self, settings: Peft, later: bool) -> None:
         """PolicyError when ``settings`` cannot be built before training for a switch ``later`` than step 0 (an init

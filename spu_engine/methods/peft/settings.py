@@ -46,7 +46,9 @@ class Peft(Section):
     lr: float | None = Field(
         None,
         gt=0.0,
-        description="learning rate of the tensors a method adds (adapters, LoRA, IA3); default: the run's lr",
+        description="learning rate of the tensors the method trains (adapters, LoRA, AdaLoRA, IA3: the ones it adds; "
+        "BitFit: the biases and the head, as an lr multiplier); default: the run's lr, a full fine-tuning rate at which "
+        "they barely learn: the what-if names each method's usual range (lora 1e-4 to 1e-3, ia3 1e-3 to 1e-2, ...)",
     )
     use_dora: bool = Field(
         False, description="lora: DoRA, the weight split into magnitude and direction (peft's use_dora)"

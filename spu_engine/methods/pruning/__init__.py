@@ -21,7 +21,7 @@ SPEC = MethodSpec(
             ConsoleField("structure", "pr-structure", "structure"),
             ConsoleField("schedule.final_sparsity", "pr-target", "target"),
             ConsoleField("schedule.start_step", "pr-start", "start step"),
-            ConsoleField("schedule.end_step", "pr-end", "end step"),
+            ConsoleField("schedule.end_step", "pr-end", "end step", unset="run's end"),
         ),
     ),
     "spu_engine.methods.pruning.method:PruningMethod",

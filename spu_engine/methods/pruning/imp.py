@@ -8,7 +8,8 @@ at step 0 these are the pretrained weights) or the weights at an early step
 (``reset: rewind`` to ``rewind_step``, Frankle et al. 2020).  Each pruning is an
 event (``prune``) and a log line, so it shows on the console's timeline.
 
-Each mask is trained ``round_steps`` (round 0: the mask IMP started from; round
+Each mask is trained ``round_steps`` (unset: the steps from IMP's start to the run's end, shared by its masks;
+round 0: the mask IMP started from; round
 k: after k prunings), and at the end of each the host evaluates (``eval_due``)
 and an ``imp_round`` event reports the round: its sparsity, the kept share of
 every target tensor and unit, mean training loss, the evaluation and the time
@@ -50,7 +51,8 @@ class IMPPruner(Pruner):
         super().__init__(host, masks, targets, settings, step)
         self.rounds_done = 0
         self.start_sparsity = self.sparsity() if masks.masks else 0.0
-        self.next_round = max(settings.schedule.start_step, step) + settings.imp.round_steps
+        self.round_steps = self.steps_per_round(settings, step, host.config.steps)
+        self.next_round = max(settings.schedule.start_step, step) + self.round_steps
         self.tally: RoundTally | None = RoundTally(
             max(settings.schedule.start_step, step)
         )  # None: every round reported
@@ -60,8 +62,22 @@ class IMPPruner(Pruner):
             self._snapshot(step)
 
     @staticmethod
-    def validate(settings, step: int, has_reference_at: int | None) -> None:
+    def steps_per_round(settings, step: int, run_steps: int | None) -> int:
+        """``imp.round_steps``, or unset: the steps left from IMP's start, shared by the rounds + 1 masks it trains (the
+        last one too), so the last round ends by the run's end; PolicyError for a loop that does not say its length."""
+        if settings.imp.round_steps is not None:
+            return settings.imp.round_steps
+        if run_steps is None:
+            raise PolicyError(
+                "pruning.imp.round_steps: this loop does not say its length (attach(..., steps=N)); set round_steps"
+            )
+        left = run_steps - max(settings.schedule.start_step, step)
+        return max(1, left // (settings.imp.rounds + 1))
+
+    @staticmethod
+    def validate(settings, step: int, has_reference_at: int | None, run_steps: int | None) -> None:
         imp = settings.imp
+        round_steps = IMPPruner.steps_per_round(settings, step, run_steps)
         if imp.reset != "rewind" or imp.rewind_step is None or has_reference_at == imp.rewind_step:
             return
         if imp.rewind_step < step:
@@ -69,7 +85,7 @@ class IMPPruner(Pruner):
                 f"pruning.imp.rewind_step: step {imp.rewind_step} has passed (the run is at step {step}); "
                 f"choose a rewind_step >= {step}, or reset: pretrained"
             )
-        first_round = max(settings.schedule.start_step, step) + imp.round_steps
+        first_round = max(settings.schedule.start_step, step) + round_steps
         if imp.rewind_step >= first_round:
             raise PolicyError(
                 f"pruning.imp.rewind_step: {imp.rewind_step} is not before the first round at step {first_round} "
@@ -80,8 +96,9 @@ class IMPPruner(Pruner):
         old = self.settings.imp
         super().reconfigure(settings, step)
         if settings.imp.round_steps != old.round_steps:
-            self.next_round = self.next_round - old.round_steps + settings.imp.round_steps
-            self.next_round = max(self.next_round, step)
+            new = self.steps_per_round(settings, step, self.host.config.steps)
+            self.next_round = max(self.next_round - self.round_steps + new, step)
+            self.round_steps = new
         if settings.imp.reset != old.reset or settings.imp.rewind_step != old.rewind_step:
             self.reference, self.reference_step = {}, None
             if settings.imp.reset == "pretrained" or settings.imp.rewind_step is None:
@@ -120,7 +137,7 @@ class IMPPruner(Pruner):
     def _prune(self, step: int) -> None:
         imp = self.settings.imp
         self.rounds_done += 1
-        self.next_round = step + imp.round_steps
+        self.next_round = step + self.round_steps
         sparsity = 1.0 - (1.0 - self.sparsity()) * (1.0 - imp.fraction)
         self.apply(sparsity)
         self._reset()
@@ -205,6 +222,7 @@ class IMPPruner(Pruner):
         return {
             "rounds_done": self.rounds_done,
             "next_round": self.next_round,
+            "round_steps": self.round_steps,
             "start_sparsity": self.start_sparsity,
             "reference_step": self.reference_step,
             "tally": tally,
@@ -213,6 +231,7 @@ class IMPPruner(Pruner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_done = state.get("rounds_done", 0)
         self.next_round = state.get("next_round", self.next_round)
+        self.round_steps = state.get("round_steps", self.round_steps)
         self.start_sparsity = state.get("start_sparsity", self.start_sparsity)
         self.reference_step = state.get("reference_step")
         if "tally" in state:  # checkpoints from before the round report keep the fresh tally

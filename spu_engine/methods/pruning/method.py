@@ -23,6 +23,7 @@ from spu_engine.methods.pruning.layout import sublayer
 from spu_engine.methods.pruning.magnitude import MagnitudePruner
 from spu_engine.methods.pruning.masks import MaskedWeights
 from spu_engine.methods.pruning.movement import MovementPruner
+from spu_engine.methods.pruning.reach import reach_note, reached_by
 from spu_engine.methods.pruning.schedule import Ramp
 from spu_engine.methods.pruning.settings import Pruning
 from spu_engine.methods.pruning.soft_movement import SoftMovementPruner
@@ -66,7 +67,7 @@ class PruningMethod(Method):
             self.masks = MaskedWeights(self.host.model)
         if new.method == "imp":
             ref = self.pruner.reference_step if isinstance(self.pruner, IMPPruner) else None
-            IMPPruner.validate(new, step, ref)
+            IMPPruner.validate(new, step, ref, self.host.config.steps)
         old, self.settings = self.settings, new
         same_pruner = self.pruner is not None and old.method == new.method and targets == self.targets
         if same_pruner:
@@ -88,7 +89,7 @@ class PruningMethod(Method):
                     f"{new.method}: scores learn from now, the ramp runs from step {start} to {end} (movement.warmup, movement.final_hold)"
                 )
         if isinstance(self.pruner, IMPPruner):  # the last round is trained round_steps too, then reported
-            end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done) * new.imp.round_steps
+            end = self.pruner.next_round + (new.imp.rounds - self.pruner.rounds_done) * self.pruner.round_steps
         outside = self.outside_blocks(self.targets)
         if outside and not same_pruner:
             self.host.log(
@@ -103,11 +104,8 @@ class PruningMethod(Method):
                 f"after the run's last step ({steps}): the rounds that do not end in time are not reported",
                 "warning",
             )
-        elif steps is not None and end > steps:
-            self.host.log(
-                f"pruning ends at step {end}, after the run's last step ({steps}): the final sparsity will not be reached",
-                "warning",
-            )
+        elif steps is not None and end > steps - 1 and isinstance(self.pruner, ScheduledPruner) and self.pruner.ramp:
+            self.host.log(reach_note(self.pruner.ramp, steps - 1, "pruning"), "warning")
 
     @staticmethod
     def _schedule_changed(old: Pruning, new: Pruning) -> bool:
@@ -120,15 +118,20 @@ class PruningMethod(Method):
         )
 
     def window(self, settings: Pruning) -> tuple[int, int]:
-        """The ramp's start and end steps.  Scores need signal before the first mask and the run needs steps to recover
-        after the last (Sanh et al.'s initial and final warm-up), so movement's ramp waits ``movement.warmup`` of the run
-        when ``start_step`` is 0 and ends ``movement.final_hold`` of the run before its last step at the latest.
-        Without the run's length (a loop that does not say) the schedule alone counts."""
+        """The ramp's start and end steps.  ``end_step`` unset is the run's last step, so the final sparsity is what the
+        run ends at.  Scores need signal before the first mask and the run needs steps to recover after the last
+        (Sanh et al.'s initial and final warm-up), so movement's ramp waits ``movement.warmup`` of the run when
+        ``start_step`` is 0 and ends ``movement.final_hold`` of the run before its last step at the latest."""
         s, mv, steps = settings.schedule, settings.movement, self.host.config.steps
+        if s.end_step is None and steps is None:
+            raise PolicyError(
+                "pruning.schedule.end_step: this loop does not say its length (attach(..., steps=N)); set end_step"
+            )
+        end = s.end_step if s.end_step is not None else max(s.start_step, steps - 1)
         if not PRUNERS[settings.method].warm_up or steps is None:
-            return s.start_step, s.end_step
+            return s.start_step, end
         start = s.start_step or round(mv.warmup * steps)
-        return start, max(start, min(s.end_step, steps - round(mv.final_hold * steps)))
+        return start, max(start, min(end, steps - round(mv.final_hold * steps)))
 
     def _ramp(self, settings: Pruning, step: int, anchored: bool) -> Ramp:
         s = settings.schedule
@@ -175,20 +178,38 @@ class PruningMethod(Method):
         return [n for n in targets if not self.host.units.unit_for(n).startswith("block")]
 
     def target_sparsity(self, policy: Policy) -> float | None:
-        return policy.pruning.schedule.final_sparsity if policy.pruning.method != "none" else None
+        """What the run's end reaches under ``policy`` (the what-if's ``sparsity → ...``): the final sparsity, or less
+        where the schedule ends after the run's last step."""
+        if policy.pruning.method == "none":
+            return None
+        ramp, steps = self._preview_ramp(policy.pruning), self.host.config.steps
+        if ramp is None or steps is None:
+            return policy.pruning.schedule.final_sparsity
+        return reached_by(ramp, steps - 1) or 0.0
 
     def preview_notes(self, before: Policy, after: Policy) -> list[str]:
         if after.pruning.method == "none":
             return []
+        notes = []
+        ramp, steps = self._preview_ramp(after.pruning), self.host.config.steps
+        if after.pruning != before.pruning and ramp is not None and steps is not None:
+            notes.append(reach_note(ramp, steps - 1, f"{after.pruning.method} pruning"))
         outside = self.outside_blocks(self.resolve_targets(after.pruning))
         if outside:
-            return [
-                (
-                    f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): "
-                    "the head may collapse"
-                )
-            ]
-        return []
+            notes.append(
+                f"pruning reaches {len(outside)} tensors outside the blocks ({outside[0]}, ...): the head may collapse"
+            )
+        return notes
+
+    def _preview_ramp(self, settings: Pruning) -> Ramp | None:
+        """The ramp ``settings`` would follow from the step now: the one in force if they are unchanged, else a new
+        one as ``configure`` would start it; None for IMP (its rounds say their own end when configured)."""
+        if not issubclass(PRUNERS[settings.method], ScheduledPruner):
+            return None
+        if settings == self.settings and isinstance(self.pruner, ScheduledPruner) and self.pruner.ramp is not None:
+            return self.pruner.ramp
+        step = self.host.clock()
+        return self._ramp(settings, step, step > self.window(settings)[0])
 
     def collapse_note(self) -> str | None:
         if self.active and self.settings.method == "movement":

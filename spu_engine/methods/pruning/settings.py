@@ -12,7 +12,12 @@ from spu_engine.core.validation import Section
 class PruningSchedule(Section):
     kind: Literal["cubic", "constant"] = "cubic"
     start_step: int = Field(0, ge=0)
-    end_step: int = Field(1000, ge=0)
+    end_step: int | None = Field(
+        None,
+        ge=0,
+        description="the step the ramp reaches final_sparsity at; unset: the run's last step (steps - 1), so the run "
+        "ends at final_sparsity whatever its length (a change applied mid-run too)",
+    )
     every: int = Field(10, ge=1)
     initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     final_sparsity: float = Field(
@@ -21,7 +26,7 @@ class PruningSchedule(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> PruningSchedule:
-        if self.end_step < self.start_step:
+        if self.end_step is not None and self.end_step < self.start_step:
             raise ValueError(f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
         return self
 
@@ -29,7 +34,12 @@ class PruningSchedule(Section):
 class IMPSettings(Section):
     rounds: int = Field(3, ge=1)
     fraction: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of remaining weights removed per round")
-    round_steps: int = Field(200, ge=1, description="training steps per round")
+    round_steps: int | None = Field(
+        None,
+        ge=1,
+        description="training steps per round; unset: the steps from IMP's start to the run's end, shared by the "
+        "rounds + 1 masks it trains",
+    )
     reset: Literal["pretrained", "rewind"] = "rewind"
     rewind_step: int | None = Field(
         None,
