@@ -258,7 +258,10 @@ def describe_change(change: dict[str, Any]) -> str:
     for section, values in (change.get("set") or {}).items():
         if isinstance(values, dict) and section in specs:
             values = specs[section].settings.applicable(values)
-        shown = ", ".join(f"{k}={v}" for k, v in values.items()) if isinstance(values, dict) else str(values)
+        if isinstance(values, dict):  # an unset field (None: the run's own value) is not a change to name
+            shown = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+        else:
+            shown = str(values)
         parts.append(f"{section}: {shown}")
     return "; ".join(parts) or "no-op"
 

@@ -20,7 +20,13 @@ class Peft(Section):
         "alpha": ("lora", "adalora"),
         "dropout": ("lora", "adalora"),
         "target_modules": ("ia3", "lora", "adalora"),
-        "lr": ("adapter", "ia3", "lora", "adalora"),  # the tensors a method adds
+        "lr": (
+            "adapter",
+            "ia3",
+            "lora",
+            "adalora",
+            "bitfit",
+        ),  # the tensors a method adds (bitfit: its biases and head)
         "use_dora": ("lora",),
         "use_rslora": ("lora",),
         "init": ("lora",),
