@@ -80,7 +80,7 @@ class RunModel:
     step: int = 0
     total_steps: int = 0
     samples_per_s: float = 0.0
-    seconds_per_step: float | None = None  # over the recent window of steps (evaluations included)
+    seconds_per_step: float | None = None  # training time a step, over the recent window of steps
     metric: str = "accuracy"
     units: list[UnitInfo] = field(default_factory=list)
     unit_trainable: dict[str, float] = field(default_factory=dict)
@@ -114,7 +114,8 @@ class RunModel:
     revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
     _recent: deque[tuple[float, int, int]] = field(
         default_factory=lambda: deque(maxlen=RATE_WINDOW)
-    )  # (t, step, samples)
+    )  # (training clock, step, samples)
+    _train_clock: float = 0.0  # seconds of training steps seen: the sum of the steps' own ``step_time``
 
     @property
     def eta_s(self) -> float | None:
@@ -204,14 +205,7 @@ class RunModel:
             touched.add(Aspect.RUN)  # the first step ends the wait, and the state says training
         self.step = ev.step
         self.waiting = ""
-        self._recent.append((ev.t, ev.step, ev.samples or 0))
-        first_t, first_step, first_samples = self._recent[0]
-        if ev.t > first_t and ev.step > first_step:
-            self.seconds_per_step = (ev.t - first_t) / (ev.step - first_step)
-            if ev.samples is not None and ev.samples > first_samples:
-                self.samples_per_s = (ev.samples - first_samples) / (ev.t - first_t)
-        elif ev.samples_per_s is not None:
-            self.samples_per_s = ev.samples_per_s
+        self._time_step(ev)
         loss = ev.loss
         if loss is not None and math.isfinite(loss):
             self.loss_steps.append(self.step)
@@ -228,6 +222,22 @@ class RunModel:
                     stats.sparsity = float(sparsity)
             touched.add(Aspect.UNITS)
         return touched
+
+    def _time_step(self, ev: StepEvent) -> None:
+        """Samples/s and seconds a step over the recent window, on the training clock: the sum of the steps' own
+        times, so pauses, evaluations, checkpoints and startup never count (engines that send no ``step_time``:
+        the wall clock)."""
+        if ev.step_time is not None:
+            self._train_clock += ev.step_time
+        clock = self._train_clock if ev.step_time is not None else ev.t
+        self._recent.append((clock, ev.step, ev.samples or 0))
+        first_clock, first_step, first_samples = self._recent[0]
+        if clock > first_clock and ev.step > first_step:
+            self.seconds_per_step = (clock - first_clock) / (ev.step - first_step)
+            if ev.samples is not None and ev.samples > first_samples:
+                self.samples_per_s = (ev.samples - first_samples) / (clock - first_clock)
+        elif ev.samples_per_s is not None:
+            self.samples_per_s = ev.samples_per_s
 
     def _on_system(self, ev: SystemEvent) -> set[Aspect]:
         self.system.append(ev)
@@ -321,7 +331,7 @@ class RunModel:
         return set()
 
     def _on_resumed(self, ev: ResumedEvent) -> set[Aspect]:
-        self._recent.clear()  # the time spent dead is no measure of speed
+        self._recent.clear()  # the resumed engine's speed, from the resumed step on
         self.say(ev.step, "state", ev.message or f"resumed at step {ev.step}")
         return set()
 

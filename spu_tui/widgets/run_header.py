@@ -73,8 +73,8 @@ class RunHeader(Widget):
 
 
 def tokens_per_s(samples_per_s: float, sample: SystemEvent | None) -> float | None:
-    """Tokens/s beside the header's samples/s, on the same clock: the wall-clock samples/s times the tokens per
-    sample of the newest system sample (whose own rates leave evaluations and pauses out)."""
+    """Tokens/s beside the header's samples/s, on the same training clock: the samples/s times the tokens per sample
+    of the newest system sample (whose own rates leave evaluations and pauses out too)."""
     if sample is None or not sample.samples_per_s or sample.tokens_per_s is None:
         return None
     return samples_per_s * sample.tokens_per_s / sample.samples_per_s
