@@ -109,6 +109,7 @@ class RunModel:
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
     waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
+    waiting_since: float = 0.0  # wall time (an event's ``t``) when that began
     compiled: bool = False  # --compile: the first step compiles the model
     metrics: RunMetrics = field(default_factory=RunMetrics)
     revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
@@ -161,7 +162,7 @@ class RunModel:
         self.metric = ev.metric or self.metric
         self.compiled = bool(ev.config.get("compile", self.compiled))
         if self.waiting.startswith("the first step"):  # the state came first (a replayed history)
-            self.waiting = self._first_step()
+            self._wait(self._first_step(), self.waiting_since)
         if ev.units:
             self._take_units(ev.units)
         if ev.current is not None:
@@ -169,6 +170,13 @@ class RunModel:
         if ev.scheduled is not None:
             self.scheduled = ev.scheduled
         return {Aspect.RUN, Aspect.PROGRESS, Aspect.UNITS, Aspect.POLICY}
+
+    def starting(self, now: float) -> None:
+        """The console started the engine at wall time ``now``: said until the engine's own first event."""
+        self._wait("starting the engine", now)
+
+    def _wait(self, what: str, since: float) -> None:
+        self.waiting, self.waiting_since = what, since
 
     def _first_step(self) -> str:
         if self.compiled:
@@ -187,9 +195,9 @@ class RunModel:
         self.state = ev.state
         self.step = ev.step or self.step
         if ev.state == "loading":
-            self.waiting = ev.message
+            self._wait(ev.message, ev.t)
         elif ev.state == "training" and not self.loss_steps:
-            self.waiting = self._first_step()
+            self._wait(self._first_step(), ev.t)
         else:
             self.waiting = ""
         self.say(

@@ -3,8 +3,11 @@ so 80 columns suffice."""
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual.reactive import reactive
+from textual.timer import Timer
 from textual.widget import Widget
 
 from spu_engine.core.protocol import SystemEvent
@@ -34,8 +37,22 @@ class RunHeader(Widget):
     state: reactive[str] = reactive("connecting")
     eta_s: reactive[float | None] = reactive(None)
     waiting: reactive[str] = reactive("")  # before the first step: what the engine is busy with
+    waiting_since: float = 0.0  # wall time it began: the header counts the seconds
     machine: reactive[str] = reactive("")  # the newest system sample, summed up
     tokens_per_s: reactive[float | None] = reactive(None)
+
+    _clock: Timer | None = None  # redraws the seconds of a wait, only while there is one
+
+    def on_mount(self) -> None:
+        self._clock = self.set_interval(1.0, self.refresh, pause=not self.waiting)
+
+    def watch_waiting(self, waiting: str) -> None:
+        if self._clock is None:
+            return
+        if waiting:
+            self._clock.resume()
+        else:
+            self._clock.pause()
 
     def show(self, state: RunModel) -> None:
         self.run_name, self.model, self.state = state.run, state.model, state.state
@@ -45,7 +62,7 @@ class RunHeader(Widget):
             state.samples_per_s,
             state.eta_s,
         )
-        self.waiting = state.waiting
+        self.waiting, self.waiting_since = state.waiting, state.waiting_since
         sample = state.system[-1] if state.system else None
         self.machine = summary(sample)
         self.tokens_per_s = tokens_per_s(state.samples_per_s, sample)
@@ -62,6 +79,8 @@ class RunHeader(Widget):
         bottom.append(f" step {self.step}/{self.total}")
         if self.waiting:
             bottom.append(f"  {self.waiting}", style="italic")
+            if self.waiting_since:
+                bottom.append(f" ({max(0, time.time() - self.waiting_since):.0f} s)", style="dim")
         else:
             bottom.append(f"  {self.samples_per_s:,.1f} samples/s")
             if self.tokens_per_s is not None:

@@ -3,7 +3,12 @@ last machine reading shown with its age."""
 
 from __future__ import annotations
 
+import re
+import time
+
+from spu_tui.app import SpuApp
 from spu_tui.run_model import RunModel
+from support import ScriptedLink, screen_lines, small_sst2
 
 
 def steps(first: int, last: int, t0: float, step_time: float, batch: int) -> list[dict]:
@@ -45,3 +50,34 @@ def test_after_a_resume_the_rate_starts_from_the_resumed_step():
     for ev in steps(5, 8, 5000.0, 0.25, 4):  # 16 samples/s after it
         state.apply(ev)
     assert state.samples_per_s == 16.0
+
+
+async def test_the_first_frame_says_the_engine_is_starting_before_any_engine_event(tmp_path):
+    link = ScriptedLink()
+    app = SpuApp(tmp_path / "run", link=link)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert re.search(r"starting the engine \(\d+ s\)", screen_lines(app)[1])
+        began = time.time() - 70  # the phase began before this console attached: its seconds count from then
+        link.deliver(
+            {"type": "state", "t": began, "state": "loading", "phase": "model", "message": "loading the model m"}
+        )
+        await pilot.pause(0.2)
+        seconds = re.search(r"loading the model m \((\d+) s\)", screen_lines(app)[1])
+        assert seconds and int(seconds[1]) >= 70
+
+
+def test_the_engine_says_its_startup_phases_in_order_before_the_first_step(tmp_path, tiny_model_dir):
+    """``spu engine``'s serve, in process: every phase is recorded in events.jsonl (an attach mid-startup reads it)."""
+    from spu_engine.core.config import EngineConfig
+    from spu_engine.core.policy import Policy
+    from spu_engine.core.runs import read_history
+    from spu_engine.loop.serve import serve
+
+    data = small_sst2(tmp_path)
+    config = EngineConfig(model=str(tiny_model_dir), data=str(data), steps=2, batch_size=4, eval_every=0)
+    assert serve(config, Policy(), tmp_path / "run") == 0
+    history = read_history(tmp_path / "run")
+    first_step = next(i for i, ev in enumerate(history) if ev["type"] == "step")
+    phases = [ev["phase"] for ev in history[:first_step] if ev["type"] == "state" and ev.get("phase")]
+    assert phases == ["engine", "data", "model", "optimizer"]
