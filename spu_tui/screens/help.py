@@ -70,6 +70,11 @@ BINDINGS_HELP = [
             ),
             ("tab / shift+tab", "move between the tree and the controls"),
             (
+                "esc",
+                "leave a text field (back to the tree): in a field letters type, so p, q, b … act again only "
+                "outside it; applying a section or adding a trigger leaves the field too",
+            ),
+            (
                 "edit a field",
                 "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes",
             ),

@@ -197,6 +197,7 @@ class MethodSection(Vertical):
             self.set_status(problem, "error")
             return
         self.post_message(ApplyRequested(self.section, Change(set={self.section: self.values()})))
+        self.query_one(f"#apply-{self.section}").focus()  # out of the field: the keys act again, the place is kept
 
     def values(self) -> dict[str, Any]:
         return section_values(self.section, lambda f: str(self.query_one(f"#{f.id}").value))  # type: ignore[attr-defined]

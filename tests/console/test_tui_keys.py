@@ -1,0 +1,65 @@
+"""Keys and focus: after adding or applying from a field the keys act again (a `p` pauses rather than typing "p"),
+the key bar says how to leave a field, and a resize lays the screen out at once."""
+
+from __future__ import annotations
+
+from textual.widgets import Input
+
+from spu_tui.app import SpuApp
+from spu_tui.widgets.key_bar import KeyBar
+from support import ScriptedLink
+
+TRIGGER = "at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]"
+
+
+async def submit(pilot, app, field_id: str, text: str) -> Input:
+    field = app.query_one(f"#{field_id}", Input)
+    field.focus()
+    field.value = text
+    await pilot.pause(0.1)
+    await pilot.press("enter")
+    await pilot.pause(0.1)
+    return field
+
+
+async def test_after_adding_a_trigger_p_pauses_instead_of_typing(tmp_path):
+    link = ScriptedLink()
+    app = SpuApp(tmp_path / "run", link=link)
+    async with app.run_test(size=(200, 50)) as pilot:
+        field = await submit(pilot, app, "trigger-new", TRIGGER)
+        assert link.sent[-1][0] == "schedule"
+        assert not isinstance(app.focused, Input)
+        await pilot.press("p")
+        assert link.sent[-1] == ("pause", {})
+        assert field.value == TRIGGER  # cleared by the engine's ack, never typed into
+
+
+async def test_after_applying_a_learning_rate_rule_the_keys_act_again(tmp_path):
+    link = ScriptedLink()
+    app = SpuApp(tmp_path / "run", link=link)
+    async with app.run_test(size=(200, 50)) as pilot:
+        field = await submit(pilot, app, "lr-rule-new", "layers: 0-1, scale: 0.5")
+        assert link.sent[-1][0] == "change"
+        await pilot.press("p")
+        assert link.sent[-1] == ("pause", {}) and field.value == "layers: 0-1, scale: 0.5"
+
+
+async def test_a_refused_entry_keeps_the_field_for_its_fix(tmp_path):
+    link = ScriptedLink()
+    app = SpuApp(tmp_path / "run", link=link)
+    async with app.run_test(size=(200, 50)) as pilot:
+        field = await submit(pilot, app, "trigger-new", "at: {epoch: -1}")
+        assert link.sent == [] and app.focused is field
+
+
+async def test_the_key_bar_says_esc_leaves_a_field(tmp_path):
+    app = SpuApp(tmp_path / "run", link=ScriptedLink())
+    async with app.run_test(size=(120, 36)) as pilot:
+        bar = app.query_one(KeyBar)
+        assert "esc" not in str(bar.render())
+        app.query_one("#trigger-new", Input).focus()
+        await pilot.pause(0.1)
+        assert "esc" in str(bar.render()) and "leave" in str(bar.render())
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        assert not isinstance(app.focused, Input) and "esc" not in str(bar.render())
