@@ -1,7 +1,10 @@
 """Timeline and log: every change with its step; engine errors in red.
 
 Lines are wrapped to the panel's width; after a resize the whole history is
-re-wrapped (the run state keeps it), so nothing is cut off at any size.
+re-wrapped (the run state keeps it), so nothing is cut off at any size.  The
+re-wrap waits until the new layout is on screen, and writes the history in one
+go: a line at a time, 2000 lines took seconds on a busy machine, and the
+terminal showed the old layout's leftovers meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class LogPanel(RichLog):
         self.lines_source: list[LogLine] = []
         self.shown = 0
         self._width = 0
+        self._rewrap_due = False
 
     def show(self, state: RunModel) -> None:
         self.lines_source = state.log
@@ -40,14 +44,18 @@ class LogPanel(RichLog):
         """Write the lines not written yet (a hidden log catches up when shown: it has no width to wrap to)."""
         if not self.display or not self.scrollable_content_region.width:
             return
-        for line in self.lines_source[self.shown :]:
-            self.write(_format(line))
+        new = self.lines_source[self.shown :]
+        if new:
+            self.write(Text("\n").join(_format(line) for line in new))
         self.shown = len(self.lines_source)
 
     def on_resize(self) -> None:
-        self.rewrap()
+        if not self._rewrap_due:  # resizes before the next frame are one re-wrap, at the size they end at
+            self._rewrap_due = True
+            self.call_after_refresh(self.rewrap)
 
     def rewrap(self) -> None:
+        self._rewrap_due = False
         width = self.scrollable_content_region.width
         if width and width != self._width:
             self._width = width

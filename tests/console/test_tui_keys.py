@@ -7,7 +7,8 @@ from textual.widgets import Input
 
 from spu_tui.app import SpuApp
 from spu_tui.widgets.key_bar import KeyBar
-from support import ScriptedLink
+from spu_tui.widgets.log_panel import LogPanel
+from support import ScriptedLink, assert_inside, wait_for
 
 TRIGGER = "at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]"
 
@@ -63,3 +64,25 @@ async def test_the_key_bar_says_esc_leaves_a_field(tmp_path):
         await pilot.press("escape")
         await pilot.pause(0.1)
         assert not isinstance(app.focused, Input) and "esc" not in str(bar.render())
+
+
+async def test_a_resize_lays_out_at_once_and_rewraps_the_log_in_one_write(tmp_path):
+    """Written a line at a time, a long log's re-wrap held the screen's old layout for seconds on a busy machine."""
+    said = "a log line long enough to wrap at every width the console is drawn at, " * 2
+    history = [{"type": "hello", "t": 1.0, "state": "training", "step": 0, "total_steps": 900, "config": {}}]
+    history += [{"type": "log", "t": 1.0 + s, "step": s, "message": f"{s} {said}"} for s in range(300)]
+    app = SpuApp(tmp_path / "run", history=history, link=ScriptedLink())
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.2)
+        log = app.query_one(LogPanel)
+        wide = log.scrollable_content_region.width
+        writes = []
+        write = log.write
+        log.write = lambda content, *args, **kwargs: writes.append(content) or write(content, *args, **kwargs)
+        await pilot.resize_terminal(120, 36)
+        assert app.screen.has_class("-wide") and app.screen.region.size == (120, 36)
+        assert_inside(app, "#header", "#tree", "#log", "#keys")
+        await wait_for(pilot, lambda: log._width == log.scrollable_content_region.width < wide, "the re-wrap")
+        assert len(writes) == 1
+        assert max(line.cell_length for line in log.lines) <= log._width
+        assert "299 a log line" in "".join(line.text for line in log.lines[-6:])
