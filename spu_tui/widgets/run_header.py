@@ -11,6 +11,7 @@ from textual.timer import Timer
 from textual.widget import Widget
 
 from spu_engine.core.protocol import SystemEvent
+from spu_engine.core.run_states import ENDED
 from spu_tui.run_model import Aspect, RunModel
 from spu_tui.widgets.system_view import summary
 
@@ -39,17 +40,19 @@ class RunHeader(Widget):
     waiting: reactive[str] = reactive("")  # before the first step: what the engine is busy with
     waiting_since: float = 0.0  # wall time it began: the header counts the seconds
     machine: reactive[str] = reactive("")  # the newest system sample, summed up
+    machine_at: reactive[float | None] = reactive(None)  # its wall time, once no engine runs: a reading, not live
     tokens_per_s: reactive[float | None] = reactive(None)
 
-    _clock: Timer | None = None  # redraws the seconds of a wait, only while there is one
+    _clock: Timer | None = None  # redraws the seconds of a wait or a reading's age, only while there is one
 
     def on_mount(self) -> None:
-        self._clock = self.set_interval(1.0, self.refresh, pause=not self.waiting)
+        self._clock = self.set_interval(1.0, self.refresh, pause=True)
+        self._follow_clock()
 
-    def watch_waiting(self, waiting: str) -> None:
+    def _follow_clock(self) -> None:
         if self._clock is None:
             return
-        if waiting:
+        if self.waiting or self.machine_at is not None:
             self._clock.resume()
         else:
             self._clock.pause()
@@ -65,14 +68,20 @@ class RunHeader(Widget):
         self.waiting, self.waiting_since = state.waiting, state.waiting_since
         sample = state.system[-1] if state.system else None
         self.machine = summary(sample)
+        gone = state.state in ENDED or state.state == "detached"  # no engine: its last figures are not the machine now
+        self.machine_at = sample.t if gone and sample is not None else None
         self.tokens_per_s = tokens_per_s(state.samples_per_s, sample)
+        self._follow_clock()
 
     def render(self) -> Text:
         top = Text()
         top.append(" SPU ", style="bold reverse")
         top.append(f" {self.run_name}", style="bold")
         top.append(f"  model {self.model}", style="dim")
-        if self.machine:
+        if self.machine and self.machine_at is not None:
+            age = format_eta(max(0.0, time.time() - self.machine_at))
+            top.append(f"  last reading {age} ago: {self.machine}", style="dim")
+        elif self.machine:
             top.append(f"  {self.machine}", style="bold cyan")
         bottom = Text()
         bottom.append(f" {self.state:<9}", style=STATE_STYLE.get(self.state, "bold"))

@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 import time
 
+from textual.widgets import Static
+
 from spu_tui.app import SpuApp
 from spu_tui.run_model import RunModel
+from spu_tui.widgets.system_view import SystemView
 from support import ScriptedLink, screen_lines, small_sst2
 
 
@@ -81,3 +84,35 @@ def test_the_engine_says_its_startup_phases_in_order_before_the_first_step(tmp_p
     first_step = next(i for i, ev in enumerate(history) if ev["type"] == "step")
     phases = [ev["phase"] for ev in history[:first_step] if ev["type"] == "state" and ev.get("phase")]
     assert phases == ["engine", "data", "model", "optimizer"]
+
+
+def finished_history(sampled: float) -> list[dict]:
+    """A finished run whose engine's last system sample is from wall time ``sampled``."""
+    return [
+        {"type": "hello", "t": sampled - 60, "state": "training", "step": 0, "total_steps": 4, "config": {}},
+        *steps(1, 4, sampled - 60, 1.0, 8),
+        {"type": "system", "t": sampled, "step": 4, "seconds": 4.0, "cpu_process": 90.0, "rss": int(1.1 * 2**30)},
+        {"type": "state", "t": sampled + 1, "state": "finished", "step": 4, "message": "4 steps"},
+    ]
+
+
+async def test_a_finished_run_shows_its_last_machine_reading_with_its_age(tmp_path):
+    app = SpuApp(tmp_path / "run", history=finished_history(time.time() - 300), connect=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.pause()
+        assert re.search(r"last reading 5m0\ds ago: CPU 90% · RAM 1\.1G", screen_lines(app)[0])
+        assert "the engine's last reading, at" in str(app.query_one(SystemView).render())
+
+
+async def test_the_quit_dialog_of_a_finished_run_says_what_quitting_does(tmp_path):
+    app = SpuApp(tmp_path / "run", history=finished_history(time.time()), connect=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("q")
+        await pilot.pause()
+        said = str(app.screen.query_one(Static).render())
+        assert "This run has finished and its engine has exited" in said
+        assert f"spu-tui attach {tmp_path / 'run'}" in said
+        assert any("q  Close the console" in line for line in screen_lines(app))
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_value is None and not app.is_running
