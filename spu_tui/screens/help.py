@@ -49,7 +49,11 @@ BINDINGS_HELP = [
                 "undo the last change made from a console (recorded as a change of its own, so a replay "
                 "stays exact; refused, with the reason, when it cannot be undone, e.g. LoRA that has trained)",
             ),
-            ("q", "quit: detach (training goes on), stop after a checkpoint, or stop now"),
+            (
+                "q",
+                "quit: detach (training goes on), stop after a checkpoint, or stop now; with no engine running "
+                "(a finished run, or its history alone) q again closes the console",
+            ),
         ],
     ),
     (

@@ -6,8 +6,10 @@ from __future__ import annotations
 from textual.widgets import Input
 
 from spu_tui.app import SpuApp
+from spu_tui.widgets.control_fields import FIELD_BY_ID
 from spu_tui.widgets.key_bar import KeyBar
 from spu_tui.widgets.log_panel import LogPanel
+from spu_tui.widgets.method_section import MethodSection
 from support import ScriptedLink, assert_inside, wait_for
 
 TRIGGER = "at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]"
@@ -86,3 +88,16 @@ async def test_a_resize_lays_out_at_once_and_rewraps_the_log_in_one_write(tmp_pa
         assert len(writes) == 1
         assert max(line.cell_length for line in log.lines) <= log._width
         assert "299 a log line" in "".join(line.text for line in log.lines[-6:])
+
+
+async def test_after_enter_in_a_method_field_the_focus_is_on_its_apply_button(tmp_path):
+    link = ScriptedLink()
+    app = SpuApp(tmp_path / "run", link=link)
+    async with app.run_test(size=(200, 50)) as pilot:
+        section = app.query_one("#sec-lr", MethodSection)
+        field = next(f for f in section.query(Input) if f.id in FIELD_BY_ID)
+        typed = field.value
+        await submit(pilot, app, field.id, typed)
+        assert link.sent[-1][0] == "change" and app.focused is section.query_one("#apply-lr")
+        await pilot.press("p")
+        assert link.sent[-1] == ("pause", {}) and field.value == typed
