@@ -176,7 +176,10 @@ class RunModel:
         self._wait("starting the engine", now)
 
     def _wait(self, what: str, since: float) -> None:
-        self.waiting, self.waiting_since = what, since
+        """Now waiting for ``what``, since wall time ``since`` (the same wait said again keeps its start)."""
+        if what != self.waiting or not self.waiting_since:
+            self.waiting_since = since
+        self.waiting = what
 
     def _first_step(self) -> str:
         if self.compiled:

@@ -185,6 +185,7 @@ def serve(
     from spu_engine.core.model_source import ModelLoadError
     from spu_engine.core.run_states import RunState
     from spu_engine.loop.distributed import Distributed
+    from spu_engine.storage.checkpoint import CheckpointError
 
     dist = Distributed.from_env()
     if dist is not None and not dist.is_main:
@@ -246,12 +247,11 @@ def serve(
         return code
 
     try:
-        early_emit("state", state="loading", step=0, message="starting the engine", phase="engine")
-        from spu_engine.loop.engine import Engine  # seconds of imports (transformers): said as the engine's start
-        from spu_engine.storage.checkpoint import CheckpointError
-
         try:
             signals.install()
+            early_emit("state", state="loading", step=0, message="starting the engine", phase="engine")
+            from spu_engine.loop.engine import Engine  # seconds of imports (transformers): said as the engine's start
+
             engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])], dist=dist)
             if resume:
                 _resume(engine, run_dir, fresh_optimizer, policy_note)

@@ -116,3 +116,12 @@ async def test_the_quit_dialog_of_a_finished_run_says_what_quitting_does(tmp_pat
         await pilot.press("q")
         await pilot.pause()
     assert app.return_value is None and not app.is_running
+
+
+def test_the_engine_saying_it_starts_keeps_the_seconds_the_console_counted():
+    state = RunModel()
+    state.starting(100.0)
+    state.apply({"type": "state", "t": 104.0, "state": "loading", "phase": "engine", "message": "starting the engine"})
+    assert (state.waiting, state.waiting_since) == ("starting the engine", 100.0)
+    state.apply({"type": "state", "t": 105.0, "state": "loading", "phase": "data", "message": "tokenizing d"})
+    assert (state.waiting, state.waiting_since) == ("tokenizing d", 105.0)
