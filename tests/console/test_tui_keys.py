@@ -6,6 +6,7 @@ from __future__ import annotations
 from textual.widgets import Input
 
 from spu_tui.app import SpuApp
+from spu_tui.widgets import log_panel
 from spu_tui.widgets.control_fields import FIELD_BY_ID
 from spu_tui.widgets.key_bar import KeyBar
 from spu_tui.widgets.log_panel import LogPanel
@@ -68,8 +69,10 @@ async def test_the_key_bar_says_esc_leaves_a_field(tmp_path):
         assert not isinstance(app.focused, Input) and "esc" not in str(bar.render())
 
 
-async def test_a_resize_lays_out_at_once_and_rewraps_the_log_in_one_write(tmp_path):
-    """Written a line at a time, a long log's re-wrap held the screen's old layout for seconds on a busy machine."""
+async def test_a_burst_of_resizes_lays_out_at_once_and_rewraps_the_log_once(tmp_path, monkeypatch):
+    """Re-wrapping a long log at every resize of a terminal being dragged kept the screen seconds behind: the layout
+    follows each size at once, the log is wrapped once to the size the burst ends at."""
+    monkeypatch.setattr(log_panel, "REWRAP_AFTER", 3.0)  # wider than any gap between the resizes below
     said = "a log line long enough to wrap at every width the console is drawn at, " * 2
     history = [{"type": "hello", "t": 1.0, "state": "training", "step": 0, "total_steps": 900, "config": {}}]
     history += [{"type": "log", "t": 1.0 + s, "step": s, "message": f"{s} {said}"} for s in range(300)]
@@ -77,16 +80,17 @@ async def test_a_resize_lays_out_at_once_and_rewraps_the_log_in_one_write(tmp_pa
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.2)
         log = app.query_one(LogPanel)
-        wide = log.scrollable_content_region.width
-        writes = []
-        write = log.write
-        log.write = lambda content, *args, **kwargs: writes.append(content) or write(content, *args, **kwargs)
-        await pilot.resize_terminal(120, 36)
-        assert app.screen.has_class("-wide") and app.screen.region.size == (120, 36)
-        assert_inside(app, "#header", "#tree", "#log", "#keys")
-        await wait_for(pilot, lambda: log._width == log.scrollable_content_region.width < wide, "the re-wrap")
-        assert len(writes) == 1
-        assert max(line.cell_length for line in log.lines) <= log._width
+        wrapped = []
+        rewrap = log.rewrap
+        log.rewrap = lambda: wrapped.append(log.scrollable_content_region.width) or rewrap()
+        for size in ((180, 45), (160, 40), (120, 36)):
+            await pilot.resize_terminal(*size)
+            assert app.screen.region.size == size and app.screen.has_class("-wide")
+            assert_inside(app, "#header", "#tree", "#log", "#keys")
+        final = log.scrollable_content_region.width
+        await wait_for(pilot, lambda: log._width == final, "the re-wrap")
+        assert wrapped == [final]
+        assert max(line.cell_length for line in log.lines) <= final
         assert "299 a log line" in "".join(line.text for line in log.lines[-6:])
 
 
