@@ -199,6 +199,8 @@ class RunModel:
         self.step = ev.step or self.step
         if ev.state == "loading":
             self._wait(ev.message, ev.t)
+            if ev.phase is not None:  # a startup phase: the header says it, the log would only fill up
+                return {Aspect.RUN}
         elif ev.state == "training" and not self.loss_steps:
             self._wait(self._first_step(), ev.t)
         else:

@@ -125,3 +125,4 @@ def test_the_engine_saying_it_starts_keeps_the_seconds_the_console_counted():
     assert (state.waiting, state.waiting_since) == ("starting the engine", 100.0)
     state.apply({"type": "state", "t": 105.0, "state": "loading", "phase": "data", "message": "tokenizing d"})
     assert (state.waiting, state.waiting_since) == ("tokenizing d", 105.0)
+    assert [line.text for line in state.log] == []  # phases go to the header, not the log
