@@ -101,6 +101,8 @@ async def test_a_finished_run_shows_its_last_machine_reading_with_its_age(tmp_pa
     async with app.run_test(size=(120, 36)) as pilot:
         await pilot.pause()
         assert re.search(r"last reading 5m0\ds ago: CPU 90% · RAM 1\.1G", screen_lines(app)[0])
+        await pilot.press("6")  # the System panel, wherever the layout puts it
+        await pilot.pause()
         assert "the engine's last reading, at" in str(app.query_one(SystemView).render())
 
 
