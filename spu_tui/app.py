@@ -8,6 +8,7 @@ the commands on their way), and the frame budget.  The screen does the rest.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ class SpuApp(App[str]):
         self.history = [ev for ev in history if isinstance(ev, dict)]
         self.state = RunModel(run=self.run_dir.name, run_dir=str(self.run_dir))
         self.state.metrics.name = self.run_dir.name  # the folder, as the run browser and the compared runs name it
+        if link is not None and not self.history:  # a new run: its engine is starting
+            self.state.starting(time.time())
         for ev in self.history:
             self.state.apply(ev)
         self.session = EngineSession(self.state, link, self.history)

@@ -81,7 +81,7 @@ class RunModel:
     step: int = 0
     total_steps: int = 0
     samples_per_s: float = 0.0
-    seconds_per_step: float | None = None  # over the recent window of steps (evaluations included)
+    seconds_per_step: float | None = None  # training time a step, over the recent window of steps
     metric: str = "accuracy"
     units: list[UnitInfo] = field(default_factory=list)
     unit_trainable: dict[str, float] = field(default_factory=dict)
@@ -110,12 +110,14 @@ class RunModel:
     last_t: float = 0.0
     unreadable: int = 0  # events skipped because this console cannot read their shape
     waiting: str = ""  # what the engine is busy with before its first step (tokenizing, loading, the first step)
+    waiting_since: float = 0.0  # wall time (an event's ``t``) when that began
     compiled: bool = False  # --compile: the first step compiles the model
     metrics: RunMetrics = field(default_factory=RunMetrics)
     revisions: Counter[Aspect] = field(default_factory=Counter)  # per aspect: how many events have changed it
     _recent: deque[tuple[float, int, int]] = field(
         default_factory=lambda: deque(maxlen=RATE_WINDOW)
-    )  # (t, step, samples)
+    )  # (training clock, step, samples)
+    _train_clock: float = 0.0  # seconds of training steps seen: the sum of the steps' own ``step_time``
 
     @property
     def collapsed(self) -> str | None:
@@ -166,7 +168,7 @@ class RunModel:
         self.metric = ev.metric or self.metric
         self.compiled = bool(ev.config.get("compile", self.compiled))
         if self.waiting.startswith("the first step"):  # the state came first (a replayed history)
-            self.waiting = self._first_step()
+            self._wait(self._first_step(), self.waiting_since)
         if ev.units:
             self._take_units(ev.units)
         if ev.current is not None:
@@ -174,6 +176,16 @@ class RunModel:
         if ev.scheduled is not None:
             self.scheduled = ev.scheduled
         return {Aspect.RUN, Aspect.PROGRESS, Aspect.UNITS, Aspect.POLICY}
+
+    def starting(self, now: float) -> None:
+        """The console started the engine at wall time ``now``: said until the engine's own first event."""
+        self._wait("starting the engine", now)
+
+    def _wait(self, what: str, since: float) -> None:
+        """Now waiting for ``what``, since wall time ``since`` (the same wait said again keeps its start)."""
+        if what != self.waiting or not self.waiting_since:
+            self.waiting_since = since
+        self.waiting = what
 
     def _first_step(self) -> str:
         if self.compiled:
@@ -192,9 +204,11 @@ class RunModel:
         self.state = ev.state
         self.step = ev.step or self.step
         if ev.state == "loading":
-            self.waiting = ev.message
+            self._wait(ev.message, ev.t)
+            if ev.phase is not None:  # a startup phase: the header says it, the log would only fill up
+                return {Aspect.RUN}
         elif ev.state == "training" and not self.loss_steps:
-            self.waiting = self._first_step()
+            self._wait(self._first_step(), ev.t)
         else:
             self.waiting = ""
         self.say(
@@ -210,14 +224,7 @@ class RunModel:
             touched.add(Aspect.RUN)  # the first step ends the wait, and the state says training
         self.step = ev.step
         self.waiting = ""
-        self._recent.append((ev.t, ev.step, ev.samples or 0))
-        first_t, first_step, first_samples = self._recent[0]
-        if ev.t > first_t and ev.step > first_step:
-            self.seconds_per_step = (ev.t - first_t) / (ev.step - first_step)
-            if ev.samples is not None and ev.samples > first_samples:
-                self.samples_per_s = (ev.samples - first_samples) / (ev.t - first_t)
-        elif ev.samples_per_s is not None:
-            self.samples_per_s = ev.samples_per_s
+        self._time_step(ev)
         loss = ev.loss
         if loss is not None and math.isfinite(loss):
             self.loss_steps.append(self.step)
@@ -234,6 +241,22 @@ class RunModel:
                     stats.sparsity = float(sparsity)
             touched.add(Aspect.UNITS)
         return touched
+
+    def _time_step(self, ev: StepEvent) -> None:
+        """Samples/s and seconds a step over the recent window, on the training clock: the sum of the steps' own
+        times, so pauses, evaluations, checkpoints and startup never count (engines that send no ``step_time``:
+        the wall clock)."""
+        if ev.step_time is not None:
+            self._train_clock += ev.step_time
+        clock = self._train_clock if ev.step_time is not None else ev.t
+        self._recent.append((clock, ev.step, ev.samples or 0))
+        first_clock, first_step, first_samples = self._recent[0]
+        if clock > first_clock and ev.step > first_step:
+            self.seconds_per_step = (clock - first_clock) / (ev.step - first_step)
+            if ev.samples is not None and ev.samples > first_samples:
+                self.samples_per_s = (ev.samples - first_samples) / (clock - first_clock)
+        elif ev.samples_per_s is not None:
+            self.samples_per_s = ev.samples_per_s
 
     def _on_system(self, ev: SystemEvent) -> set[Aspect]:
         self.system.append(ev)
@@ -329,7 +352,7 @@ class RunModel:
         return set()
 
     def _on_resumed(self, ev: ResumedEvent) -> set[Aspect]:
-        self._recent.clear()  # the time spent dead is no measure of speed
+        self._recent.clear()  # the resumed engine's speed, from the resumed step on
         self.say(ev.step, "state", ev.message or f"resumed at step {ev.step}")
         return set()
 

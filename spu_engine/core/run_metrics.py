@@ -43,6 +43,26 @@ NOT_MEASURED = frozenset(
     }
 )
 NOT_FIELDS = frozenset({"type", "t", "step", "id"})
+COUNTERS = frozenset(  # fields that count, size or time what was done rather than measure the run: not metrics
+    {
+        "samples",
+        "tokens",
+        "generated",
+        "steps",
+        "seconds",
+        "elapsed",
+        "batch_size",
+        "micro_batch",
+        "cpu_count",
+        "world_size",
+        "round",
+        "rounds",
+        "compiles",
+        "compile_limit",
+        "ram_total",
+        "memory_total",
+    }
+)
 GLOB_CHARS = frozenset("*?[")
 LOWER_IS_BETTER = ("loss", "perplexity")
 NOT_RANKED = ("top_answer_share",)  # a diagnostic, not a score: it has no best value
@@ -209,6 +229,12 @@ class RunMetrics:
     @property
     def names(self) -> list[str]:
         return sorted(self.series)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names of what the run measured (``eval.accuracy``, ``system.cpu_process``), leaving out the
+        ``COUNTERS`` (``eval.samples``, ``train.batch_size``): what the metric filter offers."""
+        return [name for name in self.names if name.rsplit(".", 1)[-1] not in COUNTERS]
 
     def last(self, name: str) -> float | None:
         points = self.series.get(name)

@@ -112,7 +112,9 @@ class Engine:
         self.tokenizer = tokenizer
         task = task or self._setup_task()
         self.stream = stream_for(task, config.seed, config.batch_size * (dist.world_size if dist else 1))
-        self._setup_runtime(self._setup_model(model, task), task)
+        model = self._setup_model(model, task)
+        self.loading("optimizer", "building the optimizer")
+        self._setup_runtime(model, task)
         self._setup_control()
         self._setup_trainer(task)
         self._setup_policy(policy or Policy(), task)  # methods configure now: distillation's teacher needs the task
@@ -132,13 +134,14 @@ class Engine:
         torch.manual_seed(self.config.seed)
         self.device, self.amp_dtype = pick_device(self.config, self.dist)
 
-    def _loading(self, message: str) -> None:
-        """A ``state`` event while loading (the run control, which owns the state from then on, comes later)."""
-        self.events.emit("state", state=RunState.LOADING.value, step=self.progress.step, message=message)
+    def loading(self, phase: str, message: str) -> None:
+        """A ``state`` event while loading, naming its ``phase`` (the run control, which owns the state from then on,
+        comes later)."""
+        self.events.emit("state", state=RunState.LOADING.value, step=self.progress.step, message=message, phase=phase)
 
     def _setup_task(self) -> Task:
         config = self.config
-        self._loading(f"reading and tokenizing {config.data}")
+        self.loading("data", f"tokenizing {config.data}")
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(config.model)
         task = get_task(config.task).build(config.data, self.tokenizer, TaskOptions.of(config))
@@ -149,7 +152,7 @@ class Engine:
     def _setup_model(self, model: torch.nn.Module | None, task: Task) -> torch.nn.Module:
         self._given_model: torch.nn.Module | None = None  # a model handed in (tests, benchmarks): its step-0 copy
         if model is None:
-            self._loading(f"loading the model {self.config.model}")
+            self.loading("model", f"loading the model {self.config.model}")
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(self.config.model)
             model = self._load_model(self.config.model, task)

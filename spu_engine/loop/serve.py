@@ -104,6 +104,7 @@ def _resume(engine, run_dir: Path, fresh_optimizer: bool, policy_note: str | Non
 
     remove_partial(folder, warn)
     path = checkpoint_to_resume(folder, fresh_optimizer, warn)  # CheckpointError: exit 2, every file kept
+    engine.loading("checkpoint", f"loading the checkpoint {path.name}")
     if engine.dist is not None:  # the other ranks load the same one, together (a sharded load is a collective)
         engine.dist.broadcast(int(path.name.removeprefix("step-")))
     engine.resume_from(path, fresh_optimizer=fresh_optimizer)
@@ -184,7 +185,6 @@ def serve(
     from spu_engine.core.model_source import ModelLoadError
     from spu_engine.core.run_states import RunState
     from spu_engine.loop.distributed import Distributed
-    from spu_engine.loop.engine import Engine
     from spu_engine.storage.checkpoint import CheckpointError
 
     dist = Distributed.from_env()
@@ -249,7 +249,9 @@ def serve(
     try:
         try:
             signals.install()
-            early_emit("state", state="loading", step=0, message=f"loading {config.model}")
+            early_emit("state", state="loading", step=0, message="starting the engine", phase="engine")
+            from spu_engine.loop.engine import Engine  # seconds of imports (transformers): said as the engine's start
+
             engine = Engine(config, policy, run_dir, sinks=[server.broadcast, *map(_guarded, sinks or [])], dist=dist)
             if resume:
                 _resume(engine, run_dir, fresh_optimizer, policy_note)

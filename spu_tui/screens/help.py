@@ -49,7 +49,11 @@ BINDINGS_HELP = [
                 "undo the last change made from a console (recorded as a change of its own, so a replay "
                 "stays exact; refused, with the reason, when it cannot be undone, e.g. LoRA that has trained)",
             ),
-            ("q", "quit: detach (training goes on), stop after a checkpoint, or stop now"),
+            (
+                "q",
+                "quit: detach (training goes on), stop after a checkpoint, or stop now; with no engine running "
+                "(a finished run, or its history alone) q again closes the console",
+            ),
         ],
     ),
     (
@@ -70,6 +74,11 @@ BINDINGS_HELP = [
                 "sparsity panel: each unit's sparsity at the end of the IMP round before / after (past the last: now)",
             ),
             ("tab / shift+tab", "move between the tree and the controls"),
+            (
+                "esc",
+                "leave a text field (back to the tree): in a field letters type, so p, q, b … act again only "
+                "outside it; applying a section or adding a trigger leaves the field too",
+            ),
             (
                 "edit a field",
                 "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes",

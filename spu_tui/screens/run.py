@@ -285,7 +285,8 @@ class RunScreen(PanelsScreen):
         self.app.push_screen(ExportScreen(default), chosen)
 
     def action_quit_dialog(self) -> None:
-        self.app.push_screen(QuitScreen(engine_alive=self.session.live), self._quit_chosen)
+        dialog = QuitScreen(self.session.live, self.state.state, self.state.run_dir or str(self.console.run_dir))
+        self.app.push_screen(dialog, self._quit_chosen)
 
     def _quit_chosen(self, choice: str | None) -> None:
         if choice == "detach":

@@ -198,10 +198,11 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
-        if event.input.id == "trigger-new":
-            self._schedule(event.value)
+        if event.input.id == "trigger-new" and self._schedule(event.value):
+            self.query_one("#scheduled").focus()  # out of the field: the keys act again, and the list shows the entry
         elif event.input.id == "lr-rule-new" and (change := self._scale_rule_change(event.value)) is not None:
             self.post_message(ApplyRequested("lr", change))
+            self.query_one("#lr-rules").focus()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id not in ("trigger-new", "lr-rule-new"):
@@ -241,18 +242,20 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         rules = [r.model_dump(mode="json", exclude_none=True) for r in [*self.scale_rules, rule]]
         return Change(set={"lr": {"scale": rules}})
 
-    def _schedule(self, text: str) -> None:
+    def _schedule(self, text: str) -> bool:
+        """Ask for the typed entry; False (said on the status line) when it is none."""
         if not text.strip():
             self._set_status("triggers", f"type an entry first: {TRIGGER_FORMS}", "error")
-            return
+            return False
         try:
             entry = entry_from_text(text)
         except PolicyError as exc:
             self._set_status("triggers", str(exc), "error")
-            return
+            return False
         self.post_message(
             self.ScheduleRequested(entry.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
         )
+        return True
 
 
 def _without(rules: list[FreezeRule] | list[ScaleRule], index: int) -> list[dict[str, Any]]:

@@ -1,12 +1,18 @@
 """Timeline and log: every change with its step; engine errors in red.
 
 Lines are wrapped to the panel's width; after a resize the whole history is
-re-wrapped (the run state keeps it), so nothing is cut off at any size.
+re-wrapped (the run state keeps it), so nothing is cut off at any size.  That
+re-wrap of up to 2000 lines takes about half a second on a busy machine, and
+a terminal being resized sends a resize every few milliseconds: done at each,
+the screen lagged seconds behind with the old layout's leftovers.  So the
+re-wrap waits until the size has held for ``REWRAP_AFTER`` seconds; the new
+layout is drawn at once, the log's lines cut at its new width until then.
 """
 
 from __future__ import annotations
 
 from rich.text import Text
+from textual.timer import Timer
 from textual.widgets import RichLog
 
 from spu_tui.run_model import Aspect, LogLine, RunModel
@@ -21,6 +27,7 @@ KIND_STYLE = {
     "ui": "yellow",
 }
 MAX_LINES = 2000
+REWRAP_AFTER = 0.3  # seconds a new width must hold before the history is wrapped to it
 
 
 class LogPanel(RichLog):
@@ -30,7 +37,8 @@ class LogPanel(RichLog):
         super().__init__(wrap=True, markup=False, highlight=False, min_width=20, max_lines=MAX_LINES, **kwargs)
         self.lines_source: list[LogLine] = []
         self.shown = 0
-        self._width = 0
+        self._width = 0  # the width the lines were wrapped to (0: none yet)
+        self._rewrap_timer: Timer | None = None
 
     def show(self, state: RunModel) -> None:
         self.lines_source = state.log
@@ -40,14 +48,24 @@ class LogPanel(RichLog):
         """Write the lines not written yet (a hidden log catches up when shown: it has no width to wrap to)."""
         if not self.display or not self.scrollable_content_region.width:
             return
-        for line in self.lines_source[self.shown :]:
-            self.write(_format(line))
+        new = self.lines_source[self.shown :]
+        if new:
+            self.write(Text("\n").join(_format(line) for line in new))
         self.shown = len(self.lines_source)
 
     def on_resize(self) -> None:
-        self.rewrap()
+        if not self._width:  # the first size: wrap now
+            self.rewrap()
+            return
+        if self._rewrap_timer is not None:
+            self._rewrap_timer.stop()
+        self._rewrap_timer = self.set_timer(REWRAP_AFTER, self.rewrap)
 
     def rewrap(self) -> None:
+        """Wrap the history to the width now, if it changed (and write what is new)."""
+        if self._rewrap_timer is not None:
+            self._rewrap_timer.stop()
+            self._rewrap_timer = None
         width = self.scrollable_content_region.width
         if width and width != self._width:
             self._width = width

@@ -198,6 +198,8 @@ class MethodSection(Vertical):
             self.set_status(problem, "error")
             return
         self.post_message(ApplyRequested(self.section, Change(set={self.section: self.values()})))
+        if isinstance(self.screen.focused, Input):  # out of the field: the keys act again, the place is kept
+            self.query_one(f"#apply-{self.section}").focus()
 
     def values(self) -> dict[str, Any]:
         return section_values(self.section, lambda f: str(self.query_one(f"#{f.id}").value))  # type: ignore[attr-defined]

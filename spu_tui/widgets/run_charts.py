@@ -128,7 +128,7 @@ class LossChart(Chart):
 
     def _show_metrics(self, runs: list[tuple[RunMetrics, str]]) -> None:
         """Every metric whose name matches the filter, in every run shown, up to ``MAX_SERIES`` of them."""
-        names = sorted({name for metrics, _ in runs for name in matching(metrics.names, self.pattern)})
+        names = sorted({name for metrics, _ in runs for name in matching(metrics.metric_names, self.pattern)})
         pairs = [(metrics, name) for name in names for metrics, _ in runs if name in metrics.series]
         drawn = pairs[:MAX_SERIES]
         scaled = not _one_scale([metrics.series[name].values for metrics, name in drawn])
@@ -144,7 +144,7 @@ class LossChart(Chart):
             series.append(Series(metrics.x_of(points, self.by_time), values, color=color))
             legend.append(f"[{color}]■[/] {metrics.name + ':' if len(runs) > 1 else ''}{name}{span}")
         if not names:
-            known = ", ".join(next(iter(runs))[0].names[:6]) or "none yet"
+            known = ", ".join(next(iter(runs))[0].metric_names[:6]) or "none yet"
             text = f"no metric matches [bold]{_escaped(self.pattern)}[/] (known: {known} …)"
         else:
             shown = f"showing {len(drawn)} of {len(pairs)}" if len(drawn) < len(pairs) else f"{len(pairs)} series"

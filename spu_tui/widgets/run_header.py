@@ -3,11 +3,15 @@ so 80 columns suffice."""
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual.reactive import reactive
+from textual.timer import Timer
 from textual.widget import Widget
 
 from spu_engine.core.protocol import SystemEvent
+from spu_engine.core.run_states import ENDED
 from spu_tui.run_model import Aspect, RunModel
 from spu_tui.widgets.system_view import summary
 
@@ -34,8 +38,24 @@ class RunHeader(Widget):
     state: reactive[str] = reactive("connecting")
     eta_s: reactive[float | None] = reactive(None)
     waiting: reactive[str] = reactive("")  # before the first step: what the engine is busy with
+    waiting_since: float = 0.0  # wall time it began: the header counts the seconds
     machine: reactive[str] = reactive("")  # the newest system sample, summed up
+    machine_at: reactive[float | None] = reactive(None)  # its wall time, once no engine runs: a reading, not live
     tokens_per_s: reactive[float | None] = reactive(None)
+
+    _clock: Timer | None = None  # redraws the seconds of a wait or a reading's age, only while there is one
+
+    def on_mount(self) -> None:
+        self._clock = self.set_interval(1.0, self.refresh, pause=True)
+        self._follow_clock()
+
+    def _follow_clock(self) -> None:
+        if self._clock is None:
+            return
+        if self.waiting or self.machine_at is not None:
+            self._clock.resume()
+        else:
+            self._clock.pause()
 
     def show(self, state: RunModel) -> None:
         self.run_name, self.model, self.state = state.run, state.model, state.state
@@ -45,23 +65,31 @@ class RunHeader(Widget):
             state.samples_per_s,
             state.eta_s,
         )
-        self.waiting = state.waiting
+        self.waiting, self.waiting_since = state.waiting, state.waiting_since
         sample = state.system[-1] if state.system else None
         self.machine = summary(sample)
+        gone = state.state in ENDED or state.state == "detached"  # no engine: its last figures are not the machine now
+        self.machine_at = sample.t if gone and sample is not None else None
         self.tokens_per_s = tokens_per_s(state.samples_per_s, sample)
+        self._follow_clock()
 
     def render(self) -> Text:
         top = Text()
         top.append(" SPU ", style="bold reverse")
         top.append(f" {self.run_name}", style="bold")
         top.append(f"  model {self.model}", style="dim")
-        if self.machine:
+        if self.machine and self.machine_at is not None:
+            age = format_eta(max(0.0, time.time() - self.machine_at))
+            top.append(f"  last reading {age} ago: {self.machine}", style="dim")
+        elif self.machine:
             top.append(f"  {self.machine}", style="bold cyan")
         bottom = Text()
         bottom.append(f" {self.state:<9}", style=STATE_STYLE.get(self.state, "bold"))
         bottom.append(f" step {self.step}/{self.total}")
         if self.waiting:
             bottom.append(f"  {self.waiting}", style="italic")
+            if self.waiting_since:
+                bottom.append(f" ({max(0, time.time() - self.waiting_since):.0f} s)", style="dim")
         else:
             bottom.append(f"  {self.samples_per_s:,.1f} samples/s")
             if self.tokens_per_s is not None:
@@ -73,8 +101,8 @@ class RunHeader(Widget):
 
 
 def tokens_per_s(samples_per_s: float, sample: SystemEvent | None) -> float | None:
-    """Tokens/s beside the header's samples/s, on the same clock: the wall-clock samples/s times the tokens per
-    sample of the newest system sample (whose own rates leave evaluations and pauses out)."""
+    """Tokens/s beside the header's samples/s, on the same training clock: the samples/s times the tokens per sample
+    of the newest system sample (whose own rates leave evaluations and pauses out too)."""
     if sample is None or not sample.samples_per_s or sample.tokens_per_s is None:
         return None
     return samples_per_s * sample.tokens_per_s / sample.samples_per_s

@@ -8,6 +8,7 @@ line each does not fit, their range with the slowest and fullest rank named: an 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -234,7 +235,7 @@ class SystemView(Widget):
     def show(self, state: RunModel) -> None:
         self._samples = list(state.system)
         self._rows = rows(self._samples)
-        self._ended = state.state in ENDED
+        self._ended = state.state in ENDED or state.state == "detached"  # no engine: the rows are its last reading
         self.refresh()
 
     def render(self) -> Text:
@@ -242,8 +243,8 @@ class SystemView(Widget):
             if self._ended:  # a run recorded before the engine sampled the machine, or one shorter than an interval
                 return Text(" no system samples in this run's history", style="italic dim")
             return Text(" waiting for the engine's first system sample", style="italic dim")
-        room = self.size.height - len(self._rows)  # the machine's rows stay whole when the ranks' lines fit beside
         lines = []
+        room = self.size.height - len(self._rows) - int(self._ended)  # the machine's rows (and the note) stay whole
         for row in rank_rows(self._samples, room, self.size.width) + self._rows:
             line = Text(f" {row.label:<{LABEL - 1}}", style="bold")
             line.append(f"{row.value:>{VALUE}} ")
@@ -252,6 +253,9 @@ class SystemView(Widget):
             width = max(0, self.size.width - LABEL - VALUE - 2 - (len(row.note) + 1 if row.note else 0))
             line.append(sparkline(row.series, width, row.top), style=row.color)
             lines.append(line)
+        if self._ended:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self._samples[-1].t))
+            lines.append(Text(f" the engine's last reading, at {at}: it no longer runs", style="italic dim"))
         text = Text("\n").join(lines)
         text.no_wrap, text.overflow = True, "ellipsis"  # a line too long for a narrow panel is cut, not wrapped
         return text

@@ -63,10 +63,13 @@ class HelloEvent(Event):
 
 
 class StateEvent(Event):
-    """state: loading | training | paused | stopped | finished | error."""
+    """state: loading | training | paused | stopped | finished | error.  While loading, ``phase`` names what the
+    engine does before its first step, in this order: engine (the process starts), data (tokenizing), model,
+    checkpoint (resuming), optimizer; ``message`` says it for people."""
 
     state: str
     message: str = ""
+    phase: str | None = None
 
 
 class StepEvent(Event):
