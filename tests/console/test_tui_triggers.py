@@ -10,7 +10,7 @@ from spu_tui.app import SpuApp
 from support import ScriptedLink, small_sst2
 
 EPOCH_1 = {"at": {"epoch": 1}, "freeze": [{"units": ["embeddings"], "trainable": False}]}
-NEVER = {"when": {"metric": "accuracy", "at_least": 2}, "freeze": [{"units": ["head"], "trainable": False}]}
+NEVER = {"when": {"metric": "eval_loss", "below": 0}, "freeze": [{"units": ["head"], "trainable": False}]}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ async def test_triggers_are_listed_added_and_removed(triggered_run):
     app = SpuApp(run_dir, history=history, link=link)
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.3)
-        assert listed(app) == ["epoch 1: freeze embeddings  ✓ fired at step 8", "when accuracy >= 2: freeze head"]
+        assert listed(app) == ["epoch 1: freeze embeddings  ✓ fired at step 8", "when eval_loss < 0: freeze head"]
 
         field = app.query_one("#trigger-new")
         field.focus()
@@ -107,8 +107,8 @@ async def test_triggers_are_listed_added_and_removed(triggered_run):
                 "cmd": "unschedule",
                 "step": 12,
                 "ok": False,
-                "message": "remove: no scheduled when accuracy >= 2",
+                "message": "remove: no scheduled when eval_loss < 0",
             }
         )
         await pilot.pause(0.2)
-        assert str(status.render()) == "refused: remove: no scheduled when accuracy >= 2" and status.has_class("-error")
+        assert str(status.render()) == "refused: remove: no scheduled when eval_loss < 0" and status.has_class("-error")
