@@ -192,7 +192,9 @@ def report(
 @app.command("export")
 def export_model(
     run: Path = typer.Option(..., "--run", help="run folder (config.json and checkpoints/)"),
-    out_dir: Path = typer.Option(..., "--out", help="folder to write (the run folder is never written)"),
+    out_dir: Path = typer.Option(
+        ..., "--out", help="folder to write, outside any run (a run or a checkpoint is never written)"
+    ),
     merge: bool = typer.Option(
         False,
         help="lora, adalora, ia3: fold the adapters into the weights (peft's merge) and write a plain model folder "
@@ -204,7 +206,9 @@ def export_model(
         "(default: off, pruned weights kept as zeros; a model folder: with --merge for lora, adalora, ia3)",
     ),
     force: bool = typer.Option(
-        False, help="write into a non-empty --out folder (default: off, a non-empty one is refused)"
+        False,
+        help="replace a previous export at --out (one with spu_export.json; kept until the new one is complete); "
+        "any other non-empty folder, a run and a checkpoint are refused even so (default: off)",
     ),
 ) -> None:
     """Write a run's newest checkpoint as a folder the ecosystem loads, pruning masks folded in.
@@ -217,10 +221,8 @@ def export_model(
     from spu_engine.storage.checkpoint import CheckpointError
     from spu_engine.tools.export import ExportError, export_run
 
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        fail(f"--out {out_dir} exists and is not empty; choose another folder or pass --force")
     try:
-        report = export_run(run, out_dir, compact=compact, merge=merge)
+        report = export_run(run, out_dir, compact=compact, merge=merge, force=force)
     except (ExportError, CheckpointError, ModelLoadError, OSError) as exc:
         fail(str(exc))
     for note in report.notes:

@@ -86,6 +86,37 @@ def atomic_write_bytes(path: Path, data: bytes, keep_mode_of: Path | None = None
             raise
 
 
+def fsync_tree(folder: Path) -> None:
+    """Every file under ``folder``, then every folder bottom-up, then ``folder`` itself on disk: what a rename of
+    ``folder`` then publishes is complete after a power cut too."""
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        _fsync(f)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        _fsync(sub)
+    _fsync(folder)
+
+
+def replace_folder(tmp: Path, final: Path, aside: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``.  An existing ``final`` is renamed to ``aside`` first and
+    deleted only once ``tmp`` holds its name: never deleted before its replacement is in place."""
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_new_text(path: Path, text: str) -> None:
     """Create ``path`` with ``text``; never replaces an existing file (FileExistsError), whatever races it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -29,6 +29,7 @@ from spu_engine.core.protocol.commands import (
     UndoCmd,
     UnscheduleCmd,
 )
+from spu_engine.core.run_guard import policy_file_problem
 from spu_engine.core.writes import WriteError, atomic_write_text, write_new_text
 from spu_engine.loop.faults import is_out_of_memory
 from spu_engine.loop.lifecycle import CommandRefused
@@ -156,6 +157,9 @@ class Commands:
         text = self.engine.replayable_policy().to_yaml()
         if path.is_dir():
             raise PolicyError(f"export: {path} is a folder; give a file name")
+        problem = policy_file_problem(path)  # a run's own file, or a checkpoint's: never written, whatever the flags
+        if problem is not None:
+            raise PolicyError(f"export: {problem}")
         if not path.exists():
             try:
                 write_new_text(path, text)

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from spu_engine.core.writes import writing
+from spu_engine.core.run_guard import MANIFEST
+from spu_engine.core.writes import fsync_tree, replace_folder, writing
 from spu_engine.model.loading import stable_name
 
-MANIFEST = "manifest.json"
 METHOD_TENSORS = "methods.safetensors"
 REQUIRED = ("model.safetensors", "optimizer.pt", "state.json")
 SHARDED_REQUIRED = ("shards/.metadata", "state.json")  # a sharded run's (``sharded_checkpoint``)
@@ -48,14 +48,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,27 +102,14 @@ def save_checkpoint(
 
 
 def seal(tmp: Path, final: Path, step: int) -> None:
-    """Finish a checkpoint written into ``tmp``: every file fsynced and listed in the manifest with its sha256, then
-    renamed to ``final`` (a checkpoint of the same step is swapped out, never deleted first)."""
+    """Finish a checkpoint written into ``tmp``: every file listed in the manifest with its sha256, everything
+    fsynced, then renamed to ``final`` (a checkpoint of the same step is swapped out, never deleted first)."""
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        _fsync(f)
         files[str(f.relative_to(tmp))] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-    manifest = tmp / MANIFEST
-    manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    _fsync(manifest)
-    for folder in sorted(p for p in tmp.rglob("*") if p.is_dir()):
-        _fsync(folder)
-    _fsync(tmp)
-    if final.exists():  # same step again (a stop right after a periodic checkpoint): swap, never delete first
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(final.parent)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    fsync_tree(tmp)
+    replace_folder(tmp, final, final.with_name(f".old-{final.name}"))
 
 
 def _step_of(path: Path) -> int | None:

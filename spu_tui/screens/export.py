@@ -10,9 +10,12 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from spu_engine.core.run_guard import policy_file_problem
+
 
 class ExportScreen(ModalScreen[tuple[Path, bool] | None]):
-    """Dismissed with (path, overwrite): overwrite only after a second enter on a file that exists."""
+    """Dismissed with (path, overwrite): overwrite only after a second enter on a file that exists; never a run's own
+    file or one in a checkpoint (``run_guard.policy_file_problem``)."""
 
     BINDINGS = [Binding("escape", "cancel", "cancel")]
 
@@ -38,6 +41,10 @@ class ExportScreen(ModalScreen[tuple[Path, bool] | None]):
         path = Path(text).expanduser()
         if path.is_dir():
             error.update(f"{path} is a folder; give a file name such as {path / 'policy.yaml'}")
+            return
+        problem = policy_file_problem(path)  # the engine refuses it too: said here before anything is sent
+        if problem is not None:
+            error.update(problem)
             return
         if path.exists() and self.confirm != path:
             self.confirm = path

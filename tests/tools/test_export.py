@@ -183,7 +183,7 @@ def test_export_cli_reports_and_refuses_bad_input(pruned_run, tmp_path):
     assert "parameters: dense" in result.output and "FFN width: 64 -> 54" in result.output
     assert "attention heads: 16 -> 13" in result.output and "trust_remote_code=True" in result.output
     again = runner.invoke(app, ["export", "--run", str(run_dir), "--out", str(tmp_path / "out")])
-    assert again.exit_code == 2 and "not empty" in again.output and "Traceback" not in again.output
+    assert again.exit_code == 2 and "previous export" in again.output and "Traceback" not in again.output
     missing = runner.invoke(app, ["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output
     empty = tmp_path / "empty-run"

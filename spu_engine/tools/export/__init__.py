@@ -8,6 +8,8 @@
 - ``card.py``: the folder's ``spu_export.json`` and ``README.md``.
 - ``ffn.py``, ``blocks.py``, ``heads.py``: ``--compact``, removing the FFN neurons, GPT-2 blocks and attention
   heads that pruning killed, so the saved model is physically smaller and faster.
+- ``target.py``: where it writes: never a run or a checkpoint; a previous export only with ``--force``; written
+  aside and renamed into place, so a killed export leaves no half-written folder.
 - ``save.py``: the folder, with the loading code when heads were removed or adapters added.
 - ``probe.py``: a probe batch, to time the dense and compact models and compare their outputs.
 """

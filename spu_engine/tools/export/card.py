@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spu_engine.core.run_guard import EXPORT_INFO
 from spu_engine.model.loading import AUTO_CLASSES
 from spu_engine.tools.export.errors import ExportError
 
-INFO = "spu_export.json"
+INFO = EXPORT_INFO  # what marks a previous export, the only folder --force replaces
 FORMATS = ("model", "peft", "houlsby")
 
 _LOAD = {

@@ -37,6 +37,7 @@ from spu_engine.tools.export.heads import compact_attention
 from spu_engine.tools.export.peft_folder import write_peft_folder
 from spu_engine.tools.export.probe import probe_batch, time_forward
 from spu_engine.tools.export.save import save_model
+from spu_engine.tools.export.target import prepare, written_aside
 from spu_engine.tools.export.weights import MASK_PREFIX, TUNER_METHODS, fold_masks, load_into, merge_tuners
 
 
@@ -62,7 +63,10 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def export_run(run_dir: Path, out_dir: Path, compact: bool = False, merge: bool = False) -> ExportReport:
+def export_run(
+    run_dir: Path, out_dir: Path, compact: bool = False, merge: bool = False, force: bool = False
+) -> ExportReport:
+    """Export ``run_dir`` to ``out_dir`` (``target.py``: never into a run; over a previous export with ``force``)."""
     from spu_engine.loop.engine import EngineConfig
     from spu_engine.tasks import get_task
 
@@ -70,9 +74,9 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False, merge: bool 
     cfg_path = run_dir / CONFIG
     if not cfg_path.exists():
         raise ExportError(f"{run_dir} is not a run folder (no config.json)")
+    target, notes = prepare(out_dir, force, run_dir)
     config = EngineConfig(**json.loads(cfg_path.read_text()))
     kind = get_task(config.task).model_kind
-    notes: list[str] = []
     path = latest_checkpoint(run_dir / CHECKPOINTS, log=notes.append)
     if path is None:
         raise ExportError(
@@ -102,33 +106,6 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False, merge: bool 
     report.dense_params = report.params
     name = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     reference = _reference(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if form == "peft":
-        report.loaded_diff = write_peft_folder(model, name, reference, kind, out_dir)
-        if report.loaded_diff > 1e-3:
-            notes.append(
-                f"the adapter folder does not reproduce the run (difference {report.loaded_diff:.1e}): use --merge"
-            )
-        notes.append(
-            f"a peft adapter folder for {reference}: PeftModel.from_pretrained(base, folder) loads it; its outputs "
-            f"differ from the run's model by at most {report.loaded_diff:.1e} on a probe batch (--merge writes a plain model)"
-        )
-        report.params = sum(t.numel() for t in load_file(str(out_dir / "adapter_model.safetensors")).values())
-    else:
-        if compact:
-            _compact(model, report, notes)
-        remote = save_model(model, out_dir, kind)
-        if remote and form == "model":
-            notes.append(
-                "attention heads were removed: load with from_pretrained(folder, trust_remote_code=True) "
-                "(the code is spu_compact.py in the folder)"
-            )
-        if form == "houlsby":
-            notes.append(
-                f"Houlsby adapters: {AUTO_CLASSES[kind]}.from_pretrained(folder, trust_remote_code=True) (the code is "
-                "spu_houlsby.py in the folder), or spu_engine.tools.export.houlsby.load(folder) without remote code"
-            )
-        report.params = count_params(model)
     info = {
         "format": form,
         "peft_method": peft.method,
@@ -146,11 +123,38 @@ def export_run(run_dir: Path, out_dir: Path, compact: bool = False, merge: bool 
         "checkpoint": path.name,
         "step": state["step"],
     }
-    write_card(out_dir, info, remote=form == "model" and (out_dir / "spu_compact.py").exists())
-    try:
-        load_tokenizer(config.model).save_pretrained(out_dir)
-    except Exception as exc:
-        notes.append(f"tokenizer not copied ({exc}); copy it from {config.model}")
+    with written_aside(target, force, run_dir) as folder:
+        if form == "peft":
+            report.loaded_diff = write_peft_folder(model, name, reference, kind, folder)
+            if report.loaded_diff > 1e-3:
+                notes.append(
+                    f"the adapter folder does not reproduce the run (difference {report.loaded_diff:.1e}): use --merge"
+                )
+            notes.append(
+                f"a peft adapter folder for {reference}: PeftModel.from_pretrained(base, folder) loads it; its outputs "
+                f"differ from the run's model by at most {report.loaded_diff:.1e} on a probe batch (--merge writes a plain model)"
+            )
+            report.params = sum(t.numel() for t in load_file(str(folder / "adapter_model.safetensors")).values())
+        else:
+            if compact:
+                _compact(model, report, notes)
+            remote = save_model(model, folder, kind)
+            if remote and form == "model":
+                notes.append(
+                    "attention heads were removed: load with from_pretrained(folder, trust_remote_code=True) "
+                    "(the code is spu_compact.py in the folder)"
+                )
+            if form == "houlsby":
+                notes.append(
+                    f"Houlsby adapters: {AUTO_CLASSES[kind]}.from_pretrained(folder, trust_remote_code=True) (the code is "
+                    "spu_houlsby.py in the folder), or spu_engine.tools.export.houlsby.load(folder) without remote code"
+                )
+            report.params = count_params(model)
+        write_card(folder, info, remote=form == "model" and (folder / "spu_compact.py").exists())
+        try:
+            load_tokenizer(config.model).save_pretrained(folder)
+        except Exception as exc:
+            notes.append(f"tokenizer not copied ({exc}); copy it from {config.model}")
     return report
 
 
