@@ -95,6 +95,11 @@ class RunSettings(BaseModel):
         "of the final answer where the references have one (GSM8K's '#### 72'), a few shown in the log; 0: none",
     )
     max_new_tokens: int = Field(256, ge=1, description="sft: the most tokens generated per prompt by --generate-eval")
+    drop_unlabelled: bool = Field(
+        False,
+        description="classification: leave out rows whose label is missing or empty, counted in the run's log; "
+        "off: such rows are refused, naming the file and the rows",
+    )
     eval_split: float | None = Field(
         None,
         ge=0,

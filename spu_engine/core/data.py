@@ -237,3 +237,19 @@ def require_columns(rows: list[dict[str, Any]], wanted: dict[str, str], source: 
 def pick_column(rows: list[dict[str, Any]], candidates: tuple[str, ...]) -> str | None:
     existing = rows[0].keys() if rows else ()
     return next((c for c in candidates if c in existing), None)
+
+
+def no_rows(source: str | Path) -> str:
+    """What to say of data without a row: a CSV / TSV file names the header it does have (its columns are there,
+    the rows are not), any other the empty file."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv") and path.is_file():
+        try:
+            with path.open(encoding=TEXT_ENCODING, newline="") as f:
+                header = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            header = []
+        if header:
+            return f"no rows in {source} (only the header: {', '.join(header)})"
+    return f"no rows in {source}" + (" (empty file)" if path.is_file() else "")

@@ -246,7 +246,7 @@ class Engine:
         same model (distillation's ``initial`` teacher)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            return load_model(source, type(task).model_kind, num_labels=task.num_labels, tokenizer=self.tokenizer)
+            return load_model(source, type(task).model_kind, task.num_labels, self.tokenizer, task.label_names)
 
     def initial_model(self) -> torch.nn.Module:
         """The model as this run loaded it at step 0, a new copy."""

@@ -40,12 +40,18 @@ AUTO_CLASSES = {
 
 
 def load_model(
-    name: str, task: str = "classification", num_labels: int | None = 2, tokenizer=None, trained: bool = False
+    name: str,
+    task: str = "classification",
+    num_labels: int | None = 2,
+    tokenizer=None,
+    labels: list[str] | None = None,
+    trained: bool = False,
 ) -> nn.Module:
     """Load pretrained weights with the head ``task`` needs (classification, qa, lm).
 
     ``num_labels`` None keeps the folder's; ``trained``: every weight must come from the folder (a teacher), so a
-    head the folder lacks is an error rather than a new random one."""
+    head the folder lacks is an error rather than a new random one; ``labels``: the data's classes, named when the
+    folder's head has another number of them."""
     import transformers
     from transformers import AutoConfig
 
@@ -68,6 +74,8 @@ def load_model(
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
     except Exception as exc:
+        if "ignore_mismatched_sizes" in str(exc) and num_labels is not None:
+            raise ModelLoadError(head_mismatch(name, num_labels, labels)) from None
         raise ModelLoadError(f"cannot load a {task} model from {name!r}: {_first_line(exc)}") from None
     if trained and info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
@@ -76,6 +84,19 @@ def load_model(
             "would start random): fine-tune it on the task first"
         )
     return model
+
+
+def head_mismatch(name: str, num_labels: int, labels: list[str] | None) -> str:
+    """The folder's classification head has another number of classes than the data (transformers refuses the
+    weights without saying which, its report silenced here)."""
+    from transformers import AutoConfig
+
+    own = class_names(AutoConfig.from_pretrained(name))
+    data = f"{num_labels}: {labels}" if labels else str(num_labels)
+    return (
+        f"{name!r} has a classification head of {len(own)} labels {own}, and the data has {data}; train on data with "
+        f"those {len(own)} labels, or start from a model without a task head (its base model) to get a new one"
+    )
 
 
 def name_classes(model: nn.Module, names: list[str] | None) -> None:

@@ -32,6 +32,7 @@ class TaskOptions:
     completion_column: str | None = None
     generate_eval: int = 0  # sft: eval prompts answered by greedy generation at each evaluation
     max_new_tokens: int = 256  # sft: the most tokens generated per prompt
+    drop_unlabelled: bool = False  # classification: leave out rows without a label (else they are refused)
 
     @classmethod
     def of(cls, settings: Any) -> TaskOptions:
@@ -47,6 +48,7 @@ class Task(ABC):
     metric: str  # the headline eval metric: what the console plots, `spu runs` lists and `spu eval` reports
     eval_fields: tuple[str, ...]  # the numbers ``evaluate`` returns (what a when-trigger may watch)
     num_labels: int = 2
+    label_names: list[str] | None = None  # classification: the label of each class id
     groups_by_length: ClassVar[bool] = False  # batches drawn by length, so they pad little (examples vary in length)
 
     def __init__(self, train: list[dict[str, Any]], eval: list[dict[str, Any]], pad_id: int) -> None:

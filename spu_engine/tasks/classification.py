@@ -22,6 +22,7 @@ from spu_engine.core.data import (
     hold_out_rows,
     is_local,
     load_hub_splits,
+    no_rows,
     pick_column,
     read_rows,
     require_columns,
@@ -29,6 +30,7 @@ from spu_engine.core.data import (
 )
 from spu_engine.tasks.base import Task, TaskOptions
 from spu_engine.tasks.infer import LABEL_KEYS
+from spu_engine.tasks.labels import check_classes, labelled_rows
 
 TEXT_CANDIDATES = ("sentence", "text", "sentence1", "review", "content", "document")
 # sentence pairs by their GLUE column names: MRPC and RTE (hub), QNLI, MRPC (GLUE's own TSV), QQP, MNLI
@@ -116,15 +118,21 @@ class ClassificationTask(Task):
         splits = read_splits(source)
         train_rows, train_src = splits["train"]
         if not train_rows:
-            raise DataError(f"{train_src}: no rows")
+            raise DataError(no_rows(train_src))
         columns = Columns.of(train_rows, options, train_src)
-        for rows, src in splits.values():
+        notes = []
+        for split, (rows, src) in splits.items():
             columns.require(rows, src)
+            rows, dropped = labelled_rows(rows, columns.label, src, options.drop_unlabelled)
+            splits[split] = (rows, src)
+            notes += [dropped] if dropped else []
+        train_rows = splits["train"][0]
+        check_classes(train_rows, columns.label, train_src)
         label_ids = _label_ids(sorted({str(r[columns.label]) for r in train_rows}))
-        note = None
         if "eval" not in splits:  # after the labels: a label that lands only in the held-out share still has its id
             train_rows, eval_rows, note = hold_out_rows(train_rows, options.eval_split, options.seed, train_src)
             splits = {"train": (train_rows, train_src), "eval": (eval_rows, f"{train_src} (held out)")}
+            notes.append(note)
 
         def encode(split: str, limit: int | None) -> list[dict[str, Any]]:
             rows, src = splits[split]
@@ -136,7 +144,7 @@ class ClassificationTask(Task):
             encode("train", options.max_train_samples), encode("eval", options.max_eval_samples), tokenizer.pad_token_id
         )
         task.name_classes(label_ids, options.metric or data_metric(source), train_src)
-        task.notes = [note] if note else []
+        task.notes = notes
         return task
 
     @classmethod
@@ -145,9 +153,10 @@ class ClassificationTask(Task):
     ) -> ClassificationTask:
         """An eval set only, to score a trained model whose class ids ``label_ids`` names (``spu eval``); ``options.metric`` is the headline."""
         if not rows:
-            raise DataError(f"{source}: no rows")
+            raise DataError(no_rows(source))
         columns = Columns.of(rows, options, source)
         columns.require(rows, source)
+        rows, _ = labelled_rows(rows, columns.label, source, drop=False, hint="score a file whose rows all have one")
         rows = rows[: options.max_eval_samples] if options.max_eval_samples else rows
         task = cls(
             [],

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spu_engine.core.data import TEXT_ENCODING, DataError, is_local, read_rows, split_files
+from spu_engine.core.data import TEXT_ENCODING, DataError, is_local, no_rows, read_rows, split_files
 from spu_engine.tasks.sft_shapes import sft_shape
 
 QA_KEYS = {"question", "context", "answers"}
@@ -74,7 +74,9 @@ def infer_task(
     if suffix == ".json" and _is_nested_squad(path):
         return "qa"
     rows = read_rows(path)
-    keys = set(rows[0]) if rows else set()
+    if not rows:
+        raise DataError(no_rows(path))
+    keys = set(rows[0])
     if keys >= QA_KEYS:
         return "qa"
     if label_column is not None and label_column in keys:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from spu_engine.core.data import DataError, hold_out_rows, require_columns
+from spu_engine.core.data import DataError, hold_out_rows, no_rows, require_columns
 from spu_engine.tasks.base import TaskOptions
 from spu_engine.tasks.classification import read_splits
 from spu_engine.tasks.lm import LMTask, perplexity
@@ -59,7 +59,7 @@ class SftTask(LMTask):
         splits = read_splits(source)
         train_rows, train_src = splits["train"]
         if not train_rows:
-            raise DataError(f"{train_src}: no rows")
+            raise DataError(no_rows(train_src))
         columns = SftColumns.of(train_rows, options.prompt_column, options.completion_column, train_src)
         notes = []
         if "eval" in splits:
@@ -81,7 +81,7 @@ class SftTask(LMTask):
         for split, rendered, src in (("train", train, train_src), ("eval", evals, eval_src)):
             said = rendered.note(split, options.max_length)
             if not rendered.total:
-                raise DataError(f"{src}: no rows")
+                raise DataError(no_rows(src))
             if not rendered.features:
                 advice = "; raise --max-length" if rendered.too_long else ""
                 raise DataError(f"{src}: no {split} example left: {said}{advice}")

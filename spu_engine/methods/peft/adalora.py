@@ -59,6 +59,7 @@ def inject_adalora(model: nn.Module, settings: Peft, steps: int | None) -> tuple
 
 class AdaLoRA(LoRAPlus, AddedTensorsMethod):
     name = "adalora"
+    size_setting = "init_r"
     fixed = ("init_r", "target_r", "alpha", "dropout", "target_modules", "tinit", "tfinal", "delta_t", "total_step")
 
     def __init__(self, host: Host) -> None:

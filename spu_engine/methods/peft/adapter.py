@@ -20,6 +20,7 @@ from torch import nn
 from spu_engine.core.policy import PolicyError
 from spu_engine.methods.base import Host
 from spu_engine.methods.peft.base import AddedTensorsMethod
+from spu_engine.methods.peft.oversize import cost
 from spu_engine.methods.peft.settings import Peft
 from spu_engine.methods.targets import NameSets, norm_names, task_head_names
 from spu_engine.model.houlsby import attach_adapters
@@ -41,6 +42,7 @@ SITES = {
 class Adapter(AddedTensorsMethod):
     name = "adapter"
     fixed = ("size",)
+    size_setting = "size"
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
@@ -50,6 +52,19 @@ class Adapter(AddedTensorsMethod):
 
     def gate(self, name: str) -> bool:
         return any(f".{slot}." in name for slot in SLOTS) or name in self.trainable
+
+    def oversize(self, settings: Peft) -> str | None:
+        """A bottleneck as wide as the hidden state or wider is none: each adapter then outgrows a d x d projection."""
+        d = getattr(getattr(self.host.model, "config", None), "hidden_size", None)
+        if not d or settings.size < d:
+            return None
+        added = self.planned(settings)
+        dtype = next(self.host.model.parameters()).dtype
+        return (
+            f"peft.size {settings.size}: the bottleneck is no narrower than the hidden size {d} it adapts, so each "
+            f"adapter ({2 * settings.size * d + settings.size + d:,} parameters) is larger than a {d}x{d} layer. "
+            f"{cost(added, dtype)}; a peft.size below {d} makes it a bottleneck again"
+        )
 
     def install(self, settings: Peft) -> list[nn.Parameter]:
         params, self.hooks, self.slots = insert_adapters(self.host.model, settings.size)

@@ -24,6 +24,7 @@ from torch import nn
 from spu_engine.core.policy import Policy, PolicyError
 from spu_engine.methods.base import Host, Method
 from spu_engine.methods.peft.lr_range import lr_note
+from spu_engine.methods.peft.oversize import lora_note, refuse_beyond, refuse_unfit
 from spu_engine.methods.peft.settings import Peft
 from spu_engine.model.loading import stable_parameters
 
@@ -65,6 +66,7 @@ class AddedTensorsMethod(PeftMethod):
     """A method that adds tensors to the model: adapters, LoRA, IA3."""
 
     fixed: ClassVar[tuple[str, ...]]  # peft settings that shape the added tensors
+    size_setting: ClassVar[str | None] = None  # the peft setting their size grows with (LoRA's r), said when too large
 
     def __init__(self, host: Host) -> None:
         super().__init__(host)
@@ -134,6 +136,7 @@ class AddedTensorsMethod(PeftMethod):
             )
         settings = next(iter(wanted.values()))
         self.refuse_planned(settings, later=policies[0].peft.method != self.name)
+        self.check_size(settings)
         before = set(self.host.params)
         with seeded(self.host.config.seed):
             self.install(settings)
@@ -148,6 +151,14 @@ class AddedTensorsMethod(PeftMethod):
         """The lr note; in a sharded run, a switch to this method says before it is made whether its tensors were
         planned."""
         notes = super().preview_notes(before, after)
+        builds = before.peft.method != self.name or any(
+            getattr(before.peft, k) != getattr(after.peft, k) for k in self.fixed
+        )
+        if after.peft.method == self.name and builds:
+            try:
+                notes += [note] if (note := self.size_said(after.peft)) is not None else []
+            except PolicyError as exc:
+                notes.append(f"refused: {exc}")
         if not self.sharded or after.peft.method != self.name or self.installed is not None:
             return notes
         if self.parked is None:
@@ -162,6 +173,30 @@ class AddedTensorsMethod(PeftMethod):
                 f"refused in this sharded run: {self.name} was planned with {key} {getattr(self.parked, key)!r}",
             ]
         return [*notes, f"{self.name}'s tensors were planned before sharding: switching them on costs nothing"]
+
+    def oversize(self, settings: Peft) -> str | None:
+        """A warning when the tensors ``settings`` add are larger than the layers they adapt (``oversize``); None when
+        they are not.  By default LoRA's factors, sized by ``size_setting``."""
+        if self.size_setting is None:
+            return None
+        value = getattr(settings, self.size_setting)
+        return lora_note(f"peft.{self.size_setting}", value, self.planned(settings), self.host.params)
+
+    def size_said(self, settings: Peft) -> str | None:
+        """Before the tensors are built: the warning when one is larger than its layer (``oversize``); PolicyError
+        where its rank could never be used or they could not fit in the device's free memory."""
+        note = self.oversize(settings)
+        if note is not None and self.size_setting is not None:
+            value = getattr(settings, self.size_setting)
+            setting, added = f"peft.{self.size_setting}", self.planned(settings)
+            refuse_beyond(setting, value, added, self.host.params)
+            refuse_unfit(setting, value, added, self.host.model)
+        return note
+
+    def check_size(self, settings: Peft) -> None:
+        """The warning in the run's log as the tensors are built (at start, or when a change adds them)."""
+        if (note := self.size_said(settings)) is not None:
+            self.host.log(note, "warning")
 
     def refuse_planned(self, settings: Peft, later: bool) -> None:
         """PolicyError when ``settings`` cannot be built before training for a switch ``later`` than step 0 (an init
@@ -210,6 +245,7 @@ class AddedTensorsMethod(PeftMethod):
                 f"switch in the timeline (- {{step: N, set: {{peft: {{method: {self.name}}}}}}})"
             )
         else:
+            self.check_size(policy.peft)
             with seeded(self.host.config.seed):  # the same tensors whenever they are added: a replay plans them ahead
                 params = self.install(policy.peft)
         self.host.add_parameters(params, lr=policy.peft.lr, weight_decay=0.0, name=self.group)

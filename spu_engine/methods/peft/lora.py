@@ -55,6 +55,7 @@ def lora_config(model: nn.Module, settings: Peft, init: bool | str | None = None
 
 class LoRA(LoRAPlus, AddedTensorsMethod):
     name = "lora"
+    size_setting = "r"
     fixed = (
         "r",
         "alpha",

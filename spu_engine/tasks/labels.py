@@ -1,0 +1,62 @@
+"""Classification labels checked before training, so a gap in the data never becomes a class.
+
+A row whose label is missing (no such field, empty, blank or null) is refused with its file, its row numbers and the
+count, as ``spu eval`` refuses it; ``drop_unlabelled`` (``--drop-unlabelled``) leaves such rows out and says how many
+in the run's log.  Training data of a single class is refused: a classifier learns nothing from it (its loss is
+already zero, or the other classes are never seen).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+from spu_engine.core.data import DataError
+
+SHOWN_ROWS = 5  # row numbers a message names before it says how many more
+DROP_HINT = "pass --drop-unlabelled (run setting drop_unlabelled: true) to train without them"
+
+
+def has_label(row: dict[str, Any], column: str) -> bool:
+    """False for a field that is absent, None, NaN or only whitespace (a TSV's empty cell)."""
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
+def row_numbers(indices: list[int]) -> str:
+    """``row 7`` / ``rows 7, 14, 21`` / ``rows 7, 14, 21, 28, 35 and 3 more``: 1-based, data rows after any header."""
+    shown = ", ".join(str(i + 1) for i in indices[:SHOWN_ROWS])
+    more = f" and {len(indices) - SHOWN_ROWS} more" if len(indices) > SHOWN_ROWS else ""
+    return f"row{'s' if len(indices) > 1 else ''} {shown}{more}"
+
+
+def labelled_rows(
+    rows: list[dict[str, Any]], column: str, source: str, drop: bool, hint: str = DROP_HINT
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows that have a label and, when ``drop`` left some out, the note saying so; DataError naming the rows
+    without one otherwise (``hint``: what the reader may do about them)."""
+    missing = [i for i, row in enumerate(rows) if not has_label(row, column)]
+    if not missing:
+        return rows, None
+    where = f"{len(missing)} of {len(rows)} rows have no label in column {column!r} ({row_numbers(missing)})"
+    if len(missing) == len(rows):
+        raise DataError(f"{source}: no row has a label in column {column!r}; name the label column with --label-column")
+    if not drop:
+        raise DataError(f"{source}: {where}; fill them in, or {hint}")
+    gone = set(missing)
+    kept = [row for i, row in enumerate(rows) if i not in gone]
+    return kept, f"{source}: {where}: dropped (--drop-unlabelled), {len(kept)} rows remain"
+
+
+def check_classes(rows: list[dict[str, Any]], column: str, source: str) -> None:
+    """DataError when the training rows hold one class only: there is nothing to tell apart."""
+    counts = Counter(str(row[column]) for row in rows)
+    if len(counts) == 1:
+        ((label, n),) = counts.items()
+        raise DataError(
+            f"{source}: all {n} rows have label {label!r} in column {column!r}: a classifier needs at least two "
+            "classes to learn from; add rows of another class (or name the right column with --label-column)"
+        )
