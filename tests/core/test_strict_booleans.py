@@ -41,8 +41,23 @@ def test_a_policy_refuses_a_string_for_a_boolean():
         parse_policy({"timeline": [{"when": {"metric": "eval_loss", "below": 0.5}, "once": "yes", "set": {}}]})
 
 
-def test_a_change_that_sets_a_boolean_section_field_refuses_a_string():
-    change = parse_command(b'{"cmd": "change", "change": {"set": {"memory": {"gradient_checkpointing": "yes"}}}}')
-    with pytest.raises(PolicyError, match=r"gradient_checkpointing: must be true or false .*\(got 'yes'\)"):
-        Policy().apply(change.change)
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"memory": {"gradient_checkpointing": "yes"}},
+        {"peft": {"method": "lora", "use_dora": "yes"}},
+        {"peft": {"method": "lora", "use_rslora": "yes"}},
+        {"auto_freeze": {"method": "lisa", "head": "yes"}},
+        {"auto_freeze": {"method": "lisa", "embeddings": "yes"}},
+        {"auto_freeze": {"method": "autofreeze", "allow_gaps": "yes"}},
+        {"distillation": {"enabled": "yes"}},
+        {"weight_update_skipping": {"enabled": "yes"}},
+    ],
+)
+def test_a_change_that_sets_a_boolean_section_field_refuses_a_string(section):
+    line = json.dumps({"cmd": "change", "change": {"set": section}}).encode()
+    [(name, fields)] = section.items()
+    key = next(k for k, v in fields.items() if v == "yes")
+    with pytest.raises(PolicyError, match=rf"{name}\.{key}: must be true or false .*\(got 'yes'\)"):
+        Policy().apply(parse_command(line).change)
     assert Policy().apply(Change(set={"memory": {"gradient_checkpointing": True}})).memory.gradient_checkpointing
