@@ -59,7 +59,9 @@ class Peft(Section):
     use_dora: StrictBool = Field(
         False, description="lora: DoRA, the weight split into magnitude and direction (peft's use_dora)"
     )
-    use_rslora: StrictBool = Field(False, description="lora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r")
+    use_rslora: StrictBool = Field(
+        False, description="lora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r"
+    )
     init: Literal["default", "gaussian", "pissa", "pissa_niter_4", "olora"] = Field(
         "default",
         description="lora: how the factors start (peft's init_lora_weights); pissa moves the top singular part of W into A and B",
