@@ -7,7 +7,10 @@ answered by an ack (``ok`` or refused, with the reason) or, for a preview, by
 the preview itself.  The events that arrive are taken into the ``RunModel``;
 the answers among them, and the checkpoints written, are handed to an
 ``AnswerView`` (the run screen), which shows each on the rows or the controls
-section its command came from.  Nothing here draws.
+section its command came from.  The session also knows when the engine last
+said anything (its heartbeats included): a live engine that says nothing for
+``SILENT_AFTER_S`` is silent (stopped, hung), and the header says so.  Nothing
+here draws.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spu_engine.core.policy import Change
-from spu_engine.core.protocol import CheckpointEvent, PreviewEvent, read_event
+from spu_engine.core.protocol import HEARTBEAT_S, CheckpointEvent, PreviewEvent, read_event
 from spu_engine.core.run_states import ENDED
 from spu_engine.core.runs import ENGINE_LOG
 from spu_tui.run_model import RunModel
 
 ANSWERS = ("ack", "received", "hello", "preview")  # events that answer the user: drawn at once
+SILENT_AFTER_S = 3 * HEARTBEAT_S  # three heartbeats missed: the engine is silent, not quiet
 
 
 class Wakeable(Protocol):
@@ -121,6 +125,9 @@ class EngineSession:
         self.link = link
         self.commands = CommandTracker()
         self.history_t = max((t for ev in history if isinstance(t := ev.get("t"), (int, float))), default=0.0)
+        self.clock = time.monotonic  # the clock of ``heard`` (tests turn it)
+        self.heard: float | None = None  # monotonic time the engine last said anything (None: not connected yet)
+        self.heard_step: int | None = None  # the run's step then (None: nothing heard since attaching)
 
     @property
     def connected(self) -> bool:
@@ -135,6 +142,7 @@ class EngineSession:
         """Blocking (run it in a worker thread): ConnectionError when the engine cannot be reached."""
         assert self.link is not None, "a run shown from its history has no engine to connect to"
         self.link.connect(target)
+        self.heard = self.clock()  # silence counts from the attach
 
     def close(self) -> None:
         if self.link is not None:
@@ -150,8 +158,9 @@ class EngineSession:
     def take_events(self) -> Arrivals:
         """Everything the link received since the last call, taken into the run model."""
         arrivals = Arrivals()
-        for ev in self.link.drain() if self.link is not None else []:
-            if not isinstance(ev, dict) or self.seen_in_history(ev):
+        events = self.link.drain() if self.link is not None else []
+        for ev in events:
+            if not isinstance(ev, dict) or ev.get("type") == "heartbeat" or self.seen_in_history(ev):
                 continue
             self.model.apply(ev)
             kind = ev.get("type")
@@ -161,7 +170,19 @@ class EngineSession:
                 arrivals.checkpoints.append(written.step)
             elif kind == "state" and ev.get("state") == "error":
                 arrivals.failed = ev.get("message") or "the engine failed"
+        if events:
+            self.heard, self.heard_step = self.clock(), self.model.step
         return arrivals
+
+    def silence(self) -> str:
+        """What to say of a live engine that said nothing for ``SILENT_AFTER_S`` (heartbeats included), else ''."""
+        if self.heard is None or not self.live:
+            return ""
+        quiet = self.clock() - self.heard
+        if quiet < SILENT_AFTER_S:
+            return ""
+        last = "nothing heard since attaching" if self.heard_step is None else f"last heard at step {self.heard_step}"
+        return f"engine silent for {quiet:.0f} s — {last}"
 
     def route(self, arrivals: Arrivals, view: AnswerView) -> None:
         """Hand each answer to ``view`` once, with the command it answers (answers to no command of ours are

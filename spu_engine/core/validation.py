@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 def error_text(error: dict[str, Any]) -> str:
-    """The message of one pydantic error, without pydantic's "Value error, " prefix for our own checks."""
+    """The message of one pydantic error, without pydantic's "Value error, " prefix for our own checks; a boolean
+    (strict: "yes", 1 or "true" would be a guess) names what it got."""
+    if error.get("type") == "bool_type":
+        return "must be true or false (a boolean, not a string or a number)"
     return str(error["msg"]).removeprefix("Value error, ")
 
 

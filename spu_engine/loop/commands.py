@@ -4,12 +4,16 @@ One handler per command type, found in one table; a handler returns the ack's
 message or raises: ``PolicyError`` and ``CommandRefused`` are refusals said as
 they are, an ``OSError`` (a write that failed) is said with the command's name.
 Read-only commands (``hello``, ``preview``) never get here: the socket thread
-answers them.
+answers them.  A checkpoint of a step already written, with nothing changed
+since, is the same checkpoint: answered with its path, not written again; what
+does cost time (a checkpoint, an evaluation) has its own rate
+(``command_rate``).
 """
 
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,8 +35,17 @@ from spu_engine.core.protocol.commands import (
 )
 from spu_engine.core.run_guard import policy_file_problem
 from spu_engine.core.writes import WriteError, atomic_write_text, write_new_text
+from spu_engine.loop.command_rate import (
+    CHECKPOINT_BURST,
+    CHECKPOINT_EVERY_S,
+    EVALUATE_BURST,
+    EVALUATE_EVERY_S,
+    CommandRate,
+)
 from spu_engine.loop.faults import is_out_of_memory
 from spu_engine.loop.lifecycle import CommandRefused
+
+KEEP_CHECKPOINT = (CheckpointCmd, PauseCmd, ResumeCmd, ExportCmd)  # commands after which a checkpoint is still current
 
 
 class CommandHost(Protocol):
@@ -42,6 +55,7 @@ class CommandHost(Protocol):
     dist: Any
     unwritten: Any
     system: Any  # the SystemSampler, told at each boundary whether to sample after the next step
+    saved: tuple[int, Path] | None  # the step and folder of the last checkpoint written, None once anything changed
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]: ...
     def apply_change(self, change: Change, source: str) -> None: ...
@@ -74,10 +88,13 @@ class Commands:
             PauseCmd: lambda cmd: engine.pause(),
             ResumeCmd: lambda cmd: engine.resume(),
             StopCmd: self.stop,
-            CheckpointCmd: lambda cmd: engine.checkpoint_now(),
-            EvaluateCmd: lambda cmd: engine.survive_oom(engine.evaluate, "evaluation") and None,
+            CheckpointCmd: self.checkpoint,
+            EvaluateCmd: self.evaluate,
             ExportCmd: self.export,
         }
+        self.now = 0.0  # the boundary's time, rank 0's: the clock of the costly commands' rates
+        self.checkpoints = CommandRate("checkpoint", CHECKPOINT_BURST, CHECKPOINT_EVERY_S)
+        self.evaluations = CommandRate("evaluate", EVALUATE_BURST, EVALUATE_EVERY_S)
 
     def submit(self, cmd: Any) -> None:
         """Thread-safe: queue a parsed command for the next step boundary."""
@@ -100,10 +117,12 @@ class Commands:
         dist, system = self.engine.dist, getattr(self.engine, "system", None)
         cadence = getattr(self.engine, "cadence", None)
         if dist is None:
-            return self._drain(block), stop_signal
+            cmds, self.now = self._drain(block), time.monotonic()
+            return cmds, stop_signal
         due = system is not None and system.proposal()
         save = cadence is not None and cadence.proposal()
-        cmds, signal, due, save = dist.broadcast((self._drain(block) if dist.is_main else [], stop_signal, due, save))
+        mine = (self._drain(block), time.monotonic()) if dist.is_main else ([], 0.0)
+        (cmds, self.now), signal, due, save = dist.broadcast((mine, stop_signal, due, save))
         if system is not None:
             system.agree(due)
         if cadence is not None:
@@ -127,9 +146,27 @@ class Commands:
             out_of_memory = str(exc).strip().split("\n")[0][:300]
         if out_of_memory is not None:  # outside the except block: the failed attempt's tensors are unreachable
             ok, message = False, self.engine.change_out_of_memory(name, getattr(cmd, "change", None), out_of_memory)
+        if not isinstance(cmd, KEEP_CHECKPOINT):  # what a checkpoint holds may have changed: the next one writes
+            self.engine.saved = None
         self.engine.emit("ack", id=getattr(cmd, "id", None), cmd=name, step=self.engine.step, ok=ok, message=message)
         if not ok:
             self.engine.emit("error", id=getattr(cmd, "id", None), step=self.engine.step, message=message)
+
+    def checkpoint(self, cmd: CheckpointCmd) -> str:
+        """A checkpoint now, or the one already written at this step when nothing changed since (and no write waits
+        for a retry, which a checkpoint command also is)."""
+        saved = self.engine.saved
+        current = saved is not None and saved[0] == self.engine.step
+        if current and self.engine.dist is None:  # what one process alone knows (ranks must all decide alike)
+            current = not self.engine.unwritten and saved[1].is_dir()
+        if current:
+            return f"the same checkpoint: step {saved[0]} is written and nothing changed since: {saved[1]}"
+        self.checkpoints.take(self.now)
+        return self.engine.checkpoint_now()
+
+    def evaluate(self, cmd: EvaluateCmd) -> None:
+        self.evaluations.take(self.now)
+        self.engine.survive_oom(self.engine.evaluate, "evaluation")
 
     def set_policy(self, cmd: SetPolicyCmd) -> None:
         """A whole policy from a client: its sections become one change (its timeline is not the run's)."""

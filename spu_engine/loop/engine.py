@@ -99,7 +99,7 @@ class Engine:
         self.sinks: list[Callable[[bytes, dict], None]] = list(sinks or [])
         self.unwritten = UnwrittenState()
         self.progress = Progress()
-        self._saved_step: int | None = None  # step of the last checkpoint written by this process
+        self.saved: tuple[int, Path] | None = None  # the last checkpoint's step and folder; None once anything changed
         self.cadence = CheckpointCadence(config)  # when a checkpoint is due on its own
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -335,8 +335,8 @@ class Engine:
         """A run that was not stopped: evaluated and checkpointed at its last step, its policy saved."""
         if self.trainer.evaluated_at != self.step:
             self._evaluated(self.trainer.survive_oom(self.trainer.evaluate, "evaluation"))
-            self._saved_step = None  # evaluation hooks may have changed method state
-        if self._saved_step != self.step:
+            self.saved = None  # evaluation hooks may have changed method state
+        if self.saved is None or self.saved[0] != self.step:
             self.control.save_or_pause()
         self.record.save_policy()
         if self.unwritten:

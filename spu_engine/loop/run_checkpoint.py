@@ -62,7 +62,7 @@ def save_run(engine) -> Path:
             keep=engine.config.keep_checkpoints,
             method_tensors=ckpt.method_tensors(engine.methods),
         )
-    engine._saved_step = engine.step
+    engine.saved = (engine.step, path)
     engine.emit("checkpoint", step=engine.step, path=str(path))
     return path
 

@@ -68,6 +68,7 @@ class RunScreen(PanelsScreen):
 
     def on_mount(self) -> None:  # before PanelsScreen.on_mount (Textual calls both), which draws the first frame
         if self.session.link is not None:
+            self.header.listen(self.session.silence)
             self._connect()
         elif self.console.history:
             self.state.say(self.state.step, "ui", "engine not running: showing the run's history")

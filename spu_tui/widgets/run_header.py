@@ -1,9 +1,11 @@
 """Run name, model and the machine (GPU, CPU, RAM); state, step / total, samples/s, tokens/s and ETA: two lines
-so 80 columns suffice."""
+so 80 columns suffice.  An engine that has said nothing for a few seconds is said instead of its speed and ETA,
+which would otherwise go on promising progress that is not happening."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.text import Text
 from textual.reactive import reactive
@@ -42,8 +44,10 @@ class RunHeader(Widget):
     machine: reactive[str] = reactive("")  # the newest system sample, summed up
     machine_at: reactive[float | None] = reactive(None)  # its wall time, once no engine runs: a reading, not live
     tokens_per_s: reactive[float | None] = reactive(None)
+    silent: reactive[str] = reactive("")  # "engine silent for 12 s — last heard at step 749", or ""
 
     _clock: Timer | None = None  # redraws the seconds of a wait or a reading's age, only while there is one
+    _silence: Callable[[], str] | None = None  # asked every second while an engine is attached (the session's)
 
     def on_mount(self) -> None:
         self._clock = self.set_interval(1.0, self.refresh, pause=True)
@@ -56,6 +60,15 @@ class RunHeader(Widget):
             self._clock.resume()
         else:
             self._clock.pause()
+
+    def listen(self, silence: Callable[[], str]) -> None:
+        """Ask ``silence`` every second: the engine is attached, and a silent one sends no event to redraw on."""
+        self._silence = silence
+        self.set_interval(1.0, self._listen)
+
+    def _listen(self) -> None:
+        if self._silence is not None:
+            self.silent = self._silence()
 
     def show(self, state: RunModel) -> None:
         self.run_name, self.model, self.state = state.run, state.model, state.state
@@ -86,7 +99,9 @@ class RunHeader(Widget):
         bottom = Text()
         bottom.append(f" {self.state:<9}", style=STATE_STYLE.get(self.state, "bold"))
         bottom.append(f" step {self.step}/{self.total}")
-        if self.waiting:
+        if self.silent:
+            bottom.append(f"  {self.silent}", style="bold red")
+        elif self.waiting:
             bottom.append(f"  {self.waiting}", style="italic")
             if self.waiting_since:
                 bottom.append(f" ({max(0, time.time() - self.waiting_since):.0f} s)", style="dim")

@@ -75,7 +75,7 @@ def test_change_with_bad_section_value_is_refused():
         ("selective_backprop: {keep: high}\n", r"selective_backprop.keep: Input should be a valid number.*got 'high'"),
         (
             "freeze: [{layers: [1], trainable: maybe}]\n",
-            r"freeze\[0\].trainable: Input should be a valid boolean.*'maybe'",
+            r"freeze\[0\].trainable: must be true or false.*'maybe'",
         ),
         (
             "freeze: [{trainable: false}]\n",

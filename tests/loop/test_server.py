@@ -198,3 +198,15 @@ def test_connections_beyond_the_cap_are_told_and_closed(tmp_path, monkeypatch):
         assert srv.client_count == 3
     finally:
         srv.close()
+
+
+def test_a_quiet_engine_sends_heartbeats_to_every_client(server):
+    """Nothing to say for a while (paused, loading, a long step): a heartbeat, so a console hearing nothing at all
+    knows the engine is silent (stopped, hung), not quiet."""
+    srv, received = server
+    clients = [EngineClient(srv.path).connect(5) for _ in range(2)]
+    for client in clients:
+        client.wait_for(lambda e: e["type"] == "hello", 5)
+        beat = client.wait_for(lambda e: e["type"] != "received", 15)
+        assert beat["type"] == "heartbeat" and set(beat) == {"type", "t"}
+    assert received == []  # nothing reached the engine (nor its events.jsonl)

@@ -195,7 +195,7 @@ def test_at_step_is_the_plain_step_entry():
         ),
         (
             {"when": {"metric": "eval_loss", "below": 1}, "once": "sometimes"},
-            "timeline[0].once: Input should be a valid boolean",
+            "timeline[0].once: must be true or false",
         ),
         ({"step": 3, "once": False}, "timeline[0]: once: only for 'when' triggers (a step or epoch entry fires once)"),
         (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from spu_engine.core.policy.selectors import ScaleRule
 from spu_engine.core.validation import Section
@@ -42,7 +42,7 @@ class Memory(Section):
         description="micro-batches per optimizer step: the batch is cut into this many forward and backward passes "
         "whose gradients add up to the whole batch's (the same update; activations for one micro-batch at a time)",
     )
-    gradient_checkpointing: bool = Field(
+    gradient_checkpointing: StrictBool = Field(
         False,
         description="recompute each block's activations in backward instead of storing them (non-reentrant; about "
         "a third more compute); blocks below the first trainable tensor store none either way",

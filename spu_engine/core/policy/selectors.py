@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from spu_engine.core.validation import Section
 
@@ -64,7 +64,7 @@ class FreezeRule(Selector):
 
     kind: ClassVar[str] = "freeze rule"
 
-    trainable: bool
+    trainable: StrictBool
     by: Literal["auto_freeze"] | None = Field(
         None,
         description="written by the engine on the rules automatic freezing decided; a rule without it that follows one "

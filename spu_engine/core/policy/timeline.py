@@ -6,7 +6,7 @@ import difflib
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, StrictBool, field_validator, model_validator
 
 from spu_engine.core.policy.sections import SECTIONS
 from spu_engine.core.policy.selectors import FreezeRule
@@ -145,7 +145,7 @@ class TimelineEntry(Change):
     when: MetricCondition | None = Field(
         None, description="checked at every evaluation the run schedules (every eval_every steps, and the last)"
     )
-    once: bool = Field(
+    once: StrictBool = Field(
         True,
         description="when-triggers: fire the first time the condition holds (true), or at every evaluation where it holds",
     )

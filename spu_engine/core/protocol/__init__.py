@@ -28,6 +28,7 @@ from spu_engine.core.protocol.commands import (
 )
 from spu_engine.core.protocol.events import (
     EVENTS,
+    HEARTBEAT_S,
     AckEvent,
     CheckpointEvent,
     DisconnectedEvent,
@@ -35,6 +36,7 @@ from spu_engine.core.protocol.events import (
     EvalEvent,
     Event,
     GpuStats,
+    HeartbeatEvent,
     HelloEvent,
     ImpRoundEvent,
     LogEvent,
@@ -61,6 +63,7 @@ from spu_engine.core.protocol.events import (
 __all__ = [
     "COMMAND_NAMES",
     "EVENTS",
+    "HEARTBEAT_S",
     "MAX_LINE_BYTES",
     "AckEvent",
     "ChangeCmd",
@@ -74,6 +77,7 @@ __all__ = [
     "Event",
     "ExportCmd",
     "GpuStats",
+    "HeartbeatEvent",
     "HelloCmd",
     "HelloEvent",
     "ImpRoundEvent",

@@ -45,7 +45,9 @@ def parse_command(line: bytes | str) -> Any:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "message"
-        raise ProtocolError(f"{data['cmd']}: {where}: {error_text(first)}") from None
+        value = first.get("input")
+        got = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+        raise ProtocolError(f"{data['cmd']}: {where}: {error_text(first)}{got}") from None
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter
 
 from spu_engine.core.policy import Change, Policy, TimelineEntry
 
@@ -70,7 +70,7 @@ class ResumeCmd(_Cmd):
 
 class StopCmd(_Cmd):
     cmd: Literal["stop"]
-    checkpoint: bool = True
+    checkpoint: StrictBool = True
 
 
 class CheckpointCmd(_Cmd):
@@ -87,7 +87,7 @@ class ExportCmd(_Cmd):
 
     cmd: Literal["export"]
     path: str
-    overwrite: bool = False
+    overwrite: StrictBool = False
 
 
 class HelloCmd(_Cmd):

@@ -306,6 +306,15 @@ class LogEvent(Event):
     about: str = ""
 
 
+HEARTBEAT_S = 2.0  # the socket says this much quiet with a heartbeat: a console tells a quiet engine from a silent one
+
+
+class HeartbeatEvent(Event):
+    """Sent by the socket thread to every client when nothing else was sent for ``HEARTBEAT_S`` (a paused run, a long
+    step, loading), never logged: a console that hears nothing for a few of these knows the engine is silent (stopped,
+    hung, its machine gone) rather than quiet."""
+
+
 class DisconnectedEvent(Event):
     """Made by the client when the socket closes."""
 
@@ -331,5 +340,6 @@ EVENTS: dict[str, type[Event]] = {
     "resumed": ResumedEvent,
     "system": SystemEvent,
     "log": LogEvent,
+    "heartbeat": HeartbeatEvent,
     "disconnected": DisconnectedEvent,
 }

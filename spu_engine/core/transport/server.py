@@ -9,7 +9,9 @@ else happens.  Each connection has rate limits (lines, bytes, commands for the
 engine, hello): past one the server stops reading that socket for a while, so
 a flooding client waits on its own writes instead of slowing training.
 ``hello`` is answered here from a snapshot shared by every request between two
-events; it never reaches the engine or events.jsonl.
+events; it never reaches the engine or events.jsonl.  Neither does the
+``heartbeat`` this thread sends when nothing else went out for ``HEARTBEAT_S``:
+a console that hears nothing at all knows the engine is silent, not quiet.
 
 Security: the run folder is 0700 and every file the engine writes is private
 (umask 077); the socket is 0600 and a peer of another user is refused by its
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from spu_engine.core.protocol.codec import MAX_LINE_BYTES, ProtocolError, encode, event, parse_command
+from spu_engine.core.protocol.events import HEARTBEAT_S
 from spu_engine.core.transport.client import socket_address
 from spu_engine.core.transport.connection import CLIENT_BUFFER_BYTES, MAX_CLIENTS, Connection
 
@@ -55,6 +58,7 @@ class EngineServer:
             None  # (events generation, time, hello without its closing brace)
         )
         self._generation = 0  # bumped by every broadcast: a snapshot is shared only between two events
+        self._sent_at = time.monotonic()  # the last broadcast or heartbeat
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sel = selectors.DefaultSelector()
@@ -101,6 +105,7 @@ class EngineServer:
             self._generation += 1
             for c in self._clients.values():
                 self._queue(c, line)
+        self._sent_at = time.monotonic()
         self._wake()
 
     def send_to(self, cid: int, message: dict[str, Any]) -> None:
@@ -145,10 +150,22 @@ class EngineServer:
                     if isinstance(key.data, Connection):
                         self._drop(key.data)
             self._release_held()
+            self._beat()
             self._flush_all()
         for c in list(self._clients.values()):
             self._drop(c)
         self._listener.close()
+
+    def _beat(self) -> None:
+        """A heartbeat to every client when nothing went out for ``HEARTBEAT_S`` (not a broadcast: the hello snapshot
+        stays shared)."""
+        if time.monotonic() - self._sent_at < HEARTBEAT_S:
+            return
+        line = encode(event("heartbeat"))
+        with self._lock:
+            for c in self._clients.values():
+                self._queue(c, line)
+        self._sent_at = time.monotonic()
 
     def _until_release(self) -> float:
         now = time.monotonic()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from spu_engine.core.validation import Section
 
@@ -21,8 +21,8 @@ class AutoFreeze(Section):
         20, ge=1, description="steps between two decisions (lisa: resamples; autofreeze: gradient-norm intervals)"
     )
     n_layers: int = Field(2, ge=1, description="lisa: blocks that train between two resamples")
-    embeddings: bool = Field(True, description="lisa: the embeddings train (true) or stay frozen (false)")
-    head: bool = Field(True, description="lisa: the head trains (true) or stays frozen (false)")
+    embeddings: StrictBool = Field(True, description="lisa: the embeddings train (true) or stay frozen (false)")
+    head: StrictBool = Field(True, description="lisa: the head trains (true) or stays frozen (false)")
     optimizer_state: Literal["keep", "drop"] = Field(
         "keep",
         description="the AdamW state of a block automatic freezing freezes: kept for when it trains again, or dropped (frees its memory)",
@@ -39,7 +39,7 @@ class AutoFreeze(Section):
         le=100.0,
         description="autofreeze without threshold: the percentile of the changes a block must be below (the paper's median)",
     )
-    allow_gaps: bool = Field(
+    allow_gaps: StrictBool = Field(
         False,
         description="autofreeze: also freeze a settled block behind one that still trains (no backward saved for it)",
     )

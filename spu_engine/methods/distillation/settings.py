@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from spu_engine.core.validation import Section
 
 
 class Distillation(Section):
-    enabled: bool = False
+    enabled: StrictBool = False
     teacher: str = Field(
         "initial",
         min_length=1,

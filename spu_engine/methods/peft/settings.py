@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, field_validator, model_validator
 
 from spu_engine.core.validation import Section
 
@@ -56,10 +56,12 @@ class Peft(Section):
         "BitFit: the biases and the head, as an lr multiplier); default: the run's lr, a full fine-tuning rate at which "
         "they barely learn: the what-if names each method's usual range (lora 1e-4 to 1e-3, ia3 1e-3 to 1e-2, ...)",
     )
-    use_dora: bool = Field(
+    use_dora: StrictBool = Field(
         False, description="lora: DoRA, the weight split into magnitude and direction (peft's use_dora)"
     )
-    use_rslora: bool = Field(False, description="lora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r")
+    use_rslora: StrictBool = Field(
+        False, description="lora: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r"
+    )
     init: Literal["default", "gaussian", "pissa", "pissa_niter_4", "olora"] = Field(
         "default",
         description="lora: how the factors start (peft's init_lora_weights); pissa moves the top singular part of W into A and B",

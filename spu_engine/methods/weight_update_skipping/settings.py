@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from spu_engine.core.validation import Section
 
@@ -12,7 +12,7 @@ from spu_engine.core.validation import Section
 class WeightUpdateSkipping(Section):
     """Bias-only phases that end when eval loss stops improving (Safayanikoo & Akturk 2020)."""
 
-    enabled: bool = False
+    enabled: StrictBool = False
     patience: int = Field(2, ge=1, description="evals without improvement before switching phase")
     last_k_blocks: int | None = Field(None, ge=1, description="bias-only phase trains biases of the last k blocks only")
     start_phase: Literal["full", "bias_only"] = Field(
