@@ -34,6 +34,7 @@ from spu_engine.core.runs import (
     CONFIG,
     ENGINE_LOG,
     EVENTS,
+    checkpoint_config,
     is_live,
     newest_live_run,
     read_history,
@@ -215,7 +216,7 @@ def _open(run: Path, compare: list[Path], ui_cpu: float, resume_crashed: bool) -
     from spu_engine.core.spawn import spawn_engine
     from spu_tui.app import SpuApp
 
-    if not (run / EVENTS).exists() or not (run / CONFIG).exists():
+    if not (run / EVENTS).exists() or not ((run / CONFIG).exists() or checkpoint_config(run)):
         fail(f"{run} is not a run folder (no events.jsonl / config.json)")
     history = read_history(run)
     engine = None
@@ -223,7 +224,7 @@ def _open(run: Path, compare: list[Path], ui_cpu: float, resume_crashed: bool) -
     if not live and resume_crashed:
         info = run_info(run)
         if info is not None and info.state == "crashed" and (run / CHECKPOINTS).is_dir():
-            config = build_config(**read_run_config(run))
+            config = build_config(**read_run_config(run, restore=True))
             engine = spawn_engine(config, resume_policy(run), run, resume=True)
             live = True
     console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100, compare=compare)

@@ -150,7 +150,7 @@ def train(
         if ignored:
             err.print(f"note: a resumed run keeps its own settings; ignored: {', '.join(ignored)}", highlight=False)
         overrides = {k: v for k, v in flags.items() if k in RESUME_OVERRIDES}
-        config = build_config(**{**read_run_config(resume), **overrides})
+        config = build_config(**{**read_run_config(resume, restore=True), **overrides})
         pol = resume_policy(resume)
     else:
         pol = read_policy(policy, **shorthands)
@@ -192,7 +192,7 @@ def engine(
     from spu_engine.core.runs import RunFolderError
     from spu_engine.loop.serve import serve
 
-    config = build_config(**read_run_config(run_dir))
+    config = build_config(**read_run_config(run_dir, restore=resume))
     pol = resume_policy(run_dir) if resume else read_policy(run_dir / POLICY)
     try:
         code = serve(config, pol, run_dir, resume=resume)

@@ -92,6 +92,23 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).is_file() for name in (EVENTS, CONFIG)) or (run_dir / CHECKPOINTS).is_dir()
 
 
+def checkpoint_config(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The run's settings as its newest checkpoint holds them (``state.json``'s ``config``) and that checkpoint, or
+    None: what stands in for a deleted config.json (the checkpoint itself is verified when it is resumed)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = (
+        [p for p in folder.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()] if folder.is_dir() else []
+    )
+    for checkpoint in sorted(found, key=lambda p: int(p.name[5:]), reverse=True):
+        try:
+            config = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(config, dict):
+            return config, checkpoint
+    return None
+
+
 def clear_run(run_dir: Path) -> None:
     """Delete a run's own files (--overwrite, with the lock held); anything else in the folder stays."""
     for name in RUN_FILES:
@@ -220,6 +237,8 @@ def run_info(run_dir: Path) -> RunInfo | None:
     config: dict[str, Any] = {}
     try:
         config = json.loads((run_dir / CONFIG).read_text())
+    except FileNotFoundError:
+        config = (checkpoint_config(run_dir) or ({}, None))[0]
     except (OSError, ValueError):
         pass
     info = RunInfo(path=run_dir, state="crashed", total_steps=config.get("steps"), modified=events.stat().st_mtime)
