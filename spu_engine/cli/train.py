@@ -134,7 +134,7 @@ def train(
     config.json (other run settings are the run's).  A --run-dir that already
     holds a run is refused unless --overwrite says to start it again.
     """
-    from spu_engine.core.runs import RunFolderError, holds_run, is_live
+    from spu_engine.core.runs import RunFolderError, holds_run, is_live, never_trained
     from spu_engine.loop.serve import serve
 
     if fresh_optimizer and resume is None:
@@ -145,6 +145,11 @@ def train(
     if resume is not None and any(shorthands.values()):
         fail("--peft, --prune and --freeze set a new run's policy; a resumed run keeps its own")
     if resume is not None:
+        if never_trained(resume):
+            fail(
+                f"{resume} never trained (its run ended before the first step): there is nothing to resume; "
+                f"start a run there with `spu train --run-dir {resume}` and the run's settings"
+            )
         run_dir = resume
         ignored = [f"--{k.replace('_', '-')}" for k in flags if k not in RESUME_OVERRIDES]
         if ignored:
@@ -156,7 +161,10 @@ def train(
         pol = read_policy(policy, **shorthands)
         config = config_from_policy(pol, policy, **flags)
         run_dir = run_dir or default_run_dir(config.model, config.task)
-        if holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it
+        if never_trained(run_dir):  # it holds nothing to lose: taken as --overwrite would, its old run files go
+            err.print(f"note: {run_dir} holds a run that never trained; starting this one there", highlight=False)
+            overwrite = True
+        elif holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it
             fail(
                 f"--run-dir {run_dir} already holds a run; continue it with `spu train --resume {run_dir}`, "
                 f"or start it again from step 0 with --overwrite (deletes its checkpoints and history)"
