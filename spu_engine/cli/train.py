@@ -102,7 +102,9 @@ def train(
         "its timeline is replayed at its steps",
     ),
     run_dir: Path | None = typer.Option(
-        None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"
+        None,
+        help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused (one whose run "
+        "never trained is taken)",
     ),
     resume: Path | None = typer.Option(
         None, help="resume the run in this folder from its newest complete checkpoint (default: a new run)"
@@ -131,8 +133,9 @@ def train(
     --resume RUN continues from its newest complete checkpoint; --steps,
     --batch-size, --eval-every, --checkpoint-every, --checkpoint-minutes, --device,
     --threads, --system-every and --report-to given with it override the run's
-    config.json (other run settings are the run's).  A --run-dir that already
-    holds a run is refused unless --overwrite says to start it again.
+    config.json (other run settings are the run's; a deleted config.json is taken
+    from the newest checkpoint).  A --run-dir that already holds a run is refused
+    unless --overwrite says to start it again; one whose run never trained is taken.
     """
     from spu_engine.core.runs import RunFolderError, holds_run, is_live, never_trained
     from spu_engine.loop.serve import serve
