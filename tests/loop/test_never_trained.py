@@ -96,3 +96,29 @@ def test_a_folder_spu_tui_prepared_whose_engine_died_loading_never_trained(tmp_p
     run = _folder(tmp_path, LOADING, config=True)  # killed (SIGKILL) while loading: "crashed", nothing trained
     (run / "policy.yaml").write_text("{}\n")
     assert never_trained(run) and run_info(run).state == "crashed" and not run_info(run).trained
+
+
+def test_spu_tui_takes_a_folder_that_never_trained_and_starts_it_clean(stopped_while_loading, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import spu_engine.core.spawn
+    import spu_tui.app
+    from spu_tui.cli import app as console
+    from support import SST2
+
+    run = stopped_while_loading
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    seen = {}
+
+    def spawn(config, policy, run_dir):
+        seen["events"] = (run_dir / "events.jsonl").exists()
+        return SimpleNamespace(poll=lambda: None)
+
+    monkeypatch.setattr(spu_engine.core.spawn, "spawn_engine", spawn)
+    monkeypatch.setattr(spu_tui.app.SpuApp, "run", lambda self: None)
+    args = ["--model", str(model), "--data", str(SST2), "--task", "classification", "--run-dir", str(run)]
+    result = CliRunner().invoke(console, args)
+    assert result.exit_code == 0, result.output  # before: "already holds a run; open it with spu-tui attach"
+    assert seen == {"events": False}  # the old run's log went first: the new run's history is its own
