@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from spu_engine.core.model_source import ModelLoadError, check_source
 from spu_engine.core.policy import FreezeRule, LearningRates, Policy, PolicyError, ScaleRule, Selector
+from spu_engine.methods.distillation.teacher_source import teacher_problem
 from spu_engine.methods.registry import section_specs
 from spu_engine.model.checkpointing import check_memory_settings
 from spu_engine.model.loading import Units, stable_parameters
@@ -163,20 +163,7 @@ def check_policy_against_model(
             if section in entry.set:
                 for key, patterns in getattr(in_force, section).name_globs().items():
                     problems += pattern_problems(patterns, names, f"timeline[{t}].set.{section}.{key}")
-        if isinstance(entry.set.get("distillation"), dict):
-            problems += teacher_problems(in_force, f"timeline[{t}].set.distillation.teacher")
+        if isinstance(entry.set.get("distillation"), dict) and (missing := teacher_problem(in_force.distillation)):
+            problems.append(f"timeline[{t}].set.distillation.teacher: {missing}")
     if problems:
         raise PolicyError("\n".join(problems))
-
-
-def teacher_problems(policy: Policy, where: str) -> list[str]:
-    """A distillation teacher folder that is not there: said at load, not at the step that switches it on (the
-    teacher itself is loaded then; a hub id is looked up then too)."""
-    kd = policy.distillation
-    if not kd.enabled or kd.teacher == "initial":
-        return []
-    try:
-        check_source(kd.teacher)
-    except ModelLoadError as exc:
-        return [f"{where}: {exc}"]
-    return []
