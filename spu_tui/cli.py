@@ -34,7 +34,10 @@ from spu_engine.core.runs import (
     CONFIG,
     ENGINE_LOG,
     EVENTS,
+    checkpoint_config,
+    clear_run,
     is_live,
+    never_trained,
     newest_live_run,
     read_history,
     run_folders,
@@ -143,7 +146,9 @@ def main(
     run_dir = run_dir or default_run_dir(config.model, config.task)
     if is_live(run_dir):
         fail(f"--run-dir {run_dir}: a live engine is using it; attach with `spu-tui attach {run_dir}`")
-    if (run_dir / EVENTS).exists():
+    if never_trained(run_dir):  # nothing to lose there: its old run files go, as `spu train --run-dir` takes it
+        clear_run(run_dir)
+    elif (run_dir / EVENTS).exists():
         fail(
             f"--run-dir {run_dir}: already holds a run; open it with `spu-tui attach {run_dir}` or choose another folder"
         )
@@ -151,6 +156,10 @@ def main(
     engine = spawn_engine(config, pol, run_dir)
     console = SpuApp(run_dir, engine=engine, cpu_share=ui_cpu / 100, compare=compare)
     console.run()
+    if created and engine.poll() == 0 and never_trained(run_dir):  # stopped while loading: leave nothing
+        shutil.rmtree(run_dir, ignore_errors=True)
+        typer.echo(f"the run stopped before its first step: nothing was trained; removed {run_dir}")
+        return
     if created and engine.poll() == 2:  # the engine refused to start (a user error): nothing was trained, leave nothing
         log = (run_dir / ENGINE_LOG).read_text(errors="replace").splitlines() if (run_dir / ENGINE_LOG).exists() else []
         start = max((i for i, line in enumerate(log) if line.startswith("error: ")), default=None)
@@ -215,15 +224,15 @@ def _open(run: Path, compare: list[Path], ui_cpu: float, resume_crashed: bool) -
     from spu_engine.core.spawn import spawn_engine
     from spu_tui.app import SpuApp
 
-    if not (run / EVENTS).exists() or not (run / CONFIG).exists():
+    if not (run / EVENTS).exists() or not ((run / CONFIG).exists() or checkpoint_config(run)):
         fail(f"{run} is not a run folder (no events.jsonl / config.json)")
     history = read_history(run)
     engine = None
     live = is_live(run)
     if not live and resume_crashed:
         info = run_info(run)
-        if info is not None and info.state == "crashed" and (run / CHECKPOINTS).is_dir():
-            config = build_config(**read_run_config(run))
+        if info is not None and info.state == "crashed" and info.trained and (run / CHECKPOINTS).is_dir():
+            config = build_config(**read_run_config(run, restore=True))
             engine = spawn_engine(config, resume_policy(run), run, resume=True)
             live = True
     console = SpuApp(run, history=history, engine=engine, connect=live, cpu_share=ui_cpu / 100, compare=compare)

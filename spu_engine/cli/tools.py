@@ -35,8 +35,17 @@ def _run_row(info, methods: str) -> list[str]:
         metric,
         methods,
         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.modified)),
-        info.message if info.state in ("stopped", "error") else "",
+        _note(info),
     ]
+
+
+def _note(info) -> str:
+    """Why it stopped or failed; for a run that ended before its first step, that it holds nothing to resume."""
+    said = info.message if info.state in ("stopped", "error") else ""
+    if info.trained or info.state == "live":
+        return said
+    never = "never trained: nothing to resume; `spu train --run-dir` may reuse the folder"
+    return f"{said}; {never}" if said else never
 
 
 @app.command()
@@ -70,7 +79,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="folder of run folders, 
             out.print(f"[bold]{run}[/]", soft_wrap=True, highlight=False)
             described = dict(zip(RUN_COLUMNS[1:], cells, strict=True))
             out.print("  " + "  ".join(f"{k} {v}" for k, v in described.items() if v and v != "-"), highlight=False)
-    resumable = [i for i in found if i.state in ("crashed", "stopped")]
+    resumable = [i for i in found if i.state in ("crashed", "stopped") and i.trained]
     if resumable:
         out.print(
             f"continue a crashed or stopped run from its newest checkpoint: spu train --resume {resumable[0].path}",

@@ -102,7 +102,9 @@ def train(
         "its timeline is replayed at its steps",
     ),
     run_dir: Path | None = typer.Option(
-        None, help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused"
+        None,
+        help="run folder (default runs/<model>-<task>-<time>); one that holds a run is refused (one whose run "
+        "never trained is taken)",
     ),
     resume: Path | None = typer.Option(
         None, help="resume the run in this folder from its newest complete checkpoint (default: a new run)"
@@ -131,10 +133,11 @@ def train(
     --resume RUN continues from its newest complete checkpoint; --steps,
     --batch-size, --eval-every, --checkpoint-every, --checkpoint-minutes, --device,
     --threads, --system-every and --report-to given with it override the run's
-    config.json (other run settings are the run's).  A --run-dir that already
-    holds a run is refused unless --overwrite says to start it again.
+    config.json (other run settings are the run's; a deleted config.json is taken
+    from the newest checkpoint).  A --run-dir that already holds a run is refused
+    unless --overwrite says to start it again; one whose run never trained is taken.
     """
-    from spu_engine.core.runs import RunFolderError, holds_run, is_live
+    from spu_engine.core.runs import RunFolderError, holds_run, is_live, never_trained
     from spu_engine.loop.serve import serve
 
     if fresh_optimizer and resume is None:
@@ -145,18 +148,26 @@ def train(
     if resume is not None and any(shorthands.values()):
         fail("--peft, --prune and --freeze set a new run's policy; a resumed run keeps its own")
     if resume is not None:
+        if never_trained(resume):
+            fail(
+                f"{resume} never trained (its run ended before the first step): there is nothing to resume; "
+                f"start a run there with `spu train --run-dir {resume}` and the run's settings"
+            )
         run_dir = resume
         ignored = [f"--{k.replace('_', '-')}" for k in flags if k not in RESUME_OVERRIDES]
         if ignored:
             err.print(f"note: a resumed run keeps its own settings; ignored: {', '.join(ignored)}", highlight=False)
         overrides = {k: v for k, v in flags.items() if k in RESUME_OVERRIDES}
-        config = build_config(**{**read_run_config(resume), **overrides})
+        config = build_config(**{**read_run_config(resume, restore=True), **overrides})
         pol = resume_policy(resume)
     else:
         pol = read_policy(policy, **shorthands)
         config = config_from_policy(pol, policy, **flags)
         run_dir = run_dir or default_run_dir(config.model, config.task)
-        if holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it
+        if never_trained(run_dir):  # it holds nothing to lose: taken as --overwrite would, its old run files go
+            err.print(f"note: {run_dir} holds a run that never trained; starting this one there", highlight=False)
+            overwrite = True
+        elif holds_run(run_dir) and not overwrite and not is_live(run_dir):  # a live one: the run lock refuses it
             fail(
                 f"--run-dir {run_dir} already holds a run; continue it with `spu train --resume {run_dir}`, "
                 f"or start it again from step 0 with --overwrite (deletes its checkpoints and history)"
@@ -192,7 +203,7 @@ def engine(
     from spu_engine.core.runs import RunFolderError
     from spu_engine.loop.serve import serve
 
-    config = build_config(**read_run_config(run_dir))
+    config = build_config(**read_run_config(run_dir, restore=resume))
     pol = resume_policy(run_dir) if resume else read_policy(run_dir / POLICY)
     try:
         code = serve(config, pol, run_dir, resume=resume)

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from spu_engine.core.file_kinds import not_regular
+
 TRAIN_NAMES = ("train",)
 DEV_NAMES = ("dev", "validation", "valid", "val")
 TEST_NAMES = ("test",)
@@ -45,6 +47,8 @@ def split_files(source: str) -> dict[str, Path]:
         raise DataError(f"data path {source!r} does not exist")
     if path.is_file():
         return {"train": path, "eval": path}
+    if (kind := not_regular(path)) != "a folder":  # a FIFO would block the read forever
+        raise DataError(f"data path {source!r} is {kind}; pass a data file or a folder of them")
     found = {
         split: f for split, names in (("train", TRAIN_NAMES), ("eval", EVAL_NAMES)) if (f := find_split(path, names))
     }

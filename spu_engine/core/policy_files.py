@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import ValidationError
 
+from spu_engine.core.file_kinds import not_regular
 from spu_engine.core.policy import (
     Policy,
     PolicyError,
@@ -68,6 +69,8 @@ def _check_timeline(policy: Policy, raw: Any, source: str) -> None:
 
 def load_policy(path: str | Path) -> Policy:
     path = Path(path)
+    if (kind := not_regular(path)) is not None:  # a FIFO would block the read forever
+        raise PolicyError(f"{path}: not a policy file: it is {kind}; pass a YAML file")
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)  # never more than the cap, whatever the file's size

@@ -14,9 +14,10 @@ from rich.console import Console
 from spu_engine.core import config as settings
 from spu_engine.core.policy import Policy, PolicyError
 from spu_engine.core.policy_files import load_policy
-from spu_engine.core.runs import CONFIG, POLICY
+from spu_engine.core.runs import CONFIG, POLICY, checkpoint_config
 from spu_engine.core.shorthands import with_shorthands
 from spu_engine.core.validation import error_text
+from spu_engine.core.writes import WriteError, atomic_write_text
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
@@ -111,13 +112,30 @@ def resume_policy(run: Path) -> Policy | None:
         return None
 
 
-def read_run_config(run: Path) -> dict:
-    """A run's config.json as a dict; a missing or damaged one is a one-line error."""
+def read_run_config(run: Path, restore: bool = False) -> dict:
+    """A run's config.json as a dict; a damaged one, or a missing one with no checkpoint, is a one-line error.
+
+    A missing one is taken from the newest checkpoint's state.json, which holds the same settings, and said;
+    ``restore`` (a resume) writes it back."""
     path = run / CONFIG
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        fail(f"{run} is not a run folder (no config.json)")
+        found = checkpoint_config(run)
+        if found is None:
+            fail(f"{run} is not a run folder (no config.json, and no checkpoint holding its settings)")
+        data, checkpoint = found
+        restored = ""
+        if restore:
+            try:
+                atomic_write_text(path, json.dumps(data, indent=1))
+                restored = "; config.json is written anew from them"
+            except WriteError as exc:
+                restored = f"; config.json could not be written anew ({exc})"
+        err.print(
+            f"note: {path} is missing; the run's settings are taken from {checkpoint.name}/state.json{restored}",
+            highlight=False,
+        )
     except (OSError, ValueError) as exc:
         fail(
             f"{path} cannot be read ({exc}); the run's settings are also in each checkpoint's state.json under 'config'"

@@ -11,6 +11,8 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 - ``list_runs(root)``: ``RunInfo`` of every run under ``root``, most recently active first.
 - ``newest_live_run(root)``: the most recently active live run folder, or None.
 - ``final_policy(run_dir)``: the policy sections in force at the run's last event (the run browser's methods).
+- ``never_trained(run_dir)``: the run ended before its first step (no checkpoint, no step logged).
+- ``checkpoint_config(run_dir)``: the settings the newest checkpoint holds (a deleted config.json's stand-in).
 - ``read_history(run_dir)``: the events of ``events.jsonl`` as one consistent
   history: what a killed engine wrote after the checkpoint its successor
   resumed from is dropped (the ``resumed`` event marks the cut); ``spu report``
@@ -19,7 +21,10 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 A run is "live" while its lock is held (an flock, so a killed engine never
 looks live); otherwise its last ``state`` event says finished, stopped or
 error, and a run whose log ends in training, paused or loading died without
-saying so: "crashed".  Torch-free: the console imports this module.
+saying so: "crashed".  A run that ended before its first step (stopped while
+loading, say) has nothing to resume and nothing to lose: ``never_trained``
+tells every command so (``spu runs``, ``--resume``, ``--run-dir``).
+Torch-free: the console imports this module.
 """
 
 from __future__ import annotations
@@ -92,6 +97,36 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).is_file() for name in (EVENTS, CONFIG)) or (run_dir / CHECKPOINTS).is_dir()
 
 
+def never_trained(run_dir: Path) -> bool:
+    """A folder of a run that stopped, failed or died before its first step: run files, but no checkpoint and no
+    step in its log.  It holds nothing to lose, so a new run may take it without --overwrite, and nothing to resume."""
+    run_dir = Path(run_dir)
+    if not holds_run(run_dir) or is_live(run_dir):
+        return False
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir() and any(folder.iterdir()):
+        return False
+    events = run_dir / EVENTS
+    return not events.is_file() or not any(ev.get("type") in ("step", "resumed") for ev in _events_backwards(events))
+
+
+def checkpoint_config(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The run's settings as its newest checkpoint holds them (``state.json``'s ``config``) and that checkpoint, or
+    None: what stands in for a deleted config.json (the checkpoint itself is verified when it is resumed)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = (
+        [p for p in folder.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()] if folder.is_dir() else []
+    )
+    for checkpoint in sorted(found, key=lambda p: int(p.name[5:]), reverse=True):
+        try:
+            config = json.loads((checkpoint / "state.json").read_text(encoding="utf-8")).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(config, dict):
+            return config, checkpoint
+    return None
+
+
 def clear_run(run_dir: Path) -> None:
     """Delete a run's own files (--overwrite, with the lock held); anything else in the folder stays."""
     for name in RUN_FILES:
@@ -145,6 +180,7 @@ class RunInfo:
     modified: float = 0.0  # unix time of the last event
     pid: int | None = None  # the engine's pid while live
     message: str = ""  # the last state event's message (why it stopped or failed)
+    trained: bool = True  # False: it ended before its first step (``never_trained``), nothing to resume
 
     @property
     def name(self) -> str:
@@ -220,6 +256,8 @@ def run_info(run_dir: Path) -> RunInfo | None:
     config: dict[str, Any] = {}
     try:
         config = json.loads((run_dir / CONFIG).read_text())
+    except FileNotFoundError:
+        config = (checkpoint_config(run_dir) or ({}, None))[0]
     except (OSError, ValueError):
         pass
     info = RunInfo(path=run_dir, state="crashed", total_steps=config.get("steps"), modified=events.stat().st_mtime)
@@ -247,6 +285,7 @@ def run_info(run_dir: Path) -> RunInfo | None:
         info.message = last_state.get("message", "")
         if last_state.get("state") in ENDED:
             info.state = last_state["state"]
+    info.trained = last_step is not None or not never_trained(run_dir)
     if is_live(run_dir):
         info.state = "live"
         try:

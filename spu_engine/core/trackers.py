@@ -59,6 +59,7 @@ class TensorBoard(Tracker):
     def __init__(self, run_dir: Path, run: str, config: dict[str, Any], step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        _quiet_writer_thread()
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step or None)
         self.writer.add_text("config", _markdown_code(yaml.safe_dump(config, sort_keys=False)), step)
 
@@ -71,6 +72,22 @@ class TensorBoard(Tracker):
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread keeps what it failed to write (an unwritable folder) for the writer's next call,
+    where ``Trackers`` says it in one line, and then re-raises it: a 40-line traceback on stderr at exit.  That
+    thread's uncaught exceptions are dropped; every other thread's still reach the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "spu_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.spu_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class WandB(Tracker):

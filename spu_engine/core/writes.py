@@ -4,12 +4,15 @@ A full disk reaches us as ``OSError`` from a plain write, ``RuntimeError`` from
 ``torch.save`` (``inline_container.cc ... unexpected pos``) or ``SafetensorError``
 from safetensors.  ``writing()`` turns any of them, raised inside its block, into
 one ``WriteError`` that says what was being written and how much space is free,
-so the engine can pause instead of dying.  Only the write itself goes inside
+so the engine can pause instead of dying.  A folder that cannot be written at all
+(a read-only file system, no permission) is said as that, not as a full disk:
+freeing space would not help.  Only the write itself goes inside
 the block: a bug in the code that prepares what to write is not a full disk.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -17,9 +20,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+FREE_SPACE = "free space"
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
 
 class WriteError(OSError):
-    """Run state could not be written; the text says what, why, and the free space where it was going."""
+    """Run state could not be written; the text says what, why, and the free space where it was going.
+    ``remedy`` is what lets a retry succeed ('free space', 'make /runs/x writable')."""
+
+    def __init__(self, message: str, remedy: str = FREE_SPACE) -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 def _size(n: float) -> str:
@@ -30,11 +41,17 @@ def _size(n: float) -> str:
     raise AssertionError  # the loop always returns
 
 
-def free_space(path: str | Path) -> str:
-    """'12.3 MB free of 40.0 MB at /mnt/runs', measured at the nearest existing folder of ``path``."""
+def _existing(path: str | Path) -> Path:
+    """``path`` or its nearest existing folder."""
     where = Path(path)
     while not where.exists() and where != where.parent:
         where = where.parent
+    return where
+
+
+def free_space(path: str | Path) -> str:
+    """'12.3 MB free of 40.0 MB at /mnt/runs', measured at the nearest existing folder of ``path``."""
+    where = _existing(path)
     try:
         usage = shutil.disk_usage(where)
     except OSError as exc:
@@ -48,15 +65,36 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
+def not_writable(exc: BaseException, where: str | Path) -> str | None:
+    """'read-only' or 'not writable' when that is why the write failed: the error's own errno (EROFS, EACCES,
+    EPERM), or, for torch and safetensors that turn it into text, the folder itself refusing writes; else None."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in NOT_WRITABLE:
+            return "read-only" if cause.errno == errno.EROFS else "not writable"
+        cause = cause.__cause__ or cause.__context__
+    folder = _existing(where)
+    if not os.access(folder, os.W_OK):
+        return "not writable"
+    return None
+
+
 @contextmanager
 def writing(what: str, where: str | Path) -> Iterator[None]:
-    """Any exception inside the block becomes a ``WriteError`` naming ``what`` and the free space at ``where``."""
+    """Any exception inside the block becomes a ``WriteError`` naming ``what`` and the free space at ``where`` (or,
+    when ``where`` cannot be written at all, that it is read-only or not writable)."""
     try:
         yield
     except WriteError:
         raise
     except Exception as exc:
-        raise WriteError(f"{what} failed ({describe(exc)}); {free_space(where)}") from exc
+        refused = not_writable(exc, where)
+        if refused is None:
+            raise WriteError(f"{what} failed ({describe(exc)}); {free_space(where)}") from exc
+        folder = _existing(where)
+        raise WriteError(
+            f"{what} failed ({describe(exc)}); the run folder is {refused}: {folder}", f"make {folder} writable"
+        ) from exc
 
 
 def atomic_write_text(path: Path, text: str, keep_mode_of: Path | None = None) -> None:

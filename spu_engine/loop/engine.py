@@ -315,6 +315,7 @@ class Engine:
         self._save_config()
         trainable = f"trainable {self.trainable_count():,} of {count_params(self.model):,}"
         self.control.set_state(RunState.TRAINING, trainable)
+        self.record.warn_if_nothing_trains()
         self.log(self.cadence.describe(), "info" if self.cadence.every != 0 else "warning")
         self.emit("hello", **{k: v for k, v in self.hello().items() if k not in ("type", "t")})
 

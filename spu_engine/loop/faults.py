@@ -80,6 +80,7 @@ class UnwrittenState:
 
     def __init__(self) -> None:
         self.why: dict[str, str] = {}
+        self.remedy: dict[str, str] = {}  # what lets each retry succeed: free space, make a folder writable
         self._writers: dict[str, Callable[[], Any]] = {}
 
     def __bool__(self) -> bool:
@@ -95,9 +96,10 @@ class UnwrittenState:
         except WriteError as exc:
             if what not in self.why:
                 print(f"spu-engine: {exc}; kept in memory until it can be written", file=sys.stderr, flush=True)
-            self.why[what], self._writers[what] = str(exc), write
+            self.why[what], self._writers[what], self.remedy[what] = str(exc), write, exc.remedy
             return False
         self.why.pop(what, None)
+        self.remedy.pop(what, None)
         self._writers.pop(what, None)
         return True
 
@@ -111,7 +113,8 @@ class UnwrittenState:
         return "; ".join(self.why.values())
 
     def pause_message(self, step: int, retry_s: float) -> str:
+        remedies = " and ".join(dict.fromkeys(self.remedy.values()))  # each once, in the order the failures came
         return (
-            f"{self.summary()}. Paused at step {step} with everything in memory: free space, then press s (or resume) to retry;"
-            f" it is also retried every {retry_s:g} s"
+            f"{self.summary()}. Paused at step {step} with everything in memory: {remedies}, then press s (or resume) "
+            f"to retry; it is also retried every {retry_s:g} s"
         )

@@ -194,7 +194,11 @@ class PolicyRecord:
             # a method added or removed tensors
             units=describe_units(rt.units, rt.params) if rt.param_names != names else None,
         )
-        if rt.trainable_count() == 0:
+        self.warn_if_nothing_trains()
+
+    def warn_if_nothing_trains(self) -> None:
+        """A policy that leaves no parameter training (at the start, or after a change) is said, not trained silently."""
+        if self.runtime.trainable_count() == 0:
             self.log(
                 "no parameter trains now: the freeze rules and the methods together leave none; steps change nothing",
                 "warning",

@@ -176,8 +176,8 @@ def serve(
 
     Returns the exit code: 0 finished or stopped (SIGTERM included), 1 failed
     or stopped by a fault (non-finite loss, a checkpoint SIGTERM could not write), 2 could not start,
-    130 a second Ctrl-C.  A folder this call created is removed again when a user error stops the start
-    (nothing was trained).  On resume ``policy`` None means policy.yaml was unreadable: the checkpoint's
+    130 a second Ctrl-C.  A folder this call created is removed again when a user error or a stop signal ends
+    the start (nothing was trained).  On resume ``policy`` None means policy.yaml was unreadable: the checkpoint's
     policy is used (it always is) and the unreadable file is kept as ``policy.yaml.unreadable``.
     ``overwrite`` deletes the folder's run files once the lock is held.
     """
@@ -236,11 +236,11 @@ def serve(
         early.write(line)
         server.broadcast(line)
 
-    user_error = False
+    untrained = False  # the folder this call made holds a run that never trained: nothing is left behind
 
     def give_up(code: int, message: str) -> int:
-        nonlocal user_error
-        user_error = code == 2 and created and not resume
+        nonlocal untrained
+        untrained = code == 2 and created and not resume
         early_emit("error", step=0, message=message)
         early_emit("state", state="error", step=0, message=message)
         print(f"error: {message}", file=sys.stderr)
@@ -259,6 +259,7 @@ def serve(
                 dist.broadcast(None)
             signals.engine = engine
         except StoppedWhileLoading as stop:
+            untrained = created and not resume
             since = " since the newest checkpoint" if resume else ""
             early_emit(
                 "state", state="stopped", step=0, message=f"{stop}: stopped while loading; nothing was trained{since}"
@@ -297,6 +298,6 @@ def serve(
         time.sleep(0.2)  # let the last events reach clients
         server.close()
         lock.release()
-        if user_error:  # nothing was trained in the folder this call made: leave nothing behind
+        if untrained:  # nothing was trained in the folder this call made: leave nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"nothing was trained; removed {run_dir}", file=sys.stderr)

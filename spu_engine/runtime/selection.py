@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from spu_engine.core.policy import FreezeRule, LearningRates, Policy, PolicyError, ScaleRule, Selector
+from spu_engine.methods.distillation.teacher_source import teacher_problem
 from spu_engine.methods.registry import section_specs
 from spu_engine.model.checkpointing import check_memory_settings
 from spu_engine.model.loading import Units, stable_parameters
@@ -162,5 +163,7 @@ def check_policy_against_model(
             if section in entry.set:
                 for key, patterns in getattr(in_force, section).name_globs().items():
                     problems += pattern_problems(patterns, names, f"timeline[{t}].set.{section}.{key}")
+        if isinstance(entry.set.get("distillation"), dict) and (missing := teacher_problem(in_force.distillation)):
+            problems.append(f"timeline[{t}].set.distillation.teacher: {missing}")
     if problems:
         raise PolicyError("\n".join(problems))

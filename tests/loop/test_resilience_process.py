@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from spu_engine.core.policy import FreezeRule, Policy, TimelineEntry
-from spu_engine.core.runs import SOCKET, read_history, run_info
+from spu_engine.core.runs import SOCKET, never_trained, read_history, run_info
 from spu_engine.core.spawn import spawn_engine
 from spu_engine.core.transport import EngineClient
 from spu_engine.loop.engine import EngineConfig
@@ -245,3 +245,28 @@ def test_sigterm_while_loading_stops_cleanly(tiny_model_dir, tmp_path):
     final = _events(run_dir)[-1]
     assert final["state"] == "stopped" and final["message"] == "SIGTERM: stopped while loading; nothing was trained"
     assert not (run_dir / "checkpoints").exists() and run_info(run_dir).state == "stopped"
+    assert never_trained(run_dir) and not run_info(run_dir).trained  # spu-tui's folder stays: any command takes it
+
+
+def test_sigterm_while_spu_train_loads_leaves_no_folder(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--data", SST2, "--batch-size", 8, "--max-length", 32, "--steps", 5]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spu_engine.cli", "train", *map(str, args), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # tokenizing all of SST-2 takes a while
+    try:
+        _eventually(
+            lambda: (run_dir / "events.jsonl").exists() and b'"loading"' in (run_dir / "events.jsonl").read_bytes(), 60
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, stderr
+    assert not run_dir.exists()  # before: a folder spu runs called stopped and --resume called "not a run folder"
+    assert f"nothing was trained; removed {run_dir}" in stderr and "Traceback" not in stderr

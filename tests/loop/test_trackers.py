@@ -292,3 +292,20 @@ def test_a_tracker_that_cannot_start_is_one_warning_and_the_others_go_on(tmp_pat
     assert warnings == [
         "tracker tensorboard could not start (RuntimeError: wandb: not logged in); training goes on without it"
     ]
+
+
+def test_an_unwritable_tensorboard_folder_is_one_line_and_no_thread_traceback(tmp_path, monkeypatch):
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    def unwritable(self, data):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "tensorboard"))
+
+    uncaught: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: uncaught.append(args.thread.name))
+    monkeypatch.setattr(RecordWriter, "write", unwritable)
+    warnings = feed(["tensorboard"], tmp_path, RUN)
+    assert uncaught == []  # TensorBoard's writer thread re-raised it: 40 lines of traceback at exit
+    assert len(warnings) == 1 and warnings[0].startswith("tracker tensorboard ") and "Permission denied" in warnings[0]
+    assert "\n" not in warnings[0]

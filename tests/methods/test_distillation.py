@@ -173,3 +173,31 @@ def test_the_preview_says_what_distillation_costs(make_engine):
         for n in notes
     )
     assert distiller(engine).teacher is None  # a preview loads nothing
+
+
+def test_a_missing_teacher_in_the_timeline_is_refused_at_load_naming_the_entry(make_engine, tmp_path):
+    missing = tmp_path / "no-such-teacher"
+    policy = parse_policy(
+        {"timeline": [{"step": 3, "set": {"distillation": {"enabled": True, "teacher": str(missing)}}}]}
+    )
+    with pytest.raises(PolicyError) as caught:
+        make_engine(policy=policy, steps=4)  # before: trained 2 steps, then stopped at step 3
+    assert str(caught.value) == (
+        f"timeline[0].set.distillation.teacher: model path {str(missing)!r} does not exist (pass a local folder "
+        "with config.json, or a hub id such as 'distilbert-base-uncased')"
+    )
+
+
+def test_a_hub_teacher_neither_cached_nor_reachable_is_refused_at_load(make_engine, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    policy = parse_policy(
+        {"timeline": [{"step": 3, "set": {"distillation": {"enabled": True, "teacher": "no-org/no-such-teacher"}}}]}
+    )
+    with pytest.raises(
+        PolicyError,
+        match=r"^timeline\[0\]\.set\.distillation\.teacher: 'no-org/no-such-teacher' is not a "
+        r"local folder and not in the Hugging Face cache, and the hub is offline \(HF_HUB_OFFLINE\)$",
+    ):
+        make_engine(policy=policy, steps=4)

@@ -241,6 +241,20 @@ def test_a_corrupt_policy_yaml_does_not_block_a_resume(trained_run, tmp_path):
 
 
 @pytest.mark.process
+def test_a_deleted_config_json_does_not_block_a_resume(trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    settings = json.loads((run / "config.json").read_text())
+    (run / "config.json").unlink()
+    r = spu("train", "--resume", run, "--steps", 5)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert f"note: {run / 'config.json'} is missing; the run's settings are taken from step-0000004/state.json" in (
+        r.stderr
+    )
+    assert [e["step"] for e in _events(run) if e["type"] == "resumed"] == [4]
+    assert json.loads((run / "config.json").read_text()) == {**settings, "steps": 5}
+
+
+@pytest.mark.process
 def test_a_timeline_entry_the_model_cannot_take_fails_the_start_and_leaves_no_folder(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("timeline:\n  - {step: 3, set: {pruning: {method: magnitude, targets: ['*.atention.*']}}}\n")

@@ -231,6 +231,7 @@ def test_a_resume_takes_where_and_how_long_and_says_which_flags_it_ignores(monke
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"data": str(SST2), "task": "classification", "steps": 4, "lr": 0.01}))
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)  # a run that trained: something to resume
     started = []
     monkeypatch.setattr(spu_engine.loop.serve, "serve", lambda config, *a, **k: started.append(config) or 0)
     flags = ["--steps", "9", "--threads", "1", "--lr", "0.5", "--max-train-samples", "3"]
