@@ -46,6 +46,7 @@ from spu_engine.loop.faults import is_out_of_memory
 from spu_engine.loop.lifecycle import CommandRefused
 
 KEEP_CHECKPOINT = (CheckpointCmd, PauseCmd, ResumeCmd, ExportCmd)  # commands after which a checkpoint is still current
+KEEP_EVALUATION = (*KEEP_CHECKPOINT, EvaluateCmd)  # and after which an evaluation at this step still holds
 
 
 class CommandHost(Protocol):
@@ -95,6 +96,7 @@ class Commands:
         self.now = 0.0  # the boundary's time, rank 0's: the clock of the costly commands' rates
         self.checkpoints = CommandRate("checkpoint", CHECKPOINT_BURST, CHECKPOINT_EVERY_S)
         self.evaluations = CommandRate("evaluate", EVALUATE_BURST, EVALUATE_EVERY_S)
+        self.evaluated: int | None = None  # the step an evaluate command scored, None once anything changed
 
     def submit(self, cmd: Any) -> None:
         """Thread-safe: queue a parsed command for the next step boundary."""
@@ -148,6 +150,8 @@ class Commands:
             ok, message = False, self.engine.change_out_of_memory(name, getattr(cmd, "change", None), out_of_memory)
         if not isinstance(cmd, KEEP_CHECKPOINT):  # what a checkpoint holds may have changed: the next one writes
             self.engine.saved = None
+        if not isinstance(cmd, KEEP_EVALUATION):  # the model may have changed: the next evaluation runs
+            self.evaluated = None
         self.engine.emit("ack", id=getattr(cmd, "id", None), cmd=name, step=self.engine.step, ok=ok, message=message)
         if not ok:
             self.engine.emit("error", id=getattr(cmd, "id", None), step=self.engine.step, message=message)
@@ -164,9 +168,15 @@ class Commands:
         self.checkpoints.take(self.now)
         return self.engine.checkpoint_now()
 
-    def evaluate(self, cmd: EvaluateCmd) -> None:
+    def evaluate(self, cmd: EvaluateCmd) -> str:
+        """An evaluation now, or word of the one an evaluate command ran at this step when nothing changed since
+        (the same model on the same data scores the same)."""
+        if self.evaluated == self.engine.step:
+            return f"the same evaluation: step {self.engine.step} is evaluated and nothing changed since"
         self.evaluations.take(self.now)
         self.engine.survive_oom(self.engine.evaluate, "evaluation")
+        self.evaluated = self.engine.step
+        return ""
 
     def set_policy(self, cmd: SetPolicyCmd) -> None:
         """A whole policy from a client: its sections become one change (its timeline is not the run's)."""

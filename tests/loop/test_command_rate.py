@@ -87,3 +87,18 @@ def test_the_rate_refills_on_the_boundary_clock():
     rate.take(110.0)
     with pytest.raises(CommandRefused):
         rate.take(110.0)
+
+
+def test_evaluations_at_one_step_with_nothing_changed_run_once(make_engine, tmp_path):
+    engine = make_engine(steps=1, run_dir=tmp_path / "run", checkpoint_every=0, eval_every=0)
+    change = Change(freeze=[FreezeRule(layers=[0], trainable=False)])
+    evaluate = [EvaluateCmd(cmd="evaluate", id=i) for i in range(4)]
+    events = _run(engine, *evaluate[:3], ChangeCmd(cmd="change", change=change), evaluate[3])
+    assert [e["step"] for e in events if e["type"] == "eval"][:2] == [0, 0]  # the first, and the one after the change
+    acks = [e for e in events if e["type"] == "ack" and e["cmd"] == "evaluate"]
+    assert (
+        all(a["ok"] for a in acks)
+        and [a["message"] for a in acks[1:3]]
+        == ["the same evaluation: step 0 is evaluated and nothing changed since"] * 2
+    )
+    assert acks[3]["message"] == ""
