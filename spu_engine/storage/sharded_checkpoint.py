@@ -51,28 +51,29 @@ def save_sharded(
     ``WriteError`` on every rank (the temporary folder is removed, no complete checkpoint touched).  ``parked``:
     planned tensors not switched on yet, left out (a resume builds them again from the seed)."""
     final = folder / f"{PREFIX}{step:07d}"
-    made: str | None = None
+    made: str | tuple[str, str] | None = None  # the folder, or a failure's (message, remedy)
     if dist.is_main:
         try:
             with writing(f"writing checkpoint {final.name}", folder):
                 folder.mkdir(parents=True, exist_ok=True)
                 made = tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder)
         except WriteError as exc:
-            made = f"!{exc}"
+            made = (str(exc), exc.remedy)
     made = dist.broadcast(made)
-    if made.startswith("!"):
-        raise WriteError(made[1:])
+    if isinstance(made, tuple):
+        raise WriteError(*made)
     tmp = Path(made)
     content = {
         "model": {k: v for k, v in _stable(get_model_state_dict(model)).items() if k not in parked},
         "optimizer": optimizer_content(model, optimizer),
         "methods": method_tensors,
     }
-    problem = None
+    problem: tuple[str, str] | None = None  # a failure's (message, remedy), the same on every rank
     try:
-        dcp.save(content, checkpoint_id=str(tmp / SHARDS))
-    except Exception as exc:  # DCP gathers every rank's outcome: all ranks land here together
-        problem = f"writing checkpoint {final.name} failed ({describe(exc)})"
+        with writing(f"writing checkpoint {final.name}", folder):  # says a read-only folder as one, not as space
+            dcp.save(content, checkpoint_id=str(tmp / SHARDS))
+    except WriteError as exc:  # DCP gathers every rank's outcome: all ranks land here together
+        problem = (str(exc), exc.remedy)
     dist.barrier()
     if dist.is_main and problem is None:
         try:
@@ -80,12 +81,12 @@ def save_sharded(
                 (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
                 seal(tmp, final, step)
         except WriteError as exc:
-            problem = str(exc)
+            problem = (str(exc), exc.remedy)
     problem = dist.broadcast(problem)
     if problem is not None:
         if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteError(problem)
+        raise WriteError(*problem)
     if dist.is_main:
         for stale in list_checkpoints(folder)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)

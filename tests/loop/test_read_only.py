@@ -81,3 +81,31 @@ def test_a_read_only_checkpoint_folder_pauses_saying_so_and_resumes_once_writabl
     thread.join(60)
     assert result["state"] == "finished"
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4]
+
+
+def test_a_sharded_checkpoint_on_a_read_only_folder_says_so_on_every_rank(tmp_path, monkeypatch):
+    """The many-rank writer carries the remedy across ranks too (a broadcast message, not a full disk's)."""
+    import torch
+
+    from spu_engine.storage import sharded_checkpoint
+
+    class OneRank:  # the collectives of a world of one: what rank 0 broadcasts is what every rank gets
+        is_main = True
+
+        def broadcast(self, value):
+            return value
+
+        def barrier(self):
+            pass
+
+    def refuse(*_args, **_kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(sharded_checkpoint.dcp, "save", refuse)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(WriteError) as caught:
+        sharded_checkpoint.save_sharded(tmp_path, 3, model, optimizer, {}, 2, {}, OneRank())
+    assert "the run folder is read-only" in str(caught.value) and " free of " not in str(caught.value)
+    assert caught.value.remedy == f"make {tmp_path} writable"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # the half-written folder is gone
