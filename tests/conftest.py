@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from support import SST2, TEST_DEVICE, build_tiny, starts_an_engine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# data read into Arrow (tasks/arrow_rows.py) is cached in a folder of this session, not the user's HF cache
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="spu-test-datasets-")
 
 
 @pytest.fixture(scope="session")

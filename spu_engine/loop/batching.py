@@ -78,5 +78,13 @@ class BatchStream:
 
 def stream_for(task: Any, seed: int, batch: int) -> BatchStream:
     """The stream of a task's training examples, by length where the task's examples vary (``groups_by_length``)."""
-    lengths = [len(f["input_ids"]) for f in task.train] if task.groups_by_length else None
+    lengths = lengths_of(task.train) if task.groups_by_length else None
     return BatchStream(len(task.train), seed=seed, lengths=lengths, batch=batch)
+
+
+def lengths_of(features: Any) -> list[int]:
+    """Tokens of each example of a task's features: a list of dicts, or features on disk (``tasks/arrow_features``),
+    which read them from the list offsets without reading a row."""
+    if hasattr(features, "lengths"):
+        return features.lengths()
+    return [len(f["input_ids"]) for f in features]

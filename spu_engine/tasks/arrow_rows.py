@@ -1,0 +1,88 @@
+"""Rows on disk: a data file's columns as an Arrow table, memory-mapped, so a large file is never held in memory.
+
+A local file is read once, row by row (``data.iter_rows``, so its values are exactly what the list reading gives),
+into an Arrow table in the ``datasets`` cache (``HF_DATASETS_CACHE``, where ``load_dataset`` caches local files),
+keyed by the file's path, size and modification time; a hub dataset is Arrow already.  Only the columns a task
+reads are kept, as text: a row's value is ``str(value)``, what the tasks made of it anyway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spu_engine.core.data import DataError, iter_rows
+
+ROWS_VERSION = 1  # bump when the table's contents change for the same file
+
+
+def _columns_of(path: str, columns: tuple[str, ...], stamp: tuple[int, int], version: int):
+    """The generator ``datasets`` writes the table from (``stamp`` and ``version`` key its cache, unread here)."""
+    for number, row in enumerate(iter_rows(Path(path)), 1):
+        try:
+            yield {c: str(row[c]) for c in columns}
+        except KeyError as exc:
+            raise DataError(f"{path}: row {number} has no column {exc.args[0]!r}") from None
+
+
+def local_table(path: Path, columns: tuple[str, ...]):
+    """``columns`` of a local file as a memory-mapped ``datasets.Dataset`` of strings, built on the first read."""
+    import datasets
+
+    columns = tuple(dict.fromkeys(columns))
+    stat = path.stat()
+    try:
+        with quiet(datasets):
+            return datasets.Dataset.from_generator(
+                _columns_of,
+                features=datasets.Features({c: datasets.Value("string") for c in columns}),
+                gen_kwargs={
+                    "path": str(path.resolve()),
+                    "columns": columns,
+                    "stamp": (stat.st_size, stat.st_mtime_ns),
+                    "version": ROWS_VERSION,
+                },
+            )
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, DataError):
+            raise DataError(str(cause)) from None
+        raise
+    except OSError as exc:
+        raise DataError(cache_note(exc)) from None
+
+
+def cache_note(exc: OSError) -> str:
+    """What a run says when the data cache cannot be written (read-only home, full disk)."""
+    import datasets
+
+    return (
+        f"cannot write the data cache in {datasets.config.HF_DATASETS_CACHE} ({exc.strerror or exc}); "
+        "set HF_DATASETS_CACHE to a writable folder with room"
+    )
+
+
+def label_values(table, column: str) -> list[str]:
+    """The distinct values of ``column`` as text, read a chunk at a time (only that column's pages are touched)."""
+    import pyarrow.compute as pc
+
+    seen: set[str] = set()
+    for chunk in table.data.column(column).chunks:
+        seen.update(str(v) for v in pc.unique(chunk).to_pylist())
+    return sorted(seen)
+
+
+class quiet:
+    """``datasets``' progress bars and info logs off while it builds a table or a cache (the engine's stdout is
+    its protocol's, its log the run's)."""
+
+    def __init__(self, datasets: Any) -> None:
+        self.datasets = datasets
+
+    def __enter__(self) -> None:
+        self.bars = self.datasets.utils.is_progress_bar_enabled()
+        self.datasets.utils.disable_progress_bars()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars:
+            self.datasets.utils.enable_progress_bars()
