@@ -83,6 +83,14 @@ class Features(Sequence):
             index += len(self)
         return self.dataset[int(index)]
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to the same features however held (a list of dicts, as tests and older tasks have them)."""
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for start in range(0, len(self), MAP_BATCH):
             yield from self[start : start + MAP_BATCH]
