@@ -13,7 +13,25 @@ from spu_engine.core.data import DataError
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
 
-WORDS = "the a film movie plot actor scene good bad great dull funny long short story music ending".split()
+WORDS = [
+    "the",
+    "a",
+    "film",
+    "movie",
+    "plot",
+    "actor",
+    "scene",
+    "good",
+    "bad",
+    "great",
+    "dull",
+    "funny",
+    "long",
+    "short",
+    "story",
+    "music",
+    "ending",
+]
 
 
 def write_rows(path, n: int, seed: int = 0) -> None:
