@@ -13,8 +13,8 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 - ``final_policy(run_dir)``: the policy sections in force at the run's last event (the run browser's methods).
 - ``read_history(run_dir)``: the events of ``events.jsonl`` as one consistent
   history: what a killed engine wrote after the checkpoint its successor
-  resumed from is dropped (the ``resumed`` event marks the cut); ``spu report``
-  reads a run's IMP rounds from it (``report/history.py``).
+  resumed from is dropped (the ``resumed`` event marks the cut); ``iter_history``
+  yields the same events as a stream, which ``spu report`` reads (``report/history.py``).
 
 A run is "live" while its lock is held (an flock, so a killed engine never
 looks live); otherwise its last ``state`` event says finished, stopped or
