@@ -99,3 +99,13 @@ def test_a_row_without_a_column_is_named(tokenizer, tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "no label"}\n')
     with pytest.raises(DataError, match=r"train.jsonl: row 2 has no column 'label'"):
         ClassificationTask.build(str(tmp_path / "train.jsonl"), tokenizer, TaskOptions(eval_split=0))
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "a-file" / "cache")
+    write_rows(tmp_path / "train.tsv", 50)
+    with pytest.raises(DataError, match=r"cannot write the data cache in .*a-file/cache .*set HF_DATASETS_CACHE"):
+        ClassificationTask.build(str(tmp_path / "train.tsv"), tokenizer, TaskOptions(max_length=32))
