@@ -18,6 +18,7 @@ from spu_engine.core.data import (
     GLUE_REGRESSION,
     DataError,
     data_metric,
+    eval_share,
     glue_task,
     hold_out,
     is_local,
@@ -152,7 +153,7 @@ class ClassificationTask(Task):
         note = None
         if "eval" not in tables:  # after the labels: a label that lands only in the held-out share still has its id
             train_rows, eval_rows, note = hold_out(len(train_table), options.eval_split, options.seed, train_src)
-            held = f"held out with seed {options.seed}, share {options.eval_split}"
+            held = f"held out with seed {options.seed}, share {eval_share(options.eval_split)}"
             tables = {
                 "train": (
                     train_table if train_rows is None else select(train_table, train_rows, "train " + held),
@@ -168,11 +169,11 @@ class ClassificationTask(Task):
             table, src = tables[split]
             if limit and limit < len(table):
                 table = select(table, range(limit), f"first {limit}")
-            args = (tokenizer, src, label_ids, "the train labels", options.max_length)
-            key = fingerprint(
-                table._fingerprint, columns.key(tokenizer, label_ids, "the train labels", options.max_length)
+            whose, length = "the train labels", options.max_length
+            key = fingerprint(table._fingerprint, columns.key(tokenizer, label_ids, whose, length))
+            return encoded(
+                table, columns.encoder(tokenizer, src, label_ids, whose, length), columns.features(tokenizer), key, src
             )
-            return encoded(table, columns.encoder(*args), columns.features(tokenizer), key, src)
 
         task = cls(
             encode("train", options.max_train_samples), encode("eval", options.max_eval_samples), tokenizer.pad_token_id
