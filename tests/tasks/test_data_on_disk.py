@@ -109,3 +109,29 @@ def test_a_cache_folder_that_cannot_be_written_is_named(tokenizer, tmp_path, mon
     write_rows(tmp_path / "train.tsv", 50)
     with pytest.raises(DataError, match=r"cannot write the data cache in .*a-file/cache .*set HF_DATASETS_CACHE"):
         ClassificationTask.build(str(tmp_path / "train.tsv"), tokenizer, TaskOptions(max_length=32))
+
+
+def test_hub_data_takes_the_same_path_as_a_local_file(tokenizer, tmp_path, monkeypatch):
+    """A hub dataset (here one saved by ``datasets`` and memory-mapped back, as the hub's cache is) gives the
+    features the same rows give from a local file, through the same tables and cache."""
+    import datasets
+
+    import spu_engine.core.data as data
+
+    (tmp_path / "local").mkdir()
+    write_rows(tmp_path / "local" / "train.tsv", 400)
+    rows = data.read_rows(tmp_path / "local" / "train.tsv")
+    hub = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"sentence": [r["sentence"] for r in rows], "label": [int(r["label"]) for r in rows]}
+            )
+        }
+    )
+    hub.save_to_disk(tmp_path / "hub")
+    monkeypatch.setattr(data, "load_hub", lambda name: datasets.load_from_disk(tmp_path / "hub"))
+    options = TaskOptions(max_length=32, seed=2)
+    from_hub = ClassificationTask.build("someone/reviews", tokenizer, options)
+    local = ClassificationTask.build(str(tmp_path / "local" / "train.tsv"), tokenizer, options)
+    assert from_hub.train == local.train and from_hub.eval == local.eval and from_hub.label_names == ["0", "1"]
+    assert from_hub.train.dataset.cache_files  # on disk, not in memory
