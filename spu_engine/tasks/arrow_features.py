@@ -41,10 +41,9 @@ def encoded(
 ) -> Features:
     """``encode`` (a batch of columns and its row numbers -> feature columns) over ``table``, through a cache file
     beside the table's, named by ``key`` (which must change with anything the features depend on)."""
-    import datasets
 
     try:
-        with quiet(datasets):
+        with quiet():
             done = table.map(
                 encode,
                 batched=True,

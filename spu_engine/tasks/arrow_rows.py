@@ -8,8 +8,9 @@ reads are kept, as text: a row's value is ``str(value)``, what the tasks made of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from spu_engine.core.data import DataError, iter_rows
 
@@ -32,7 +33,7 @@ def local_table(path: Path, columns: tuple[str, ...]):
     columns = tuple(dict.fromkeys(columns))
     stat = path.stat()
     try:
-        with quiet(datasets):
+        with quiet():
             return datasets.Dataset.from_generator(
                 _columns_of,
                 features=datasets.Features({c: datasets.Value("string") for c in columns}),
@@ -72,17 +73,16 @@ def label_values(table, column: str) -> list[str]:
     return sorted(seen)
 
 
-class quiet:
-    """``datasets``' progress bars and info logs off while it builds a table or a cache (the engine's stdout is
-    its protocol's, its log the run's)."""
+@contextmanager
+def quiet() -> Iterator[None]:
+    """``datasets``' progress bars off while it builds a table or a cache (the engine's stdout is its protocol's,
+    its log the run's)."""
+    import datasets
 
-    def __init__(self, datasets: Any) -> None:
-        self.datasets = datasets
-
-    def __enter__(self) -> None:
-        self.bars = self.datasets.utils.is_progress_bar_enabled()
-        self.datasets.utils.disable_progress_bars()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bars:
-            self.datasets.utils.enable_progress_bars()
+    shown = datasets.utils.is_progress_bar_enabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.utils.enable_progress_bars()
