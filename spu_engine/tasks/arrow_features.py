@@ -41,7 +41,6 @@ def encoded(
 ) -> Features:
     """``encode`` (a batch of columns and its row numbers -> feature columns) over ``table``, through a cache file
     beside the table's, named by ``key`` (which must change with anything the features depend on)."""
-
     try:
         with quiet():
             done = table.map(
