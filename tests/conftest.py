@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,9 @@ from support import SST2, TEST_DEVICE, build_tiny, starts_an_engine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# data read into Arrow (tasks/arrow_rows.py) is cached in a folder of this session, not the user's HF cache
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="spu-test-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,33 +77,40 @@ def find_split(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a csv / tsv / json / jsonl / parquet file as dicts."""
+    return list(iter_rows(path))
+
+
+def iter_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """``read_rows`` one row at a time, so a reader of a large csv / tsv / jsonl / parquet file holds one row (a
+    .json file is one document: parsed whole)."""
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES or suffix in (".txt", ".raw"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         if suffix in (".tsv", ".csv"):
             with path.open(encoding=TEXT_ENCODING, newline="") as f:
-                reader = csv.DictReader(
+                yield from csv.DictReader(
                     f,
                     delimiter="\t" if suffix == ".tsv" else ",",
                     quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
                 )
-                return list(reader)
-        if suffix == ".jsonl":
+        elif suffix == ".jsonl":
             with path.open(encoding=TEXT_ENCODING) as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if suffix == ".json":
+                yield from (json.loads(line) for line in f if line.strip())
+        elif suffix == ".json":
             data = json.loads(path.read_text(encoding=TEXT_ENCODING))
             if isinstance(data, dict) and isinstance(data.get("data"), list):
-                return data["data"]
-            if isinstance(data, list):
-                return data
-            raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
-        if suffix == ".parquet":
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
+            yield from data
+        else:
             import pyarrow.parquet as pq
 
-            return pq.read_table(path).to_pylist()
+            for batch in pq.ParquetFile(path).iter_batches():
+                yield from batch.to_pylist()
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
 # GLUE's tasks by the names of its hub configs and of the folders its download script writes (MRPC, CoLA, SST-2, ...),
@@ -170,8 +178,23 @@ def load_hub(name: str):
 
 def hub_split(ds, split: str) -> list[dict[str, Any]] | None:
     """Rows of the ``train``, ``dev`` or ``test`` split of a loaded hub dataset (MNLI's dev is ``validation_matched``), None if absent."""
+    table = hub_table(ds, split)
+    return None if table is None else table.to_list()
+
+
+def hub_table(ds, split: str):
+    """``hub_split`` as the dataset's own (memory-mapped) table, None if absent."""
     found = next((n for n in HUB_SPLITS[split] if n in ds), None)
-    return ds[found].to_list() if found else None
+    return ds[found] if found else None
+
+
+def load_hub_tables(name: str) -> dict[str, Any]:
+    """``load_hub_splits`` as tables on disk (what classification reads, a row at a time)."""
+    ds = load_hub(name)
+    out = {"train": hub_table(ds, "train"), "eval": hub_table(ds, "dev") or hub_table(ds, "test")}
+    if out["train"] is None:
+        raise DataError(f"hub dataset {name!r} has no train split (splits: {', '.join(ds.keys())})")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def load_hub_splits(name: str) -> dict[str, list[dict[str, Any]]]:
@@ -204,24 +227,32 @@ def hold_out_rows(
     rows: list[Any], eval_split: float | None, seed: int, source: str
 ) -> tuple[list[Any], list[Any], str]:
     """Train rows, eval rows (a seeded random share, both in file order) and the note saying so."""
+    train, evals, note = hold_out(len(rows), eval_split, seed, source)
+    if train is None:
+        return rows, rows, note
+    return [rows[i] for i in train], [rows[i] for i in evals], note
+
+
+def hold_out(n: int, eval_split: float | None, seed: int, source: str) -> tuple[Any, Any, str]:
+    """``hold_out_rows`` by row number, for data that stays on disk: the train rows' and the eval rows' numbers (numpy
+    arrays in file order; both None when --eval-split 0 evaluates on all rows) and the note."""
     share = eval_share(eval_split)
     if share == 0:
-        return rows, rows, no_eval_split_note(source, "", eval_split)
-    n_eval = round(len(rows) * share)
-    if not 0 < n_eval < len(rows):
+        return None, None, no_eval_split_note(source, "", eval_split)
+    n_eval = round(n * share)
+    if not 0 < n_eval < n:
         raise DataError(
-            f"{source}: --eval-split {share:g} of {len(rows)} rows leaves {'no row for eval' if n_eval == 0 else 'no row to train on'}; "
+            f"{source}: --eval-split {share:g} of {n} rows leaves {'no row for eval' if n_eval == 0 else 'no row to train on'}; "
             f"add a dev file or change --eval-split"
         )
     import torch  # here, not at the top: the console imports this module and must not load torch
 
-    held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()[:n_eval])
-    train = [r for i, r in enumerate(rows) if i not in held]
-    evals = [r for i, r in enumerate(rows) if i in held]
+    held = torch.zeros(n, dtype=torch.bool)
+    held[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_eval]] = True
     return (
-        train,
-        evals,
-        no_eval_split_note(source, f"{n_eval} of {len(rows)} rows, drawn with seed {seed}, are", eval_split),
+        (~held).nonzero().flatten().numpy(),
+        held.nonzero().flatten().numpy(),
+        no_eval_split_note(source, f"{n_eval} of {n} rows, drawn with seed {seed}, are", eval_split),
     )
 
 

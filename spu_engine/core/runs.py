@@ -15,8 +15,8 @@ and ``RunLock``; ``spu runs`` and ``spu-tui attach`` read it with:
 - ``checkpoint_config(run_dir)``: the settings the newest checkpoint holds (a deleted config.json's stand-in).
 - ``read_history(run_dir)``: the events of ``events.jsonl`` as one consistent
   history: what a killed engine wrote after the checkpoint its successor
-  resumed from is dropped (the ``resumed`` event marks the cut); ``spu report``
-  reads a run's IMP rounds from it (``report/history.py``).
+  resumed from is dropped (the ``resumed`` event marks the cut); ``iter_history``
+  yields the same events as a stream, which ``spu report`` reads (``report/history.py``).
 
 A run is "live" while its lock is held (an flock, so a killed engine never
 looks live); otherwise its last ``state`` event says finished, stopped or
@@ -333,19 +333,37 @@ def read_history(run_dir: Path, damaged: list[int] | None = None) -> list[dict[s
 
     Lines that are not a JSON object (cut short by a crash or a full disk) are skipped; ``damaged``, when
     given, collects their line numbers so that a reader can say so."""
-    history: list[dict[str, Any]] = []
+    return list(iter_history(run_dir, damaged))
+
+
+def iter_history(run_dir: Path, damaged: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """``read_history``'s events one at a time, so a reader holds what it keeps, not the file (``spu report`` on a
+    long run).  Two passes: the first finds the ``resumed`` cuts, the second yields each event no later cut drops
+    (an event with a step past the cut of a ``resumed`` event after it)."""
     path = Path(run_dir) / EVENTS
     if not path.is_file():
-        return history
+        return
+    cuts: list[tuple[int, int]] = []  # (line number, step resumed from) of each resumed event
     with path.open("rb") as f:
         for number, line in enumerate(f, 1):
+            if b'"resumed"' in line and (ev := _parse(line)) is not None and ev.get("type") == "resumed":
+                cut = ev.get("step", 0)
+                cuts.append((number, cut if isinstance(cut, int) else 0))
+    later_cut = [0] * len(cuts)  # the lowest cut of the resumed events from the i-th on
+    for i in range(len(cuts) - 1, -1, -1):
+        step = cuts[i][1]
+        later_cut[i] = step if i == len(cuts) - 1 else min(step, later_cut[i + 1])
+    next_cut = 0  # index of the first resumed event after the line read
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            while next_cut < len(cuts) and cuts[next_cut][0] <= number:
+                next_cut += 1
             ev = _parse(line)
             if ev is None:
                 if damaged is not None and line.strip():
                     damaged.append(number)
                 continue
-            if ev.get("type") == "resumed":
-                cut = ev.get("step", 0)
-                history = [e for e in history if not (isinstance(e.get("step"), int) and e["step"] > cut)]
-            history.append(ev)
-    return history
+            step = ev.get("step")
+            if next_cut < len(cuts) and isinstance(step, int) and step > later_cut[next_cut]:
+                continue
+            yield ev

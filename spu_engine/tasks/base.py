@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spu_engine.core.data import DataError
-from spu_engine.loop.batching import pad_collate
+from spu_engine.loop.batching import lengths_of, pad_collate
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Task(ABC):
             ),
             None,
         )
-        longest = max((len(f["input_ids"]) for f in (*self.train, *self.eval)), default=0)
+        longest = max((*lengths_of(self.train), *lengths_of(self.eval)), default=0)
         if limit is not None and longest > limit:
             raise DataError(
                 f"--max-length: sequences of {longest} tokens do not fit this model's {limit} positions; use --max-length {limit} or less"

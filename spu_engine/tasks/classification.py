@@ -18,19 +18,24 @@ from spu_engine.core.data import (
     GLUE_REGRESSION,
     DataError,
     data_metric,
+    eval_share,
     glue_task,
-    hold_out_rows,
+    hold_out,
     is_local,
+    iter_rows,
     load_hub_splits,
+    load_hub_tables,
     no_rows,
     pick_column,
     read_rows,
     require_columns,
     split_files,
 )
+from spu_engine.tasks.arrow_features import Features, encoded, fingerprint, select, tokenizer_fingerprint
+from spu_engine.tasks.arrow_rows import label_values, local_table
 from spu_engine.tasks.base import Task, TaskOptions
 from spu_engine.tasks.infer import LABEL_KEYS
-from spu_engine.tasks.labels import check_classes, labelled_rows
+from spu_engine.tasks.labels import check_classes, labelled_rows, labelled_table
 
 TEXT_CANDIDATES = ("sentence", "text", "sentence1", "review", "content", "document")
 # sentence pairs by their GLUE column names: MRPC and RTE (hub), QNLI, MRPC (GLUE's own TSV), QQP, MNLI
@@ -77,20 +82,49 @@ class Columns:
         self, tokenizer, rows: list[dict[str, Any]], source: str, label_ids: dict[str, int], whose: str, max_length: int
     ) -> list[dict[str, Any]]:
         """Token ids (two texts as the tokenizer's text pair) and the label id of each row; an unknown label is an error naming the row."""
-        texts = [[str(r[c]) for r in rows] for c in self.text]
-        enc = tokenizer(*texts, truncation=True, max_length=max_length)
-        out = []
-        for i, r in enumerate(rows):
-            key = str(r[self.label])
-            if key not in label_ids:
-                hidden = " (-1 marks a hidden label, as in GLUE's test splits)" if key == "-1" else ""
-                raise DataError(
-                    f"{source}: row {i + 1} has label {r[self.label]!r}, not among {whose} {list(label_ids)}{hidden}"
-                )
-            feat = {k: enc[k][i] for k in enc if k in ("input_ids", "attention_mask", "token_type_ids")}
-            feat["labels"] = label_ids[key]
-            out.append(feat)
-        return out
+        batch = {c: [r[c] for r in rows] for c in (*self.text, self.label)}
+        out = self.encoder(tokenizer, source, label_ids, whose, max_length)(batch, list(range(len(rows))))
+        return [dict(zip(out, values)) for values in zip(*out.values())]
+
+    def encoder(self, tokenizer, source: str, label_ids: dict[str, int], whose: str, max_length: int):
+        """``encode`` on a batch of columns and its row numbers, as ``datasets``' map calls it."""
+        keys = feature_keys(tokenizer)
+
+        def encode(batch: dict[str, list], numbers: list[int]) -> dict[str, list]:
+            enc = tokenizer(*[[str(v) for v in batch[c]] for c in self.text], truncation=True, max_length=max_length)
+            labels = []
+            for number, value in zip(numbers, batch[self.label]):
+                key = str(value)
+                if key not in label_ids:
+                    hidden = " (-1 marks a hidden label, as in GLUE's test splits)" if key == "-1" else ""
+                    raise DataError(
+                        f"{source}: row {number + 1} has label {value!r}, not among {whose} {list(label_ids)}{hidden}"
+                    )
+                labels.append(label_ids[key])
+            return {**{k: enc[k] for k in keys}, "labels": labels}
+
+        return encode
+
+    def features(self, tokenizer):
+        """The features' Arrow types: token ids int32, masks int8 (a quarter of the file int64 would take)."""
+        import datasets
+
+        listed = getattr(datasets, "List", None) or datasets.Sequence
+        width = {"input_ids": "int32"}
+        types = {k: listed(datasets.Value(width.get(k, "int8"))) for k in feature_keys(tokenizer)}
+        return datasets.Features({**types, "labels": datasets.Value("int64")})
+
+    def key(self, tokenizer, label_ids: dict[str, int], whose: str, max_length: int) -> list[Any]:
+        """What the encoded features depend on besides the rows (their cache file's key)."""
+        return [tokenizer_fingerprint(tokenizer), self.text, self.label, label_ids, whose, max_length]
+
+
+def feature_keys(tokenizer) -> list[str]:
+    """The tokenizer's outputs a model reads (BERT's token types; not GPT-2's), in its order."""
+    return [k for k in tokenizer.model_input_names if k in FEATURE_KEYS]
+
+
+FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class ClassificationTask(Task):
@@ -115,29 +149,39 @@ class ClassificationTask(Task):
             raise DataError(
                 f"{source} is GLUE's STS-B: similarity scores (regression), not classes; classification cannot train it"
             )
-        splits = read_splits(source)
-        train_rows, train_src = splits["train"]
-        if not train_rows:
-            raise DataError(no_rows(train_src))
-        columns = Columns.of(train_rows, options, train_src)
+        columns, tables = read_tables(source, options)
         notes = []
-        for split, (rows, src) in splits.items():
-            columns.require(rows, src)
-            rows, dropped = labelled_rows(rows, columns.label, src, options.drop_unlabelled)
-            splits[split] = (rows, src)
+        for split, (table, src) in tables.items():
+            table, dropped = labelled_table(table, columns.label, src, options.drop_unlabelled)
+            tables[split] = (table, src)
             notes += [dropped] if dropped else []
-        train_rows = splits["train"][0]
-        check_classes(train_rows, columns.label, train_src)
-        label_ids = _label_ids(sorted({str(r[columns.label]) for r in train_rows}))
-        if "eval" not in splits:  # after the labels: a label that lands only in the held-out share still has its id
-            train_rows, eval_rows, note = hold_out_rows(train_rows, options.eval_split, options.seed, train_src)
-            splits = {"train": (train_rows, train_src), "eval": (eval_rows, f"{train_src} (held out)")}
+        train_table, train_src = tables["train"]
+        labels = label_values(train_table, columns.label)
+        check_classes(labels, len(train_table), columns.label, train_src)
+        label_ids = _label_ids(labels)
+        if "eval" not in tables:  # after the labels: a label that lands only in the held-out share still has its id
+            train_rows, eval_rows, note = hold_out(len(train_table), options.eval_split, options.seed, train_src)
             notes.append(note)
+            held = f"held out with seed {options.seed}, share {eval_share(options.eval_split)}"
+            tables = {
+                "train": (
+                    train_table if train_rows is None else select(train_table, train_rows, "train " + held),
+                    train_src,
+                ),
+                "eval": (
+                    train_table if eval_rows is None else select(train_table, eval_rows, "eval " + held),
+                    f"{train_src} (held out)",
+                ),
+            }
 
-        def encode(split: str, limit: int | None) -> list[dict[str, Any]]:
-            rows, src = splits[split]
-            return columns.encode(
-                tokenizer, rows[:limit] if limit else rows, src, label_ids, "the train labels", options.max_length
+        def encode(split: str, limit: int | None) -> Features:
+            table, src = tables[split]
+            if limit and limit < len(table):
+                table = select(table, range(limit), f"first {limit}")
+            whose, length = "the train labels", options.max_length
+            key = fingerprint(table._fingerprint, columns.key(tokenizer, label_ids, whose, length))
+            return encoded(
+                table, columns.encoder(tokenizer, src, label_ids, whose, length), columns.features(tokenizer), key, src
             )
 
         task = cls(
@@ -214,6 +258,39 @@ def read_splits(source: str) -> dict[str, tuple[list[dict[str, Any]], str]]:
             splits["eval"] = (read_rows(files["eval"]), str(files["eval"]))
         return splits
     return {s: (rows, f"{source} ({s})") for s, rows in load_hub_splits(source).items()}
+
+
+def read_tables(source: str, options: TaskOptions) -> tuple[Columns, dict[str, tuple[Any, str]]]:
+    """The columns to read and the ``train`` (and ``eval`` when the data has one) split as tables on disk
+    (``arrow_rows``), each with where it came from; a local file's columns are found from its first row."""
+    if is_local(source):
+        files = split_files(source)
+        named = {"train": files["train"], **({"eval": files["eval"]} if files["eval"] != files["train"] else {})}
+        heads = {split: (first_rows(path), str(path)) for split, path in named.items()}
+    else:
+        hub = load_hub_tables(source)
+        heads = {split: ([table[0]] if len(table) else [], f"{source} ({split})") for split, table in hub.items()}
+    train_head, train_src = heads["train"]
+    if not train_head:
+        raise DataError(no_rows(train_src))
+    columns = Columns.of(train_head, options, train_src)
+    for rows, src in heads.values():
+        columns.require(rows, src)
+    if is_local(source):
+        return columns, {
+            s: (local_table(named[s], (*columns.text, columns.label), optional=(columns.label,)), src)
+            for s, (_, src) in heads.items()
+        }
+    return columns, {s: (hub[s], src) for s, (_, src) in heads.items()}
+
+
+def first_rows(path) -> list[dict[str, Any]]:
+    """The file's first row (a list of one, or none for an empty file): what its columns are found from."""
+    rows = iter_rows(path)
+    try:
+        return [row for row, _ in zip(rows, range(1))]
+    finally:
+        rows.close()
 
 
 def train_label_ids(source: str, options: TaskOptions) -> dict[str, int]:

@@ -9,10 +9,10 @@ already zero, or the other classes are never seen).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from typing import Any
 
 from spu_engine.core.data import DataError
+from spu_engine.tasks.arrow_rows import column_chunks
 
 SHOWN_ROWS = 5  # row numbers a message names before it says how many more
 DROP_HINT = "pass --drop-unlabelled (run setting drop_unlabelled: true) to train without them"
@@ -51,12 +51,33 @@ def labelled_rows(
     return kept, f"{source}: {where}: dropped (--drop-unlabelled), {len(kept)} rows remain"
 
 
-def check_classes(rows: list[dict[str, Any]], column: str, source: str) -> None:
-    """DataError when the training rows hold one class only: there is nothing to tell apart."""
-    counts = Counter(str(row[column]) for row in rows)
-    if len(counts) == 1:
-        ((label, n),) = counts.items()
+def check_classes(labels: list[str], n: int, column: str, source: str) -> None:
+    """DataError when the ``n`` training rows hold one class only (``labels``: their distinct values): there is
+    nothing to tell apart."""
+    if len(labels) == 1:
         raise DataError(
-            f"{source}: all {n} rows have label {label!r} in column {column!r}: a classifier needs at least two "
+            f"{source}: all {n} rows have label {labels[0]!r} in column {column!r}: a classifier needs at least two "
             "classes to learn from; add rows of another class (or name the right column with --label-column)"
         )
+
+
+def labelled_table(table, column: str, source: str, drop: bool) -> tuple[Any, str | None]:
+    """``labelled_rows`` for rows on disk (an Arrow table of text, a missing label null): the label column is read a
+    chunk at a time, and only when ``drop`` leaves rows out is a new table selected."""
+    missing, start = [], 0
+    for chunk in column_chunks(table, column):
+        missing += [start + i for i, value in enumerate(chunk.to_pylist()) if not has_label({column: value}, column)]
+        start += len(chunk)
+    if not missing:
+        return table, None
+    where = f"{len(missing)} of {len(table)} rows have no label in column {column!r} ({row_numbers(missing)})"
+    if len(missing) == len(table):
+        raise DataError(f"{source}: no row has a label in column {column!r}; name the label column with --label-column")
+    if not drop:
+        raise DataError(f"{source}: {where}; fill them in, or {DROP_HINT}")
+    gone = set(missing)
+    kept = table.select(
+        [i for i in range(len(table)) if i not in gone],
+        new_fingerprint=f"{table._fingerprint}-labelled",
+    )
+    return kept, f"{source}: {where}: dropped (--drop-unlabelled), {len(kept)} rows remain"

@@ -15,7 +15,7 @@ from typing import Any
 from spu_engine.core.protocol.codec import read_event
 from spu_engine.core.protocol.events import ImpRoundEvent
 from spu_engine.tools.report.cells import csv_text, number, percent, print_notes, rich_table
-from spu_engine.tools.report.history import ReportError, read_run_events
+from spu_engine.tools.report.history import ReportError, RunEvents, read_run_events
 
 
 @dataclass
@@ -42,13 +42,11 @@ class ImpReport:
 def load_imp_report(run_dir: Path) -> ImpReport:
     """The IMP rounds of a run folder; ReportError for a folder that is no run or a run without a reported round."""
     run_dir = Path(run_dir)
-    history, notes = read_run_events(run_dir)
-    return imp_report(run_dir, history, notes)
+    return imp_report(run_dir, read_run_events(run_dir))
 
 
-def imp_report(run_dir: Path, history: list[dict[str, Any]], notes: list[str]) -> ImpReport:
-    """The IMP rounds among a run's events (``notes``: what reading them found); ReportError when there are none."""
-    notes = list(notes)
+def imp_report(run_dir: Path, history: RunEvents) -> ImpReport:
+    """The IMP rounds among a run's events (read as a stream); ReportError when there are none."""
     rounds, unreadable = [], 0
     metric, used_imp, last_step = None, False, 0
     for ev in history:
@@ -65,6 +63,7 @@ def imp_report(run_dir: Path, history: list[dict[str, Any]], notes: list[str]) -
                 rounds.append(typed)
             else:
                 unreadable += 1
+    notes = history.notes
     if unreadable:
         notes.append(
             f"{unreadable} imp_round event{'s' if unreadable > 1 else ''} of a shape this version cannot read; skipped"

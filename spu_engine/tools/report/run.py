@@ -77,14 +77,17 @@ def load_run_report(run_dir: Path) -> RunReport:
     """Any run folder's report; ReportError for a folder that is no run (IMP rounds are added when there are
     some)."""
     run_dir = Path(run_dir)
-    history, notes = read_run_events(run_dir)
+    history = read_run_events(run_dir)
     metrics = RunMetrics(run_dir.name)
-    for ev in history:
+    has_rounds = False
+    for ev in history:  # a stream: the report holds its series, not the file
         metrics.add(ev)
+        has_rounds |= ev.get("type") == "imp_round"
+    notes = history.notes
     imp = None
-    if any(ev.get("type") == "imp_round" for ev in history):
+    if has_rounds:
         try:
-            imp = imp_report(run_dir, history, notes)
+            imp = imp_report(run_dir, history)  # a second pass, for the rounds
             notes = imp.notes
         except ReportError:  # rounds of a shape this version cannot read: the rest of the report still holds
             notes = [*notes, "the run's imp_round events are of a shape this version cannot read; no round table"]
