@@ -10,7 +10,9 @@ import torch
 from spu_engine.core.policy import Change, Policy, TimelineEntry
 from spu_engine.core.protocol import ChangeCmd
 
-LORA = Change(set={"peft": {"method": "lora", "r": 64}})
+LORA = Change(
+    set={"peft": {"method": "lora", "r": 16}}
+)  # under the tiny model's 32-wide layers: refused as oversized otherwise
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
@@ -50,7 +52,7 @@ def test_a_change_whose_first_step_runs_out_of_memory_is_rolled_back_and_trainin
     error = next(e for e in events if e["type"] == "error")
     assert error["kind"] == "oom" and error["step"] == 0
     message = error["message"]
-    assert "out of memory in the first step after the change at step 0 (peft: method=lora, r=64)" in message
+    assert "out of memory in the first step after the change at step 0 (peft: method=lora, r=16)" in message
     assert OOM in message and "rolled back to the policy before it, training goes on" in message
     assert "estimated RAM" in message and "without it" in message and "with it" in message and "available" in message
     rollback = [e for e in events if e["type"] == "policy" and e["source"] == "rollback"]
@@ -78,7 +80,7 @@ def test_a_change_that_runs_out_of_memory_while_applied_is_refused_and_training_
     assert list(engine.params) == names and not any("lora" in n for n, _ in engine.model.named_modules())
     ack = next(e for e in events if e["type"] == "ack")
     assert not ack["ok"]
-    assert ack["message"].startswith("change: out of memory applying it at step 0 (peft: method=lora, r=64): ")
+    assert ack["message"].startswith("change: out of memory applying it at step 0 (peft: method=lora, r=16): ")
     assert "nothing changed, training goes on; estimated RAM" in ack["message"]
     assert any(e["type"] == "error" and e["message"] == ack["message"] for e in events)
 

@@ -32,7 +32,7 @@ def test_the_policy_sections_come_from_the_registry():
     from spu_engine.core.policy import SECTIONS, Policy
     from spu_engine.methods.registry import section_specs
 
-    fields = [k for k in Policy.model_fields if k not in ("spu_policy", "run", "timeline")]
+    fields = [k for k in Policy.model_fields if k not in ("spu_policy", "run", "machine", "timeline")]
     assert fields == list(SECTIONS) == ["freeze", *section_specs(), "faults", "lr", "memory"]
     for name, spec in section_specs().items():
         assert Policy.model_fields[name].annotation is spec.settings

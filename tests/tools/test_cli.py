@@ -268,7 +268,7 @@ def test_a_timeline_entry_the_model_cannot_take_fails_the_start_and_leaves_no_fo
     assert (
         r.returncode == 2
         and "timeline[0].set.pruning.method: Input should be" in r.stderr
-        and "timeline[0].set.pruning.bogus_key" in r.stderr
+        and "unknown key 'bogus_key' in timeline[0].set.pruning" in r.stderr
     )
 
 
