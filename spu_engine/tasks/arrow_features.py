@@ -41,9 +41,14 @@ def encoded(
 ) -> Features:
     """``encode`` (a batch of columns and its row numbers -> feature columns) over ``table``, through a cache file
     beside the table's, named by ``key`` (which must change with anything the features depend on)."""
+    return Features(mapped(table, encode, features, key, what))
+
+
+def mapped(table, encode: Callable[[dict[str, list], list[int]], dict[str, list]], features, key: str, what: str):
+    """``encoded``'s ``datasets.Dataset`` (``encode`` may give fewer rows than it is given: the rest are dropped)."""
     try:
         with quiet():
-            done = table.map(
+            return table.map(
                 encode,
                 batched=True,
                 batch_size=MAP_BATCH,
@@ -55,7 +60,6 @@ def encoded(
             )
     except OSError as exc:
         raise DataError(cache_note(exc)) from None
-    return Features(done)
 
 
 def select(table, rows, key: str):
