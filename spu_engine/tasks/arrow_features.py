@@ -44,8 +44,11 @@ def encoded(
     return Features(mapped(table, encode, features, key, what))
 
 
-def mapped(table, encode: Callable[[dict[str, list], list[int]], dict[str, list]], features, key: str, what: str):
-    """``encoded``'s ``datasets.Dataset`` (``encode`` may give fewer rows than it is given: the rest are dropped)."""
+def mapped(
+    table, encode: Callable[[dict[str, list], list[int]], dict[str, list]], features, key: str, what: str, **more
+):
+    """``encoded``'s ``datasets.Dataset`` (``encode`` may give fewer rows than it is given: the rest are dropped;
+    ``more``: map's other arguments, a cache file's name for a table held in memory)."""
     try:
         with quiet():
             return table.map(
@@ -57,6 +60,7 @@ def mapped(table, encode: Callable[[dict[str, list], list[int]], dict[str, list]
                 features=features,
                 new_fingerprint=key,
                 desc=f"tokenizing {what}",
+                **more,
             )
     except OSError as exc:
         raise DataError(cache_note(exc)) from None

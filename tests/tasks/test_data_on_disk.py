@@ -13,6 +13,7 @@ import pytest
 from spu_engine.core.data import DataError
 from spu_engine.tasks import TaskOptions
 from spu_engine.tasks.classification import ClassificationTask
+from spu_engine.tasks.lm import LMTask
 from spu_engine.tasks.sft import SftTask
 
 WORDS = [
@@ -188,3 +189,38 @@ def test_a_second_sft_build_tokenizes_nothing(tokenizer, tmp_path, monkeypatch):
     assert second.prompts == first.prompts and second.references == first.references and second.notes == first.notes
     other = SftTask.build(str(tmp_path / "train.jsonl"), tokenizer, TaskOptions(max_length=24, max_eval_samples=20))
     assert sum(tokenized) == 2 * (540 + 20) and max(len(f["input_ids"]) for f in other.train) == 24
+
+
+def write_text(path, n: int, seed: int = 0) -> None:
+    """Plain text, ``n`` lines of words (a blank line now and then, as in WikiText)."""
+    rng = random.Random(seed)
+    path.write_text("".join(" ".join(rng.choices(WORDS, k=rng.randint(0, 20))) + "\n" for _ in range(n)))
+
+
+def test_lm_memory_does_not_grow_with_its_data(tokenizer, tmp_path):
+    for name, n in (("warm-up", 500), ("small", 2_000), ("large", 20_000)):
+        write_text(tmp_path / f"{name}.txt", n)
+    options = TaskOptions(max_length=32)
+    built_by(LMTask, tokenizer, tmp_path / "warm-up.txt", options)
+    small, small_held, small_peak = built_by(LMTask, tokenizer, tmp_path / "small.txt", options)
+    large, large_held, large_peak = built_by(LMTask, tokenizer, tmp_path / "large.txt", options)
+    assert len(large.train) > 9 * len(small.train) > 0
+    # the text and its token ids held as Python lists took ~1 KB a line: 18 MB more for the 18 000 more lines
+    assert large_held - small_held < 2_000_000, f"held {small_held / 1e6:.1f} MB, then {large_held / 1e6:.1f} MB"
+    assert large_peak - small_peak < 4_000_000, f"peaked at {small_peak / 1e6:.1f} MB, then {large_peak / 1e6:.1f} MB"
+    assert len(large.train[-1]["input_ids"]) == 32 and len(large.train[100:164]) == 64
+
+
+def test_a_second_lm_build_tokenizes_nothing(tokenizer, tmp_path, monkeypatch):
+    write_text(tmp_path / "train.txt", 1_000)
+    lines = len((tmp_path / "train.txt").read_text().splitlines())
+    tokenized = counting(tokenizer, monkeypatch)
+    options = TaskOptions(max_length=32, max_eval_samples=20)
+    first = LMTask.build(str(tmp_path / "train.txt"), tokenizer, options)
+    assert sum(tokenized) == lines  # a line at a time, once
+    tokenized.clear()
+    second = LMTask.build(str(tmp_path / "train.txt"), tokenizer, options)
+    assert sum(tokenized) == 0 and second.train == first.train and second.eval == first.eval
+    other = LMTask.build(str(tmp_path / "train.txt"), tokenizer, TaskOptions(max_length=16))
+    assert sum(tokenized) == 0 and len(other.train[0]["input_ids"]) == 16  # other blocks of the same tokens
+    assert [i for f in other.train[:2] for i in f["input_ids"]] == first.train[0]["input_ids"]
