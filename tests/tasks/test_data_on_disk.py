@@ -224,3 +224,24 @@ def test_a_second_lm_build_tokenizes_nothing(tokenizer, tmp_path, monkeypatch):
     other = LMTask.build(str(tmp_path / "train.txt"), tokenizer, TaskOptions(max_length=16))
     assert sum(tokenized) == 0 and len(other.train[0]["input_ids"]) == 16  # other blocks of the same tokens
     assert [i for f in other.train[:2] for i in f["input_ids"]] == first.train[0]["input_ids"]
+
+
+@pytest.mark.parametrize("task_class", [SftTask, LMTask])
+def test_sft_and_lm_hub_data_take_the_same_path_as_a_local_file(tokenizer, tmp_path, monkeypatch, task_class):
+    """A hub dataset's rows give the features the same rows give from a local file (SFT: question / answer;
+    LM: its text column, the answers here)."""
+    import datasets
+
+    import spu_engine.core.data as data
+
+    (tmp_path / "local").mkdir()
+    write_problems(tmp_path / "local" / "train.jsonl", 300)
+    rows = data.read_rows(tmp_path / "local" / "train.jsonl")
+    columns = {"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)}).save_to_disk(tmp_path / "hub")
+    monkeypatch.setattr(data, "load_hub", lambda name: datasets.load_from_disk(tmp_path / "hub"))
+    options = TaskOptions(max_length=24, seed=2, text_column="answer")
+    from_hub = task_class.build("someone/problems", tokenizer, options)
+    local = task_class.build(str(tmp_path / "local" / "train.jsonl"), tokenizer, options)
+    assert from_hub.train == local.train and from_hub.eval == local.eval and len(local.train) > 10
+    assert from_hub.train.dataset.cache_files  # on disk, not in memory
