@@ -41,9 +41,17 @@ def encoded(
 ) -> Features:
     """``encode`` (a batch of columns and its row numbers -> feature columns) over ``table``, through a cache file
     beside the table's, named by ``key`` (which must change with anything the features depend on)."""
+    return Features(mapped(table, encode, features, key, what))
+
+
+def mapped(
+    table, encode: Callable[[dict[str, list], list[int]], dict[str, list]], features, key: str, what: str, **more
+):
+    """``encoded``'s ``datasets.Dataset`` (``encode`` may give fewer rows than it is given: the rest are dropped;
+    ``more``: map's other arguments, a cache file's name for a table held in memory)."""
     try:
         with quiet():
-            done = table.map(
+            return table.map(
                 encode,
                 batched=True,
                 batch_size=MAP_BATCH,
@@ -52,10 +60,10 @@ def encoded(
                 features=features,
                 new_fingerprint=key,
                 desc=f"tokenizing {what}",
+                **more,
             )
     except OSError as exc:
         raise DataError(cache_note(exc)) from None
-    return Features(done)
 
 
 def select(table, rows, key: str):

@@ -8,6 +8,7 @@ reads are kept, as text: a row's value is ``str(value)``, what the tasks made of
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,12 +19,16 @@ from spu_engine.core.data import DataError, iter_rows
 ROWS_VERSION = 2  # bump when the table's contents change for the same file
 
 
-def _columns_of(path: str, columns: tuple[str, ...], optional: tuple[str, ...], stamp: tuple[int, int], version: int):
+def _columns_of(
+    path: str, columns: tuple[str, ...], optional: tuple[str, ...], stamp: tuple[int, int], version: int, as_json: bool
+):
     """The generator ``datasets`` writes the table from (``stamp`` and ``version`` key its cache, unread here); a
-    row without an ``optional`` column (a label, which the label check names) has it missing."""
+    row without an ``optional`` column (a label, which the label check names) has it missing.  ``as_json``: each
+    value as its JSON text (a list of messages comes back as it was, ``json.loads``)."""
+    as_text = json.dumps if as_json else text
     for number, row in enumerate(iter_rows(Path(path)), 1):
         try:
-            yield {c: text(row.get(c) if c in optional else row[c]) for c in columns}
+            yield {c: as_text(row.get(c) if c in optional else row[c]) for c in columns}
         except KeyError as exc:
             raise DataError(f"{path}: row {number} has no column {exc.args[0]!r}") from None
 
@@ -36,9 +41,9 @@ def text(value) -> str | None:
     return str(value)
 
 
-def local_table(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()):
+def local_table(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (), as_json: bool = False):
     """``columns`` of a local file as a memory-mapped ``datasets.Dataset`` of strings, built on the first read
-    (``optional``: the columns a row may lack)."""
+    (``optional``: the columns a row may lack; ``as_json``: values kept as JSON text, for structured ones)."""
     import datasets
 
     columns = tuple(dict.fromkeys(columns))
@@ -54,6 +59,7 @@ def local_table(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] 
                     "optional": tuple(optional),
                     "stamp": (stat.st_size, stat.st_mtime_ns),
                     "version": ROWS_VERSION,
+                    "as_json": as_json,
                 },
             )
     except datasets.exceptions.DatasetGenerationError as exc:

@@ -160,24 +160,12 @@ class ClassificationTask(Task):
         check_classes(labels, len(train_table), columns.label, train_src)
         label_ids = _label_ids(labels)
         if "eval" not in tables:  # after the labels: a label that lands only in the held-out share still has its id
-            train_rows, eval_rows, note = hold_out(len(train_table), options.eval_split, options.seed, train_src)
+            tables, note = held_out_tables(train_table, train_src, options)
             notes.append(note)
-            held = f"held out with seed {options.seed}, share {eval_share(options.eval_split)}"
-            tables = {
-                "train": (
-                    train_table if train_rows is None else select(train_table, train_rows, "train " + held),
-                    train_src,
-                ),
-                "eval": (
-                    train_table if eval_rows is None else select(train_table, eval_rows, "eval " + held),
-                    f"{train_src} (held out)",
-                ),
-            }
 
         def encode(split: str, limit: int | None) -> Features:
             table, src = tables[split]
-            if limit and limit < len(table):
-                table = select(table, range(limit), f"first {limit}")
+            table = first(table, limit)
             whose, length = "the train labels", options.max_length
             key = fingerprint(table._fingerprint, columns.key(tokenizer, label_ids, whose, length))
             return encoded(
@@ -263,13 +251,7 @@ def read_splits(source: str) -> dict[str, tuple[list[dict[str, Any]], str]]:
 def read_tables(source: str, options: TaskOptions) -> tuple[Columns, dict[str, tuple[Any, str]]]:
     """The columns to read and the ``train`` (and ``eval`` when the data has one) split as tables on disk
     (``arrow_rows``), each with where it came from; a local file's columns are found from its first row."""
-    if is_local(source):
-        files = split_files(source)
-        named = {"train": files["train"], **({"eval": files["eval"]} if files["eval"] != files["train"] else {})}
-        heads = {split: (first_rows(path), str(path)) for split, path in named.items()}
-    else:
-        hub = load_hub_tables(source)
-        heads = {split: ([table[0]] if len(table) else [], f"{source} ({split})") for split, table in hub.items()}
+    heads, named = split_heads(source)
     train_head, train_src = heads["train"]
     if not train_head:
         raise DataError(no_rows(train_src))
@@ -281,7 +263,37 @@ def read_tables(source: str, options: TaskOptions) -> tuple[Columns, dict[str, t
             s: (local_table(named[s], (*columns.text, columns.label), optional=(columns.label,)), src)
             for s, (_, src) in heads.items()
         }
-    return columns, {s: (hub[s], src) for s, (_, src) in heads.items()}
+    return columns, {s: (named[s], src) for s, (_, src) in heads.items()}
+
+
+def split_heads(source: str) -> tuple[dict[str, tuple[list[dict[str, Any]], str]], dict[str, Any]]:
+    """Each split's first row (what its columns are found from) with where it came from, and the split itself: a
+    local file's path, a hub dataset's table."""
+    if is_local(source):
+        files = split_files(source)
+        named = {"train": files["train"], **({"eval": files["eval"]} if files["eval"] != files["train"] else {})}
+        return {split: (first_rows(path), str(path)) for split, path in named.items()}, named
+    hub = load_hub_tables(source)
+    return {split: ([table[0]] if len(table) else [], f"{source} ({split})") for split, table in hub.items()}, hub
+
+
+def held_out_tables(train_table, train_src: str, options: TaskOptions) -> tuple[dict[str, tuple[Any, str]], str]:
+    """The train and eval tables when the data has no eval split: a seeded share of the train rows held out
+    (``hold_out``), and the note saying so."""
+    train_rows, eval_rows, note = hold_out(len(train_table), options.eval_split, options.seed, train_src)
+    held = f"held out with seed {options.seed}, share {eval_share(options.eval_split)}"
+    return {
+        "train": (train_table if train_rows is None else select(train_table, train_rows, "train " + held), train_src),
+        "eval": (
+            train_table if eval_rows is None else select(train_table, eval_rows, "eval " + held),
+            f"{train_src} (held out)",
+        ),
+    }, note
+
+
+def first(table, limit: int | None):
+    """The table's first ``limit`` rows (all when ``limit`` is 0 or None)."""
+    return select(table, range(limit), f"first {limit}") if limit and limit < len(table) else table
 
 
 def first_rows(path) -> list[dict[str, Any]]:

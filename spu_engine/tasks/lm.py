@@ -9,28 +9,16 @@ Face's run_clm); each block is its own label sequence.  Perplexity is
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from spu_engine.core.data import (
-    TEXT_ENCODING,
-    DataError,
-    eval_share,
-    is_local,
-    load_hub_splits,
-    no_eval_split_note,
-    pick_column,
-    read_rows,
-    require_columns,
-    split_files,
-)
+from spu_engine.core.data import DataError, eval_share, no_eval_split_note
 from spu_engine.tasks.base import Task, TaskOptions, kl_rows
 from spu_engine.tasks.infer import config_is_encoder_only
+from spu_engine.tasks.lm_data import blocks, flat_ids, text_tables, token_table
 
 TEXT_SUFFIXES = (".raw", ".txt")
-TEXT_CANDIDATES = ("text", "content", "sentence", "document")
 LOGITS_BUDGET = 2**26  # logits per eval forward (256 MB in fp32): a big eval batch of long blocks is cut into rows
 
 
@@ -42,23 +30,29 @@ class LMTask(Task):
 
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> LMTask:
-        train_text, eval_text, same = load_text(source, options.text_column)
+        tables = text_tables(source, options.text_column, TEXT_SUFFIXES)
         block = options.max_length
-        train_ids = token_ids(train_text, tokenizer)
+        tokens = {s: token_table(*tables[s], tokenizer) for s in ("train", "eval")}
+        ids = {s: flat_ids(t) for s, t in tokens.items()}
+        spans = {s: (0, len(i)) for s, i in ids.items()}
         notes = []
-        if same:  # no eval split: the tail of the text, so no eval token is inside a training block
+        if (
+            tables["train"] is tables["eval"]
+        ):  # no eval split: the tail of the text, so no eval token is inside a training block
             share = eval_share(options.eval_split)
-            cut = int(len(train_ids) * (1 - share))
+            n = len(ids["train"])
+            cut = int(n * (1 - share))
             notes.append(
                 no_eval_split_note(
-                    source, f"the last {share:.0%} of the text ({len(train_ids) - cut:,} tokens) is", options.eval_split
+                    source, f"the last {share:.0%} of the text ({n - cut:,} tokens) is", options.eval_split
                 )
             )
-            train_ids, eval_ids = (train_ids[:cut], train_ids[cut:]) if share else (train_ids, train_ids)
-        else:
-            eval_ids = token_ids(eval_text, tokenizer)
-        train = blocks(train_ids, block, "train", source)[: options.max_train_samples or None]
-        evals = blocks(eval_ids, block, "eval", source)[: options.max_eval_samples or None]
+            if share:
+                spans = {"train": (0, cut), "eval": (cut, n)}
+        train, evals = (
+            blocks(tokens[s], ids[s], *spans[s], block, limit, s, tables[s][1])
+            for s, limit in (("train", options.max_train_samples), ("eval", options.max_eval_samples))
+        )
         task = cls(train, evals, tokenizer.pad_token_id)
         task.notes = notes
         return task
@@ -127,35 +121,6 @@ def perplexity(total: float, tokens: int) -> dict[str, float]:
     return {"eval_loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": tokens}
 
 
-def load_text(source: str, text_column: str | None = None) -> tuple[str, str, bool]:
-    """Train text, eval text, and whether both come from the same single source."""
-    if not is_local(source):
-        hub = load_hub_splits(source)
-        train = _join(hub["train"], text_column, f"{source} (train)")
-        if "eval" not in hub:
-            return train, train, True
-        return train, _join(hub["eval"], text_column, f"{source} (eval)"), False
-    files = split_files(source)
-    texts = {}
-    for split, path in files.items():
-        if path.suffix.lower() in TEXT_SUFFIXES:
-            try:
-                texts[split] = path.read_text(encoding=TEXT_ENCODING)
-            except (OSError, UnicodeDecodeError) as exc:
-                raise DataError(f"{path}: cannot read ({exc})") from None
-        else:
-            texts[split] = _join(read_rows(path), text_column, str(path))
-    return texts["train"], texts["eval"], files["train"] == files["eval"]
-
-
-def _join(rows: list[dict[str, Any]], text_column: str | None, source: str) -> str:
-    """One text from a table: rows that keep their newline (hub WikiText) are joined as they are."""
-    column = text_column or pick_column(rows, TEXT_CANDIDATES) or "text"
-    require_columns(rows, {"--text-column": column}, source)
-    lines = [str(r[column] or "") for r in rows]
-    return "".join(lines) if all(not line or line.endswith("\n") for line in lines) else "\n".join(lines)
-
-
 def token_ids(text: str, tokenizer) -> list[int]:
     """Token ids of the whole text, tokenized a line at a time (no special tokens, no length warnings)."""
     from transformers.utils import logging as hf_logging
@@ -168,12 +133,3 @@ def token_ids(text: str, tokenizer) -> list[int]:
     finally:
         hf_logging.set_verbosity(verbosity)
     return [i for ids in encoded for i in ids]
-
-
-def blocks(ids: list[int], size: int, split: str, source: str) -> list[dict[str, list[int]]]:
-    n = len(ids) // size
-    if n == 0:
-        raise DataError(
-            f"{source}: the {split} text has {len(ids)} tokens, fewer than one block of --max-length {size}"
-        )
-    return [{"input_ids": ids[i * size : (i + 1) * size], "labels": ids[i * size : (i + 1) * size]} for i in range(n)]

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from spu_engine.core.data import DataError, hold_out_rows, no_rows, require_columns
+from spu_engine.core.data import DataError, no_rows
 from spu_engine.tasks.base import TaskOptions
-from spu_engine.tasks.classification import read_splits
+from spu_engine.tasks.classification import first, held_out_tables
 from spu_engine.tasks.lm import LMTask, perplexity
+from spu_engine.tasks.sft_data import encoded, read_tables
 from spu_engine.tasks.sft_generate import SHOWN, Generation, end_ids, final_answer, generate
-from spu_engine.tasks.sft_render import Rendered, chat_template, end_token, render
-from spu_engine.tasks.sft_shapes import SftColumns
+from spu_engine.tasks.sft_render import Rendered, chat_template, end_token
 
 
 class SftTask(LMTask):
@@ -56,28 +56,20 @@ class SftTask(LMTask):
 
     @classmethod
     def build(cls, source: str, tokenizer, options: TaskOptions) -> SftTask:
-        splits = read_splits(source)
-        train_rows, train_src = splits["train"]
-        if not train_rows:
-            raise DataError(no_rows(train_src))
-        columns = SftColumns.of(train_rows, options.prompt_column, options.completion_column, train_src)
+        columns, tables, as_json = read_tables(source, options)
         notes = []
-        if "eval" in splits:
-            eval_rows, eval_src = splits["eval"]
-            require_columns(eval_rows, columns.wanted(), eval_src)
-        else:
-            train_rows, eval_rows, held = hold_out_rows(train_rows, options.eval_split, options.seed, train_src)
-            eval_src = f"{train_src} (held out)"
+        train_table, train_src = tables["train"]
+        if "eval" not in tables:
+            tables, held = held_out_tables(train_table, train_src, options)
             notes.append(held)
         template, plain = chat_template(tokenizer)
         if plain:
             notes.append(plain)
-        train = render(
-            train_rows[: options.max_train_samples or None], columns, tokenizer, options.max_length, template, train_src
+        train, evals = (
+            encoded(first(tables[s][0], limit), columns, tokenizer, options, template, tables[s][1], as_json)
+            for s, limit in (("train", options.max_train_samples), ("eval", options.max_eval_samples))
         )
-        evals = render(
-            eval_rows[: options.max_eval_samples or None], columns, tokenizer, options.max_length, template, eval_src
-        )
+        eval_src = tables["eval"][1]
         for split, rendered, src in (("train", train, train_src), ("eval", evals, eval_src)):
             said = rendered.note(split, options.max_length)
             if not rendered.total:

@@ -82,13 +82,33 @@ def end_token(tokenizer) -> int | None:
     return eos if eos is not None else getattr(tokenizer, "sep_token_id", None)
 
 
+KEPT, CUT, TOO_LONG, EMPTY = 0, 1, 2, 3  # what became of an example (``fit``)
+
+
 def render(
     rows: list[dict[str, Any]], columns: SftColumns, tokenizer, max_length: int, template: str | None, source: str
 ) -> Rendered:
     """Features of ``rows`` with the prompt masked; see the module docstring for the rules."""
+    out = Rendered(total=len(rows))
+    for prompt, completion, status, reference in fitted(
+        rows, range(len(rows)), columns, tokenizer, max_length, template, source
+    ):
+        out.cut += status == CUT
+        out.too_long += status == TOO_LONG
+        out.empty += status == EMPTY
+        if status in (KEPT, CUT):
+            out.features.append(feature(prompt, completion))
+            out.prompts.append(prompt)
+            out.references.append(reference)
+    return out
+
+
+def fitted(rows, numbers, columns: SftColumns, tokenizer, max_length: int, template: str | None, source: str):
+    """Each row's prompt and completion token ids, what became of it (``KEPT``, ``CUT``, ``TOO_LONG``, ``EMPTY``)
+    and its reference completion; ``numbers``: the rows' numbers in their split, from 0 (for messages)."""
     prompt_texts, completion_texts, references = [], [], []
-    for i, row in enumerate(rows):
-        where = f"{source}: row {i + 1}"
+    for number, row in zip(numbers, rows):
+        where = f"{source}: row {number + 1}"
         turns, completion = columns.conversation(row, where)
         prompt = _apply(tokenizer, turns, template, True, where)
         whole = _apply(tokenizer, [*turns, {"role": "assistant", "content": completion}], template, False, where)
@@ -101,31 +121,33 @@ def render(
         prompt_texts.append(prompt)
         completion_texts.append(whole[len(prompt) :] if completion.strip() else "")
         references.append(completion)
-    out = Rendered(total=len(rows))
-    if not rows:
-        return out
-    prompt_ids = _tokens(tokenizer, prompt_texts)
-    completion_ids = _tokens(tokenizer, completion_texts)
+    if not prompt_texts:
+        return []
     end = end_token(tokenizer)
-    for prompt, completion, text, reference in zip(prompt_ids, completion_ids, completion_texts, references):
-        if not text:
-            out.empty += 1
-            continue
-        if end is not None and end not in completion:
-            completion = [*completion, end]
-        if len(prompt) >= max_length:
-            out.too_long += 1
-            continue
-        if len(prompt) + len(completion) > max_length:
-            out.cut += 1
-            completion = completion[: max_length - len(prompt)]
-        ids = prompt + completion
-        out.features.append(
-            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + completion}
+    return [
+        (prompt, *fit(prompt, completion, text, end, max_length), reference)
+        for prompt, completion, text, reference in zip(
+            _tokens(tokenizer, prompt_texts), _tokens(tokenizer, completion_texts), completion_texts, references
         )
-        out.prompts.append(prompt)
-        out.references.append(reference)
-    return out
+    ]
+
+
+def fit(prompt: list[int], completion: list[int], text: str, end: int | None, max_length: int):
+    """The completion's token ids (ended, cut to fit) and what became of the example."""
+    if not text:
+        return completion, EMPTY
+    if end is not None and end not in completion:
+        completion = [*completion, end]
+    if len(prompt) >= max_length:
+        return completion, TOO_LONG
+    if len(prompt) + len(completion) > max_length:
+        return completion[: max_length - len(prompt)], CUT
+    return completion, KEPT
+
+
+def feature(prompt: list[int], completion: list[int]) -> dict[str, list[int]]:
+    ids = prompt + completion
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + completion}
 
 
 def _apply(tokenizer, turns: list[dict[str, str]], template: str | None, generation_prompt: bool, where: str) -> str:
