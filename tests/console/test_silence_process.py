@@ -16,7 +16,10 @@ from spu_tui.run_model import RunModel
 from spu_tui.session import SILENT_AFTER_S, EngineSession
 from support import SST2
 
-pytestmark = pytest.mark.process  # starts an engine process
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.slow,
+]  # a real engine stopped for seconds; test_tui_silence.py is the default set's
 
 
 class NoScreen:

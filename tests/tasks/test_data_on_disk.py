@@ -163,6 +163,7 @@ def write_problems(path, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"question": question, "answer": answer}) + "\n")
 
 
+@pytest.mark.slow  # 12-16 s; the classification bound and every task's cache test stay in the default set
 def test_sft_memory_does_not_grow_with_its_data(tokenizer, tmp_path):
     for name, n in (("warm-up", 100), ("small", 500), ("large", 4_000)):
         write_problems(tmp_path / f"{name}.jsonl", n)
@@ -197,6 +198,7 @@ def write_text(path, n: int, seed: int = 0) -> None:
     path.write_text("".join(" ".join(rng.choices(WORDS, k=rng.randint(0, 20))) + "\n" for _ in range(n)))
 
 
+@pytest.mark.slow  # 12-16 s; the classification bound and every task's cache test stay in the default set
 def test_lm_memory_does_not_grow_with_its_data(tokenizer, tmp_path):
     for name, n in (("warm-up", 500), ("small", 2_000), ("large", 20_000)):
         write_text(tmp_path / f"{name}.txt", n)

@@ -282,6 +282,7 @@ def test_lr_must_be_a_finite_number(value, tmp_path):
     assert r.exit_code == 2 and "--lr: Input should be a finite number" in r.output and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a real spu train (24 s); tests/core/test_shorthands.py checks the policies in the default set
 @pytest.mark.process
 def test_shorthand_flags_train_the_policy_their_yaml_would_and_the_run_exports_it(tiny_model_dir, tmp_path):
     from spu_engine.core.policy_files import policy_from_yaml
