@@ -44,22 +44,27 @@ def text(value) -> str | None:
 def local_table(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (), as_json: bool = False):
     """``columns`` of a local file as a memory-mapped ``datasets.Dataset`` of strings, built on the first read
     (``optional``: the columns a row may lack; ``as_json``: values kept as JSON text, for structured ones)."""
+    columns = tuple(dict.fromkeys(columns))
+    return file_table(_columns_of, path, columns, {"columns": columns, "optional": tuple(optional), "as_json": as_json})
+
+
+def file_table(generator, path: Path, columns: tuple[str, ...], kwargs: dict):
+    """The table ``generator`` writes from the file at ``path`` (string ``columns``), cached by ``datasets`` under
+    the file's path, size, modification time and ``ROWS_VERSION`` with ``kwargs``; a DataError it raises, or a cache
+    that cannot be written, comes out as one DataError."""
     import datasets
 
-    columns = tuple(dict.fromkeys(columns))
     stat = path.stat()
     try:
         with quiet():
             return datasets.Dataset.from_generator(
-                _columns_of,
+                generator,
                 features=datasets.Features({c: datasets.Value("string") for c in columns}),
                 gen_kwargs={
                     "path": str(path.resolve()),
-                    "columns": columns,
-                    "optional": tuple(optional),
                     "stamp": (stat.st_size, stat.st_mtime_ns),
                     "version": ROWS_VERSION,
-                    "as_json": as_json,
+                    **kwargs,
                 },
             )
     except datasets.exceptions.DatasetGenerationError as exc:

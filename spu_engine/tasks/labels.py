@@ -41,14 +41,26 @@ def labelled_rows(
     missing = [i for i, row in enumerate(rows) if not has_label(row, column)]
     if not missing:
         return rows, None
-    where = f"{len(missing)} of {len(rows)} rows have no label in column {column!r} ({row_numbers(missing)})"
-    if len(missing) == len(rows):
-        raise DataError(f"{source}: no row has a label in column {column!r}; name the label column with --label-column")
-    if not drop:
-        raise DataError(f"{source}: {where}; fill them in, or {hint}")
+    _refuse_or_keep(missing, len(rows), column, source, drop, hint)
     gone = set(missing)
     kept = [row for i, row in enumerate(rows) if i not in gone]
-    return kept, f"{source}: {where}: dropped (--drop-unlabelled), {len(kept)} rows remain"
+    return kept, _dropped(missing, len(rows), column, source)
+
+
+def _where(missing: list[int], n: int, column: str) -> str:
+    return f"{len(missing)} of {n} rows have no label in column {column!r} ({row_numbers(missing)})"
+
+
+def _refuse_or_keep(missing: list[int], n: int, column: str, source: str, drop: bool, hint: str) -> None:
+    """DataError when no row has a label, or when some have none and ``drop`` was not asked for."""
+    if len(missing) == n:
+        raise DataError(f"{source}: no row has a label in column {column!r}; name the label column with --label-column")
+    if not drop:
+        raise DataError(f"{source}: {_where(missing, n, column)}; fill them in, or {hint}")
+
+
+def _dropped(missing: list[int], n: int, column: str, source: str) -> str:
+    return f"{source}: {_where(missing, n, column)}: dropped (--drop-unlabelled), {n - len(missing)} rows remain"
 
 
 def check_classes(labels: list[str], n: int, column: str, source: str) -> None:
@@ -70,14 +82,10 @@ def labelled_table(table, column: str, source: str, drop: bool) -> tuple[Any, st
         start += len(chunk)
     if not missing:
         return table, None
-    where = f"{len(missing)} of {len(table)} rows have no label in column {column!r} ({row_numbers(missing)})"
-    if len(missing) == len(table):
-        raise DataError(f"{source}: no row has a label in column {column!r}; name the label column with --label-column")
-    if not drop:
-        raise DataError(f"{source}: {where}; fill them in, or {DROP_HINT}")
+    _refuse_or_keep(missing, len(table), column, source, drop, DROP_HINT)
     gone = set(missing)
     kept = table.select(
         [i for i in range(len(table)) if i not in gone],
         new_fingerprint=f"{table._fingerprint}-labelled",
     )
-    return kept, f"{source}: {where}: dropped (--drop-unlabelled), {len(kept)} rows remain"
+    return kept, _dropped(missing, len(table), column, source)

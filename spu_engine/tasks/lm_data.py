@@ -22,7 +22,7 @@ from spu_engine.core.data import (
     split_files,
 )
 from spu_engine.tasks.arrow_features import Features, fingerprint, mapped, tokenizer_fingerprint
-from spu_engine.tasks.arrow_rows import ROWS_VERSION, cache_note, column_chunks, local_table, quiet
+from spu_engine.tasks.arrow_rows import column_chunks, file_table, local_table
 from spu_engine.tasks.classification import first_rows
 
 TEXT = "text"
@@ -73,27 +73,7 @@ def _lines(path: str, stamp: tuple[int, int], version: int):
 
 
 def _lines_table(path: Path):
-    import datasets
-
-    stat = path.stat()
-    try:
-        with quiet():
-            return datasets.Dataset.from_generator(
-                _lines,
-                features=datasets.Features({TEXT: datasets.Value("string")}),
-                gen_kwargs={
-                    "path": str(path.resolve()),
-                    "stamp": (stat.st_size, stat.st_mtime_ns),
-                    "version": ROWS_VERSION,
-                },
-            )
-    except datasets.exceptions.DatasetGenerationError as exc:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, DataError):
-            raise DataError(str(cause)) from None
-        raise
-    except OSError as exc:
-        raise DataError(cache_note(exc)) from None
+    return file_table(_lines, path, (TEXT,), {})
 
 
 def token_table(table, src: str, column: str, tokenizer):
