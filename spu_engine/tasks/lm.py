@@ -119,17 +119,3 @@ def perplexity(total: float, tokens: int) -> dict[str, float]:
     """The eval fields of a summed token loss: the mean, its exp and the token count."""
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "eval_tokens": tokens}
-
-
-def token_ids(text: str, tokenizer) -> list[int]:
-    """Token ids of the whole text, tokenized a line at a time (no special tokens, no length warnings)."""
-    from transformers.utils import logging as hf_logging
-
-    lines = text.splitlines(keepends=True)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a long line exceeds model_max_length; blocks are cut below
-    try:
-        encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return [i for ids in encoded for i in ids]

@@ -11,10 +11,16 @@ from spu_engine.core.data import DataError
 from spu_engine.core.policy_files import parse_policy
 from spu_engine.loop.engine import Engine, EngineConfig
 from spu_engine.tasks import TaskOptions, lm
-from spu_engine.tasks.lm import LMTask, token_ids
+from spu_engine.tasks.lm import LMTask
 from support import DATA, build_tiny
 
 WIKI = DATA / "wikitext2" / "wiki.valid.raw"
+
+
+def token_ids(text: str, tokenizer) -> list[int]:
+    """The reference: the whole text's ids, tokenized a line at a time in memory (no special tokens)."""
+    lines = text.splitlines(keepends=True)
+    return [i for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for i in ids]
 
 
 @pytest.fixture(scope="module")
