@@ -166,7 +166,9 @@ if dist.rank == 1:
     shard = local(masks.masks[name]).view(-1)
     shard[0] = 1 - shard[0]
 engine.apply_change(Change(freeze=[FreezeRule(units=["embeddings"], trainable=False)]), source="console")
-print("STOPPED:", engine.control.stop.reason if engine.control.stop else None, "| NAME:", name, flush=True)
+# one write() of the whole line: two ranks share the pipe, and print's pieces could interleave
+reason = engine.control.stop.reason if engine.control.stop else None
+os.write(1, f"STOPPED: {reason} | NAME: {name}\\n".encode())
 engine.close()
 dist.close()
 os._exit(0)  # past gloo's teardown at interpreter exit, which a loaded machine once aborted ("terminate called")
@@ -287,7 +289,7 @@ engine = Engine(config, Policy(), run if dist.is_main else None, dist=dist)
 engine.checkpoints = Path(run) / "checkpoints"
 state = engine.run()
 reason = engine.control.stop.reason if engine.control.stop else None
-print(f"RANK {dist.rank}: {state} exit {engine.exit_code} step {engine.step} | {reason}", flush=True)
+os.write(1, f"RANK {dist.rank}: {state} exit {engine.exit_code} step {engine.step} | {reason}\\n".encode())  # one write: ranks share the pipe
 engine.close()
 dist.close()
 os._exit(0)
