@@ -53,7 +53,7 @@ def test_every_labelled_span_is_the_answer_or_reported_out_of_window(tokenizer, 
             example = long_window[qid]
             answer_start, text = example.answers[0]
             for example_index, offsets in task.eval_windows:
-                if task.eval_examples[example_index] is example:
+                if task.eval_examples[example_index].id == example.id:
                     spans = [o for o in offsets if o is not None]
                     assert not (spans[0][0] <= answer_start and spans[-1][1] >= answer_start + len(text))
 
