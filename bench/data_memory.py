@@ -1,7 +1,9 @@
 """Memory bounded by the batch, not the file: peak RSS and time to the first step of a 4-step run on generated
-classification files of growing size, each run twice (the second loads the first one's tokenized cache).
+classification files (or SQuAD files, ``--task qa``) of growing size, each run twice (the second loads the first
+one's tokenized cache).
 
     python bench/data_memory.py --rows 100000 1000000 --out bench/results/data_memory.csv
+    python bench/data_memory.py --task qa --rows 10000 100000 --out bench/results/data_memory.csv
 
 Each run is a fresh process (a tiny BERT built from a config, the offline MiniLM tokenizer, batch 8, a tenth of the
 file held out for eval, 256 of it evaluated); its peak RSS is the kernel's (``wait4``), its time to the first step
@@ -57,7 +59,7 @@ WORDS = [
     "tears",
     "performance",
 ]
-FIELDS = ["rows", "file_mb", "run", "peak_rss_mb", "first_step_s", "total_s", "tree"]
+FIELDS = ["task", "rows", "file_mb", "run", "peak_rss_mb", "first_step_s", "total_s", "tree"]
 
 
 def write_rows(path: Path, n: int) -> None:
@@ -68,6 +70,27 @@ def write_rows(path: Path, n: int) -> None:
         f.write("sentence\tlabel\n")
         for _ in range(n):
             f.write(" ".join(rng.choices(WORDS, k=rng.randint(8, 24))) + f"\t{rng.randint(0, 1)}\n")
+
+
+def write_squad(path: Path, n: int) -> None:
+    """A nested SQuAD v1.1 file of ``n`` questions: articles of 5 paragraphs of about 120 words, 5 questions each
+    (the real train file: 87 599 questions in 30 MB).  A SQuAD file is one JSON document, written whole."""
+    rng = random.Random(0)
+    articles = []
+    for a in range(max(n // 25, 1)):
+        paragraphs = []
+        for p in range(5):
+            context = " ".join(rng.choices(WORDS, k=rng.randint(80, 160)))
+            qas = []
+            for q in range(5):
+                word = rng.choice(context.split())
+                question = " ".join(rng.choices(WORDS, k=rng.randint(5, 12))) + "?"
+                answer = {"text": word, "answer_start": context.index(word)}
+                qas.append({"id": f"{a}-{p}-{q}", "question": question, "answers": [answer]})
+            paragraphs.append({"context": context, "qas": qas})
+        articles.append({"title": f"article {a}", "paragraphs": paragraphs})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
 
 
 def tiny_model(folder: Path) -> Path:
@@ -101,7 +124,7 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def child(model: str, data: str, run_dir: str) -> None:
+def child(model: str, data: str, run_dir: str, task: str) -> None:
     """One 4-step run in this process (what the parent measures)."""
     from spu_engine.core.policy import Policy
     from spu_engine.loop.engine import Engine, EngineConfig
@@ -109,7 +132,7 @@ def child(model: str, data: str, run_dir: str) -> None:
     config = EngineConfig(
         model=model,
         data=data,
-        task="classification",
+        task=task,
         steps=4,
         batch_size=8,
         max_length=64,
@@ -136,11 +159,11 @@ def first_step_t(run_dir: Path) -> float | None:
     return None
 
 
-def measure(tree: Path, model: Path, data: Path, run_dir: Path, env: dict[str, str]) -> dict[str, float]:
+def measure(tree: Path, model: Path, data: Path, run_dir: Path, env: dict[str, str], task: str) -> dict[str, float]:
     """Peak RSS (MB), seconds to the first step and in all, of one run in a fresh process."""
     start = time.time()
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(data), str(run_dir)],
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(data), str(run_dir), task],
         env={**env, "PYTHONPATH": str(tree)},
         cwd=str(tree),
     )
@@ -158,12 +181,13 @@ def measure(tree: Path, model: Path, data: Path, run_dir: Path, env: dict[str, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000], help="rows (qa: questions)")
+    parser.add_argument("--task", choices=("classification", "qa"), default="classification")
     parser.add_argument("--runs", type=int, default=2, help="runs on each file (the first tokenizes, later ones load)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the files, runs and cache (default: tmp)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose engine runs")
     parser.add_argument("--out", type=Path, default=None, help="CSV of the rows (appended)")
-    parser.add_argument("--child", nargs=3, metavar=("MODEL", "DATA", "RUN_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "DATA", "RUN_DIR", "TASK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -186,16 +210,17 @@ def main() -> None:
             out.writeheader()
     print(",".join(FIELDS), flush=True)
     for n in args.rows:
-        data = work / f"rows-{n}" / "train.tsv"
+        data = work / f"{args.task}-{n}" / ("train.json" if args.task == "qa" else "train.tsv")
         if not data.exists():
-            write_rows(data, n)
+            (write_squad if args.task == "qa" else write_rows)(data, n)
         for run in range(1, args.runs + 1):
             run_dir = work / "runs" / f"{n}-{run}-{time.time_ns()}"
             row = {
+                "task": args.task,
                 "rows": n,
                 "file_mb": round(data.stat().st_size / 1e6, 1),
                 "run": run,
-                **measure(args.tree.resolve(), model, data, run_dir, env),
+                **measure(args.tree.resolve(), model, data, run_dir, env, args.task),
                 "tree": args.tree.resolve().name,
             }
             print(",".join(str(row[k]) for k in FIELDS), flush=True)
