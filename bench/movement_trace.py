@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from common import DATA, minilm_sst2
-from fidelity import FROZEN_EMBEDDINGS, ROW_BY_KEY, scaled
+from fidelity import scaled
+from fidelity_rows import FROZEN_EMBEDDINGS, ROW_BY_KEY
 
 from spu_engine.core.model_source import offline_model_dir
 from spu_engine.core.policy_files import parse_policy
