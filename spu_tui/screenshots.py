@@ -100,6 +100,8 @@ async def take_llm(run_dir: Path, proc, out: Path, timeout: float) -> list[Path]
     app = SpuApp(run_dir, engine=proc, cpu_share=1.0)
     async with app.run_test(size=(120, 36)) as pilot:
         await _wait(pilot, lambda: app.state.units and len(app.state.eval_steps) >= 1, timeout)
+        await pilot.press("4")  # below 160x45 one panel beside the tree: the controls
+        await pilot.pause(0.4)
         app.query_one("#peft-r").value = "64"
         await _wait(pilot, lambda: "→" in str(app.query_one("#whatif-peft").render()), timeout)
         app.query_one(ControlsPanel).scroll_to_widget(app.query_one("#apply-peft"), animate=False)  # the what-if's end
