@@ -23,7 +23,15 @@ from textual.widgets import Button, Input, Label, Select, Static
 from spu_engine.core.memory_view import memory_line
 from spu_engine.core.policy import Change, Policy
 from spu_engine.core.protocol import PreviewEvent
-from spu_tui.widgets.control_fields import FIELD_BY_ID, TITLES, ControlField, fields_of, section_problem, section_values
+from spu_tui.widgets.control_fields import (
+    FIELD_BY_ID,
+    TITLES,
+    ControlField,
+    fields_of,
+    section_model,
+    section_problem,
+    section_values,
+)
 from spu_tui.widgets.unit_tree import short_count
 
 
@@ -76,7 +84,7 @@ class MethodSection(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(TITLES[self.section], classes="section-title")
         for f in self.fields:
-            with Horizontal(classes="field"):
+            with Horizontal(classes="field", id=f"row-{f.id}"):
                 yield Label(f.label)
                 if f.choices is not None:
                     yield Select([(o, o) for o in f.choices], value=f.default, allow_blank=False, compact=True, id=f.id)
@@ -105,6 +113,14 @@ class MethodSection(Vertical):
                 continue
             if isinstance(widget, (Select, Input)) and str(widget.value) != value:
                 widget.value = value
+        self.show_applicable()
+
+    def show_applicable(self) -> None:
+        """Only the fields the chosen method reads (LoRA's form shows no adapter size, no AdaLoRA ranks)."""
+        top = [f for f in self.fields if "." not in f.path]
+        kept = section_model(self.section).applicable({f.path: str(self.query_one(f"#{f.id}").value) for f in top})  # type: ignore[attr-defined]
+        for f in top:
+            self.query_one(f"#row-{f.id}").display = f.path in kept
 
     def show_preview(self, preview: PreviewEvent) -> None:
         """The engine's answer to a preview: what applying the edited section would do."""
@@ -153,7 +169,11 @@ class MethodSection(Vertical):
 
     # -- up: the user asks for a change
 
+    def on_mount(self) -> None:
+        self.show_applicable()
+
     def on_select_changed(self, event: Select.Changed) -> None:
+        self.show_applicable()
         engine_value = self.engine_values.get(event.select.id or "")
         if engine_value is not None and str(event.value) != engine_value:
             self.set_status("edited: apply (or enter in a field) applies", "hint")

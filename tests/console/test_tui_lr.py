@@ -98,3 +98,23 @@ async def test_lr_rules_are_listed_typed_previewed_added_and_removed(adalora_run
         decay.value = "0.8"
         await pilot.press("enter")
         assert link.changes()[-1]["set"]["lr"] == {"decay": 0.8, "warm_in": 0}
+
+
+async def test_the_peft_form_shows_only_the_fields_its_method_reads(adalora_run):
+    """AdaLoRA's ranks and schedule show for AdaLoRA; switching the method to LoRA hides them and shows its rank;
+    adapters show their size alone (issue 27: a form of every method's fields misleads)."""
+    run_dir, history = adalora_run
+    app = SpuApp(run_dir, history=history, link=ScriptedLink())
+    async with app.run_test(size=(200, 50)) as pilot:
+        await pilot.pause(0.3)
+
+        def shown(*ids: str) -> list[bool]:
+            return [app.query_one(f"#row-{i}").display for i in ids]
+
+        assert shown("peft-init-r", "peft-target-r", "peft-r", "peft-size") == [True, True, False, False]
+        app.query_one("#peft-method").value = "lora"
+        await pilot.pause(0.2)
+        assert shown("peft-init-r", "peft-target-r", "peft-r", "peft-size") == [False, False, True, False]
+        app.query_one("#peft-method").value = "adapter"
+        await pilot.pause(0.2)
+        assert shown("peft-r", "peft-size", "peft-method") == [False, True, True]
