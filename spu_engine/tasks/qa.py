@@ -21,8 +21,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+import spu_engine.tasks.qa_data as qa_data
 from spu_engine.core.data import DataError
-from spu_engine.tasks import qa_data
 from spu_engine.tasks.base import Task, TaskOptions, model_inputs
 
 MAX_ANSWER_TOKENS = 30
