@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spu_engine.core.collapse import collapse_note
-from spu_engine.core.config import EngineConfig
+from spu_engine.core.config import EngineConfig, recorded
 from spu_engine.core.data import (
     SPLIT_NAMES,
     DataError,
@@ -165,7 +165,7 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
 def newest_weights(run: Path, notes: list[str]) -> tuple[EngineConfig, Path, dict[str, Any]]:
     """A run folder's settings and its newest checkpoint whose weights verify (a newer one that does not is named in ``notes``)."""
     try:
-        config = EngineConfig(**json.loads((run / CONFIG).read_text(encoding="utf-8")))
+        config = EngineConfig(**recorded(json.loads((run / CONFIG).read_text(encoding="utf-8"))))
     except FileNotFoundError:
         raise ScoreError(f"{run} has checkpoints/ but no config.json: not a run folder SPU wrote") from None
     except (OSError, ValueError) as exc:
