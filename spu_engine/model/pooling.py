@@ -26,9 +26,15 @@ class PoolingError(ValueError):
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The mean of ``hidden`` (batch, tokens, width) over the tokens ``mask`` keeps (all of them when None)."""
+    """The mean of ``hidden`` (batch, tokens, width) over the tokens ``mask`` keeps (all of them when None).
+
+    ``mask`` is the tokenizer's (batch, tokens) 1/0, or the 4-D (batch, 1, queries, tokens) one an encoder's attention
+    reads (boolean, or additive: 0 where attended), whose first query's row is the padding mask."""
     if mask is None:
         return hidden.mean(dim=1)
+    if mask.dim() == 4:
+        mask = mask[:, 0, 0, :]
+        mask = mask == 0 if mask.is_floating_point() else mask
     weights = mask[:, : hidden.shape[1]].to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 

@@ -130,7 +130,8 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
         tokenizer = load_tokenizer(model)
         names = class_names(loaded.config) if kind == "classification" else None
         checkpoint, trained_metric = None, "accuracy"
-        config = EngineConfig(model=model, data=data, task=kind)
+        trained_length = {"max_length": info["max_length"]} if info else {}  # an export: the run's, as it evaluated
+        config = EngineConfig(model=model, data=data, task=kind, **trained_length)
     if options.metric is not None and kind != "classification":
         raise ScoreError(f"--metric is for classification; this {kind} model reports its own")
     task_options = TaskOptions(

@@ -16,6 +16,7 @@ from spu_engine.core.config import RunSettings, recorded
 from spu_engine.core.policy import PolicyError
 from spu_engine.core.policy_files import parse_policy
 from spu_engine.model.pooling import PoolingError, mean_pool, pooling_of, use_pooling
+from spu_engine.tasks.base import model_inputs
 from support import SST2, build_tiny, tiny_config
 
 
@@ -111,6 +112,10 @@ def test_bert_mean_pooling_feeds_the_token_mean_to_the_classifier_past_the_poole
     assert not torch.allclose(plain(**batch).logits, want, atol=1e-3)  # [CLS] through the pooler differs
     padded = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
     assert torch.allclose(pooled(**padded).logits, pooled(**batch).logits, atol=1e-6)  # padding plays no part
+    for mask in (batch["attention_mask"][:, None, None, :].bool(), model_inputs(pooled, batch)["attention_mask"]):
+        assert torch.allclose(pooled(**dict(batch, attention_mask=mask)).logits, want, atol=1e-6)  # the 4-D forms
+    additive = (1.0 - batch["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
+    assert torch.allclose(pooled(**dict(batch, attention_mask=additive)).logits, want, atol=1e-6)
 
 
 @torch.no_grad()
