@@ -95,6 +95,7 @@ def use_pooling(model: nn.Module, pooling: str) -> nn.Module:
         if hook is _mean_pooled:
             del encoder._forward_hooks[key]
             encoder._forward_hooks_with_kwargs.pop(key, None)
-    if hasattr(model.config, "spu_pooling"):
-        del model.config.spu_pooling
+    config = getattr(model, "config", None)
+    if hasattr(config, "spu_pooling"):
+        del config.spu_pooling
     return model
