@@ -118,14 +118,20 @@ def test_bert_mean_pooling_feeds_the_token_mean_to_the_classifier_past_the_poole
     assert torch.allclose(pooled(**dict(batch, attention_mask=additive)).logits, want, atol=1e-6)
 
 
+HEADS = {  # the stock head of each encoder without a pooler, by hand, on the pooled vector
+    "distilbert": lambda model, mean: model.classifier(torch.relu(model.pre_classifier(mean))),
+    "roberta": lambda model, mean: model.classifier(mean[:, None, :]),  # its head reads position 0: dense, tanh, out
+}
+
+
+@pytest.mark.parametrize("arch", sorted(HEADS))
 @torch.no_grad()
-def test_distilbert_mean_pooling_puts_the_mean_where_its_head_reads_cls(tokenizer):
-    plain = build_tiny("distilbert", tokenizer).eval()
+def test_an_encoder_without_a_pooler_gets_the_mean_where_its_head_reads_cls(arch, tokenizer):
+    plain = build_tiny(arch, tokenizer).eval()
     pooled = mean_pool(copy.deepcopy(plain))
     batch = batch_with_padding(tokenizer, plain)
-    mean = hand_mean(plain.distilbert(**batch).last_hidden_state, batch["attention_mask"])
-    want = plain.classifier(torch.relu(plain.pre_classifier(mean)))
-    assert torch.allclose(pooled(**batch).logits, want, atol=1e-6)
+    mean = hand_mean(plain.base_model(**batch).last_hidden_state, batch["attention_mask"])
+    assert torch.allclose(pooled(**batch).logits, HEADS[arch](plain, mean), atol=1e-6)
 
 
 def test_mean_pooling_is_applied_once_kept_by_copies_and_undone_by_cls(tokenizer):
