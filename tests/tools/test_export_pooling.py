@@ -127,3 +127,25 @@ def test_mean_pooling_with_houlsby_adapters_loads_with_both_in_its_code(tiny_mod
         assert torch.allclose(remote(**batch).logits, want, atol=1e-5)
         assert torch.allclose(load(tmp_path / "out")(**batch).logits, want, atol=1e-5)
     assert eval_json(tmp_path / "out", data)["metrics"]["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-6)
+
+
+def test_a_distillation_teacher_pools_as_it_was_trained(tiny_model_dir, data, tmp_path):
+    """'initial' is the run's own model as loaded (mean); a mean-pooling export as teacher is read back mean."""
+    from spu_engine.methods.distillation.method import Distillation
+
+    def teacher(run_dir, source) -> str:
+        policy = {"distillation": {"enabled": True, "teacher": str(source)}}
+        config = EngineConfig(
+            model=str(tiny_model_dir), data=str(data), pooling="mean", steps=1, batch_size=4, max_length=16,
+            max_train_samples=8, max_eval_samples=4, eval_every=0, device="cpu",
+        )  # fmt: skip
+        engine = Engine(config, parse_policy(policy), run_dir)
+        engine.run()
+        kd = next(m for m in engine.methods if isinstance(m, Distillation))
+        engine.close()
+        return pooling_of(kd.teacher)
+
+    assert teacher(tmp_path / "initial", "initial") == "mean"
+    train(tmp_path / "run", tiny_model_dir, data, steps=1)
+    export_run(tmp_path / "run", tmp_path / "out")
+    assert teacher(tmp_path / "exported", tmp_path / "out") == "mean"
