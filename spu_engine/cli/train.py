@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from spu_engine.cli.app import app
+from spu_engine.core.checkpoint_pooling import pooling_note
 from spu_engine.core.collapse import collapse_note
 from spu_engine.core.run_options import run_options
 from spu_engine.core.run_setup import (
@@ -177,6 +178,8 @@ def train(
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
         out.print(f"run folder: {run_dir}")
         out.print(f"task: {config.task}", highlight=False)
+        if config.pooling is not None:
+            out.print(pooling_note(config.model, config.pooling), highlight=False)
     try:
         code = serve(
             config,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+POOLINGS = ("cls", "mean")  # spu_engine.model.pooling's (which imports torch)
+
 
 class RunSettings(BaseModel):
     """Everything that decides what a run computes: with the policy's sections and timeline, the same
@@ -76,6 +78,13 @@ class RunSettings(BaseModel):
         description="classification: the headline eval metric, accuracy | f1 (of the positive class, label 1) "
         "| mcc (Matthews correlation); default: GLUE's for data named like a GLUE task (f1 for mrpc and qqp, "
         "mcc for cola), else accuracy",
+    )
+    pooling: str | None = Field(
+        None,
+        description="classification: what the head sees, cls (the [CLS] token, through the model's own pooler) | mean "
+        "(the mean of the last hidden states over the real tokens, straight to the classifier); default: the "
+        "checkpoint's own where its folder says (a sentence-transformers modules.json and its Pooling config: "
+        "the offline MiniLM says mean), else cls",
     )
     doc_stride: int | None = Field(
         None, ge=1, description="qa: tokens shared by consecutive windows of a long context (default max_length // 3)"
@@ -185,6 +194,27 @@ class RunSettings(BaseModel):
             raise ValueError(f"data: {exc}") from None
         return self
 
+    @field_validator("pooling")
+    @classmethod
+    def _known_pooling(cls, pooling: str | None) -> str | None:
+        if pooling is not None and pooling not in POOLINGS:
+            raise ValueError(f"{pooling!r} is not a pooling; choose one of {' | '.join(POOLINGS)}")
+        return pooling
+
+    @model_validator(mode="after")
+    def _resolve_pooling(self) -> RunSettings:
+        """Unset becomes the checkpoint's own pooling (``checkpoint_pooling``), so config.json records the real one;
+        only classification pools."""
+        from spu_engine.core.checkpoint_pooling import checkpoint_pooling
+
+        if self.task != "classification":
+            if self.pooling is not None:
+                raise ValueError(f"pooling: --pooling is for classification; this run's task is {self.task}")
+        elif self.pooling is None:
+            self.pooling = checkpoint_pooling(self.model)[0]
+            self.__pydantic_fields_set__.discard("pooling")  # the model's default, not a setting another --model keeps
+        return self
+
     @model_validator(mode="after")
     def _metric_is_for_classification(self) -> RunSettings:
         if self.metric is not None and self.task != "classification":
@@ -256,3 +286,11 @@ class EngineConfig(RunSettings):
             if not path.is_absolute() and path.exists():
                 data[key] = str(path.resolve())
         return RunSettings.model_validate(data)
+
+
+def recorded(settings: dict) -> dict:
+    """A run's config.json as settings: one written before the pooling setting existed pooled [CLS], whatever its
+    model's folder says now."""
+    if settings.get("task") == "classification" and "pooling" not in settings:
+        return {**settings, "pooling": "cls"}
+    return settings

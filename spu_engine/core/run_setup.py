@@ -142,4 +142,4 @@ def read_run_config(run: Path, restore: bool = False) -> dict:
         )
     if not isinstance(data, dict):
         fail(f"{path} is not a JSON object")
-    return data
+    return settings.recorded(data)

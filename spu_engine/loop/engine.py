@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from spu_engine.core.checkpoint_pooling import pooling_note
 from spu_engine.core.config import EngineConfig
 from spu_engine.core.model_source import ModelLoadError
 from spu_engine.core.policy import Policy, PolicyError
@@ -53,7 +54,7 @@ from spu_engine.loop.sharding import shard_runtime
 from spu_engine.loop.snapshot import hello_event
 from spu_engine.loop.system_metrics import SystemSampler
 from spu_engine.loop.trainer import Progress, Trainer
-from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes
+from spu_engine.model.loading import count_params, load_model, load_tokenizer, name_classes, pooled
 from spu_engine.runtime.policy_runtime import PolicyRuntime, RuntimeHooks, TimelineRefused
 from spu_engine.storage.event_log import EventLog
 from spu_engine.tasks import Task, TaskOptions, get_task
@@ -157,7 +158,9 @@ class Engine:
                 self.tokenizer = load_tokenizer(self.config.model)
             model = self._load_model(self.config.model, task)
         else:
-            self._given_model = copy.deepcopy(model).cpu()
+            self._given_model = copy.deepcopy(pooled(model, self.config.pooling)).cpu()
+        if self.config.pooling is not None:
+            self.events.log(pooling_note(self.config.model, self.config.pooling))
         task.check_fits(model)
         name_classes(model, getattr(task, "label_names", None))
         model = model.to(self.device)
@@ -246,7 +249,8 @@ class Engine:
         same model (distillation's ``initial`` teacher)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            return load_model(source, type(task).model_kind, task.num_labels, self.tokenizer, task.label_names)
+            kind, pooling = type(task).model_kind, self.config.pooling
+            return load_model(source, kind, task.num_labels, self.tokenizer, task.label_names, pooling=pooling)
 
     def initial_model(self) -> torch.nn.Module:
         """The model as this run loaded it at step 0, a new copy."""

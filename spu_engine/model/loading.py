@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spu_engine.core.model_source import ModelLoadError, check_source, resolve_model_name
+from spu_engine.model.pooling import PoolingError, use_pooling
 
 
 def load_tokenizer(name: str):
@@ -46,12 +47,14 @@ def load_model(
     tokenizer=None,
     labels: list[str] | None = None,
     trained: bool = False,
+    pooling: str | None = None,
 ) -> nn.Module:
     """Load pretrained weights with the head ``task`` needs (classification, qa, lm).
 
     ``num_labels`` None keeps the folder's; ``trained``: every weight must come from the folder (a teacher), so a
     head the folder lacks is an error rather than a new random one; ``labels``: the data's classes, named when the
-    folder's head has another number of them."""
+    folder's head has another number of them; ``pooling`` (classification: cls | mean, ``pooling.py``) None: the
+    one the folder's config.json records (``spu_pooling``, an SPU export), else cls."""
     import transformers
     from transformers import AutoConfig
 
@@ -83,7 +86,19 @@ def load_model(
             f"{name!r} has no trained {task} head ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
             "would start random): fine-tune it on the task first"
         )
+    if task == "classification":
+        pooled(model, pooling or getattr(model.config, "spu_pooling", None))
     return model
+
+
+def pooled(model: nn.Module, pooling: str | None) -> nn.Module:
+    """``model`` with ``pooling`` applied (None: as it is); a model that mean pooling does not fit: ModelLoadError."""
+    if pooling is None:
+        return model
+    try:
+        return use_pooling(model, pooling)
+    except PoolingError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def head_mismatch(name: str, num_labels: int, labels: list[str] | None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spu_engine.core.collapse import collapse_note
-from spu_engine.core.config import EngineConfig
+from spu_engine.core.config import EngineConfig, recorded
 from spu_engine.core.data import (
     SPLIT_NAMES,
     DataError,
@@ -130,7 +130,8 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
         tokenizer = load_tokenizer(model)
         names = class_names(loaded.config) if kind == "classification" else None
         checkpoint, trained_metric = None, "accuracy"
-        config = EngineConfig(model=model, data=data, task=kind)
+        trained_length = {"max_length": info["max_length"]} if info else {}  # an export: the run's, as it evaluated
+        config = EngineConfig(model=model, data=data, task=kind, **trained_length)
     if options.metric is not None and kind != "classification":
         raise ScoreError(f"--metric is for classification; this {kind} model reports its own")
     task_options = TaskOptions(
@@ -165,7 +166,7 @@ def score(model: str, data: str, options: ScoreOptions) -> Score:
 def newest_weights(run: Path, notes: list[str]) -> tuple[EngineConfig, Path, dict[str, Any]]:
     """A run folder's settings and its newest checkpoint whose weights verify (a newer one that does not is named in ``notes``)."""
     try:
-        config = EngineConfig(**json.loads((run / CONFIG).read_text(encoding="utf-8")))
+        config = EngineConfig(**recorded(json.loads((run / CONFIG).read_text(encoding="utf-8"))))
     except FileNotFoundError:
         raise ScoreError(f"{run} has checkpoints/ but no config.json: not a run folder SPU wrote") from None
     except (OSError, ValueError) as exc:

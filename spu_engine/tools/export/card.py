@@ -44,17 +44,41 @@ _WHAT = {
 }
 
 
+# what a mean-pooling folder's README adds to loading it (``spu_engine.model.pooling``, copied as spu_pooling.py)
+_MEAN = {
+    "model": (
+        "model = {auto}.from_pretrained(folder, trust_remote_code=True)  # mean pooling: the code is {file}, here\n\n"
+        "# or, with SPU installed and no remote code:\n"
+        "from spu_engine.model.pooling import mean_pool\n\n"
+        "model = mean_pool({auto}.from_pretrained(folder))"
+    ),
+    "peft": (
+        "from spu_pooling import mean_pool  # this folder's spu_pooling.py (or spu_engine.model.pooling)\n\n"
+        'base = mean_pool({auto}.from_pretrained("{reference}"{labels}))\n'
+        "model = PeftModel.from_pretrained(base, folder)"
+    ),
+}
+_POOLING = {
+    "cls": "cls (the [CLS] token through the model's own head)",
+    "mean": "mean (the mean of the last hidden states over the real tokens feeds the classifier; "
+    "the stock class pools [CLS], so load it as below)",
+}
+
+
 def write_card(out_dir: Path, info: dict[str, Any], remote: bool = False) -> None:
     """``spu_export.json`` and ``README.md`` for the folder ``info`` describes (``info["format"]`` in FORMATS)."""
     (out_dir / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     kind = info["format"]
     labels = info.get("labels")
-    load = _LOAD[kind].format(
+    mean = info.get("pooling") == "mean"
+    load = (_MEAN[kind] if mean and kind in _MEAN else _LOAD[kind]).format(
         auto=AUTO_CLASSES[info["model_kind"]],
         reference=info.get("base_reference"),
         labels=f", num_labels={len(labels)}" if labels else "",
         remote=", trust_remote_code=True" if remote else "",
+        file="spu_compact.py" if remote else "spu_pooling.py",
     )
+    pooling = f"- pooling: {_POOLING[info['pooling']]}\n" if info.get("pooling") else ""
     what = _WHAT[kind].format(
         merged=f", {info['peft_method']} merged into the weights" if info.get("merged") else "",
         method=info.get("peft_method"),
@@ -65,6 +89,7 @@ def write_card(out_dir: Path, info: dict[str, Any], remote: bool = False) -> Non
         f"This folder is {what}\n\n"
         f"- task: {info['task']}; labels (class ids in order): {labels or '-'}\n"
         f"- base model: `{info['base_reference']}`; trained at {info['max_length']} tokens per example\n"
+        f"{pooling}"
         f"- checkpoint: `{info['checkpoint']}`\n\n"
         "## Load it\n\n"
         "```python\n"

@@ -15,12 +15,13 @@ from torch import nn
 
 from spu_engine.model.houlsby import attach_adapters
 from spu_engine.model.loading import AUTO_CLASSES, load_model, name_classes
+from spu_engine.model.pooling import use_pooling
 from spu_engine.tools.export.card import read_info
 from spu_engine.tools.export.errors import ExportError
 
 
 def load(folder: str | Path, kind: str | None = None) -> nn.Module:
-    """The exported model with its adapters in place, in eval mode; ``kind`` (classification, qa, lm) defaults to
+    """The exported model with its adapters in place (and its pooling), in eval mode; ``kind`` (classification, qa, lm) defaults to
     the one ``spu_export.json`` names."""
     import transformers
 
@@ -41,6 +42,8 @@ def load(folder: str | Path, kind: str | None = None) -> nn.Module:
     if not spec:
         raise ExportError(f"{folder}: config.json has no spu_houlsby (where the adapters go): not an adapter export")
     attach_adapters(model, spec)
+    if getattr(model.config, "spu_pooling", None):
+        use_pooling(model, model.config.spu_pooling)
     slots = tuple(f".{slot}." for _, slot in spec["sites"])
     tensors = {}
     for file in sorted(folder.glob("model*.safetensors")):
@@ -62,7 +65,7 @@ def load_export(folder: Path, info: dict) -> nn.Module:
     if info["format"] == "houlsby":
         return load(folder, kind)
     labels = info.get("labels")
-    base = load_model(info["base_model"], kind, num_labels=len(labels) if labels else None)
+    base = load_model(info["base_model"], kind, num_labels=len(labels) if labels else None, pooling=info.get("pooling"))
     model = PeftModel.from_pretrained(base, folder).get_base_model()
     name_classes(model, labels)
     return model.eval()

@@ -29,10 +29,10 @@ PREFIX = "base_model.model."
 
 
 def base_model(name: str, kind: str, like: nn.Module) -> nn.Module:
-    """The pristine base model the folder applies to, with the run's head shape."""
+    """The pristine base model the folder applies to, with the run's head shape and pooling."""
     labels = getattr(like.config, "num_labels", None) if kind == "classification" else None
     with torch.random.fork_rng(devices=[]):
-        return load_model(name, kind, num_labels=labels).eval()
+        return load_model(name, kind, num_labels=labels, pooling=getattr(like.config, "spu_pooling", None)).eval()
 
 
 @torch.no_grad()

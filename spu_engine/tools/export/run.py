@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from spu_engine.core.config import recorded
 from spu_engine.core.model_source import MINILM_ALIASES, MINILM_HUB_ID, offline_model_dir
 from spu_engine.core.policy import Policy
 from spu_engine.core.runs import CHECKPOINTS, CONFIG
+from spu_engine.model import pooling
 from spu_engine.model.loading import AUTO_CLASSES, count_params, load_tokenizer, name_classes
 from spu_engine.storage.checkpoint import latest_checkpoint, load_method_tensors
 from spu_engine.storage.sharded_checkpoint import is_sharded, read_tensors
@@ -75,7 +77,7 @@ def export_run(
     if not cfg_path.exists():
         raise ExportError(f"{run_dir} is not a run folder (no config.json)")
     target, notes = prepare(out_dir, force, run_dir)
-    config = EngineConfig(**json.loads(cfg_path.read_text()))
+    config = EngineConfig(**recorded(json.loads(cfg_path.read_text())))
     kind = get_task(config.task).model_kind
     path = latest_checkpoint(run_dir / CHECKPOINTS, log=notes.append)
     if path is None:
@@ -90,7 +92,7 @@ def export_run(
     tensors = read_tensors(path) if sharded else load_file(str(path / "model.safetensors"))
     method_tensors = read_tensors(path, "methods") if sharded else load_method_tensors(path)
     masks = {k[len(MASK_PREFIX) :]: v for k, v in method_tensors.items() if k.startswith(MASK_PREFIX)}
-    model = load_into(config.model, kind, tensors, peft, config.steps, state.get("methods"))
+    model = load_into(config.model, kind, tensors, peft, config.steps, state.get("methods"), config.pooling)
     labels = state.get("label_names")
     name_classes(model, labels)  # `spu eval` maps labels by these names
     masked, zeros = fold_masks(model, masks)  # before a merge: the run masked the base weight, not base + B A
@@ -116,6 +118,7 @@ def export_run(
         "model_kind": kind,
         "labels": labels if getattr(model.config, "num_labels", None) == len(labels or []) else None,
         "max_length": config.max_length,
+        "pooling": config.pooling,
         "metric": config.metric,
         "text_column": config.text_column,
         "label_column": config.label_column,
@@ -139,7 +142,7 @@ def export_run(
             if compact:
                 _compact(model, report, notes)
             remote = save_model(model, folder, kind)
-            if remote and form == "model":
+            if remote and form == "model" and (folder / "spu_compact.py").exists():
                 notes.append(
                     "attention heads were removed: load with from_pretrained(folder, trust_remote_code=True) "
                     "(the code is spu_compact.py in the folder)"
@@ -150,12 +153,26 @@ def export_run(
                     "spu_houlsby.py in the folder), or spu_engine.tools.export.houlsby.load(folder) without remote code"
                 )
             report.params = count_params(model)
+        if config.pooling == "mean":
+            _mean_pooling_code(folder, form, kind, notes)
         write_card(folder, info, remote=form == "model" and (folder / "spu_compact.py").exists())
         try:
             load_tokenizer(config.model).save_pretrained(folder)
         except Exception as exc:
             notes.append(f"tokenizer not copied ({exc}); copy it from {config.model}")
     return report
+
+
+def _mean_pooling_code(folder: Path, form: str, kind: str, notes: list[str]) -> None:
+    """A peft folder gets ``pooling.py`` to put on its base model (a model folder has it in its remote code)."""
+    if form == "peft":
+        (folder / "spu_pooling.py").write_text(Path(pooling.__file__).read_text(), encoding="utf-8")
+        notes.append("mean pooling: apply mean_pool (spu_pooling.py in the folder) to the base before PeftModel")
+    elif form == "model":
+        notes.append(
+            f"mean pooling: {AUTO_CLASSES[kind]}.from_pretrained(folder, trust_remote_code=True), or "
+            "spu_engine.model.pooling.mean_pool(...from_pretrained(folder)) without remote code"
+        )
 
 
 def _format(method: str, compact: bool, merge: bool) -> str:

@@ -30,14 +30,15 @@ def load_into(
     peft: Peft | None = None,
     steps: int | None = None,
     methods: dict | None = None,
+    pooling: str | None = None,
 ) -> nn.Module:
     """The run's architecture with the checkpoint's weights (num_labels read off the checkpoint's head); the tensors
     a PEFT method added are put in as the run had them (their values are the checkpoint's, so no initialisation
-    matters); ``methods`` is the checkpoint's method state (AdaLoRA's kept ranks)."""
-    model = load_model(name, kind)
+    matters); ``methods`` is the checkpoint's method state (AdaLoRA's kept ranks); ``pooling`` the run's."""
+    model = load_model(name, kind, pooling=pooling)
     mismatched = _other_shapes(tensors, model.state_dict())
     if mismatched and kind == "classification":
-        model = load_model(name, kind, num_labels=tensors[mismatched[0]].shape[0])
+        model = load_model(name, kind, num_labels=tensors[mismatched[0]].shape[0], pooling=pooling)
     if peft is not None:
         with torch.random.fork_rng(devices=[]):
             _add_peft(model, peft, steps, methods or {})
