@@ -10,6 +10,10 @@ a hold at the target for the last 100 steps) while they fine-tune, as Sanh et al
 (magnitude, movement) or under one threshold (soft movement), as the reference ranks; their distillation
 teacher is the full fine-tuning row's model (alpha 0.9, temperature 2, the reference's settings).
 
+Every row pools [CLS] (``run: pooling: cls``, as every row did before pooling was a setting) except the ``-mean``
+rows: full fine-tuning and the pruning family again with mean pooling, what MiniLM was trained for, to test whether
+movement's collapse comes from [CLS] (issue 29); their distillation teacher is the mean-pooling full row's model.
+
 ``--seeds N`` runs each row with seeds 0 .. N-1 (the classifier head's draw, the batch order, dropout; the teacher
 stays seed 0's full row); each run records which dev sentences it answered right, so the claims table
 (fidelity_claims) gives each row's mean ± sd over its seeds and judges each claim by one rule (fidelity_stats):
@@ -101,11 +105,15 @@ def wait_while_paused() -> float:
     return time.perf_counter() - t0
 
 
-def teacher_dir(args) -> Path:
-    """Where the full row keeps its model for the distillation rows (``--teacher``, else beside ``--out`` when given)."""
-    if args.teacher:
-        return args.teacher
-    return args.out.with_suffix(".teacher") if args.out else CACHE / "full-ft"
+def teacher_dir(args, pooling: str = "cls") -> Path:
+    """Where the full row of ``pooling`` keeps its model for the distillation rows of that pooling (``--teacher``,
+    else beside ``--out`` when given, else the cache; mean pooling's beside cls's, named ``-mean``)."""
+    base = args.teacher or (args.out.with_suffix(".teacher") if args.out else CACHE / "full-ft")
+    return base if pooling == "cls" else base.with_name(base.name + "-mean")
+
+
+def teacher_row(pooling: str) -> Row:
+    return ROW_BY_KEY["full" if pooling == "cls" else "full-mean"]
 
 
 def scaled(policy: dict, steps: int) -> dict:
@@ -150,7 +158,7 @@ def run_row(row: Row, base, task, tokenizer, args, version: str, seed: int = 0) 
     policy = scaled(copy.deepcopy(row.policy), args.steps)
     policy["freeze"] = [FROZEN_EMBEDDINGS, *policy.get("freeze", [])]
     if row.distill:
-        policy["distillation"] = {**DISTILL, "teacher": str(teacher_dir(args))}
+        policy["distillation"] = {**DISTILL, "teacher": str(teacher_dir(args, row.pooling))}
     config = EngineConfig(
         model=str(offline_model_dir()),
         data=str(DATA),
@@ -163,7 +171,7 @@ def run_row(row: Row, base, task, tokenizer, args, version: str, seed: int = 0) 
         device=args.device,
         precision=args.precision,
         seed=seed,
-        **{"stats_every": 10**6, **row.extra},
+        **{"stats_every": 10**6, "pooling": "cls", **row.extra},
     )
     engine = Engine(config, parse_policy(policy), None, model=seeded(base, seed), tokenizer=tokenizer, task=task)
     steps: list[dict] = []
@@ -201,13 +209,14 @@ def run_row(row: Row, base, task, tokenizer, args, version: str, seed: int = 0) 
         print(
             f"  note: the recorded answers score {correct.count('1') / len(correct):.4f}, the run's eval {evals[-1]['accuracy']:.4f}"
         )
-    if row.key == "full" and seed == 0:
-        engine.model.save_pretrained(teacher_dir(args))
-        tokenizer.save_pretrained(teacher_dir(args))
+    if row is teacher_row(row.pooling) and seed == 0:
+        engine.model.save_pretrained(teacher_dir(args, row.pooling))
+        tokenizer.save_pretrained(teacher_dir(args, row.pooling))
     engine.close()
     return {
         "key": row.key,
         "seed": seed,
+        "pooling": row.pooling,
         "accuracy": evals[-1]["accuracy"],
         "correct": correct,
         "trainable": statistics.mean(s["trainable"] for s in steps) / total_params,
@@ -299,14 +308,11 @@ def main() -> int:
             row = done.get((spec.key, seed))
             if row is None or (args.rerun_stale and row["version"] != version):
                 todo.append((spec, seed))
-    if (
-        any(spec.distill for spec, _ in todo)
-        and not (teacher_dir(args) / "config.json").exists()
-        and (ROW_BY_KEY["full"], 0) not in todo
-    ):
-        todo.insert(
-            0, (ROW_BY_KEY["full"], 0)
-        )  # its model is the teacher (a fresh checkout has the row, not the model)
+    for pooling in ("mean", "cls"):  # a teacher a fresh checkout lacks is trained first (its row may be recorded)
+        teacher = (teacher_row(pooling), 0)
+        needed = any(spec.distill and spec.pooling == pooling for spec, _ in todo)
+        if needed and not (teacher_dir(args, pooling) / "config.json").exists():
+            todo = [teacher, *(t for t in todo if t != teacher)]
     failed: list[str] = []
     for spec, seed in todo:
         print(f"{spec.key} seed {seed}: {spec.label} ({args.steps} steps) ...", flush=True)

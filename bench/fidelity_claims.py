@@ -131,24 +131,57 @@ def claim_verdicts(rows: dict[str, Seeds]) -> list[Verdict]:
     for key in ("dora", "adalora"):
         if "lora" in rows and key in rows:
             out.append(within(ROW_BY_KEY[key].checks, (key, rows[key]), ("LoRA", rows["lora"]), 0.5))
+    for mean, pooled in (("", ""), ("-mean", ", mean pooling")):
+        out += pruning_claims(rows, mean, pooled)
     for s in (90, 97):
         for kd in ("", "-kd"):
-            mag, mov, soft = (rows.get(f"{m}{s}{kd}") for m in ("magnitude", "movement", "soft_movement"))
-            with_kd = " with distillation" if kd else ""
-            why = "see the note on movement at this budget"
+            for method in ("movement", "soft_movement"):
+                cls, mean = rows.get(f"{method}{s}{kd}"), rows.get(f"{method}{s}{kd}-mean")
+                if cls and mean:
+                    out.append(
+                        pooling_hypothesis(
+                            f"{method.replace('_', ' ')} {s} %{' + distillation' if kd else ''}", cls, mean
+                        )
+                    )
+    return out
+
+
+def pruning_claims(rows: dict[str, Seeds], mean: str, pooled: str) -> list[Verdict]:
+    """Sanh et al.'s comparisons among the pruning rows of one pooling (``mean``: the key suffix, ``pooled``: said)."""
+    out: list[Verdict] = []
+    why = "see the note on movement at this budget"
+    for s in (90, 97):
+        for kd in ("", "-kd"):
+            mag, mov, soft = (rows.get(f"{m}{s}{kd}{mean}") for m in ("magnitude", "movement", "soft_movement"))
+            said = f"{' with distillation' if kd else ''}{pooled}"
             if mag and mov:
-                claim = f"movement beats magnitude at {s} % sparsity{with_kd} (Sanh et al. 2020)"
+                claim = f"movement beats magnitude at {s} % sparsity{said} (Sanh et al. 2020)"
                 out.append(beats(claim, ("movement", mov), ("magnitude", mag), why))
             if mov and soft:
-                claim = f"soft movement beats movement at {s} % sparsity{with_kd} (Sanh et al. 2020)"
+                claim = f"soft movement beats movement at {s} % sparsity{said} (Sanh et al. 2020)"
                 out.append(beats(claim, ("soft", soft), ("movement", mov), why))
         for method in ("magnitude", "movement", "soft_movement"):
-            plain, with_teacher = rows.get(f"{method}{s}"), rows.get(f"{method}{s}-kd")
+            plain, with_teacher = rows.get(f"{method}{s}{mean}"), rows.get(f"{method}{s}-kd{mean}")
             if plain and with_teacher:
-                claim = f"distillation helps {method.replace('_', ' ')} at {s} % (Sanh et al. 2020)"
-                why = "the teacher's KL did not help at this budget"
-                out.append(beats(claim, ("with distillation", with_teacher), ("without", plain), why))
+                claim = f"distillation helps {method.replace('_', ' ')} at {s} %{pooled} (Sanh et al. 2020)"
+                why_kd = "the teacher's KL did not help at this budget"
+                out.append(beats(claim, ("with distillation", with_teacher), ("without", plain), why_kd))
     return out
+
+
+def pooling_hypothesis(row: str, cls: Seeds, mean: Seeds) -> Verdict:
+    """Issue 29's hypothesis: movement collapses on MiniLM because its [CLS] vector carries little (the checkpoint
+    was trained to mean-pool), so a row that collapsed with [CLS] pooling learns with mean pooling."""
+    claim = f"{row}: the collapse comes from pooling [CLS] (MiniLM was trained to mean-pool), so mean pooling learns"
+    d = difference(mean, cls)
+    measured = f"mean {mean.said()}, cls {cls.said()}; {d.said()}" + recovered(("mean", mean), ("cls", cls))
+    if at_chance(mean):
+        return claim, measured, "not reproduced", "the mean-pooling row collapses too: pooling is not the cause"
+    if at_chance(cls):
+        return claim, measured, "reproduced", ""
+    if d.clear():
+        return claim, measured, "reproduced", "(neither collapsed; mean pooling better beyond the noise)"
+    return claim, measured, "not shown", "neither collapsed here: nothing for pooling to explain"
 
 
 def markdown(rows: dict[str, Seeds]) -> str:

@@ -24,6 +24,12 @@ class Row:
     distill: bool = False
     extra: dict = field(default_factory=dict)  # engine config overrides
 
+    @property
+    def pooling(self) -> str:
+        """What the classifier sees: [CLS] unless the row says mean (the rows before pooling was a setting pooled
+        [CLS], so ``cls`` keeps them comparable; MiniLM itself was trained to mean-pool)."""
+        return self.extra.get("pooling", "cls")
+
 
 def pruning(method: str, sparsity: float, **movement) -> dict:
     """As the reference ranks: magnitude and movement keep the top of each matrix (its TopK and magnitude binarizers work
@@ -126,15 +132,25 @@ ROW_LIST = [
         1e-4,
         "switching to bias-only updates once eval loss stalls keeps accuracy at lower cost",
     ),
+    Row(
+        "full-mean",
+        "full fine-tuning, mean pooling",
+        {},
+        1e-4,
+        "the reference the mean-pooling rows compare with (and their distillation teacher)",
+        extra={"pooling": "mean"},
+    ),
     *(
         Row(
-            f"{m}{int(s * 100)}{'-kd' if kd else ''}",
-            f"{name} {int(s * 100)} %{' + distillation' if kd else ''}",
+            f"{m}{int(s * 100)}{'-kd' if kd else ''}{'-mean' if mean else ''}",
+            f"{name} {int(s * 100)} %{' + distillation' if kd else ''}{', mean pooling' if mean else ''}",
             pruning(m, s, **({"l1": 400.0} if m == "soft_movement" else {})),
             1e-4,
             claim,
             distill=kd,
+            extra={"pooling": "mean"} if mean else {},
         )
+        for mean in (False, True)
         for s in (0.9, 0.97)
         for m, name, claim in (
             ("magnitude", "magnitude", "the baseline movement pruning is measured against (Sanh et al. 2020)"),

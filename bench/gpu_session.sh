@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything a GPU machine is wanted for, in one call of about 8 minutes (an H100 or H200 holds all of it at once):
 #   check:   bench/gpu.sh (the engine tests on cuda, a system sample, overhead in bf16, the full row in bf16);
-#   lanes:   every row of bench/fidelity.py in fp32, four rows at a time (a MiniLM step leaves most of such a GPU
-#            idle); lane 1 holds full fine-tuning and every row whose claim is about time, so they share one load;
-#   budget:  movement pruning at a larger budget (bench/movement_scores.py after ten epochs; the movement rows at
-#            4,320 steps), the experiment issue 14 asks for.
-# Rows land in $OUT/rows.jsonl and $OUT/budget.jsonl as they finish, so a run cut short keeps what it did; every
-# lane's output goes to $OUT/lanes.log, prefixed with its name.  BUDGET (seconds, default 480) stops what is left.
+#   lanes:   every row of bench/fidelity.py in fp32 with SEEDS seeds each (default 3), five lanes at a time (a
+#            MiniLM step leaves most of such a GPU idle); lane 1 holds full fine-tuning and every row whose claim is
+#            about time, so they share one load; the lanes begin with the rows issue 29 needs first (full, magnitude,
+#            movement and soft movement at 90 %), and the mean lane runs the pruning family with mean pooling.
+# Rows land in $OUT/rows.jsonl as they finish, so a run cut short keeps what it did (a rerun with the same OUT
+# skips them); every lane's output goes to $OUT/lanes.log, prefixed with its name.  BUDGET (seconds, default 480)
+# stops what is left.
 #
 # A bare machine gets its packages from .dev/ where that exists (it is ignored by git):
 #   .dev/whl/*.whl      wheels the machine lacks (pydantic, peft, ...), installed into /tmp/spu-site;
@@ -19,7 +20,7 @@ PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 BUDGET=${BUDGET:-480}
-DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-1000} BUDGET_STEPS=${BUDGET_STEPS:-4320} SCORE_STEPS=${SCORE_STEPS:-2160}  # small ones: a smoke test on a CPU
+DEVICE=${DEVICE:-cuda} STEPS=${STEPS:-1000} SEEDS=${SEEDS:-3}  # small ones: a smoke test on a CPU
 END_AT=$(($(date +%s) + BUDGET))
 WORK=$(mktemp -d)
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
@@ -60,8 +61,9 @@ lane() {  # lane NAME COMMAND...: run it in the background, its output prefixed 
   ( "$@" 2>&1 | sed -u "s/^/[$name] /" >> "$OUT/lanes.log" ) &
 }
 fidelity() { (cd bench && timeout "$(left)" "$PY" fidelity.py --device "$DEVICE" "$@"); }
-rows() {  # rows KEY...: fidelity rows in fp32, into rows.jsonl
-  fidelity --steps "$STEPS" --only "$@" --out "$OUT/rows.jsonl" --teacher "$WORK/teacher" --note "one of 6 jobs sharing the GPU"
+rows() {  # rows KEY...: fidelity rows in fp32 with SEEDS seeds, into rows.jsonl
+  fidelity --steps "$STEPS" --seeds "$SEEDS" --only "$@" --out "$OUT/rows.jsonl" --teacher "$WORK/teacher" \
+    --note "one of 6 jobs sharing the GPU"
 }
 after_teacher() {  # the distillation rows wait for the full row (lane time's first) and its saved model
   until grep -q '"key": "full"' "$OUT/rows.jsonl" 2>/dev/null; do
@@ -70,30 +72,27 @@ after_teacher() {  # the distillation rows wait for the full row (lane time's fi
   done
   rows "$@"
 }
-budget() {  # movement pruning given more time: one-shot after ten epochs of scores, then the rows at 4,320 steps
-  (cd bench && timeout "$(left)" "$PY" movement_scores.py --warmup "$SCORE_STEPS" --device "$DEVICE" --out "$OUT/movement_scores_$SCORE_STEPS.md")
-  fidelity --steps "$BUDGET_STEPS" --only movement90 soft_movement90 magnitude90 --out "$OUT/budget.jsonl" --teacher "$WORK/teacher-budget" \
-    --note "one of 6 jobs sharing the GPU"
-}
 
 lane check env OUT="$WORK/check" timeout "$(left)" bash bench/gpu.sh
 lane time rows full prefix sb moonshot lisa autofreeze wus
 lane peft rows lora dora adalora bitfit adapter ia3
 lane prune rows magnitude90 movement90 soft_movement90 magnitude97 movement97 soft_movement97
 lane distill after_teacher magnitude90-kd movement90-kd soft_movement90-kd magnitude97-kd movement97-kd soft_movement97-kd
-lane budget budget
+lane mean rows full-mean movement90-mean soft_movement90-mean magnitude90-mean movement97-mean soft_movement97-mean \
+  magnitude97-mean movement90-kd-mean soft_movement90-kd-mean magnitude90-kd-mean movement97-kd-mean \
+  soft_movement97-kd-mean magnitude97-kd-mean
 wait
 cp "$WORK/check/device.txt" "$OUT/device.txt" 2>/dev/null
 tar -czf "$OUT/check.tar.gz" -C "$WORK" check 2>/dev/null
-echo "rows: $(cat "$OUT/rows.jsonl" 2>/dev/null | wc -l)  budget rows: $(cat "$OUT/budget.jsonl" 2>/dev/null | wc -l)  in $SECONDS s"
+echo "rows: $(cat "$OUT/rows.jsonl" 2>/dev/null | wc -l)  in $SECONDS s"
 "$PY" - "$OUT" <<'SUMMARY'
 import json, sys
 from pathlib import Path
-for name in ("rows.jsonl", "budget.jsonl"):
+for name in ("rows.jsonl",):
     path = Path(sys.argv[1]) / name
     for line in path.read_text().splitlines() if path.exists() else []:
         r = json.loads(line)
-        print(f"{name[:-6]:7} {r['key']:22} acc {r['accuracy']:.4f}  train {r['train_s']:6.1f} s  wall {r['wall_s']:6.1f} s  "
+        print(f"seed {r.get('seed', 0)} {r['key']:22} acc {r['accuracy']:.4f}  train {r['train_s']:6.1f} s  wall {r['wall_s']:6.1f} s  "
               + " ".join(f"{100 * e['accuracy']:.1f}" for e in r["evals"]))
 SUMMARY
 grep -h -E "passed|failed|ratio|median" "$WORK"/check/*.log 2>/dev/null | tail -8

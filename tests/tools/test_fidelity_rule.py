@@ -67,3 +67,12 @@ def test_rows_without_recorded_answers_fall_back_to_the_binomial_error():
         and d.low > 0
         and d.high - d.low == pytest.approx(2 * 1.96 * ((770 * 102 + 700 * 172) / 872**3) ** 0.5)
     )
+
+
+def test_the_pooling_hypothesis_holds_only_where_mean_pooling_learns_and_cls_collapsed():
+    from fidelity_claims import pooling_hypothesis
+
+    collapsed, learned = Seeds("movement90", [run(0, 444)]), Seeds("movement90-mean", [run(0, 700, shuffle=3)])
+    assert pooling_hypothesis("movement 90 %", collapsed, learned)[2] == "reproduced"
+    both = pooling_hypothesis("movement 90 %", collapsed, Seeds("m", [run(0, 444, shuffle=4)]))
+    assert both[2:] == ("not reproduced", "the mean-pooling row collapses too: pooling is not the cause")
