@@ -151,8 +151,9 @@ class Step:
     masks: dict[str, torch.Tensor]  # the masks its forward pass used
 
 
-def train(model: nn.Module, batches: list[dict[str, torch.Tensor]], settings: Settings) -> list[Step]:
-    """The reference's training loop (``masked_run_glue.train``), no LR warm-up, one step per batch."""
+def train(model: nn.Module, batches: list[dict[str, torch.Tensor]], settings: Settings) -> tuple[list[Step], nn.Module]:
+    """The reference's training loop (``masked_run_glue.train``), no LR warm-up, one step per batch: each step's
+    record, and the trained copy of ``model`` (its masked layers keep the last threshold)."""
     model, layers = masked_copy(model, settings)
     model.train()
     named = list(model.named_parameters())
@@ -197,7 +198,7 @@ def train(model: nn.Module, batches: list[dict[str, torch.Tensor]], settings: Se
                 {n: m.mask.clone() for n, m in layers.items()},
             )
         )
-    return out
+    return out, model
 
 
 def clip(model: nn.Module, layers: dict[str, MaskedLinear], s: Settings) -> None:

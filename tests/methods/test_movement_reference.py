@@ -127,7 +127,7 @@ def compare(make_engine, model, s: Settings) -> tuple[str | None, list[Step]]:
     if key not in SPU_RUNS:
         SPU_RUNS[key] = run_spu(make_engine, model, s)
     spu, batches = SPU_RUNS[key]
-    return first_difference(spu, train(model, batches, s)), spu
+    return first_difference(spu, train(model, batches, s)[0]), spu
 
 
 def kept(step: Step) -> float:
