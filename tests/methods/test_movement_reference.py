@@ -45,6 +45,7 @@ def run_spu(make_engine, model, s: Settings) -> tuple[list[Step], list[dict]]:
         weight_decay=s.weight_decay,
         grad_clip=s.max_grad_norm,
         stats_every=10_000,  # per-unit statistics every step would triple the test's time
+        device="cpu",  # the reference runs on the CPU: one device's arithmetic on both sides
     )
     trainer, pm = engine.trainer, method_of(engine)
     batches, losses = [], []
