@@ -69,7 +69,8 @@ def test_a_pruned_weight_and_its_adam_moments_stay_put_while_its_score_moves(mak
 
 
 def test_soft_movement_l1_grows_along_the_ramp(make_engine):
-    """The L1 pull on the scores is l1 times the ramp's progress: none in the warm-up, all of it from the end step."""
+    """The L1 pull on the scores is l1 times the ramp's progress: none in the warm-up, all of it from the end step;
+    each matrix's scores share one mean, and the matrices' means are averaged (the reference's regularization)."""
     l1 = 50.0
     engine = make_engine(
         policy=pruning_policy(
@@ -79,7 +80,6 @@ def test_soft_movement_l1_grows_along_the_ramp(make_engine):
     )
     pm = method_of(engine)
     scores = pm.pruner.score_params
-    total = sum(s.numel() for s in scores.values())
     penalties = []
 
     def capture(*_):
@@ -87,7 +87,7 @@ def test_soft_movement_l1_grows_along_the_ramp(make_engine):
         for n, s in scores.items():
             straight = engine.params[n].grad * pm.masks.dense(n)
             sig = torch.sigmoid(s.detach())
-            gap.append(((s.grad - straight) / (sig * (1 - sig) / total)).flatten())
+            gap.append(((s.grad - straight) / (sig * (1 - sig) / (s.numel() * len(scores)))).flatten())
         penalties.append(torch.cat(gap))
 
     engine.optimizer.register_step_pre_hook(capture)

@@ -329,6 +329,8 @@ def test_bad_pruning_settings_get_clear_messages(make_engine):
         parse_policy({"pruning": {"method": "magnitude", "schedule": {"final_sparsity": 1.0}}})
     with pytest.raises(PolicyError, match=r"pruning\.movement\.threshold"):
         parse_policy({"pruning": {"method": "soft_movement", "movement": {"threshold": 1.5}}})
+    with pytest.raises(PolicyError, match=r"pruning\.movement\.final_threshold.*greater than 0"):
+        parse_policy({"pruning": {"method": "soft_movement", "movement": {"final_threshold": 0}}})
     with pytest.raises(PolicyError, match="leaves no parameter"):
         make_engine(policy=pruning_policy(targets=["*query.weight"], exclude=["*attention*"]))
     with pytest.raises(PolicyError, match="1-D"):

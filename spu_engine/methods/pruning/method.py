@@ -182,6 +182,8 @@ class PruningMethod(Method):
         where the schedule ends after the run's last step."""
         if policy.pruning.method == "none":
             return None
+        if policy.pruning.method == "soft_movement" and policy.pruning.movement.final_threshold is not None:
+            return None  # the reference's threshold schedule: the scores decide the sparsity
         ramp, steps = self._preview_ramp(policy.pruning), self.host.config.steps
         if ramp is None or steps is None:
             return policy.pruning.schedule.final_sparsity

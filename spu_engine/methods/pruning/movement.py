@@ -16,10 +16,11 @@ are not parameters of any unit.  Masks follow the scores every
 ``schedule.every`` steps (a global ranking of millions of scores costs about a
 tenth of a MiniLM step on CPU; doing it every step would break the 5 % budget).
 
-As in the reference (Sanh et al.'s ``W * M``, whose gradient is zero where
-``M`` is), a pruned weight does not learn while its score does: its value
+A pruned weight does not learn while its score does: its value
 stays in the latent store, and its optimizer moments are put back after each
-optimizer step, so neither drifts while it is pruned (the copies this takes
+optimizer step, so neither drifts while it is pruned (the reference's ``W * M``
+gives it a zero gradient, but Adam's momentum and weight decay still move it
+there: a deliberate difference, measured in the README's "Claims") (the copies this takes
 cost AdamW's two floats per target weight of memory).  The scores learn from
 the method's first step; the ramp waits for them (``PruningMethod.window``).
 """

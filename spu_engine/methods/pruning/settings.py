@@ -71,13 +71,22 @@ class MovementSettings(Section):
     l1: float = Field(
         0.0,
         ge=0.0,
-        description="soft movement: weight of the penalty l1 * mean(sigmoid(score)), scaled along the ramp (0 before it, l1 from its end)",
+        description="soft movement: weight of the penalty l1 * mean over target matrices of mean(sigmoid(score)) (the "
+        "reference's final_lambda), scaled along the ramp (0 before it, l1 from its end)",
     )
     threshold: float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
         description="soft movement: starting threshold on sigmoid(score), in [0, 1); the schedule moves it to the target's",
+    )
+    final_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="soft movement as the reference does it: the threshold on sigmoid(score) follows the cubic from "
+        "threshold to this value and the sparsity is whatever the scores give (final_sparsity unused), the L1 scaled "
+        "by threshold / final_threshold; unset: the threshold lands the run on final_sparsity",
     )
 
 
