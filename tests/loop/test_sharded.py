@@ -37,6 +37,7 @@ timeline:
   - {step: 5, set: {peft: {method: lora, r: 4, alpha: 8, target_modules: [%s]}}}
   - {step: 6, set: {pruning: {method: magnitude, schedule: {start_step: 6, end_step: 9, every: 1, final_sparsity: 0.5}}}}
 """
+POOLING = {"bert": ("--pooling", "mean"), "llama": ()}  # mean pooling's hook on the encoder survives sharding too
 ARCH = {  # the tensor frozen at step 3, LoRA's targets
     "bert": ("*layer.1.output.dense.weight", "query, value"),
     "llama": ("*layers.1.mlp.up_proj.weight", "q_proj, v_proj"),
@@ -54,7 +55,10 @@ def test_two_ranks_with_live_changes_match_one_process(models, arch, tmp_path):
     policy.write_text(POLICY % ARCH[arch])
     two = tmp_path / "two"
     proc = subprocess.Popen(
-        [*two_ranks(29561 if arch == "bert" else 29562), *train_args(models[arch], arch, two, 4, 14, policy)],
+        [
+            *two_ranks(29561 if arch == "bert" else 29562),
+            *train_args(models[arch], arch, two, 4, 14, policy, *POOLING[arch]),
+        ],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -77,6 +81,8 @@ def test_two_ranks_with_live_changes_match_one_process(models, arch, tmp_path):
     # the one-process reference replays what the two ranks recorded (the live change at its step) with the global batch
     one = tmp_path / "one"
     run([sys.executable, *train_args(models[arch], arch, one, 8, 14, two / "policy.yaml")])
+    if arch == "bert":  # the policy's run: section carried the pooling to the reference
+        assert json.loads((one / "config.json").read_text())["pooling"] == "mean"
     theirs, ours = weights(final), weights(one / "checkpoints" / "step-0000014")
     assert_same_model(ours, theirs)
     assert any(".lora_B." in n and theirs[n].abs().sum() > 0 for n in theirs), "LoRA trained"

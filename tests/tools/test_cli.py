@@ -123,6 +123,8 @@ def test_policy_validate_and_schema(tmp_path):
     bad.write_text("freeze:\n  - {match: '*', trainable: nope}\n")
     r = spu("policy", "validate", bad)
     assert r.returncode == 2 and "freeze[0].trainable: must be true or false" in r.stderr
+    r = spu("policy", "validate", good, bad)  # each file said; refused when any is
+    assert r.returncode == 2 and f"ok {good}:" in r.stdout and "freeze[0].trainable" in r.stderr
     schema = json.loads(spu("policy", "schema").stdout)
     assert schema["title"] == "SPU policy" and "freeze" in schema["properties"]
 
@@ -133,9 +135,11 @@ def test_every_example_policy_validates_against_a_bert_model(tiny_model_dir):
 
     examples = sorted((Path(__file__).resolve().parents[2] / "examples" / "policies").glob("*.yaml"))
     assert examples
-    for path in examples:
-        r = spu("policy", "validate", path, "--model", tiny_model_dir)
-        assert r.returncode == 0 and "ok" in r.stdout, (path.name, r.stderr)
+    r = spu("policy", "validate", *examples, "--model", tiny_model_dir)  # the model loaded once for all of them
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ok ")] == [
+        f"{path}:" for path in examples
+    ]
 
 
 TRAIN = ("--data", SST2, "--batch-size", 8, "--max-length", 32, "--max-eval-samples", 16, "--eval-every", 0)
