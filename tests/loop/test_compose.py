@@ -59,10 +59,8 @@ def changes(arch: str) -> dict[str, dict]:
 
 
 NAMES = list(changes("bert"))
-# every change as A and as B, in 24 pairs (a shifted pairing): the default run
-QUICK = [(a, NAMES[(i + 1) % len(NAMES)]) for i, a in enumerate(NAMES)] + [
-    (a, NAMES[(i + 5) % len(NAMES)]) for i, a in enumerate(NAMES)
-]
+# every change as A and as B, in 18 pairs (each change then the next): CI's run; the rest are the slow matrix's
+QUICK = [(a, NAMES[(i + 1) % len(NAMES)]) for i, a in enumerate(NAMES)]
 FULL = [(a, b) for a, b in itertools.product(NAMES, NAMES) if a != b]
 STEPS, A_AT, B_AT = 6, 1, 3
 SFT_CHANGES = ["lora", "lisa", "freeze_tensor", "magnitude", "checkpointing"]
