@@ -15,6 +15,9 @@ boundary, as the engine's socket and training threads send them.  It prints:
   mark (the bench's ``key -> received -> redraw``), median and max;
 - CPU ms per toggle over the whole toggle (up to the redraw showing it applied);
 - console CPU (cores) while watching (no key) and while toggling;
+- ``--bare-keys`` sends the key as ``Pilot.press`` does but skips its wait for
+  every widget on screen to run a callback (``bench/ui_latency.py`` presses with
+  Pilot: that wait runs beside the key's own path, and costs with the widget count);
 - with ``--profile``: calls per toggle, key -> received mark, of the console's
   drawing functions (tree rebuilds and relabels, plots, header, ...), and the
   functions taking the most CPU then.
@@ -235,9 +238,14 @@ def console(run_dir: Path, engine: ScriptedEngine) -> SpuApp:
         return app
 
 
-def received_count(app: SpuApp) -> int:
+def received_seconds(app: SpuApp) -> list[float]:
+    """Key -> engine received -> redraw, as the app timed each (``bench/ui_latency.py``'s figure)."""
     trips = getattr(app, "round_trips", None)
-    return len(trips.received) if trips is not None else len(app.received_roundtrips)
+    return trips.received if trips is not None else app.received_roundtrips
+
+
+def received_count(app: SpuApp) -> int:
+    return len(received_seconds(app))
 
 
 def applied_count(app: SpuApp) -> int:
@@ -275,7 +283,10 @@ async def measure(args: argparse.Namespace) -> None:
             start = time.process_time()
             if profile is not None:
                 profile[0].enable()
-            await pilot.press("space")
+            if args.bare_keys:
+                await app._press_keys(["space"])  # as Pilot.press, without its wait for every widget on screen
+            else:
+                await pilot.press("space")
             await until(lambda: received_count(app) > got)  # noqa: B023
             if profile is not None:
                 profile[0].disable()
@@ -297,6 +308,11 @@ async def measure(args: argparse.Namespace) -> None:
     )
     print(f"CPU ms key -> applied drawn:       median {statistics.median(whole):.1f}  max {max(whole):.1f}")
     print(f"console CPU, cores: watching {watching:.4f}  toggling {toggling:.4f}")
+    wall = sorted(1000 * s for s in received_seconds(app))
+    print(
+        f"wall ms key -> received -> redraw (moves with the machine's load): p50 {wall[len(wall) // 2]:.1f}  "
+        f"max {wall[-1]:.1f}"
+    )
     if profile is not None:
         report(profile[0], n, args.top, "key -> received mark drawn")
         report(profile[1], n, args.top, "received mark drawn -> applied drawn")
@@ -323,6 +339,11 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.5, help="seconds between the scripted engine's steps")
     parser.add_argument("--watch", type=float, default=8.0, help="seconds of watching (no key) measured first")
     parser.add_argument("--profile", action="store_true", help="count the calls of the key path (cProfile)")
+    parser.add_argument(
+        "--bare-keys",
+        action="store_true",
+        help="press keys without Pilot.press's wait for every widget on screen (a test harness's cost, not a user's)",
+    )
     parser.add_argument("--top", type=int, default=15)
     asyncio.run(measure(parser.parse_args()))
 
