@@ -61,6 +61,7 @@ class UnitTree(Tree[Row]):
         self._state: RunModel | None = None
         self._row_nodes: dict[Row, TreeNode[Row]] = {}
         self._shown: dict[Row, tuple[str, int]] = {}  # each row's shortened name and count, as the last pass left them
+        self._drawn: dict[Row, tuple[str, str, str, str]] = {}  # each row's label as drawn, in parts (``_parts``)
         self._narrow = False
         self.full_name = Static("", id="tree-name")  # the cursor's row by its full name (the screen places it)
 
@@ -78,6 +79,7 @@ class UnitTree(Tree[Row]):
             [c.data for c in self._row_nodes[unit].children] == tensors for unit, tensors in wanted.items()
         ):
             return
+        self._drawn.clear()  # rows added again start from their bare names
         first = not self._row_nodes
         for row in [r for r in self._row_nodes if r.kind == "unit" and r not in wanted]:
             self._row_nodes.pop(row).remove()
@@ -127,13 +129,17 @@ class UnitTree(Tree[Row]):
         if self._state is None:
             return
         for row in rows:
-            if (shown := self._shown.get(row)) is not None:
-                self._set_label(row, self._label(row, *shown, self._narrow))
-
-    def _set_label(self, row: Row, label: Text) -> None:
-        node = self._row_nodes.get(row)
-        if node is not None and node.label != label:
-            node.set_label(label)
+            node = self._row_nodes.get(row)
+            if node is None or (shown := self._shown.get(row)) is None:
+                continue
+            parts = self._parts(row, *shown, self._narrow)
+            if parts != self._drawn.get(row):  # compared as strings: no label is built for a row that did not change
+                self._drawn[row] = parts
+                name, on_its_way, tail, style = parts
+                label = Text(name, style="bold" if row.kind == "unit" else "")
+                label.append(on_its_way, style="bold yellow")
+                label.append(tail, style=style)
+                node.set_label(label)
 
     @property
     def rows(self) -> dict[Row, Row | None]:
@@ -177,8 +183,9 @@ class UnitTree(Tree[Row]):
             touched.update((c.data, None) for c in node.children if c.data is not None)
         return list(touched)
 
-    def _label(self, row: Row, shown: str, numel: int, narrow: bool) -> Text:
-        """The name padded to the room the tree leaves its level, then the marks: every row's marks line up."""
+    def _parts(self, row: Row, shown: str, numel: int, narrow: bool) -> tuple[str, str, str, str]:
+        """The name padded to the room the tree leaves its level, then the marks (every row's marks line up), and the
+        style of the tail."""
         state = self._state
         assert state is not None
         if row.kind == "unit":
@@ -193,10 +200,7 @@ class UnitTree(Tree[Row]):
         tail = self._tail(frac, numel, sparsity, narrow)
         room = max(1, width - INDENT - len(tail) - 1)
         on_its_way = ("…" if row in self.queued else "·") if row in self.changing else " "
-        text = Text(f"{shown:<{room}}", style="bold" if row.kind == "unit" else "")
-        text.append(on_its_way, style="bold yellow")
-        text.append(tail, style=style)
-        return text
+        return f"{shown:<{room}}", on_its_way, tail, style
 
     @staticmethod
     def _tail(frac: float, numel: int, sparsity: float, narrow: bool) -> str:
