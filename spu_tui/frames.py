@@ -22,7 +22,7 @@ FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
 SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
 RECENT = 5  # frames whose median cost counts (one costly frame does not slow the screen)
 COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
-KEY_FIRST = 0.05  # seconds a frame waits after a key, so that the engine's "received" mark is drawn before it
+KEY_FIRST = 0.5  # seconds at most a frame waits after a key for the engine's "received" mark to be drawn before it
 
 
 class FrameBudget:
@@ -36,7 +36,7 @@ class FrameBudget:
         self.slowest = slowest
         self.costs: deque[float] = deque(maxlen=RECENT)  # CPU seconds between the latest frames
         self._due = 0.0  # monotonic time before which no frame of training progress starts
-        self._held = 0.0  # ... nor before this one (a key's mark on its way)
+        self._held = 0.0  # ... nor before this one (while a key's mark is on its way)
         self._cpu_at_start: float | None = None  # process CPU when the last such frame began (None: start a new count)
 
     def spent(self, cpu_seconds: float) -> None:
@@ -54,9 +54,18 @@ class FrameBudget:
         return max(COALESCE, max(self._due, self._held) - time.monotonic())
 
     def key_pressed(self) -> None:
-        """A key sent a change: the next frame waits ``KEY_FIRST``, so that the refresh after the engine's answer
-        (within milliseconds) draws the key's mark alone, not behind the plots and the log."""
+        """A key sent a change: the next frame waits for its mark (``marks_drawn``; at most ``KEY_FIRST``, for an
+        engine that never says it received it), so that the refresh after the engine's answer (within milliseconds)
+        draws the key's mark alone, not behind the tree, the plots and the log."""
         self._held = time.monotonic() + KEY_FIRST
+
+    @property
+    def held(self) -> bool:
+        return self._held > time.monotonic()
+
+    def marks_drawn(self) -> None:
+        """The keys' marks are on screen: frames keep their own pace again."""
+        self._held = 0.0
 
     def frame_started(self, measured: bool) -> None:
         """A frame of training progress (``measured``) spaces the next by the CPU used since the last one began:

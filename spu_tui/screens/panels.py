@@ -316,6 +316,14 @@ class PanelsScreen(Screen[None]):
     def key_first(self) -> None:
         """A key's change is on its way: a frame due now waits until its mark is drawn (``FrameBudget.key_pressed``)."""
         self.console.frames.key_pressed()
+        self._reschedule()
+
+    def marks_drawn(self) -> None:
+        """Call after the refresh that drew the keys' marks: a frame held for them starts when its pace allows."""
+        self.console.frames.marks_drawn()
+        self._reschedule()
+
+    def _reschedule(self) -> None:
         if self._frame_timer is not None:
             self._frame_timer.stop()
             self._frame_timer = None

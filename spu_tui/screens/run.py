@@ -99,6 +99,10 @@ class RunScreen(PanelsScreen):
                 self.console.frames.frame_started(measured=False)
             self._frame_soon()  # what the events revised (the tree, plots, log) follows at the frame pace
         self.session.route(arrivals, self)  # each answer draws what it changed (a row's mark) at once
+        if self.console.frames.held and not any(
+            (c.rows or c.section) and not c.received for c in self.session.commands.in_flight.values()
+        ):
+            self.call_after_refresh(self.marks_drawn)  # the frame held for the marks follows them
         if arrivals.failed:  # the run cannot go on: show why, whichever panel was up
             self.action_show_panel("log")
             self.notify(arrivals.failed, title="engine error", severity="error", timeout=10)
@@ -173,14 +177,17 @@ class RunScreen(PanelsScreen):
 
     def on_apply_requested(self, message: ApplyRequested) -> None:
         if self._send("change", section=message.section, change=wire(message.change)):
+            self.key_first()
             self.controls.change_sent(message.section)
 
     def on_controls_panel_schedule_requested(self, message: ControlsPanel.ScheduleRequested) -> None:
         if self._send("schedule", section="triggers", entry=message.entry):
+            self.key_first()
             self.controls.change_sent("triggers")
 
     def on_controls_panel_unschedule_requested(self, message: ControlsPanel.UnscheduleRequested) -> None:
         if self._send("unschedule", section="triggers", entry=message.entry):
+            self.key_first()
             self.controls.change_sent("triggers")
 
     def on_preview_requested(self, message: PreviewRequested) -> None:
