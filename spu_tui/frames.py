@@ -7,8 +7,8 @@ frames of training progress are spaced by what the console really spends: if
 it used ``c`` seconds of CPU from one such frame to the next (drawing, Textual's
 compositing, reading events), the next frame starts ``c / share`` seconds after
 the last, which holds the console near ``share`` of one core while the user
-watches.  Key presses and the engine's answers to them are drawn at once and
-are not budgeted.
+watches.  What a key press or the engine's answer to it changed (a row's mark)
+is drawn at once and is not budgeted; the rest follows at the next such frame.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
 SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
 RECENT = 5  # frames whose median cost counts (one costly frame does not slow the screen)
 COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
+KEY_FIRST = 0.5  # seconds at most a frame waits after a key for the engine's "received" mark to be drawn before it
 
 
 class FrameBudget:
@@ -35,6 +36,7 @@ class FrameBudget:
         self.slowest = slowest
         self.costs: deque[float] = deque(maxlen=RECENT)  # CPU seconds between the latest frames
         self._due = 0.0  # monotonic time before which no frame of training progress starts
+        self._held = 0.0  # ... nor before this one (while a key's mark is on its way)
         self._cpu_at_start: float | None = None  # process CPU when the last such frame began (None: start a new count)
 
     def spent(self, cpu_seconds: float) -> None:
@@ -49,7 +51,21 @@ class FrameBudget:
 
     def wait(self) -> float:
         """Seconds until the next frame of training progress may start."""
-        return max(COALESCE, self._due - time.monotonic())
+        return max(COALESCE, max(self._due, self._held) - time.monotonic())
+
+    def key_pressed(self) -> None:
+        """A key sent a change: the next frame waits for its mark (``marks_drawn``; at most ``KEY_FIRST``, for an
+        engine that never says it received it), so that the refresh after the engine's answer (within milliseconds)
+        draws the key's mark alone, not behind the tree, the plots and the log."""
+        self._held = time.monotonic() + KEY_FIRST
+
+    @property
+    def held(self) -> bool:
+        return self._held > time.monotonic()
+
+    def marks_drawn(self) -> None:
+        """The keys' marks are on screen: frames keep their own pace again."""
+        self._held = 0.0
 
     def frame_started(self, measured: bool) -> None:
         """A frame of training progress (``measured``) spaces the next by the CPU used since the last one began:

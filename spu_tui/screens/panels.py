@@ -313,6 +313,22 @@ class PanelsScreen(Screen[None]):
         if self._frame_timer is None and self.stale_views():
             self._frame_timer = self.set_timer(self.console.frames.wait(), self._frame)
 
+    def key_first(self) -> None:
+        """A key's change is on its way: a frame due now waits until its mark is drawn (``FrameBudget.key_pressed``)."""
+        self.console.frames.key_pressed()
+        self._reschedule()
+
+    def marks_drawn(self) -> None:
+        """Call after the refresh that drew the keys' marks: a frame held for them starts when its pace allows."""
+        self.console.frames.marks_drawn()
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.stop()
+            self._frame_timer = None
+            self._frame_soon()
+
     def _frame(self, measured: bool = True) -> None:
         """Draw every stale view; ``measured``: a frame of training progress, which spaces the next."""
         if self._frame_timer is not None:

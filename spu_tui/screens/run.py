@@ -3,7 +3,9 @@
 User actions flow against the data: widgets post messages up, and the screen
 hands them to the ``EngineSession``, which sends them and follows each until
 the engine's answer arrives at a step boundary; the session routes each answer
-back here, where it is drawn at once, without waiting for the next frame.
+back here, where what it changed (a row's mark, a section's status) is drawn at
+once, in the next refresh; the rest the events revised (the whole tree, plots,
+the log) follows at the frame pace, so a key is never answered after a layout.
 """
 
 from __future__ import annotations
@@ -90,12 +92,17 @@ class RunScreen(PanelsScreen):
         arrivals = self.session.take_events()
         if not self.is_attached:
             return
-        # answers to the user (and the first snapshot) are drawn now; training progress waits for the next frame
-        if arrivals.answers or arrivals.failed:
-            self._frame(measured=False)
+        if arrivals.failed or any(ev.get("type") == "hello" for ev in arrivals.answers):
+            self._frame(measured=False)  # the first snapshot, or why the run cannot go on: everything, now
         else:
-            self._frame_soon()
-        self.session.route(arrivals, self)
+            if arrivals.answers:  # the user's own actions are not the watching budget's
+                self.console.frames.frame_started(measured=False)
+            self._frame_soon()  # what the events revised (the tree, plots, log) follows at the frame pace
+        self.session.route(arrivals, self)  # each answer draws what it changed (a row's mark) at once
+        if self.console.frames.held and not any(
+            (c.rows or c.section) and not c.received for c in self.session.commands.in_flight.values()
+        ):
+            self.call_after_refresh(self.marks_drawn)  # the frame held for the marks follows them
         if arrivals.failed:  # the run cannot go on: show why, whichever panel was up
             self.action_show_panel("log")
             self.notify(arrivals.failed, title="engine error", severity="error", timeout=10)
@@ -165,18 +172,22 @@ class RunScreen(PanelsScreen):
     def _send_freeze(self, change: Change, rows: list[Row]) -> None:
         """A freeze change whose rows in the unit tree show it on its way until the engine answers."""
         if self._send("change", rows=rows, change=wire(change)):
+            self.key_first()
             self.unit_tree.change_sent(rows)
 
     def on_apply_requested(self, message: ApplyRequested) -> None:
         if self._send("change", section=message.section, change=wire(message.change)):
+            self.key_first()
             self.controls.change_sent(message.section)
 
     def on_controls_panel_schedule_requested(self, message: ControlsPanel.ScheduleRequested) -> None:
         if self._send("schedule", section="triggers", entry=message.entry):
+            self.key_first()
             self.controls.change_sent("triggers")
 
     def on_controls_panel_unschedule_requested(self, message: ControlsPanel.UnscheduleRequested) -> None:
         if self._send("unschedule", section="triggers", entry=message.entry):
+            self.key_first()
             self.controls.change_sent("triggers")
 
     def on_preview_requested(self, message: PreviewRequested) -> None:

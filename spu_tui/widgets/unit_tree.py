@@ -11,6 +11,7 @@ columns: each has a fixed width.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -59,6 +60,9 @@ class UnitTree(Tree[Row]):
         self.queued: set[Row] = set()  # ... and "…" once the engine has it, until it applies it
         self._state: RunModel | None = None
         self._row_nodes: dict[Row, TreeNode[Row]] = {}
+        self._shown: dict[Row, tuple[str, int]] = {}  # each row's shortened name and count, as the last pass left them
+        self._drawn: dict[Row, tuple[str, str, str, str]] = {}  # each row's label as drawn, in parts (``_parts``)
+        self._narrow = False
         self.full_name = Static("", id="tree-name")  # the cursor's row by its full name (the screen places it)
 
     # -- drawing (called by the screen) -------------------------------------
@@ -75,6 +79,7 @@ class UnitTree(Tree[Row]):
             [c.data for c in self._row_nodes[unit].children] == tensors for unit, tensors in wanted.items()
         ):
             return
+        self._drawn.clear()  # rows added again start from their bare names
         first = not self._row_nodes
         for row in [r for r in self._row_nodes if r.kind == "unit" and r not in wanted]:
             self._row_nodes.pop(row).remove()
@@ -96,16 +101,18 @@ class UnitTree(Tree[Row]):
             self.move_cursor_to_line(0)
 
     def relabel(self) -> None:
-        """Relabel the rows whose text changed (each new label costs the tree a repaint of its line)."""
+        """Relabel the rows whose text changed (each new label costs the tree a repaint of its line); every name is
+        shortened again against its siblings, so this is a frame's work, not a key's (``_relabel_rows``)."""
         if self._state is None:
             return
         width = max(24, self.size.width - 1 if self.size.width else 34)  # 1 for a scrollbar
-        narrow = width < NARROW_BELOW
+        narrow = self._narrow = width < NARROW_BELOW
         self.border_title = "units ● trains ○ frozen" if narrow else "units"
         tail = len(self._tail(1.0, 0, 0.0, narrow))
+        self._shown.clear()
         for u in self._state.units:
             unit = Row("unit", u.name)
-            self._set_label(unit, self._label(unit, shorten(u.name, width - INDENT - tail - 1), u.numel, narrow))
+            self._shown[unit] = (shorten(u.name, width - INDENT - tail - 1), u.numel)
             prefix = _common_prefix([p.name for p in u.params])
             ranks = [
                 self._state.ranks.get(p.name.removesuffix(".lora_E")) if p.name.endswith(".lora_E") else None
@@ -114,13 +121,25 @@ class UnitTree(Tree[Row]):
             room = width - INDENT - tail - 1 - max((len(f" r{r}") for r in ranks if r is not None), default=0)
             names = shorten_all([p.name[len(prefix) :] or p.name for p in u.params], room)
             for p, shown, rank in zip(u.params, names, ranks, strict=True):
-                row = Row("tensor", p.name)
-                self._set_label(row, self._label(row, shown if rank is None else f"{shown} r{rank}", p.numel, narrow))
+                self._shown[Row("tensor", p.name)] = (shown if rank is None else f"{shown} r{rank}", p.numel)
+        self._relabel_rows(list(self._shown))
 
-    def _set_label(self, row: Row, label: Text) -> None:
-        node = self._row_nodes.get(row)
-        if node is not None and node.label != label:
-            node.set_label(label)
+    def _relabel_rows(self, rows: Iterable[Row]) -> None:
+        """Relabel ``rows`` alone, by the names the last full pass shortened (a key's mark costs its rows only)."""
+        if self._state is None:
+            return
+        for row in rows:
+            node = self._row_nodes.get(row)
+            if node is None or (shown := self._shown.get(row)) is None:
+                continue
+            parts = self._parts(row, *shown, self._narrow)
+            if parts != self._drawn.get(row):  # compared as strings: no label is built for a row that did not change
+                self._drawn[row] = parts
+                name, on_its_way, tail, style = parts
+                label = Text(name, style="bold" if row.kind == "unit" else "")
+                label.append(on_its_way, style="bold yellow")
+                label.append(tail, style=style)
+                node.set_label(label)
 
     @property
     def rows(self) -> dict[Row, Row | None]:
@@ -138,21 +157,35 @@ class UnitTree(Tree[Row]):
 
     def change_sent(self, rows: list[Row]) -> None:
         self.changing.update(rows)
-        self.relabel()
+        self._relabel_rows(rows)
 
     def change_received(self, rows: list[Row]) -> None:
         """The engine has the change for ``rows``; it applies at its next step boundary."""
         self.queued.update(r for r in rows if r in self.changing)
-        self.relabel()
+        self._relabel_rows(rows)
 
     def change_answered(self, rows: list[Row]) -> None:
-        """Applied or refused: the rows show what the engine says again."""
+        """Applied or refused: the rows, the units above them and the tensors below show what the engine says again
+        (the rest of the tree follows at the next frame)."""
         self.changing.difference_update(rows)
         self.queued.difference_update(rows)
-        self.relabel()
+        self._relabel_rows(self._touched(rows))
 
-    def _label(self, row: Row, shown: str, numel: int, narrow: bool) -> Text:
-        """The name padded to the room the tree leaves its level, then the marks: every row's marks line up."""
+    def _touched(self, rows: list[Row]) -> list[Row]:
+        """``rows`` with the unit each tensor sits under and the tensors of each unit: what a change to them moves."""
+        touched = dict.fromkeys(rows)
+        for row in rows:
+            node = self._row_nodes.get(row)
+            if node is None:
+                continue
+            if row.kind == "tensor" and node.parent is not None and node.parent.data is not None:
+                touched[node.parent.data] = None
+            touched.update((c.data, None) for c in node.children if c.data is not None)
+        return list(touched)
+
+    def _parts(self, row: Row, shown: str, numel: int, narrow: bool) -> tuple[str, str, str, str]:
+        """The name padded to the room the tree leaves its level, then the marks (every row's marks line up), and the
+        style of the tail."""
         state = self._state
         assert state is not None
         if row.kind == "unit":
@@ -167,10 +200,7 @@ class UnitTree(Tree[Row]):
         tail = self._tail(frac, numel, sparsity, narrow)
         room = max(1, width - INDENT - len(tail) - 1)
         on_its_way = ("…" if row in self.queued else "·") if row in self.changing else " "
-        text = Text(f"{shown:<{room}}", style="bold" if row.kind == "unit" else "")
-        text.append(on_its_way, style="bold yellow")
-        text.append(tail, style=style)
-        return text
+        return f"{shown:<{room}}", on_its_way, tail, style
 
     @staticmethod
     def _tail(frac: float, numel: int, sparsity: float, narrow: bool) -> str:

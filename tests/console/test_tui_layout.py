@@ -244,11 +244,17 @@ async def test_training_progress_waits_for_the_next_frame_and_answers_do_not(rec
         await pilot.pause(0.3)
         assert header.step == 17 and header in app.screen.stale_views(), "the next one waits for the budget"
         await pilot.press("down", "down", "space")
+        tree = app.query_one(UnitTree)
+        assert "·" in str(tree.get_node_at_line(2).label)
         link.deliver({"type": "ack", "t": t + 2, "id": "c1", "cmd": "change", "step": 18, "ok": True, "message": ""})
         await pilot.pause(0.2)
-        assert header.step == 18 and not app.screen.stale_views(), (
-            "the engine's answer is drawn at once, with all that waited"
+        assert "·" not in str(tree.get_node_at_line(2).label), "the engine's answer is drawn at once, on its row"
+        assert header.step == 17 and header in app.screen.stale_views(), (
+            "what waited for the budget still waits: an answer draws what it changed, not every stale view"
         )
+        await pilot.press("1")  # a frame now
+        await pilot.pause(0.2)
+        assert header.step == 18 and not app.screen.stale_views()
         painted, redrawn = len(paints), len(redraws)
         link.deliver(
             {"type": "state", "t": t + 3, "state": "paused", "step": 18}
