@@ -7,11 +7,17 @@ a terminal being resized sends a resize every few milliseconds: done at each,
 the screen lagged seconds behind with the old layout's leftovers.  So the
 re-wrap waits until the size has held for ``REWRAP_AFTER`` seconds; the new
 layout is drawn at once, the log's lines cut at its new width until then.
+
+A new line moves only the log's scroll range: RichLog sets ``virtual_size``, a reactive that lays out the whole
+screen (279 widgets at 200x50, most of a toggle's console CPU, issue 30), while the panel's box comes from the
+layout, never from its lines; a layout is asked for only when a scrollbar appears or goes.
 """
 
 from __future__ import annotations
 
 from rich.text import Text
+from textual.geometry import Size
+from textual.reactive import Reactive
 from textual.timer import Timer
 from textual.widgets import RichLog
 
@@ -32,6 +38,15 @@ REWRAP_AFTER = 0.3  # seconds a new width must hold before the history is wrappe
 
 class LogPanel(RichLog):
     WATCHES = (Aspect.LOG,)
+    virtual_size = Reactive(Size(0, 0), layout=False)  # see the module's docstring
+
+    def watch_virtual_size(self, size: Size) -> None:
+        bars = (self.show_vertical_scrollbar, self.show_horizontal_scrollbar)
+        self._refresh_scrollbars()
+        if (self.show_vertical_scrollbar, self.show_horizontal_scrollbar) != bars:
+            self.refresh(layout=True)
+        else:
+            self._scroll_update(size)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(wrap=True, markup=False, highlight=False, min_width=20, max_lines=MAX_LINES, **kwargs)
