@@ -61,8 +61,8 @@ class QATask(Task):
             qa_data.model_features(train_cut, indexed=False),
             qa_data.model_features(eval_cut, indexed=True),
             tokenizer.pad_token_id,
-            qa_data.Questions(evals),
-            qa_data.Windows(eval_cut.select_columns(["example", "offset_start", "offset_end"])),
+            qa_data.questions(evals),
+            qa_data.windows_seen(eval_cut.select_columns(["example", "offset_start", "offset_end"])),
         )
         task.out_of_window = {
             "train": qa_data.unanswered(train, train_cut),

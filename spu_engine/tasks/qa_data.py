@@ -10,7 +10,7 @@ which turns a predicted span back into text.  A nested SQuAD JSON file is parsed
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,24 +42,21 @@ class Example:
     group: str  # article title (or context): a held-out split never shares a context with training
 
 
-class Questions(Sequence):
-    """A question table seen as a list of ``Example``s, read a row at a time."""
+class Rows(Features):
+    """A table's rows each made into what ``read`` builds of it (a question, a window), read a row at a time."""
 
-    def __init__(self, table) -> None:
-        self.table = table
-
-    def __len__(self) -> int:
-        return len(self.table)
+    def __init__(self, table, read: Callable[[dict[str, Any]], Any]) -> None:
+        super().__init__(table)
+        self.read = read
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return _example(self.table[int(index)])
+        rows = super().__getitem__(index)
+        return [self.read(r) for r in rows] if isinstance(index, slice) else self.read(rows)
 
-    def __iter__(self) -> Iterator[Example]:
-        for start in range(0, len(self), 1000):
-            columns = self.table[start : start + 1000]
-            yield from (_example(dict(zip(columns, values))) for values in zip(*columns.values()))
+
+def questions(table) -> Rows:
+    """A question table seen as a list of ``Example``s."""
+    return Rows(table, _example)
 
 
 def _example(row: dict[str, str]) -> Example:
@@ -67,21 +64,14 @@ def _example(row: dict[str, str]) -> Example:
     return Example(row["id"], row["question"], row["context"], answers, row["group"])
 
 
-class Windows(Sequence):
-    """Eval windows as (question index, each token's (start, end) in the context or None), read a row at a time."""
+def windows_seen(table) -> Rows:
+    """Eval windows seen as (question index, each token's (start, end) in the context or None)."""
+    return Rows(table, _window)
 
-    def __init__(self, table) -> None:
-        self.table = table
 
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = self.table[int(index)]
-        spans = zip(row["offset_start"], row["offset_end"])
-        return row["example"], [None if s < 0 else (s, e) for s, e in spans]
+def _window(row: dict[str, Any]) -> tuple[int, list]:
+    spans = zip(row["offset_start"], row["offset_end"])
+    return row["example"], [None if s < 0 else (s, e) for s, e in spans]
 
 
 class Indexed(Features):
