@@ -41,6 +41,10 @@ from typing import Any
 
 os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
 
+try:
+    from spu_engine.core.policy import Change, Policy
+except ImportError:  # 4809a16's layout
+    from spu_engine.policy import Change, Policy
 from spu_tui.app import SpuApp
 from spu_tui.link import EventsArrived
 from spu_tui.widgets.unit_tree import Row, UnitTree
@@ -108,6 +112,7 @@ class ScriptedEngine:
         self.target: Any = None
         self.units = units()
         self.frozen: set[str] = set()
+        self.policy = Policy()  # what the engine has in force: the console lists its rules
         self.step = 0
         self._events: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
@@ -201,6 +206,7 @@ class ScriptedEngine:
             for rule in command["change"].get("freeze", []):
                 if rule.get("match"):
                     (self.frozen.discard if rule.get("trainable") else self.frozen.add)(rule["match"])
+            self.policy = self.policy.apply(Change.model_validate(command["change"]))
             by_unit = {
                 u["name"]: sum(p["numel"] for p in u["params"] if p["name"] not in self.frozen) / u["numel"]
                 for u in self.units
@@ -211,7 +217,7 @@ class ScriptedEngine:
                     "step": self.step,
                     "source": "console",
                     "change": command["change"],
-                    "policy": {},
+                    "policy": self.policy.model_dump(mode="json"),
                     "trainable": 22_000_000,
                     "trainable_by_unit": by_unit,
                     "frozen_tensors": sorted(self.frozen),

@@ -31,6 +31,7 @@ from spu_engine.core.policy_files import entry_from_text, scale_rule_from_text
 from spu_engine.core.protocol import PreviewEvent
 from spu_tui.run_model import Aspect, RunModel, describe_change
 from spu_tui.widgets.control_fields import CONSOLE_SECTIONS, TITLES
+from spu_tui.widgets.line import Line
 from spu_tui.widgets.method_section import ApplyRequested, MethodSection, PreviewRequested, set_status
 from spu_tui.widgets.removable_list import RemovableList
 
@@ -82,6 +83,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         self.rules: list[FreezeRule] = []  # the freeze rules in force, as the engine last said
         self.scale_rules: list[ScaleRule] = []  # the learning-rate rules in force, as the engine last said
         self.scheduled: list[dict[str, Any]] = []  # pending entries and triggers, as the engine last said
+        self._loaded: dict[str, Any] | None = None  # the policy's sections as last shown
 
     def compose(self) -> ComposeResult:
         for section in TITLES:
@@ -89,7 +91,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         with Vertical(classes="section", id="sec-freeze"):
             yield Static("Freeze rules (last match wins; x removes)", classes="section-title")
             yield RemovableList("none: every tensor trains (methods may gate)", id="rules")
-            yield Static("", classes="status", id="status-freeze")
+            yield Line("", classes="status", id="status-freeze")
         with Vertical(classes="section", id="sec-triggers"):
             yield Static("Timeline and triggers (x removes; ✓ fired; enter adds)", classes="section-title")
             yield RemovableList("none: nothing scheduled", id="scheduled")
@@ -101,7 +103,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
                 id="trigger-new",
             )
             yield Static(TRIGGER_FORMS, classes="whatif")
-            yield Static("", classes="status", id="status-triggers")
+            yield Line("", classes="status", id="status-triggers")
 
     @staticmethod
     def _extra(section: str) -> list[Widget]:
@@ -109,7 +111,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         the learning-rate rules."""
         extra: list[Widget] = []
         if CONSOLE_SECTIONS[section].status is not None:
-            extra.append(Static("", classes="now", id=f"now-{section}"))
+            extra.append(Line("", classes="now", id=f"now-{section}"))
         if section == "lr":
             extra += [
                 RemovableList("no rule: every tensor at the decay's factor", id="lr-rules"),
@@ -140,13 +142,24 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         self.query_one("#scheduled", RemovableList).show([describe_entry(e) for e in self.scheduled])
 
     def load(self, policy: dict[str, Any], force: bool = False) -> None:
-        """Show the engine's current values (fields being edited are left alone unless ``force``: a refusal)."""
-        pol = Policy.model_validate({k: v for k, v in policy.items() if k in SECTIONS})
+        """Show the engine's current values of the sections that changed since the last load (every section with
+        ``force``: a refusal, whose fields being edited go back too; otherwise those are left alone).  A freeze
+        toggle touches the freeze rules only, not the fifty method fields."""
+        sections = {k: v for k, v in policy.items() if k in SECTIONS}
+        loaded = self._loaded
+        changed = (
+            set(SECTIONS) if force or loaded is None else {k for k in SECTIONS if sections.get(k) != loaded.get(k)}
+        )
+        if not changed:
+            return
+        self._loaded = sections
+        pol = Policy.model_validate(sections)
         for section in self.query(MethodSection):
-            section.load(pol, force)
+            if section.section in changed:
+                section.load(pol, force)
         for name, spec in CONSOLE_SECTIONS.items():
-            if spec.status is not None:
-                self.query_one(f"#now-{name}", Static).update(spec.status(getattr(pol, name)))
+            if spec.status is not None and name in changed:
+                self.query_one(f"#now-{name}", Line).say(spec.status(getattr(pol, name)))
         self.rules = list(pol.freeze)
         self.query_one("#rules", RemovableList).show([f"{i}: {describe_rule(r)}" for i, r in enumerate(self.rules)])
         self.scale_rules = list(pol.lr.scale)
@@ -186,7 +199,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
 
     def _set_status(self, section: str, text: str, kind: str) -> None:
         """kind: hint | in-flight | ok | error."""
-        set_status(self.query_one(f"#status-{section}", Static), text, kind)
+        set_status(self.query_one(f"#status-{section}", Line), text, kind)
 
     # -- up: the user asks for a change (the method sections' own fields ask for themselves) -------------
 

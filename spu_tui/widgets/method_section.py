@@ -14,15 +14,16 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Vertical
 from textual.message import Message
 from textual.validation import ValidationResult, Validator
 from textual.widget import Widget
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Input, Label, Static
 
 from spu_engine.core.memory_view import memory_line
 from spu_engine.core.policy import Change, Policy
 from spu_engine.core.protocol import PreviewEvent
+from spu_tui.widgets.choice import Choice
 from spu_tui.widgets.control_fields import (
     FIELD_BY_ID,
     TITLES,
@@ -32,6 +33,7 @@ from spu_tui.widgets.control_fields import (
     section_problem,
     section_values,
 )
+from spu_tui.widgets.line import Line
 from spu_tui.widgets.unit_tree import short_count
 
 
@@ -64,10 +66,9 @@ class FieldValidator(Validator):
         return self.success() if problem is None else self.failure(problem)
 
 
-def set_status(line: Static, text: str, kind: str) -> None:
+def set_status(line: Line, text: str, kind: str) -> None:
     """A section's status line; kind: hint | in-flight | ok | error."""
-    line.update(text)
-    line.set_classes(f"status -{kind}")
+    line.say(text, f"status -{kind}")
 
 
 class MethodSection(Vertical):
@@ -83,24 +84,24 @@ class MethodSection(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(TITLES[self.section], classes="section-title")
-        for f in self.fields:
-            with Horizontal(classes="field", id=f"row-{f.id}"):
-                yield Label(f.label)
-                if f.choices is not None:
-                    yield Select([(o, o) for o in f.choices], value=f.default, allow_blank=False, compact=True, id=f.id)
-                else:
-                    yield Input(
-                        f.default,
-                        placeholder=f.unset,
-                        validators=[FieldValidator(f)],
-                        validate_on=["changed", "submitted"],
-                        compact=True,
-                        id=f.id,
-                    )
+        for f in self.fields:  # a label and its control side by side: the section is a two-column grid
+            yield Label(f.label, classes="field-label", id=f"label-{f.id}")
+            if f.choices is not None:
+                yield Choice(f.choices, f.default, classes="field", id=f.id)
+            else:
+                yield Input(
+                    f.default,
+                    placeholder=f.unset,
+                    validators=[FieldValidator(f)],
+                    validate_on=["changed", "submitted"],
+                    compact=True,
+                    classes="field",
+                    id=f.id,
+                )
         yield from self.extra
-        yield Static("", classes="whatif", id=f"whatif-{self.section}")
+        yield Line("", classes="whatif", id=f"whatif-{self.section}")
         yield Button("apply", compact=True, classes="apply", id=f"apply-{self.section}")
-        yield Static("", classes="status", id=f"status-{self.section}")
+        yield Line("", classes="status", id=f"status-{self.section}")
 
     # -- down: what the engine says
 
@@ -111,7 +112,7 @@ class MethodSection(Vertical):
             widget = self.query_one(f"#{wid}")
             if not force and (widget.has_focus or getattr(widget, "expanded", False)):
                 continue
-            if isinstance(widget, (Select, Input)) and str(widget.value) != value:
+            if isinstance(widget, (Choice, Input)) and str(widget.value) != value:
                 widget.value = value
         self.show_applicable()
 
@@ -120,14 +121,14 @@ class MethodSection(Vertical):
         top = [f for f in self.fields if "." not in f.path]
         kept = section_model(self.section).applicable({f.path: str(self.query_one(f"#{f.id}").value) for f in top})  # type: ignore[attr-defined]
         for f in top:
-            self.query_one(f"#row-{f.id}").display = f.path in kept
+            shown = f.path in kept
+            self.query_one(f"#label-{f.id}").display = self.query_one(f"#{f.id}").display = shown
 
     def show_preview(self, preview: PreviewEvent) -> None:
         """The engine's answer to a preview: what applying the edited section would do."""
-        line = self.query_one(f"#whatif-{self.section}", Static)
+        line = self.query_one(f"#whatif-{self.section}", Line)
         if preview.error:
-            line.update(f"would be refused: {preview.error}")
-            line.set_classes("whatif -error")
+            line.say(f"would be refused: {preview.error}", "whatif -error")
             return
         share = preview.trainable / preview.total if preview.trainable is not None and preview.total else 0.0
         trainable = f"{short_count(preview.trainable_now or 0)} → {short_count(preview.trainable or 0)} ({share:.1%})"
@@ -147,14 +148,13 @@ class MethodSection(Vertical):
                 text.append(f"\n{flag}", style="bold red")
         for note in preview.notes:
             text.append(f"\n  {note}")
-        line.update(text)
-        line.set_classes("whatif")
+        line.say(text, "whatif")
 
     def clear_preview(self) -> None:
-        self.query_one(f"#whatif-{self.section}", Static).update("")
+        self.query_one(f"#whatif-{self.section}", Line).say("")
 
     def set_status(self, text: str, kind: str) -> None:
-        set_status(self.query_one(f"#status-{self.section}", Static), text, kind)
+        set_status(self.query_one(f"#status-{self.section}", Line), text, kind)
 
     def acknowledged(self, ok: bool, step: int, message: str) -> None:
         """The engine answered a change of this section (its values loaded already); a field still being edited
@@ -172,9 +172,9 @@ class MethodSection(Vertical):
     def on_mount(self) -> None:
         self.show_applicable()
 
-    def on_select_changed(self, event: Select.Changed) -> None:
+    def on_choice_changed(self, event: Choice.Changed) -> None:
         self.show_applicable()
-        engine_value = self.engine_values.get(event.select.id or "")
+        engine_value = self.engine_values.get(event.choice.id or "")
         if engine_value is not None and str(event.value) != engine_value:
             self.set_status("edited: apply (or enter in a field) applies", "hint")
             self._preview()

@@ -374,7 +374,7 @@ async def test_rules_listed_and_removed_undo_key_and_errors_that_clear(recorded_
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.2)
         rules = app.query_one("#rules")
-        assert "0: freeze embeddings, block0" in str(rules.children[0].query_one("Label").render())
+        assert "0: freeze embeddings, block0" in str(rules.children[0].query_one("Static").render())
         assert str(app.query_one("#now-weight_update_skipping").render()) == "off; first phase when on: full"
         rules.focus()
         await pilot.press("x")

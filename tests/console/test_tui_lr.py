@@ -40,7 +40,7 @@ def adalora_run(tmp_path_factory, tokenizer):
 
 
 def rules(app) -> list[str]:
-    return [str(item.query_one("Label").render()) for item in app.query_one("#lr-rules").children]
+    return [str(item.query_one("Static").render()) for item in app.query_one("#lr-rules").children]
 
 
 async def test_ranks_show_on_the_adalora_rows(adalora_run):
@@ -109,7 +109,7 @@ async def test_the_peft_form_shows_only_the_fields_its_method_reads(adalora_run)
         await pilot.pause(0.3)
 
         def shown(*ids: str) -> list[bool]:
-            return [app.query_one(f"#row-{i}").display for i in ids]
+            return [app.query_one(f"#{i}").display and app.query_one(f"#label-{i}").display for i in ids]
 
         assert shown("peft-init-r", "peft-target-r", "peft-r", "peft-size") == [True, True, False, False]
         app.query_one("#peft-method").value = "lora"

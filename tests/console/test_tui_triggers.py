@@ -43,7 +43,7 @@ def triggered_run(tmp_path_factory, tokenizer):
 
 
 def listed(app) -> list[str]:
-    return [str(item.query_one("Label").render()) for item in app.query_one("#scheduled").children]
+    return [str(item.query_one("Static").render()) for item in app.query_one("#scheduled").children]
 
 
 async def test_triggers_are_listed_added_and_removed(triggered_run):

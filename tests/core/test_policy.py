@@ -50,6 +50,20 @@ def test_change_appends_freeze_rules_and_merges_sections():
     assert p.selective_backprop.keep == 0.25  # original untouched
 
 
+def test_a_rule_repeating_an_earlier_selector_replaces_it_and_what_trains_is_unchanged():
+    """Toggling one tensor over and over keeps one rule (the console lists them; every change checks them all)."""
+    p = Policy(freeze=[FreezeRule(units=["head"], trainable=False)])
+    for trainable in (False, True, False, True, False):
+        p = p.apply(Change(freeze=[FreezeRule(match="*.bias", trainable=trainable)]))
+    p = p.apply(Change(freeze=[FreezeRule(layers=[1, 0], trainable=True)]))
+    p = p.apply(Change(freeze=[FreezeRule(layers=[0, 1], trainable=False)]))
+    assert [(r.match, r.layers, r.units, r.trainable) for r in p.freeze] == [
+        (None, None, ["head"], False),
+        ("*.bias", None, None, False),
+        (None, [0, 1], None, False),
+    ]
+
+
 def test_at_step_replays_timeline():
     p = policy_from_yaml(FULL)
     assert p.at_step(9).selective_backprop.keep == 0.25

@@ -47,7 +47,9 @@ class PolicyDocument(Section):
         data = self.model_dump(mode="json", exclude={"timeline"})
         if change.freeze:
             data["freeze"] = without_overridden_decisions(
-                data["freeze"] + [r.model_dump(mode="json", exclude_none=True) for r in change.freeze]
+                without_repeated_selectors(
+                    data["freeze"] + [r.model_dump(mode="json", exclude_none=True) for r in change.freeze]
+                )
             )
         for key, value in change.set.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -120,6 +122,28 @@ Policy = create_model(
     timeline=(list[TimelineEntry], Field(default_factory=list)),
 )
 assert tuple(k for k in Policy.model_fields if k not in ("spu_policy", "run", "machine", "timeline")) == SECTIONS
+
+
+def without_repeated_selectors(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The freeze rules less those a later rule repeats the selector of (same author): the later one matches every
+    tensor the earlier does and comes after it, so the earlier decides nothing (last match wins).  A tensor toggled
+    32 times keeps one rule, not 32.  The first rule automatic freezing wrote stays wherever it is (it marks where
+    the pinned rules begin)."""
+    first_marked = next((i for i, r in enumerate(rules) if r.get("by") == "auto_freeze"), None)
+    seen: set[tuple[Any, ...]] = set()
+    kept: list[dict[str, Any]] = []
+    for i in range(len(rules) - 1, -1, -1):
+        r = rules[i]
+        key = (r.get("match"), _as_set(r.get("layers")), _as_set(r.get("units")), r.get("by"))
+        if key in seen and i != first_marked:
+            continue
+        seen.add(key)
+        kept.append(r)
+    return kept[::-1]
+
+
+def _as_set(values: list[Any] | None) -> frozenset[Any] | None:
+    return None if values is None else frozenset(values)
 
 
 def without_overridden_decisions(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
