@@ -8,7 +8,8 @@ it used ``c`` seconds of CPU from one such frame to the next (drawing, Textual's
 compositing, reading events), the next frame starts ``c / share`` seconds after
 the last, which holds the console near ``share`` of one core while the user
 watches.  What a key press or the engine's answer to it changed (a row's mark)
-is drawn at once and is not budgeted; the rest follows at the next such frame.
+is drawn at once and is not budgeted; the rest follows at the next such frame,
+which leaves the user a moment after each answer for the next key.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from collections import deque
 DEFAULT_SHARE = 0.015  # of one core: 1.5 %
 FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
 SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
-RECENT = 5  # frames whose median cost counts (one costly frame does not slow the screen)
+RECENT = 5  # frames whose mean cost, less the costliest, counts (one costly frame does not slow the screen; a median
+# would, with most frames cheap and every few a plot's, hold the console above its share)
 COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
 KEY_FIRST = 0.5  # seconds at most a frame waits after a key for the engine's "received" mark to be drawn before it
+USER_TURN = 0.3  # seconds a frame waits after the engine's answer to a key is drawn: the user's next key may come
 
 
 class FrameBudget:
@@ -37,6 +40,7 @@ class FrameBudget:
         self.costs: deque[float] = deque(maxlen=RECENT)  # CPU seconds between the latest frames
         self._due = 0.0  # monotonic time before which no frame of training progress starts
         self._held = 0.0  # ... nor before this one (while a key's mark is on its way)
+        self._turn = 0.0  # ... nor before this one (just after the user's change was answered)
         self._cpu_at_start: float | None = None  # process CPU when the last such frame began (None: start a new count)
 
     def spent(self, cpu_seconds: float) -> None:
@@ -46,12 +50,13 @@ class FrameBudget:
     @property
     def interval(self) -> float:
         """Seconds from one frame's start to the next one's."""
-        cost = statistics.median(self.costs) if self.costs else 0.0
+        kept = sorted(self.costs)[:-1] or list(self.costs)  # the costliest left out: one slow frame does not count
+        cost = statistics.fmean(kept) if kept else 0.0
         return min(self.slowest, max(self.fastest, cost / self.share))
 
     def wait(self) -> float:
         """Seconds until the next frame of training progress may start."""
-        return max(COALESCE, max(self._due, self._held) - time.monotonic())
+        return max(COALESCE, max(self._due, self._held, self._turn) - time.monotonic())
 
     def key_pressed(self) -> None:
         """A key sent a change: the next frame waits for its mark (``marks_drawn``; at most ``KEY_FIRST``, for an
@@ -62,6 +67,12 @@ class FrameBudget:
     @property
     def held(self) -> bool:
         return self._held > time.monotonic()
+
+    def answered(self) -> None:
+        """The engine's answer to the user's change is on screen: progress waits ``USER_TURN``, so that the next key
+        of someone toggling row after row is drawn at once, not behind a whole-screen redraw that started a moment
+        before it.  Progress follows when the keys pause."""
+        self._turn = time.monotonic() + USER_TURN
 
     def marks_drawn(self) -> None:
         """The keys' marks are on screen: frames keep their own pace again."""

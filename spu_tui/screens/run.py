@@ -132,6 +132,9 @@ class RunScreen(PanelsScreen):
             if self._stop_timer is not None:  # e.g. the checkpoint could not be written: the run goes on, and so do we
                 self._stop_timer.stop()
             self._say(f"stop refused: {message}", error=True)
+        if command.rows or command.section:
+            self.console.frames.answered()
+            self._reschedule()
         if command.rows:
             self.unit_tree.change_answered(command.rows)
             if ok:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 from spu_tui.app import SpuApp
-from spu_tui.frames import COALESCE, KEY_FIRST, FrameBudget
+from spu_tui.frames import COALESCE, KEY_FIRST, USER_TURN, FrameBudget
 from spu_tui.widgets.chart import Chart
 from spu_tui.widgets.log_panel import LogPanel
 from spu_tui.widgets.run_charts import LossChart, SparsityChart
@@ -100,3 +100,14 @@ def test_a_frame_due_at_a_key_waits_for_the_keys_mark():
     assert budget.held and COALESCE < budget.wait() <= KEY_FIRST, "the received mark (milliseconds away) goes first"
     budget.marks_drawn()
     assert not budget.held and budget.wait() == COALESCE, "once the mark is drawn the frame keeps its own pace"
+
+
+def test_progress_waits_a_beat_after_the_user_is_answered():
+    """Someone toggling row after row presses the next key within a few hundred ms of seeing the answer: a
+    whole-screen redraw started in that moment would make the key wait behind it."""
+    budget = FrameBudget()
+    budget.answered()
+    assert COALESCE < budget.wait() <= USER_TURN
+    budget.key_pressed()
+    budget.marks_drawn()
+    assert COALESCE < budget.wait() <= USER_TURN, "the next key's mark does not end the user's turn"

@@ -277,7 +277,8 @@ def test_lisa_in_your_own_loop_draws_what_the_engine_draws(make_engine, tokenize
 
 
 def test_decisions_do_not_pile_up_in_the_freeze_list_and_what_trains_is_unchanged(make_engine):
-    """Each decision overrides the last one's rules; the list keeps the first marked rule, the user's rules and the latest decision."""
+    """Each decision overrides the last one's rules; the list keeps the first marked rule, the user's rules (the latest
+    of each selector) and the latest decision."""
     import random
 
     from spu_engine.core.policy import Change, FreezeRule, Policy
@@ -288,7 +289,7 @@ def test_decisions_do_not_pile_up_in_the_freeze_list_and_what_trains_is_unchange
     rng = random.Random(0)
     policy, every_rule = Policy(), []
     for decision in range(60):
-        if decision % 7 == 3:  # the user's own rule now and then: never dropped
+        if decision % 7 == 3:  # the user's own rule now and then: dropped only for a later one like it
             rules = [FreezeRule(layers=[rng.randrange(4)], trainable=bool(rng.getrandbits(1)))]
         else:
             chosen = sorted(rng.sample(range(4), 2))
@@ -302,5 +303,7 @@ def test_decisions_do_not_pile_up_in_the_freeze_list_and_what_trains_is_unchange
         every_rule += rules
         assert freeze_mask(policy.freeze, names, units) == freeze_mask(every_rule, names, units)
     user_rules = [r for r in policy.freeze if r.by is None]
-    assert len(user_rules) == 9
+    made = [r for r in every_rule if r.by is None]
+    latest = [r for i, r in enumerate(made) if all(later.layers != r.layers for later in made[i + 1 :])]
+    assert len(made) == 9 and user_rules == latest, "a user's rule goes only when a later one repeats its selector"
     assert len(policy.freeze) <= 1 + len(user_rules) + 4
