@@ -21,8 +21,9 @@ from collections import deque
 DEFAULT_SHARE = 0.015  # of one core: 1.5 %
 FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
 SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
-RECENT = 5  # frames whose mean cost, less the costliest, counts (one costly frame does not slow the screen; a median
-# would, with most frames cheap and every few a plot's, hold the console above its share)
+RECENT = 5  # frames whose mean cost counts (a median would hold the console above its share: most frames are cheap,
+# every few draws a plot)
+CAPPED = 3.0  # ... each at most this many times the median: one costly frame (a resize) barely slows the screen
 COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
 KEY_FIRST = 0.5  # seconds at most a frame waits after a key for the engine's "received" mark to be drawn before it
 USER_TURN = 0.3  # seconds a frame waits after the engine's answer to a key is drawn: the user's next key may come
@@ -50,8 +51,10 @@ class FrameBudget:
     @property
     def interval(self) -> float:
         """Seconds from one frame's start to the next one's."""
-        kept = sorted(self.costs)[:-1] or list(self.costs)  # the costliest left out: one slow frame does not count
-        cost = statistics.fmean(kept) if kept else 0.0
+        if not self.costs:
+            return self.fastest
+        typical = statistics.median(self.costs)
+        cost = statistics.fmean(min(c, CAPPED * typical) for c in self.costs)
         return min(self.slowest, max(self.fastest, cost / self.share))
 
     def wait(self) -> float:

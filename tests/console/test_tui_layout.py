@@ -215,8 +215,10 @@ def test_frames_are_spaced_by_what_they_cost():
     for _ in range(3):
         budget.spent(0.01)
     assert budget.interval == pytest.approx(0.5), "10 ms of CPU per frame at 2 % of a core: two frames a second"
+    budget.spent(0.02)
+    assert budget.interval == pytest.approx(0.625), "the mean: a frame in four drawing twice as much counts"
     budget.spent(1.0)
-    assert budget.interval == pytest.approx(0.5), "one costly frame does not slow the screen"
+    assert budget.interval <= 1.25, "one costly frame counts as three typical ones at most"
     for _ in range(RECENT):
         budget.spent(1.0)
     assert budget.interval == SLOWEST
