@@ -143,6 +143,7 @@ class RunScreen(PanelsScreen):
                 self._say(f"{command.name} refused: {message}", error=True, logged=True)
         if command.name in ("schedule", "unschedule"):
             self.controls.schedule_answered(command.name == "schedule", ok, message)
+            self.controls.show(self.state)  # the list the key changed, at once (the frame that follows waits a beat)
         elif command.section:
             step = ack.get("step", self.state.step)
             self.controls.acknowledged(command.section, ok, step, message, self.state.policy)
