@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import Grid, Vertical
 from textual.message import Message
 from textual.validation import ValidationResult, Validator
 from textual.widget import Widget
@@ -84,20 +84,20 @@ class MethodSection(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(TITLES[self.section], classes="section-title")
-        for f in self.fields:  # a label and its control side by side: the section is a two-column grid
-            yield Label(f.label, classes="field-label", id=f"label-{f.id}")
-            if f.choices is not None:
-                yield Choice(f.choices, f.default, classes="field", id=f.id)
-            else:
-                yield Input(
-                    f.default,
-                    placeholder=f.unset,
-                    validators=[FieldValidator(f)],
-                    validate_on=["changed", "submitted"],
-                    compact=True,
-                    classes="field",
-                    id=f.id,
-                )
+        with Grid(classes="fields"):  # each label beside its field: two columns, one widget fewer a field than rows
+            for f in self.fields:
+                yield Label(f.label, id=f"label-{f.id}")
+                if f.choices is not None:
+                    yield Choice(f.choices, f.default, id=f.id)
+                else:
+                    yield Input(
+                        f.default,
+                        placeholder=f.unset,
+                        validators=[FieldValidator(f)],
+                        validate_on=["changed", "submitted"],
+                        compact=True,
+                        id=f.id,
+                    )
         yield from self.extra
         yield Line("", classes="whatif", id=f"whatif-{self.section}")
         yield Button("apply", compact=True, classes="apply", id=f"apply-{self.section}")
