@@ -81,7 +81,8 @@ BINDINGS_HELP = [
             ),
             (
                 "edit a field",
-                "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes",
+                "the section's what-if line shows what it would do: trainable parameters, backward compute kept, notes; "
+                "on a choice (value ▼) enter, space or down lists the options, enter picks one, esc keeps the value",
             ),
             (
                 "enter / apply",
