@@ -147,6 +147,23 @@ def assert_inside(app, *selectors: str) -> None:
         assert screen.contains_region(region), f"{selector} at {region} leaves the {screen.size} screen"
 
 
+def scripted_hello(units: list[str], **extra) -> dict:
+    """The engine's hello for a scripted console: each unit two tensors, ``<unit>.w`` and ``<unit>.b``."""
+    return {
+        "type": "hello",
+        "t": 1.0,
+        "state": "training",
+        "step": 0,
+        "total_steps": 100,
+        "config": {"model": "tiny"},
+        "units": [
+            {"name": u, "numel": 8, "params": [{"name": f"{u}.w", "numel": 6}, {"name": f"{u}.b", "numel": 2}]}
+            for u in units
+        ],
+        **extra,
+    }
+
+
 class ScriptedLink(Link):
     """Stands in for the engine socket: records commands, delivers events the test writes."""
 

@@ -12,21 +12,10 @@ from spu_tui.widgets.chart import Chart
 from spu_tui.widgets.log_panel import LogPanel
 from spu_tui.widgets.run_charts import LossChart, SparsityChart
 from spu_tui.widgets.unit_tree import Row, UnitTree
-from support import ScriptedLink, wait_for
+from support import ScriptedLink, scripted_hello, wait_for
 
 UNITS = ["embeddings", "block0", "block1", "head"]
-HELLO = {
-    "type": "hello",
-    "t": 1.0,
-    "state": "training",
-    "step": 0,
-    "total_steps": 100,
-    "config": {"model": "tiny"},
-    "units": [
-        {"name": u, "numel": 8, "params": [{"name": f"{u}.w", "numel": 6}, {"name": f"{u}.b", "numel": 2}]}
-        for u in UNITS
-    ],
-}
+HELLO = scripted_hello(UNITS)
 HEAVY = [  # the drawing a key must not wait for
     (UnitTree, "show"),
     (UnitTree, "relabel"),

@@ -14,22 +14,10 @@ from spu_tui.app import SpuApp
 from spu_tui.widgets.controls import ControlsPanel
 from spu_tui.widgets.removable_list import RemovableItem
 from spu_tui.widgets.unit_tree import Row, UnitTree
-from support import ScriptedLink, wait_for
+from support import ScriptedLink, scripted_hello, wait_for
 
 UNITS = ["embeddings", "block0", "block1", "head"]
-HELLO = {
-    "type": "hello",
-    "t": 1.0,
-    "state": "training",
-    "step": 0,
-    "total_steps": 100,
-    "config": {"model": "tiny"},
-    "units": [
-        {"name": u, "numel": 8, "params": [{"name": f"{u}.w", "numel": 6}, {"name": f"{u}.b", "numel": 2}]}
-        for u in UNITS
-    ],
-    "policy": Policy().model_dump(mode="json"),
-}
+HELLO = scripted_hello(UNITS, policy=Policy().model_dump(mode="json"))
 
 
 def answer(policy: Policy, cid: str, step: int, trainable: bool) -> tuple[Policy, list[dict]]:
