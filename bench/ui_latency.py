@@ -11,7 +11,8 @@
    small tensor toggled with the space key ``--toggles`` times, each as soon as
    the previous one is applied).  Interleaving spreads slow drift and load from
    other processes over all kinds of window; the first steps after attaching
-   (the console's start-up and first full paint) are not counted.
+   (the console's start-up and first full paint, until its frames are paced) are
+   not counted.
 3. In toggling windows it records, per toggle: key -> redraw showing that the
    engine received the change (queued for the boundary), key -> redraw showing
    it applied (which includes waiting for the running step to end), and engine
@@ -51,7 +52,8 @@ from spu_engine.loop.engine import EngineConfig
 from spu_tui.app import SpuApp
 from spu_tui.widgets.unit_tree import Row, UnitTree
 
-SETTLE = 2  # steps after attaching that are not counted (start-up, first full paint)
+SETTLE = 2  # steps after attaching that are not counted (start-up, first full paint) ...
+PACED = 2  # ... nor the frames before this many were paced by what frames cost (``spu_tui.frames``)
 POLL = 0.5  # seconds between looks at events.jsonl
 
 
@@ -90,6 +92,8 @@ async def attached(
             tensor = unit.params[-1].name  # a LayerNorm bias: toggling it does not change the step's cost
             app.query_one(UnitTree).move_to(Row("tensor", tensor))
         await log.steps(0, skip=SETTLE)
+        while len(app.frames.costs) < PACED:  # the start-up's full paint is over and frames keep the budget's pace
+            await asyncio.sleep(0.1)
         cpu, wall = time.process_time(), time.monotonic()
         counting = asyncio.ensure_future(log.steps(window))
         for _ in range(toggles):

@@ -3,13 +3,16 @@
 Engine events only mark views dirty; a frame draws them.  On a machine whose
 cores are all training, every millisecond the console spends is taken from a
 step (with two threads, a preempted one stalls the other at the next sync), so
-frames of training progress are spaced by what the console really spends: if
-it used ``c`` seconds of CPU from one such frame to the next (drawing, Textual's
-compositing, reading events), the next frame starts ``c / share`` seconds after
-the last, which holds the console near ``share`` of one core while the user
-watches.  What a key press or the engine's answer to it changed (a row's mark)
-is drawn at once and is not budgeted; the rest follows at the next such frame,
-which leaves the user a moment after each answer for the next key.
+frames of training progress are spaced by what the console really spends: the
+CPU it used (drawing, Textual's compositing, reading events) is held to
+``share`` of one core over any stretch of watching, as a token bucket.  Each
+second earns ``share`` CPU seconds; each frame waits until it has earned what a
+frame costs (the mean of the last few) and a part of any debt.  Credit is
+capped at one frame's cost (no burst of frames after a quiet spell), debt at
+one slowest interval (a rare costly frame slows the next ones a little, not the
+whole minute).  What a key press or the engine's answer to it changed (a row's
+mark) is drawn at once and is not budgeted; the rest follows at the next such
+frame, which leaves the user a moment after each answer for the next key.
 """
 
 from __future__ import annotations
@@ -21,9 +24,7 @@ from collections import deque
 DEFAULT_SHARE = 0.015  # of one core: 1.5 %
 FASTEST = 0.25  # seconds between frames: plots redraw at most ~4 Hz
 SLOWEST = 5.0  # seconds: nothing on screen is older than this while training
-RECENT = 5  # frames whose mean cost counts (a median would hold the console above its share: most frames are cheap,
-# every few draws a plot)
-CAPPED = 3.0  # ... each at most this many times the median: one costly frame (a resize) barely slows the screen
+RECENT = 5  # frames whose mean cost is a frame's expected cost (most frames are cheap, every few draws a plot)
 COALESCE = 0.01  # seconds a due frame still waits, so that a burst of events is drawn once
 KEY_FIRST = 0.5  # seconds at most a frame waits after a key for the engine's "received" mark to be drawn before it
 USER_TURN = 0.3  # seconds a frame waits after the engine's answer to a key is drawn: the user's next key may come
@@ -39,23 +40,30 @@ class FrameBudget:
         self.fastest = fastest
         self.slowest = slowest
         self.costs: deque[float] = deque(maxlen=RECENT)  # CPU seconds between the latest frames
+        self.balance = 0.0  # CPU seconds earned (share x time) less spent, since the count began
         self._due = 0.0  # monotonic time before which no frame of training progress starts
         self._held = 0.0  # ... nor before this one (while a key's mark is on its way)
         self._turn = 0.0  # ... nor before this one (just after the user's change was answered)
-        self._cpu_at_start: float | None = None  # process CPU when the last such frame began (None: start a new count)
+        self._last: tuple[float, float] | None = None  # (monotonic, process CPU) at the last such frame's start
 
-    def spent(self, cpu_seconds: float) -> None:
-        """Record the CPU used from one frame's start to the next one's."""
+    def spent(self, cpu_seconds: float, seconds: float) -> None:
+        """Record the CPU used over the ``seconds`` from one frame's start to the next one's."""
         self.costs.append(cpu_seconds)
+        earned = self.balance + self.share * seconds - cpu_seconds
+        self.balance = min(self.cost, max(-self.share * self.slowest, earned))
+
+    @property
+    def cost(self) -> float:
+        """CPU seconds a frame takes, from one frame's start to the next one's (the mean of the latest)."""
+        return statistics.fmean(self.costs) if self.costs else 0.0
 
     @property
     def interval(self) -> float:
-        """Seconds from one frame's start to the next one's."""
+        """Seconds from one frame's start to the next one's: long enough to earn a frame's cost and a share of the
+        debt (or spend a share of the credit): a costly frame slows the next few a little, not one a lot."""
         if not self.costs:
             return self.fastest
-        typical = statistics.median(self.costs)
-        cost = statistics.fmean(min(c, CAPPED * typical) for c in self.costs)
-        return min(self.slowest, max(self.fastest, cost / self.share))
+        return min(self.slowest, max(self.fastest, (self.cost - self.balance / RECENT) / self.share))
 
     def wait(self) -> float:
         """Seconds until the next frame of training progress may start."""
@@ -82,14 +90,16 @@ class FrameBudget:
         self._held = 0.0
 
     def frame_started(self, measured: bool) -> None:
-        """A frame of training progress (``measured``) spaces the next by the CPU used since the last one began:
-        its drawing, Textual's compositing, reading events.  A frame that answers the user ends the count, since
+        """A frame of training progress (``measured``) pays for the CPU used since the last one began: its
+        drawing, Textual's compositing, reading events.  A frame that answers the user ends the count, since
         the user's own actions are not the watching budget's."""
         if not measured:
-            self._cpu_at_start = None
+            self._last = None
             return
-        cpu = time.process_time()
-        if self._cpu_at_start is not None:
-            self.spent(cpu - self._cpu_at_start)
-        self._cpu_at_start = cpu
-        self._due = time.monotonic() + self.interval
+        now, cpu = time.monotonic(), time.process_time()
+        if self._last is None:
+            self.balance = 0.0
+        else:
+            self.spent(cpu - self._last[1], now - self._last[0])
+        self._last = (now, cpu)
+        self._due = now + self.interval

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import gc
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, cast
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.constants import MAX_FPS
 from textual.containers import Container, Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
@@ -67,6 +69,7 @@ PANELS = [
 GRID_ORDER = ["loss", "controls", "sparsity", "learning", "log", "system"]  # placement in the wide grid (app.tcss)
 WIDE_AT = (160, 45)  # columns, rows from which every panel is shown at once (below: one at a time, keys 1-6)
 ROOMY_FROM = 120  # columns from which the tree, with one panel beside it, is wide enough for whole tensor names
+VIEW_GAP = 1.5 / MAX_FPS  # seconds between the views of one frame of progress: each gets a screen refresh of its own
 FOLLOW_EVERY = 2.0  # seconds between looks at the compared runs' events.jsonl (a stat each while none grows)
 
 Panel = LossChart | SparsityChart | LearningView | ControlsPanel | LogPanel | SystemView
@@ -339,11 +342,28 @@ class PanelsScreen(Screen[None]):
         stale = self.stale_views()
         if not measured:
             self.console.frames.frame_started(measured=False)
+            for view in stale:
+                self._draw(view)
         elif stale:
             self.console.frames.frame_started(measured=True)
-        for view in stale:
-            view.show(self.state)
-            self._drawn[view] = self.state.stamp(view.WATCHES)
+            self._draw_in_turn(stale)
+
+    def _draw_in_turn(self, views: list[RunView]) -> None:
+        """Training progress, one view per screen refresh: Textual repaints the box around everything refreshed
+        together, so the header and the log drawn at once would repaint every widget between them (the controls,
+        ~100 of them, for nothing).  The next view waits past the screen's next refresh (``VIEW_GAP``): a refresh
+        is due only once each widget has told the screen it changed, later than ``call_after_refresh`` runs."""
+        while views and self.is_attached:
+            view = views.pop(0)
+            if view in self.stale_views():  # not drawn meanwhile (by a frame that answers the user)
+                self._draw(view)
+                if views:
+                    self.set_timer(VIEW_GAP, partial(self._draw_in_turn, views))
+                return
+
+    def _draw(self, view: RunView) -> None:
+        view.show(self.state)
+        self._drawn[view] = self.state.stamp(view.WATCHES)
 
     def _say(self, text: str, error: bool = False, logged: bool = False) -> None:
         """Tell the user: a log line (unless the engine's event already ``logged`` it), and a notification for errors."""

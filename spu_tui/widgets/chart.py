@@ -24,8 +24,9 @@ from textual.app import ComposeResult
 from textual.geometry import Size
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Static
 from textual_plotext import PlotextPlot
+
+from spu_tui.widgets.line import Line
 
 MIN_POINTS = 50  # series are thinned to two points per column (a braille cell is 2 dots wide), never below this
 
@@ -126,18 +127,19 @@ def _style(fullground, style, background) -> Style:
     return text.spans[0].style if text.spans else Style.null()
 
 
-class BarRows(Static):
-    """Bars as text: a row each, its label whole, its bar, its value (a panel too short for them scrolls)."""
+class BarRows(Line):
+    """Bars as text: a row each, its label whole, its bar, its value (a panel too short for them scrolls).  New
+    values for the same units keep the rows' count: the screen is not laid out again for them (``Line.say``)."""
 
     DEFAULT_CSS = "BarRows { height: auto; }"
 
     def draw(self, spec: BarSpec) -> None:
         self.spec = spec
-        self.update(self._text(spec, self.size.width))
+        self.say(self._text(spec, self.size.width))
 
     def on_resize(self) -> None:
         if hasattr(self, "spec"):
-            self.update(self._text(self.spec, self.size.width))
+            self.say(self._text(self.spec, self.size.width))
 
     @staticmethod
     def _text(spec: BarSpec, width: int) -> Text:

@@ -107,7 +107,9 @@ class UnitTree(Tree[Row]):
             return
         width = max(24, self.size.width - 1 if self.size.width else 34)  # 1 for a scrollbar
         narrow = self._narrow = width < NARROW_BELOW
-        self.border_title = "units ● trains ○ frozen" if narrow else "units"
+        title = "units ● trains ○ frozen" if narrow else "units"
+        if self.border_title != title:  # setting it, even to the same words, repaints every row
+            self.border_title = title
         tail = len(self._tail(1.0, 0, 0.0, narrow))
         self._shown.clear()
         for u in self._state.units:
@@ -139,7 +141,16 @@ class UnitTree(Tree[Row]):
                 label = Text(name, style="bold" if row.kind == "unit" else "")
                 label.append(on_its_way, style="bold yellow")
                 label.append(tail, style=style)
-                node.set_label(label)
+                self._set_label(node, label)
+
+    def _set_label(self, node: TreeNode[Row], label: Text) -> None:
+        """``node.set_label`` without its repaint of every row under the node: a unit's new share or mark changes
+        its own line, not its tensors' (Textual's line cache keys each line on every node above it, so the
+        repaint would draw a whole block again for one word)."""
+        node._label = self.process_label(label)
+        node._updates += 1
+        if node.line >= 0:
+            self.refresh_line(node.line)
 
     @property
     def rows(self) -> dict[Row, Row | None]:

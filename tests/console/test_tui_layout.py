@@ -6,6 +6,8 @@ does for a finished run, so these tests are fast and deterministic.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from typer.testing import CliRunner
 
@@ -212,16 +214,37 @@ async def test_a_change_shows_sent_then_queued_until_the_ack_and_refusals_show_i
 def test_frames_are_spaced_by_what_they_cost():
     budget = FrameBudget(share=0.02)
     assert budget.interval == FASTEST, "nothing measured yet: the fastest rate"
-    for _ in range(3):
-        budget.spent(0.01)
+    budget.spent(0.01, 0.5)
     assert budget.interval == pytest.approx(0.5), "10 ms of CPU per frame at 2 % of a core: two frames a second"
-    budget.spent(0.02)
-    assert budget.interval == pytest.approx(0.625), "the mean: a frame in four drawing twice as much counts"
-    budget.spent(1.0)
-    assert budget.interval <= 1.25, "one costly frame counts as three typical ones at most"
+    budget.spent(0.03, 0.5)
+    assert budget.balance == pytest.approx(-0.02) and budget.interval == pytest.approx(1.2), (
+        "a costly frame is paid back: the next frames wait for a frame's cost (20 ms) and a fifth of the debt"
+    )
+    budget.spent(0.02, 10.0)
+    assert budget.balance == pytest.approx(budget.cost) and budget.interval == pytest.approx(0.8), (
+        "a quiet spell earns one frame's credit, no more"
+    )
     for _ in range(RECENT):
-        budget.spent(1.0)
-    assert budget.interval == SLOWEST
+        budget.spent(1.0, 1.0)
+    assert budget.interval == SLOWEST and budget.balance == pytest.approx(-0.02 * SLOWEST), (
+        "a console that cannot keep its share draws every SLOWEST seconds; the debt stops at one such wait"
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_watching_holds_the_share_over_any_stretch(seed):
+    """Frames of uneven cost (a plot every few, unit statistics every tenth), drawn when due or at the next event:
+    over any stretch of frames the CPU spent stays within the share, give or take one frame (40 ms)."""
+    rng = random.Random(seed)
+    budget, now, spent = FrameBudget(share=0.015), 0.0, [(0.0, 0.0)]
+    for k in range(400):
+        cost = rng.uniform(0.005, 0.03) + (0.05 if k % 10 == 0 else 0.0)
+        wait = budget.interval + rng.choice([0.0, 0.0, rng.uniform(0, 1.2)])  # the next event may come later
+        budget.spent(cost, wait)
+        now += wait
+        spent.append((now, spent[-1][1] + cost))
+    for (t0, c0), (t1, c1) in [(spent[i], spent[j]) for i in range(0, 380, 7) for j in (i + 20, len(spent) - 1)]:
+        assert c1 - c0 <= 0.015 * (t1 - t0) + 0.04, f"frames {t0:.1f}..{t1:.1f} s spent {c1 - c0:.3f} s"
 
 
 async def test_training_progress_waits_for_the_next_frame_and_answers_do_not(recorded_run, monkeypatch):
