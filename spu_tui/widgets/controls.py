@@ -84,17 +84,24 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         self.scale_rules: list[ScaleRule] = []  # the learning-rate rules in force, as the engine last said
         self.scheduled: list[dict[str, Any]] = []  # pending entries and triggers, as the engine last said
         self._loaded: dict[str, Any] | None = None  # the policy's sections as last shown
+        # held, not queried: a query walks the panel's ~140 widgets, and the engine's answers reach here at every toggle
+        self._now = {
+            name: Line("", classes="now", id=f"now-{name}") for name in TITLES if CONSOLE_SECTIONS[name].status
+        }
+        self._lr_rules = RemovableList("no rule: every tensor at the decay's factor", id="lr-rules")
+        self._sections = {name: MethodSection(name, *self._extra(name)) for name in TITLES}
+        self._rules = RemovableList("none: every tensor trains (methods may gate)", id="rules")
+        self._scheduled = RemovableList("none: nothing scheduled", id="scheduled")
 
     def compose(self) -> ComposeResult:
-        for section in TITLES:
-            yield MethodSection(section, *self._extra(section))
+        yield from self._sections.values()
         with Vertical(classes="section", id="sec-freeze"):
             yield Static("Freeze rules (last match wins; x removes)", classes="section-title")
-            yield RemovableList("none: every tensor trains (methods may gate)", id="rules")
+            yield self._rules
             yield Line("", classes="status", id="status-freeze")
         with Vertical(classes="section", id="sec-triggers"):
             yield Static("Timeline and triggers (x removes; ✓ fired; enter adds)", classes="section-title")
-            yield RemovableList("none: nothing scheduled", id="scheduled")
+            yield self._scheduled
             yield Input(
                 placeholder="at: {epoch: 2}, freeze: [{units: [embeddings], trainable: false}]",
                 validators=[ParsedBy(entry_from_text)],
@@ -105,16 +112,13 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             yield Static(TRIGGER_FORMS, classes="whatif")
             yield Line("", classes="status", id="status-triggers")
 
-    @staticmethod
-    def _extra(section: str) -> list[Widget]:
+    def _extra(self, section: str) -> list[Widget]:
         """What a section shows besides its fields: its status line if its spec has one (what its settings do now),
         the learning-rate rules."""
-        extra: list[Widget] = []
-        if CONSOLE_SECTIONS[section].status is not None:
-            extra.append(Line("", classes="now", id=f"now-{section}"))
+        extra: list[Widget] = [self._now[section]] if section in self._now else []
         if section == "lr":
             extra += [
-                RemovableList("no rule: every tensor at the decay's factor", id="lr-rules"),
+                self._lr_rules,
                 Input(
                     placeholder="layers: 0-1, scale: 0.5",
                     validators=[ParsedBy(scale_rule_from_text)],
@@ -126,12 +130,12 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         return extra
 
     def section(self, section: str) -> MethodSection:
-        return self.query_one(f"#sec-{section}", MethodSection)
+        return self._sections[section]
 
     @property
     def engine_values(self) -> dict[str, str]:
         """Widget id -> the value the engine has, for every method field."""
-        return {wid: value for s in self.query(MethodSection) for wid, value in s.engine_values.items()}
+        return {wid: value for s in self._sections.values() for wid, value in s.engine_values.items()}
 
     # -- down: the screen tells us what the engine says --------------------------
 
@@ -139,7 +143,7 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         if state.policy:
             self.load(state.policy)
         self.scheduled = state.scheduled
-        self.query_one("#scheduled", RemovableList).show([describe_entry(e) for e in self.scheduled])
+        self._scheduled.show([describe_entry(e) for e in self.scheduled])
 
     def load(self, policy: dict[str, Any], force: bool = False) -> None:
         """Show the engine's current values of the sections that changed since the last load (every section with
@@ -154,17 +158,14 @@ class ControlsPanel(VerticalScroll, can_focus=False):
             return
         self._loaded = sections
         pol = Policy.model_validate(sections)
-        for section in self.query(MethodSection):
-            if section.section in changed:
-                section.load(pol, force)
-        for name, spec in CONSOLE_SECTIONS.items():
-            if spec.status is not None and name in changed:
-                self.query_one(f"#now-{name}", Line).say(spec.status(getattr(pol, name)))
+        for name in changed & self._sections.keys():
+            self._sections[name].load(pol, force)
+            if (status := CONSOLE_SECTIONS[name].status) is not None:
+                self._now[name].say(status(getattr(pol, name)))
         self.rules = list(pol.freeze)
-        self.query_one("#rules", RemovableList).show([f"{i}: {describe_rule(r)}" for i, r in enumerate(self.rules)])
+        self._rules.show([f"{i}: {describe_rule(r)}" for i, r in enumerate(self.rules)])
         self.scale_rules = list(pol.lr.scale)
-        lines = [f"{i}: x{r.scale:g} {describe_selector(r)}" for i, r in enumerate(self.scale_rules)]
-        self.query_one("#lr-rules", RemovableList).show(lines)
+        self._lr_rules.show([f"{i}: x{r.scale:g} {describe_selector(r)}" for i, r in enumerate(self.scale_rules)])
 
     def show_preview(self, section: str, preview: PreviewEvent) -> None:
         """The engine's answer to a preview: what applying the edited section would do."""
