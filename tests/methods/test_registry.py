@@ -112,7 +112,9 @@ def test_a_method_added_to_the_registry_gets_its_section_in_the_console(monkeypa
     )
     assert field.problem("2") == "strength: 2.0 is out of range; allowed 0.0 < strength <= 1.0"
     monkeypatch.setattr(controls, "CONSOLE_SECTIONS", sections)
-    assert [w.id for w in controls.ControlsPanel._extra("novel")] == ["now-novel"], "its status line"
+    monkeypatch.setattr(controls, "TITLES", {name: s.title for name, s in sections.items()})
+    panel = controls.ControlsPanel()
+    assert [w.id for w in panel.section("novel").extra] == ["now-novel"], "its status line"
     assert sections["novel"].status(Novel()) == "strength 0.5"
 
 
