@@ -86,7 +86,9 @@ class ControlsPanel(VerticalScroll, can_focus=False):
         self._loaded: dict[str, Any] | None = None  # the policy's sections as last shown
         # held, not queried: a query walks the panel's ~140 widgets, and the engine's answers reach here at every toggle
         self._now = {
-            name: Line("", classes="now", id=f"now-{name}") for name in TITLES if CONSOLE_SECTIONS[name].status
+            name: Line("", classes="now", id=f"now-{name}")
+            for name in TITLES
+            if CONSOLE_SECTIONS[name].status is not None
         }
         self._lr_rules = RemovableList("no rule: every tensor at the decay's factor", id="lr-rules")
         self._sections = {name: MethodSection(name, *self._extra(name)) for name in TITLES}
